@@ -1,0 +1,184 @@
+"""Causal-LM access: loading, decoder-block lookup, scoped residual hooks, concept bins.
+
+Any Hugging Face causal LM goes through `load_causal_lm`; the embedded task LM
+is saved with `save_pretrained` and comes back through the same call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, with the reason and the fix in the message."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype '{name}' is not supported; use one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def load_causal_lm(
+    pretrained: str,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
+    """Load a causal LM and its tokenizer (left padding) from a local folder or the Hub.
+
+    Raises:
+        ModelLoadError: the folder is missing, the model is not cached and the Hub
+            cannot be reached, or the checkpoint is not a causal LM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).exists()
+    if looks_local and not Path(pretrained).expanduser().is_dir():
+        raise ModelLoadError(
+            f"model path '{pretrained}' does not exist. For the embedded task LM run `pipeline stage=lm` first "
+            f"(or `stage=all`); otherwise point model.pretrained at a folder made by save_pretrained."
+        )
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(pretrained, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load the config of '{pretrained}': {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+            f"If it is a Hub model, download it where the Hub is reachable (`hf download {pretrained}`) and run "
+            f"with HF_HUB_OFFLINE=1, or set model.pretrained to a local folder."
+        ) from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained, config=config, dtype=resolve_dtype(dtype), device_map=device_map, **kwargs
+        )
+    except ValueError as e:
+        raise ModelLoadError(
+            f"'{pretrained}' (model_type '{config.model_type}') is not a causal LM: {str(e).splitlines()[0]}\n"
+            f"Pick a checkpoint with a causal-LM head (AutoModelForCausalLM)."
+        ) from e
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load the weights of '{pretrained}': {str(e).splitlines()[0]}\n"
+            f"Download them first (`hf download {pretrained}`) or point model.pretrained at a local folder."
+        ) from e
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM, found through its decoder rather than a fixed path."""
+    candidates = []
+    if hasattr(model, "get_decoder"):
+        with contextlib.suppress(Exception):
+            candidates.append(model.get_decoder())
+    candidates += [getattr(model, a, None) for a in ("model", "transformer", "gpt_neox")]
+    for c in candidates:
+        for attr in ("layers", "h", "blocks"):
+            layers = getattr(c, attr, None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        inner = getattr(c, "decoder", None)  # encoder-decoder style wrappers (OPT)
+        if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+            return inner.layers
+    raise ModelLoadError(f"cannot find the decoder blocks of {type(model).__name__}; it is not a supported causal LM.")
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if not 0 <= layer < n:
+        raise ModelLoadError(
+            f"layer {layer} is out of range: the model has {n} decoder blocks (0 ... {n - 1}). "
+            f"Set model.layer to a block index; SPEC §0 suggests a late block such as {max(n - 2, 0)}."
+        )
+    return layer
+
+
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers >= 4.57) or a tuple whose first item is it."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@contextlib.contextmanager
+def capture_residual(model: nn.Module, layer: int, positions: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the residual stream leaving block `layer` at one position per row.
+
+    Yields a dict whose key "h" holds the (B, d) captured rows after the forward.
+    The hook is removed on exit, whatever happens inside.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        hidden = _hidden(output)  # (B, T, d)
+        captured["h"] = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token per row, for left, right or no padding. (B, T) -> (B,)"""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, so a padded prompt sees the same positions as alone."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def concept_probs(probs: torch.Tensor, variant_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Sum a full-vocabulary distribution into K concept bins plus "other". (B, V) -> (B, K+1)"""
+    ids = torch.tensor([i for ids in variant_ids for i in ids], device=probs.device)
+    bins = torch.tensor([k for k, ids in enumerate(variant_ids) for _ in ids], device=probs.device)
+    q = torch.zeros(probs.shape[0], len(variant_ids) + 1, dtype=probs.dtype, device=probs.device)
+    q[:, :-1].index_add_(1, bins, probs[:, ids])
+    q[:, -1] = (1 - q[:, :-1].sum(1)).clamp(min=0)
+    return q
+
+
+@dataclass
+class LastTokenReadout:
+    h: torch.Tensor  # (B, d) residual stream after block ℓ at the last prompt token
+    q: torch.Tensor  # (B, K+1) concept bins plus "other"
+    top1: torch.Tensor  # (B,) arg-max token id over the full vocabulary
+
+
+@torch.inference_mode()
+def read_last_token(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    variant_ids: Sequence[Sequence[int]],
+) -> LastTokenReadout:
+    """One forward pass: `h` at block `layer` and `q` at the last token, for left-padded prompts."""
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("read_last_token needs left padding: set tokenizer.padding_side = 'left'.")
+    positions = last_token_positions(attention_mask)
+    with capture_residual(model, layer, positions) as cap:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    probs = out.logits[:, -1].float().softmax(-1)  # (B, V)
+    return LastTokenReadout(cap["h"].float(), concept_probs(probs, variant_ids), probs.argmax(-1))

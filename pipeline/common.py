@@ -1,0 +1,106 @@
+"""What every stage shares: config fingerprints, stage stamps, task loading, loggers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.tasks import Task, load_task
+
+log = logging.getLogger("geosteer")
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STAMP = "stage.json"
+
+
+class StageError(RuntimeError):
+    """A stage refused to run; the message names the bad value and the fix."""
+
+
+def to_plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def fingerprint(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (the config that makes a product)."""
+    return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_stamp(product_dir: Path) -> dict | None:
+    path = Path(product_dir) / STAMP
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
+    stamp = {"stage": stage, "fingerprint": fp, "result": result}
+    atomic_write_text(Path(product_dir) / STAMP, json.dumps(stamp, indent=2, default=str))
+
+
+def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:
+    """The stored result if `product_dir` was made by this config; refuses another config's output.
+
+    Returns None when the product must be (re)made.
+    """
+    stamp = read_stamp(product_dir)
+    if stamp is not None and stamp["fingerprint"] == fp:
+        log.info("%s is current (config %s): skipping", what, fp)
+        return stamp["result"]
+    if stamp is not None and not overwrite:
+        raise StageError(
+            f"{what} at {product_dir} was made by a different config ({stamp['fingerprint']}, now {fp}). "
+            f"Pass overwrite=true to replace it, or pick another run_name=... to keep both."
+        )
+    return None
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place, replacing an old one only once the new one is complete."""
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_tasks(cfg: DictConfig) -> list[Task]:
+    if not cfg.tasks:
+        raise StageError("tasks is empty; name at least one, e.g. tasks=[weekdays].")
+    return [load_task(str(name), CONFIG_DIR / "task") for name in cfg.tasks]
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def make_logger(cfg: DictConfig, stage: str):
+    """The configured Lightning logger for a stage, or False; it carries the resolved config and git SHA."""
+    if cfg.logger is None or cfg.logger.get("_target_") is None:
+        return False
+    Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
+    kwargs = {"name": f"{cfg.run_name}-{stage}"} if "Wandb" in cfg.logger._target_ else {"name": stage}
+    logger = instantiate(cfg.logger, **kwargs)
+    logger.log_hyperparams({"config": to_plain(cfg), "git_sha": git_sha(), "stage": stage})
+    return logger

@@ -1,0 +1,152 @@
+"""stage=extract: residual activations and concept distributions of every task prompt (SPEC §2).
+
+One forward pass per batch gives `h` (block `model.layer`, last token) and
+`q` (full-vocabulary softmax at the last token, summed into concept bins plus
+"other"). Finished chunks survive a crash; the store appears atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from data.store import ChunkDir, write_store, write_task_group
+from data.tasks import Task, concept_schema
+from models.lm import check_layer, load_causal_lm, read_last_token
+from pipeline.common import (
+    current_result,
+    fingerprint,
+    git_sha,
+    load_tasks,
+    log,
+    read_stamp,
+    to_plain,
+    write_stamp,
+)
+
+STORE = "activations.h5"
+POSITION_RULE = "last non-pad token (left padding)"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def extract_rows(model, tokenizer, texts: list[str], layer: int, variant_ids, batch_size: int, h_dtype: str):
+    """`h`, `q` and `top1` of `texts`, batch by batch, as numpy arrays."""
+    device = next(model.parameters()).device
+    parts = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").to(device)
+        out = read_last_token(model, enc.input_ids, enc.attention_mask, layer, variant_ids)
+        parts.append((out.h.to(getattr(torch, h_dtype)).cpu(), out.q.cpu(), out.top1.cpu()))
+    return {name: torch.cat(col).numpy() for name, col in zip(("h", "q", "top1"), zip(*parts))}
+
+
+def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, on_chunk=None) -> None:
+    """Write every missing chunk of one task; finished chunks are skipped (resume)."""
+    texts = [p.text for p in task.prompts()]
+    size = cfg.extract.chunk_size
+    n_chunks = -(-len(texts) // size)
+    done = [c for c in range(n_chunks) if chunks.done(task.name, c)]
+    initial = sum(len(texts[c * size : (c + 1) * size]) for c in done)
+    with tqdm(total=len(texts), initial=initial, unit="prompt", desc=f"extract {task.name}") as bar:
+        for c in range(n_chunks):
+            if c in done:
+                continue
+            batch = texts[c * size : (c + 1) * size]
+            rows = extract_rows(
+                model, tokenizer, batch, cfg.model.layer, schema.variant_ids, cfg.extract.batch_size, cfg.extract.h_dtype
+            )
+            chunks.write(task.name, c, rows)
+            bar.update(len(batch))
+            if on_chunk is not None:
+                on_chunk(task.name, c)
+
+
+def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
+    lm_stamp = read_stamp(Path(cfg.model.pretrained)) if cfg.model.embedded else None
+    return fingerprint(
+        {
+            "model": cfg.model,
+            "lm": lm_stamp and lm_stamp["fingerprint"],
+            "tasks": [t.to_dict() for t in tasks],
+            "extract": {k: v for k, v in to_plain(cfg.extract).items() if k != "device"},
+        }
+    )
+
+
+def run(cfg: DictConfig, on_chunk=None) -> dict:
+    """Extract every task into `<run_dir>/extract/activations.h5`.
+
+    Args:
+        on_chunk: called as `on_chunk(task, chunk_index)` after each chunk is safely on disk.
+    """
+    tasks = load_tasks(cfg)
+    out = Path(cfg.paths.run_dir) / "extract"
+    fp = extract_fingerprint(cfg, tasks)
+    if (done := current_result(out, fp, f"the activation store {out / STORE}", cfg.overwrite)) is not None:
+        return done
+
+    m = cfg.model
+    model, tokenizer = load_causal_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
+    check_layer(model, m.layer)
+    if m.device_map is None:
+        model.to(resolve_device(cfg.extract.device))
+    schemas = {t.name: concept_schema(t, tokenizer, m.pretrained) for t in tasks}
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".partial-*"):
+        if stale.name != f".partial-{fp}":
+            log.warning("removing unfinished chunks of another config: %s", stale)
+            shutil.rmtree(stale)
+    chunks = ChunkDir(out / f".partial-{fp}")
+    start = time.perf_counter()
+    for task in tasks:
+        extract_task(model, tokenizer, task, schemas[task.name], chunks, cfg, on_chunk)
+    seconds = time.perf_counter() - start
+
+    summary = {}
+
+    def write_groups(f) -> None:
+        for task in tasks:
+            rows = chunks.read_task(task.name)
+            prompts = task.prompts()
+            write_task_group(f, schemas[task.name], task.to_dict(), prompts, rows, cfg.extract.compression)
+            labels = np.array([p.label for p in prompts])
+            summary[task.name] = {
+                "n": len(prompts),
+                "d": int(rows["h"].shape[1]),
+                "K": schemas[task.name].K,
+                "answer_accuracy": float((rows["q"][:, :-1].argmax(1) == labels).mean()),
+                "mean_other_mass": float(rows["q"][:, -1].mean()),
+            }
+
+    attrs = {
+        "model_name": m.name,
+        "model_pretrained": m.pretrained,
+        "model_revision": m.revision or "",
+        "layer": m.layer,
+        "position_rule": POSITION_RULE,
+        "dtype": m.dtype,
+        "h_dtype": cfg.extract.h_dtype,
+        "fingerprint": fp,
+        "git_sha": git_sha() or "",
+        "config": to_plain(cfg),
+    }
+    write_store(out / STORE, attrs, write_groups)
+    n = sum(s["n"] for s in summary.values())
+    result = {"path": str(out / STORE), "tasks": summary, "seconds": round(seconds, 2), "prompts_per_s": n / seconds}
+    for name, s in summary.items():
+        log.info("extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%", name, s["n"], s["d"], s["K"], 100 * s["answer_accuracy"])
+    write_stamp(out, "extract", fp, result)
+    shutil.rmtree(chunks.root, ignore_errors=True)
+    return result

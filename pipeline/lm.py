@@ -1,0 +1,151 @@
+"""stage=lm: train the embedded task LM until it answers every task, then save it.
+
+The model is saved with `save_pretrained` and its accuracy is measured after
+loading it back through `AutoModelForCausalLM`, the path every later stage uses.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
+
+from data.tasks import Prompt
+from models.lm import load_causal_lm, position_ids_for
+from models.task_lm import build_task_lm, build_word_tokenizer
+from pipeline.common import (
+    StageError,
+    current_result,
+    fingerprint,
+    load_tasks,
+    log,
+    make_logger,
+    replace_dir,
+    to_plain,
+    write_stamp,
+)
+
+
+class TaskLMSystem(L.LightningModule):
+    """Next-token cross-entropy on the answer token; AdamW, linear warm-up, cosine decay."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, max_steps: int):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def training_step(self, batch, _batch_idx):
+        input_ids, attention_mask, answer = batch  # (B, T), (B, T), (B,)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+            logits_to_keep=1,
+        ).logits[:, -1]  # (B, V)
+        loss = F.cross_entropy(logits, answer)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (logits.argmax(-1) == answer).float().mean(), prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt]) -> TensorDataset:
+    """Left-padded prompt ids with the answer's token id as the target."""
+    enc = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt")
+    answers = [tokenizer.encode(p.answer, add_special_tokens=False) for p in prompts]
+    if any(len(a) != 1 for a in answers):
+        bad = next(p.answer for p, a in zip(prompts, answers) if len(a) != 1)
+        raise StageError(f"answer {bad!r} is not one token of the task LM's tokenizer; task values must be single words.")
+    return TensorDataset(enc.input_ids, enc.attention_mask, torch.tensor([a[0] for a in answers]))
+
+
+@torch.inference_mode()
+def answer_accuracy(model, tokenizer, prompts: list[Prompt], batch_size: int = 256) -> float:
+    """Top-1 accuracy of the full-vocabulary next token on the answer."""
+    data = encode_prompts(tokenizer, prompts)
+    correct = 0
+    for ids, mask, answer in DataLoader(data, batch_size=batch_size):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), logits_to_keep=1).logits
+        correct += int((logits[:, -1].argmax(-1) == answer).sum())
+    return correct / len(prompts)
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.model.embedded:
+        raise StageError(
+            f"stage=lm trains the embedded task LM, but model={cfg.model.name} is a pretrained model. "
+            f"Run stage=extract directly, or pick model=task_lm."
+        )
+    out = Path(cfg.model.pretrained)
+    fp = fingerprint({"lm": cfg.lm, "tasks": [t.to_dict() for t in load_tasks(cfg)], "seed": cfg.seed})
+    if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
+        return done
+
+    L.seed_everything(cfg.seed, workers=True)
+    tasks = load_tasks(cfg)
+    prompts = {t.name: t.prompts() for t in tasks}
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for ps in prompts.values() for p in ps)
+    a = cfg.lm
+    model = build_task_lm(tokenizer, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size)
+    data = encode_prompts(tokenizer, [p for ps in prompts.values() for p in ps])
+    log.info("task LM: %d parameters, %d prompts over %s", model.num_parameters(), len(data), list(prompts))
+    loader = DataLoader(data, batch_size=a.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+
+    system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps)
+    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"))
+    start = time.perf_counter()
+    trainer.fit(system, loader)
+    train_seconds = time.perf_counter() - start
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # Measure through the same loading path as any Hugging Face model.
+    loaded, loaded_tok = load_causal_lm(str(tmp), dtype="float32")
+    accuracy = {name: answer_accuracy(loaded, loaded_tok, ps) for name, ps in prompts.items()}
+    for name, acc in accuracy.items():
+        log.info("task LM accuracy on %s: %.2f%% (%d prompts)", name, 100 * acc, len(prompts[name]))
+    if trainer.logger:
+        trainer.logger.log_metrics({f"lm/accuracy_{k}": v for k, v in accuracy.items()})
+        trainer.logger.finalize("success")
+
+    result = {
+        "path": str(out),
+        "accuracy": accuracy,
+        "train_seconds": round(train_seconds, 1),
+        "steps": a.max_steps,
+        "parameters": model.num_parameters(),
+        "vocab_size": len(tokenizer),
+        "config": to_plain(cfg.lm),
+    }
+    failed = {k: v for k, v in accuracy.items() if v < a.min_accuracy}
+    if failed:
+        raise StageError(
+            f"the task LM answers below lm.min_accuracy={a.min_accuracy} on {failed}. "
+            f"Train longer (lm.max_steps={2 * a.max_steps}) or widen it (lm.hidden_size=...); nothing was replaced."
+        )
+    replace_dir(tmp, out)
+    write_stamp(out, "lm", fp, result)
+    return result

@@ -1,0 +1,141 @@
+"""LM access: the residual hook, concept bins, layer lookup and loading errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from data.tasks import concept_schema, load_task
+from models.lm import (
+    ModelLoadError,
+    capture_residual,
+    check_layer,
+    concept_probs,
+    decoder_layers,
+    last_token_positions,
+    load_causal_lm,
+    position_ids_for,
+    read_last_token,
+)
+from tests.conftest import TASK_DIR
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    return load_causal_lm(str(tiny_lm_dir))
+
+
+def test_hook_equals_hidden_states_with_left_padding(lm):
+    model, tok = lm
+    texts = ["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert not enc.attention_mask.all(), "the prompts must differ in length for this test"
+    pos = last_token_positions(enc.attention_mask)
+    with torch.no_grad(), capture_residual(model, LAYER, pos) as cap:
+        out = model(**enc, position_ids=position_ids_for(enc.attention_mask), output_hidden_states=True)
+    expected = out.hidden_states[LAYER + 1][torch.arange(2), pos]
+    torch.testing.assert_close(cap["h"], expected, rtol=0, atol=0)
+    # Left padding with position ids gives each prompt what it gets alone.
+    for i, text in enumerate(texts):
+        alone = tok([text], return_tensors="pt")
+        with torch.no_grad(), capture_residual(model, LAYER, last_token_positions(alone.attention_mask)) as one:
+            model(**alone)
+        torch.testing.assert_close(one["h"][0], cap["h"][i], rtol=1e-5, atol=1e-5)
+
+
+def test_hook_equals_hidden_states_without_padding(lm):
+    model, tok = lm
+    texts = ["Q: What day is one days after Monday?\nA:", "Q: What day is two days after Sunday?\nA:"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert enc.attention_mask.all()
+    pos = last_token_positions(enc.attention_mask)
+    with torch.no_grad(), capture_residual(model, LAYER, pos) as cap:
+        out = model(**enc, output_hidden_states=True)
+    torch.testing.assert_close(cap["h"], out.hidden_states[LAYER + 1][:, -1], rtol=0, atol=0)
+
+
+def test_last_token_positions_for_left_right_and_no_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    assert last_token_positions(mask).tolist() == [3, 1, 3]
+
+
+class TupleBlock(nn.Module):
+    """A block in the pre-4.57 style: it returns a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (self.lin(x), None)
+
+
+class TupleLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([TupleBlock(), TupleBlock()])
+
+    def forward(self, x):
+        for block in self.model.layers:
+            x = block(x)[0]
+        return x
+
+
+def test_hook_accepts_tuple_outputs_and_is_removed_on_error():
+    lm = TupleLM()
+    x = torch.randn(3, 5, 4)  # (B, T, d)
+    with capture_residual(lm, 0, torch.tensor([4, 2, 0])) as cap:
+        lm(x)
+    expected = lm.model.layers[0](x)[0][torch.arange(3), torch.tensor([4, 2, 0])]
+    torch.testing.assert_close(cap["h"], expected)
+    with pytest.raises(RuntimeError), capture_residual(lm, 1, torch.zeros(3, dtype=torch.long)):
+        raise RuntimeError("boom")
+    assert all(not block._forward_hooks for block in decoder_layers(lm))
+
+
+def test_q_sums_to_one_and_other_is_the_rest(lm):
+    model, tok = lm
+    schema = concept_schema(load_task("weekdays", TASK_DIR), tok, "tiny")
+    enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
+    out = read_last_token(model, enc.input_ids, enc.attention_mask, LAYER, schema.variant_ids)
+    torch.testing.assert_close(out.q.sum(1), torch.ones(2))
+    probs = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits[:, -1].softmax(-1)
+    concept_mass = sum(probs[:, list(ids)].sum(1) for ids in schema.variant_ids)
+    torch.testing.assert_close(out.q[:, -1], 1 - concept_mass.detach())
+    assert out.top1.tolist() == probs.argmax(-1).tolist()
+
+
+def test_concept_probs_sums_variants_into_bins():
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    q = concept_probs(probs, [(0, 2), (1,)])
+    torch.testing.assert_close(q, torch.tensor([[0.4, 0.2, 0.4]]))
+
+
+def test_layer_out_of_range_names_the_block_count(lm):
+    model, _ = lm
+    assert check_layer(model, 2) == 2
+    with pytest.raises(ModelLoadError, match=r"layer 3 is out of range: the model has 3 decoder blocks \(0 ... 2\)"):
+        check_layer(model, 3)
+
+
+def test_missing_model_path_says_how_to_make_it(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist.*stage=lm"):
+        load_causal_lm(str(tmp_path / "nothing-here"))
+
+
+def test_a_model_without_causal_lm_head_is_refused(tmp_path):
+    from transformers import T5Config, T5Model
+
+    T5Model(T5Config(d_model=8, d_ff=8, d_kv=4, num_layers=1, num_heads=2, vocab_size=16)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a causal LM"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_hub_model_without_network_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # skip the retries; same error
+    with pytest.raises(ModelLoadError, match=r"(?s)could not load the config of 'openai-community/gpt2'.*hf download"):
+        load_causal_lm("openai-community/gpt2")

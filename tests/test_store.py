@@ -1,0 +1,79 @@
+"""The HDF5 activation store: plain-h5py round trip, schema versions, damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from data.store import SCHEMA_VERSION, ActivationStore, ChunkDir, StoreError, write_store, write_task_group
+from data.tasks import ConceptSchema, load_task
+from tests.conftest import TASK_DIR
+
+
+def _write(path, compression="gzip"):
+    task = load_task("weekdays", TASK_DIR)
+    prompts = task.prompts()
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.ones(8), len(prompts)).astype(np.float32)
+    rows = {"h": rng.normal(size=(len(prompts), 16)).astype(np.float32), "q": q, "top1": rng.integers(0, 50, len(prompts))}
+    schema = ConceptSchema("weekdays", task.concepts, tuple((i,) for i in range(7)))
+    write_store(path, {"layer": 2, "config": {"a": 1}}, lambda f: write_task_group(f, schema, task.to_dict(), prompts, rows, compression))
+    return prompts, rows
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
+def test_store_round_trips_with_plain_h5py(tmp_path, compression):
+    path = tmp_path / "activations.h5"
+    prompts, rows = _write(path, compression)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        assert f.attrs["layer"] == 2 and json.loads(f.attrs["config"]) == {"a": 1}
+        g = f["weekdays"]
+        for name, arr in rows.items():
+            np.testing.assert_array_equal(g[name][:], arr)
+        assert list(g["prompt"].asstr()[:]) == [p.text for p in prompts]
+        assert list(g["entity"].asstr()[:]) == [p.entity for p in prompts]
+        np.testing.assert_array_equal(g["label"][:], [p.label for p in prompts])
+        np.testing.assert_array_equal(g["number"][:], [p.number for p in prompts])
+        np.testing.assert_array_equal(g["template_id"][:], [p.template_id for p in prompts])
+        assert json.loads(g.attrs["values"])[0] == "Monday" and g.attrs["K"] == 7
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file must be renamed away"
+    with ActivationStore(path) as store:
+        assert store.tasks == ["weekdays"]
+        assert store.schema("weekdays").variant_ids[3] == (3,)
+        np.testing.assert_array_equal(store.read("weekdays", ["h"])["h"], rows["h"])
+
+
+def test_other_schema_version_is_refused(tmp_path):
+    path = tmp_path / "activations.h5"
+    _write(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(StoreError, match=f"schema_version {SCHEMA_VERSION + 1}.*reads version {SCHEMA_VERSION}.*overwrite=true"):
+        ActivationStore(path)
+
+
+def test_truncated_store_is_refused(tmp_path):
+    path = tmp_path / "activations.h5"
+    _write(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(StoreError, match="not a readable HDF5 file.*re-run"):
+        ActivationStore(path)
+
+
+def test_missing_store_says_which_stage_makes_it(tmp_path):
+    with pytest.raises(StoreError, match="stage=extract"):
+        ActivationStore(tmp_path / "activations.h5")
+
+
+def test_chunks_must_be_contiguous(tmp_path):
+    chunks = ChunkDir(tmp_path)
+    rows = {"h": np.zeros((2, 3)), "q": np.zeros((2, 4)), "top1": np.zeros(2)}
+    chunks.write("t", 0, rows)
+    chunks.write("t", 2, rows)
+    with pytest.raises(StoreError, match="not contiguous"):
+        chunks.read_task("t")

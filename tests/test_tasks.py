@@ -1,0 +1,93 @@
+"""Tasks as data: prompt generation, answer rules, concept schemas, bad task files."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from data.tasks import TaskError, concept_schema, load_task
+from models.task_lm import build_word_tokenizer
+from tests.conftest import TASK_DIR
+
+ALL = ["weekdays", "months", "letters", "ages"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_task_yaml_loads_with_five_templates(name):
+    task = load_task(name, TASK_DIR)
+    assert task.name == name
+    assert len(task.templates) >= 5
+    prompts = task.prompts()
+    assert {p.template_id for p in prompts} == set(range(len(task.templates)))
+    for p in prompts:
+        assert p.entity in p.text and task.render_number(p.number) in p.text
+        assert task.concepts[p.label] == p.answer
+
+
+def test_cyclic_answers_wrap_round():
+    task = load_task("weekdays", TASK_DIR)
+    by_key = {(p.entity, p.number): p.answer for p in task.prompts()}
+    assert by_key[("Sunday", 1)] == "Monday"
+    assert by_key[("Friday", 3)] == "Monday"
+    assert by_key[("Monday", 7)] == "Monday"
+    assert len(task.prompts()) == 7 * 7 * len(task.templates)
+
+
+def test_sequential_tasks_drop_results_past_the_end():
+    letters = load_task("letters", TASK_DIR)
+    pairs = {(p.entity, p.number) for p in letters.prompts()}
+    assert ("Y", 1) in pairs and ("Y", 2) not in pairs and ("Z", 1) not in pairs
+    assert len(pairs) == 26 * 4 - (1 + 2 + 3 + 4)
+    ages = load_task("ages", TASK_DIR)
+    assert ages.concepts == tuple(str(i) for i in range(2, 101))  # the distinct answers
+    assert max(int(p.answer) for p in ages.prompts()) == 100
+
+
+def test_a_new_task_needs_only_a_yaml(tmp_path):
+    spec = {
+        "name": "seasons",
+        "topology": "cyclic",
+        "answer_rule": "shift",
+        "values": ["spring", "summer", "autumn", "winter"],
+        "numbers": [1, 2, 3],
+        "templates": [f"Template {i}: {{number}} seasons after {{entity}} comes" for i in range(5)],
+    }
+    path = tmp_path / "seasons.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    task = load_task(str(path), TASK_DIR)
+    assert len(task.prompts()) == 4 * 3 * 5
+    assert {(p.entity, p.number, p.answer) for p in task.prompts()} >= {("winter", 2, "summer")}
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(TaskError, match="unknown task 'weekday'.*weekdays"):
+        load_task("weekday", TASK_DIR)
+
+
+def test_empty_template_list_is_refused(tmp_path):
+    spec = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text()) | {"templates": []}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(TaskError, match="template list is empty"):
+        load_task(str(path), TASK_DIR)
+
+
+def test_template_without_placeholder_is_refused(tmp_path):
+    spec = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text())
+    spec["templates"] = ["What day follows {entity}?"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(TaskError, match=r"template 0 .*\{entity\} and \{number\}"):
+        load_task(str(path), TASK_DIR)
+
+
+def test_concept_schema_has_single_token_variants_and_rejects_unknown_values():
+    weekdays = load_task("weekdays", TASK_DIR)
+    tok = build_word_tokenizer(p.text + " " + p.answer for p in weekdays.prompts())
+    schema = concept_schema(weekdays, tok, "word-tokenizer")
+    assert schema.K == 7
+    for value, ids in zip(schema.values, schema.variant_ids):
+        assert ids and all(tok.decode([i]).strip() == value for i in ids)
+    months = load_task("months", TASK_DIR)  # month names are not in a weekday vocabulary
+    with pytest.raises(TaskError, match="value 'January' has no single-token variant in tokenizer 'word-tokenizer'"):
+        concept_schema(months, tok, "word-tokenizer")
