@@ -7,6 +7,7 @@ is saved with `save_pretrained` and comes back through the same call.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,26 @@ def capture_residual(model: nn.Module, layer: int, positions: torch.Tensor) -> I
         handle.remove()
 
 
+@contextlib.contextmanager
+def replace_last_token(model: nn.Module, layer: int, h: torch.Tensor) -> Iterator[None]:
+    """Replace the residual stream leaving block `layer` at the last position by `h` (B, d).
+
+    For left-padded batches the last position is every row's last prompt token.
+    The hook is removed on exit, whatever happens inside.
+    """
+
+    def hook(_module, _inputs, output):
+        hidden = _hidden(output).clone()  # (B, T, d)
+        hidden[:, -1] = h.to(hidden.dtype)
+        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-pad token per row, for left, right or no padding. (B, T) -> (B,)"""
     T = attention_mask.shape[1]
@@ -143,10 +164,17 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+@functools.lru_cache(maxsize=64)
+def _bin_index(variant_ids: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token ids and the concept bin of each, built once per schema."""
+    ids = torch.tensor([i for ids in variant_ids for i in ids])
+    bins = torch.tensor([k for k, ids in enumerate(variant_ids) for _ in ids])
+    return ids, bins
+
+
 def concept_probs(probs: torch.Tensor, variant_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """Sum a full-vocabulary distribution into K concept bins plus "other". (B, V) -> (B, K+1)"""
-    ids = torch.tensor([i for ids in variant_ids for i in ids], device=probs.device)
-    bins = torch.tensor([k for k, ids in enumerate(variant_ids) for _ in ids], device=probs.device)
+    ids, bins = (t.to(probs.device) for t in _bin_index(tuple(map(tuple, variant_ids))))
     q = torch.zeros(probs.shape[0], len(variant_ids) + 1, dtype=probs.dtype, device=probs.device)
     q[:, :-1].index_add_(1, bins, probs[:, ids])
     q[:, -1] = (1 - q[:, :-1].sum(1)).clamp(min=0)

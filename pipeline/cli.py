@@ -10,8 +10,14 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
+from data.store import StoreError
+from data.tasks import TaskError
+from models.lm import ModelLoadError
 from pipeline import extract, lm
-from pipeline.common import CONFIG_DIR, log
+from pipeline.common import CONFIG_DIR, StageError, log
+
+# Errors whose message already names the bad value and the fix: shown without a traceback.
+USER_ERRORS = (StageError, TaskError, StoreError, ModelLoadError)
 
 STAGES: dict[str, Callable[[DictConfig], dict]] = {"lm": lm.run, "extract": extract.run}
 
@@ -22,8 +28,15 @@ def run(cfg: DictConfig) -> dict:
         names = [s for s in STAGES if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}
     if cfg.stage not in STAGES:
-        raise ValueError(f"stage '{cfg.stage}' is unknown; use one of {[*STAGES, 'all']}.")
+        raise StageError(f"stage '{cfg.stage}' is unknown; use one of {[*STAGES, 'all']}.")
     return {cfg.stage: STAGES[cfg.stage](cfg)}
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """Close a W&B run left open by a failed stage, so its files are complete."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -31,9 +44,9 @@ def main(cfg: DictConfig) -> None:
     try:
         result = run(cfg)
     except Exception as e:
-        # The one catch-all: our errors already name the value and the fix, so show the message, not a trace.
-        log.error("%s: %s", type(e).__name__, e)
-        if log.isEnabledFor(logging.DEBUG):
+        _finish_wandb(exit_code=1)
+        if not isinstance(e, USER_ERRORS) or log.isEnabledFor(logging.DEBUG):
             raise
+        log.error("%s: %s", type(e).__name__, e)
         sys.exit(1)
     log.info("result:\n%s", json.dumps(result, indent=2, default=str))

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from data.store import ChunkDir, write_store, write_task_group
 from data.tasks import Task, concept_schema
-from models.lm import check_layer, load_causal_lm, read_last_token
+from models.lm import check_layer, load_causal_lm, read_last_token, replace_last_token
 from pipeline.common import (
     current_result,
     fingerprint,
     git_sha,
     load_tasks,
     log,
+    make_logger,
     read_stamp,
     to_plain,
     write_stamp,
@@ -49,6 +50,29 @@ def extract_rows(model, tokenizer, texts: list[str], layer: int, variant_ids, ba
         out = read_last_token(model, enc.input_ids, enc.attention_mask, layer, variant_ids)
         parts.append((out.h.to(getattr(torch, h_dtype)).cpu(), out.q.cpu(), out.top1.cpu()))
     return {name: torch.cat(col).numpy() for name, col in zip(("h", "q", "top1"), zip(*parts))}
+
+
+@torch.inference_mode()
+def centroid_swap_rate(model, tokenizer, task: Task, rows, layer: int, variant_ids, n_carriers: int = 16, seed: int = 0) -> float:
+    """How often replacing `h` by a class centroid makes that class the arg-max of `q` (SPEC §0).
+
+    Over `n_carriers` seeded prompts and every answer class; near 1 means block
+    `layer` carries the answer in a form that steering can move.
+    """
+    prompts = task.prompts()
+    labels = np.array([p.label for p in prompts])
+    classes = np.unique(labels)
+    device = next(model.parameters()).device
+    h = torch.from_numpy(rows["h"]).float()
+    centroids = torch.stack([h[labels == k].mean(0) for k in classes]).to(device)  # (C, d)
+    carriers = np.random.default_rng(seed).choice(len(prompts), min(n_carriers, len(prompts)), replace=False)
+    hits = 0
+    for c in carriers:
+        enc = tokenizer([prompts[c].text] * len(classes), return_tensors="pt").to(device)
+        with replace_last_token(model, layer, centroids):
+            q = read_last_token(model, enc.input_ids, enc.attention_mask, layer, variant_ids).q
+        hits += int((q[:, :-1].argmax(1).cpu().numpy() == classes).sum())
+    return hits / (len(carriers) * len(classes))
 
 
 def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, on_chunk=None) -> None:
@@ -128,6 +152,9 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
                 "K": schemas[task.name].K,
                 "answer_accuracy": float((rows["q"][:, :-1].argmax(1) == labels).mean()),
                 "mean_other_mass": float(rows["q"][:, -1].mean()),
+                "centroid_swap_rate": centroid_swap_rate(
+                    model, tokenizer, task, rows, m.layer, schemas[task.name].variant_ids, seed=cfg.seed
+                ),
             }
 
     attrs = {
@@ -146,7 +173,14 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     n = sum(s["n"] for s in summary.values())
     result = {"path": str(out / STORE), "tasks": summary, "seconds": round(seconds, 2), "prompts_per_s": n / seconds}
     for name, s in summary.items():
-        log.info("extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%", name, s["n"], s["d"], s["K"], 100 * s["answer_accuracy"])
+        log.info(
+            "extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%, centroid swap rate %.1f%%",
+            *(name, s["n"], s["d"], s["K"], 100 * s["answer_accuracy"], 100 * s["centroid_swap_rate"]),
+        )
+    if logger := make_logger(cfg, "extract"):
+        logger.log_metrics({f"extract/{t}/{k}": v for t, row in summary.items() for k, v in row.items()})
+        logger.log_metrics({"extract/prompts_per_s": result["prompts_per_s"]})
+        logger.finalize("success")
     write_stamp(out, "extract", fp, result)
     shutil.rmtree(chunks.root, ignore_errors=True)
     return result

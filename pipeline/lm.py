@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from data.tasks import Prompt
 from models.lm import load_causal_lm, position_ids_for
@@ -44,6 +45,8 @@ class TaskLMSystem(L.LightningModule):
 
     def training_step(self, batch, _batch_idx):
         input_ids, attention_mask, answer = batch  # (B, T), (B, T), (B,)
+        keep = attention_mask.any(0)  # drop columns that are padding in every row
+        input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
         logits = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -97,33 +100,42 @@ def run(cfg: DictConfig) -> dict:
             f"stage=lm trains the embedded task LM, but model={cfg.model.name} is a pretrained model. "
             f"Run stage=extract directly, or pick model=task_lm."
         )
+    tasks = load_tasks(cfg)
     out = Path(cfg.model.pretrained)
-    fp = fingerprint({"lm": cfg.lm, "tasks": [t.to_dict() for t in load_tasks(cfg)], "seed": cfg.seed})
+    fp = fingerprint({"lm": cfg.lm, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed})
     if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
         return done
+    work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
 
     L.seed_everything(cfg.seed, workers=True)
-    tasks = load_tasks(cfg)
     prompts = {t.name: t.prompts() for t in tasks}
     tokenizer = build_word_tokenizer(p.text + " " + p.answer for ps in prompts.values() for p in ps)
     a = cfg.lm
     model = build_task_lm(tokenizer, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size)
     data = encode_prompts(tokenizer, [p for ps in prompts.values() for p in ps])
     log.info("task LM: %d parameters, %d prompts over %s", model.num_parameters(), len(data), list(prompts))
-    loader = DataLoader(data, batch_size=a.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    # Each task is drawn in proportion to the square root of its prompt count, so that
+    # small tasks are not starved by ages (4,725 prompts) and ages still gets the most.
+    counts = torch.tensor([len(ps) for ps in prompts.values()], dtype=torch.float64)
+    weights = torch.repeat_interleave(counts.rsqrt(), counts.long())
+    sampler = WeightedRandomSampler(weights, num_samples=len(data), generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
 
     system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps)
-    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"))
+    checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=250)
+    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=[checkpoint])
+    last = work / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming the task LM from %s", last)
     start = time.perf_counter()
-    trainer.fit(system, loader)
+    trainer.fit(system, loader, ckpt_path=last if last.is_file() else None, weights_only=True)
     train_seconds = time.perf_counter() - start
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    final = work / "model"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
     # Measure through the same loading path as any Hugging Face model.
-    loaded, loaded_tok = load_causal_lm(str(tmp), dtype="float32")
+    loaded, loaded_tok = load_causal_lm(str(final), dtype="float32")
     accuracy = {name: answer_accuracy(loaded, loaded_tok, ps) for name, ps in prompts.items()}
     for name, acc in accuracy.items():
         log.info("task LM accuracy on %s: %.2f%% (%d prompts)", name, 100 * acc, len(prompts[name]))
@@ -131,6 +143,12 @@ def run(cfg: DictConfig) -> dict:
         trainer.logger.log_metrics({f"lm/accuracy_{k}": v for k, v in accuracy.items()})
         trainer.logger.finalize("success")
 
+    failed = {k: v for k, v in accuracy.items() if v < a.min_accuracy}
+    if failed:
+        raise StageError(
+            f"the task LM answers below lm.min_accuracy={a.min_accuracy} on {failed}. "
+            f"Train longer (lm.max_steps={2 * a.max_steps}) or widen it (lm.hidden_size=...); nothing was replaced."
+        )
     result = {
         "path": str(out),
         "accuracy": accuracy,
@@ -138,14 +156,9 @@ def run(cfg: DictConfig) -> dict:
         "steps": a.max_steps,
         "parameters": model.num_parameters(),
         "vocab_size": len(tokenizer),
-        "config": to_plain(cfg.lm),
+        "config": to_plain(a),
     }
-    failed = {k: v for k, v in accuracy.items() if v < a.min_accuracy}
-    if failed:
-        raise StageError(
-            f"the task LM answers below lm.min_accuracy={a.min_accuracy} on {failed}. "
-            f"Train longer (lm.max_steps={2 * a.max_steps}) or widen it (lm.hidden_size=...); nothing was replaced."
-        )
-    replace_dir(tmp, out)
+    replace_dir(final, out)
     write_stamp(out, "lm", fp, result)
+    shutil.rmtree(work, ignore_errors=True)
     return result

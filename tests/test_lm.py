@@ -17,6 +17,7 @@ from models.lm import (
     load_causal_lm,
     position_ids_for,
     read_last_token,
+    replace_last_token,
 )
 from tests.conftest import TASK_DIR
 
@@ -139,3 +140,20 @@ def test_hub_model_without_network_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # skip the retries; same error
     with pytest.raises(ModelLoadError, match=r"(?s)could not load the config of 'openai-community/gpt2'.*hf download"):
         load_causal_lm("openai-community/gpt2")
+
+
+def test_replacing_the_last_token_equals_running_the_tail_on_the_new_h(lm):
+    model, tok = lm
+    enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
+    new_h = torch.randn(2, model.config.hidden_size)
+    positions = last_token_positions(enc.attention_mask)
+    with torch.no_grad(), replace_last_token(model, LAYER, new_h), capture_residual(model, LAYER + 1, positions) as cap:
+        out = model(**enc, position_ids=position_ids_for(enc.attention_mask), output_hidden_states=True)
+    # The replaced row is what block LAYER hands on: hidden_states[LAYER + 1] records it.
+    torch.testing.assert_close(out.hidden_states[LAYER + 1][:, -1], new_h)
+    # Earlier positions are untouched.
+    with torch.no_grad():
+        plain = model(**enc, position_ids=position_ids_for(enc.attention_mask), output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[LAYER + 1][:, :-1], plain.hidden_states[LAYER + 1][:, :-1])
+    assert not torch.allclose(cap["h"], plain.hidden_states[LAYER + 2][:, -1])
+    assert all(not block._forward_hooks for block in decoder_layers(model))

@@ -1,0 +1,132 @@
+"""Extraction throughput against a bare forward pass on the same batches.
+
+`ratio` (extraction prompts/s ÷ bare-forward prompts/s) is what hooks,
+concept binning, the resumable chunk writes and the HDF5 store cost; the
+target is ≥ 0.9. `ratio_hooked` leaves the writes out. All three are timed in
+one run, interleaved, best of `--repeats`, on random-weight Llamas over the
+first 256 prompts of each task. Figures go to benchmarks/results/extract.json.
+
+    python benchmarks/extract.py [--repeats 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data.store import ChunkDir, write_store, write_task_group
+from data.tasks import concept_schema, load_task
+from models.lm import position_ids_for
+from models.task_lm import build_word_tokenizer
+from pipeline.common import CONFIG_DIR
+from pipeline.extract import extract_rows
+
+SIZES = {
+    "embedded (hidden 128, 3 blocks)": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+    "mid (hidden 1024, 8 blocks, vocab 32k)": dict(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, vocab_size=32000
+    ),
+}
+TASKS = ["weekdays", "months", "letters", "ages"]
+BATCH, CHUNK, LAYER = 64, 1024, 1
+PROMPTS_PER_TASK = 256  # the first prompts of each task: 1,024 in all
+
+
+@torch.inference_mode()
+def bare_forward(model, tokenizer, texts: list[str]) -> None:
+    for i in range(0, len(texts), BATCH):
+        enc = tokenizer(texts[i : i + BATCH], padding=True, return_tensors="pt")
+        model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=position_ids_for(enc.attention_mask),
+            use_cache=False,
+            logits_to_keep=1,
+        )
+
+
+def hooked_forward(model, tokenizer, prompts, schemas) -> None:
+    """The extraction forward alone: hook on block LAYER, softmax, concept bins, no writes."""
+    for name, ps in prompts.items():
+        extract_rows(model, tokenizer, [p.text for p in ps], LAYER, schemas[name].variant_ids, BATCH, "float32")
+
+
+def extraction(model, tokenizer, prompts, schemas, tasks, root: Path) -> None:
+    """What stage=extract does per task: hooked forward, chunk files, store assembly."""
+    chunks = ChunkDir(root / "chunks")
+    for task in tasks:
+        texts = [p.text for p in prompts[task.name]]
+        for c in range(0, len(texts), CHUNK):
+            rows = extract_rows(model, tokenizer, texts[c : c + CHUNK], LAYER, schemas[task.name].variant_ids, BATCH, "float32")
+            chunks.write(task.name, c // CHUNK, rows)
+
+    def groups(f):
+        for task in tasks:
+            rows = chunks.read_task(task.name)
+            write_task_group(f, schemas[task.name], task.to_dict(), prompts[task.name], rows, "gzip")
+
+    write_store(root / "activations.h5", {}, groups)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tasks = [load_task(t, CONFIG_DIR / "task") for t in TASKS]
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for t in tasks for p in t.prompts())
+    schemas = {t.name: concept_schema(t, tokenizer, "word-level") for t in tasks}
+    prompts = {t.name: t.prompts()[:PROMPTS_PER_TASK] for t in tasks}
+    texts = [p.text for ps in prompts.values() for p in ps]
+    results = []
+    for name, size in SIZES.items():
+        torch.manual_seed(0)
+        config = LlamaConfig(**{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **size})
+        model = LlamaForCausalLM(config).eval()
+        bare, hooked, full = [], [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            bare_forward(model, tokenizer, texts[:BATCH])  # warm-up
+            for r in range(args.repeats):  # interleaved, so drifts in machine speed hit all three alike
+                bare.append(timed(lambda: bare_forward(model, tokenizer, texts)))
+                hooked.append(timed(lambda: hooked_forward(model, tokenizer, prompts, schemas)))
+                full.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, Path(tmp) / str(r))))
+        row = {
+            "model": name,
+            "prompts": len(texts),
+            "bare_forward_prompts_per_s": len(texts) / min(bare),
+            "hooked_forward_prompts_per_s": len(texts) / min(hooked),
+            "extraction_prompts_per_s": len(texts) / min(full),
+            "ratio_hooked": min(bare) / min(hooked),
+            "ratio": min(bare) / min(full),
+        }
+        print(
+            f"{name}: bare {row['bare_forward_prompts_per_s']:.0f} prompts/s; hooked + q "
+            f"{row['hooked_forward_prompts_per_s']:.0f} (ratio {row['ratio_hooked']:.3f}); full extraction with "
+            f"writes {row['extraction_prompts_per_s']:.0f} (ratio {row['ratio']:.3f})"
+        )
+        results.append(row)
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+            "batch_size": BATCH, "chunk_size": CHUNK, "prompts_per_task": PROMPTS_PER_TASK, "repeats": args.repeats, "target_ratio": 0.9}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

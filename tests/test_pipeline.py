@@ -1,0 +1,109 @@
+"""The stages end to end through `run(cfg)`: extraction, resume, refusal, caching, the task LM."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from data.store import ActivationStore
+from pipeline import cli, extract
+from pipeline.common import StageError
+from tests.conftest import make_cfg
+
+
+def _store(cfg):
+    return ActivationStore(f"{cfg.paths.run_dir}/extract/{extract.STORE}")
+
+
+def _assert_same_store(a, b):
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert list(fa) == list(fb)
+        for task in fa:
+            assert set(fa[task]) == set(fb[task])
+            for name in fa[task]:
+                np.testing.assert_array_equal(fa[task][name][:], fb[task][name][:])
+            assert dict(fa[task].attrs) == dict(fb[task].attrs)
+
+
+def test_extract_writes_one_group_per_task(tiny_cfg):
+    cfg = tiny_cfg()
+    result = extract.run(cfg)
+    with _store(cfg) as store:
+        assert store.tasks == ["months", "weekdays"]
+        assert store.attrs["layer"] == 1 and store.attrs["model_pretrained"] == cfg.model.pretrained
+        for task, summary in result["tasks"].items():
+            rows = store.read(task, ["h", "q", "top1", "label"])
+            assert rows["h"].shape == (summary["n"], 32) and rows["q"].shape == (summary["n"], summary["K"] + 1)
+            np.testing.assert_allclose(rows["q"].sum(1), 1, atol=1e-5)
+            assert np.isfinite(rows["h"]).all()
+    from pathlib import Path
+
+    leftovers = [p.name for p in (Path(cfg.paths.run_dir) / "extract").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "chunks and temporary files are removed once the store is complete"
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_cfg):
+    cfg = tiny_cfg("run_name=crashed")
+
+    def crash(task, chunk):
+        if (task, chunk) == ("months", 1):
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(cfg, on_chunk=crash)
+    store_path = f"{cfg.paths.run_dir}/extract/{extract.STORE}"
+    with pytest.raises(Exception, match="no activation store"):
+        ActivationStore(store_path)  # nothing half-written is readable as complete
+    extract.run(cfg)
+    clean = tiny_cfg("run_name=clean")
+    extract.run(clean)
+    _assert_same_store(store_path, f"{clean.paths.run_dir}/extract/{extract.STORE}")
+
+
+def test_rerun_is_a_no_op_and_another_config_is_refused(tiny_cfg):
+    cfg = tiny_cfg()
+    first = extract.run(cfg)
+    path = f"{cfg.paths.run_dir}/extract/{extract.STORE}"
+    before = open(path, "rb").read()
+    assert extract.run(cfg) == first
+    with pytest.raises(StageError, match="different config.*overwrite=true"):
+        extract.run(tiny_cfg("model.layer=0"))
+    assert open(path, "rb").read() == before, "a refused run must not touch the existing store"
+    extract.run(tiny_cfg("model.layer=0", "overwrite=true"))
+    with _store(cfg) as store:
+        assert store.attrs["layer"] == 0
+
+
+def test_layer_out_of_range_is_refused_before_any_work(tiny_cfg):
+    with pytest.raises(Exception, match="layer 7 is out of range"):
+        extract.run(tiny_cfg("model.layer=7"))
+
+
+def test_lm_then_extract_end_to_end(tmp_path):
+    overrides = [
+        "tasks=[weekdays,months]",
+        "lm.max_steps=200",
+        "lm.min_accuracy=0",
+        "lm.hidden_size=64",
+        "lm.intermediate_size=128",
+        "lm.num_layers=3",
+        "model.layer=1",
+    ]
+    cfg = make_cfg(tmp_path, "stage=all", *overrides)
+    result = cli.run(cfg)
+    assert set(result) == {"lm", "extract"}
+    assert set(result["lm"]["accuracy"]) == {"weekdays", "months"}
+    assert result["lm"]["accuracy"]["months"] > 1 / 12, "200 steps must beat chance"
+    with _store(cfg) as store:
+        assert store.attrs["model_pretrained"].endswith("/lm")
+        assert store.read("weekdays", ["h"])["h"].shape[1] == 64
+    # Same config and seed: same weights, bit for bit.
+    again = make_cfg(tmp_path, "stage=lm", "run_name=again", *overrides)
+    cli.run(again)
+    a = load_file(f"{cfg.paths.run_dir}/lm/model.safetensors")
+    b = load_file(f"{again.paths.run_dir}/lm/model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # stage=all again: both products are current and nothing is redone.
+    assert cli.run(cfg) == result
