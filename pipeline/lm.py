@@ -57,6 +57,7 @@ class TaskLMSystem(L.LightningModule):
         loss = F.cross_entropy(logits, answer)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == answer).float().mean(), prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
     def configure_optimizers(self):

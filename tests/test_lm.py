@@ -142,18 +142,20 @@ def test_hub_model_without_network_fails_with_a_clear_message(monkeypatch):
         load_causal_lm("openai-community/gpt2")
 
 
-def test_replacing_the_last_token_equals_running_the_tail_on_the_new_h(lm):
+def test_replacing_the_last_token_changes_only_the_last_position(lm):
     model, tok = lm
     enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
     new_h = torch.randn(2, model.config.hidden_size)
     positions = last_token_positions(enc.attention_mask)
-    with torch.no_grad(), replace_last_token(model, LAYER, new_h), capture_residual(model, LAYER + 1, positions) as cap:
-        out = model(**enc, position_ids=position_ids_for(enc.attention_mask), output_hidden_states=True)
-    # The replaced row is what block LAYER hands on: hidden_states[LAYER + 1] records it.
-    torch.testing.assert_close(out.hidden_states[LAYER + 1][:, -1], new_h)
-    # Earlier positions are untouched.
+    hooks_before = [len(block._forward_hooks) for block in decoder_layers(model)]
+    kwargs = dict(position_ids=position_ids_for(enc.attention_mask), output_hidden_states=True)
+    # Hooks run in registration order: the capture sees what block LAYER hands on.
+    with torch.no_grad(), replace_last_token(model, LAYER, new_h), capture_residual(model, LAYER, positions) as cap:
+        out = model(**enc, **kwargs)
+    torch.testing.assert_close(cap["h"], new_h)
     with torch.no_grad():
-        plain = model(**enc, position_ids=position_ids_for(enc.attention_mask), output_hidden_states=True)
-    torch.testing.assert_close(out.hidden_states[LAYER + 1][:, :-1], plain.hidden_states[LAYER + 1][:, :-1])
-    assert not torch.allclose(cap["h"], plain.hidden_states[LAYER + 2][:, -1])
-    assert all(not block._forward_hooks for block in decoder_layers(model))
+        plain = model(**enc, **kwargs)
+    # Under causal attention the earlier positions of the next block do not see the replaced row.
+    torch.testing.assert_close(out.hidden_states[LAYER + 2][:, :-1], plain.hidden_states[LAYER + 2][:, :-1])
+    assert not torch.allclose(out.logits[:, -1], plain.logits[:, -1])
+    assert [len(block._forward_hooks) for block in decoder_layers(model)] == hooks_before
