@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from data.tasks import load_task
@@ -28,8 +29,6 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     """A 2-block Llama with the word tokenizer of weekdays + months, saved with save_pretrained."""
     prompts = [p for name in ("weekdays", "months") for p in load_task(name, TASK_DIR).prompts()]
     tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
-    import torch
-
     torch.manual_seed(0)
     model = build_task_lm(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
     path = tmp_path_factory.mktemp("tiny_lm")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -38,8 +40,6 @@ def test_extract_writes_one_group_per_task(tiny_cfg):
             assert rows["h"].shape == (summary["n"], 32) and rows["q"].shape == (summary["n"], summary["K"] + 1)
             np.testing.assert_allclose(rows["q"].sum(1), 1, atol=1e-5)
             assert np.isfinite(rows["h"]).all()
-    from pathlib import Path
-
     leftovers = [p.name for p in (Path(cfg.paths.run_dir) / "extract").iterdir() if p.name.startswith(".")]
     assert leftovers == [], "chunks and temporary files are removed once the store is complete"
 
