@@ -11,15 +11,16 @@ import hydra
 from omegaconf import DictConfig
 
 from data.store import StoreError
+from data.targets import TargetError
 from data.tasks import TaskError
 from models.lm import ModelLoadError
-from pipeline import extract, lm
+from pipeline import extract, lm, targets
 from pipeline.common import CONFIG_DIR, StageError, log
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
-USER_ERRORS = (StageError, TaskError, StoreError, ModelLoadError)
+USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError)
 
-STAGES: dict[str, Callable[[DictConfig], dict]] = {"lm": lm.run, "extract": extract.run}
+STAGES: dict[str, Callable[[DictConfig], dict]] = {"lm": lm.run, "extract": extract.run, "targets": targets.run}
 
 
 def run(cfg: DictConfig) -> dict:

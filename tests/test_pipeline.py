@@ -81,7 +81,7 @@ def test_layer_out_of_range_is_refused_before_any_work(tiny_cfg):
         extract.run(tiny_cfg("model.layer=7"))
 
 
-def test_lm_then_extract_end_to_end(tmp_path):
+def test_lm_extract_targets_end_to_end(tmp_path):
     overrides = [
         "tasks=[weekdays,months]",
         "lm.max_steps=200",
@@ -93,7 +93,7 @@ def test_lm_then_extract_end_to_end(tmp_path):
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)
     result = cli.run(cfg)
-    assert set(result) == {"lm", "extract"}
+    assert list(result) == ["lm", "extract", "targets"]
     assert set(result["lm"]["accuracy"]) == {"weekdays", "months"}
     assert result["lm"]["accuracy"]["months"] > 1 / 12, "200 steps must beat chance"
     with _store(cfg) as store:
@@ -105,5 +105,7 @@ def test_lm_then_extract_end_to_end(tmp_path):
     a = load_file(f"{cfg.paths.run_dir}/lm/model.safetensors")
     b = load_file(f"{again.paths.run_dir}/lm/model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    # stage=all again: both products are current and nothing is redone.
-    assert cli.run(cfg) == result
+    # stage=all again: every product is current and nothing is redone.
+    rerun = cli.run(cfg)
+    assert rerun["lm"] == result["lm"] and rerun["extract"] == result["extract"]
+    assert all(s[g]["cached"] for s in rerun["targets"]["tasks"].values() for g in ("hellinger", "phate"))

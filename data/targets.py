@@ -1,0 +1,283 @@
+"""Distance targets as coordinates (SPEC §3): Hellinger and PHATE diffusion potential.
+
+A target distance is the Euclidean distance between two rows of a coordinate
+array, so nothing N×N is ever formed: memory is O(N·m). PHATE is Moon et al.
+2019, "Visualizing structure and transitions in high-dimensional biological
+data" (the `phate` package); its coordinates are the rows of the potential
+`U = −log(Pᵗ + 1e-7)`, N×N exact or N×L with L landmarks.
+
+One targets file per task (`<run>/targets/<task>.h5`, layout in README.md);
+`PairwiseTargets` serves mini-batches of points with their target distances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from data.store import ActivationStore
+
+log = logging.getLogger("geosteer")
+
+TARGETS_SCHEMA_VERSION = 1
+TARGET_NAMES = ("hellinger", "phate")
+
+
+class TargetError(ValueError):
+    """Targets that cannot be computed or read, with the fix in the message."""
+
+
+def digest(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays: the cache key of what is computed from them."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def hellinger_coords(q: np.ndarray) -> np.ndarray:
+    """`√q / √2`, so that ‖s_i − s_j‖ is the Hellinger distance, in [0, 1]. (N, K+1) → (N, K+1) float64."""
+    return np.sqrt(np.clip(q.astype(np.float64), 0, None)) / np.sqrt(2)
+
+
+def l2_normalise(h: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm (SPEC §3: PHATE sees directions, not magnitudes). (N, d) float64."""
+    h = h.astype(np.float64)
+    return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+
+
+def von_neumann_entropy(diff_op: np.ndarray, t_max: int = 100) -> np.ndarray:
+    """Von Neumann entropy of `diff_opᵗ` for t = 0..t_max−1, as `phate.vne` defines it.
+
+    Only the singular values are needed; `svdvals` skips the singular vectors
+    that phate's full `scipy.linalg.svd` computes, for the same numbers in a
+    fraction of the time.
+    """
+    sv = torch.linalg.svdvals(torch.as_tensor(diff_op, dtype=torch.float64)).numpy()
+    entropy = np.empty(t_max)
+    sv_t = sv.copy()
+    for t in range(t_max):
+        p = sv_t / sv_t.sum() + np.finfo(float).eps
+        entropy[t] = -np.sum(p * np.log(p))
+        sv_t = sv_t * sv
+    return entropy
+
+
+@dataclass(frozen=True)
+class PhateTargets:
+    coords: np.ndarray  # (N, N) exact or (N, L) with landmarks, float64
+    t: int
+    t_auto: bool
+    landmarks: bool
+    components: int  # connected components of the kNN graph; potentials saturate between components
+    entropy: np.ndarray  # (t_max,) von Neumann entropy by t; empty when t was given
+
+
+def phate_coords(
+    h: np.ndarray,
+    knn: int = 5,
+    decay: float = 40,
+    t: int | str = "auto",
+    t_max: int = 100,
+    n_pca: int | None = None,
+    exact_max: int = 5000,
+    n_landmark: int = 2000,
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> PhateTargets:
+    """PHATE diffusion-potential coordinates of L2-normalised activations `h` (N, d).
+
+    Exact (N×N) up to `exact_max` points, landmarks (N×`n_landmark`) above.
+    `t='auto'` picks the knee of the von Neumann entropy, as phate does.
+    """
+    import phate  # heavy import (graphtools, sklearn): only where PHATE runs
+
+    n = len(h)
+    if n < knn + 1:
+        raise TargetError(
+            f"{n} points, but PHATE with knn={knn} needs at least {knn + 1}; "
+            f"add prompts (templates or values) or lower targets.phate.knn."
+        )
+    if t != "auto" and not (isinstance(t, int) and t >= 1):
+        raise TargetError(f"targets.phate.t={t!r}; use 'auto' or a positive integer.")
+    landmarks = n > exact_max
+    if landmarks and n_landmark >= n:
+        log.warning("n_landmark=%d >= N=%d points: computing the exact potential instead", n_landmark, n)
+        landmarks = False
+    op = phate.PHATE(
+        knn=knn,
+        decay=decay,
+        t=t,
+        n_pca=n_pca,
+        n_landmark=n_landmark if landmarks else None,
+        random_state=seed,
+        n_jobs=n_jobs,
+        verbose=0,
+    )
+    with warnings.catch_warnings():  # reported through `components` instead
+        warnings.filterwarnings("ignore", message="Graph is disconnected")
+        op.fit(l2_normalise(h))
+    entropy = np.empty(0)
+    if t == "auto":
+        entropy = von_neumann_entropy(op.diff_op, t_max)
+        t = int(phate.vne.find_knee_point(entropy, np.arange(t_max)))
+        op.set_params(t=t)
+    components = int(op.graph.n_connected_components)
+    return PhateTargets(op.diff_potential, t, entropy.size > 0, landmarks, components, entropy)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/val row indices, the same fraction of every class in val. Both sorted."""
+    if not 0 < val_fraction < 1:
+        raise TargetError(f"targets.val_fraction={val_fraction}; use a fraction strictly between 0 and 1.")
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        val.append(rows[: min(round(val_fraction * len(rows)), len(rows) - 1)])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def pair_distance_std(coords: np.ndarray, rows: np.ndarray, n_pairs: int, seed: int, chunk: int = 2048) -> float:
+    """Std of target distances over pairs of `rows`: all pairs when there are at most `n_pairs`, else a seeded sample."""
+    x = torch.as_tensor(coords[rows], dtype=torch.float64)  # (n, m)
+    n = len(rows)
+    if n * (n - 1) // 2 <= n_pairs:
+        return float(torch.pdist(x).std())
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, n_pairs)
+    j = (i + rng.integers(1, n, n_pairs)) % n  # uniform over ordered pairs with i != j
+    d = torch.cat([(x[i[s : s + chunk]] - x[j[s : s + chunk]]).norm(dim=1) for s in range(0, n_pairs, chunk)])
+    return float(d.std())
+
+
+def targets_path(root: Path, task: str) -> Path:
+    return Path(root) / f"{task}.h5"
+
+
+def read_groups(path: Path, keys: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The groups of an existing targets file whose cache key matches `keys`: {name: {arrays..., "attrs": ...}}."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("schema_version") != TARGETS_SCHEMA_VERSION:
+                return {}
+            return {
+                name: {**{k: v[:] for k, v in f[name].items()}, "attrs": dict(f[name].attrs)}
+                for name, key in keys.items()
+                if name in f and f[name].attrs.get("key") == key
+            }
+    except OSError:
+        log.warning("%s is unreadable; recomputing it", path)
+        return {}
+
+
+def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict[str, Any]]) -> None:
+    """Write a targets file atomically: `groups` maps a group name to its arrays plus an "attrs" dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update({"schema_version": TARGETS_SCHEMA_VERSION, **file_attrs})
+        for name, content in groups.items():
+            g = f.create_group(name)
+            for k, v in content.items():
+                if k == "attrs":
+                    g.attrs.update(v)
+                elif k == "coords":  # float32 halves the largest array; distances keep ~1e-7 relative precision
+                    g.create_dataset(k, data=v, dtype=np.float32, chunks=(min(len(v), 256), v.shape[1]))
+                else:
+                    g.create_dataset(k, data=v)
+    os.replace(tmp, path)
+
+
+@dataclass
+class PairBatch:
+    index: torch.Tensor  # (B,) store rows
+    x: torch.Tensor  # (B, d) activations
+    coords: torch.Tensor  # (B, m) target coordinates
+    dist: torch.Tensor  # (B(B-1)/2,) target distances / pair std, in torch.pdist order
+
+
+class PairwiseTargets:
+    """Mini-batches of one task's activations with their normalised target distances.
+
+    Files are opened lazily and read once on first use, so the object pickles
+    cheaply into DataLoader workers and DDP ranks.
+
+    Args:
+        targets: a task's targets file, `<run>/targets/<task>.h5`.
+        target: "hellinger" or "phate".
+        split: "train", "val", or None for every row.
+        activations: the activation store; by default the one the targets were made from.
+    """
+
+    def __init__(self, targets: Path, target: str, split: str | None = "train", activations: Path | None = None):
+        if target not in TARGET_NAMES:
+            raise TargetError(f"target '{target}' is unknown; use one of {TARGET_NAMES}.")
+        if split not in ("train", "val", None):
+            raise TargetError(f"split '{split}' is unknown; use train, val or None.")
+        self.path, self.target, self.split, self.activations = Path(targets), target, split, activations
+        self._data: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is not None:
+            return self._data
+        if not self.path.is_file():
+            raise TargetError(f"no targets file at {self.path}; run `pipeline stage=targets` first.")
+        with h5py.File(self.path, "r") as f:
+            if f.attrs.get("schema_version") != TARGETS_SCHEMA_VERSION:
+                raise TargetError(
+                    f"{self.path} has schema_version {f.attrs.get('schema_version')}, but this geosteer reads "
+                    f"{TARGETS_SCHEMA_VERSION}; re-run `pipeline stage=targets`."
+                )
+            task, store_fp = f.attrs["task"], f.attrs["activations_fingerprint"]
+            store_path = self.activations or self.path.parent / f.attrs["activations"]
+            g = f[self.target]
+            rows = np.arange(len(g["coords"])) if self.split is None else f["split"][self.split][:]
+            coords, scale = torch.from_numpy(g["coords"][:]), float(g.attrs["pair_std"])
+        with ActivationStore(store_path) as store:
+            if store.attrs.get("fingerprint") != store_fp:
+                raise TargetError(
+                    f"{self.path} was computed from another activation store than {store_path} "
+                    f"(fingerprint {store_fp}, now {store.attrs.get('fingerprint')}); re-run `pipeline stage=targets`."
+                )
+            x = torch.from_numpy(store.read(task, ["h"])["h"]).float()
+        self._data = {"rows": rows, "x": x, "coords": coords, "scale": scale}
+        return self._data
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Store rows in this split, sorted."""
+        return self._load()["rows"]
+
+    @property
+    def scale(self) -> float:
+        """Std of target distances over training pairs; `dist` is divided by it."""
+        return self._load()["scale"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index: torch.Tensor | np.ndarray) -> PairBatch:
+        """Points `index` (store rows) with their B(B−1)/2 target distances in `torch.pdist` order."""
+        data = self._load()
+        index = torch.as_tensor(index, dtype=torch.long)
+        coords = data["coords"][index]  # (B, m)
+        return PairBatch(index, data["x"][index], coords, torch.pdist(coords) / data["scale"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_data": None}  # workers re-read the files rather than copy arrays through pickle
+

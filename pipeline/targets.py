@@ -1,0 +1,185 @@
+"""stage=targets: Hellinger and PHATE target coordinates of every task (SPEC §3).
+
+Each group of a task's targets file carries a cache key, a hash of its input
+arrays and parameters: a re-run recomputes only the groups whose key changed,
+and a task whose keys all match is left untouched. A task's file is written
+atomically once all its groups are done, so a crash loses at most that task.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from data.store import ActivationStore
+from data.targets import (
+    TARGET_NAMES,
+    TargetError,
+    digest,
+    hellinger_coords,
+    pair_distance_std,
+    phate_coords,
+    read_groups,
+    stratified_split,
+    targets_path,
+    write_targets,
+)
+from pipeline.common import fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
+from pipeline.extract import STORE
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+def check_finite(task: str, rows: dict[str, np.ndarray], store: Path) -> None:
+    bad = ~(np.isfinite(rows["h"]).all(1) & np.isfinite(rows["q"]).all(1))
+    if bad.any():
+        raise TargetError(
+            f"task '{task}': {int(bad.sum())} of {len(bad)} rows of {store} hold NaN or Inf "
+            f"(first at row {int(np.flatnonzero(bad)[0])}). The LM overflowed at model.dtype; "
+            f"re-extract with model.dtype=float32 (or bfloat16) and overwrite=true."
+        )
+
+
+def cache_keys(rows: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int) -> dict[str, str]:
+    """What each group is computed from: its input arrays and parameters."""
+    split = fingerprint({"labels": digest(rows["label"]), "val_fraction": tcfg["val_fraction"], "seed": seed})
+    pairs = {"split": split, "pair_samples": tcfg["pair_samples"]}
+    phate = {k: v for k, v in tcfg["phate"].items() if k != "n_jobs"}  # n_jobs changes speed, not numbers
+    return {
+        "split": split,
+        "hellinger": fingerprint({"q": digest(rows["q"]), **pairs}),
+        "phate": fingerprint({"h": digest(rows["h"]), **pairs, **phate, "seed": seed}),
+    }
+
+
+def compute_group(name: str, rows, split: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One target group: coordinates, the pair-distance std over training pairs, and its parameters."""
+    start = time.perf_counter()
+    if name == "hellinger":
+        coords, attrs, extra = hellinger_coords(rows["q"]), {}, {}
+    else:
+        p = tcfg["phate"]
+        res = phate_coords(rows["h"], seed=seed, **p)
+        coords, extra = res.coords, {"entropy": res.entropy}
+        attrs = {**{k: "none" if v is None else v for k, v in p.items()}, "l2_normalise": True}
+        attrs |= {"t": res.t, "t_auto": res.t_auto, "landmarks": res.landmarks, "components": res.components}
+    std = pair_distance_std(coords, split["train"], tcfg["pair_samples"], seed)
+    seconds = time.perf_counter() - start
+    return {"coords": coords, **extra, "attrs": {**attrs, "pair_std": std, "dim": coords.shape[1], "seconds": seconds}}
+
+
+def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, file_attrs, bar) -> tuple[dict, dict]:
+    """Bring one task's targets file up to date; returns its summary and its groups."""
+    keys = cache_keys(rows, tcfg, seed)
+    groups = read_groups(path, keys)
+    cached = set(groups)
+    if "split" not in groups:
+        train, val = stratified_split(rows["label"], tcfg["val_fraction"], seed)
+        attrs = {"val_fraction": tcfg["val_fraction"], "seed": seed}
+        groups["split"] = {"train": train, "val": val, "attrs": attrs}
+    for name in TARGET_NAMES:
+        if name not in groups:
+            bar.set_postfix_str(f"{task}: {name}")
+            groups[name] = compute_group(name, rows, groups["split"], tcfg, seed)
+        bar.update()
+    for name, key in keys.items():
+        groups[name]["attrs"]["key"] = key
+    if cached != set(keys):
+        write_targets(path, file_attrs, groups)
+    summary = {"n": len(rows["h"]), "n_train": len(groups["split"]["train"]), "n_val": len(groups["split"]["val"])}
+    for name in TARGET_NAMES:
+        a = groups[name]["attrs"]
+        summary[name] = {k: _plain(a[k]) for k in ("dim", "pair_std", "seconds", "t", "landmarks", "components") if k in a}
+        summary[name]["cached"] = name in cached
+    return summary, groups
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path) -> None:
+    """Von Neumann entropy with the chosen t, and PCA-2 of both targets coloured by answer class."""
+    from sklearn.decomposition import PCA
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    entropy, t = groups["phate"]["entropy"], groups["phate"]["attrs"]["t"]
+    if entropy.size:
+        axes[0].plot(entropy)
+        axes[0].scatter([t], [entropy[t]], c="k", marker="*", s=80, zorder=3)
+    axes[0].set(title=f"von Neumann entropy, t = {t}", xlabel="t", ylabel="entropy")
+    cmap = "twilight" if cyclic else "viridis"
+    for ax, name in zip(axes[1:], ("hellinger", "phate")):
+        xy = PCA(2, svd_solver="randomized", random_state=0).fit_transform(groups[name]["coords"])
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, s=4)
+        ax.set(title=f"{name} coordinates, PCA-2", xticks=[], yticks=[])
+    fig.colorbar(sc, ax=axes[2], label="answer class")
+    fig.suptitle(f"{task}: distance targets")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Write `<run_dir>/targets/<task>.h5` for every task, recomputing only what changed."""
+    tasks = load_tasks(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    out, store_path = run_dir / "targets", run_dir / "extract" / STORE
+    tcfg = to_plain(cfg.targets)
+    summary, figures = {}, {}
+    start = time.perf_counter()
+    with ActivationStore(store_path) as store:
+        file_attrs = {
+            "activations": os.path.relpath(store_path, out),
+            "activations_fingerprint": store.attrs["fingerprint"],
+            "layer": store.attrs["layer"],
+            "model_name": store.attrs["model_name"],
+        }
+        with tqdm(total=2 * len(tasks), unit="target", desc="targets") as bar:
+            for task in tasks:
+                rows = store.read(task.name, ["h", "q", "label"])
+                check_finite(task.name, rows, store_path)
+                try:
+                    summary[task.name], groups = task_targets(
+                        task.name, rows, targets_path(out, task.name), tcfg, cfg.seed,
+                        {**file_attrs, "task": task.name}, bar,
+                    )  # fmt: skip
+                except TargetError as e:
+                    raise TargetError(f"task '{task.name}': {e}") from None
+                s = summary[task.name]
+                log.info(
+                    "targets %s: N=%d, hellinger %s, phate %s t=%d %s (%.1f s)%s",
+                    *(task.name, s["n"], s["hellinger"]["dim"], s["phate"]["dim"], s["phate"]["t"]),
+                    *("landmarks" if s["phate"]["landmarks"] else "exact", s["phate"]["seconds"]),
+                    " [cached]" if s["phate"]["cached"] else "",
+                )
+                if s["phate"]["components"] > 1:
+                    log.warning(
+                        "targets %s: the kNN graph has %d connected components; PHATE distances between them "
+                        "saturate. Raise targets.phate.knn if the task's classes should connect.",
+                        task.name, s["phate"]["components"],
+                    )  # fmt: skip
+                if cfg.targets.figures:
+                    figures[task.name] = out / f"{task.name}.png"
+                    figure(task.name, rows["label"], groups, task.topology == "cyclic", figures[task.name])
+    result = {"dir": str(out), "tasks": summary, "seconds": round(time.perf_counter() - start, 2)}
+    result["figures"] = {k: str(v) for k, v in figures.items()}
+    if logger := make_logger(cfg, "targets"):
+        metrics = {f"targets/{t}/{g}_{k}": v for t, s in summary.items() for g in TARGET_NAMES for k, v in s[g].items()}
+        logger.log_metrics({k: float(v) for k, v in metrics.items()})
+        if hasattr(logger, "log_image") and figures:
+            logger.log_image("targets/figures", [str(p) for p in figures.values()], caption=list(figures))
+        logger.finalize("success")
+    write_stamp(out, "targets", fingerprint({"tasks": list(summary), "targets": tcfg, "seed": cfg.seed}), result)
+    return result
+
