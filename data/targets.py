@@ -23,6 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from scipy.spatial.distance import pdist
 
 from data.store import ActivationStore
 
@@ -75,7 +76,7 @@ def von_neumann_entropy(diff_op: np.ndarray, t_max: int = 100) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PhateTargets:
-    coords: np.ndarray  # (N, N) exact or (N, L) with landmarks, float64
+    coords: np.ndarray  # (N, N) exact or (N, L) with landmarks, float32
     t: int
     t_auto: bool
     landmarks: bool
@@ -133,7 +134,12 @@ def phate_coords(
         t = int(phate.vne.find_knee_point(entropy, np.arange(t_max)))
         op.set_params(t=t)
     components = int(op.graph.n_connected_components)
-    return PhateTargets(op.diff_potential, t, entropy.size > 0, landmarks, components, entropy)
+    if landmarks:  # phate's diff_potential interpolates L×L → N×L in float64; in float32 the peak memory halves
+        potential = op._calculate_potential().astype(np.float32)  # (L, L)
+        coords = op.graph.interpolate(potential, transitions=op.graph.transitions.astype(np.float32))
+    else:
+        coords = op.diff_potential.astype(np.float32)  # (N, N), the dtype it is stored in
+    return PhateTargets(coords, t, entropy.size > 0, landmarks, components, entropy)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,15 +157,18 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def pair_distance_std(coords: np.ndarray, rows: np.ndarray, n_pairs: int, seed: int, chunk: int = 2048) -> float:
     """Std of target distances over pairs of `rows`: all pairs when there are at most `n_pairs`, else a seeded sample."""
-    x = torch.as_tensor(coords[rows], dtype=torch.float64)  # (n, m)
     n = len(rows)
     if n * (n - 1) // 2 <= n_pairs:
-        return float(torch.pdist(x).std())
+        return float(pdist(coords[rows].astype(np.float64)).std(ddof=1))
     rng = np.random.default_rng(seed)
     i = rng.integers(0, n, n_pairs)
     j = (i + rng.integers(1, n, n_pairs)) % n  # uniform over ordered pairs with i != j
-    d = torch.cat([(x[i[s : s + chunk]] - x[j[s : s + chunk]]).norm(dim=1) for s in range(0, n_pairs, chunk)])
-    return float(d.std())
+    i, j = rows[i], rows[j]
+    d = [
+        np.linalg.norm(coords[i[s : s + chunk]].astype(np.float64) - coords[j[s : s + chunk]], axis=1)
+        for s in range(0, n_pairs, chunk)
+    ]  # numpy, not torch: converting numpy chunks to float64 tensors kept ~1 GiB resident at N = 50k
+    return float(np.concatenate(d).std(ddof=1))
 
 
 def targets_path(root: Path, task: str) -> Path:

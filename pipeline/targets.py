@@ -106,9 +106,14 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path) -> None:
-    """Von Neumann entropy with the chosen t, and PCA-2 of both targets coloured by answer class."""
+def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path, max_points: int = 5000) -> None:
+    """Von Neumann entropy with the chosen t, and PCA-2 of both targets coloured by answer class.
+
+    Above `max_points` rows, a seeded sample is drawn: enough to see the shape, bounded memory.
+    """
     from sklearn.decomposition import PCA
+
+    rows = np.sort(np.random.default_rng(0).permutation(len(labels))[:max_points])
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     entropy, t = groups["phate"]["entropy"], groups["phate"]["attrs"]["t"]
@@ -118,8 +123,8 @@ def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path) -> N
     axes[0].set(title=f"von Neumann entropy, t = {t}", xlabel="t", ylabel="entropy")
     cmap = "twilight" if cyclic else "viridis"
     for ax, name in zip(axes[1:], ("hellinger", "phate")):
-        xy = PCA(2, svd_solver="randomized", random_state=0).fit_transform(groups[name]["coords"])
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, s=4)
+        xy = PCA(2, svd_solver="randomized", random_state=0).fit_transform(groups[name]["coords"][rows])
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels[rows], cmap=cmap, s=4)
         ax.set(title=f"{name} coordinates, PCA-2", xticks=[], yticks=[])
     fig.colorbar(sc, ax=axes[2], label="answer class")
     fig.suptitle(f"{task}: distance targets")
@@ -171,7 +176,8 @@ def run(cfg: DictConfig) -> dict:
                     )  # fmt: skip
                 if cfg.targets.figures:
                     figures[task.name] = out / f"{task.name}.png"
-                    figure(task.name, rows["label"], groups, task.topology == "cyclic", figures[task.name])
+                    if not (s["phate"]["cached"] and s["hellinger"]["cached"] and figures[task.name].is_file()):
+                        figure(task.name, rows["label"], groups, task.topology == "cyclic", figures[task.name])
     result = {"dir": str(out), "tasks": summary, "seconds": round(time.perf_counter() - start, 2)}
     result["figures"] = {k: str(v) for k, v in figures.items()}
     if logger := make_logger(cfg, "targets"):

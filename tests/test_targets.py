@@ -60,7 +60,18 @@ def test_exact_phate_distances_equal_the_phate_package():
     op.fit(l2_normalise(x))
     reference = op.diff_potential  # phate's own t='auto', full SVD
     assert ours.t == op.optimal_t and ours.t_auto and not ours.landmarks
-    np.testing.assert_allclose(pdist(ours.coords), pdist(reference), rtol=1e-10, atol=0)
+    assert ours.coords.dtype == np.float32  # the stored dtype: 24-bit mantissa, ~6e-8 relative per coordinate
+    np.testing.assert_allclose(ours.coords, reference, rtol=1e-6)
+    np.testing.assert_allclose(pdist(ours.coords.astype(np.float64)), pdist(reference), rtol=1e-5)
+
+
+def test_landmark_phate_equals_the_phate_package_in_float32():
+    x, _ = noisy_circle(600)
+    ours = phate_coords(x, n_pca=None, exact_max=100, n_landmark=80, seed=1)
+    op = phate.PHATE(knn=5, decay=40, t="auto", n_pca=None, n_landmark=80, random_state=1, verbose=0)
+    reference = op.fit(l2_normalise(x)).diff_potential  # (N, L) float64
+    assert ours.landmarks and ours.t == op.optimal_t and ours.coords.dtype == np.float32
+    np.testing.assert_allclose(ours.coords, reference, rtol=1e-5)  # float32 has 24 bits: ~6e-8 relative
 
 
 def test_phate_with_a_fixed_t_skips_the_entropy_and_uses_it():
@@ -68,7 +79,7 @@ def test_phate_with_a_fixed_t_skips_the_entropy_and_uses_it():
     res = phate_coords(x, t=7, n_pca=None)
     op = phate.PHATE(knn=5, decay=40, t=7, n_pca=None, n_landmark=None, random_state=0, verbose=0).fit(l2_normalise(x))
     assert res.t == 7 and not res.t_auto and res.entropy.size == 0
-    np.testing.assert_allclose(res.coords, op.diff_potential, rtol=1e-12)
+    np.testing.assert_allclose(res.coords, op.diff_potential, rtol=1e-6)  # stored as float32
 
 
 def test_landmark_distances_correlate_with_exact_ones():
