@@ -166,9 +166,10 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _bin_index(variant_ids: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat token ids and the concept bin of each, built once per schema."""
-    ids = torch.tensor([i for ids in variant_ids for i in ids])
-    bins = torch.tensor([k for k, ids in enumerate(variant_ids) for _ in ids])
+    """Flat token ids and the concept bin of each, built once per schema (as normal tensors, usable by autograd)."""
+    with torch.inference_mode(False):
+        ids = torch.tensor([i for ids in variant_ids for i in ids])
+        bins = torch.tensor([k for k, ids in enumerate(variant_ids) for _ in ids])
     return ids, bins
 
 

@@ -1,0 +1,158 @@
+"""Pullback metrics as Jacobian factors (SPEC §4–§6): `G(x) = J(x)ᵀ J(x) + λ I`, G never formed.
+
+One contract, `Metric`: `jacobian(x)` maps points (B, D) to factors (B, r, D),
+and `lam` is λ_reg. Plug-ins:
+- `EncoderPullback`: J_E = ∂E/∂x of any encoder (GAGA, Sun et al. 2025).
+- `OutputPullback`: J_s = ∂√q(tail(h))/∂h, the analytical output metric G_out.
+- `FisherPullback`: FishBack's full-vocabulary Fisher G_F = J_zᵀ(diag p − ppᵀ)J_z,
+  factored as rows √p_v (∇z_v − ∇E_p[z]) so that no V×V matrix is formed.
+Plus the FishBack diagnostics of a metric's spectrum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from models.lm import concept_probs, replace_last_token
+from models.tail import CarrierTail, log_concept_probs
+
+
+class Metric(Protocol):
+    lam: float
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """Jacobian factor at each point. (B, D) → (B, r, D)"""
+        ...
+
+
+def metric_matrix(metric: Metric, x: torch.Tensor) -> torch.Tensor:
+    """G = JᵀJ + λI, for small D (tests, diagnostics). (B, D) → (B, D, D)"""
+    J = metric.jacobian(x)
+    return J.transpose(1, 2) @ J + metric.lam * torch.eye(x.shape[1], dtype=J.dtype, device=J.device)
+
+
+def metric_eigenvalues(metric: Metric, x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of G at each point, from the factor's singular values (no D×D matrix). (B, D) → (B, D), descending"""
+    J = metric.jacobian(x)  # (B, r, D)
+    sv2 = torch.linalg.svdvals(J) ** 2  # (B, min(r, D))
+    pad = x.shape[1] - sv2.shape[1]
+    return torch.cat([sv2, sv2.new_zeros(len(x), pad)], 1) + metric.lam
+
+
+def spectral_deviation(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """FishBack's relative spectral deviation from Euclidean, ‖G/‖G‖₂ − I‖₂ = 1 − λ_min/λ_max. (B, D) → (B,)"""
+    return 1 - eigenvalues.min(-1).values / eigenvalues.max(-1).values
+
+
+def effective_dimensionality(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Participation ratio (Σλ)²/Σλ² as a fraction of D. (B, D) → (B,)"""
+    return eigenvalues.sum(-1) ** 2 / (eigenvalues**2).sum(-1) / eigenvalues.shape[-1]
+
+
+class EncoderPullback:
+    """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any nn.Module taking (B, D); eval mode)."""
+
+    def __init__(self, encoder: nn.Module, lam: float = 0.0):
+        self.encoder, self.lam = encoder, lam
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        def encode_one(v: torch.Tensor) -> torch.Tensor:  # (D,) → (k,)
+            return self.encoder(v.unsqueeze(0)).squeeze(0)
+
+        return torch.func.vmap(torch.func.jacrev(encode_one))(x)  # (B, k, D)
+
+
+def _rows_jacobian(fn, x: torch.Tensor, n_rows: int, max_batch: int) -> torch.Tensor:
+    """∂fn(x)[r]/∂x for every row r and point, by one reverse pass over a replicated batch.
+
+    `fn` maps points (N, D) to outputs (N, n_rows), each output depending only on
+    its own point. Row r of point b is read off copy r·B + b, so one backward
+    call yields every row of every point (what `vmap` over `vjp` computes,
+    without needing batching rules for every op in the model).
+    """
+    B, D = x.shape
+    per_chunk = max(1, max_batch // n_rows)
+    out = []
+    for s in range(0, B, per_chunk):
+        xb = x[s : s + per_chunk].detach()
+        b = len(xb)
+        xr = xb.repeat(n_rows, 1).requires_grad_()  # (R·b, D)
+        y = fn(xr, s, b).view(n_rows, b, n_rows)  # (R, b, R)
+        picked = y.diagonal(dim1=0, dim2=2)  # (b, R): output r of copy r
+        (grad,) = torch.autograd.grad(picked.sum(), xr)
+        out.append(grad.view(n_rows, b, D).transpose(0, 1))  # (b, R, D)
+    return torch.cat(out)
+
+
+class OutputPullback:
+    """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h on one carrier (SPEC §6). Rows K+1, columns d.
+
+    Args:
+        tail: the carriers' tail; `carrier` picks the one the metric is taken on.
+        variant_ids: the concept schema (token ids per concept).
+        max_batch: rows per replicated reverse pass (bounds memory).
+    """
+
+    def __init__(self, tail: CarrierTail, variant_ids: Sequence[Sequence[int]], carrier: int = 0, lam: float = 0.0, max_batch: int = 4096):
+        self.tail, self.variant_ids, self.carrier, self.lam, self.max_batch = tail, variant_ids, carrier, lam, max_batch
+
+    def sqrt_q(self, h: torch.Tensor) -> torch.Tensor:
+        """s = √q at points h on the pinned carrier. (N, d) → (N, K+1)"""
+        carrier = torch.full((len(h),), self.carrier, device=h.device)
+        return (0.5 * log_concept_probs(self.tail.logits(h, carrier), self.variant_ids)).exp()
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        R = len(self.variant_ids) + 1
+        return _rows_jacobian(lambda xr, s, b: self.sqrt_q(xr), x, R, self.max_batch)  # (B, K+1, d)
+
+
+class FisherPullback:
+    """FishBack's G_F = J_zᵀ(diag p − ppᵀ)J_z + λI over the full vocabulary (logits z at the last position).
+
+    The factor's rows are √p_v (∇z_v − μ) with μ = Σ_v p_v ∇z_v, since
+    G_F = Σ_v p_v (∇z_v − μ)(∇z_v − μ)ᵀ. `top_k=None` takes every token (exact);
+    `top_k=k` keeps the k most probable tokens per point, dropping the rest's
+    (positive semi-definite) share: use it for vocabularies too large to
+    differentiate token by token.
+    """
+
+    def __init__(self, tail: CarrierTail, carrier: int = 0, lam: float = 0.0, top_k: int | None = None, max_batch: int = 4096):
+        self.tail, self.carrier, self.lam, self.top_k, self.max_batch = tail, carrier, lam, top_k, max_batch
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tail.logits(h, torch.full((len(h),), self.carrier, device=h.device))  # (N, V)
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p = self.logits(x).double().softmax(-1).to(x.dtype)  # (B, V)
+        k = p.shape[1] if self.top_k is None else min(self.top_k, p.shape[1])
+        p_top, tokens = p.topk(k, dim=1)  # (B, k)
+
+        def rows(xr: torch.Tensor, s: int, b: int) -> torch.Tensor:  # (R·b, d) → (R·b, R): k token logits and E_p[z]
+            z = self.logits(xr)  # (R·b, V)
+            pb = p[s : s + b].repeat(k + 1, 1)
+            tb = tokens[s : s + b].repeat(k + 1, 1)
+            return torch.cat([z.gather(1, tb), (pb * z).sum(1, keepdim=True)], 1)
+
+        J = _rows_jacobian(rows, x, k + 1, self.max_batch)  # (B, k+1, d)
+        grads, mu = J[:, :k], J[:, k:]  # ∇z_v for the kept tokens, μ = ∇(Σ p_v z_v) with p frozen
+        return p_top.sqrt().unsqueeze(-1) * (grads - mu)  # (B, k, d)
+
+
+def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, variant_ids, x: torch.Tensor) -> torch.Tensor:
+    """The paper's method, kept as the reference: whole model per point, one `autograd.grad` per row.
+
+    input_ids (1, T) one carrier, x (B, d) → J_s (B, K+1, d).
+    """
+    out = []
+    for h in x:
+        h = h.detach().clone().requires_grad_()
+        with replace_last_token(model, layer, h.unsqueeze(0)):
+            logits = model(input_ids=input_ids, use_cache=False).logits[:, -1]
+        s = concept_probs(logits.softmax(-1), variant_ids)[0].sqrt()  # (K+1,)
+        out.append(torch.stack([torch.autograd.grad(s[r], h, retain_graph=True)[0] for r in range(len(s))]))
+    return torch.stack(out)

@@ -1,0 +1,140 @@
+"""`tail(h; carrier)` of SPEC §0: the network after block ℓ at a carrier prompt's last position.
+
+Under causal attention the carrier's earlier positions do not depend on the
+last position's `h`, so their keys and values are computed once per carrier
+and cached. A call then runs a single token through blocks ℓ+1…L, the final
+norm and the lm_head; blocks 0…ℓ are skipped for that token, block ℓ handing
+on the given `h`. Any Hugging Face decoder whose blocks sit in a ModuleList
+and which takes a `DynamicCache` works; `use_cache=False` runs whole prompts
+with a replacement hook instead (slower, for any causal LM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from models.lm import capture_residual, decoder_layers, position_ids_for, replace_last_token
+
+
+def log_concept_probs(logits: torch.Tensor, variant_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """log q over K concept bins and "other", in log space so that √q has stable gradients. (N, V) → (N, K+1)
+
+    Each bin is a log-sum-exp over its token variants; "other" is the log-sum-exp
+    over every token in no bin (equal to `1 − Σ q_k` without its cancellation).
+    """
+    V = logits.shape[-1]
+    width = max(len(v) for v in variant_ids)
+    index = torch.tensor([list(v) + [v[0]] * (width - len(v)) for v in variant_ids], device=logits.device)  # (K, M)
+    valid = torch.tensor([[j < len(v) for j in range(width)] for v in variant_ids], device=logits.device)
+    other = torch.ones(V, dtype=torch.bool, device=logits.device)
+    other[index.flatten()] = False
+    norm = logits.logsumexp(-1, keepdim=True)  # (N, 1)
+    concept = logits[:, index].masked_fill(~valid, float("-inf")).logsumexp(-1)  # (N, K)
+    rest = logits.masked_fill(~other, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1)
+    return torch.cat([concept, rest], -1) - norm
+
+
+class _Handoff(nn.Module):
+    """Stands in for a skipped block: passes the stream on; block ℓ's stand-in emits the given `h`."""
+
+    def __init__(self, h: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.h, self.as_tuple = h, as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = hidden_states if self.h is None else self.h.unsqueeze(1).to(hidden_states.dtype)  # (N, 1, d)
+        return (out,) if self.as_tuple else out
+
+
+@contextlib.contextmanager
+def _skip_blocks(model: nn.Module, layer: int, h: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Blocks 0…`layer` replaced by hand-offs for one forward; restored on exit, whatever happens."""
+    layers = decoder_layers(model)
+    saved = [layers[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer + 1):
+            layers[i] = _Handoff(h if i == layer else None, as_tuple)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            layers[i] = block
+
+
+class CarrierTail:
+    """The tail of `model` after block `layer` for a fixed set of carrier prompts.
+
+    Args:
+        model: a causal LM (eval mode).
+        layer: the steering block ℓ.
+        input_ids, attention_mask: the carriers, left-padded. (C, T)
+        use_cache: cache the carriers' earlier positions and run one token (fast);
+            False runs each whole prompt with a replacement hook (the reference).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True):
+        from transformers import DynamicCache
+
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("CarrierTail needs left-padded carriers: set tokenizer.padding_side = 'left'.")
+        self.model, self.layer, self.use_cache = model, layer, use_cache
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.position_ids = position_ids_for(attention_mask)
+        kinds = {}
+
+        def record_kind(_module, _inputs, output) -> None:
+            kinds["tuple"] = isinstance(output, tuple)
+
+        hook = decoder_layers(model)[layer].register_forward_hook(record_kind)
+        try:
+            with capture_residual(model, layer, torch.full((len(input_ids),), input_ids.shape[1] - 1)) as cap:
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=self.position_ids,
+                    past_key_values=DynamicCache(config=model.config) if use_cache else None,
+                    use_cache=use_cache,
+                    logits_to_keep=1,
+                )
+        finally:
+            hook.remove()
+        self.as_tuple = kinds["tuple"]
+        self.h = cap["h"]  # (C, d) the carriers' own h at block ℓ
+        self.logits0 = out.logits[:, -1]  # (C, V) unsteered
+        # Keys and values of every position but the last, per block. (C, heads, T-1, head_dim)
+        self.kv = [(lay.keys[..., :-1, :], lay.values[..., :-1, :]) for lay in out.past_key_values.layers] if use_cache else None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def logits(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+        """Last-position logits when block ℓ's output there is `h`. h (N, d), carrier (N,) indices → (N, V)"""
+        if not self.use_cache:
+            with replace_last_token(self.model, self.layer, h):
+                out = self.model(
+                    input_ids=self.input_ids[carrier],
+                    attention_mask=self.attention_mask[carrier],
+                    position_ids=self.position_ids[carrier],
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+            return out.logits[:, -1]
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k[carrier], v[carrier], i)
+        with _skip_blocks(self.model, self.layer, h, self.as_tuple):
+            out = self.model(
+                input_ids=self.input_ids[carrier, -1:],
+                attention_mask=self.attention_mask[carrier],
+                position_ids=self.position_ids[carrier, -1:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1]

@@ -1,0 +1,331 @@
+"""The geometry core against analytic cases and reference computations (float64 throughout)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from data.tasks import load_task
+from models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, path_energy
+from models.lm import concept_probs, read_last_token
+from models.metrics import (
+    EncoderPullback,
+    FisherPullback,
+    OutputPullback,
+    effective_dimensionality,
+    metric_eigenvalues,
+    metric_matrix,
+    output_jacobian_reference,
+    spectral_deviation,
+)
+from models.steering import (
+    caa_direction,
+    conjugate_gradient,
+    dual_direction,
+    fishback_direction,
+    gradient_direction,
+    inject,
+    steer,
+    subspace_replace,
+)
+from models.tail import CarrierTail
+from models.task_lm import build_task_lm, build_word_tokenizer
+from tests.conftest import TASK_DIR
+
+VARIANTS = [[5], [6, 7], [9], [11], [12, 13, 14]]  # five concept bins, some with several token variants
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """A random 3-block Llama in float64 with the weekdays word tokenizer, and four left-padded carriers."""
+    prompts = load_task("weekdays", TASK_DIR).prompts()
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = build_task_lm(tokenizer, hidden_size=24, num_layers=3, num_heads=2, intermediate_size=48).double().eval()
+    enc = tokenizer([prompts[i].text for i in (0, 40, 120, 250)], padding=True, return_tensors="pt")
+    assert not enc.attention_mask.all(), "the carriers must differ in length, to exercise padding"
+    return model, enc
+
+
+class Identity:
+    lam = 0.0
+
+    def jacobian(self, x):
+        return torch.eye(x.shape[1], dtype=x.dtype).expand(len(x), -1, -1)
+
+
+class Bottleneck:
+    """J = diag(1, 1 + 9·exp(−x₁²/0.2)): moving along axis 2 is expensive near x₁ = 0, cheap elsewhere."""
+
+    lam = 0.0
+
+    def jacobian(self, x):
+        scale = torch.ones_like(x)
+        scale[:, 1] = 1 + 9 * torch.exp(-x[:, 0] ** 2 / 0.2)
+        return torch.diag_embed(scale)
+
+
+# --- the tail and injection --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_injecting_the_carriers_own_h_reproduces_the_unsteered_q(lm, use_cache):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask, use_cache=use_cache)
+    plain = read_last_token(model, enc.input_ids, enc.attention_mask, 1, VARIANTS)
+    torch.testing.assert_close(tail.h.float(), plain.h)  # read_last_token reports float32
+    steered = tail.logits(tail.h, torch.arange(4))
+    q = concept_probs(steered.softmax(-1), VARIANTS)
+    torch.testing.assert_close(q, concept_probs(tail.logits0.softmax(-1), VARIANTS), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.float(), plain.q, rtol=0, atol=1e-6)  # read_last_token reports float32
+
+
+def test_cached_tail_equals_whole_prompts_with_a_hook(lm):
+    model, enc = lm
+    h = torch.randn(6, 24, dtype=torch.float64)
+    carrier = torch.tensor([0, 3, 1, 1, 2, 0])
+    fast = CarrierTail(model, 1, enc.input_ids, enc.attention_mask).logits(h, carrier)
+    slow = CarrierTail(model, 1, enc.input_ids, enc.attention_mask, use_cache=False).logits(h, carrier)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(fast[0], fast[5]), "h must matter"
+
+
+def test_inject_batches_waypoints_by_carriers_and_subspace_replacement_keeps_the_rest(lm):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    waypoints = torch.randn(5, 24, dtype=torch.float64)
+    q = inject(tail, waypoints, VARIANTS)
+    assert q.shape == (5, 4, len(VARIANTS) + 1)
+    torch.testing.assert_close(q.sum(-1), torch.ones(5, 4, dtype=torch.float64))
+    one = concept_probs(tail.logits(waypoints[2:3], torch.tensor([3])).softmax(-1), VARIANTS)[0]
+    torch.testing.assert_close(q[2, 3], one, rtol=1e-10, atol=1e-12)
+
+    pca = PCA.fit(torch.randn(50, 24, dtype=torch.float64), 4)
+    w = torch.randn(4, 4, dtype=torch.float64)
+    h2 = subspace_replace(tail.h, w, pca)
+    torch.testing.assert_close(pca.project(h2), w)  # the subspace part is w
+    off = torch.eye(24, dtype=torch.float64) - pca.components.T @ pca.components
+    torch.testing.assert_close(h2 @ off, tail.h @ off)  # the off-subspace part is the carrier's
+    q_sub = inject(tail, w[:1], VARIANTS, pca=pca)  # (1, C, K+1), each carrier with its own rest
+    each = subspace_replace(tail.h, w[:1].expand(4, -1), pca)
+    torch.testing.assert_close(q_sub[0], concept_probs(tail.logits(each, torch.arange(4)).softmax(-1), VARIANTS))
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_output_jacobian_equals_the_row_by_row_autograd_reference(lm, use_cache):
+    model, enc = lm
+    carrier = 1  # padded: the reference runs it alone, unpadded
+    n_pad = int((1 - enc.attention_mask[carrier]).sum())
+    ids = enc.input_ids[carrier : carrier + 1, n_pad:]
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask, use_cache=use_cache)
+    x = tail.h[carrier] + 0.3 * torch.randn(4, 24, dtype=torch.float64)
+    fast = OutputPullback(tail, VARIANTS, carrier=carrier).jacobian(x)
+    reference = output_jacobian_reference(model, 1, ids, VARIANTS, x)
+    assert fast.shape == (4, len(VARIANTS) + 1, 24)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+
+
+def test_output_jacobian_of_an_affine_tail_has_the_closed_form(lm):
+    """Steer after the last block with the final norm removed: the tail is z = W h, then softmax and √."""
+    model, enc = lm
+    norm = model.model.norm
+    model.model.norm = nn.Identity()
+    try:
+        tail = CarrierTail(model, 2, enc.input_ids, enc.attention_mask)
+        x = torch.randn(3, 24, dtype=torch.float64)
+        fast = OutputPullback(tail, VARIANTS).jacobian(x)
+        W = model.lm_head.weight  # (V, d)
+        p = (x @ W.T).softmax(-1)  # (B, V)
+        bins = [*VARIANTS, [v for v in range(W.shape[0]) if all(v not in b for b in VARIANTS)]]
+        expected = torch.empty_like(fast)
+        for k, tokens in enumerate(bins):
+            q_k = p[:, tokens].sum(1)  # ∂q_k/∂h = Σ_{v∈k} p_v (W_v − pᵀW)
+            dq = p[:, tokens] @ W[tokens] - q_k[:, None] * (p @ W)
+            expected[:, k] = dq / (2 * q_k.sqrt()[:, None])
+        torch.testing.assert_close(fast.detach(), expected.detach(), rtol=1e-9, atol=1e-12)
+    finally:
+        model.model.norm = norm
+
+
+def test_encoder_pullback_of_a_linear_map_is_AtA():
+    A = nn.Linear(6, 3, bias=True).double()
+    G = metric_matrix(EncoderPullback(A, lam=0.0), torch.randn(5, 6, dtype=torch.float64))
+    torch.testing.assert_close(G, (A.weight.T @ A.weight).expand(5, -1, -1))
+
+
+def test_encoder_pullback_matches_autograd_for_an_mlp_with_batchnorm():
+    enc = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    enc[1].running_mean.normal_()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    J = EncoderPullback(enc).jacobian(x)
+    for i in range(4):
+        ref = torch.autograd.functional.jacobian(lambda v: enc(v[None])[0], x[i])
+        torch.testing.assert_close(J[i], ref)
+
+
+def test_fisher_pullback_is_four_output_pullbacks_when_the_vocabulary_is_the_bins():
+    # GPT-2: its LayerNorm keeps float64 (Llama's RMSNorm computes in float32), and its blocks are another family.
+    config = GPT2Config(vocab_size=5, n_embd=16, n_layer=3, n_head=2, n_positions=16)
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(config).double().eval()
+    ids = torch.tensor([[1, 3, 0, 2, 4, 1]])
+    tail = CarrierTail(model, 0, ids, torch.ones_like(ids))
+    bins = [[0], [1], [2], [3]]  # token 4 is the "other" bin
+    x = tail.h + 0.5 * torch.randn(3, 16, dtype=torch.float64)
+    G_F = metric_matrix(FisherPullback(tail), x)
+    G_out = metric_matrix(OutputPullback(tail, bins), x)
+    torch.testing.assert_close(G_F, 4 * G_out, rtol=1e-9, atol=1e-14)
+
+
+def test_fisher_pullback_equals_the_dense_formula(lm):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    x = tail.h[:2] + 0.1
+    fisher = FisherPullback(tail, carrier=0)
+    G = metric_matrix(fisher, x)
+    for i in range(2):
+        Jz = torch.autograd.functional.jacobian(lambda v: fisher.logits(v[None])[0], x[i])  # (V, d)
+        p = fisher.logits(x[i : i + 1])[0].softmax(-1).detach()
+        dense = Jz.T @ (torch.diag(p) - torch.outer(p, p)) @ Jz
+        torch.testing.assert_close(G[i], dense, rtol=1e-8, atol=1e-12)
+    top = metric_matrix(FisherPullback(tail, carrier=0, top_k=3), x)
+    assert (torch.linalg.eigvalsh(G - top) > -1e-10).all(), "dropping tokens removes a PSD share"
+
+
+def test_spectral_diagnostics_on_analytic_spectra():
+    eye = metric_eigenvalues(Identity(), torch.randn(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(spectral_deviation(eye), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(effective_dimensionality(eye), torch.ones(2, dtype=torch.float64))
+    rank_one = EncoderPullback(nn.Linear(5, 1, bias=False).double())
+    ev = metric_eigenvalues(rank_one, torch.randn(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(effective_dimensionality(ev), torch.full((2,), 1 / 5, dtype=torch.float64))
+    torch.testing.assert_close(spectral_deviation(ev), torch.ones(2, dtype=torch.float64))
+    G = metric_matrix(rank_one, torch.randn(1, 5, dtype=torch.float64))
+    torch.testing.assert_close(ev[:1].sort(descending=True).values, torch.linalg.eigvalsh(G).flip(-1), atol=1e-12, rtol=0)
+
+
+# --- solvers ------------------------------------------------------------------------------------
+
+
+def test_lbfgs_under_the_identity_metric_returns_the_straight_line():
+    x_a, x_b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    bent = linear_path(x_a, x_b, 8) + 0.3 * torch.sin(torch.linspace(0, np.pi, 9, dtype=torch.float64))[:, None]
+    path = lbfgs_geodesic(x_a, x_b, Identity(), n_steps=8, init=bent)
+    chord = linear_path(x_a, x_b, 8)
+    deviation = (path - chord).norm(dim=-1).max(1).values
+    assert (deviation <= 1e-5 * (x_b - x_a).norm(dim=-1)).all()
+    assert torch.equal(path[:, 0], x_a) and torch.equal(path[:, -1], x_b)
+
+
+def test_a_penalised_axis_bends_the_path_and_lowers_its_energy():
+    x_a, x_b = torch.tensor([[-1.0, -1.0]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    path = lbfgs_geodesic(x_a, x_b, Bottleneck(), n_steps=16)[0]
+    chord = linear_path(x_a, x_b, 16)[0]
+    middle = path[:, 0].abs() < 0.2
+    assert middle.sum() >= 2
+    slope = (path[middle, 1].max() - path[middle, 1].min()) / (path[middle, 0].max() - path[middle, 0].min())
+    assert slope < 0.5, "the path climbs axis 2 away from the expensive middle (the chord's slope is 1)"
+    assert (path - chord).norm(dim=1).max() > 0.1
+    assert path_energy(path[None], Bottleneck()) < 0.8 * path_energy(chord[None], Bottleneck())
+    assert torch.equal(path[0], x_a[0]) and torch.equal(path[-1], x_b[0])
+
+
+def test_batched_and_single_pair_solutions_agree():
+    g = torch.Generator().manual_seed(0)
+    x_a = torch.randn(4, 2, generator=g, dtype=torch.float64) - 1
+    x_b = torch.randn(4, 2, generator=g, dtype=torch.float64) + 1
+    batched = path_energy(lbfgs_geodesic(x_a, x_b, Bottleneck(), n_steps=12), Bottleneck())
+    single = [path_energy(lbfgs_geodesic(x_a[i : i + 1], x_b[i : i + 1], Bottleneck(), n_steps=12), Bottleneck()) for i in range(4)]
+    torch.testing.assert_close(batched, torch.cat(single), rtol=0.01, atol=0)
+
+
+@pytest.mark.parametrize("cyclic", [True, False])
+def test_labelled_spline_passes_through_every_centroid(cyclic):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(7).repeat_interleave(20)
+    angle = 2 * np.pi * labels / 7
+    h = torch.stack([torch.cos(angle), torch.sin(angle)], 1).double() @ torch.randn(2, 10, generator=g, dtype=torch.float64)
+    h = h + 0.05 * torch.randn(h.shape, generator=g, dtype=torch.float64)
+    spline = LabelledSpline(h, labels, cyclic=cyclic, n_components=4)
+    knots = torch.from_numpy(spline.spline(np.arange(7)))
+    torch.testing.assert_close(knots, spline.centroids, rtol=0, atol=1e-12)
+    for a, b in [(0, 3), (5, 1)]:
+        path = spline.path(a, b, 10)
+        assert torch.equal(path[0], spline.centroids[a]) and torch.equal(path[-1], spline.centroids[b])
+    if cyclic:
+        for nu in (0, 1, 2):  # C² at the seam
+            np.testing.assert_allclose(spline.spline(0.0, nu), spline.spline(7.0, nu), atol=1e-10)
+        short = spline.path(0, 6, 10)  # one step back across the seam, not six forwards
+        assert (short - spline.centroids[3]).norm(dim=1).min() > (spline.centroids[0] - spline.centroids[6]).norm()
+
+
+# --- steering updates ---------------------------------------------------------------------------
+
+
+def test_conjugate_gradient_solves_an_spd_system():
+    A = torch.randn(6, 6, dtype=torch.float64)
+    A = A @ A.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(conjugate_gradient(lambda v: A @ v, b, tol=1e-12), torch.linalg.solve(A, b))
+
+
+def test_gradient_steering_raises_the_target_and_stops_at_the_threshold(lm):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    target = 2
+    q0 = float(inject(tail, tail.h[:1], VARIANTS)[0, 0, target])
+    directions = {
+        "gradient": gradient_direction(tail, 0, VARIANTS, target),
+        "fishback": fishback_direction(FisherPullback(tail, carrier=0), VARIANTS, target),
+    }
+    threshold = q0 + 0.01  # a random tiny LM's q barely moves: q_target saturates near 0.034
+    for name, direction in directions.items():
+        traj = steer(tail, 0, VARIANTS, target, direction, step=0.01, threshold=threshold, max_steps=40)
+        assert traj.h.shape[0] == traj.q.shape[0] and torch.equal(traj.h[0], tail.h[0])
+        assert traj.reached, f"{name} did not raise q_target by 0.01 in 40 steps"
+        assert (traj.q[:-1, target] < threshold).all(), f"{name} must stop at the first step past the threshold"
+    never = steer(tail, 0, VARIANTS, target, directions["gradient"], step=0.1, threshold=1.1, max_steps=3)
+    assert not never.reached and never.h.shape[0] == 4
+
+
+def test_caa_steps_along_the_mean_difference(lm):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    mean_a, mean_b = tail.h[1], tail.h[2]
+    traj = steer(tail, 0, VARIANTS, 2, caa_direction(mean_a, mean_b), step=0.25, threshold=1.1, max_steps=5)
+    unit = (mean_b - mean_a) / (mean_b - mean_a).norm()
+    expected = tail.h[0] + 0.25 * torch.arange(6, dtype=torch.float64)[:, None] * unit
+    torch.testing.assert_close(traj.h, expected)
+    torch.testing.assert_close(traj.q, inject(tail, expected, VARIANTS)[:, 0])
+
+
+def test_dual_direction_solves_the_regularised_covariance_system(lm):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    W = model.lm_head.weight.detach()
+    h = tail.h[0]
+    delta = dual_direction(tail, 0, W, VARIANTS, source=0, target=2, alpha=1e-2, top_k=W.shape[0])(h)
+    p = tail.logits(h[None], torch.tensor([0]))[0].softmax(-1).detach()
+    cov = W.T @ torch.diag(p) @ W - torch.outer(p @ W, p @ W) + 1e-2 * torch.eye(24, dtype=torch.float64)
+    beta = W[VARIANTS[2]].mean(0) - W[VARIANTS[0]].mean(0)
+    expected = torch.linalg.solve(cov, beta)
+    torch.testing.assert_close(delta, expected / expected.norm(), rtol=1e-6, atol=1e-9)
+
+
+def test_fishback_direction_solves_the_natural_gradient_system(lm):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    fisher = FisherPullback(tail, carrier=0)
+    h = tail.h[0]
+    delta = fishback_direction(fisher, VARIANTS, target=2, lam=1e-3)(h)
+    G = metric_matrix(fisher, h[None])[0] + 1e-3 * torch.eye(24, dtype=torch.float64)
+    g = torch.autograd.functional.jacobian(lambda v: OutputPullback(tail, VARIANTS).sqrt_q(v[None])[0, 2].log() * 2, h)
+    natural = torch.linalg.solve(G, g)
+    torch.testing.assert_close(delta, natural / (natural @ G @ natural).sqrt(), rtol=1e-6, atol=1e-9)
