@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.lm import concept_probs, replace_last_token
-from models.tail import CarrierTail, log_concept_probs
+from models.tail import CarrierTail, log_concept_probs, sqrt_q_head_jacobian
 
 
 class Metric(Protocol):
@@ -66,61 +66,74 @@ class EncoderPullback:
         return torch.func.vmap(torch.func.jacrev(encode_one))(x)  # (B, k, D)
 
 
-def _rows_jacobian(fn, x: torch.Tensor, n_rows: int, max_batch: int) -> torch.Tensor:
-    """∂fn(x)[r]/∂x for every row r and point, by one reverse pass over a replicated batch.
+def _pullback_rows(forward, cotangents, x: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """Rows cᵣᵀ ∂y/∂x for every point, by one reverse pass per chunk batched over the rows (vmap over the vjp).
 
-    `fn` maps points (N, D) to outputs (N, n_rows), each output depending only on
-    its own point. Row r of point b is read off copy r·B + b, so one backward
-    call yields every row of every point (what `vmap` over `vjp` computes,
-    without needing batching rules for every op in the model).
+    `forward(x_chunk, s)` returns y (b, …) for the chunk starting at point s, each
+    point's output depending only on that point; `cotangents(s, b)` gives the
+    rows (R, b, …). Returns (B, R, D).
     """
-    B, D = x.shape
-    per_chunk = max(1, max_batch // n_rows)
     out = []
-    for s in range(0, B, per_chunk):
-        xb = x[s : s + per_chunk].detach()
-        b = len(xb)
-        xr = xb.repeat(n_rows, 1).requires_grad_()  # (R·b, D)
-        y = fn(xr, s, b).view(n_rows, b, n_rows)  # (R, b, R)
-        picked = y.diagonal(dim1=0, dim2=2)  # (b, R): output r of copy r
-        (grad,) = torch.autograd.grad(picked.sum(), xr)
-        out.append(grad.view(n_rows, b, D).transpose(0, 1))  # (b, R, D)
+    for s in range(0, len(x), max_batch):
+        xb = x[s : s + max_batch].detach().requires_grad_()
+        y = forward(xb, s)
+        (grad,) = torch.autograd.grad(y, xb, grad_outputs=cotangents(s, len(xb)), is_grads_batched=True)
+        out.append(grad.transpose(0, 1))  # (b, R, D)
     return torch.cat(out)
+
+
+def _identity_rows(R: int, b: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(R, dtype=like.dtype, device=like.device).unsqueeze(1).expand(R, b, R)  # (R, b, R)
 
 
 class OutputPullback:
     """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h on one carrier (SPEC §6). Rows K+1, columns d.
 
+    With a plain lm_head, ∂√q/∂u at the final hidden state u is taken in closed
+    form and only the blocks after ℓ are differentiated (the "head trick").
+
     Args:
         tail: the carriers' tail; `carrier` picks the one the metric is taken on.
         variant_ids: the concept schema (token ids per concept).
-        max_batch: rows per replicated reverse pass (bounds memory).
+        max_batch: points per reverse pass (bounds memory).
     """
 
-    def __init__(self, tail: CarrierTail, variant_ids: Sequence[Sequence[int]], carrier: int = 0, lam: float = 0.0, max_batch: int = 4096):
+    def __init__(self, tail: CarrierTail, variant_ids: Sequence[Sequence[int]], carrier: int = 0, lam: float = 0.0, max_batch: int = 64):
         self.tail, self.variant_ids, self.carrier, self.lam, self.max_batch = tail, variant_ids, carrier, lam, max_batch
+
+    def _carrier(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.full((n,), self.carrier, device=like.device)
 
     def sqrt_q(self, h: torch.Tensor) -> torch.Tensor:
         """s = √q at points h on the pinned carrier. (N, d) → (N, K+1)"""
-        carrier = torch.full((len(h),), self.carrier, device=h.device)
-        return (0.5 * log_concept_probs(self.tail.logits(h, carrier), self.variant_ids)).exp()
+        return (0.5 * log_concept_probs(self.tail.logits(h, self._carrier(len(h), h)), self.variant_ids)).exp()
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
-        R = len(self.variant_ids) + 1
-        return _rows_jacobian(lambda xr, s, b: self.sqrt_q(xr), x, R, self.max_batch)  # (B, K+1, d)
+        R, head = len(self.variant_ids) + 1, self.tail.head
+        if head is None:  # logits are not head(hidden): differentiate through the whole tail
+            return _pullback_rows(lambda xb, s: self.sqrt_q(xb), lambda s, b: _identity_rows(R, b, x), x, self.max_batch)
+        with torch.no_grad():  # ∂√q/∂u in closed form at the final hidden state u
+            u = self.tail.hidden(x, self._carrier(len(x), x))
+            A = sqrt_q_head_jacobian(head(u), head.weight, self.variant_ids)  # (B, R, d)
+
+        def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
+            return self.tail.hidden(xb, self._carrier(len(xb), xb))
+
+        return _pullback_rows(hidden, lambda s, b: A[s : s + b].transpose(0, 1), x, self.max_batch)  # (B, K+1, d)
 
 
 class FisherPullback:
     """FishBack's G_F = J_zᵀ(diag p − ppᵀ)J_z + λI over the full vocabulary (logits z at the last position).
 
     The factor's rows are √p_v (∇z_v − μ) with μ = Σ_v p_v ∇z_v, since
-    G_F = Σ_v p_v (∇z_v − μ)(∇z_v − μ)ᵀ. `top_k=None` takes every token (exact);
-    `top_k=k` keeps the k most probable tokens per point, dropping the rest's
-    (positive semi-definite) share: use it for vocabularies too large to
-    differentiate token by token.
+    G_F = Σ_v p_v (∇z_v − μ)(∇z_v − μ)ᵀ. With a plain lm_head (z = W u + b)
+    they are √p_v (W_v − E_p[W]) pulled back through the blocks after ℓ.
+    `top_k=None` takes every token (exact); `top_k=k` keeps the k most probable
+    tokens per point, dropping the rest's (positive semi-definite) share: use it
+    for vocabularies too large to take token by token.
     """
 
-    def __init__(self, tail: CarrierTail, carrier: int = 0, lam: float = 0.0, top_k: int | None = None, max_batch: int = 4096):
+    def __init__(self, tail: CarrierTail, carrier: int = 0, lam: float = 0.0, top_k: int | None = None, max_batch: int = 64):
         self.tail, self.carrier, self.lam, self.top_k, self.max_batch = tail, carrier, lam, top_k, max_batch
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -128,19 +141,25 @@ class FisherPullback:
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            p = self.logits(x).double().softmax(-1).to(x.dtype)  # (B, V)
+            p = self.logits(x).softmax(-1)  # (B, V)
         k = p.shape[1] if self.top_k is None else min(self.top_k, p.shape[1])
         p_top, tokens = p.topk(k, dim=1)  # (B, k)
+        head = self.tail.head
+        if head is not None:
+            W = head.weight  # (V, d)
+            rows = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))  # (B, k, d) cotangents on u
 
-        def rows(xr: torch.Tensor, s: int, b: int) -> torch.Tensor:  # (R·b, d) → (R·b, R): k token logits and E_p[z]
-            z = self.logits(xr)  # (R·b, V)
-            pb = p[s : s + b].repeat(k + 1, 1)
-            tb = tokens[s : s + b].repeat(k + 1, 1)
-            return torch.cat([z.gather(1, tb), (pb * z).sum(1, keepdim=True)], 1)
+            def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
+                return self.tail.hidden(xb, torch.full((len(xb),), self.carrier, device=xb.device))
 
-        J = _rows_jacobian(rows, x, k + 1, self.max_batch)  # (B, k+1, d)
-        grads, mu = J[:, :k], J[:, k:]  # ∇z_v for the kept tokens, μ = ∇(Σ p_v z_v) with p frozen
-        return p_top.sqrt().unsqueeze(-1) * (grads - mu)  # (B, k, d)
+            return _pullback_rows(hidden, lambda s, b: rows[s : s + b].transpose(0, 1), x, self.max_batch)
+
+        def token_logits(xb: torch.Tensor, s: int) -> torch.Tensor:  # (b, k+1): the kept tokens' logits and E_p[z]
+            z = self.logits(xb)
+            return torch.cat([z.gather(1, tokens[s : s + len(xb)]), (p[s : s + len(xb)] * z).sum(1, keepdim=True)], 1)
+
+        J = _pullback_rows(token_logits, lambda s, b: _identity_rows(k + 1, b, x), x, self.max_batch)  # (B, k+1, d)
+        return p_top.sqrt().unsqueeze(-1) * (J[:, :k] - J[:, k:])  # (B, k, d)
 
 
 def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, variant_ids, x: torch.Tensor) -> torch.Tensor:

@@ -20,22 +20,43 @@ from torch import nn
 from models.lm import capture_residual, decoder_layers, position_ids_for, replace_last_token
 
 
+def _bins(variant_ids: Sequence[Sequence[int]], V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded token index (K, M) of the concept bins, its validity mask, and the "other" tokens' mask (V,)."""
+    width = max(len(v) for v in variant_ids)
+    index = torch.tensor([list(v) + [v[0]] * (width - len(v)) for v in variant_ids], device=device)
+    valid = torch.tensor([[j < len(v) for j in range(width)] for v in variant_ids], device=device)
+    other = torch.ones(V, dtype=torch.bool, device=device)
+    other[index.flatten()] = False
+    return index, valid, other
+
+
 def log_concept_probs(logits: torch.Tensor, variant_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """log q over K concept bins and "other", in log space so that √q has stable gradients. (N, V) → (N, K+1)
 
     Each bin is a log-sum-exp over its token variants; "other" is the log-sum-exp
     over every token in no bin (equal to `1 − Σ q_k` without its cancellation).
     """
-    V = logits.shape[-1]
-    width = max(len(v) for v in variant_ids)
-    index = torch.tensor([list(v) + [v[0]] * (width - len(v)) for v in variant_ids], device=logits.device)  # (K, M)
-    valid = torch.tensor([[j < len(v) for j in range(width)] for v in variant_ids], device=logits.device)
-    other = torch.ones(V, dtype=torch.bool, device=logits.device)
-    other[index.flatten()] = False
+    index, valid, other = _bins(variant_ids, logits.shape[-1], logits.device)
     norm = logits.logsumexp(-1, keepdim=True)  # (N, 1)
     concept = logits[:, index].masked_fill(~valid, float("-inf")).logsumexp(-1)  # (N, K)
     rest = logits.masked_fill(~other, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1)
     return torch.cat([concept, rest], -1) - norm
+
+
+def sqrt_q_head_jacobian(logits: torch.Tensor, W: torch.Tensor, variant_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """∂√q/∂u in closed form for logits z = W u + b: ½ √q_k (w̄_k − w̄). (N, V), (V, d) → (N, K+1, d)
+
+    w̄ = E_p[W_v] over the vocabulary and w̄_k = E[W_v] within bin k (its own
+    softmax), so the lm_head never enters a reverse pass (the "head trick").
+    """
+    index, valid, other = _bins(variant_ids, logits.shape[-1], logits.device)
+    s = (0.5 * log_concept_probs(logits, variant_ids)).exp()  # (N, K+1)
+    w_all = logits.softmax(-1) @ W  # (N, d)
+    within = logits[:, index].masked_fill(~valid, float("-inf")).softmax(-1)  # (N, K, M)
+    w_concept = torch.einsum("nkm,kmd->nkd", within, W[index])
+    w_other = logits.masked_fill(~other, float("-inf")).softmax(-1) @ W  # (N, d)
+    w_bins = torch.cat([w_concept, w_other.unsqueeze(1)], 1)  # (N, K+1, d)
+    return 0.5 * s.unsqueeze(-1) * (w_bins - w_all.unsqueeze(1))
 
 
 class _Handoff(nn.Module):
@@ -111,30 +132,61 @@ class CarrierTail:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def logits(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
-        """Last-position logits when block ℓ's output there is `h`. h (N, d), carrier (N,) indices → (N, V)"""
+    @property
+    def head(self) -> nn.Module | None:
+        """The lm_head, when logits are exactly `head(final hidden)` (no logit scaling or soft-capping)."""
+        scaled = any(getattr(self.model.config, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+        return None if scaled else self.model.get_output_embeddings()
+
+    def hidden(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+        """The final (normed) hidden state at the last position, before the lm_head. (N, d), (N,) → (N, d)"""
+        decoder = self.model.get_decoder()
         if not self.use_cache:
             with replace_last_token(self.model, self.layer, h):
-                out = self.model(
+                out = decoder(
                     input_ids=self.input_ids[carrier],
                     attention_mask=self.attention_mask[carrier],
                     position_ids=self.position_ids[carrier],
                     use_cache=False,
-                    logits_to_keep=1,
                 )
-            return out.logits[:, -1]
+            return out.last_hidden_state[:, -1]
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(self.kv):
-            cache.update(k[carrier], v[carrier], i)
         with _skip_blocks(self.model, self.layer, h, self.as_tuple):
-            out = self.model(
+            out = decoder(
                 input_ids=self.input_ids[carrier, -1:],
                 attention_mask=self.attention_mask[carrier],
                 position_ids=self.position_ids[carrier, -1:],
-                past_key_values=cache,
+                past_key_values=self._cache(carrier),
                 use_cache=True,
+            )
+        return out.last_hidden_state[:, -1]
+
+    def _cache(self, carrier: torch.Tensor):
+        """The carriers' cached keys and values for rows `carrier`, as views where possible (no copies).
+
+        Only the tail blocks read them, and each of those copies its own once, when it appends the new token.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        one = bool((carrier == carrier[0]).all())
+        for layer, (k, v) in zip(cache.layers, self.kv):
+            k, v = (t[carrier[:1]].expand(len(carrier), -1, -1, -1) if one else t[carrier] for t in (k, v))
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        return cache
+
+    def logits(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+        """Last-position logits when block ℓ's output there is `h`. h (N, d), carrier (N,) indices → (N, V)"""
+        if self.head is not None:
+            return self.head(self.hidden(h, carrier))
+        with replace_last_token(self.model, self.layer, h):
+            out = self.model(
+                input_ids=self.input_ids[carrier],
+                attention_mask=self.attention_mask[carrier],
+                position_ids=self.position_ids[carrier],
+                use_cache=False,
                 logits_to_keep=1,
             )
         return out.logits[:, -1]

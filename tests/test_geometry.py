@@ -118,9 +118,12 @@ def test_inject_batches_waypoints_by_carriers_and_subspace_replacement_keeps_the
 # --- metrics ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("head_trick", [True, False])
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_output_jacobian_equals_the_row_by_row_autograd_reference(lm, use_cache):
+def test_output_jacobian_equals_the_row_by_row_autograd_reference(lm, use_cache, head_trick, monkeypatch):
     model, enc = lm
+    if not head_trick:  # a config that scales logits: the metric must differentiate through the lm_head itself
+        monkeypatch.setattr(model.config, "logit_scale", 1.0, raising=False)
     carrier = 1  # padded: the reference runs it alone, unpadded
     n_pad = int((1 - enc.attention_mask[carrier]).sum())
     ids = enc.input_ids[carrier : carrier + 1, n_pad:]
@@ -182,21 +185,25 @@ def test_fisher_pullback_is_four_output_pullbacks_when_the_vocabulary_is_the_bin
     G_F = metric_matrix(FisherPullback(tail), x)
     G_out = metric_matrix(OutputPullback(tail, bins), x)
     torch.testing.assert_close(G_F, 4 * G_out, rtol=1e-9, atol=1e-14)
+    model.config.logit_scale = 1.0  # the same identity without the head trick
+    torch.testing.assert_close(metric_matrix(FisherPullback(tail), x), 4 * metric_matrix(OutputPullback(tail, bins), x), rtol=1e-9, atol=1e-14)
 
 
-def test_fisher_pullback_equals_the_dense_formula(lm):
-    model, enc = lm
-    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
-    x = tail.h[:2] + 0.1
-    fisher = FisherPullback(tail, carrier=0)
+def test_fisher_pullback_equals_the_dense_formula():
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=16, n_layer=3, n_head=2, n_positions=16)).double().eval()
+    ids = torch.tensor([[4, 7, 1, 19, 3]])
+    tail = CarrierTail(model, 1, ids, torch.ones_like(ids))
+    x = tail.h + 0.3 * torch.randn(2, 16, dtype=torch.float64)
+    fisher = FisherPullback(tail)
     G = metric_matrix(fisher, x)
     for i in range(2):
         Jz = torch.autograd.functional.jacobian(lambda v: fisher.logits(v[None])[0], x[i])  # (V, d)
         p = fisher.logits(x[i : i + 1])[0].softmax(-1).detach()
         dense = Jz.T @ (torch.diag(p) - torch.outer(p, p)) @ Jz
-        torch.testing.assert_close(G[i], dense, rtol=1e-8, atol=1e-12)
-    top = metric_matrix(FisherPullback(tail, carrier=0, top_k=3), x)
-    assert (torch.linalg.eigvalsh(G - top) > -1e-10).all(), "dropping tokens removes a PSD share"
+        torch.testing.assert_close(G[i], dense, rtol=1e-9, atol=1e-14)
+    top = metric_matrix(FisherPullback(tail, top_k=3), x)
+    assert (torch.linalg.eigvalsh(G - top) > -1e-12).all(), "dropping tokens removes a PSD share"
 
 
 def test_spectral_diagnostics_on_analytic_spectra():

@@ -1,0 +1,113 @@
+"""Geometry core speed: the G_out Jacobian and batched L-BFGS, each against its slow form, as ratios in one run.
+
+1. J_s = ∂√q(tail(h))/∂h per waypoint: the fast path (carrier K/V cached,
+   one token through blocks ℓ+1…L, every row and waypoint in one reverse
+   pass) against the paper's method (whole model per waypoint, one
+   `autograd.grad` per row), on the embedded-size LM (hidden 128, 3 blocks,
+   ℓ = 1, K = 7) and on a random Llama of hidden 1024, 8 blocks, vocab 32k
+   (ℓ = 5, K = 7 and K = 26). Also max |ΔJ| relative to max |J|. Target ≥ 30×.
+2. L-BFGS geodesics (16 interior waypoints, d = 256, a GAGA-style encoder
+   pullback): 64 pairs as one batched problem against one pair at a time, per
+   pair, and how far apart the per-pair energies land. Target ≥ 5×.
+
+Figures go to benchmarks/results/geometry.json.
+
+    python benchmarks/geometry.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data.tasks import load_task
+from models.geodesics import lbfgs_geodesic, path_energy
+from models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
+from models.tail import CarrierTail
+from models.task_lm import build_task_lm, build_word_tokenizer
+from pipeline.common import CONFIG_DIR
+
+RESULTS = Path(__file__).parent / "results" / "geometry.json"
+WAYPOINTS, REFERENCE_WAYPOINTS, PROMPT_LEN = 16, 4, 16
+
+
+def timed(fn, repeats: int = 3) -> tuple[object, float]:
+    """The result and the best wall time of `repeats` calls."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def jacobian_case(name: str, model, ids: torch.Tensor, layer: int, K: int) -> dict:
+    variant_ids = [[i + 3] for i in range(K)]  # one-token concepts; every other token is "other"
+    tail = CarrierTail(model, layer, ids, torch.ones_like(ids))
+    x = tail.h + 0.1 * tail.h.norm() * torch.randn(WAYPOINTS, tail.h.shape[1], generator=torch.Generator().manual_seed(0))
+    metric = OutputPullback(tail, variant_ids)
+    fast, fast_s = timed(lambda: metric.jacobian(x))
+    ref, ref_s = timed(lambda: output_jacobian_reference(model, layer, ids, variant_ids, x[:REFERENCE_WAYPOINTS]), repeats=1)
+    fast_ms, ref_ms = 1e3 * fast_s / WAYPOINTS, 1e3 * ref_s / REFERENCE_WAYPOINTS
+    rel = float((fast[:REFERENCE_WAYPOINTS] - ref).abs().max() / ref.abs().max())
+    row = {"model": name, "K": K, "layer": layer, "fast_ms_per_waypoint": fast_ms, "reference_ms_per_waypoint": ref_ms}
+    return row | {"ratio": ref_ms / fast_ms, "max_rel_diff": rel}
+
+
+def lbfgs_case(pairs: int = 64, d: int = 256) -> dict:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(d, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 32)).eval()
+    metric = EncoderPullback(encoder, lam=1e-3)
+    x_a, x_b = torch.randn(pairs, d), torch.randn(pairs, d)
+    batched, batched_s = timed(lambda: lbfgs_geodesic(x_a, x_b, metric, n_steps=WAYPOINTS + 1), repeats=1)
+    start = time.perf_counter()
+    single = torch.cat([lbfgs_geodesic(x_a[i : i + 1], x_b[i : i + 1], metric, n_steps=WAYPOINTS + 1) for i in range(pairs)])
+    single_s = time.perf_counter() - start
+    with torch.no_grad():
+        e_batched, e_single = path_energy(batched, metric), path_energy(single, metric)
+    gap = ((e_batched - e_single).abs() / e_single).max().item()
+    per_pair = {"batched_ms_per_pair": 1e3 * batched_s / pairs, "single_ms_per_pair": 1e3 * single_s / pairs}
+    return {"pairs": pairs, "d": d, **per_pair, "ratio": single_s / batched_s, "max_rel_energy_gap": gap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    prompts = load_task("weekdays", CONFIG_DIR / "task").prompts()
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    embedded = build_task_lm(tokenizer, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=256).eval()
+    ids = tokenizer(prompts[0].text, return_tensors="pt").input_ids
+    mid_config = LlamaConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16
+    )
+    mid = LlamaForCausalLM(mid_config).eval()
+    mid_ids = torch.randint(3, 32000, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    jac = [
+        jacobian_case("embedded (hidden 128, 3 blocks)", embedded, ids, 1, 7),
+        jacobian_case("mid (hidden 1024, 8 blocks, vocab 32k)", mid, mid_ids, 5, 7),
+        jacobian_case("mid (hidden 1024, 8 blocks, vocab 32k)", mid, mid_ids, 5, 26),
+    ]
+    for row in jac:
+        print(json.dumps(row))
+    geo = lbfgs_case()
+    print(json.dumps(geo))
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "waypoints": WAYPOINTS}
+    meta["targets"] = {"jacobian_ratio": 30, "jacobian_max_rel_diff": 1e-5, "lbfgs_ratio": 5}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"meta": meta, "jacobian": jac, "lbfgs": geo}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
