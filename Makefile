@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/targets.py
+	$(BIN)/python benchmarks/geometry.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -34,6 +34,28 @@ def path_energy(path: torch.Tensor, metric: Metric) -> torch.Tensor:
     return (Jd**2).sum((1, 2)) + metric.lam * (delta**2).sum((1, 2))
 
 
+def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, n_hist: torch.Tensor) -> torch.Tensor:
+    """L-BFGS directions −H g for every pair at once. g (P, n); S, Y (P, m, n); rho (P, m); n_hist (P,) → (P, n)
+
+    Pair p's history fills slots 0 … n_hist[p]−1, oldest first; empty slots have
+    rho = 0 and so change nothing.
+    """
+    q, alphas = g.clone(), []
+    for i in range(S.shape[1] - 1, -1, -1):
+        a = rho[:, i] * (S[:, i] * q).sum(1)  # (P,)
+        q -= a[:, None] * Y[:, i]
+        alphas.append(a)
+    newest = (n_hist - 1).clamp_min(0)[:, None, None].expand(-1, 1, S.shape[2])
+    s_new, y_new = S.gather(1, newest)[:, 0], Y.gather(1, newest)[:, 0]  # (P, n)
+    yy = (y_new**2).sum(1)
+    gamma = torch.where((n_hist > 0) & (yy > 0), (s_new * y_new).sum(1) / yy.clamp_min(1e-300), 1.0)
+    q *= gamma[:, None]
+    for i, a in zip(range(S.shape[1]), reversed(alphas)):
+        b = rho[:, i] * (Y[:, i] * q).sum(1)
+        q += (a - b)[:, None] * S[:, i]
+    return -q
+
+
 def lbfgs_geodesic(
     x_a: torch.Tensor,
     x_b: torch.Tensor,
@@ -44,40 +66,75 @@ def lbfgs_geodesic(
     tolerance: float = 1e-6,
     init: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Minimise the discrete energy over the interior waypoints, J frozen (detached) at each evaluation.
+    """Minimise each pair's discrete energy over its interior waypoints, J detached at each evaluation (SPEC §5).
 
-    Starts on the chord; `torch.optim.LBFGS` with a strong-Wolfe line search
-    (SPEC §5). Pairs are independent, so the sum of their energies is one
-    problem whose minimiser is every pair's own. x_a, x_b (P, D) → (P, T+1, D)
-
-    Args:
-        init: a starting path (P, T+1, D) instead of the chord; its endpoints are ignored.
+    A batched L-BFGS: every pair keeps its own history, step length and
+    stopping test, so a batch of pairs solves to exactly what each pair solves
+    to alone while the metric is evaluated for all pairs at once. Settings
+    follow SPEC §5 (`max_iter`, `history_size`, gradient and change tolerances);
+    the line search is backtracking to the Armijo condition, per pair.
+    x_a, x_b (P, D) → (P, T+1, D), starting on the chord (or `init`, whose endpoints are ignored).
     """
-    chord = linear_path(x_a.detach(), x_b.detach(), n_steps)  # (P, T+1, D)
-    interior = (chord if init is None else init.detach())[:, 1:-1].clone().requires_grad_()
-    opt = torch.optim.LBFGS(
-        [interior],
-        lr=1,
-        max_iter=max_iter,
-        tolerance_grad=tolerance,
-        tolerance_change=tolerance,
-        history_size=history_size,
-        line_search_fn="strong_wolfe",
-    )
     P, D = x_a.shape
+    chord = linear_path(x_a.detach(), x_b.detach(), n_steps)  # (P, T+1, D)
+    x = (chord if init is None else init.detach())[:, 1:-1].reshape(P, -1).clone()  # (P, n) interior waypoints
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        path = torch.cat([chord[:, :1], interior, chord[:, -1:]], 1)
-        delta = path.diff(dim=1)  # (P, T, D)
-        with torch.no_grad():
-            J = metric.jacobian((0.5 * (path[:, 1:] + path[:, :-1])).reshape(-1, D)).view(P, n_steps, -1, D)
-        energy = (torch.einsum("ptrd,ptd->ptr", J, delta) ** 2).sum() + metric.lam * (delta**2).sum()
-        energy.backward()
-        return energy
+    def energy_and_grad(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and gradients of the pairs `rows` at their interiors x. (b, n) → (b,), (b, n)"""
+        b = len(rows)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            path = torch.cat([chord[rows, :1], x.view(b, n_steps - 1, D), chord[rows, -1:]], 1)
+            delta = path.diff(dim=1)  # (b, T, D)
+            with torch.no_grad():
+                J = metric.jacobian((0.5 * (path[:, 1:] + path[:, :-1])).reshape(-1, D)).view(b, n_steps, -1, D)
+            e = (torch.einsum("ptrd,ptd->ptr", J, delta) ** 2).sum((1, 2)) + metric.lam * (delta**2).sum((1, 2))
+            (g,) = torch.autograd.grad(e.sum(), x)  # pairs are independent: row p is pair p's gradient
+        return e.detach(), g
 
-    opt.step(closure)
-    return torch.cat([chord[:, :1], interior.detach(), chord[:, -1:]], 1)
+    f, g = energy_and_grad(x, torch.arange(P))
+    S, Y = x.new_zeros(P, history_size, x.shape[1]), x.new_zeros(P, history_size, x.shape[1])
+    rho, n_hist = x.new_zeros(P, history_size), torch.zeros(P, dtype=torch.long)
+    active = g.abs().amax(1) > tolerance
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        d = _two_loop(g, S, Y, rho, n_hist)
+        slope = (g * d).sum(1)
+        d = torch.where((slope < 0)[:, None], d, -g)  # fall back to steepest descent
+        slope = (g * d).sum(1)
+        t = torch.where(n_hist > 0, 1.0, (1 / g.abs().sum(1).clamp_min(1e-300)).clamp(max=1.0)).to(x.dtype)
+        pending = active.clone()
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        for _ in range(30):  # backtracking; only the pairs still searching are evaluated, all together
+            rows = torch.nonzero(pending).flatten()
+            trial = x[rows] + t[rows, None] * d[rows]
+            f_t, g_t = energy_and_grad(trial, rows)
+            ok = f_t <= f[rows] + 1e-4 * t[rows] * slope[rows]  # Armijo
+            x_new[rows[ok]], f_new[rows[ok]], g_new[rows[ok]] = trial[ok], f_t[ok], g_t[ok]
+            pending[rows[ok]] = False
+            if not pending.any():
+                break
+            t = torch.where(pending, 0.5 * t, t)
+        moved = active & ~pending  # pairs whose line search succeeded
+        s_vec, y_vec = x_new - x, g_new - g
+        sy = (s_vec * y_vec).sum(1)
+        for p in torch.nonzero(moved & (sy > 1e-10)).flatten().tolist():
+            k = int(n_hist[p])
+            if k == history_size:  # drop the oldest
+                S[p], Y[p], rho[p] = S[p].roll(-1, 0), Y[p].roll(-1, 0), rho[p].roll(-1, 0)
+                k -= 1
+            S[p, k], Y[p, k], rho[p, k] = s_vec[p], y_vec[p], 1 / sy[p]
+            n_hist[p] = k + 1
+        done = (
+            pending  # no step lowered the energy
+            | (g_new.abs().amax(1) <= tolerance)
+            | ((t[:, None] * d).abs().amax(1) <= tolerance)
+            | ((f - f_new).abs() < tolerance)
+        )
+        x, f, g = x_new, f_new, g_new
+        active &= ~done
+    return torch.cat([chord[:, :1], x.view(P, n_steps - 1, D), chord[:, -1:]], 1)
 
 
 @dataclass

@@ -59,25 +59,31 @@ class EncoderPullback:
     def __init__(self, encoder: nn.Module, lam: float = 0.0):
         self.encoder, self.lam = encoder, lam
 
+    @torch.enable_grad()
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
-        def encode_one(v: torch.Tensor) -> torch.Tensor:  # (D,) → (k,)
-            return self.encoder(v.unsqueeze(0)).squeeze(0)
-
-        return torch.func.vmap(torch.func.jacrev(encode_one))(x)  # (B, k, D)
+        x = x.detach().requires_grad_()
+        z = self.encoder(x)  # (B, k); rows are independent in eval mode
+        k = z.shape[1]  # one reverse pass per latent coordinate, batched over points: faster than vmap(jacrev) here
+        rows = [torch.autograd.grad(z[:, r].sum(), x, retain_graph=r < k - 1)[0] for r in range(k)]
+        return torch.stack(rows, 1)  # (B, k, D)
 
 
 def _pullback_rows(forward, cotangents, x: torch.Tensor, max_batch: int) -> torch.Tensor:
     """Rows cᵣᵀ ∂y/∂x for every point, by one reverse pass per chunk batched over the rows (vmap over the vjp).
 
     `forward(x_chunk, s)` returns y (b, …) for the chunk starting at point s, each
-    point's output depending only on that point; `cotangents(s, b)` gives the
-    rows (R, b, …). Returns (B, R, D).
+    point's output depending only on that point; `cotangents(y, s)` gives the
+    rows (R, b, …), possibly computed from y itself. Returns (B, R, D).
     """
     out = []
     for s in range(0, len(x), max_batch):
         xb = x[s : s + max_batch].detach().requires_grad_()
-        y = forward(xb, s)
-        (grad,) = torch.autograd.grad(y, xb, grad_outputs=cotangents(s, len(xb)), is_grads_batched=True)
+        with torch.enable_grad():  # solvers call metrics under no_grad
+            y = forward(xb, s)
+        with torch.no_grad():
+            rows = cotangents(y.detach(), s)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(y, xb, grad_outputs=rows, is_grads_batched=True)
         out.append(grad.transpose(0, 1))  # (b, R, D)
     return torch.cat(out)
 
@@ -111,15 +117,16 @@ class OutputPullback:
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         R, head = len(self.variant_ids) + 1, self.tail.head
         if head is None:  # logits are not head(hidden): differentiate through the whole tail
-            return _pullback_rows(lambda xb, s: self.sqrt_q(xb), lambda s, b: _identity_rows(R, b, x), x, self.max_batch)
-        with torch.no_grad():  # ∂√q/∂u in closed form at the final hidden state u
-            u = self.tail.hidden(x, self._carrier(len(x), x))
-            A = sqrt_q_head_jacobian(head(u), head.weight, self.variant_ids)  # (B, R, d)
+            rows = lambda y, s: _identity_rows(R, len(y), y)  # noqa: E731
+            return _pullback_rows(lambda xb, s: self.sqrt_q(xb), rows, x, self.max_batch)
 
-        def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
+        def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:  # the final hidden state u (b, d)
             return self.tail.hidden(xb, self._carrier(len(xb), xb))
 
-        return _pullback_rows(hidden, lambda s, b: A[s : s + b].transpose(0, 1), x, self.max_batch)  # (B, K+1, d)
+        def head_rows(u: torch.Tensor, s: int) -> torch.Tensor:  # ∂√q/∂u in closed form, (R, b, d)
+            return sqrt_q_head_jacobian(head(u), head.weight, self.variant_ids).transpose(0, 1)
+
+        return _pullback_rows(hidden, head_rows, x, self.max_batch)  # (B, K+1, d)
 
 
 class FisherPullback:
@@ -152,13 +159,13 @@ class FisherPullback:
             def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
                 return self.tail.hidden(xb, torch.full((len(xb),), self.carrier, device=xb.device))
 
-            return _pullback_rows(hidden, lambda s, b: rows[s : s + b].transpose(0, 1), x, self.max_batch)
+            return _pullback_rows(hidden, lambda u, s: rows[s : s + len(u)].transpose(0, 1), x, self.max_batch)
 
         def token_logits(xb: torch.Tensor, s: int) -> torch.Tensor:  # (b, k+1): the kept tokens' logits and E_p[z]
             z = self.logits(xb)
             return torch.cat([z.gather(1, tokens[s : s + len(xb)]), (p[s : s + len(xb)] * z).sum(1, keepdim=True)], 1)
 
-        J = _pullback_rows(token_logits, lambda s, b: _identity_rows(k + 1, b, x), x, self.max_batch)  # (B, k+1, d)
+        J = _pullback_rows(token_logits, lambda y, s: _identity_rows(k + 1, len(y), y), x, self.max_batch)  # (B, k+1, d)
         return p_top.sqrt().unsqueeze(-1) * (J[:, :k] - J[:, k:])  # (B, k, d)
 
 
