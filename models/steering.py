@@ -99,6 +99,9 @@ def steer(
     return Trajectory(torch.stack(hs), torch.stack(qs), bool(qs[-1][target] >= threshold))
 
 
+# Each *_direction returns the function h (d,) → step direction (d,) that `steer` iterates.
+
+
 def caa_direction(mean_source: torch.Tensor, mean_target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """CAA: the unit mean difference of the two classes' activations, the same at every step."""
     delta = mean_target - mean_source
