@@ -1,0 +1,121 @@
+"""GAGA: geometry-aware autoencoders (Sun et al. 2025, arXiv 2410.12779), SPEC §4.
+
+An encoder E: R^D → R^k and a decoder G: R^k → R^D, MLPs whose hidden
+layers are Linear → BatchNorm → ReLU. Inputs are the raw activations h (d);
+for GAGA-PHATE the ambient space is PCA(D) of h, a fixed projection kept in
+the module, so that `encode` maps raw h to the latent and the pullback metric
+lives on the raw input space. Ambient inputs are standardised `(a − μ)/σ`
+with a scalar σ. Weights and buffers go to `model.safetensors`, constructor
+arguments to `config.json` (`PyTorchModelHubMixin`): loading never unpickles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+
+class GeometryMismatch(ValueError):
+    """A checkpoint used with activations it was not trained on; the message names both."""
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear → BatchNorm → ReLU for every hidden layer; the last layer is linear."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class GAGA(nn.Module, PyTorchModelHubMixin, tags=["geosteer", "gaga", "steering-geometry"]):
+    """Encoder and decoder of one learned geometry.
+
+    Args:
+        input_dim: d, the width of the raw activations h.
+        latent_dim: k.
+        hidden: encoder widths (the decoder mirrors them).
+        pca_dim: D for a PCA ambient space (GAGA-PHATE), or None for raw h (GAGA-Out).
+        readout_dim: K+1 for GAGA-Out's linear read-out A: R^k → R^{K+1} of √q, or None.
+        meta: JSON-able facts to ship with the weights (LM, layer, task schema, metrics).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        hidden: list[int] | tuple[int, ...] = (256, 128, 64),
+        pca_dim: int | None = None,
+        readout_dim: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.input_dim, self.latent_dim, self.pca_dim, self.meta = input_dim, latent_dim, pca_dim, meta or {}
+        ambient = pca_dim or input_dim
+        self.register_buffer("shift", torch.zeros(ambient))  # μ of the ambient inputs
+        self.register_buffer("scale", torch.ones(()))  # σ, one scalar
+        if pca_dim is not None:
+            self.register_buffer("pca_mean", torch.zeros(input_dim))
+            self.register_buffer("pca_components", torch.eye(pca_dim, input_dim))  # (D, d), orthonormal rows
+        self.encoder = mlp([ambient, *hidden, latent_dim])
+        self.decoder = mlp([latent_dim, *reversed(hidden), ambient])
+        self.readout = nn.Linear(latent_dim, readout_dim) if readout_dim else None
+
+    @torch.no_grad()
+    def fit_normalisation(self, h: torch.Tensor) -> None:
+        """Set the PCA projection (if any) and the standardisation from training activations h (N, d)."""
+        if self.pca_dim is not None:
+            mean = h.mean(0)
+            _, _, vh = torch.linalg.svd(h - mean, full_matrices=False)
+            comps = vh[: self.pca_dim]
+            comps = comps * torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))  # deterministic signs
+            self.pca_mean.copy_(mean)
+            self.pca_components.copy_(comps)
+        a = self.ambient(h)
+        self.shift.copy_(a.mean(0))
+        self.scale.copy_((a - a.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12))  # one std over all entries
+
+    def ambient(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw activations to the ambient space. (B, d) → (B, D)"""
+        return h if self.pca_dim is None else (h - self.pca_mean) @ self.pca_components.T
+
+    def standardise(self, a: torch.Tensor) -> torch.Tensor:
+        return (a - self.shift) / self.scale  # (B, D)
+
+    def unstandardise(self, s: torch.Tensor) -> torch.Tensor:
+        return s * self.scale + self.shift  # (B, D)
+
+    def inputs(self, h: torch.Tensor) -> torch.Tensor:
+        """What the encoder sees and the decoder reconstructs: standardised ambient inputs. (B, d) → (B, D)"""
+        return self.standardise(self.ambient(h))
+
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw activations to the latent. (B, d) → (B, k)"""
+        return self.encoder(self.inputs(h))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent to ambient activations (PCA coordinates for GAGA-PHATE). (B, k) → (B, D)"""
+        return self.unstandardise(self.decoder(z))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent and reconstruction in standardised units. (B, d) → (B, k), (B, D)"""
+        z = self.encode(h)
+        return z, self.decoder(z)
+
+    def check_compatible(self, d: int, layer: int) -> None:
+        """Refuse activations of another width or layer than the ones this geometry was trained on."""
+        trained_layer = self.meta.get("layer")
+        if d != self.input_dim or (trained_layer is not None and layer != trained_layer):
+            raise GeometryMismatch(
+                f"this geometry was trained on d={self.input_dim} activations of layer {trained_layer}, "
+                f"but the store holds d={d} at layer {layer}. Use the store it was trained on, "
+                f"or train a geometry for this one (pipeline stage=train)."
+            )
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        return super()._from_pretrained(strict=strict, **kwargs)  # every tensor must be in the file
