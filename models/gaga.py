@@ -17,6 +17,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from models.geodesics import PCA
+
 
 class GeometryMismatch(ValueError):
     """A checkpoint used with activations it was not trained on; the message names both."""
@@ -69,12 +71,9 @@ class GAGA(nn.Module, PyTorchModelHubMixin, tags=["geosteer", "gaga", "steering-
     def fit_normalisation(self, h: torch.Tensor) -> None:
         """Set the PCA projection (if any) and the standardisation from training activations h (N, d)."""
         if self.pca_dim is not None:
-            mean = h.mean(0)
-            _, _, vh = torch.linalg.svd(h - mean, full_matrices=False)
-            comps = vh[: self.pca_dim]
-            comps = comps * torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))  # deterministic signs
-            self.pca_mean.copy_(mean)
-            self.pca_components.copy_(comps)
+            pca = PCA.fit(h, self.pca_dim)
+            self.pca_mean.copy_(pca.mean)
+            self.pca_components.copy_(pca.components)
         a = self.ambient(h)
         self.shift.copy_(a.mean(0))
         self.scale.copy_((a - a.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12))  # one std over all entries

@@ -12,6 +12,7 @@ with a replacement hook instead (slower, for any causal LM).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,11 +23,17 @@ from models.lm import capture_residual, decoder_layers, position_ids_for, replac
 
 def _bins(variant_ids: Sequence[Sequence[int]], V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded token index (K, M) of the concept bins, its validity mask, and the "other" tokens' mask (V,)."""
-    width = max(len(v) for v in variant_ids)
-    index = torch.tensor([list(v) + [v[0]] * (width - len(v)) for v in variant_ids], device=device)
-    valid = torch.tensor([[j < len(v) for j in range(width)] for v in variant_ids], device=device)
-    other = torch.ones(V, dtype=torch.bool, device=device)
-    other[index.flatten()] = False
+    return _bins_cached(tuple(map(tuple, variant_ids)), V, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _bins_cached(variant_ids: tuple[tuple[int, ...], ...], V: int, device: torch.device):
+    with torch.inference_mode(False):  # normal tensors, usable by autograd whatever mode first built them
+        width = max(len(v) for v in variant_ids)
+        index = torch.tensor([list(v) + [v[0]] * (width - len(v)) for v in variant_ids], device=device)
+        valid = torch.tensor([[j < len(v) for j in range(width)] for v in variant_ids], device=device)
+        other = torch.ones(V, dtype=torch.bool, device=device)
+        other[index.flatten()] = False
     return index, valid, other
 
 
