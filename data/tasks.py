@@ -7,6 +7,7 @@ module turns it into prompts and, given a tokenizer, into a concept schema
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,22 @@ class Task:
         if self.topology == "cyclic":
             return j % len(self.values)
         return j if j < len(self.values) else None
+
+    def neighbourhood(self, j: int, width: float) -> dict[int, float]:
+        """A discretised Gaussian over value indices around `j`, summing to 1, that follows the topology.
+
+        Cyclic tasks wrap around; sequential ones drop indices off either end. Weights
+        below 1e-4 of the peak are left out. `width` is the std in value steps.
+        """
+        K, reach = len(self.values), max(0, math.ceil(width * math.sqrt(2 * math.log(1e4))))
+        weights: dict[int, float] = {}
+        for step in range(-reach, reach + 1):
+            k = (j + step) % K if self.topology == "cyclic" else j + step
+            if 0 <= k < K and width > 0:
+                weights[k] = weights.get(k, 0.0) + math.exp(-0.5 * (step / width) ** 2)
+        weights = weights or {j: 1.0}
+        total = sum(weights.values())
+        return {k: w / total for k, w in weights.items()}
 
     @property
     def concepts(self) -> tuple[str, ...]:

@@ -19,11 +19,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from data.tasks import Prompt
+from data.tasks import Prompt, Task
 from models.lm import load_causal_lm, position_ids_for
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import (
     StageError,
+    close_logger,
     current_result,
     fingerprint,
     load_tasks,
@@ -44,7 +45,7 @@ class TaskLMSystem(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
 
     def training_step(self, batch, _batch_idx):
-        input_ids, attention_mask, answer = batch  # (B, T), (B, T), (B,)
+        input_ids, attention_mask, answer, soft = batch  # (B, T), (B, T), (B,), (B, V)
         keep = attention_mask.any(0)  # drop columns that are padding in every row
         input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
         logits = self.model(
@@ -54,7 +55,7 @@ class TaskLMSystem(L.LightningModule):
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1]  # (B, V)
-        loss = F.cross_entropy(logits, answer)
+        loss = F.cross_entropy(logits, soft)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == answer).float().mean(), prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -74,22 +75,35 @@ class TaskLMSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def encode_prompts(tokenizer, prompts: list[Prompt]) -> TensorDataset:
-    """Left-padded prompt ids with the answer's token id as the target."""
-    enc = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt")
-    answers = [tokenizer.encode(p.answer, add_special_tokens=False) for p in prompts]
-    if any(len(a) != 1 for a in answers):
-        bad = next(p.answer for p, a in zip(prompts, answers) if len(a) != 1)
-        raise StageError(f"answer {bad!r} is not one token of the task LM's tokenizer; task values must be single words.")
-    return TensorDataset(enc.input_ids, enc.attention_mask, torch.tensor([a[0] for a in answers]))
+def value_token(tokenizer, value: str) -> int:
+    ids = tokenizer.encode(value, add_special_tokens=False)
+    if len(ids) != 1:
+        raise StageError(f"value {value!r} is not one token of the task LM's tokenizer; task values must be single words.")
+    return ids[0]
+
+
+def encode_prompts(tokenizer, prompts: list[tuple[Task, Prompt]], smoothing: float = 0.0, width: float = 1.0):
+    """Left-padded prompt ids, the answer's token id, and the soft answer distribution over the vocabulary.
+
+    The soft target puts 1 − smoothing on the answer and spreads `smoothing` over
+    the neighbouring values (`Task.neighbourhood`, std `width` value steps).
+    """
+    enc = tokenizer([p.text for _, p in prompts], padding=True, return_tensors="pt")
+    tokens = {t.name: [value_token(tokenizer, v) for v in t.values] for t in {t.name: t for t, _ in prompts}.values()}
+    answer = torch.tensor([tokens[t.name][t.values.index(p.answer)] for t, p in prompts])
+    soft = (1 - smoothing) * F.one_hot(answer, len(tokenizer)).float()  # (N, V)
+    for i, (task, p) in enumerate(prompts):
+        for k, w in task.neighbourhood(task.values.index(p.answer), width).items():
+            soft[i, tokens[task.name][k]] += smoothing * w
+    return TensorDataset(enc.input_ids, enc.attention_mask, answer, soft)
 
 
 @torch.inference_mode()
-def answer_accuracy(model, tokenizer, prompts: list[Prompt], batch_size: int = 256) -> float:
+def answer_accuracy(model, tokenizer, prompts: list[tuple[Task, Prompt]], batch_size: int = 256) -> float:
     """Top-1 accuracy of the full-vocabulary next token on the answer."""
     data = encode_prompts(tokenizer, prompts)
     correct = 0
-    for ids, mask, answer in DataLoader(data, batch_size=batch_size):
+    for ids, mask, answer, _ in DataLoader(data, batch_size=batch_size):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), logits_to_keep=1).logits
         correct += int((logits[:, -1].argmax(-1) == answer).sum())
     return correct / len(prompts)
@@ -113,7 +127,7 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = build_word_tokenizer(p.text + " " + p.answer for ps in prompts.values() for p in ps)
     a = cfg.lm
     model = build_task_lm(tokenizer, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size)
-    data = encode_prompts(tokenizer, [p for ps in prompts.values() for p in ps])
+    data = encode_prompts(tokenizer, [(t, p) for t in tasks for p in prompts[t.name]], a.smoothing, a.smoothing_width)
     log.info("task LM: %d parameters, %d prompts over %s", model.num_parameters(), len(data), list(prompts))
     # Each task is drawn in proportion to the square root of its prompt count, so that
     # small tasks are not starved by ages (4,725 prompts) and ages still gets the most.
@@ -123,7 +137,10 @@ def run(cfg: DictConfig) -> dict:
     loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
 
     system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps)
-    checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=250)
+    # The latest state every 250 steps, always as last.ckpt (no monitor, top-1 by recency).
+    checkpoint = ModelCheckpoint(
+        dirpath=work / "checkpoints", filename="last", every_n_train_steps=250, enable_version_counter=False
+    )
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=[checkpoint])
     last = work / "checkpoints" / "last.ckpt"
     if last.is_file():
@@ -137,12 +154,12 @@ def run(cfg: DictConfig) -> dict:
     tokenizer.save_pretrained(final)
     # Measure through the same loading path as any Hugging Face model.
     loaded, loaded_tok = load_causal_lm(str(final), dtype="float32")
-    accuracy = {name: answer_accuracy(loaded, loaded_tok, ps) for name, ps in prompts.items()}
+    accuracy = {t.name: answer_accuracy(loaded, loaded_tok, [(t, p) for p in prompts[t.name]]) for t in tasks}
     for name, acc in accuracy.items():
         log.info("task LM accuracy on %s: %.2f%% (%d prompts)", name, 100 * acc, len(prompts[name]))
     if trainer.logger:
         trainer.logger.log_metrics({f"lm/accuracy_{k}": v for k, v in accuracy.items()})
-        trainer.logger.finalize("success")
+        close_logger(trainer.logger)
 
     failed = {k: v for k, v in accuracy.items() if v < a.min_accuracy}
     if failed:

@@ -19,6 +19,8 @@ from models.lm import (
     read_last_token,
     replace_last_token,
 )
+from models.task_lm import build_word_tokenizer
+from pipeline.lm import encode_prompts
 from tests.conftest import TASK_DIR
 
 LAYER = 1
@@ -159,3 +161,17 @@ def test_replacing_the_last_token_changes_only_the_last_position(lm):
     torch.testing.assert_close(out.hidden_states[LAYER + 2][:, :-1], plain.hidden_states[LAYER + 2][:, :-1])
     assert not torch.allclose(out.logits[:, -1], plain.logits[:, -1])
     assert [len(block._forward_hooks) for block in decoder_layers(model)] == hooks_before
+
+
+def test_soft_answers_keep_the_answer_on_top_and_spread_the_rest_over_its_neighbours():
+    task = load_task("weekdays", TASK_DIR)
+    prompts = task.prompts()
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    _, _, answer, soft = encode_prompts(tokenizer, [(task, p) for p in prompts], smoothing=0.3, width=1.0).tensors
+    torch.testing.assert_close(soft.sum(1), torch.ones(len(prompts)))
+    assert torch.equal(soft.argmax(1), answer)
+    value_ids = [tokenizer.encode(v, add_special_tokens=False)[0] for v in task.values]
+    assert soft[:, value_ids].sum(1).allclose(torch.ones(len(prompts))), "no mass outside the task's values"
+    j = task.values.index(prompts[0].answer)
+    expected = {value_ids[k]: 0.3 * w + (0.7 if k == j else 0.0) for k, w in task.neighbourhood(j, 1.0).items()}
+    assert all(soft[0, t].item() == pytest.approx(p) for t, p in expected.items())

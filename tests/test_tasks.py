@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import yaml
 
@@ -91,3 +93,15 @@ def test_concept_schema_has_single_token_variants_and_rejects_unknown_values():
     months = load_task("months", TASK_DIR)  # month names are not in a weekday vocabulary
     with pytest.raises(TaskError, match="value 'January' has no single-token variant in tokenizer 'word-tokenizer'"):
         concept_schema(months, tok, "word-tokenizer")
+
+
+def test_neighbourhood_is_a_topology_aware_discrete_gaussian():
+    weekdays, letters = load_task("weekdays", TASK_DIR), load_task("letters", TASK_DIR)
+    ring = weekdays.neighbourhood(0, width=1.0)
+    assert sum(ring.values()) == pytest.approx(1.0) and max(ring, key=ring.get) == 0
+    assert ring[1] == pytest.approx(ring[6]), "cyclic: Sunday is Monday's neighbour as much as Tuesday"
+    assert ring[1] / ring[0] == pytest.approx(math.exp(-0.5)) and ring[1] > ring[2] > ring[3]
+    edge = letters.neighbourhood(0, width=1.0)
+    assert min(edge) == 0 and edge[1] / edge[0] == pytest.approx(math.exp(-0.5)), "sequential: nothing before A"
+    assert sum(edge.values()) == pytest.approx(1.0)
+    assert letters.neighbourhood(5, width=0.0) == {5: 1.0}
