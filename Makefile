@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/targets.py
 	$(BIN)/python benchmarks/geometry.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import torch
 from scipy.spatial.distance import pdist
+from torch.utils.data import Sampler
 
 from data.store import ActivationStore
 
@@ -212,6 +213,48 @@ def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict
     os.replace(tmp, path)
 
 
+def target_distances(coords: torch.Tensor, scale: float) -> torch.Tensor:
+    """Normalised target distances d̂ of a batch, in `torch.pdist` order. (B, m) → (B(B−1)/2,)"""
+    return torch.pdist(coords) / scale
+
+
+class PointClouds(Sampler[torch.Tensor]):
+    """Seeded random point clouds: each step draws B distinct rows, and ranks draw disjoint ones.
+
+    Step s of epoch e permutes `rows` with a generator seeded by (seed, e, s); rank r
+    takes the r-th slice of B. So every rank sees the same permutation without any
+    communication, no two ranks share a row within a step, and the batches of a run
+    are a function of the seed alone. B shrinks to len(rows) // world_size when the
+    split is smaller than world_size · B.
+
+    Args:
+        rows: the store rows of the split.
+        batch_size: B per rank.
+        steps: steps per epoch.
+        seed: base seed.
+        rank, world_size: this process's DDP rank and the number of ranks.
+    """
+
+    def __init__(self, rows: np.ndarray, batch_size: int, steps: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size or len(rows) < world_size:
+            raise TargetError(f"cannot split {len(rows)} rows over rank {rank} of {world_size}.")
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+        self.batch_size = min(batch_size, len(rows) // world_size)
+        self.steps, self.seed, self.rank, self.world_size, self.epoch = steps, seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for step in range(self.steps):
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, step]).generate_state(1)[0]))
+            start = self.rank * self.batch_size
+            yield self.rows[torch.randperm(len(self.rows), generator=g)[start : start + self.batch_size]]
+
+
 @dataclass
 class PairBatch:
     index: torch.Tensor  # (B,) store rows
@@ -257,15 +300,27 @@ class PairwiseTargets:
             g = f[self.target]
             rows = np.arange(len(g["coords"])) if self.split is None else f["split"][self.split][:]
             coords, scale = torch.from_numpy(g["coords"][:]), float(g.attrs["pair_std"])
+            attrs = {**f.attrs, "key": g.attrs["key"], "split_key": f["split"].attrs["key"]}
         with ActivationStore(store_path) as store:
             if store.attrs.get("fingerprint") != store_fp:
                 raise TargetError(
                     f"{self.path} was computed from another activation store than {store_path} "
                     f"(fingerprint {store_fp}, now {store.attrs.get('fingerprint')}); re-run `pipeline stage=targets`."
                 )
-            x = torch.from_numpy(store.read(task, ["h"])["h"]).float()
-        self._data = {"rows": rows, "x": x, "coords": coords, "scale": scale}
+            arrays = store.read(task, ["h", "label"])
+        x = torch.from_numpy(arrays["h"]).float()
+        self._data = {"rows": rows, "x": x, "label": arrays["label"], "coords": coords, "scale": scale, "attrs": attrs}
         return self._data
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The targets file's attributes (task, layer, model_name, …) and the cache keys of this target and split."""
+        return self._load()["attrs"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Answer class of every store row (for figures and evaluation; training never reads it)."""
+        return self._load()["label"]
 
     @property
     def rows(self) -> np.ndarray:
@@ -285,7 +340,15 @@ class PairwiseTargets:
         data = self._load()
         index = torch.as_tensor(index, dtype=torch.long)
         coords = data["coords"][index]  # (B, m)
-        return PairBatch(index, data["x"][index], coords, torch.pdist(coords) / data["scale"])
+        return PairBatch(index, data["x"][index], coords, target_distances(coords, data["scale"]))
+
+    def __getitem__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One whole mini-batch (a `PointClouds` draw): store rows, activations and target coordinates.
+
+        The B(B−1)/2 distances are left to the training step (`target_distances`), on its device.
+        """
+        data = self._load()
+        return {"index": index, "x": data["x"][index], "coords": data["coords"][index]}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_data": None}  # workers re-read the files rather than copy arrays through pickle

@@ -14,13 +14,18 @@ from data.store import StoreError
 from data.targets import TargetError
 from data.tasks import TaskError
 from models.lm import ModelLoadError
-from pipeline import extract, lm, targets
+from pipeline import extract, lm, targets, train
 from pipeline.common import CONFIG_DIR, StageError, log
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
 USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError)
 
-STAGES: dict[str, Callable[[DictConfig], dict]] = {"lm": lm.run, "extract": extract.run, "targets": targets.run}
+STAGES: dict[str, Callable[[DictConfig], dict]] = {
+    "lm": lm.run,
+    "extract": extract.run,
+    "targets": targets.run,
+    "train": train.run,
+}
 
 
 def run(cfg: DictConfig) -> dict:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data.tasks import Task, load_task
@@ -95,12 +97,38 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
-def make_logger(cfg: DictConfig, stage: str):
-    """The configured Lightning logger for a stage, or False; it carries the resolved config and git SHA."""
+def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
+    """The configured Lightning logger for a stage, or False; it carries the resolved config and git SHA.
+
+    With `run_id_file`, the run's id is kept in that file, so that a resumed stage
+    continues the same W&B run (or CSV version) instead of starting a new one.
+    """
     if cfg.logger is None or cfg.logger.get("_target_") is None:
         return False
     Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
-    kwargs = {"name": f"{cfg.run_name}-{stage}"} if "Wandb" in cfg.logger._target_ else {"name": stage}
+    wandb = "Wandb" in cfg.logger._target_
+    kwargs: dict[str, Any] = {"name": f"{cfg.run_name}-{stage}"} if wandb else {"name": stage}
+    if run_id_file is not None:
+        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else secrets.token_hex(4)
+        atomic_write_text(run_id_file, run_id)
+        kwargs |= {"id": run_id, "resume": "allow"} if wandb else {"version": run_id}
+    if wandb and not cfg.logger.offline:
+        kwargs["log_model"] = True  # checkpoints go up as artifacts
     logger = instantiate(cfg.logger, **kwargs)
     logger.log_hyperparams({"config": to_plain(cfg), "git_sha": git_sha(), "stage": stage})
     return logger
+
+
+def close_logger(logger, artifact: Path | None = None, artifact_name: str = "geometry") -> None:
+    """Flush a stage's logger and end its W&B run, uploading the folder `artifact` when online."""
+    logger.finalize("success")
+    if not isinstance(logger, WandbLogger):
+        return
+    run = logger.experiment
+    if artifact is not None and not run.offline:
+        import wandb
+
+        bundle = wandb.Artifact(artifact_name, type="geometry")
+        bundle.add_dir(str(artifact))
+        run.log_artifact(bundle)
+    run.finish()

@@ -20,6 +20,7 @@ from data.store import ChunkDir, write_store, write_task_group
 from data.tasks import Task, concept_schema
 from models.lm import check_layer, load_causal_lm, read_last_token, replace_last_token
 from pipeline.common import (
+    close_logger,
     current_result,
     fingerprint,
     git_sha,
@@ -180,7 +181,7 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     if logger := make_logger(cfg, "extract"):
         logger.log_metrics({f"extract/{t}/{k}": v for t, row in summary.items() for k, v in row.items()})
         logger.log_metrics({"extract/prompts_per_s": result["prompts_per_s"]})
-        logger.finalize("success")
+        close_logger(logger)
     write_stamp(out, "extract", fp, result)
     shutil.rmtree(chunks.root, ignore_errors=True)
     return result

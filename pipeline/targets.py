@@ -31,7 +31,7 @@ from data.targets import (
     targets_path,
     write_targets,
 )
-from pipeline.common import fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
+from pipeline.common import close_logger, fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
 from pipeline.extract import STORE
 
 matplotlib.use("Agg")
@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> dict:
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
         if hasattr(logger, "log_image") and figures:
             logger.log_image("targets/figures", [str(p) for p in figures.values()], caption=list(figures))
-        logger.finalize("success")
+        close_logger(logger)
     write_stamp(out, "targets", fingerprint({"tasks": list(summary), "targets": tcfg, "seed": cfg.seed}), result)
     return result
 

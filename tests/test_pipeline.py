@@ -1,4 +1,4 @@
-"""The stages end to end through `run(cfg)`: extraction, resume, refusal, caching, the task LM."""
+"""The stages end to end through `run(cfg)`: extraction, resume, refusal, caching, the task LM, stage=all."""
 
 from __future__ import annotations
 
@@ -90,10 +90,13 @@ def test_lm_extract_targets_end_to_end(tmp_path):
         "lm.intermediate_size=128",
         "lm.num_layers=3",
         "model.layer=1",
+        *(f"geometry.{g}.{k}={v}" for g in ("gaga_out", "gaga_phate") for k, v in (("max_epochs", 2), ("hidden", "[16]"))),
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)
     result = cli.run(cfg)
-    assert list(result) == ["lm", "extract", "targets"]
+    assert list(result) == ["lm", "extract", "targets", "train"]
+    assert set(result["train"]["val_spearman"]) == {"weekdays", "months"}
+    assert all(set(s) == {"gaga_out", "gaga_phate"} for s in result["train"]["val_spearman"].values())
     assert set(result["lm"]["accuracy"]) == {"weekdays", "months"}
     assert result["lm"]["accuracy"]["months"] > 1 / 12, "200 steps must beat chance"
     with _store(cfg) as store:
@@ -108,4 +111,5 @@ def test_lm_extract_targets_end_to_end(tmp_path):
     # stage=all again: every product is current and nothing is redone.
     rerun = cli.run(cfg)
     assert rerun["lm"] == result["lm"] and rerun["extract"] == result["extract"]
+    assert rerun["train"]["geometries"] == result["train"]["geometries"]
     assert all(s[g]["cached"] for s in rerun["targets"]["tasks"].values() for g in ("hellinger", "phate"))

@@ -1,0 +1,229 @@
+"""GAGA training: the losses on hand-computed cases, point-cloud sampling, and stage=train end to end
+(export and fresh-process reload, W&B offline files, resume, 2-process DDP)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from wandb.proto import wandb_internal_pb2
+
+from data.targets import PointClouds, target_distances
+from models.gaga import GAGA
+from pipeline import extract, targets, train
+from pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss, warmup_cosine
+from tests.conftest import make_cfg
+
+# ---------------------------------------------------------------- losses
+
+
+def test_distance_loss_on_a_hand_computed_triangle():
+    z = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])  # latent distances (0,1)=5, (0,2)=1, (1,2)=√18
+    d = torch.tensor([4.0, 1.0, 4.0])  # targets for the same pairs, in pdist order
+    mse = ((5 - 4) ** 2 + 0 + (math.sqrt(18) - 4) ** 2) / 3
+    assert distance_loss(z, d, decay=0.0).item() == pytest.approx(mse, rel=1e-6)
+    local = (math.exp(-2) * (5 - 4) ** 2 + 0 + math.exp(-2) * (math.sqrt(18) - 4) ** 2) / 3
+    assert distance_loss(z, d, decay=0.5).item() == pytest.approx(local, rel=1e-6)
+
+
+def test_target_distances_follow_the_torch_pdist_pairing_order():
+    coords = torch.randn(6, 4, dtype=torch.float64)
+    pairs = [(i, j) for i in range(6) for j in range(i + 1, 6)]  # (0,1), (0,2), …, (4,5)
+    manual = torch.stack([(coords[i] - coords[j]).norm() for i, j in pairs]) / 2.5
+    torch.testing.assert_close(target_distances(coords, 2.5), manual)
+    # A latent that is the target up to the scale has zero loss only if both use the same order.
+    assert distance_loss(coords / 2.5, target_distances(coords, 2.5), 0.0) < 1e-24
+    assert distance_loss(coords.flip(0) / 2.5, target_distances(coords, 2.5), 0.0) > 1e-3
+
+
+def _linear_gaga(D=3, k=2, readout=None):
+    model = GAGA(D, k, hidden=[], readout_dim=readout).double()
+    with torch.no_grad():
+        model.encoder[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))  # E(x) = x[:2]
+        model.decoder[0].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))  # G(z) = (2z, 0)
+        for layer in (model.encoder[0], model.decoder[0]):
+            layer.bias.zero_()
+    return model
+
+
+def test_reconstruction_cycle_and_pointwise_losses_on_a_linear_autoencoder():
+    model = _linear_gaga(readout=3)
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]], dtype=torch.float64)
+    z = model.encoder(x)  # [[1, 2], [0, -1]]
+    recon = model.decoder(z)  # [[2, 4, 0], [0, -2, 0]]
+    assert reconstruction_loss(recon, x).item() == pytest.approx(((1 + 4 + 9) + (0 + 1 + 1)) / 2)
+    # E(G(z)) = 2z, so the cycle loss is mean ‖z‖².
+    assert cycle_loss(model, z).item() == pytest.approx(((1 + 4) + (0 + 1)) / 2)
+    with torch.no_grad():
+        model.readout.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model.readout.bias.fill_(0.5)
+    sqrt_q = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    # A·z + b = [[1.5, 2.5, 3.5], [0.5, -0.5, -0.5]]
+    expected = ((0.5**2 + 1.5**2 + 2.5**2) + (0.25 + 0.25 + 0.25)) / 2
+    assert pointwise_loss(model, z, sqrt_q).item() == pytest.approx(expected)
+
+
+def test_warmup_then_cosine_schedule():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0, abs=1e-12)
+    assert all(warmup_cosine(s, 10, 110) >= warmup_cosine(s + 1, 10, 110) for s in range(10, 110))
+
+
+# ---------------------------------------------------------------- point clouds
+
+
+def test_point_clouds_are_seeded_and_disjoint_across_ranks():
+    rows = torch.arange(100, 200).numpy()
+    ranks = [PointClouds(rows, 30, steps=4, seed=7, rank=r, world_size=3) for r in range(3)]
+    for step in zip(*(list(s) for s in ranks)):
+        assert all(len(b) == 30 for b in step)
+        union = torch.cat(step)
+        assert len(set(union.tolist())) == 90 and set(union.tolist()) <= set(rows.tolist())
+    again = PointClouds(rows, 30, steps=4, seed=7, rank=1, world_size=3)
+    assert all(torch.equal(a, b) for a, b in zip(again, ranks[1]))
+    again.set_epoch(1)
+    assert not all(torch.equal(a, b) for a, b in zip(again, ranks[1])), "each epoch draws new clouds"
+    assert PointClouds(rows, 256, steps=1, seed=0, rank=0, world_size=2).batch_size == 50
+
+
+# ---------------------------------------------------------------- stage=train
+
+SMALL = {"hidden": "[32,16]", "batch_size": 64, "min_steps_per_epoch": 4}  # every geometry
+SMALL_PCA = {"pca_dim": 16}  # the PCA ambient space within d = 32
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_lm_dir):
+    """Activations and targets of weekdays from the tiny LM, and a config maker for training runs on them."""
+    root = tmp_path_factory.mktemp("train")
+    tiny = [f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]"]
+    base = make_cfg(root, "run_name=base", *tiny)
+    extract.run(base)
+    targets.run(base)
+
+    def cfg(run_name, *overrides, geometries=("gaga_out",), epochs=3):
+        run_dir = root / run_name
+        run_dir.mkdir(exist_ok=True)
+        for product in ("extract", "targets"):
+            if not (run_dir / product).exists():
+                (run_dir / product).symlink_to(root / "base" / product)
+        small = [f"geometry=[{','.join(geometries)}]"]
+        for g in geometries:
+            settings = {**SMALL, "max_epochs": epochs, **(SMALL_PCA if g == "gaga_phate" else {})}
+            small += [f"geometry.{g}.{k}={v}" for k, v in settings.items()]
+        return make_cfg(root, f"run_name={run_name}", *tiny, *small, *overrides)
+
+    return cfg
+
+
+def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_process(prepared, tmp_path):
+    cfg = prepared("export", geometries=("gaga_out", "gaga_phate"))
+    result = train.run(cfg)
+    assert set(result["val_spearman"]["weekdays"]) == {"gaga_out", "gaga_phate"}
+    for name, latent in (("gaga_out", 7), ("gaga_phate", 3)):
+        out = Path(result["geometries"]["weekdays"][name]["path"])
+        assert sorted(p.name for p in out.iterdir()) == [
+            "README.md", "config.json", "model.safetensors", "stage.json", "training.png"
+        ]  # fmt: skip
+        config = json.loads((out / "config.json").read_text())
+        meta = config["meta"]
+        assert config["latent_dim"] == latent and config["input_dim"] == 32
+        assert meta["layer"] == 1 and meta["lm"] == cfg.model.name and meta["task"]["name"] == "weekdays"
+        assert meta["metrics"]["epochs"] == 3 and "val_spearman" in meta["metrics"]
+        assert name in (out / "README.md").read_text()
+    # Reload in a fresh process: the same encodings, bit for bit.
+    out = Path(result["geometries"]["weekdays"]["gaga_out"]["path"])
+    shipped = GAGA.from_pretrained(out).eval()
+    h = torch.randn(50, 32)
+    torch.save(h, tmp_path / "h.pt")
+    torch.save(shipped.encode(h).detach(), tmp_path / "z.pt")
+    script = (
+        "import sys, torch; from models.gaga import GAGA; "
+        f"m = GAGA.from_pretrained(r'{out}'); "
+        f"z = m.encode(torch.load(r'{tmp_path / 'h.pt'}', weights_only=True)); "
+        f"sys.exit(0 if torch.equal(z, torch.load(r'{tmp_path / 'z.pt'}', weights_only=True)) else 1)"
+    )
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+    # A current export is not retrained.
+    assert train.run(cfg)["geometries"] == result["geometries"]
+
+
+def _wandb_records(run_dir: Path) -> list:
+    """Every record of a W&B run's `.wandb` transaction log (LevelDB-style log of protobuf `Record`s)."""
+    (path,) = run_dir.glob("run-*.wandb")
+    data, block, pos = path.read_bytes(), 32768, 7  # a 7-byte file header, then 32 KiB blocks
+    records, payload = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE/LAST sequence
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_logged_metrics_config_and_figure(prepared):
+    cfg = prepared("wandb", "logger=wandb")
+    result = train.run(cfg)["geometries"]["weekdays"]["gaga_out"]
+    (run_dir,) = (Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*")
+    records = _wandb_records(run_dir)
+    name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  ("a/b" keys are stored nested)
+    history = [{name(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
+    keys = set().union(*history)
+    assert {"train/loss", "train/dist", "train/rec", "train/pointwise", "train/lr"} <= keys
+    assert {"val/dist", "val/spearman", "val/pearson", "final/val_spearman"} <= keys
+    assert [h["final/val_spearman"] for h in history if "final/val_spearman" in h] == [result["val_spearman"]]
+    assert sum("val/spearman" in h for h in history) == 3, "one validation per epoch"
+    config = {name(i): i.value_json for r in records if r.HasField("config") for i in r.config.update}
+    assert "git_sha" in config and json.loads(config["config"])["geometry"]["gaga_out"]["target"] == "hellinger"
+    assert (run_dir / "files" / "media" / "images").is_dir(), "the training figure is logged"
+
+
+class _CrashAt(L.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, _module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crashed_run_resumes_from_last_ckpt_and_matches_an_uninterrupted_one(prepared):
+    crashed = prepared("crashed", "logger=csv", epochs=6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(crashed, callbacks=[_CrashAt(2)])
+    (work,) = (Path(crashed.paths.run_dir) / "geometry" / "weekdays").glob(".gaga_out.partial-*")
+    assert (work / "checkpoints" / "last.ckpt").is_file()
+    run_id = (work / "run_id").read_text()
+    resumed = train.run(crashed)["geometries"]["weekdays"]["gaga_out"]
+    assert resumed["epochs"] == 6
+    assert (Path(crashed.paths.run_dir) / "csv" / "train-weekdays-gaga_out" / run_id).is_dir(), "the same run continues"
+    clean = train.run(prepared("clean", "logger=csv", epochs=6))["geometries"]["weekdays"]["gaga_out"]
+    a, b = (load_file(Path(r["path"]) / "model.safetensors") for r in (resumed, clean))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_trains_like_a_single_process(prepared):
+    single = train.run(prepared("single", "geometry.gaga_out.patience=40", epochs=40))
+    ddp = train.run(prepared("ddp", "trainer=ddp_sim", "geometry.gaga_out.patience=40", epochs=40))
+    single, ddp = (r["geometries"]["weekdays"]["gaga_out"] for r in (single, ddp))
+    assert ddp["trainer"] == "ddp_spawn" and ddp["epochs"] == 40
+    assert Path(ddp["path"], "model.safetensors").is_file()
+    assert single["val_spearman"] > 0.8
+    assert abs(ddp["val_spearman"] - single["val_spearman"]) < 0.05
