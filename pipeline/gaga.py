@@ -74,8 +74,7 @@ class GAGASystem(L.LightningModule):
         coords_are_hellinger: bool,
     ):
         super().__init__()
-        if pointwise and (model.readout is None or not coords_are_hellinger):
-            raise ValueError("the pointwise loss needs Hellinger targets and a read-out (readout_dim=K+1)")
+        assert not pointwise or (model.readout is not None and coords_are_hellinger), "pointwise: √q read-out"
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -85,16 +85,18 @@ def value_token(tokenizer, value: str) -> int:
 def encode_prompts(tokenizer, prompts: list[tuple[Task, Prompt]], smoothing: float = 0.0, width: float = 1.0):
     """Left-padded prompt ids, the answer's token id, and the soft answer distribution over the vocabulary.
 
-    The soft target puts 1 − smoothing on the answer and spreads `smoothing` over
-    the neighbouring values (`Task.neighbourhood`, std `width` value steps).
+    The soft target spreads a mass m over the neighbouring values (`Task.neighbourhood`,
+    std `width` value steps) and puts 1 − m on the answer. m grows with the step
+    count, `smoothing · number / max(numbers)`: the further the count, the less sure.
     """
     enc = tokenizer([p.text for _, p in prompts], padding=True, return_tensors="pt")
     tokens = {t.name: [value_token(tokenizer, v) for v in t.values] for t in {t.name: t for t, _ in prompts}.values()}
     answer = torch.tensor([tokens[t.name][t.values.index(p.answer)] for t, p in prompts])
-    soft = (1 - smoothing) * F.one_hot(answer, len(tokenizer)).float()  # (N, V)
+    mass = torch.tensor([smoothing * p.number / max(t.numbers) for t, p in prompts])
+    soft = (1 - mass[:, None]) * F.one_hot(answer, len(tokenizer)).float()  # (N, V)
     for i, (task, p) in enumerate(prompts):
         for k, w in task.neighbourhood(task.values.index(p.answer), width).items():
-            soft[i, tokens[task.name][k]] += smoothing * w
+            soft[i, tokens[task.name][k]] += mass[i] * w
     return TensorDataset(enc.input_ids, enc.attention_mask, answer, soft)
 
 

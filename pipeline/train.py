@@ -89,6 +89,11 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
     for name, g in geometries.items():
         if g.get("family") not in FAMILIES:
             raise StageError(f"geometry '{name}' has family {g.get('family')!r}; this geosteer trains {FAMILIES}.")
+        if g["loss"]["pointwise"] and g["target"] != "hellinger":
+            raise StageError(
+                f"geometry '{name}': loss.pointwise={g['loss']['pointwise']} fits √q, which needs target=hellinger "
+                f"(it is {g['target']}); set geometry.{name}.loss.pointwise=0."
+            )
     return geometries
 
 
@@ -139,8 +144,9 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     latest = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False)  # every epoch
     stop = EarlyStopping(monitor="val/dist", patience=g["patience"])
     logger = make_logger(cfg, f"train-{task.name}-{name}", run_id_file=work / "run_id")
-    trainer = instantiate(cfg.trainer, max_epochs=g["max_epochs"], logger=logger, callbacks=[best, latest, stop, *callbacks],
-                          use_distributed_sampler=False, default_root_dir=work)  # fmt: skip
+    trainer = instantiate(cfg.trainer, max_epochs=g["max_epochs"], logger=logger,
+                          callbacks=[best, latest, stop, *callbacks], use_distributed_sampler=False,
+                          default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
     if last.is_file():
         log.info("resuming %s/%s from %s", task.name, name, last)
@@ -158,7 +164,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     metrics = {
         "val_spearman": quality["spearman"],
         "val_pearson": quality["pearson"],
-        "best_val_dist": next(float(v["best_model_score"]) for v in kept["callbacks"].values() if "best_model_score" in v),
+        "best_val_dist": next(float(v["best_model_score"]) for v in kept["callbacks"].values()
+                              if v.get("monitor") == "val/dist"),  # fmt: skip
         "best_epoch": kept["epoch"],
         "epochs": final["epoch"] + 1,
         "steps": final["global_step"],

@@ -11,9 +11,10 @@ from hydra.utils import instantiate
 
 from data.tasks import load_task
 from pipeline.common import CONFIG_DIR
+from pipeline.train import selected_geometries
 from tests.conftest import make_cfg
 
-GROUPS = ["model", "lm", "extract", "trainer", "logger", "debug"]
+GROUPS = ["model", "lm", "extract", "geometry", "trainer", "logger", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 
 
@@ -29,12 +30,15 @@ def test_config_composes_and_instantiates(tmp_path, group, option):
     elif group == "logger" and node.get("_target_"):
         logger = instantiate(node, name="compose-test")
         assert logger.save_dir is not None
+    elif group == "geometry":
+        assert list(selected_geometries(cfg)) == [option]
     elif group == "model":
         assert isinstance(node.layer, int) and node.pretrained
+        assert cfg.targets.phate.knn == (15 if option == "task_lm" else 5), "SPEC's knn = 5 except the embedded LM"
     assert [load_task(t, CONFIG_DIR / "task") for t in cfg.tasks]
 
 
 def test_help_lists_stages_and_knobs():
     out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("stage=", "lm", "extract", "model.layer", "tasks=", "Config groups", "trainer:"):
+    for word in ("stage=", "lm", "extract", "train", "model.layer", "tasks=", "geometry=", "Config groups", "trainer:"):
         assert word in out

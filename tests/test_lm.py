@@ -172,6 +172,8 @@ def test_soft_answers_keep_the_answer_on_top_and_spread_the_rest_over_its_neighb
     assert torch.equal(soft.argmax(1), answer)
     value_ids = [tokenizer.encode(v, add_special_tokens=False)[0] for v in task.values]
     assert soft[:, value_ids].sum(1).allclose(torch.ones(len(prompts))), "no mass outside the task's values"
-    j = task.values.index(prompts[0].answer)
-    expected = {value_ids[k]: 0.3 * w + (0.7 if k == j else 0.0) for k, w in task.neighbourhood(j, 1.0).items()}
-    assert all(soft[0, t].item() == pytest.approx(p) for t, p in expected.items())
+    for i in (0, len(prompts) - 1):
+        p, j = prompts[i], task.values.index(prompts[i].answer)
+        m = 0.3 * p.number / max(task.numbers)  # more uncertainty for longer counts
+        expected = {value_ids[k]: m * w + (1 - m if k == j else 0.0) for k, w in task.neighbourhood(j, 1.0).items()}
+        assert all(soft[i, t].item() == pytest.approx(v) for t, v in expected.items())
