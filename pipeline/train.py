@@ -94,6 +94,8 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
                 f"geometry '{name}': loss.pointwise={g['loss']['pointwise']} fits √q, which needs target=hellinger "
                 f"(it is {g['target']}); set geometry.{name}.loss.pointwise=0."
             )
+        if cfg.max_epochs_cap is not None:
+            g["max_epochs"] = min(g["max_epochs"], cfg.max_epochs_cap)
     return geometries
 
 
