@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from data.store import write_store, write_task_group
 from data.targets import PairwiseTargets, targets_path
@@ -76,15 +77,7 @@ def synthetic_targets(folder: Path, d: int) -> Path:
     path = targets_path(folder, "ages")
     attrs = {"task": "ages", "layer": 0, "model_name": "synthetic", "activations": store.name,
              "activations_fingerprint": f"synthetic-{d}"}  # fmt: skip
-
-    class Quiet:
-        def set_postfix_str(self, _):
-            pass
-
-        def update(self):
-            pass
-
-    task_targets("ages", rows, path, tcfg, 0, attrs, Quiet())
+    task_targets("ages", rows, path, tcfg, 0, attrs, tqdm(disable=True))
     return path
 
 

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 
 from data.targets import target_distances
 from models.gaga import GAGA
+from pipeline.common import warmup_cosine
 
 SQRT2 = math.sqrt(2.0)
 
@@ -37,13 +38,6 @@ def cycle_loss(model: GAGA, z: torch.Tensor) -> torch.Tensor:
 def pointwise_loss(model: GAGA, z: torch.Tensor, sqrt_q: torch.Tensor) -> torch.Tensor:
     """L_pt = mean over points of ‖A·z − √q‖², A the learned linear read-out. (B, k), (B, K+1)"""
     return (model.readout(z) - sqrt_q).pow(2).sum(1).mean()
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 class GAGASystem(L.LightningModule):

@@ -6,7 +6,6 @@ loading it back through `AutoModelForCausalLM`, the path every later stage uses.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from pipeline.common import (
     make_logger,
     replace_dir,
     to_plain,
+    warmup_cosine,
     write_stamp,
 )
 
@@ -64,14 +64,7 @@ class TaskLMSystem(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

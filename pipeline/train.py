@@ -162,7 +162,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     with torch.no_grad():
         z = model.encode(train[torch.arange(len(train.labels))]["x"])  # (N, k), every store row
     val_rows = torch.as_tensor(val.rows)
-    quality = distance_quality(z[val_rows], val[val_rows]["coords"])
+    val_coords = val[val_rows]["coords"]  # (N_val, m)
+    quality = distance_quality(z[val_rows], val_coords)
     metrics = {
         "val_spearman": quality["spearman"],
         "val_pearson": quality["pearson"],
@@ -176,7 +177,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     }
     staging = work / "export"
     figure_path = staging / "training.png"
-    figure(task, name, z, train.labels, val_rows, val[val_rows]["coords"], train.scale, metrics, figure_path)
+    figure(task, name, z, train.labels, val_rows, val_coords, train.scale, metrics, figure_path)
     export(model, ctor, {**meta, "metrics": metrics, "git_sha": git_sha()}, staging)
     if logger:
         logger.log_metrics({f"final/{k}": float(v) for k, v in metrics.items()})

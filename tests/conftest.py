@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,20 @@ from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import CONFIG_DIR
 
 TASK_DIR = CONFIG_DIR / "task"
+
+
+def encodes_alike_in_a_fresh_process(folder: Path, h: torch.Tensor, z: torch.Tensor, scratch: Path) -> bool:
+    """Whether `GAGA.from_pretrained(folder)` in a new Python process, in eval mode, maps h to exactly z."""
+    torch.save(h, scratch / "h.pt")
+    torch.save(z, scratch / "z.pt")
+    script = (
+        "import sys, torch; from models.gaga import GAGA; "
+        f"m = GAGA.from_pretrained(r'{folder}'); "
+        f"h = torch.load(r'{scratch / 'h.pt'}', weights_only=True); "
+        f"z = torch.load(r'{scratch / 'z.pt'}', weights_only=True); "
+        "sys.exit(0 if torch.equal(m.encode(h), z) and not m.training else 1)"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
 
 
 def make_cfg(tmp_path: Path, *overrides: str):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from torch import nn
 
 from models.gaga import GAGA, GeometryMismatch
 from models.metrics import EncoderPullback
+from tests.conftest import encodes_alike_in_a_fresh_process
 
 
 def _fitted(pca_dim=None, readout_dim=None, seed=0):
@@ -69,16 +68,7 @@ def test_export_reloads_in_a_fresh_process_with_bit_identical_encodings(tmp_path
     assert sorted(p.name for p in (tmp_path / "gaga").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "gaga" / "config.json").read_text())
     assert config["input_dim"] == 12 and config["pca_dim"] == 5 and config["meta"] == {"layer": 1, "lm": "embedded task LM"}
-    torch.save(h, tmp_path / "h.pt")
-    torch.save(model.encode(h).detach(), tmp_path / "z.pt")
-    script = (
-        "import sys, torch; from models.gaga import GAGA; "
-        f"m = GAGA.from_pretrained(r'{tmp_path / 'gaga'}'); "
-        f"h = torch.load(r'{tmp_path / 'h.pt'}', weights_only=True); "
-        f"z = torch.load(r'{tmp_path / 'z.pt'}', weights_only=True); "
-        "sys.exit(0 if torch.equal(m.encode(h), z) and not m.training else 1)"
-    )
-    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+    assert encodes_alike_in_a_fresh_process(tmp_path / "gaga", h, model.encode(h).detach(), tmp_path)
 
 
 def test_loading_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):

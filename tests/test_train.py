@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,8 +17,9 @@ from wandb.proto import wandb_internal_pb2
 from data.targets import PointClouds, target_distances
 from models.gaga import GAGA
 from pipeline import extract, targets, train
-from pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss, warmup_cosine
-from tests.conftest import make_cfg
+from pipeline.common import warmup_cosine
+from pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
+from tests.conftest import encodes_alike_in_a_fresh_process, make_cfg
 
 # ---------------------------------------------------------------- losses
 
@@ -143,17 +142,8 @@ def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_proces
         assert name in (out / "README.md").read_text()
     # Reload in a fresh process: the same encodings, bit for bit.
     out = Path(result["geometries"]["weekdays"]["gaga_out"]["path"])
-    shipped = GAGA.from_pretrained(out).eval()
     h = torch.randn(50, 32)
-    torch.save(h, tmp_path / "h.pt")
-    torch.save(shipped.encode(h).detach(), tmp_path / "z.pt")
-    script = (
-        "import sys, torch; from models.gaga import GAGA; "
-        f"m = GAGA.from_pretrained(r'{out}'); "
-        f"z = m.encode(torch.load(r'{tmp_path / 'h.pt'}', weights_only=True)); "
-        f"sys.exit(0 if torch.equal(z, torch.load(r'{tmp_path / 'z.pt'}', weights_only=True)) else 1)"
-    )
-    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+    assert encodes_alike_in_a_fresh_process(out, h, GAGA.from_pretrained(out).eval().encode(h).detach(), tmp_path)
     # A current export is not retrained.
     assert train.run(cfg)["geometries"] == result["geometries"]
 
