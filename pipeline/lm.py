@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from data.tasks import Prompt, Task
-from models.lm import load_causal_lm, position_ids_for
+from models.lm import capture_residual, load_causal_lm, position_ids_for, replace_last_token
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import (
     StageError,
@@ -37,25 +37,53 @@ from pipeline.common import (
 
 
 class TaskLMSystem(L.LightningModule):
-    """Next-token cross-entropy on the answer token; AdamW, linear warm-up, cosine decay."""
+    """Next-token cross-entropy on the answer token; AdamW, linear warm-up, cosine decay.
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, max_steps: int):
+    With `interchange > 0` a second term trains the answer to be *mediated* by
+    block `layer`'s last-token residual (interchange intervention training,
+    Geiger et al. 2022): each row's residual there is swapped with another
+    row's, and the model must then give that other row's answer. Without it, the
+    later blocks may read the answer's ingredients from the context directly, and
+    replacing the residual (which is what steering does) moves nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                 layer: int = 0, interchange: float = 0.0):  # fmt: skip
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
 
-    def training_step(self, batch, _batch_idx):
-        input_ids, attention_mask, answer, soft = batch  # (B, T), (B, T), (B,), (B, V)
-        keep = attention_mask.any(0)  # drop columns that are padding in every row
-        input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
-        logits = self.model(
+    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-position logits. (B, T), (B, T) → (B, V)"""
+        return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_for(attention_mask),
             use_cache=False,
             logits_to_keep=1,
-        ).logits[:, -1]  # (B, V)
+        ).logits[:, -1]
+
+    def swapped_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Last-position logits when block `layer`'s output at the last position is h. (B, T), (B, T), (B, d) → (B, V)"""
+        with replace_last_token(self.model, self.hparams.layer, h):
+            return self.answer_logits(input_ids, attention_mask)
+
+    def training_step(self, batch, _batch_idx):
+        input_ids, attention_mask, answer, soft = batch  # (B, T), (B, T), (B,), (B, V)
+        keep = attention_mask.any(0)  # drop columns that are padding in every row
+        input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
+        hp = self.hparams
+        last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)  # left padding
+        with capture_residual(self.model, hp.layer, last) as captured:
+            logits = self.answer_logits(input_ids, attention_mask)  # (B, V)
         loss = F.cross_entropy(logits, soft)
+        if hp.interchange:
+            donor = torch.randperm(len(input_ids), device=input_ids.device)  # seeded by seed_everything
+            swapped = self.swapped_logits(input_ids, attention_mask, captured["h"][donor])  # should answer as the donor
+            swap_loss = F.cross_entropy(swapped, soft[donor])
+            loss = loss + hp.interchange * swap_loss
+            self.log("train/swap_loss", swap_loss)
+            self.log("train/swap_accuracy", (swapped.argmax(-1) == answer[donor]).float().mean(), prog_bar=True)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == answer).float().mean(), prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -112,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
         )
     tasks = load_tasks(cfg)
     out = Path(cfg.model.pretrained)
-    fp = fingerprint({"lm": cfg.lm, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed})
+    fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed})
     if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
         return done
     work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
@@ -131,7 +159,7 @@ def run(cfg: DictConfig) -> dict:
     sampler = WeightedRandomSampler(weights, num_samples=len(data), generator=torch.Generator().manual_seed(cfg.seed))
     loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
 
-    system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps)
+    system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps, cfg.model.layer, a.interchange)
     # The latest state every 250 steps, always as last.ckpt (no monitor, top-1 by recency).
     checkpoint = ModelCheckpoint(
         dirpath=work / "checkpoints", filename="last", every_n_train_steps=250, enable_version_counter=False

@@ -20,7 +20,7 @@ from models.lm import (
     replace_last_token,
 )
 from models.task_lm import build_word_tokenizer
-from pipeline.lm import encode_prompts
+from pipeline.lm import TaskLMSystem, encode_prompts
 from tests.conftest import TASK_DIR
 
 LAYER = 1
@@ -177,3 +177,21 @@ def test_soft_answers_keep_the_answer_on_top_and_spread_the_rest_over_its_neighb
         m = 0.3 * p.number / max(task.numbers)  # more uncertainty for longer counts
         expected = {value_ids[k]: m * w + (1 - m if k == j else 0.0) for k, w in task.neighbourhood(j, 1.0).items()}
         assert all(soft[i, t].item() == pytest.approx(v) for t, v in expected.items())
+
+
+def test_interchange_swap_of_a_rows_own_residual_is_a_no_op_and_a_donors_changes_the_answer(lm):
+    model, tok = lm
+    enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
+    system = TaskLMSystem(model, lr=1e-3, weight_decay=0.0, warmup_steps=1, max_steps=2, layer=LAYER, interchange=1.0)
+    last = torch.full((2,), enc.input_ids.shape[1] - 1)
+    with torch.no_grad():
+        with capture_residual(model, LAYER, last) as cap:
+            plain = system.answer_logits(enc.input_ids, enc.attention_mask)
+        own = system.swapped_logits(enc.input_ids, enc.attention_mask, cap["h"])
+        donor = system.swapped_logits(enc.input_ids, enc.attention_mask, cap["h"].flip(0))
+    torch.testing.assert_close(own, plain)
+    assert not torch.allclose(donor, plain)
+    # What the LM answers from a donor's residual is what steering reads: the same hook, the same position.
+    with torch.no_grad(), replace_last_token(model, LAYER, cap["h"].flip(0)):
+        hooked = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits[:, -1]
+    torch.testing.assert_close(donor, hooked)
