@@ -1,12 +1,13 @@
-"""GAGA training speed: steps/s at d = 256 and d = 4096 (batch 256), and the data-loading share of a step.
+"""Geometry training speed: steps/s at d = 256 and d = 4096 (batch 256), and the data-loading share of a step.
 
 A synthetic ages task (its 4,725 prompts and K answer classes, h on a noisy
 closed curve, q peaked at each point's class) goes through the real files:
 the activation store (`data.store`), the targets stage's own per-task work
 (`pipeline.targets.task_targets`: split, Hellinger, PHATE, pair std), and
-then the real training loop (`pipeline.train.PointCloudData` feeding
-`pipeline.gaga.GAGASystem` in a Lightning Trainer), for GAGA-Out (Hellinger
-targets, m = K+1 columns) and GAGA-PHATE (PHATE targets, m = N columns).
+then the real training loop (`pipeline.train.PointCloudData` feeding each
+family's system in a Lightning Trainer), for GAGA-Out (Hellinger targets,
+m = K+1 columns), GAGA-PHATE (PHATE targets, m = N columns) and INNSteer
+(8 FrEIA AllInOneBlocks on raw h; classes from the Hellinger targets).
 
 Lightning's SimpleProfiler splits each training step into fetching the next
 batch from the DataLoader (`train_dataloader_next`) and the rest of the step
@@ -39,9 +40,8 @@ from data.store import write_store, write_task_group
 from data.targets import PairwiseTargets, targets_path
 from data.tasks import ConceptSchema, load_task
 from pipeline.common import CONFIG_DIR, to_plain
-from pipeline.gaga import GAGASystem
 from pipeline.targets import task_targets
-from pipeline.train import PointCloudData, build_gaga
+from pipeline.train import FAMILIES, PointCloudData
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 BATCH = 256
@@ -88,9 +88,10 @@ def one_case(targets_file: Path, geometry: str, epochs: int) -> dict:
     val = PairwiseTargets(targets_file, g["target"], "val")
     x = train[torch.as_tensor(train.rows)]["x"]
     L.seed_everything(0)
-    model, _ = build_gaga(g, x.shape[1], len(load_task("ages", CONFIG_DIR / "task").concepts), {})
+    family, K = FAMILIES[g["family"]], len(load_task("ages", CONFIG_DIR / "task").concepts)
+    model, _ = family.build(g, x.shape[1], K, {}, 0)
     model.fit_normalisation(x)
-    system = GAGASystem(model, train.scale, **g["loss"], **g["optim"], coords_are_hellinger=g["target"] == "hellinger")
+    system = family.system(model, g, train, K)
     data = PointCloudData(train, val, BATCH, g["min_steps_per_epoch"], 0, g["num_workers"])
     profiler = SimpleProfiler(dirpath=targets_file.parent, filename=f"profile-{geometry}")  # not to stdout
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
@@ -125,7 +126,7 @@ def main() -> None:
     for d in args.dims:
         with tempfile.TemporaryDirectory() as tmp:
             path = synthetic_targets(Path(tmp), d)
-            for geometry in ("gaga_out", "gaga_phate"):
+            for geometry in ("gaga_out", "gaga_phate", "innsteer"):
                 cases[f"{geometry}_d{d}"] = case = one_case(path, geometry, args.epochs)
                 print(f"{geometry} d={d}: {case['steps_per_s']} steps/s, data loading "
                       f"{100 * case['data_loading_share']:.1f}% ({case['fetch_ms']} of "

@@ -14,14 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from models.geodesics import PCA
-
-
-class GeometryMismatch(ValueError):
-    """A checkpoint used with activations it was not trained on; the message names both."""
+from models.hub import ShippedGeometry
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -34,7 +29,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class GAGA(nn.Module, PyTorchModelHubMixin, tags=["geosteer", "gaga", "steering-geometry"]):
+class GAGA(nn.Module, ShippedGeometry, tags=["geosteer", "gaga", "steering-geometry"]):
     """Encoder and decoder of one learned geometry.
 
     Args:
@@ -60,9 +55,7 @@ class GAGA(nn.Module, PyTorchModelHubMixin, tags=["geosteer", "gaga", "steering-
         ambient = pca_dim or input_dim
         self.register_buffer("shift", torch.zeros(ambient))  # μ of the ambient inputs
         self.register_buffer("scale", torch.ones(()))  # σ, one scalar
-        if pca_dim is not None:
-            self.register_buffer("pca_mean", torch.zeros(input_dim))
-            self.register_buffer("pca_components", torch.eye(pca_dim, input_dim))  # (D, d), orthonormal rows
+        self.register_ambient()
         self.encoder = mlp([ambient, *hidden, latent_dim])
         self.decoder = mlp([latent_dim, *reversed(hidden), ambient])
         self.readout = nn.Linear(latent_dim, readout_dim) if readout_dim else None
@@ -70,17 +63,9 @@ class GAGA(nn.Module, PyTorchModelHubMixin, tags=["geosteer", "gaga", "steering-
     @torch.no_grad()
     def fit_normalisation(self, h: torch.Tensor) -> None:
         """Set the PCA projection (if any) and the standardisation from training activations h (N, d)."""
-        if self.pca_dim is not None:
-            pca = PCA.fit(h, self.pca_dim)
-            self.pca_mean.copy_(pca.mean)
-            self.pca_components.copy_(pca.components)
-        a = self.ambient(h)
+        a = self.fit_ambient(h)
         self.shift.copy_(a.mean(0))
         self.scale.copy_((a - a.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12))  # one std over all entries
-
-    def ambient(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw activations to the ambient space. (B, d) → (B, D)"""
-        return h if self.pca_dim is None else (h - self.pca_mean) @ self.pca_components.T
 
     def standardise(self, a: torch.Tensor) -> torch.Tensor:
         return (a - self.shift) / self.scale  # (B, D)
@@ -104,17 +89,3 @@ class GAGA(nn.Module, PyTorchModelHubMixin, tags=["geosteer", "gaga", "steering-
         """Latent and reconstruction in standardised units. (B, d) → (B, k), (B, D)"""
         z = self.encode(h)
         return z, self.decoder(z)
-
-    def check_compatible(self, d: int, layer: int) -> None:
-        """Refuse activations of another width or layer than the ones this geometry was trained on."""
-        trained_layer = self.meta.get("layer")
-        if d != self.input_dim or (trained_layer is not None and layer != trained_layer):
-            raise GeometryMismatch(
-                f"this geometry was trained on d={self.input_dim} activations of layer {trained_layer}, "
-                f"but the store holds d={d} at layer {layer}. Use the store it was trained on, "
-                f"or train a geometry for this one (pipeline stage=train)."
-            )
-
-    @classmethod
-    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
-        return super()._from_pretrained(strict=strict, **kwargs)  # every tensor must be in the file

@@ -2,7 +2,8 @@
 
 One contract, `Metric`: `jacobian(x)` maps points (B, D) to factors (B, r, D),
 and `lam` is λ_reg. Plug-ins:
-- `EncoderPullback`: J_E = ∂E/∂x of any encoder (GAGA, Sun et al. 2025).
+- `EncoderPullback`: J_E = ∂E/∂x of any encoder (GAGA, Sun et al. 2025); `pullback_of`
+  gives it for a shipped geometry's `encode`, so INNSteer's flow φ defines G_φ = J_φᵀJ_φ.
 - `OutputPullback`: J_s = ∂√q(tail(h))/∂h, the analytical output metric G_out.
 - `FisherPullback`: FishBack's full-vocabulary Fisher G_F = J_zᵀ(diag p − ppᵀ)J_z,
   factored as rows √p_v (∇z_v − ∇E_p[z]) so that no V×V matrix is formed.
@@ -11,11 +12,10 @@ Plus the FishBack diagnostics of a metric's spectrum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
-from torch import nn
 
 from models.lm import concept_probs, replace_last_token
 from models.tail import CarrierTail, log_concept_probs, sqrt_q_head_jacobian
@@ -54,9 +54,9 @@ def effective_dimensionality(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderPullback:
-    """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any nn.Module taking (B, D); eval mode)."""
+    """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any module or function of (B, D) rows; eval mode)."""
 
-    def __init__(self, encoder: nn.Module, lam: float = 0.0):
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], lam: float = 0.0):
         self.encoder, self.lam = encoder, lam
 
     @torch.enable_grad()
@@ -66,6 +66,16 @@ class EncoderPullback:
         k = z.shape[1]  # one reverse pass per latent coordinate, batched over points: faster than vmap(jacrev) here
         rows = [torch.autograd.grad(z[:, r].sum(), x, retain_graph=r < k - 1)[0] for r in range(k)]
         return torch.stack(rows, 1)  # (B, k, D)
+
+
+def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:
+    """The metric a shipped geometry (GAGA, InnSteer) defines on raw activations h: J_encodeᵀ J_encode + λI.
+
+    For INNSteer, J_φ is square (or D × d with PCA) and its latent is flat, so the
+    G_φ-geodesics are exactly φ⁻¹ of straight latent lines: the steering paths.
+    """
+    geometry.eval()
+    return EncoderPullback(geometry.encode, lam)
 
 
 def _pullback_rows(forward, cotangents, x: torch.Tensor, max_batch: int) -> torch.Tensor:

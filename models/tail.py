@@ -157,8 +157,6 @@ class CarrierTail:
                     use_cache=False,
                 )
             return out.last_hidden_state[:, -1]
-        from transformers import DynamicCache
-
         with _skip_blocks(self.model, self.layer, h, self.as_tuple):
             out = decoder(
                 input_ids=self.input_ids[carrier, -1:],

@@ -1,6 +1,8 @@
 """The GAGA training system (Sun et al. 2025; SPEC §4): the losses, the schedule and their logging.
 
-The network is `models.gaga.GAGA`; this module owns everything about training it.
+The network is `models.gaga.GAGA`; this module owns everything about training it,
+and the family interface `pipeline.train` calls: `check`, `build`, `system`,
+`MONITOR`, `evaluate`, `headline` and `model_card`.
 A batch is a point cloud of B activations with their target coordinates; the
 B(B−1)/2 target distances are formed here, on the training device.
 """
@@ -8,14 +10,23 @@ B(B−1)/2 target distances are formed here, on the training device.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import matplotlib
+import numpy as np
 import torch
+from omegaconf import DictConfig
 from scipy.stats import spearmanr
 
-from data.targets import target_distances
+from data.targets import PairwiseTargets, target_distances
+from data.tasks import Task
 from models.gaga import GAGA
-from pipeline.common import warmup_cosine
+from pipeline.common import StageError, adamw_warmup_cosine
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -107,11 +118,8 @@ class GAGASystem(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = max(1, round(hp.warmup_fraction * total))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.model.parameters(), hp.lr, hp.weight_decay, max(1, round(hp.warmup_fraction * total)), total)
 
 
 @torch.no_grad()
@@ -120,3 +128,127 @@ def distance_quality(z: torch.Tensor, coords: torch.Tensor) -> dict[str, float]:
     latent, target = torch.pdist(z.double()), torch.pdist(coords.double())
     pearson = torch.corrcoef(torch.stack([latent, target]))[0, 1]
     return {"pearson": float(pearson), "spearman": float(spearmanr(latent.cpu(), target.cpu()).statistic)}
+
+
+# ---- the family interface used by pipeline.train ----------------------------------------------
+
+MONITOR = "val/dist"  # best checkpoint and early stopping
+
+
+def check(name: str, g: dict[str, Any]) -> None:
+    """Refuse settings that cannot train, naming the fix."""
+    if g["loss"]["pointwise"] and g["target"] != "hellinger":
+        raise StageError(
+            f"geometry '{name}': loss.pointwise={g['loss']['pointwise']} fits √q, which needs target=hellinger "
+            f"(it is {g['target']}); set geometry.{name}.loss.pointwise=0."
+        )
+
+
+def build(g: dict[str, Any], d: int, K: int, meta: dict[str, Any], _seed: int) -> tuple[GAGA, dict[str, Any]]:
+    """The untrained network of a GAGA geometry config and its constructor arguments."""
+    ctor = {
+        "input_dim": d,
+        "latent_dim": g["latent_dim"] or K,
+        "hidden": list(g["hidden"]),
+        "pca_dim": g["pca_dim"],
+        "readout_dim": K + 1 if g["loss"]["pointwise"] else None,
+    }
+    if ctor["pca_dim"] is not None and ctor["pca_dim"] > d:
+        raise StageError(f"pca_dim={ctor['pca_dim']} exceeds the activation width d={d}; set pca_dim to at most {d}.")
+    return GAGA(**ctor, meta=meta), ctor
+
+
+
+def system(model: GAGA, g: dict[str, Any], train: PairwiseTargets, _K: int) -> GAGASystem:
+    return GAGASystem(model, train.scale, **g["loss"], **g["optim"], coords_are_hellinger=g["target"] == "hellinger")
+
+
+@torch.no_grad()
+def evaluate(_cfg: DictConfig, task: Task, _g: dict[str, Any], model: GAGA, train: PairwiseTargets,
+             val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
+    """Val Spearman/Pearson of latent vs target distances; draws `folder/training.png`."""
+    z = model.encode(train[torch.arange(len(train.labels))]["x"])  # (N, k), every store row
+    val_rows = torch.as_tensor(val.rows)
+    val_coords = val[val_rows]["coords"]  # (N_val, m)
+    quality = distance_quality(z[val_rows], val_coords)
+    metrics = {"val_spearman": quality["spearman"], "val_pearson": quality["pearson"]}
+    figure(task, model.meta.get("geometry", "gaga"), z, train.labels, val_rows, val_coords, train.scale, metrics,
+           folder / "training.png")  # fmt: skip
+    return metrics
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    return {"val_spearman": round(metrics["val_spearman"], 4)}
+
+
+def model_card(ctor: dict[str, Any], meta: dict[str, Any]) -> str:
+    m, task = meta["metrics"], meta["task"]
+    return f"""---
+library_name: geosteer
+tags: [geosteer, gaga, steering-geometry, {task["name"]}]
+---
+# {meta["geometry"]}: a learned steering geometry of {meta["lm"]} on {task["name"]}
+
+A GAGA encoder/decoder (Sun et al. 2025) trained by geosteer on the residual
+stream of `{meta["lm"]}` after decoder block {meta["layer"]}, at the last prompt
+token of the `{task["name"]}` task ({len(task["values"])} values, {task["topology"]}).
+Its encoder E: R^{ctor["input_dim"]} → R^{ctor["latent_dim"]} matches latent distances to
+**{meta["target"]}** target distances (divided by their training-pair std,
+{meta["target_scale"]:.4g}); the pullback `J_Eᵀ J_E` of E is the steering metric.
+
+| | |
+|---|---|
+| ambient space | {"PCA(%d) of h" % ctor["pca_dim"] if ctor["pca_dim"] else "raw h"} |
+| hidden widths | {ctor["hidden"]} |
+| val Spearman, latent vs target distances | {m["val_spearman"]:.4f} |
+| val Pearson | {m["val_pearson"]:.4f} |
+| best val L_dist | {m["best_val"]:.4g} |
+| epochs / steps | {m["epochs"]} / {m["steps"]} |
+| git SHA | {meta.get("git_sha")} |
+
+![training](training.png)
+
+## Use
+
+```python
+from models.gaga import GAGA
+
+geometry = GAGA.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
+geometry.check_compatible(d=h.shape[-1], layer={meta["layer"]})
+z = geometry.encode(h)  # h: (B, {ctor["input_dim"]}) activations at block {meta["layer"]} → (B, {ctor["latent_dim"]})
+```
+
+`config.json` holds the constructor arguments and, under `meta`, the LM, layer,
+task schema, target and training metrics.
+"""
+
+
+def figure(task: Task, name: str, z: torch.Tensor, labels: np.ndarray, val_rows: torch.Tensor,
+           val_coords: torch.Tensor, scale: float, metrics: dict[str, Any], path: Path) -> None:  # fmt: skip
+    """Latent scatter (3-D when k ≥ 3) coloured by answer class, and val target vs latent distances."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plt.figure(figsize=(11, 4.8))
+    z3 = z.double()
+    if z3.shape[1] > 3:  # the top-3 principal directions of the latent
+        z3 = (z3 - z3.mean(0)) @ torch.linalg.svd(z3 - z3.mean(0), full_matrices=False).Vh[:3].T
+    cmap = "twilight" if task.topology == "cyclic" else "viridis"
+    if z3.shape[1] >= 3:
+        ax = fig.add_subplot(1, 2, 1, projection="3d")
+        sc = ax.scatter(*z3[:, :3].T.numpy(), c=labels, cmap=cmap, s=6)
+    else:
+        ax = fig.add_subplot(1, 2, 1)
+        sc = ax.scatter(z3[:, 0].numpy(), z3[:, -1].numpy(), c=labels, cmap=cmap, s=6)
+    fig.colorbar(sc, ax=ax, shrink=0.7, label="answer class")
+    ax.set_title(f"{task.name} / {name}: latent")
+    ax = fig.add_subplot(1, 2, 2)
+    latent, target = torch.pdist(z[val_rows]).numpy(), (torch.pdist(val_coords) / scale).numpy()
+    keep = np.random.default_rng(0).permutation(len(latent))[:20000]
+    ax.scatter(target[keep], latent[keep], s=2, alpha=0.3)
+    lim = max(target.max(), latent.max())
+    ax.plot([0, lim], [0, lim], "k--", lw=0.8)
+    ax.set(xlabel="target distance d̂", ylabel="latent distance", title=f"val pairs: Spearman {metrics['val_spearman']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+

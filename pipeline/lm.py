@@ -31,7 +31,7 @@ from pipeline.common import (
     make_logger,
     replace_dir,
     to_plain,
-    warmup_cosine,
+    adamw_warmup_cosine,
     write_stamp,
 )
 
@@ -91,9 +91,7 @@ class TaskLMSystem(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps, hp.max_steps)
 
 
 def value_token(tokenizer, value: str) -> int:

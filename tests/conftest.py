@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -9,26 +11,59 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from wandb.proto import wandb_internal_pb2
 
 from data.tasks import load_task
+from pipeline import extract, targets
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import CONFIG_DIR
 
 TASK_DIR = CONFIG_DIR / "task"
 
 
-def encodes_alike_in_a_fresh_process(folder: Path, h: torch.Tensor, z: torch.Tensor, scratch: Path) -> bool:
-    """Whether `GAGA.from_pretrained(folder)` in a new Python process, in eval mode, maps h to exactly z."""
+def encodes_alike_in_a_fresh_process(folder: Path, h: torch.Tensor, z: torch.Tensor, scratch: Path,
+                                      family: str = "gaga:GAGA") -> bool:  # fmt: skip
+    """Whether `<family>.from_pretrained(folder)` in a new Python process, in eval mode, encodes h to exactly z.
+
+    `family` is "<module under models>:<class>", e.g. "innsteer:InnSteer".
+    """
     torch.save(h, scratch / "h.pt")
     torch.save(z, scratch / "z.pt")
+    module, cls = family.split(":")
     script = (
-        "import sys, torch; from models.gaga import GAGA; "
-        f"m = GAGA.from_pretrained(r'{folder}'); "
+        f"import sys, torch; from models.{module} import {cls}; "
+        f"m = {cls}.from_pretrained(r'{folder}'); "
         f"h = torch.load(r'{scratch / 'h.pt'}', weights_only=True); "
         f"z = torch.load(r'{scratch / 'z.pt'}', weights_only=True); "
         "sys.exit(0 if torch.equal(m.encode(h), z) and not m.training else 1)"
     )
     return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+
+
+def wandb_records(run_dir: Path) -> list:
+    """Every record of a W&B run's `.wandb` transaction log (LevelDB-style log of protobuf `Record`s)."""
+    (path,) = run_dir.glob("run-*.wandb")
+    data, block, pos = path.read_bytes(), 32768, 7  # a 7-byte file header, then 32 KiB blocks
+    records, payload = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE/LAST sequence
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def wandb_history(records: list) -> list[dict]:
+    """The logged rows of a run's records, keys joined ("a/b" keys are stored nested)."""
+    name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
+    return [{name(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
 
 
 def make_cfg(tmp_path: Path, *overrides: str):
@@ -66,3 +101,33 @@ def tiny_cfg(tmp_path, tiny_lm_dir):
         "extract.batch_size=32",
         *o,
     )
+
+
+# ---------------------------------------------------------------- geometry training
+
+SMALL = {"batch_size": 64, "min_steps_per_epoch": 4}  # every geometry
+SMALL_BY_NAME = {"gaga_out": {"hidden": "[32,16]"}, "gaga_phate": {"hidden": "[32,16]", "pca_dim": 16}}
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_lm_dir):
+    """Activations and targets of weekdays from the tiny LM, and a config maker for training runs on them."""
+    root = tmp_path_factory.mktemp("train")
+    tiny = [f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]"]
+    base = make_cfg(root, "run_name=base", *tiny)
+    extract.run(base)
+    targets.run(base)
+
+    def cfg(run_name, *overrides, geometries=("gaga_out",), epochs=3):
+        run_dir = root / run_name
+        run_dir.mkdir(exist_ok=True)
+        for product in ("extract", "targets"):
+            if not (run_dir / product).exists():
+                (run_dir / product).symlink_to(root / "base" / product)
+        small = [f"geometry=[{','.join(geometries)}]"]
+        for g in geometries:
+            settings = {**SMALL, "max_epochs": epochs, **SMALL_BY_NAME.get(g, {})}
+            small += [f"geometry.{g}.{k}={v}" for k, v in settings.items()]
+        return make_cfg(root, f"run_name={run_name}", *tiny, *small, *overrides)
+
+    return cfg

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.gaga import GAGA, GeometryMismatch
+from models.gaga import GAGA
+from models.hub import GeometryMismatch
 from models.metrics import EncoderPullback
 from tests.conftest import encodes_alike_in_a_fresh_process
 

@@ -91,12 +91,17 @@ def test_lm_extract_targets_end_to_end(tmp_path):
         "lm.num_layers=3",
         "model.layer=1",
         *(f"geometry.{g}.{k}={v}" for g in ("gaga_out", "gaga_phate") for k, v in (("max_epochs", 2), ("hidden", "[16]"))),
+        "geometry.innsteer.max_epochs=2",
+        "geometry.innsteer.num_blocks=2",
+        "geometry.innsteer.hidden=16",
+        "geometry.innsteer.pca_dim=8",
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)
     result = cli.run(cfg)
     assert list(result) == ["lm", "extract", "targets", "train"]
-    assert set(result["train"]["val_spearman"]) == {"weekdays", "months"}
-    assert all(set(s) == {"gaga_out", "gaga_phate"} for s in result["train"]["val_spearman"].values())
+    assert set(result["train"]["summary"]) == {"weekdays", "months"}
+    assert all(set(s) == {"gaga_out", "gaga_phate", "innsteer"} for s in result["train"]["summary"].values())
+    assert all(0 <= s["innsteer"]["steering_success_mean"] <= 1 for s in result["train"]["summary"].values())
     assert set(result["lm"]["accuracy"]) == {"weekdays", "months"}
     assert result["lm"]["accuracy"]["months"] > 1 / 12, "200 steps must beat chance"
     with _store(cfg) as store:

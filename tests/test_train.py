@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from wandb.proto import wandb_internal_pb2
 
 from data.targets import PointClouds, target_distances
 from models.gaga import GAGA
-from pipeline import extract, targets, train
+from pipeline import train
 from pipeline.common import warmup_cosine
 from pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
-from tests.conftest import encodes_alike_in_a_fresh_process, make_cfg
+from tests.conftest import encodes_alike_in_a_fresh_process, wandb_history, wandb_records
 
 # ---------------------------------------------------------------- losses
 
@@ -97,38 +95,10 @@ def test_point_clouds_are_seeded_and_disjoint_across_ranks():
 
 # ---------------------------------------------------------------- stage=train
 
-SMALL = {"hidden": "[32,16]", "batch_size": 64, "min_steps_per_epoch": 4}  # every geometry
-SMALL_PCA = {"pca_dim": 16}  # the PCA ambient space within d = 32
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_lm_dir):
-    """Activations and targets of weekdays from the tiny LM, and a config maker for training runs on them."""
-    root = tmp_path_factory.mktemp("train")
-    tiny = [f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]"]
-    base = make_cfg(root, "run_name=base", *tiny)
-    extract.run(base)
-    targets.run(base)
-
-    def cfg(run_name, *overrides, geometries=("gaga_out",), epochs=3):
-        run_dir = root / run_name
-        run_dir.mkdir(exist_ok=True)
-        for product in ("extract", "targets"):
-            if not (run_dir / product).exists():
-                (run_dir / product).symlink_to(root / "base" / product)
-        small = [f"geometry=[{','.join(geometries)}]"]
-        for g in geometries:
-            settings = {**SMALL, "max_epochs": epochs, **(SMALL_PCA if g == "gaga_phate" else {})}
-            small += [f"geometry.{g}.{k}={v}" for k, v in settings.items()]
-        return make_cfg(root, f"run_name={run_name}", *tiny, *small, *overrides)
-
-    return cfg
-
-
 def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_process(prepared, tmp_path):
     cfg = prepared("export", geometries=("gaga_out", "gaga_phate"))
     result = train.run(cfg)
-    assert set(result["val_spearman"]["weekdays"]) == {"gaga_out", "gaga_phate"}
+    assert set(result["summary"]["weekdays"]) == {"gaga_out", "gaga_phate"}
     for name, latent in (("gaga_out", 7), ("gaga_phate", 3)):
         out = Path(result["geometries"]["weekdays"][name]["path"])
         assert sorted(p.name for p in out.iterdir()) == [
@@ -148,39 +118,18 @@ def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_proces
     assert train.run(cfg)["geometries"] == result["geometries"]
 
 
-def _wandb_records(run_dir: Path) -> list:
-    """Every record of a W&B run's `.wandb` transaction log (LevelDB-style log of protobuf `Record`s)."""
-    (path,) = run_dir.glob("run-*.wandb")
-    data, block, pos = path.read_bytes(), 32768, 7  # a 7-byte file header, then 32 KiB blocks
-    records, payload = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE/LAST sequence
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
-            records.append(record)
-            payload = b""
-    return records
-
-
 def test_wandb_offline_run_holds_the_logged_metrics_config_and_figure(prepared):
     cfg = prepared("wandb", "logger=wandb")
     result = train.run(cfg)["geometries"]["weekdays"]["gaga_out"]
     (run_dir,) = (Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*")
-    records = _wandb_records(run_dir)
-    name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  ("a/b" keys are stored nested)
-    history = [{name(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
+    records = wandb_records(run_dir)
+    history = wandb_history(records)
     keys = set().union(*history)
     assert {"train/loss", "train/dist", "train/rec", "train/pointwise", "train/lr"} <= keys
     assert {"val/dist", "val/spearman", "val/pearson", "final/val_spearman"} <= keys
     assert [h["final/val_spearman"] for h in history if "final/val_spearman" in h] == [result["val_spearman"]]
     assert sum("val/spearman" in h for h in history) == 3, "one validation per epoch"
-    config = {name(i): i.value_json for r in records if r.HasField("config") for i in r.config.update}
+    config = {i.key or "/".join(i.nested_key): i.value_json for r in records if r.HasField("config") for i in r.config.update}
     assert "git_sha" in config and json.loads(config["config"])["geometry"]["gaga_out"]["target"] == "hellinger"
     assert (run_dir / "files" / "media" / "images").is_dir(), "the training figure is logged"
 

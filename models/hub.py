@@ -1,0 +1,57 @@
+"""What every shipped geometry shares: strict safetensors + JSON loading, a compatibility check,
+and the optional PCA ambient space.
+
+A geometry is an `nn.Module` that also subclasses `ShippedGeometry`. It keeps its
+constructor arguments in `config.json` and JSON-able facts (LM, layer, task,
+metrics) in `self.meta`; `from_pretrained` never unpickles.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+
+from models.geodesics import PCA
+
+
+class GeometryMismatch(ValueError):
+    """A checkpoint used with activations it was not trained on; the message names both."""
+
+
+class ShippedGeometry(PyTorchModelHubMixin):
+    input_dim: int
+    pca_dim: int | None
+    meta: dict
+
+    def register_ambient(self) -> None:
+        """Buffers of the PCA projection, when `pca_dim` is set (call in `__init__`)."""
+        if self.pca_dim is not None:
+            self.register_buffer("pca_mean", torch.zeros(self.input_dim))
+            self.register_buffer("pca_components", torch.eye(self.pca_dim, self.input_dim))  # (D, d), orthonormal rows
+
+    @torch.no_grad()
+    def fit_ambient(self, h: torch.Tensor) -> torch.Tensor:
+        """Fit the PCA projection (if any) to training activations h (N, d); their ambient coordinates (N, D)."""
+        if self.pca_dim is not None:
+            pca = PCA.fit(h, self.pca_dim)
+            self.pca_mean.copy_(pca.mean)
+            self.pca_components.copy_(pca.components)
+        return self.ambient(h)
+
+    def ambient(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw activations to the ambient space: h itself, or its PCA coordinates. (B, d) → (B, D)"""
+        return h if self.pca_dim is None else (h - self.pca_mean) @ self.pca_components.T
+
+    def check_compatible(self, d: int, layer: int) -> None:
+        """Refuse activations of another width or layer than the ones this geometry was trained on."""
+        trained_layer = self.meta.get("layer")
+        if d != self.input_dim or (trained_layer is not None and layer != trained_layer):
+            raise GeometryMismatch(
+                f"this geometry was trained on d={self.input_dim} activations of layer {trained_layer}, "
+                f"but the store holds d={d} at layer {layer}. Use the store it was trained on, "
+                f"or train a geometry for this one (pipeline stage=train)."
+            )
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        return super()._from_pretrained(strict=strict, **kwargs)  # every tensor must be in the file

@@ -1,0 +1,370 @@
+"""The INNSteer training system (SPEC §8) and its steering test through the LM.
+
+The network is `models.innsteer.InnSteer`; this module owns the objective, its
+logging, the non-finite guard, `steering_success`, which injects steered
+activations into the real LM and reads its answer back, and the family interface
+`pipeline.train` calls (`check`, `build`, `system`, `MONITOR`, `evaluate`,
+`headline`, `model_card`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from sklearn.linear_model import LogisticRegression
+
+from data.store import ActivationStore
+from data.targets import PairwiseTargets
+from data.tasks import Task
+from models.innsteer import BLOCKS, InnSteer
+from models.lm import load_causal_lm
+from models.tail import CarrierTail, log_concept_probs
+from pipeline.common import StageError, adamw_warmup_cosine
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+class NonFiniteTraining(RuntimeError):
+    """The loss or a gradient became NaN/inf; raised before the optimiser step writes it into the weights."""
+
+
+def classes_of(coords: torch.Tensor, K: int) -> torch.Tensor:
+    """Label-free answer classes: the arg-max concept of q, from Hellinger coordinates √q/√2. (B, K+1) → (B,)"""
+    return coords[:, :K].argmax(1)
+
+
+def nll(z: torch.Tensor, log_det: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """mean_i [½‖z_i − m_i‖² − log|det J_φ(x_i)|], each point's unit-Gaussian NLL about its centre m_i. (B, D), (B,), (B, D)
+
+    With m_i = μ_{c_i} this is SPEC §8's class-conditional objective.
+    """
+    return (0.5 * (z - centres).pow(2).sum(1) - log_det).mean()
+
+
+def soft_centres(coords: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Σ_c q̃_ic μ_c, q̃ the concept part of q renormalised, from Hellinger coordinates √q/√2. (B, K+1), (K, D) → (B, D)"""
+    q = 2 * coords[:, : len(means)].pow(2)
+    return (q / q.sum(1, keepdim=True).clamp_min(1e-12)) @ means
+
+
+def round_trip_error(model: InnSteer, h: torch.Tensor) -> torch.Tensor:
+    """‖φ⁻¹(φ(x)) − x‖ / ‖x‖ per point, x the ambient input. (B, d) → (B,)"""
+    x = model.ambient(h)
+    return (model.inverse(model.encode(h))[0] - x).norm(dim=1) / x.norm(dim=1)
+
+
+class InnSteerSystem(L.LightningModule):
+    """Fits an InnSteer by maximum likelihood with one learned latent mean per class.
+
+    Args:
+        model: the flow, its normalisation already fitted on the training activations.
+        num_classes: K; classes are the arg-max concept of each point's q.
+        lr, weight_decay, warmup_fraction: AdamW with linear warm-up then cosine decay.
+        grad_clip: gradient-norm clip, applied by the system (so every trainer honours it).
+        noise: std of Gaussian noise added to the standardised training inputs, a smoothing
+            regulariser against memorising the few points per class; 0 turns it off.
+        centres: "argmax", each point's Gaussian at its arg-max class's mean (SPEC §8), or
+            "soft", at the q-weighted mean of the class means (`soft_centres`).
+    """
+
+    def __init__(self, model: InnSteer, num_classes: int, lr: float, weight_decay: float, warmup_fraction: float,
+                 grad_clip: float, noise: float = 0.0, centres: str = "argmax"):  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s = self.model.standardise(batch["x"])  # (B, D)
+        if self.training and self.hparams.noise:
+            s = s + self.hparams.noise * torch.randn_like(s)
+        z, log_det = self.model.latent(s)  # (B, D), (B,)
+        classes = classes_of(batch["coords"], self.hparams.num_classes)
+        soft = self.hparams.centres == "soft"
+        loss = nll(z, log_det, soft_centres(batch["coords"], self.model.means) if soft else self.model.means[classes])
+        return {
+            "nll": loss,
+            "nll_per_dim": loss / z.shape[1],
+            "log_det_mean": log_det.mean(),
+            "log_det_std": log_det.std() if len(log_det) > 1 else log_det.new_zeros(()),
+            "class_accuracy": (self.model.classify(z) == classes).float().mean(),
+        }
+
+    def training_step(self, batch, _batch_idx):
+        terms = self.terms(batch)
+        if not torch.isfinite(terms["nll"]):
+            raise NonFiniteTraining(
+                f"INNSteer loss is {terms['nll'].item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                f"stopped before the optimiser step, so no checkpoint holds it. Lower optim.lr, clamp or num_blocks."
+            )
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True, batch_size=len(batch["x"]))
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=False, on_epoch=True)
+        return terms["nll"]
+
+    def on_before_optimizer_step(self, optimizer):
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
+        if not torch.isfinite(norm):
+            raise NonFiniteTraining(
+                f"INNSteer gradient norm is {norm.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                f"stopped before the optimiser step, so no checkpoint holds it. Lower optim.lr, clamp or num_blocks."
+            )
+        self.log("train/grad_norm", norm, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch, _batch_idx):
+        n = len(batch["x"])
+        self.log_dict({f"val/{k}": v for k, v in self.terms(batch).items()}, sync_dist=True, batch_size=n)
+        round_trip = round_trip_error(self.model, batch["x"]).max()
+        self.log("val/round_trip_max", round_trip, sync_dist=True, reduce_fx="max", batch_size=n)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = int(self.trainer.estimated_stepping_batches)
+        return adamw_warmup_cosine(self.model.parameters(), hp.lr, hp.weight_decay, max(1, round(hp.warmup_fraction * total)), total)
+
+
+def linear_probe_accuracy(z_train: torch.Tensor, y_train: np.ndarray, z_val: torch.Tensor, y_val: np.ndarray, seed: int) -> float:
+    """Accuracy on val of a multinomial logistic regression fitted on train latents.
+
+    With a single training class (an LM that always gives the same answer) the probe can only predict it.
+    """
+    if len(np.unique(y_train)) < 2:
+        return float((y_val == y_train[0]).mean())
+    probe = LogisticRegression(max_iter=2000, random_state=seed).fit(z_train.double().numpy(), y_train)
+    return float((probe.predict(z_val.double().numpy()) == y_val).mean())
+
+
+ALL_PAIRS_MAX_K = 12  # SPEC §9: every class pair when K ≤ 12, else a seeded sample
+
+
+def steering_pairs(classes: Sequence[int], max_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """Every ordered pair (a, b), a ≠ b, of `classes` when there are at most 12 of them; else a seeded sample of `max_pairs`."""
+    pairs = [(a, b) for a in classes for b in classes if a != b]
+    if len(classes) <= ALL_PAIRS_MAX_K or len(pairs) <= max_pairs:
+        return pairs
+    keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
+    return [pairs[i] for i in sorted(keep)]
+
+
+@torch.no_grad()
+def steering_success(model: InnSteer, lm, tokenizer, layer: int, prompts: Sequence[str], classes: np.ndarray,
+                     variant_ids, pairs: Sequence[tuple[int, int]], alpha: float, n_carriers: int,
+                     seed: int) -> dict[tuple[int, int], float]:  # fmt: skip
+    """For each pair (a, b): the fraction of class-a carriers whose arg-max q is b after `steer(h, a, b, alpha)`.
+
+    Carriers are a seeded sample of up to `n_carriers` prompts whose own arg-max
+    concept is a. The steered h replaces block `layer`'s output at each carrier's last
+    position (`CarrierTail`, the injection hook's cached form), and q is read from the LM.
+    """
+    rng = np.random.default_rng(seed)
+    rates: dict[tuple[int, int], float] = {}
+    for a in sorted({a for a, _ in pairs}):
+        rows = np.flatnonzero(classes == a)
+        if len(rows) == 0:
+            continue
+        rows = np.sort(rng.choice(rows, min(n_carriers, len(rows)), replace=False))
+        enc = tokenizer([prompts[i] for i in rows], padding=True, return_tensors="pt").to(lm.device)
+        tail = CarrierTail(lm, layer, enc.input_ids, enc.attention_mask)
+        targets = [b for x, b in pairs if x == a]
+        C = len(rows)
+        h = tail.h.float().repeat(len(targets), 1)  # (T·C, d), row t·C + c
+        target = torch.tensor(targets).repeat_interleave(C)
+        steered = model.steer(h.to(model.means.device), a, target.to(model.means.device), alpha)
+        carrier = torch.arange(C, device=tail.h.device).repeat(len(targets))
+        q = log_concept_probs(tail.logits(steered.to(tail.h), carrier), variant_ids).exp()  # (T·C, K+1)
+        hit = (q.argmax(1).cpu() == target).float().view(len(targets), C).mean(1)
+        rates.update({(a, b): float(r) for b, r in zip(targets, hit)})
+    return rates
+
+
+# ---- the family interface used by pipeline.train ----------------------------------------------
+
+MONITOR = "val/nll"  # best checkpoint and early stopping
+
+
+def check(name: str, g: dict[str, Any]) -> None:
+    """Refuse settings that cannot train, naming the fix."""
+    if g["target"] != "hellinger":
+        raise StageError(
+            f"geometry '{name}': INNSteer takes its classes from arg-max q, which it reads from the Hellinger "
+            f"targets; set geometry.{name}.target=hellinger (it is {g['target']})."
+        )
+    if g["block"] not in BLOCKS:
+        raise StageError(f"geometry '{name}': block={g['block']!r} is not supported; use one of {sorted(BLOCKS)}.")
+
+
+def build(g: dict[str, Any], d: int, K: int, meta: dict[str, Any], seed: int) -> tuple[InnSteer, dict[str, Any]]:
+    """The untrained flow of an INNSteer geometry config and its constructor arguments."""
+    ctor = {"input_dim": d, "num_classes": K, "pca_dim": g["pca_dim"], "block": g["block"],
+            "num_blocks": g["num_blocks"], "hidden": g["hidden"], "depth": g["depth"], "clamp": g["clamp"],
+            "seed": seed}  # fmt: skip
+    if ctor["pca_dim"] is not None and not 2 <= ctor["pca_dim"] <= d:
+        raise StageError(f"pca_dim={ctor['pca_dim']} must lie in [2, d={d}]; set pca_dim to at most {d}, or null.")
+    return InnSteer(**ctor, meta=meta), ctor
+
+
+@torch.no_grad()
+def system(model: InnSteer, g: dict[str, Any], train: PairwiseTargets, K: int) -> InnSteerSystem:
+    """The training system, with each class mean starting at its class's mean latent under the untrained flow."""
+    data = train[torch.as_tensor(train.rows)]
+    z, classes = model.encode(data["x"]), classes_of(data["coords"], K)  # (N, D), (N,)
+    for c in classes.unique():
+        model.means[c] = z[classes == c].mean(0)
+    return InnSteerSystem(model, K, **g["optim"], noise=g["noise"], centres=g["centres"])
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, train: PairwiseTargets,
+             val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
+    """Round trip, log-det symmetry, class separability on val, and steering success through the LM.
+
+    Draws `folder/training.png`: the latent by class, and the success of every steered pair.
+    """
+    K, every = len(task.concepts), torch.arange(len(train.labels))
+    data = train[every]
+    h, classes = data["x"], classes_of(data["coords"], K).numpy()  # (N, d), (N,)
+    z, log_det = model(h)
+    tr, va = torch.as_tensor(train.rows), torch.as_tensor(val.rows)
+    back, inv_log_det = model.inverse(z[va])
+    x_val = model.ambient(h[va])
+    round_trip = (back - x_val).norm(dim=1) / x_val.norm(dim=1)
+    steering = g["steering"]
+    # Only classes the LM gives for some training prompt have a learned mean to steer from or to.
+    pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed)
+    rates = lm_steering_success(cfg, task, model, train, classes, pairs, steering["alpha"], steering["carriers"])
+    values = np.array(list(rates.values()))
+    metrics = {
+        "round_trip_max": float(round_trip.max()),
+        "round_trip_median": float(round_trip.median()),
+        "log_det_symmetry": float((log_det[va] + inv_log_det).abs().max()),
+        "val_class_accuracy": float((model.classify(z[va]).numpy() == classes[va.numpy()]).mean()),
+        "val_probe_accuracy": linear_probe_accuracy(z[tr], classes[tr.numpy()], z[va], classes[va.numpy()], cfg.seed),
+        "steering_alpha": steering["alpha"],
+        "steering_pairs": len(rates),
+        "steering_success_mean": float(values.mean()),
+        "steering_success_min": float(values.min()),
+        "steering_pairs_at_least_0.8": float((values >= 0.8).mean()),
+        "steering_success": {f"{task.concepts[a]}->{task.concepts[b]}": r for (a, b), r in rates.items()},
+    }
+    figure(task, z, classes, model.means, rates, metrics, folder / "training.png")
+    return metrics
+
+
+def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: PairwiseTargets, classes: np.ndarray,
+                        pairs: list[tuple[int, int]], alpha: float, n_carriers: int) -> dict[tuple[int, int], float]:  # fmt: skip
+    """`steering_success` on the LM and prompts the geometry's activations came from."""
+    m = cfg.model
+    with ActivationStore(train.path.parent / str(train.attrs["activations"])) as store:
+        source, layer = str(store.attrs["model_pretrained"]), int(store.attrs["layer"])
+        prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in store.group(task.name)["prompt"][:]]
+        variant_ids = store.schema(task.name).variant_ids
+    if source != str(m.pretrained) or layer != m.layer:
+        raise StageError(
+            f"the {task.name} activations come from {source} at layer {layer}, but model.pretrained={m.pretrained} "
+            f"and model.layer={m.layer}: INNSteer's steering test needs the LM and layer they came from. "
+            f"Select that model, or re-run stage=extract and stage=targets for this one."
+        )
+    lm, tokenizer = _shared_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
+    return steering_success(model, lm, tokenizer, m.layer, prompts, classes, variant_ids, pairs, alpha, n_carriers, cfg.seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_lm(pretrained: str, dtype: str, revision: str | None, trust_remote_code: bool, device_map: str | None):
+    """The LM, loaded once for all tasks of a stage (on the GPU when there is one and no device_map)."""
+    lm, tokenizer = load_causal_lm(pretrained, dtype, revision, trust_remote_code, device_map)
+    if device_map is None and torch.cuda.is_available():
+        lm = lm.cuda()
+    return lm, tokenizer
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    return {"val_probe_accuracy": round(metrics["val_probe_accuracy"], 4),
+            "steering_success_mean": round(metrics["steering_success_mean"], 4),
+            "steering_success_min": round(metrics["steering_success_min"], 4)}  # fmt: skip
+
+
+def figure(task: Task, z: torch.Tensor, classes: np.ndarray, means: torch.Tensor, rates: dict[tuple[int, int], float],
+           metrics: dict[str, Any], path: Path) -> None:  # fmt: skip
+    """The latent's top-2 principal plane by class with the class means, and the steering success of every pair."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.8))
+    centre = z.double().mean(0)
+    basis = torch.linalg.svd(z.double() - centre, full_matrices=False).Vh[:2].T  # (D, 2)
+    z2, m2 = ((z.double() - centre) @ basis).numpy(), ((means.double() - centre) @ basis).numpy()
+    cmap = "twilight" if task.topology == "cyclic" else "viridis"
+    sc = ax.scatter(z2[:, 0], z2[:, 1], c=classes, cmap=cmap, s=6, vmin=0, vmax=len(task.concepts) - 1)
+    ax.scatter(m2[:, 0], m2[:, 1], c=np.arange(len(m2)), cmap=cmap, s=90, marker="X", edgecolors="k",
+               vmin=0, vmax=len(task.concepts) - 1)  # fmt: skip
+    fig.colorbar(sc, ax=ax, shrink=0.8, label="class (arg-max q)")
+    ax.set(title=f"{task.name} / INNSteer latent (PC 1–2), X = class means",
+           xlabel=f"val linear probe {metrics['val_probe_accuracy']:.3f}")  # fmt: skip
+    K = len(task.concepts)
+    grid = np.full((K, K), np.nan)
+    for (a, b), r in rates.items():
+        grid[a, b] = r
+    im = bx.imshow(grid, vmin=0, vmax=1, cmap="magma")
+    fig.colorbar(im, ax=bx, shrink=0.8, label="carriers whose arg-max q becomes b")
+    ticks = np.arange(K) if K <= 26 else np.arange(0, K, 10)
+    bx.set(xticks=ticks, yticks=ticks, xlabel="target class b", ylabel="source class a",
+           title=f"steering α={metrics['steering_alpha']:g}: mean {metrics['steering_success_mean']:.2f}, "
+                 f"min {metrics['steering_success_min']:.2f}")  # fmt: skip
+    if K <= 12:
+        bx.set(xticklabels=[task.concepts[i] for i in ticks], yticklabels=[task.concepts[i] for i in ticks])
+        bx.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def model_card(ctor: dict[str, Any], meta: dict[str, Any]) -> str:
+    m, task = meta["metrics"], meta["task"]
+    ambient = f"PCA({ctor['pca_dim']}) of h (steering keeps the rest of h)" if ctor["pca_dim"] else "raw h"
+    return f"""---
+library_name: geosteer
+tags: [geosteer, innsteer, normalizing-flow, steering-geometry, {task["name"]}]
+---
+# {meta["geometry"]}: invertible latent steering of {meta["lm"]} on {task["name"]}
+
+An INNSteer flow (arXiv 2606.08454; SPEC §8 of geosteer) trained on the residual
+stream of `{meta["lm"]}` after decoder block {meta["layer"]}, at the last prompt
+token of the `{task["name"]}` task ({len(task["values"])} values, {task["topology"]}).
+φ, a FrEIA `SequenceINN` of {ctor["num_blocks"]} `{ctor["block"]}` coupling blocks, maps
+standardised activations to a latent where each answer class (arg-max q) is a
+unit Gaussian around a learned mean μ_c. Steering from class a to b is
+`h' = φ⁻¹(φ(h) + α(μ_b − μ_a))`, a straight line in the latent and a geodesic of
+the pullback metric `J_φᵀ J_φ`.
+
+| | |
+|---|---|
+| ambient space | {ambient} |
+| subnet | {ctor["depth"]} hidden layer(s) of {ctor["hidden"]}, clamp {ctor["clamp"]} |
+| round trip ‖φ⁻¹(φ(x)) − x‖/‖x‖ on val, max | {m["round_trip_max"]:.2e} |
+| val linear-probe accuracy (latent) | {m["val_probe_accuracy"]:.4f} |
+| steering α={m["steering_alpha"]:g}: carriers moved to b, mean / min over {m["steering_pairs"]} pairs | {m["steering_success_mean"]:.3f} / {m["steering_success_min"]:.3f} |
+| best val NLL | {m["best_val"]:.4g} |
+| epochs / steps | {m["epochs"]} / {m["steps"]} |
+| git SHA | {meta.get("git_sha")} |
+
+![training](training.png)
+
+## Use
+
+```python
+from models.innsteer import InnSteer
+
+flow = InnSteer.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
+flow.check_compatible(d=h.shape[-1], layer={meta["layer"]})
+h_steered = flow.steer(h, source=a, target=b, alpha=torch.linspace(0, 1, 9))  # (9, B, {ctor["input_dim"]})
+```
+
+Class indices follow the task's concepts: {list(task["values"])[:12]}{" …" if len(task["values"]) > 12 else ""}.
+`config.json` holds the constructor arguments and, under `meta`, the LM, layer,
+task schema and training metrics, including the success of every steered pair.
+"""
