@@ -1,0 +1,73 @@
+"""GeodesicBridge: an amortised curve generator between two activations (SPEC §5).
+
+    γ(t; x_a, x_b) = (1−t)·x_a + t·x_b + 4t(1−t) · s · σ ⊙ MLP([x̃_a, x̃_b, t])
+
+The chord plus a bump that vanishes at both ends, so γ(0) = x_a and γ(1) = x_b
+exactly, whatever the network. x̃ are the endpoints standardised per dimension
+(shift μ, scale σ, fitted on training activations); the MLP's output is in those
+standardised units, and s is a learned scalar gain that starts at zero, so an
+untrained bridge is the chord. One call evaluates a batch of pairs on a time
+grid; `velocity` gives γ̇ by forward-mode differentiation in t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import jvp
+
+from models.hub import ShippedGeometry
+
+
+def pullback_speed2(encode, curve: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """‖J_E(γ_t) γ̇_t‖² at every point of every curve, by one forward-mode pass through E (no Jacobian formed).
+
+    `encode` maps rows (N, d) → (N, k), each row independently (eval mode). curve, velocity (P, T, d) → (P, T)
+    """
+    P, T, d = curve.shape
+    _, moved = jvp(encode, (curve.reshape(P * T, d),), (velocity.reshape(P * T, d),))  # (P·T, k)
+    return moved.pow(2).sum(1).view(P, T)
+
+
+class GeodesicBridge(nn.Module, ShippedGeometry, tags=["geosteer", "geodesic-bridge", "steering-geometry"]):
+    """Curves between pairs of activations.
+
+    Args:
+        input_dim: d, the width of the activations.
+        hidden: widths of the MLP's hidden layers (SiLU, so that γ is smooth in t).
+        meta: JSON-able facts to ship with the weights (LM, layer, the encoder it was trained against).
+    """
+
+    def __init__(self, input_dim: int, hidden: list[int] | tuple[int, ...] = (256, 256), meta: dict[str, Any] | None = None):
+        super().__init__()
+        self.input_dim, self.pca_dim, self.meta = input_dim, None, meta or {}
+        self.register_buffer("shift", torch.zeros(input_dim))
+        self.register_buffer("scale", torch.ones(input_dim))
+        sizes = [2 * input_dim + 1, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        layers.append(nn.Linear(sizes[-1], input_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.gain = nn.Parameter(torch.zeros(()))  # s
+
+    @torch.no_grad()
+    def fit_normalisation(self, h: torch.Tensor) -> None:
+        """Per-dimension standardisation of the endpoints from training activations h (N, d)."""
+        self.shift.copy_(h.mean(0))
+        self.scale.copy_(h.std(0).clamp_min(1e-6 * h.std(0).max()))
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """γ at every time of every pair. x_a, x_b (P, d), t (T,) in [0, 1] → (P, T, d)"""
+        P, T = len(x_a), len(t)
+        ends = torch.cat([(x_a - self.shift) / self.scale, (x_b - self.shift) / self.scale], 1)  # (P, 2d)
+        inputs = torch.cat([ends.unsqueeze(1).expand(P, T, -1), t.view(1, T, 1).expand(P, T, 1).to(ends)], 2)
+        bump = self.gain * self.scale * self.mlp(inputs)  # (P, T, d)
+        t = t.view(1, T, 1).to(x_a)
+        return (1 - t) * x_a.unsqueeze(1) + t * x_b.unsqueeze(1) + 4 * t * (1 - t) * bump
+
+    def velocity(self, x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ and γ̇ = ∂γ/∂t, by one forward-mode pass in t (each γ(·, t_j) depends on t_j alone). → (P, T, d) twice"""
+        return jvp(lambda s: self(x_a, x_b, s), (t,), (torch.ones_like(t),))
