@@ -309,13 +309,19 @@ class PairwiseTargets:
                 )
             arrays = store.read(task, ["h", "label"])
         x = torch.from_numpy(arrays["h"]).float()
-        self._data = {"rows": rows, "x": x, "label": arrays["label"], "coords": coords, "scale": scale, "attrs": attrs}
+        self._data = {"rows": rows, "x": x, "label": arrays["label"], "coords": coords, "scale": scale, "attrs": attrs,
+                      "store": Path(store_path)}  # fmt: skip
         return self._data
 
     @property
     def attrs(self) -> dict[str, Any]:
         """The targets file's attributes (task, layer, model_name, …) and the cache keys of this target and split."""
         return self._load()["attrs"]
+
+    @property
+    def store_path(self) -> Path:
+        """The activation store these targets were computed from."""
+        return self._load()["store"]
 
     @property
     def labels(self) -> np.ndarray:

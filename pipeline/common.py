@@ -31,6 +31,10 @@ class StageError(RuntimeError):
     """A stage refused to run; the message names the bad value and the fix."""
 
 
+class NonFiniteTraining(RuntimeError):
+    """A loss or gradient became NaN/inf; a system raises it before the optimiser step writes it into the weights."""
+
+
 def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 

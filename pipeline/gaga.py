@@ -79,7 +79,8 @@ class GAGASystem(L.LightningModule):
         coords_are_hellinger: bool,
     ):
         super().__init__()
-        assert not pointwise or (model.readout is not None and coords_are_hellinger), "pointwise: √q read-out"
+        if pointwise and (model.readout is None or not coords_are_hellinger):
+            raise ValueError("the pointwise loss needs Hellinger targets and a read-out (readout_dim=K+1)")
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -156,7 +157,6 @@ def build(g: dict[str, Any], d: int, K: int, meta: dict[str, Any], _seed: int) -
     if ctor["pca_dim"] is not None and ctor["pca_dim"] > d:
         raise StageError(f"pca_dim={ctor['pca_dim']} exceeds the activation width d={d}; set pca_dim to at most {d}.")
     return GAGA(**ctor, meta=meta), ctor
-
 
 
 def system(model: GAGA, g: dict[str, Any], train: PairwiseTargets, _K: int) -> GAGASystem:
@@ -250,5 +250,3 @@ def figure(task: Task, name: str, z: torch.Tensor, labels: np.ndarray, val_rows:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-

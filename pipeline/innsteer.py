@@ -27,14 +27,10 @@ from data.tasks import Task
 from models.innsteer import BLOCKS, InnSteer
 from models.lm import load_causal_lm
 from models.tail import CarrierTail, log_concept_probs
-from pipeline.common import StageError, adamw_warmup_cosine
+from pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-
-
-class NonFiniteTraining(RuntimeError):
-    """The loss or a gradient became NaN/inf; raised before the optimiser step writes it into the weights."""
 
 
 def classes_of(coords: torch.Tensor, K: int) -> torch.Tensor:
@@ -166,9 +162,7 @@ def steering_success(model: InnSteer, lm, tokenizer, layer: int, prompts: Sequen
     rng = np.random.default_rng(seed)
     rates: dict[tuple[int, int], float] = {}
     for a in sorted({a for a, _ in pairs}):
-        rows = np.flatnonzero(classes == a)
-        if len(rows) == 0:
-            continue
+        rows = np.flatnonzero(classes == a)  # never empty: pairs come from classes with training rows
         rows = np.sort(rng.choice(rows, min(n_carriers, len(rows)), replace=False))
         enc = tokenizer([prompts[i] for i in rows], padding=True, return_tensors="pt").to(lm.device)
         tail = CarrierTail(lm, layer, enc.input_ids, enc.attention_mask)
@@ -261,9 +255,9 @@ def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: Pai
                         pairs: list[tuple[int, int]], alpha: float, n_carriers: int) -> dict[tuple[int, int], float]:  # fmt: skip
     """`steering_success` on the LM and prompts the geometry's activations came from."""
     m = cfg.model
-    with ActivationStore(train.path.parent / str(train.attrs["activations"])) as store:
+    with ActivationStore(train.store_path) as store:
         source, layer = str(store.attrs["model_pretrained"]), int(store.attrs["layer"])
-        prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in store.group(task.name)["prompt"][:]]
+        prompts = store.read(task.name, ["prompt"])["prompt"]
         variant_ids = store.schema(task.name).variant_ids
     if source != str(m.pretrained) or layer != m.layer:
         raise StageError(

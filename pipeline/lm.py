@@ -23,6 +23,7 @@ from models.lm import capture_residual, load_causal_lm, position_ids_for, replac
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import (
     StageError,
+    adamw_warmup_cosine,
     close_logger,
     current_result,
     fingerprint,
@@ -31,7 +32,6 @@ from pipeline.common import (
     make_logger,
     replace_dir,
     to_plain,
-    adamw_warmup_cosine,
     write_stamp,
 )
 

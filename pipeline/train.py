@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from data.targets import PairwiseTargets, PointClouds, TargetError, targets_path
 from data.tasks import Task
 from pipeline.common import (
+    NonFiniteTraining,
     StageError,
     atomic_write_text,
     close_logger,
@@ -135,7 +136,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
         log.info("resuming %s/%s from %s", task.name, name, last)
     try:
         trainer.fit(system, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
-    except (innsteer.NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
+    except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
         if logger:
             close_logger(logger)
         raise StageError(f"training {task.name}/{name} failed: {e}\nIts checkpoints are kept in {work}; "
