@@ -5,8 +5,9 @@
 The chord plus a bump that vanishes at both ends, so γ(0) = x_a and γ(1) = x_b
 exactly, whatever the network. x̃ are the endpoints standardised per dimension
 (shift μ, scale σ, fitted on training activations); the MLP's output is in those
-standardised units, and s is a learned scalar gain that starts at zero, so an
-untrained bridge is the chord. One call evaluates a batch of pairs on a time
+standardised units and s is a learned scalar gain. The MLP's last layer starts
+at zero (and s at one), so an untrained bridge is the chord and every layer gets
+a gradient from the first step. One call evaluates a batch of pairs on a time
 grid; `velocity` gives γ̇ by forward-mode differentiation in t.
 """
 
@@ -19,6 +20,12 @@ from torch import nn
 from torch.func import jvp
 
 from models.hub import ShippedGeometry
+
+
+def chord(x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(1−t)·x_a + t·x_b at every time of every pair. (P, d), (P, d), (T,) → (P, T, d)"""
+    t = t.view(1, -1, 1).to(x_a)
+    return (1 - t) * x_a.unsqueeze(1) + t * x_b.unsqueeze(1)
 
 
 def pullback_speed2(encode, curve: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -50,8 +57,10 @@ class GeodesicBridge(nn.Module, ShippedGeometry, tags=["geosteer", "geodesic-bri
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.SiLU()]
         layers.append(nn.Linear(sizes[-1], input_dim))
+        nn.init.zeros_(layers[-1].weight)  # the bump starts at zero: an untrained bridge is the chord
+        nn.init.zeros_(layers[-1].bias)
         self.mlp = nn.Sequential(*layers)
-        self.gain = nn.Parameter(torch.zeros(()))  # s
+        self.gain = nn.Parameter(torch.ones(()))  # s
 
     @torch.no_grad()
     def fit_normalisation(self, h: torch.Tensor) -> None:
@@ -65,8 +74,8 @@ class GeodesicBridge(nn.Module, ShippedGeometry, tags=["geosteer", "geodesic-bri
         ends = torch.cat([(x_a - self.shift) / self.scale, (x_b - self.shift) / self.scale], 1)  # (P, 2d)
         inputs = torch.cat([ends.unsqueeze(1).expand(P, T, -1), t.view(1, T, 1).expand(P, T, 1).to(ends)], 2)
         bump = self.gain * self.scale * self.mlp(inputs)  # (P, T, d)
-        t = t.view(1, T, 1).to(x_a)
-        return (1 - t) * x_a.unsqueeze(1) + t * x_b.unsqueeze(1) + 4 * t * (1 - t) * bump
+        envelope = 4 * t * (1 - t)
+        return chord(x_a, x_b, t) + envelope.view(1, T, 1).to(bump) * bump
 
     def velocity(self, x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """γ and γ̇ = ∂γ/∂t, by one forward-mode pass in t (each γ(·, t_j) depends on t_j alone). → (P, T, d) twice"""

@@ -68,6 +68,15 @@ class EncoderPullback:
         return torch.stack(rows, 1)  # (B, k, D)
 
 
+def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
+    """λ_reg = rel × the metric's eigenvalue scale: the mean of JᵀJ's (at most min(r, D)) non-zero eigenvalues over x.
+
+    SPEC §4 sets λ_reg to 1e-3 of that scale. trace(JᵀJ) = ‖J‖²_F, so no eigenvalue is computed. x (B, D)
+    """
+    J = metric.jacobian(x)  # (B, r, D)
+    return rel * float(J.pow(2).sum((1, 2)).mean()) / min(J.shape[1:])
+
+
 def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:
     """The metric a shipped geometry (GAGA, InnSteer) defines on raw activations h: J_encodeᵀ J_encode + λI.
 
