@@ -5,9 +5,10 @@ live in a work folder beside the export, so a crashed run resumes from
 `last.ckpt` (and continues the same W&B run); a finished export is stamped with
 the config that made it and skipped when current. The export folder
 `<run>/geometry/<task>/<name>/` holds `model.safetensors`, `config.json` and a
-model card, and loads with `<Family>.from_pretrained(path)` (`GAGA`, `InnSteer`).
-Everything family-specific (network, system, final metrics, figure, model card)
-lives in the family's module, `pipeline.gaga` or `pipeline.innsteer`.
+model card, and loads with `<Family>.from_pretrained(path)` (`GAGA`, `InnSteer`,
+`GeodesicBridge`). Everything family-specific (network, system, final metrics,
+figure, model card) lives in the family's module: `pipeline.gaga`,
+`pipeline.innsteer` or `pipeline.bridge`.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ from pipeline.common import (
     to_plain,
     write_stamp,
 )
-from pipeline import gaga, innsteer
+from pipeline import bridge, gaga, innsteer
 
 GEOMETRY_SCHEMA_VERSION = 1
-# Each family module provides check, build, system, MONITOR, evaluate, headline and model_card.
-FAMILIES = {"gaga": gaga, "innsteer": innsteer}
+# Each family module provides check, build, system, MONITOR, evaluate, headline and model_card; one that
+# trains against other exported geometries also provides needs(cfg, task, name, g) -> {role: folder}.
+FAMILIES = {"gaga": gaga, "innsteer": innsteer, "bridge": bridge}
 
 
 class PointCloudData(L.LightningDataModule):
@@ -102,8 +104,14 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     val = PairwiseTargets(targets_file, g["target"], "val")
     attrs = train.attrs
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
-    fp = fingerprint({"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed,
-                      "trainer": trainer_cfg})  # fmt: skip
+    family = FAMILIES[g["family"]]
+    needs = family.needs(cfg, task, name, g) if hasattr(family, "needs") else {}  # {role: export folder}
+    needed = {role: export_facts(folder, Path(cfg.paths.run_dir)) for role, folder in needs.items()}
+    facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg}
+    if needed:  # retrain when what it trained against changes
+        facts["needs"] = {role: f["fingerprint"] for role, f in needed.items()}
+    fp = fingerprint(facts)
+    g = {**g, "needs": needs} if needs else g
     out = Path(cfg.paths.run_dir) / "geometry" / task.name / name
     if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
         return done
@@ -112,11 +120,12 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     start = time.perf_counter()
 
     L.seed_everything(cfg.seed, workers=True)
-    family = FAMILIES[g["family"]]
     x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
     meta = {"geometry": name, "family": g["family"], "target": g["target"], "target_scale": train.scale,
             "task": task.to_dict(), "lm": str(attrs["model_name"]), "layer": int(attrs["layer"]),
             "schema_version": GEOMETRY_SCHEMA_VERSION, "fingerprint": fp}  # fmt: skip
+    if needed:
+        meta["needs"] = needed
     model, ctor = family.build(g, x_train.shape[1], len(task.concepts), meta, cfg.seed)
     model.fit_normalisation(x_train)
     system = family.system(model, g, train, len(task.concepts))
@@ -175,6 +184,15 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     return result
 
 
+def export_facts(folder: Path, run_dir: Path) -> dict[str, Any]:
+    """Name, fingerprint and folder (relative to the run when inside it) of an exported geometry."""
+    meta = json.loads((folder / "config.json").read_text()).get("meta", {})
+    where = folder.resolve()
+    inside = where.is_relative_to(run_dir.resolve())
+    return {"geometry": meta.get("geometry"), "fingerprint": meta.get("fingerprint"),
+            "path": str(where.relative_to(run_dir.resolve()) if inside else folder)}  # fmt: skip
+
+
 def export(model: nn.Module, ctor: dict[str, Any], meta: dict[str, Any], card, folder: Path) -> None:
     """Weights to model.safetensors, constructor arguments and facts to config.json, and a model card."""
     shipped = type(model)(**ctor, meta=meta)
@@ -194,8 +212,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         raise StageError(f"no targets for {missing} under {targets_dir}; run `pipeline stage=targets` first.")
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
+    # Families that train against other exports (the bridge against a GAGA encoder) go last.
+    ordered = sorted(geometries.items(), key=lambda item: hasattr(FAMILIES[item[1]["family"]], "needs"))
     for task in tasks:
-        for name, g in geometries.items():
+        for name, g in ordered:
             try:
                 results.setdefault(task.name, {})[name] = train_geometry(
                     cfg, task, name, g, targets_path(targets_dir, task.name), callbacks

@@ -21,21 +21,22 @@ from pipeline.common import CONFIG_DIR
 TASK_DIR = CONFIG_DIR / "task"
 
 
-def encodes_alike_in_a_fresh_process(folder: Path, h: torch.Tensor, z: torch.Tensor, scratch: Path,
-                                      family: str = "gaga:GAGA") -> bool:  # fmt: skip
-    """Whether `<family>.from_pretrained(folder)` in a new Python process, in eval mode, encodes h to exactly z.
+def reloads_alike_in_a_fresh_process(folder: Path, args: tuple[torch.Tensor, ...], out: torch.Tensor, scratch: Path,
+                                     family: str = "gaga:GAGA", method: str = "encode") -> bool:  # fmt: skip
+    """Whether `<family>.from_pretrained(folder)` in a new Python process, in eval mode, maps args to exactly out.
 
-    `family` is "<module under models>:<class>", e.g. "innsteer:InnSteer".
+    `family` is "<module under models>:<class>", e.g. "innsteer:InnSteer"; `method` the one called
+    ("__call__" for the module itself).
     """
-    torch.save(h, scratch / "h.pt")
-    torch.save(z, scratch / "z.pt")
+    torch.save(list(args), scratch / "args.pt")
+    torch.save(out, scratch / "out.pt")
     module, cls = family.split(":")
     script = (
         f"import sys, torch; from models.{module} import {cls}; "
         f"m = {cls}.from_pretrained(r'{folder}'); "
-        f"h = torch.load(r'{scratch / 'h.pt'}', weights_only=True); "
-        f"z = torch.load(r'{scratch / 'z.pt'}', weights_only=True); "
-        "sys.exit(0 if torch.equal(m.encode(h), z) and not m.training else 1)"
+        f"args = torch.load(r'{scratch / 'args.pt'}', weights_only=True); "
+        f"out = torch.load(r'{scratch / 'out.pt'}', weights_only=True); "
+        f"sys.exit(0 if torch.equal(getattr(m, '{method}')(*args), out) and not m.training else 1)"
     )
     return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
 
@@ -106,7 +107,11 @@ def tiny_cfg(tmp_path, tiny_lm_dir):
 # ---------------------------------------------------------------- geometry training
 
 SMALL = {"batch_size": 64, "min_steps_per_epoch": 4}  # every geometry
-SMALL_BY_NAME = {"gaga_out": {"hidden": "[32,16]"}, "gaga_phate": {"hidden": "[32,16]", "pca_dim": 16}}
+SMALL_BY_NAME = {
+    "gaga_out": {"hidden": "[32,16]"},
+    "gaga_phate": {"hidden": "[32,16]", "pca_dim": 16},
+    "bridge": {"hidden": "[32]", "times": 8, "eval.pairs": 8, "eval.steps": 4},
+}
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from torch import nn
 from models.gaga import GAGA
 from models.hub import GeometryMismatch
 from models.metrics import EncoderPullback
-from tests.conftest import encodes_alike_in_a_fresh_process
+from tests.conftest import reloads_alike_in_a_fresh_process
 
 
 def _fitted(pca_dim=None, readout_dim=None, seed=0):
@@ -69,7 +69,7 @@ def test_export_reloads_in_a_fresh_process_with_bit_identical_encodings(tmp_path
     assert sorted(p.name for p in (tmp_path / "gaga").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "gaga" / "config.json").read_text())
     assert config["input_dim"] == 12 and config["pca_dim"] == 5 and config["meta"] == {"layer": 1, "lm": "embedded task LM"}
-    assert encodes_alike_in_a_fresh_process(tmp_path / "gaga", h, model.encode(h).detach(), tmp_path)
+    assert reloads_alike_in_a_fresh_process(tmp_path / "gaga", (h,), model.encode(h).detach(), tmp_path)
 
 
 def test_loading_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):

@@ -16,7 +16,7 @@ from models.metrics import metric_matrix, pullback_of
 from pipeline import train
 from pipeline.common import StageError
 from pipeline.innsteer import classes_of, nll, soft_centres, steering_pairs
-from tests.conftest import encodes_alike_in_a_fresh_process, wandb_history, wandb_records
+from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
 
 
 def _flow(block: str, pca_dim: int | None, d: int = 10, seed: int = 0) -> tuple[InnSteer, torch.Tensor]:
@@ -160,7 +160,7 @@ def test_innsteer_trains_exports_and_reloads_bit_identically(prepared, tmp_path)
     assert config["meta"]["metrics"]["steering_success_mean"] == result["steering_success_mean"]
     flow = InnSteer.from_pretrained(folder)
     h = torch.randn(5, flow.input_dim)
-    assert encodes_alike_in_a_fresh_process(folder, h, flow.encode(h), tmp_path, "innsteer:InnSteer")
+    assert reloads_alike_in_a_fresh_process(folder, (h,), flow.encode(h), tmp_path, "innsteer:InnSteer")
     assert (folder / "training.png").is_file() and "InnSteer.from_pretrained" in (folder / "README.md").read_text()
 
 

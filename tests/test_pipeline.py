@@ -95,12 +95,15 @@ def test_lm_extract_targets_end_to_end(tmp_path):
         "geometry.innsteer.num_blocks=2",
         "geometry.innsteer.hidden=16",
         "geometry.innsteer.pca_dim=8",
+        "geometry.bridge.max_epochs=2",
+        "geometry.bridge.hidden=[16]",
+        "geometry.bridge.eval.pairs=8",
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)
     result = cli.run(cfg)
     assert list(result) == ["lm", "extract", "targets", "train"]
     assert set(result["train"]["summary"]) == {"weekdays", "months"}
-    assert all(set(s) == {"gaga_out", "gaga_phate", "innsteer"} for s in result["train"]["summary"].values())
+    assert all(set(s) == {"gaga_out", "gaga_phate", "innsteer", "bridge"} for s in result["train"]["summary"].values())
     assert all(0 <= s["innsteer"]["steering_success_mean"] <= 1 for s in result["train"]["summary"].values())
     assert set(result["lm"]["accuracy"]) == {"weekdays", "months"}
     assert result["lm"]["accuracy"]["months"] > 1 / 12, "200 steps must beat chance"

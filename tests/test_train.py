@@ -17,7 +17,7 @@ from models.gaga import GAGA
 from pipeline import train
 from pipeline.common import warmup_cosine
 from pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
-from tests.conftest import encodes_alike_in_a_fresh_process, wandb_history, wandb_records
+from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
 
 # ---------------------------------------------------------------- losses
 
@@ -113,7 +113,7 @@ def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_proces
     # Reload in a fresh process: the same encodings, bit for bit.
     out = Path(result["geometries"]["weekdays"]["gaga_out"]["path"])
     h = torch.randn(50, 32)
-    assert encodes_alike_in_a_fresh_process(out, h, GAGA.from_pretrained(out).eval().encode(h).detach(), tmp_path)
+    assert reloads_alike_in_a_fresh_process(out, (h,), GAGA.from_pretrained(out).eval().encode(h).detach(), tmp_path)
     # A current export is not retrained.
     assert train.run(cfg)["geometries"] == result["geometries"]
 
