@@ -47,6 +47,7 @@ from data.tasks import Task
 from models.gaga import GAGA
 from models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
 from models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
+from models.hub import GeometryMismatch
 from models.metrics import EncoderPullback, regularisation
 from pipeline.common import StageError, adamw_warmup_cosine, timed
 
@@ -238,7 +239,10 @@ def needs(cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str
 
 def load_encoder(g: dict[str, Any], d: int, layer: int) -> GAGA:
     encoder = GAGA.from_pretrained(g["needs"]["encoder"]).eval()
-    encoder.check_compatible(d=d, layer=layer)
+    try:
+        encoder.check_compatible(d=d, layer=layer)
+    except GeometryMismatch as e:
+        raise StageError(f"the bridge's encoder {g['needs']['encoder']}: {e}") from e
     return encoder.requires_grad_(False)
 
 

@@ -268,6 +268,18 @@ def test_a_bridge_without_its_trained_encoder_is_refused_naming_the_fix(prepared
     assert not (Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "bridge").exists()
 
 
+def test_an_encoder_of_another_layer_or_width_is_refused_naming_both(tmp_path):
+    from pipeline.bridge import load_encoder
+
+    GAGA(32, 7, hidden=[16], meta={"layer": 2}).save_pretrained(tmp_path)
+    g = {"needs": {"encoder": tmp_path}}
+    assert load_encoder(g, d=32, layer=2).meta["layer"] == 2
+    with pytest.raises(StageError, match=r"trained on d=32 activations of layer 2, but the store holds d=32 at layer 1"):
+        load_encoder(g, d=32, layer=1)
+    with pytest.raises(StageError, match=r"the store holds d=64"):
+        load_encoder(g, d=64, layer=2)
+
+
 class _CrashBridgeAt(L.Callback):
     def __init__(self, epoch):
         self.epoch = epoch
