@@ -87,6 +87,15 @@ def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:
     return EncoderPullback(geometry.encode, lam)
 
 
+def carriers(carrier: int | torch.Tensor, start: int, h: torch.Tensor) -> torch.Tensor:
+    """Carrier indices of the points h, which start at point `start`: one pinned index, or a slice of per-point ones. → (N,)"""
+    if isinstance(carrier, torch.Tensor) and carrier.ndim == 1:
+        if start + len(h) > len(carrier):
+            raise ValueError(f"{len(carrier)} per-point carriers for points up to {start + len(h)}; give one carrier per point.")
+        return carrier[start : start + len(h)].to(h.device)
+    return torch.full((len(h),), int(carrier), device=h.device)
+
+
 def _pullback_rows(forward, cotangents, x: torch.Tensor, max_batch: int) -> torch.Tensor:
     """Rows cᵣᵀ ∂y/∂x for every point, by one reverse pass per chunk batched over the rows (vmap over the vjp).
 
@@ -112,35 +121,35 @@ def _identity_rows(R: int, b: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class OutputPullback:
-    """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h on one carrier (SPEC §6). Rows K+1, columns d.
+    """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h in a carrier's context (SPEC §6). Rows K+1, columns d.
 
     With a plain lm_head, ∂√q/∂u at the final hidden state u is taken in closed
     form and only the blocks after ℓ are differentiated (the "head trick").
 
     Args:
-        tail: the carriers' tail; `carrier` picks the one the metric is taken on.
+        tail: the carriers' tail.
+        carrier: the carrier the metric is taken on: an index pins one for every point (a solve's
+            canonical carrier); a tensor (B,) gives point i carrier[i] (each point in its own prompt).
         variant_ids: the concept schema (token ids per concept).
         max_batch: points per reverse pass (bounds memory).
     """
 
-    def __init__(self, tail: CarrierTail, variant_ids: Sequence[Sequence[int]], carrier: int = 0, lam: float = 0.0, max_batch: int = 64):
+    def __init__(self, tail: CarrierTail, variant_ids: Sequence[Sequence[int]], carrier: int | torch.Tensor = 0,
+                 lam: float = 0.0, max_batch: int = 64):  # fmt: skip
         self.tail, self.variant_ids, self.carrier, self.lam, self.max_batch = tail, variant_ids, carrier, lam, max_batch
 
-    def _carrier(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.full((n,), self.carrier, device=like.device)
-
-    def sqrt_q(self, h: torch.Tensor) -> torch.Tensor:
-        """s = √q at points h on the pinned carrier. (N, d) → (N, K+1)"""
-        return (0.5 * log_concept_probs(self.tail.logits(h, self._carrier(len(h), h)), self.variant_ids)).exp()
+    def sqrt_q(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """s = √q at points h (the points from `start` on), each on its carrier. (N, d) → (N, K+1)"""
+        return (0.5 * log_concept_probs(self.tail.logits(h, carriers(self.carrier, start, h)), self.variant_ids)).exp()
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         R, head = len(self.variant_ids) + 1, self.tail.head
         if head is None:  # logits are not head(hidden): differentiate through the whole tail
             rows = lambda y, s: _identity_rows(R, len(y), y)  # noqa: E731
-            return _pullback_rows(lambda xb, s: self.sqrt_q(xb), rows, x, self.max_batch)
+            return _pullback_rows(self.sqrt_q, rows, x, self.max_batch)
 
         def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:  # the final hidden state u (b, d)
-            return self.tail.hidden(xb, self._carrier(len(xb), xb))
+            return self.tail.hidden(xb, carriers(self.carrier, s, xb))
 
         def head_rows(u: torch.Tensor, s: int) -> torch.Tensor:  # ∂√q/∂u in closed form, (R, b, d)
             return sqrt_q_head_jacobian(head(u), head.weight, self.variant_ids).transpose(0, 1)
@@ -159,11 +168,13 @@ class FisherPullback:
     for vocabularies too large to take token by token.
     """
 
-    def __init__(self, tail: CarrierTail, carrier: int = 0, lam: float = 0.0, top_k: int | None = None, max_batch: int = 64):
+    def __init__(self, tail: CarrierTail, carrier: int | torch.Tensor = 0, lam: float = 0.0, top_k: int | None = None,
+                 max_batch: int = 64):  # fmt: skip
         self.tail, self.carrier, self.lam, self.top_k, self.max_batch = tail, carrier, lam, top_k, max_batch
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.tail.logits(h, torch.full((len(h),), self.carrier, device=h.device))  # (N, V)
+    def logits(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits at points h, each on its carrier (`carrier` as in `OutputPullback`). (N, d) → (N, V)"""
+        return self.tail.logits(h, carriers(self.carrier, start, h))
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -176,12 +187,12 @@ class FisherPullback:
             rows = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))  # (B, k, d) cotangents on u
 
             def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
-                return self.tail.hidden(xb, torch.full((len(xb),), self.carrier, device=xb.device))
+                return self.tail.hidden(xb, carriers(self.carrier, s, xb))
 
             return _pullback_rows(hidden, lambda u, s: rows[s : s + len(u)].transpose(0, 1), x, self.max_batch)
 
         def token_logits(xb: torch.Tensor, s: int) -> torch.Tensor:  # (b, k+1): the kept tokens' logits and E_p[z]
-            z = self.logits(xb)
+            z = self.logits(xb, s)
             return torch.cat([z.gather(1, tokens[s : s + len(xb)]), (p[s : s + len(xb)] * z).sum(1, keepdim=True)], 1)
 
         J = _pullback_rows(token_logits, lambda y, s: _identity_rows(k + 1, len(y), y), x, self.max_batch)  # (B, k+1, d)

@@ -135,6 +135,20 @@ def test_output_jacobian_equals_the_row_by_row_autograd_reference(lm, use_cache,
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
 
 
+@pytest.mark.parametrize("family", ["output", "fisher"])
+def test_per_point_carriers_equal_each_point_pinned_to_its_own(lm, family):
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    x = tail.h + 0.3 * torch.randn(4, 24, dtype=torch.float64)
+    make = (lambda c: OutputPullback(tail, VARIANTS, carrier=c, max_batch=3)) if family == "output" else (
+        lambda c: FisherPullback(tail, carrier=c, max_batch=3))  # fmt: skip
+    each = make(torch.tensor([2, 0, 3, 1])).jacobian(x)  # chunks of 3 points: the carriers must follow the chunks
+    for i, c in enumerate([2, 0, 3, 1]):
+        torch.testing.assert_close(each[i], make(c).jacobian(x[i : i + 1])[0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one carrier per point"):
+        make(torch.tensor([0, 1])).jacobian(x)
+
+
 def test_output_jacobian_of_an_affine_tail_has_the_closed_form(lm):
     """Steer after the last block with the final norm removed: the tail is z = W h, then softmax and √."""
     model, enc = lm
