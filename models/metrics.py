@@ -212,3 +212,50 @@ def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, varian
         s = concept_probs(logits.softmax(-1), variant_ids)[0].sqrt()  # (K+1,)
         out.append(torch.stack([torch.autograd.grad(s[r], h, retain_graph=True)[0] for r in range(len(s))]))
     return torch.stack(out)
+
+
+# ---------------------------------------------------------------- metric alignment (SPEC §9)
+
+
+def quadratic_forms(metric: Metric, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """vᵀG(x)v = ‖J v‖² + λ‖v‖² for n directions per point, G never formed. x (B, D), v (B, n, D) → (B, n)"""
+    Jv = torch.einsum("brd,bnd->bnr", metric.jacobian(x), v)  # (B, n, r)
+    return Jv.pow(2).sum(-1) + metric.lam * v.pow(2).sum(-1)
+
+
+def random_directions(B: int, n: int, D: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Unit directions, uniform on the sphere, on the generator's device. → (B, n, D)"""
+    v = torch.randn(B, n, D, generator=generator, dtype=dtype, device=generator.device)
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last axis, tied values taking their average rank. (..., n), (..., n) → (...)"""
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:  # average 1-based ranks: ties span positions lo … hi−1 of the sort
+        s = x.sort(-1).values.contiguous()
+        lo, hi = torch.searchsorted(s, x.contiguous()), torch.searchsorted(s, x.contiguous(), right=True)
+        return (lo + hi + 1).to(x.dtype if x.is_floating_point() else torch.float64) / 2
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
+
+
+def top_eigenspace(J: torch.Tensor, r: int) -> torch.Tensor:
+    """Orthonormal basis of the top-r eigenspace of JᵀJ (the same for JᵀJ + λI): J's top right singular vectors.
+
+    J (B, R, D) → (B, D, r)
+    """
+    if r > min(J.shape[1:]):
+        raise ValueError(f"r={r} exceeds the factor's rank bound min(R, D)={min(J.shape[1:])}; pick r ≤ {min(J.shape[1:])}.")
+    _, _, Vh = torch.linalg.svd(J, full_matrices=False)  # (B, min(R, D), D), singular values descending
+    return Vh[:, :r].transpose(1, 2)
+
+
+def principal_angles(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians) between span U and span V, arccos of the singular values of UᵀV.
+
+    U, V (B, D, r) with orthonormal columns → (B, r), ascending.
+    """
+    return torch.linalg.svdvals(U.transpose(1, 2) @ V).clamp(0, 1).arccos()
