@@ -27,6 +27,11 @@ def subspace_replace(h: torch.Tensor, w: torch.Tensor, pca: PCA) -> torch.Tensor
     return h + (w - pca.project(h)) @ pca.components
 
 
+def concept_q(tail: CarrierTail, h: torch.Tensor, carrier: torch.Tensor, variant_ids) -> torch.Tensor:
+    """q of the LM when block ℓ's output is h at each row's carrier. (N, d), (N,) → (N, K+1)"""
+    return log_concept_probs(tail.logits(h, carrier), variant_ids).exp()
+
+
 @torch.no_grad()
 def inject(
     tail: CarrierTail,
@@ -43,125 +48,156 @@ def inject(
     carrier = torch.arange(C, device=waypoints.device).repeat(W)  # (W·C,) row w·C + c
     w = waypoints.repeat_interleave(C, 0).to(tail.h.dtype)
     h = w if pca is None else subspace_replace(tail.h[carrier], w, pca)
-    return log_concept_probs(tail.logits(h, carrier), variant_ids).exp().view(W, C, -1)
+    return concept_q(tail, h, carrier, variant_ids).view(W, C, -1)
 
 
-def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tol: float = 1e-8, max_iter: int = 200) -> torch.Tensor:
-    """Solve A x = b for symmetric positive-definite A given only x ↦ A x. (D,) → (D,)"""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = r @ r
+def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tol: float = 1e-8,
+                       max_iter: int = 200) -> torch.Tensor:  # fmt: skip
+    """Solve A_i x_i = b_i for every row i, each A_i symmetric positive-definite, given only X ↦ (A_i x_i)_i. (B, D) → (B, D)
+
+    A row stops moving once its residual is below `tol`·‖b_i‖.
+    """
+    x, r = torch.zeros_like(b), b.clone()
+    p, rs = r.clone(), (r * r).sum(1)
+    goal = (tol * b.norm(dim=1)) ** 2
     for _ in range(max_iter):
-        if rs.sqrt() <= tol * b.norm():
+        live = rs > goal  # (B,)
+        if not live.any():
             break
         Ap = matvec(p)
-        alpha = rs / (p @ Ap)
+        alpha = torch.where(live, rs / (p * Ap).sum(1).where(live, 1), 0)[:, None]
         x, r = x + alpha * p, r - alpha * Ap
-        rs_new = r @ r
-        p = r + (rs_new / rs) * p
+        rs_new = (r * r).sum(1)
+        p = r + torch.where(live, rs_new / rs.where(live, 1), 0)[:, None] * p
         rs = rs_new
     return x
 
 
 @dataclass
 class Trajectory:
-    h: torch.Tensor  # (n+1, d) the steered activation after each step, h[0] unsteered
-    q: torch.Tensor  # (n+1, K+1) its behaviour
-    reached: bool  # q_target reached the threshold
+    """Iterated steering of C carriers; a carrier that reaches the threshold stops, and its rows repeat its last state."""
+
+    h: torch.Tensor  # (S+1, C, d) the steered activation after each step, h[0] unsteered
+    q: torch.Tensor  # (S+1, C, K+1) its behaviour
+    last: torch.Tensor  # (C,) long, each carrier's last step
+    reached: torch.Tensor  # (C,) bool, q_target reached the threshold
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(S+1, C) bool, the steps each carrier took."""
+        return torch.arange(len(self.h), device=self.last.device)[:, None] <= self.last[None]
 
 
-def log_q_grad(tail: CarrierTail, carrier: int, h: torch.Tensor, variant_ids, target: int) -> torch.Tensor:
-    """∇_h log q_target on one carrier. (d,) → (d,)"""
-    h = h.detach().requires_grad_()
-    log_q = log_concept_probs(tail.logits(h.unsqueeze(0), torch.tensor([carrier])), variant_ids)[0, target]
-    return torch.autograd.grad(log_q, h)[0]
+def log_q_grad(tail: CarrierTail, carrier: torch.Tensor, h: torch.Tensor, variant_ids, target: int) -> torch.Tensor:
+    """∇_h log q_target, each row on its carrier (rows are independent, so one backward gives all). (N,), (N, d) → (N, d)"""
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        log_q = log_concept_probs(tail.logits(h, carrier), variant_ids)[:, target]
+        return torch.autograd.grad(log_q.sum(), h)[0]
 
 
 def steer(
     tail: CarrierTail,
-    carrier: int,
+    carrier: torch.Tensor,
     variant_ids: Sequence[Sequence[int]],
     target: int,
-    direction: Callable[[torch.Tensor], torch.Tensor],
+    direction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     step: float,
     threshold: float = 0.5,
     max_steps: int = 50,
 ) -> Trajectory:
-    """Iterate h ← h + step · direction(h) from the carrier's own h until q_target ≥ threshold."""
-    hs, qs = [tail.h[carrier]], []
-    for n in range(max_steps + 1):
-        with torch.no_grad():
-            qs.append(log_concept_probs(tail.logits(hs[-1].unsqueeze(0), torch.tensor([carrier])), variant_ids).exp()[0])
-        if qs[-1][target] >= threshold or n == max_steps:
+    """Iterate h ← h + step · direction(h, carrier) from each carrier's own h until its q_target ≥ threshold.
+
+    carrier (C,) indices into the tail; `direction` maps the still-moving rows h (n, d) and their carriers (n,)
+    to step directions (n, d). All moving carriers step together, one batch per step.
+    """
+    h = tail.h[carrier]
+    with torch.no_grad():
+        q = concept_q(tail, h, carrier, variant_ids)
+    hs, qs = [h], [q]
+    last = torch.zeros(len(carrier), dtype=torch.long, device=h.device)
+    moving = q[:, target] < threshold
+    for n in range(1, max_steps + 1):
+        if not moving.any():
             break
-        hs.append(hs[-1] + step * direction(hs[-1]))
-    return Trajectory(torch.stack(hs), torch.stack(qs), bool(qs[-1][target] >= threshold))
+        rows = torch.nonzero(moving).flatten()
+        h, q = h.clone(), q.clone()
+        h[rows] = h[rows] + step * direction(h[rows], carrier[rows]).detach()
+        with torch.no_grad():
+            q[rows] = concept_q(tail, h[rows], carrier[rows], variant_ids)
+        last[rows] = n
+        moving[rows] = q[rows, target] < threshold
+        hs.append(h)
+        qs.append(q)
+    return Trajectory(torch.stack(hs), torch.stack(qs), last, q[:, target] >= threshold)
 
 
-# Each *_direction returns the function h (d,) → step direction (d,) that `steer` iterates.
+# Each *_direction returns the function (h (n, d), carrier (n,)) → unit step directions (n, d) that `steer` iterates.
 
 
-def caa_direction(mean_source: torch.Tensor, mean_target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def caa_direction(mean_source: torch.Tensor, mean_target: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """CAA: the unit mean difference of the two classes' activations, the same at every step."""
     delta = mean_target - mean_source
-    return lambda h: delta / delta.norm()
+    return lambda h, carrier: (delta / delta.norm()).expand_as(h)
 
 
-def gradient_direction(tail: CarrierTail, carrier: int, variant_ids, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def gradient_direction(tail: CarrierTail, variant_ids, target: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Euclidean gradient ascent on log q_target, unit length."""
 
-    def direction(h: torch.Tensor) -> torch.Tensor:
+    def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         g = log_q_grad(tail, carrier, h, variant_ids, target)
-        return g / g.norm()
+        return g / g.norm(dim=1, keepdim=True)
 
     return direction
 
 
-def fishback_direction(fisher: FisherPullback, variant_ids, target: int, lam: float = 1e-4) -> Callable[[torch.Tensor], torch.Tensor]:
-    """FishBack: δ = (G_F + λI)⁻¹ ∇log q_target by matrix-free CG, of unit length in the (G_F + λI) norm."""
+def fishback_direction(tail: CarrierTail, variant_ids, target: int, lam: float = 1e-4,
+                       top_k: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """FishBack: δ = (G_F + λI)⁻¹ ∇log q_target by matrix-free CG, of unit length in the (G_F + λI) norm.
 
-    def direction(h: torch.Tensor) -> torch.Tensor:
-        F = fisher.jacobian(h.unsqueeze(0))[0].detach()  # (r, d) factor: G_F = FᵀF
+    `top_k` as in `FisherPullback` (None: every token).
+    """
+
+    def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+        F = FisherPullback(tail, carrier=carrier, top_k=top_k).jacobian(h).detach()  # (n, r, d) factor: G_F = FᵀF
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            return F.T @ (F @ v) + lam * v
+            return torch.einsum("nrd,nr->nd", F, torch.einsum("nrd,nd->nr", F, v)) + lam * v
 
-        g = log_q_grad(fisher.tail, fisher.carrier, h, variant_ids, target)
-        delta = conjugate_gradient(matvec, g)
-        return delta / (delta @ matvec(delta)).sqrt()
+        delta = conjugate_gradient(matvec, log_q_grad(tail, carrier, h, variant_ids, target))
+        return delta / (delta * matvec(delta)).sum(1, keepdim=True).sqrt()
 
     return direction
 
 
 def dual_direction(
     tail: CarrierTail,
-    carrier: int,
     unembedding: torch.Tensor,
     variant_ids: Sequence[Sequence[int]],
     source: int,
     target: int,
     alpha: float = 1e-3,
     top_k: int = 256,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Dual steering: δ ∝ (Cov_p[g] + αI)⁻¹ β, Cov_p[g] = Gᵀdiag(p)G − μμᵀ over the top-k unembedding rows G.
 
     β is the difference of the target and source concepts' mean unembedding rows. unembedding (V, d).
     """
     beta = unembedding[list(variant_ids[target])].mean(0) - unembedding[list(variant_ids[source])].mean(0)
 
-    def direction(h: torch.Tensor) -> torch.Tensor:
+    def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            p = tail.logits(h.unsqueeze(0), torch.tensor([carrier]))[0].softmax(-1)  # (V,)
-        p_top, tokens = p.topk(min(top_k, len(p)))
-        p_top = p_top / p_top.sum()
-        G = unembedding[tokens].to(h.dtype)  # (k, d)
-        mu = p_top @ G
+            p = tail.logits(h, carrier).softmax(-1)  # (n, V)
+        p_top, tokens = p.topk(min(top_k, p.shape[1]), dim=1)
+        p_top = p_top / p_top.sum(1, keepdim=True)
+        G = unembedding[tokens].to(h.dtype)  # (n, k, d)
+        mu = torch.einsum("nk,nkd->nd", p_top, G)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            return G.T @ (p_top * (G @ v)) - mu * (mu @ v) + alpha * v
+            Gv = torch.einsum("nkd,nd->nk", G, v)
+            return torch.einsum("nkd,nk->nd", G, p_top * Gv) - mu * (mu * v).sum(1, keepdim=True) + alpha * v
 
-        delta = conjugate_gradient(matvec, beta.to(h.dtype))
-        return delta / delta.norm()
+        delta = conjugate_gradient(matvec, beta.to(h.dtype).expand_as(h).contiguous())
+        return delta / delta.norm(dim=1, keepdim=True)
 
     return direction

@@ -290,63 +290,73 @@ def test_labelled_spline_passes_through_every_centroid(cyclic):
 # --- steering updates ---------------------------------------------------------------------------
 
 
-def test_conjugate_gradient_solves_an_spd_system():
-    A = torch.randn(6, 6, dtype=torch.float64)
-    A = A @ A.T + 0.1 * torch.eye(6, dtype=torch.float64)
-    b = torch.randn(6, dtype=torch.float64)
-    torch.testing.assert_close(conjugate_gradient(lambda v: A @ v, b, tol=1e-12), torch.linalg.solve(A, b))
+def test_conjugate_gradient_solves_every_rows_spd_system():
+    A = torch.randn(3, 6, 6, dtype=torch.float64)
+    A = A @ A.transpose(1, 2) + 0.1 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(3, 6, dtype=torch.float64)
+    b[1] = 0  # a row solved from the start must stay at zero, not turn NaN
+    x = conjugate_gradient(lambda v: torch.einsum("bij,bj->bi", A, v), b, tol=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
 
 
-def test_gradient_steering_raises_the_target_and_stops_at_the_threshold(lm):
+def test_gradient_steering_raises_the_target_and_stops_each_carrier_at_the_threshold(lm):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
-    target = 2
-    q0 = float(inject(tail, tail.h[:1], VARIANTS)[0, 0, target])
+    target, carrier = 2, torch.tensor([0, 2])
+    q0 = inject(tail, tail.h[:1], VARIANTS)[0, :, target]  # (C,)
     directions = {
-        "gradient": gradient_direction(tail, 0, VARIANTS, target),
-        "fishback": fishback_direction(FisherPullback(tail, carrier=0), VARIANTS, target),
+        "gradient": gradient_direction(tail, VARIANTS, target),
+        "fishback": fishback_direction(tail, VARIANTS, target),
     }
-    threshold = q0 + 0.01  # a random tiny LM's q barely moves: q_target saturates near 0.034
+    threshold = float(q0[carrier].max()) + 0.01  # a random tiny LM's q barely moves: q_target saturates near 0.034
     for name, direction in directions.items():
-        traj = steer(tail, 0, VARIANTS, target, direction, step=0.01, threshold=threshold, max_steps=40)
-        assert traj.h.shape[0] == traj.q.shape[0] and torch.equal(traj.h[0], tail.h[0])
-        assert traj.reached, f"{name} did not raise q_target by 0.01 in 40 steps"
-        assert (traj.q[:-1, target] < threshold).all(), f"{name} must stop at the first step past the threshold"
-    never = steer(tail, 0, VARIANTS, target, directions["gradient"], step=0.1, threshold=1.1, max_steps=3)
-    assert not never.reached and never.h.shape[0] == 4
+        traj = steer(tail, carrier, VARIANTS, target, direction, step=0.01, threshold=threshold, max_steps=40)
+        assert traj.h.shape[:2] == traj.q.shape[:2] and torch.equal(traj.h[0], tail.h[carrier])
+        assert traj.reached.all(), f"{name} did not raise q_target by 0.01 in 40 steps"
+        for c in range(2):
+            steps = traj.q[: traj.last[c] + 1, c, target]
+            assert (steps[:-1] < threshold).all() and steps[-1] >= threshold, f"{name} must stop at the first step past it"
+            assert torch.equal(traj.h[traj.last[c] :, c], traj.h[traj.last[c], c].expand_as(traj.h[traj.last[c] :, c]))
+    never = steer(tail, carrier, VARIANTS, target, directions["gradient"], step=0.1, threshold=1.1, max_steps=3)
+    assert not never.reached.any() and never.h.shape[0] == 4 and never.mask.all()
 
 
 def test_caa_steps_along_the_mean_difference(lm):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     mean_a, mean_b = tail.h[1], tail.h[2]
-    traj = steer(tail, 0, VARIANTS, 2, caa_direction(mean_a, mean_b), step=0.25, threshold=1.1, max_steps=5)
+    traj = steer(tail, torch.tensor([0, 3]), VARIANTS, 2, caa_direction(mean_a, mean_b), step=0.25, threshold=1.1, max_steps=5)
     unit = (mean_b - mean_a) / (mean_b - mean_a).norm()
-    expected = tail.h[0] + 0.25 * torch.arange(6, dtype=torch.float64)[:, None] * unit
+    steps = 0.25 * torch.arange(6, dtype=torch.float64)[:, None, None] * unit  # (S+1, 1, d)
+    expected = tail.h[[0, 3]] + steps
     torch.testing.assert_close(traj.h, expected)
-    torch.testing.assert_close(traj.q, inject(tail, expected, VARIANTS)[:, 0])
+    for i, c in enumerate([0, 3]):
+        torch.testing.assert_close(traj.q[:, i], inject(tail, expected[:, i], VARIANTS)[:, c])
 
 
 def test_dual_direction_solves_the_regularised_covariance_system(lm):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     W = model.lm_head.weight.detach()
-    h = tail.h[0]
-    delta = dual_direction(tail, 0, W, VARIANTS, source=0, target=2, alpha=1e-2, top_k=W.shape[0])(h)
-    p = tail.logits(h[None], torch.tensor([0]))[0].softmax(-1).detach()
-    cov = W.T @ torch.diag(p) @ W - torch.outer(p @ W, p @ W) + 1e-2 * torch.eye(24, dtype=torch.float64)
+    carrier = torch.tensor([0, 1])
+    delta = dual_direction(tail, W, VARIANTS, source=0, target=2, alpha=1e-2, top_k=W.shape[0])(tail.h[carrier], carrier)
     beta = W[VARIANTS[2]].mean(0) - W[VARIANTS[0]].mean(0)
-    expected = torch.linalg.solve(cov, beta)
-    torch.testing.assert_close(delta, expected / expected.norm(), rtol=1e-6, atol=1e-9)
+    for i in range(2):
+        p = tail.logits(tail.h[i][None], torch.tensor([i]))[0].softmax(-1).detach()
+        cov = W.T @ torch.diag(p) @ W - torch.outer(p @ W, p @ W) + 1e-2 * torch.eye(24, dtype=torch.float64)
+        expected = torch.linalg.solve(cov, beta)
+        torch.testing.assert_close(delta[i], expected / expected.norm(), rtol=1e-6, atol=1e-9)
 
 
 def test_fishback_direction_solves_the_natural_gradient_system(lm):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
-    fisher = FisherPullback(tail, carrier=0)
-    h = tail.h[0]
-    delta = fishback_direction(fisher, VARIANTS, target=2, lam=1e-3)(h)
-    G = metric_matrix(fisher, h[None])[0] + 1e-3 * torch.eye(24, dtype=torch.float64)
-    g = torch.autograd.functional.jacobian(lambda v: OutputPullback(tail, VARIANTS).sqrt_q(v[None])[0, 2].log() * 2, h)
-    natural = torch.linalg.solve(G, g)
-    torch.testing.assert_close(delta, natural / (natural @ G @ natural).sqrt(), rtol=1e-6, atol=1e-9)
+    carrier = torch.tensor([0, 3])
+    delta = fishback_direction(tail, VARIANTS, target=2, lam=1e-3)(tail.h[carrier], carrier)
+    for i, c in enumerate([0, 3]):
+        h = tail.h[c]
+        G = metric_matrix(FisherPullback(tail, carrier=c), h[None])[0] + 1e-3 * torch.eye(24, dtype=torch.float64)
+        sqrt_q = OutputPullback(tail, VARIANTS, carrier=c).sqrt_q
+        g = torch.autograd.functional.jacobian(lambda v: sqrt_q(v[None])[0, 2].log() * 2, h)
+        natural = torch.linalg.solve(G, g)
+        torch.testing.assert_close(delta[i], natural / (natural @ G @ natural).sqrt(), rtol=1e-6, atol=1e-9)
