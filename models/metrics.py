@@ -73,8 +73,12 @@ def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
 
     SPEC §4 sets λ_reg to 1e-3 of that scale. trace(JᵀJ) = ‖J‖²_F, so no eigenvalue is computed. x (B, D)
     """
-    J = metric.jacobian(x)  # (B, r, D)
-    return rel * float(J.pow(2).sum((1, 2)).mean()) / min(J.shape[1:])
+    return rel * eigenvalue_scale(metric.jacobian(x))
+
+
+def eigenvalue_scale(J: torch.Tensor) -> float:
+    """Mean over points of the mean of JᵀJ's at most min(r, D) non-zero eigenvalues, as ‖J‖²_F / min(r, D). J (B, r, D)"""
+    return float(J.pow(2).sum((1, 2)).mean()) / min(J.shape[1:])
 
 
 def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:
@@ -165,7 +169,9 @@ class FisherPullback:
     they are √p_v (W_v − E_p[W]) pulled back through the blocks after ℓ.
     `top_k=None` takes every token (exact); `top_k=k` keeps the k most probable
     tokens per point, dropping the rest's (positive semi-definite) share: use it
-    for vocabularies too large to take token by token.
+    for vocabularies too large to take token by token. With a plain lm_head and
+    more kept tokens than d, the k rows are first compressed, exactly, to the d
+    rows √λᵢ eᵢ of their Gram matrix, so a reverse pass costs min(k, d) rows.
     """
 
     def __init__(self, tail: CarrierTail, carrier: int | torch.Tensor = 0, lam: float = 0.0, top_k: int | None = None,
@@ -185,6 +191,9 @@ class FisherPullback:
         if head is not None:
             W = head.weight  # (V, d)
             rows = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))  # (B, k, d) cotangents on u
+            if k > W.shape[1]:  # the same Gram matrix RᵀR from d rows
+                eigenvalues, vectors = torch.linalg.eigh(rows.transpose(1, 2) @ rows)  # (B, d), (B, d, d)
+                rows = (vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)).transpose(1, 2)  # (B, d, d)
 
             def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
                 return self.tail.hidden(xb, carriers(self.carrier, s, xb))

@@ -182,6 +182,7 @@ def dual_direction(
     """Dual steering: δ ∝ (Cov_p[g] + αI)⁻¹ β, Cov_p[g] = Gᵀdiag(p)G − μμᵀ over the top-k unembedding rows G.
 
     β is the difference of the target and source concepts' mean unembedding rows. unembedding (V, d).
+    With d ≤ k the d × d system is solved directly (Cholesky); otherwise by matrix-free CG.
     """
     beta = unembedding[list(variant_ids[target])].mean(0) - unembedding[list(variant_ids[source])].mean(0)
 
@@ -192,12 +193,18 @@ def dual_direction(
         p_top = p_top / p_top.sum(1, keepdim=True)
         G = unembedding[tokens].to(h.dtype)  # (n, k, d)
         mu = torch.einsum("nk,nkd->nd", p_top, G)
+        b = beta.to(h.dtype).expand_as(h).contiguous()
+        if G.shape[2] <= G.shape[1]:  # d ≤ k: the d × d system is small, solve it directly
+            eye = torch.eye(G.shape[2], dtype=h.dtype, device=h.device)
+            A = torch.einsum("nkd,nk,nke->nde", G, p_top, G) - mu.unsqueeze(2) * mu.unsqueeze(1) + alpha * eye
+            delta = torch.cholesky_solve(b.unsqueeze(2), torch.linalg.cholesky(A)).squeeze(2)
+        else:  # matrix-free
 
-        def matvec(v: torch.Tensor) -> torch.Tensor:
-            Gv = torch.einsum("nkd,nd->nk", G, v)
-            return torch.einsum("nkd,nk->nd", G, p_top * Gv) - mu * (mu * v).sum(1, keepdim=True) + alpha * v
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                Gv = torch.einsum("nkd,nd->nk", G, v)
+                return torch.einsum("nkd,nk->nd", G, p_top * Gv) - mu * (mu * v).sum(1, keepdim=True) + alpha * v
 
-        delta = conjugate_gradient(matvec, beta.to(h.dtype).expand_as(h).contiguous())
+            delta = conjugate_gradient(matvec, b)
         return delta / delta.norm(dim=1, keepdim=True)
 
     return direction

@@ -14,6 +14,7 @@ from data.store import StoreError
 from data.targets import TargetError
 from data.tasks import TaskError
 from models.lm import ModelLoadError
+from pipeline import eval as evaluate
 from pipeline import extract, lm, targets, train
 from pipeline.common import CONFIG_DIR, StageError, log
 
@@ -25,6 +26,7 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
     "extract": extract.run,
     "targets": targets.run,
     "train": train.run,
+    "eval": evaluate.run,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data.tasks import Task, load_task
+from models.lm import load_causal_lm
 
 log = logging.getLogger("geosteer")
 
@@ -118,6 +120,28 @@ def load_tasks(cfg: DictConfig) -> list[Task]:
     if not cfg.tasks:
         raise StageError("tasks is empty; name at least one, e.g. tasks=[weekdays].")
     return [load_task(str(name), CONFIG_DIR / "task") for name in cfg.tasks]
+
+
+def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], task: str, why: str):
+    """The configured LM and tokenizer, refusing a model or layer other than the ones a store came from."""
+    m = cfg.model
+    source, layer = str(store_attrs["model_pretrained"]), int(store_attrs["layer"])
+    if source != str(m.pretrained) or layer != m.layer:
+        raise StageError(
+            f"the {task} activations come from {source} at layer {layer}, but model.pretrained={m.pretrained} "
+            f"and model.layer={m.layer}: {why} needs the LM and layer they came from. "
+            f"Select that model, or re-run stage=extract (and the stages after it) for this one."
+        )
+    return _shared_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_lm(pretrained: str, dtype: str, revision: str | None, trust_remote_code: bool, device_map: str | None):
+    """The LM, loaded once for all tasks of a stage (on the GPU when there is one and no device_map)."""
+    lm, tokenizer = load_causal_lm(pretrained, dtype, revision, trust_remote_code, device_map)
+    if device_map is None and torch.cuda.is_available():
+        lm = lm.cuda()
+    return lm, tokenizer
 
 
 def git_sha() -> str | None:

@@ -9,7 +9,6 @@ activations into the real LM and reads its answer back, and the family interface
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,8 @@ from data.store import ActivationStore
 from data.targets import PairwiseTargets
 from data.tasks import Task
 from models.innsteer import BLOCKS, InnSteer
-from models.lm import load_causal_lm
 from models.tail import CarrierTail, log_concept_probs
-from pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine
+from pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine, lm_of_store
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -254,28 +252,12 @@ def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, tr
 def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: PairwiseTargets, classes: np.ndarray,
                         pairs: list[tuple[int, int]], alpha: float, n_carriers: int) -> dict[tuple[int, int], float]:  # fmt: skip
     """`steering_success` on the LM and prompts the geometry's activations came from."""
-    m = cfg.model
     with ActivationStore(train.store_path) as store:
-        source, layer = str(store.attrs["model_pretrained"]), int(store.attrs["layer"])
         prompts = store.read(task.name, ["prompt"])["prompt"]
         variant_ids = store.schema(task.name).variant_ids
-    if source != str(m.pretrained) or layer != m.layer:
-        raise StageError(
-            f"the {task.name} activations come from {source} at layer {layer}, but model.pretrained={m.pretrained} "
-            f"and model.layer={m.layer}: INNSteer's steering test needs the LM and layer they came from. "
-            f"Select that model, or re-run stage=extract and stage=targets for this one."
-        )
-    lm, tokenizer = _shared_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
-    return steering_success(model, lm, tokenizer, m.layer, prompts, classes, variant_ids, pairs, alpha, n_carriers, cfg.seed)
-
-
-@functools.lru_cache(maxsize=1)
-def _shared_lm(pretrained: str, dtype: str, revision: str | None, trust_remote_code: bool, device_map: str | None):
-    """The LM, loaded once for all tasks of a stage (on the GPU when there is one and no device_map)."""
-    lm, tokenizer = load_causal_lm(pretrained, dtype, revision, trust_remote_code, device_map)
-    if device_map is None and torch.cuda.is_available():
-        lm = lm.cuda()
-    return lm, tokenizer
+        lm, tokenizer = lm_of_store(cfg, store.attrs, task.name, "INNSteer's steering test")
+    return steering_success(model, lm, tokenizer, cfg.model.layer, prompts, classes, variant_ids, pairs, alpha, n_carriers,
+                            cfg.seed)  # fmt: skip
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

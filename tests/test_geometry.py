@@ -334,15 +334,19 @@ def test_caa_steps_along_the_mean_difference(lm):
         torch.testing.assert_close(traj.q[:, i], inject(tail, expected[:, i], VARIANTS)[:, c])
 
 
-def test_dual_direction_solves_the_regularised_covariance_system(lm):
+@pytest.mark.parametrize("top_k", [None, 10])  # every token (d ≤ k: direct solve), or 10 < d (matrix-free CG)
+def test_dual_direction_solves_the_regularised_covariance_system(lm, top_k):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     W = model.lm_head.weight.detach()
     carrier = torch.tensor([0, 1])
-    delta = dual_direction(tail, W, VARIANTS, source=0, target=2, alpha=1e-2, top_k=W.shape[0])(tail.h[carrier], carrier)
+    k = top_k or W.shape[0]
+    delta = dual_direction(tail, W, VARIANTS, source=0, target=2, alpha=1e-2, top_k=k)(tail.h[carrier], carrier)
     beta = W[VARIANTS[2]].mean(0) - W[VARIANTS[0]].mean(0)
     for i in range(2):
         p = tail.logits(tail.h[i][None], torch.tensor([i]))[0].softmax(-1).detach()
+        p = torch.where(p >= p.topk(k).values[-1], p, 0)
+        p = p / p.sum()
         cov = W.T @ torch.diag(p) @ W - torch.outer(p @ W, p @ W) + 1e-2 * torch.eye(24, dtype=torch.float64)
         expected = torch.linalg.solve(cov, beta)
         torch.testing.assert_close(delta[i], expected / expected.norm(), rtol=1e-6, atol=1e-9)

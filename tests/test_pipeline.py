@@ -98,10 +98,13 @@ def test_lm_extract_targets_end_to_end(tmp_path):
         "geometry.bridge.max_epochs=2",
         "geometry.bridge.hidden=[16]",
         "geometry.bridge.eval.pairs=8",
+        *(f"eval.{k}={v}" for k, v in (("carriers", 2), ("steps", 4), ("max_steps", 4), ("g_out_max_iter", 5),
+                                          ("lbfgs.max_iter", 10), ("alignment.points", 4), ("alignment.directions", 8))),
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)
     result = cli.run(cfg)
-    assert list(result) == ["lm", "extract", "targets", "train"]
+    assert list(result) == ["lm", "extract", "targets", "train", "eval"]
+    assert Path(result["eval"]["report"]).is_file(), "stage=all ends with the evaluation report"
     assert set(result["train"]["summary"]) == {"weekdays", "months"}
     assert all(set(s) == {"gaga_out", "gaga_phate", "innsteer", "bridge"} for s in result["train"]["summary"].values())
     assert all(0 <= s["innsteer"]["steering_success_mean"] <= 1 for s in result["train"]["summary"].values())
@@ -119,5 +122,5 @@ def test_lm_extract_targets_end_to_end(tmp_path):
     # stage=all again: every product is current and nothing is redone.
     rerun = cli.run(cfg)
     assert rerun["lm"] == result["lm"] and rerun["extract"] == result["extract"]
-    assert rerun["train"]["geometries"] == result["train"]["geometries"]
+    assert rerun["train"]["geometries"] == result["train"]["geometries"] and rerun["eval"] == result["eval"]
     assert all(s[g]["cached"] for s in rerun["targets"]["tasks"].values() for g in ("hellinger", "phate"))

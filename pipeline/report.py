@@ -1,0 +1,399 @@
+"""The evaluation report: per-metric tables (methods × tasks), paired t-tests, verdicts, figures, JSON/CSV, W&B.
+
+`pipeline.eval` hands over each task's per-pair numbers; everything here is
+derived from them, so a report can be rebuilt from `results.json` alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from scipy import stats
+
+from models.geodesics import PCA
+from pipeline.common import atomic_write_text
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+TITLES = {
+    "E_B": "Bhattacharyya energy E_B (lower: closer to the behaviour manifold)",
+    "arc_length": "Hellinger arc length of the behaviour path (lower: more direct)",
+    "visit_intermediates": "Visit-intermediates (higher: passes the classes between a and b)",
+    "legibility": "Legibility top-1 (higher: fewer waypoints answer 'other')",
+    "target_prob_end": "target_prob_end (higher)",
+    "top1_at_end": "top-1@end (higher)",
+    "reached": "Carriers whose q_b reached the threshold (higher)",
+    "offtarget_kl": "Off-target KL at matched target probability (lower: less collateral change)",
+}
+ALPHA = 0.05  # significance level of the paired t-tests
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """Mean, standard error and count of the finite values (None/NaN left out)."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan, len(v)
+
+
+def paired_t(x, y) -> tuple[float, float, int]:
+    """Paired t-test of x against y over the pairs where both are finite: (t, p, n); NaN when undefined."""
+    both = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
+    if len(both) < 2:
+        return math.nan, math.nan, len(both)
+    a, b = np.array(both).T
+    if np.allclose(a, b):
+        return 0.0, 1.0, len(both)
+    t, p = stats.ttest_rel(a, b)
+    return float(t), float(p), len(both)
+
+
+def summarise(per_task: dict[str, dict[str, Any]], directions: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per (task, method, metric): mean ± s.e. over pairs, and a paired t-test against the best baseline."""
+    rows = []
+    for task, res in per_task.items():
+        methods = {m: e for m, e in res["methods"].items() if "per_pair" in e}
+        for metric, sign in directions.items():
+            stat = {m: mean_se(e["per_pair"][metric]) for m, e in methods.items()}
+            baselines = [m for m, e in methods.items() if e["role"] == "baseline" and stat[m][2] > 1]
+            best = max(baselines, key=lambda m: sign * stat[m][0]) if baselines else None
+            for m, (mean, se, n) in stat.items():
+                row = {"task": task, "method": m, "label": methods[m]["label"], "metric": metric, "mean": mean, "se": se, "n": n,
+                       "best_baseline": best, "t": math.nan, "p": math.nan}  # fmt: skip
+                if best is not None and m != best:
+                    row["t"], row["p"], _ = paired_t(methods[m]["per_pair"][metric], methods[best]["per_pair"][metric])
+                rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, se: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if np.isfinite(se) else f"{mean:.{digits}f}"
+
+
+def _cell(row: dict[str, Any], sign: int) -> str:
+    """mean ± s.e., with ▲/▼ when a paired t-test separates it from the best baseline (▲: better), ★ on the best baseline."""
+    text = _fmt(row["mean"], row["se"])
+    if row["method"] == row["best_baseline"]:
+        return text + " ★"
+    if np.isfinite(row["p"]) and row["p"] < ALPHA:
+        better = sign * row["t"] > 0
+        return text + (" ▲" if better else " ▼")
+    return text
+
+
+def metric_table(rows: list[dict[str, Any]], per_task: dict[str, Any], metric: str, sign: int) -> str:
+    tasks = list(per_task)
+    methods = list(dict.fromkeys(m for res in per_task.values() for m in res["methods"]))
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    index = {(r["task"], r["method"]): r for r in rows if r["metric"] == metric}
+    for m in methods:
+        label = next(res["methods"][m]["label"] for res in per_task.values() if m in res["methods"])
+        cells = []
+        for t in tasks:
+            entry = per_task[t]["methods"].get(m, {})
+            if (t, m) in index and index[(t, m)]["n"] > 0:
+                cells.append(_cell(index[(t, m)], sign))
+            elif "reason" in entry:
+                cells.append("n/a¹")
+            else:
+                cells.append("–²")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The three directional claims of the Riemannian manifold-steering paper, checked on our runs."""
+    out = []
+
+    def pp(task: str, method: str, metric: str):
+        return per_task[task]["methods"].get(method, {}).get("per_pair", {}).get(metric)
+
+    # 1. GAGA-Out lands the target more decisively than linear and spline.
+    lines, holds = [], []
+    for task in per_task:
+        for metric in ("top1_at_end", "target_prob_end"):
+            g = pp(task, "gaga_out", metric)
+            for base in ("linear", "spline"):
+                b = pp(task, base, metric)
+                if g is None or b is None:
+                    continue
+                t, p, n = paired_t(g, b)
+                gm, bm = mean_se(g)[0], mean_se(b)[0]
+                ok = gm > bm and np.isfinite(p) and p < ALPHA
+                holds.append(ok)
+                tie = " (a tie by construction: both paths end at x_b, fully replaced)" if g == b else ""
+                lines.append(f"{task} {metric}: GAGA-Out {gm:.3f} vs {base} {bm:.3f} (p = {p:.2g}, n = {n})"
+                             f"{' ✓' if ok else ' ✗'}{tie}")  # fmt: skip
+    out.append({"claim": "GAGA-Out lands the target more decisively than linear and spline (top-1@end, target_prob_end)",
+                "verdict": _verdict(holds), "evidence": lines})  # fmt: skip
+    # 2. GAGA-Out has lower E_B than the best baseline on weekdays and months.
+    lines, holds = [], []
+    for task in ("weekdays", "months"):
+        row = next((r for r in rows if r["task"] == task and r["method"] == "gaga_out" and r["metric"] == "E_B"), None)
+        if row is None or row["best_baseline"] is None:
+            continue
+        base = next(r for r in rows if r["task"] == task and r["method"] == row["best_baseline"] and r["metric"] == "E_B")
+        ok = row["mean"] < base["mean"] and np.isfinite(row["p"]) and row["p"] < ALPHA
+        holds.append(ok)
+        lines.append(f"{task}: GAGA-Out {_fmt(row['mean'], row['se'])} vs best baseline {base['label']} "
+                     f"{_fmt(base['mean'], base['se'])} (p = {row['p']:.2g}){' ✓' if ok else ' ✗'}")  # fmt: skip
+    out.append({"claim": "GAGA-Out has lower E_B than the best baseline on weekdays and months",
+                "verdict": _verdict(holds), "evidence": lines})  # fmt: skip
+    # 3. GAGA-Out and G_out geodesics agree.
+    lines, holds = [], []
+    for task, res in per_task.items():
+        agreement = res.get("agreement", {})
+        if "gaga_out" not in agreement:
+            continue
+        g, chord = mean_se(agreement["gaga_out"]), mean_se(agreement.get("linear", []))
+        ok = g[0] < chord[0]
+        holds.append(ok)
+        lines.append(f"{task}: GAGA-Out's geodesic deviates {100 * g[0]:.1f} % ± {100 * g[1]:.1f} of the endpoint distance "
+                     f"from G_out's; the chord deviates {100 * chord[0]:.1f} %{' ✓' if ok else ' ✗'}")  # fmt: skip
+    out.append({"claim": "GAGA-Out and G_out geodesics agree (deviation ÷ endpoint distance; ✓ when closer to G_out's than the chord is)",
+                "verdict": _verdict(holds), "evidence": lines})  # fmt: skip
+    return out
+
+
+def _verdict(holds: list[bool]) -> str:
+    if not holds:
+        return "not tested (a method it needs is off)"
+    if all(holds):
+        return "reproduced"
+    return "not reproduced" if not any(holds) else f"partly reproduced ({sum(holds)} of {len(holds)} comparisons)"
+
+
+def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float) -> dict[str, Any]:
+    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary."""
+    from pipeline.eval import METRICS  # the metric directions live with the metrics
+
+    rows = summarise(per_task, METRICS)
+    claims = verdicts(per_task, rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["task"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "results.csv", buffer.getvalue())
+    atomic_write_text(folder / "results.json", json.dumps({"summary": rows, "verdicts": claims, "tasks": per_task,
+                                                            "seconds": seconds}, indent=1, default=str))  # fmt: skip
+    if cfg.eval.figures and rows:
+        bars_figure(rows, per_task, folder / "bars.png")
+    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds))
+    gaga = {r["task"]: r["mean"] for r in rows if r["method"] == "gaga_out" and r["metric"] == "top1_at_end"}
+    return {"headline": {"verdicts": {c["claim"][:60]: c["verdict"] for c in claims}, "gaga_out_top1_at_end": gaga},
+            "rows": rows, "seconds": seconds}  # fmt: skip
+
+
+def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float) -> str:
+    from pipeline.eval import METHODS, METRICS
+
+    e = cfg.eval
+    tasks = list(per_task)
+    md = [f"# geosteer evaluation: {cfg.run_name}", "",
+          f"LM `{cfg.model.pretrained}` at block {cfg.model.layer}; tasks {', '.join(tasks)}; "
+          f"{e.steps + 1} waypoints per path, {e.carriers} seeded carriers of the source class per pair, "
+          f"threshold q_b ≥ {e.threshold} for the iterative methods (at most {e.max_steps} steps); seed {cfg.seed}. "
+          f"Pairs: " + ", ".join(f"{t} {len(r['pairs'])}" for t, r in per_task.items()) +
+          " (every ordered pair when K ≤ 12, else a seeded sample). Whole stage: "
+          f"{seconds / 60:.1f} min.", "",
+          "## Verdicts: the paper's directional claims on our runs", ""]  # fmt: skip
+    for i, c in enumerate(claims, 1):
+        md += [f"{i}. **{c['claim']}: {c['verdict']}.**", *[f"   - {line}" for line in c["evidence"]], ""]
+    md += ["## Behaviour along the paths (SPEC §9)", "",
+           "Mean ± s.e. over pairs. ★ the best baseline (linear, spline, CAA, FishBack, dual) for that metric and task; "
+           f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA}. "
+           "¹ no exported geometry (reason below); – no defined value "
+           "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold).", ""]  # fmt: skip
+    for metric, sign in METRICS.items():
+        md += [f"### {TITLES[metric]}", "", metric_table(rows, per_task, metric, sign), ""]
+    md += ["## Against the analytical metric G_out", "", "### Surrogate agreement", "",
+           "Mean over waypoints of ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ (%), mean ± s.e. over pairs; every geodesic by the "
+           "same L-BFGS except the bridge (its own forward pass) and INNSteer (φ⁻¹ of the latent chord, its exact "
+           "geodesic). The chord is the scale: a learned metric helps only where it lands nearer than the chord.", "",
+           _table(per_task, lambda r: {m: _pct(v) for m, v in r.get("agreement", {}).items() if m != "reason"},
+                  {"linear": "chord", **{m: METHODS[m].label for m in METHODS}}), ""]  # fmt: skip
+    md += ["### Metric alignment on held-out points", "",
+           "Each of up to " + str(e.alignment.points) + " held-out activations in its own prompt; "
+           f"{e.alignment.directions} random unit directions v each. Spearman ρ of vᵀG v against vᵀG_out v (mean ± s.e. "
+           "over points), and the mean principal angle between the top-r eigenspaces (r = min(K, rank)), with their "
+           "overlap mean cos² θ against the chance overlap r/d of random subspaces.", "",
+           _table(per_task, lambda r: {m: _fmt(*mean_se(v["spearman"])[:2]) for m, v in r["alignment"].items()
+                                       if isinstance(v, dict) and "spearman" in v},
+                  {m: f"{METHODS[m].label}: Spearman ρ" for m in METHODS}),
+           "",
+           _table(per_task, lambda r: {m: f"{mean_se(v['angle_deg'])[0]:.1f}° (overlap {mean_se(v['overlap'])[0]:.2f}, "
+                                          f"chance {v['chance_overlap']:.2f}, r = {v['r']})"
+                                       for m, v in r["alignment"].items() if isinstance(v, dict) and "angle_deg" in v},
+                  {m: f"{METHODS[m].label}: principal angle" for m in METHODS}), ""]  # fmt: skip
+    reasons = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["alignment"].items()
+               if isinstance(v, dict) and "reason" in v]  # fmt: skip
+    md += [*reasons, "", "### FishBack diagnostics at the layer", "",
+           "Relative spectral deviation from the Euclidean metric, 1 − λ_min/λ_max, and effective dimensionality "
+           "(participation ratio ÷ d), mean over the held-out points; both metrics carry λ_reg = "
+           f"{e.lam_rel:g} × their eigenvalue scale.", "",
+           _table(per_task, lambda r: {f"{g} {k}": _fmt(*mean_se(r["alignment"][g][key])[:2], digits=4)
+                                       for g in ("G_out", "G_F") for k, key in (("deviation", "spectral_deviation"),
+                                                                                 ("eff. dim", "effective_dim"))}, {}), ""]  # fmt: skip
+    md += ["## Figures", "", "- [E_B and target_prob_end per method](bars.png)", ""]
+    for t, r in per_task.items():
+        md += [f"- {t}: " + ", ".join(f"[{name}]({f})" for name, f in r.get("figures", {}).items())]
+    md += ["", "![bars](bars.png)", ""]
+    md += ["## Time per method (s)", "", _table(per_task, lambda r: {m: f"{v['seconds']:.1f}" for m, v in r["methods"].items()
+                                                                     if "seconds" in v}, {m: METHODS[m].label for m in METHODS}),
+           "", "## Methods", "", "| method | path |", "|---|---|",
+           *[f"| {spec.label} | {spec.how} |" for spec in METHODS.values()], ""]  # fmt: skip
+    missing = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["methods"].items() if "reason" in v]
+    if missing:
+        md += ["## Empty cells", "", *missing, ""]
+    md += ["G_out's L-BFGS runs on one pinned carrier per task (the prompt whose activation is nearest the task's mean): "
+           + "; ".join(f"{t}: {r['canonical_carrier']!r}" for t, r in per_task.items()) + ".", ""]  # fmt: skip
+    return "\n".join(md)
+
+
+def _pct(values) -> str:
+    mean, se, _ = mean_se(values)
+    return _fmt(100 * mean, 100 * se, digits=1)
+
+
+def _table(per_task: dict[str, Any], cells, labels: dict[str, str]) -> str:
+    """A methods × tasks table of `cells(task_results) -> {row: text}`."""
+    tasks = list(per_task)
+    by_task = {t: cells(r) for t, r in per_task.items()}
+    keys = list(dict.fromkeys(k for c in by_task.values() for k in c))
+    lines = ["| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {labels.get(k, k)} | " + " | ".join(by_task[t].get(k, "–") for t in tasks) + " |" for k in keys]
+    return "\n".join(lines)
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+
+def task_figures(data, results: dict[str, Any], figures: dict[str, Any], folder: Path) -> dict[str, str]:
+    """The per-task figures; returns {name: file name}."""
+    name = data.task.name
+    out = {"paths": f"paths_{name}.png", "behaviour": f"behaviour_{name}.png"}
+    paths_figure(data, results, figures, folder / out["paths"])
+    behaviour_figure(data, results, figures, folder / out["behaviour"])
+    if figures.get("alignment"):
+        out["alignment"] = f"alignment_{name}.png"
+        alignment_figure(data, results, figures["alignment"], folder / out["alignment"])
+    return out
+
+
+def paths_figure(data, results, figures, path: Path) -> None:
+    """Every method's path for one pair on the activations' PC-1/2, over the data cloud."""
+    a, b = figures["pair"]
+    pca = PCA.fit(data.h.double(), 2)
+    xy = pca.project(data.h.double()).numpy()
+    cmap = "twilight" if data.task.topology == "cyclic" else "viridis"
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    ax.scatter(xy[:, 0], xy[:, 1], c=data.labels, cmap=cmap, s=5, alpha=0.35)
+    c = pca.project(data.centroids.double()).numpy()
+    ax.scatter(c[:, 0], c[:, 1], c="k", marker="x", s=30)
+    for k in (a, b):
+        ax.annotate(data.task.concepts[k], c[k], fontsize=11, weight="bold")
+    colours = plt.get_cmap("tab10")
+    for i, (m, trace) in enumerate(figures["paths"].items()):
+        p = pca.project(trace.double()).numpy()
+        style = "--" if results["methods"][m]["kind"] == "iterative" else "-"
+        ax.plot(p[:, 0], p[:, 1], style, marker=".", ms=4, lw=1.6, color=colours(i % 10), label=results["methods"][m]["label"])
+    ax.set(title=f"{data.task.name}: paths {data.task.concepts[a]} → {data.task.concepts[b]} on PC-1/2 of h "
+                 f"(dashed: iterative, first carrier)", xlabel="PC 1", ylabel="PC 2")  # fmt: skip
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def behaviour_figure(data, results, figures, path: Path) -> None:
+    """Per method, q along the path (mean over carriers) as a heat-map strip: bins × steps."""
+    a, b = figures["pair"]
+    strips = figures["q"]
+    K = len(data.task.concepts)
+    fig, axes = plt.subplots(len(strips), 1, figsize=(9, 0.35 * (K + 1) * len(strips) / 2 + 1.5), squeeze=False)
+    names = [*data.task.concepts, "other"]
+    for ax, (m, q) in zip(axes[:, 0], strips.items()):
+        ax.imshow(q.T.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ticks = list(range(K + 1)) if K <= 12 else [a, b, K]
+        ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=6)
+        ax.set_ylabel(results["methods"][m]["label"], rotation=0, ha="right", va="center", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0, 0].set_title(f"{data.task.name}: q along each path, {data.task.concepts[a]} → {data.task.concepts[b]} "
+                         f"(mean over carriers)")  # fmt: skip
+    axes[-1, 0].set_xlabel("waypoint / step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def alignment_figure(data, results, scatter: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """vᵀG v of each learned metric against vᵀG_out v, over held-out points and random directions."""
+    fig, axes = plt.subplots(1, len(scatter), figsize=(4.2 * len(scatter), 4), squeeze=False)
+    for ax, (m, (g, out)) in zip(axes[0], scatter.items()):
+        ax.scatter(out, g, s=2, alpha=0.3)
+        ax.set(xscale="log", yscale="log", xlabel="vᵀ G_out v", ylabel=f"vᵀ G v ({results['methods'][m]['label']})",
+               title=f"ρ = {mean_se(results['alignment'][m]['spearman'])[0]:.2f} (mean per point)")  # fmt: skip
+    fig.suptitle(f"{data.task.name}: learned metrics against G_out on held-out points")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bars_figure(rows: list[dict[str, Any]], per_task: dict[str, Any], path: Path) -> None:
+    """E_B and target_prob_end per method and task, with s.e. error bars."""
+    tasks = list(per_task)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    labels = {r["method"]: r["label"] for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(methods)
+    colours = plt.get_cmap("tab10")
+    for ax, metric in zip(axes, ("E_B", "target_prob_end")):
+        index = {(r["task"], r["method"]): r for r in rows if r["metric"] == metric}
+        for i, m in enumerate(methods):
+            vals = [index.get((t, m), {}).get("mean", np.nan) for t in tasks]
+            errs = [index.get((t, m), {}).get("se", np.nan) for t in tasks]
+            ax.bar(np.arange(len(tasks)) + (i - len(methods) / 2 + 0.5) * width, vals, width, yerr=errs, capsize=2,
+                   color=colours(i % 10), label=labels[m])  # fmt: skip
+        ax.set_xticks(np.arange(len(tasks)), tasks)
+        ax.set_title(TITLES[metric].split(" (")[0])
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- W&B -------------------------------------------------------------------------------------------
+
+
+def log_to(logger, folder: Path, summary: dict[str, Any]) -> None:
+    """Tables and figures to the stage's logger: wandb.Table and images for W&B, the means for CSV."""
+    if not logger:
+        return
+    rows = summary["rows"]
+    logger.log_metrics({f"eval/{r['task']}/{r['method']}/{r['metric']}": r["mean"] for r in rows if np.isfinite(r["mean"])})
+    if not hasattr(logger, "log_table"):
+        return
+    columns = ["task", "method", "metric", "mean", "se", "n", "best_baseline", "t", "p"]
+    logger.log_table("eval/results", columns=columns, data=[[r[c] for c in columns] for r in rows])
+    for metric in TITLES:
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        wide = {}
+        for r in rows:
+            if r["metric"] == metric:
+                wide.setdefault(r["label"], {})[r["task"]] = r["mean"]
+        logger.log_table(f"eval/table/{metric}", columns=["method", *tasks],
+                         data=[[m, *[v.get(t) for t in tasks]] for m, v in wide.items()])  # fmt: skip
+    for png in sorted(folder.glob("*.png")):
+        logger.log_image(f"eval/figures/{png.stem}", [str(png)])
+

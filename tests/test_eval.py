@@ -1,0 +1,154 @@
+"""stage=eval: the report on a tiny trained run, evaluation from shipped checkpoints alone, and the statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from models.innsteer import InnSteer
+from pipeline import eval as evaluate
+from pipeline import report, train
+from tests.conftest import wandb_records
+
+GEOMETRIES = ("gaga_out", "gaga_phate", "innsteer", "bridge")
+SMALL_EVAL = ["eval.carriers=4", "eval.steps=4", "eval.max_steps=6", "eval.g_out_max_iter=10", "eval.lbfgs.max_iter=20",
+              "eval.alignment.points=6", "eval.alignment.directions=16", "eval.spline_pca=8"]  # fmt: skip
+SMALL_INNSTEER = ["geometry.innsteer.num_blocks=2", "geometry.innsteer.hidden=16", "geometry.innsteer.steering.carriers=2"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared):
+    """Every geometry trained on weekdays of the tiny LM, then evaluated with W&B offline."""
+    cfg = prepared("evaluated", *SMALL_INNSTEER, *SMALL_EVAL, "logger=wandb", geometries=GEOMETRIES, epochs=2)
+    train.run(cfg)
+    return cfg, evaluate.run(cfg)
+
+
+def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated):
+    cfg, result = evaluated
+    out = evaluate.Path(result["dir"])
+    saved = json.loads((out / "results.json").read_text())
+    task = saved["tasks"]["weekdays"]
+    assert set(task["methods"]) == set(evaluate.METHODS)
+    assert len(task["pairs"]) == 42, "weekdays has K = 7 ≤ 12: every ordered pair"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(evaluate.METHODS) * len(evaluate.METRICS)
+    for row in rows:  # every cell is the mean of its per-pair values, with their standard error
+        values = [v for v in task["methods"][row["method"]]["per_pair"][row["metric"]] if v is not None]
+        if row["metric"] != "visit_intermediates" and row["metric"] != "offtarget_kl":
+            assert len(values) == 42, f"{row['method']}/{row['metric']} is missing pairs"
+        if values:
+            assert float(row["mean"]) == pytest.approx(np.mean(values), rel=1e-12)
+            assert float(row["se"]) == pytest.approx(stats.sem(values), rel=1e-9, nan_ok=True)
+    for m, entry in task["methods"].items():
+        per_pair = entry["per_pair"]
+        assert all(0 <= v <= 1 for k in ("legibility", "top1_at_end", "target_prob_end", "reached") for v in per_pair[k])
+        assert all(v >= 0 for v in per_pair["E_B"]), m
+    md = (out / "report.md").read_text()
+    for spec in evaluate.METHODS.values():
+        assert f"| {spec.label} |" in md
+    assert "n/a" not in md and "## Verdicts" in md and md.count("reproduced") + md.count("not tested") >= 3
+    for figure in ("bars.png", "paths_weekdays.png", "behaviour_weekdays.png", "alignment_weekdays.png"):
+        assert (out / figure).stat().st_size > 10_000, figure
+        assert f"({figure})" in md, f"the report links {figure}"
+    alignment = task["alignment"]
+    assert {"gaga_out", "gaga_phate", "innsteer"} <= set(alignment) and "reason" in alignment["bridge"]
+    for m in ("gaga_out", "gaga_phate", "innsteer"):
+        assert all(-1 <= r <= 1 for r in alignment[m]["spearman"]) and all(0 <= a <= 90 for a in alignment[m]["angle_deg"])
+    assert all(0 <= v <= 1 for g in ("G_out", "G_F") for v in alignment[g]["spectral_deviation"])
+    # G_out's geodesic against itself is the zero of surrogate agreement; the chord is the scale.
+    assert set(task["agreement"]) == {"linear", "gaga_out", "gaga_phate", "bridge", "innsteer"}
+    # The tables reach W&B.
+    runs = (evaluate.Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*")
+    logged = {i.key or "/".join(i.nested_key) for d in runs for r in wandb_records(d) if r.HasField("history")
+              for i in r.history.item}  # fmt: skip
+    assert "eval/results" in logged and "eval/table/E_B" in logged and "eval/figures/bars" in logged
+
+
+def test_eval_from_shipped_checkpoints_alone_in_a_fresh_process(evaluated, tmp_path):
+    """Copy only the exported geometries and the LM; eval extracts the activations itself and gets the same numbers."""
+    cfg, result = evaluated
+    shipped = tmp_path / "shipped"
+    shutil.copytree(evaluate.Path(cfg.paths.run_dir) / "geometry", shipped / "geometry",
+                    ignore=shutil.ignore_patterns("stage.json"))  # fmt: skip
+    shutil.copytree(cfg.model.pretrained, shipped / "lm")
+    args = [f"paths.outputs={tmp_path}", "run_name=fresh", "logger=none", "stage=eval", "tasks=[weekdays]",
+            f"model.pretrained={shipped / 'lm'}", "model.embedded=false", "model.layer=1",
+            f"eval.geometry_dir={shipped / 'geometry'}", *SMALL_EVAL]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = json.loads((tmp_path / "fresh" / "eval" / "results.json").read_text())["tasks"]["weekdays"]
+    original = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    for m, entry in original["methods"].items():
+        assert fresh["methods"][m]["per_pair"] == entry["per_pair"], f"{m} differs from the run it was shipped from"
+    assert fresh["alignment"]["gaga_out"] == original["alignment"]["gaga_out"]
+
+
+def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
+    cfg = prepared("evaluated", *SMALL_INNSTEER, *SMALL_EVAL, "eval.methods=[linear,bridge]",
+                   "eval.geometries.bridge=no_such_bridge", "paths.run_dir=${paths.outputs}/missing",
+                   geometries=GEOMETRIES)  # fmt: skip
+    src = evaluate.Path(evaluated[0].paths.run_dir)
+    run_dir = evaluate.Path(cfg.paths.run_dir)
+    run_dir.mkdir()
+    (run_dir / "extract").symlink_to(src / "extract")
+    result = evaluate.run(cfg)
+    md = evaluate.Path(result["report"]).read_text()
+    assert "| GeodesicBridge | n/a¹ |" in md and "no_such_bridge" in md and "stage=train" in md
+
+
+def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
+    cfg = prepared("evaluated", *SMALL_EVAL, "eval.methods=[linear,geodesic_magic]", "paths.run_dir=${paths.outputs}/unknown")
+    run_dir = evaluate.Path(cfg.paths.run_dir)
+    run_dir.mkdir()
+    (run_dir / "extract").symlink_to(evaluate.Path(evaluated[0].paths.run_dir) / "extract")
+    with pytest.raises(evaluate.StageError, match="geodesic_magic.*linear"):
+        evaluate.run(cfg)
+
+
+def test_summary_statistics_match_scipy_and_pick_the_best_baseline_by_direction():
+    rng = np.random.default_rng(0)
+    pairs = 12
+    per_pair = {m: rng.normal(loc, 1, pairs).tolist() for m, loc in (("linear", 0.0), ("spline", 1.0), ("gaga_out", 3.0))}
+    per_pair["gaga_out"][3] = None  # an undefined pair drops out of its own mean and of the paired test
+    roles = {"linear": "baseline", "spline": "baseline", "gaga_out": "learned"}
+    per_task = {"toy": {"methods": {m: {"label": m, "role": roles[m], "per_pair": {"E_B": v, "top1_at_end": v}}
+                                    for m, v in per_pair.items()}}}  # fmt: skip
+    rows = report.summarise(per_task, {"E_B": -1, "top1_at_end": 1})
+    row = {(r["metric"], r["method"]): r for r in rows}
+    assert row[("E_B", "gaga_out")]["best_baseline"] == "linear", "lower E_B is better"
+    assert row[("top1_at_end", "gaga_out")]["best_baseline"] == "spline", "higher top-1 is better"
+    g = np.array([v for v in per_pair["gaga_out"] if v is not None])
+    assert row[("E_B", "gaga_out")]["mean"] == pytest.approx(g.mean()) and row[("E_B", "gaga_out")]["n"] == pairs - 1
+    assert row[("E_B", "gaga_out")]["se"] == pytest.approx(stats.sem(g))
+    keep = [i for i in range(pairs) if i != 3]
+    t, p = stats.ttest_rel(g, np.array(per_pair["spline"])[keep])
+    assert (row[("top1_at_end", "gaga_out")]["t"], row[("top1_at_end", "gaga_out")]["p"]) == pytest.approx((t, p))
+    assert math.isnan(row[("top1_at_end", "spline")]["p"]), "the best baseline is not tested against itself"
+
+
+def test_the_innsteer_geodesic_is_a_latent_straight_line_between_the_endpoints():
+    torch.manual_seed(0)
+    flow = InnSteer(input_dim=6, num_classes=3, pca_dim=None, block="all_in_one", num_blocks=3, hidden=16, depth=1,
+                    clamp=2.0, seed=0).double().eval()  # fmt: skip
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "w_perm" not in name:  # the fixed permutation and its inverse stay a pair
+                p.add_(0.1 * torch.randn_like(p))  # a non-trivial φ
+    x_a, x_b = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    path = evaluate.innsteer_geodesic(flow, x_a, x_b, steps=8)  # (P, W, d)
+    torch.testing.assert_close(path[:, 0], x_a, rtol=0, atol=1e-9)
+    torch.testing.assert_close(path[:, -1], x_b, rtol=0, atol=1e-9)
+    z = flow.encode(path.flatten(0, 1)).view(2, 9, 6)
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(z, (1 - t) * z[:, :1] + t * z[:, -1:], rtol=0, atol=1e-9)
+    assert (path - evaluate.linear_path(x_a, x_b, 8)).abs().max() > 1e-3, "a curved φ must bend the path"
