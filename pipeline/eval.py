@@ -58,6 +58,7 @@ from models.metrics import (
     eigenvalue_scale,
     metric_eigenvalues,
     principal_angles,
+    pullback_of,
     quadratic_forms,
     random_directions,
     regularisation,
@@ -183,12 +184,11 @@ def tail_of(lm, tokenizer, layer: int, prompts) -> CarrierTail:
 # ---- paths ---------------------------------------------------------------------------------------
 
 
-def encoder_paths(encode, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor, e: DictConfig,
-                  max_iter: int | None = None) -> torch.Tensor:  # fmt: skip
+def encoder_paths(metric: EncoderPullback, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor,
+                  e: DictConfig) -> torch.Tensor:  # fmt: skip
     """L-BFGS geodesics of G_E = J_Eᵀ J_E + λI, λ at `lam_rel` of its scale on the points `fit_on`. → (P, W, D)"""
-    lam = regularisation(EncoderPullback(encode), fit_on, e.lam_rel)
-    return lbfgs_geodesic(x_a, x_b, EncoderPullback(encode, lam), e.steps, max_iter or e.lbfgs.max_iter,
-                          e.lbfgs.history_size)  # fmt: skip
+    metric.lam = regularisation(metric, fit_on, e.lam_rel)
+    return lbfgs_geodesic(x_a, x_b, metric, e.steps, e.lbfgs.max_iter, e.lbfgs.history_size)
 
 
 def path_of(method: str, data: TaskData, pairs: list[tuple[int, int]], geometry, e: DictConfig, g_out: OutputPullback | None) -> Paths:
@@ -205,12 +205,12 @@ def path_of(method: str, data: TaskData, pairs: list[tuple[int, int]], geometry,
         pca = PCA(spline.pca.components.float(), spline.pca.mean.float())
         return Paths(w, subspace_replace(chord, w, pca), pca)
     if method == "gaga_out":
-        path = encoder_paths(geometry.encode, x_a, x_b, fit_on, e)
+        path = encoder_paths(pullback_of(geometry), x_a, x_b, fit_on, e)
         return Paths(path, path)
     if method == "gaga_phate":  # its geodesic lives on its PCA; off the subspace G_E is λI, so the rest follows the chord
         pca = PCA(geometry.pca_components, geometry.pca_mean)
         encode = lambda w: geometry.encoder(geometry.standardise(w))  # noqa: E731  PCA coordinates → latent
-        w = encoder_paths(encode, pca.project(x_a), pca.project(x_b), pca.project(fit_on), e)
+        w = encoder_paths(EncoderPullback(encode), pca.project(x_a), pca.project(x_b), pca.project(fit_on), e)
         return Paths(w, subspace_replace(chord, w, pca), pca)
     if method == "g_out":
         path = lbfgs_geodesic(x_a, x_b, g_out, e.steps, e.g_out_max_iter, e.lbfgs.history_size)
@@ -292,13 +292,12 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
     q_centroids = torch.stack([data.q[data.labels == k].mean(0) for k in data.classes])  # (K', K+1)
     manifold = BehaviourManifold(q_centroids, cyclic)
     unembedding = lm.get_output_embeddings().weight.detach()
-    tails: dict[int, tuple[CarrierTail, np.ndarray]] = {}
+    tails: dict[int, CarrierTail] = {}  # the carriers of each source class, built once
 
     def tail_for(a: int) -> CarrierTail:
         if a not in tails:
-            rows = carrier_rows(data.labels, a, e.carriers, cfg.seed)
-            tails[a] = (tail_of(lm, tokenizer, layer, data.prompts[rows]), rows)
-        return tails[a][0]
+            tails[a] = tail_of(lm, tokenizer, layer, data.prompts[carrier_rows(data.labels, a, e.carriers, cfg.seed)])
+        return tails[a]
 
     canon = canonical_carrier(data)
     g_out = None
@@ -315,8 +314,6 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
     geometries: dict[str, Any] = {}
     d = data.h.shape[1]
     for method in e.methods:
-        if method not in METHODS:
-            raise StageError(f"eval.methods names '{method}', which is unknown; use any of {list(METHODS)}.")
         spec = METHODS[method]
         entry: dict[str, Any] = {"label": spec.label, "kind": spec.kind, "role": spec.role, "how": spec.how}
         results["methods"][method] = entry
@@ -358,8 +355,10 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
         entry["per_pair"] = {m: [None if math.isnan(v) else v for v in vs] for m, vs in per_pair.items()}
         log.info("%s/%s: %.1f s", task.name, method, entry["seconds"])
 
+    start = time.perf_counter()
     results["agreement"] = surrogate_agreement(data, pairs, raw_paths, geometries, e)
     results["alignment"], figures["alignment"] = metric_alignment(data, lm, tokenizer, layer, geometries, e, cfg.seed)
+    results["alignment"]["seconds"] = round(time.perf_counter() - start, 2)
     return results, figures
 
 
@@ -396,7 +395,8 @@ def metric_alignment(data: TaskData, lm, tokenizer, layer: int, geometries, e: D
         if method == "bridge":
             results[method] = {"reason": "the bridge has no metric of its own: it draws GAGA-Out's G_E geodesics (see GAGA-Out)"}
             continue
-        metric = EncoderPullback(geometry.encode, regularisation(EncoderPullback(geometry.encode), fit_on, e.lam_rel))
+        metric = pullback_of(geometry)
+        metric.lam = regularisation(metric, fit_on, e.lam_rel)
         J = metric.jacobian(x)  # (n, k, d)
         q_g = quadratic_forms(metric, x, v)
         r = min(K, *J.shape[1:])
@@ -431,6 +431,9 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task]) -> str:
 def run(cfg: DictConfig) -> dict:
     """Evaluate every task; write `<run>/eval/` (report.md, results.json, results.csv, figures)."""
     tasks = load_tasks(cfg)
+    unknown = [m for m in cfg.eval.methods if m not in METHODS]
+    if unknown:
+        raise StageError(f"eval.methods names {unknown}, unknown; use any of {list(METHODS)}.")
     store_path = Path(cfg.paths.run_dir) / "extract" / extract.STORE
     if not store_path.is_file():
         log.info("no activation store at %s: extracting it from the model first", store_path)
