@@ -351,7 +351,7 @@ def alignment_figure(data, results, scatter: dict[str, tuple[np.ndarray, np.ndar
     fig, axes = plt.subplots(1, len(scatter), figsize=(4.2 * len(scatter), 4), squeeze=False)
     for ax, (m, (g, out)) in zip(axes[0], scatter.items()):
         ax.scatter(out, g, s=2, alpha=0.3)
-        ax.set(xscale="log", yscale="log", xlabel="vᵀ G_out v", ylabel=f"vᵀ G v ({results['methods'][m]['label']})",
+        ax.set(xscale="log", yscale="log", xlabel="vᵀ G_out v", ylabel=f"vᵀ G v ({GEOMETRY[m]})",
                title=f"ρ = {mean_se(results['alignment'][m]['spearman'])[0]:.2f} (mean per point)")  # fmt: skip
     fig.suptitle(f"{data.task.name}: learned metrics against G_out on held-out points")
     fig.tight_layout()
