@@ -107,6 +107,30 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
     assert "| GeodesicBridge | n/a¹ |" in md and "no_such_bridge" in md and "stage=train" in md
 
 
+def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, monkeypatch):
+    cfg = prepared("evaluated", *SMALL_EVAL, "paths.run_dir=${paths.outputs}/crashed")
+    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
+    run_dir.mkdir()
+    for product in ("extract", "geometry"):
+        (run_dir / product).symlink_to(src / product)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while writing the report")
+
+    monkeypatch.setattr(report, "write", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate.run(cfg)
+    (partial,) = run_dir.glob(".eval.partial-*")
+    assert (partial / "weekdays.json").is_file() and not (run_dir / "eval").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: pytest.fail("a finished task was evaluated again"))
+    result = evaluate.run(cfg)
+    resumed = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    original = json.loads((evaluate.Path(evaluated[1]["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    assert all(resumed["methods"][m]["per_pair"] == e["per_pair"] for m, e in original["methods"].items())
+    assert not list(run_dir.glob(".eval.partial-*"))
+
+
 def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
     cfg = prepared("evaluated", *SMALL_EVAL, "eval.methods=[linear,geodesic_magic]", "paths.run_dir=${paths.outputs}/unknown")
     run_dir = evaluate.Path(cfg.paths.run_dir)
