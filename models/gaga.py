@@ -81,26 +81,6 @@ class GAGA(nn.Module, ShippedGeometry, tags=["geosteer", "gaga", "steering-geome
         """Raw activations to the latent. (B, d) → (B, k)"""
         return self.encoder(self.inputs(h))
 
-    def encode_jacobian(self, h: torch.Tensor) -> torch.Tensor:
-        """J_E = ∂E/∂h in closed form (eval mode): W_L · Π diag(relu′) · diag(γ/√(σ²+ε)) · W_i, ÷ σ, times the PCA. (B, d) → (B, k, d)
-
-        The same as reverse mode through `encode`, at a few batched matrix products instead of k reverse passes.
-        """
-        if self.training:
-            raise RuntimeError("encode_jacobian uses BatchNorm's running statistics: call .eval() first.")
-        a, gains = self.inputs(h), []  # per hidden layer: diag(relu′ · γ/√(σ²+ε)), (B, width)
-        layers = list(self.encoder)
-        for i in range(0, len(layers) - 1, 3):  # Linear → BatchNorm → ReLU blocks
-            linear, norm, _ = layers[i : i + 3]
-            u = norm(linear(a))
-            gains.append((u > 0).to(a.dtype) * norm.weight / (norm.running_var + norm.eps).sqrt())
-            a = u.relu()
-        J = layers[-1].weight.expand(len(h), -1, -1)  # (B, k, width)
-        for i, gain in zip(range(len(gains) - 1, -1, -1), reversed(gains)):
-            J = (J * gain.unsqueeze(1)) @ layers[3 * i].weight  # (B, k, width of the layer below)
-        J = J / self.scale
-        return J if self.pca_dim is None else J @ self.pca_components  # (B, k, d)
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent to ambient activations (PCA coordinates for GAGA-PHATE). (B, k) → (B, D)"""
         return self.unstandardise(self.decoder(z))

@@ -54,20 +54,13 @@ def effective_dimensionality(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderPullback:
-    """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any module or function of (B, D) rows; eval mode).
+    """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any module or function of (B, D) rows; eval mode)."""
 
-    `jacobian_fn`, when given, computes J_E in closed form (e.g. `GAGA.encode_jacobian`); otherwise reverse mode.
-    """
-
-    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], lam: float = 0.0,
-                 jacobian_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):  # fmt: skip
-        self.encoder, self.lam, self.jacobian_fn = encoder, lam, jacobian_fn
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], lam: float = 0.0):
+        self.encoder, self.lam = encoder, lam
 
     @torch.enable_grad()
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
-        if self.jacobian_fn is not None:
-            with torch.no_grad():
-                return self.jacobian_fn(x)
         x = x.detach().requires_grad_()
         z = self.encoder(x)  # (B, k); rows are independent in eval mode
         k = z.shape[1]  # one reverse pass per latent coordinate, batched over points: faster than vmap(jacrev) here
@@ -95,7 +88,7 @@ def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:
     G_φ-geodesics are exactly φ⁻¹ of straight latent lines: the steering paths.
     """
     geometry.eval()
-    return EncoderPullback(geometry.encode, lam, getattr(geometry, "encode_jacobian", None))
+    return EncoderPullback(geometry.encode, lam)
 
 
 def carriers(carrier: int | torch.Tensor, start: int, h: torch.Tensor) -> torch.Tensor:

@@ -90,22 +90,3 @@ def test_a_checkpoint_names_both_shapes_when_used_with_the_wrong_store():
     with pytest.raises(GeometryMismatch, match=r"layer 1, but the store holds d=12 at layer 3"):
         model.check_compatible(12, 3)
 
-
-@pytest.mark.parametrize("pca_dim", [None, 5])
-def test_closed_form_encoder_jacobian_equals_reverse_mode(pca_dim):
-    torch.manual_seed(0)
-    model = GAGA(input_dim=8, latent_dim=3, hidden=[16, 12], pca_dim=pca_dim)
-    h = torch.randn(64, 8, dtype=torch.float64)
-    model = model.double()
-    model.fit_normalisation(h)
-    model.train()
-    for _ in range(3):  # non-trivial running statistics
-        model(h + 0.3 * torch.randn_like(h))
-    with torch.no_grad():
-        for bn in (m for m in model.encoder if isinstance(m, torch.nn.BatchNorm1d)):
-            bn.weight.uniform_(0.5, 1.5)
-    model.eval()
-    x = torch.randn(10, 8, dtype=torch.float64)
-    torch.testing.assert_close(model.encode_jacobian(x), EncoderPullback(model.encode).jacobian(x), rtol=1e-10, atol=1e-12)
-    with pytest.raises(RuntimeError, match="eval"):
-        model.train().encode_jacobian(x)
