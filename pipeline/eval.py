@@ -466,7 +466,7 @@ def run(cfg: DictConfig) -> dict:
                 results["figures"] = report.task_figures(data, results, figures, work)
             atomic_write_text(done_file, json.dumps(results, indent=1))
             per_task[task.name] = results
-    summary = report.write(per_task, cfg, work, seconds=round(time.perf_counter() - start, 1))
+    summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), METHODS, METRICS)
     report.log_to(logger, work, summary)
     if logger:
         close_logger(logger)

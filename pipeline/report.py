@@ -182,11 +182,13 @@ def _verdict(holds: list[bool]) -> str:
     return "not reproduced" if not any(holds) else f"partly reproduced ({sum(holds)} of {len(holds)} comparisons)"
 
 
-def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float) -> dict[str, Any]:
-    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary."""
-    from pipeline.eval import METRICS  # the metric directions live with the metrics
+def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: dict[str, Any],
+          directions: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary.
 
-    rows = summarise(per_task, METRICS)
+    `methods`: name → spec (label, how); `directions`: metric → +1 (higher is better) or −1.
+    """
+    rows = summarise(per_task, directions)
     claims = verdicts(per_task, rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["task"])
@@ -197,15 +199,14 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float) -> dict[s
                                                             "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
         bars_figure(rows, per_task, folder / "bars.png")
-    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds))
+    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds, methods, directions))
     gaga = {r["task"]: r["mean"] for r in rows if r["method"] == "gaga_out" and r["metric"] == "top1_at_end"}
     return {"headline": {"verdicts": {c["claim"][:60]: c["verdict"] for c in claims}, "gaga_out_top1_at_end": gaga},
             "rows": rows, "seconds": seconds}  # fmt: skip
 
 
-def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float) -> str:
-    from pipeline.eval import METHODS, METRICS
-
+def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, methods: dict[str, Any],
+             directions: dict[str, int]) -> str:  # fmt: skip
     e = cfg.eval
     tasks = list(per_task)
     md = [f"# geosteer evaluation: {cfg.run_name}", "",
@@ -223,14 +224,14 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float) -> str
            f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA}. "
            "¹ no exported geometry (reason below); – no defined value "
            "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold).", ""]  # fmt: skip
-    for metric, sign in METRICS.items():
+    for metric, sign in directions.items():
         md += [f"### {TITLES[metric]}", "", metric_table(rows, per_task, metric, sign), ""]
     md += ["## Against the analytical metric G_out", "", "### Surrogate agreement", "",
            "Mean over waypoints of ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ (%), mean ± s.e. over pairs; every geodesic by the "
            "same L-BFGS except the bridge (its own forward pass) and INNSteer (φ⁻¹ of the latent chord, its exact "
            "geodesic). The chord is the scale: a learned metric helps only where it lands nearer than the chord.", "",
            _table(per_task, lambda r: {m: _pct(v) for m, v in r.get("agreement", {}).items() if m != "reason"},
-                  {"linear": "chord", **{m: METHODS[m].label for m in METHODS}}), ""]  # fmt: skip
+                  {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}), ""]  # fmt: skip
     md += ["### Metric alignment on held-out points", "",
            "Each of up to " + str(e.alignment.points) + " held-out activations in its own prompt; "
            f"{e.alignment.directions} random unit directions v each. Spearman ρ of vᵀG v against vᵀG_out v (mean ± s.e. "
@@ -259,9 +260,9 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float) -> str
     md += ["", "![bars](bars.png)", ""]
     times = lambda r: {**{m: f"{v['seconds']:.1f}" for m, v in r["methods"].items() if "seconds" in v},  # noqa: E731
                        "against G_out": f"{r['alignment']['seconds']:.1f}"}  # fmt: skip
-    md += ["## Time per method (s)", "", _table(per_task, times, {m: METHODS[m].label for m in METHODS}),
+    md += ["## Time per method (s)", "", _table(per_task, times, {m: spec.label for m, spec in methods.items()}),
            "", "## Methods", "", "| method | path |", "|---|---|",
-           *[f"| {spec.label} | {spec.how} |" for spec in METHODS.values()], ""]  # fmt: skip
+           *[f"| {spec.label} | {spec.how} |" for spec in methods.values()], ""]  # fmt: skip
     missing = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["methods"].items() if "reason" in v]
     if missing:
         md += ["## Empty cells", "", *missing, ""]
