@@ -96,7 +96,7 @@ def test_eval_from_shipped_checkpoints_alone_in_a_fresh_process(evaluated, tmp_p
 
 def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
     cfg = prepared("evaluated", *SMALL_INNSTEER, *SMALL_EVAL, "eval.methods=[linear,bridge]",
-                   "eval.geometries.bridge=no_such_bridge", "paths.run_dir=${paths.outputs}/missing",
+                   "eval.geometries.bridge=no_such_bridge", "paths.run_dir=${paths.outputs}/eval_missing",
                    geometries=GEOMETRIES)  # fmt: skip
     src = evaluate.Path(evaluated[0].paths.run_dir)
     run_dir = evaluate.Path(cfg.paths.run_dir)
@@ -108,7 +108,7 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
 
 
 def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, monkeypatch):
-    cfg = prepared("evaluated", *SMALL_EVAL, "paths.run_dir=${paths.outputs}/crashed")
+    cfg = prepared("evaluated", *SMALL_EVAL, "paths.run_dir=${paths.outputs}/eval_crashed")
     src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
     run_dir.mkdir()
     for product in ("extract", "geometry"):
@@ -132,7 +132,7 @@ def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, 
 
 
 def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
-    cfg = prepared("evaluated", *SMALL_EVAL, "eval.methods=[linear,geodesic_magic]", "paths.run_dir=${paths.outputs}/unknown")
+    cfg = prepared("evaluated", *SMALL_EVAL, "eval.methods=[linear,geodesic_magic]", "paths.run_dir=${paths.outputs}/eval_unknown")
     run_dir = evaluate.Path(cfg.paths.run_dir)
     run_dir.mkdir()
     (run_dir / "extract").symlink_to(evaluate.Path(evaluated[0].paths.run_dir) / "extract")
