@@ -106,7 +106,6 @@ METHODS = {
     "fishback": Method("FishBack", "iterative", "baseline", "natural-gradient steps (G_F + λI)⁻¹∇log q_b to the threshold"),
     "dual": Method("dual steering", "iterative", "baseline", "(Cov_p[g] + αI)⁻¹β steps of ‖x_b − x_a‖/T to the threshold"),
 }
-LEARNED = [m for m, spec in METHODS.items() if spec.role == "learned"]
 # metric → (direction: +1 higher is better, −1 lower is better)
 METRICS = {"E_B": -1, "arc_length": -1, "visit_intermediates": 1, "legibility": 1, "target_prob_end": 1, "top1_at_end": 1,
            "reached": 1, "offtarget_kl": -1}  # fmt: skip
