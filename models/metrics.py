@@ -37,10 +37,13 @@ def metric_matrix(metric: Metric, x: torch.Tensor) -> torch.Tensor:
 
 def metric_eigenvalues(metric: Metric, x: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of G at each point, from the factor's singular values (no D×D matrix). (B, D) → (B, D), descending"""
-    J = metric.jacobian(x)  # (B, r, D)
+    return factor_eigenvalues(metric.jacobian(x), metric.lam)
+
+
+def factor_eigenvalues(J: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eigenvalues of JᵀJ + λI from a factor J. (B, r, D) → (B, D), descending"""
     sv2 = torch.linalg.svdvals(J) ** 2  # (B, min(r, D))
-    pad = x.shape[1] - sv2.shape[1]
-    return torch.cat([sv2, sv2.new_zeros(len(x), pad)], 1) + metric.lam
+    return torch.cat([sv2, sv2.new_zeros(len(J), J.shape[2] - sv2.shape[1])], 1) + lam
 
 
 def spectral_deviation(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -226,10 +229,10 @@ def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, varian
 # ---------------------------------------------------------------- metric alignment (SPEC §9)
 
 
-def quadratic_forms(metric: Metric, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """vᵀG(x)v = ‖J v‖² + λ‖v‖² for n directions per point, G never formed. x (B, D), v (B, n, D) → (B, n)"""
-    Jv = torch.einsum("brd,bnd->bnr", metric.jacobian(x), v)  # (B, n, r)
-    return Jv.pow(2).sum(-1) + metric.lam * v.pow(2).sum(-1)
+def quadratic_forms(J: torch.Tensor, lam: float, v: torch.Tensor) -> torch.Tensor:
+    """vᵀGv = ‖J v‖² + λ‖v‖² for n directions per point, from the factor J, G never formed. J (B, r, D), v (B, n, D) → (B, n)"""
+    Jv = torch.einsum("brd,bnd->bnr", J, v)  # (B, n, r)
+    return Jv.pow(2).sum(-1) + lam * v.pow(2).sum(-1)
 
 
 def random_directions(B: int, n: int, D: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:

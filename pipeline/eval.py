@@ -56,7 +56,7 @@ from models.metrics import (
     OutputPullback,
     effective_dimensionality,
     eigenvalue_scale,
-    metric_eigenvalues,
+    factor_eigenvalues,
     principal_angles,
     pullback_of,
     quadratic_forms,
@@ -317,7 +317,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
         entry: dict[str, Any] = {"label": spec.label, "kind": spec.kind, "role": spec.role, "how": spec.how}
         results["methods"][method] = entry
         geometry = None
-        if method in cfg.eval.geometries:
+        if method in e.geometries:
             geometry, where = load_geometry(cfg, task.name, method, d, layer)
             if geometry is None:
                 entry["reason"] = where
@@ -355,13 +355,13 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
         log.info("%s/%s: %.1f s", task.name, method, entry["seconds"])
 
     start = time.perf_counter()
-    results["agreement"] = surrogate_agreement(data, pairs, raw_paths, geometries, e)
+    results["agreement"] = surrogate_agreement(raw_paths, geometries, e)
     results["alignment"], figures["alignment"] = metric_alignment(data, lm, tokenizer, layer, geometries, e, cfg.seed)
     results["alignment"]["seconds"] = round(time.perf_counter() - start, 2)
     return results, figures
 
 
-def surrogate_agreement(data: TaskData, pairs, raw_paths: dict[str, torch.Tensor], geometries, e: DictConfig) -> dict[str, Any]:
+def surrogate_agreement(raw_paths: dict[str, torch.Tensor], geometries, e: DictConfig) -> dict[str, Any]:
     """Per pair, mean_t ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ for each learned geometry's geodesic (and the chord, for scale)."""
     if "g_out" not in raw_paths:
         return {"reason": "the G_out method is off (eval.methods), so there is no G_out geodesic to compare with"}
@@ -382,11 +382,10 @@ def metric_alignment(data: TaskData, lm, tokenizer, layer: int, geometries, e: D
     tail = tail_of(lm, tokenizer, layer, data.prompts[rows])
     own = torch.arange(len(rows))
     fit_on = data.h[data.train[:256]]
-    out0 = OutputPullback(tail, data.variant_ids, carrier=own)
-    J_out = out0.jacobian(x)  # (n, K+1, d)
-    out = OutputPullback(tail, data.variant_ids, carrier=own, lam=e.lam_rel * eigenvalue_scale(J_out))
+    J_out = OutputPullback(tail, data.variant_ids, carrier=own).jacobian(x)  # (n, K+1, d)
+    lam_out = e.lam_rel * eigenvalue_scale(J_out)
     v = random_directions(len(x), a.directions, x.shape[1], torch.Generator().manual_seed(seed), dtype=x.dtype)
-    q_out = quadratic_forms(out, x, v)  # (n, n_dir)
+    q_out = quadratic_forms(J_out, lam_out, v)  # (n, n_dir)
     K = len(data.task.concepts)
     results: dict[str, Any] = {"points": len(rows), "directions": a.directions}
     scatter: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -395,9 +394,8 @@ def metric_alignment(data: TaskData, lm, tokenizer, layer: int, geometries, e: D
             results[method] = {"reason": "the bridge has no metric of its own: it draws GAGA-Out's G_E geodesics (see GAGA-Out)"}
             continue
         metric = pullback_of(geometry)
-        metric.lam = regularisation(metric, fit_on, e.lam_rel)
         J = metric.jacobian(x)  # (n, k, d)
-        q_g = quadratic_forms(metric, x, v)
+        q_g = quadratic_forms(J, regularisation(metric, fit_on, e.lam_rel), v)
         r = min(K, *J.shape[1:])
         angles = principal_angles(top_eigenspace(J, r), top_eigenspace(J_out, r))  # (n, r)
         rho = spearman(q_g, q_out)
@@ -405,9 +403,8 @@ def metric_alignment(data: TaskData, lm, tokenizer, layer: int, geometries, e: D
                            "overlap": angles.cos().pow(2).mean(1).tolist(), "r": r, "chance_overlap": r / x.shape[1]}  # fmt: skip
         scatter[method] = (q_g.flatten().numpy(), q_out.flatten().numpy())
     J_F = FisherPullback(tail, carrier=own, top_k=a.fisher_top_k).jacobian(x)
-    fisher = FisherPullback(tail, carrier=own, lam=e.lam_rel * eigenvalue_scale(J_F), top_k=a.fisher_top_k)
-    for name, metric in (("G_out", out), ("G_F", fisher)):
-        eig = metric_eigenvalues(metric, x)
+    for name, J, lam in (("G_out", J_out, lam_out), ("G_F", J_F, e.lam_rel * eigenvalue_scale(J_F))):
+        eig = factor_eigenvalues(J, lam)
         results[name] = {"spectral_deviation": spectral_deviation(eig).tolist(), "effective_dim": effective_dimensionality(eig).tolist()}
     return results, scatter
 

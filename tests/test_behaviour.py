@@ -186,7 +186,7 @@ def test_quadratic_forms_match_metric_matrix():
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(4, 5, dtype=torch.float64))
     torch.testing.assert_close(v, random_directions(4, 5, 6, torch.Generator().manual_seed(0)), rtol=0, atol=0)
     G = metric_matrix(metric, x)
-    torch.testing.assert_close(quadratic_forms(metric, x, v), torch.einsum("bnd,bde,bne->bn", v, G, v))
+    torch.testing.assert_close(quadratic_forms(metric.jacobian(x), metric.lam, v), torch.einsum("bnd,bde,bne->bn", v, G, v))
 
 
 def test_spearman_matches_scipy():
