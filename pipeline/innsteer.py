@@ -25,7 +25,7 @@ from data.targets import PairwiseTargets
 from data.tasks import Task
 from models.innsteer import BLOCKS, InnSteer
 from models.tail import CarrierTail, log_concept_probs
-from pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine, lm_of_store
+from pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine, lm_of_store, log
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -231,7 +231,11 @@ def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, tr
     # Only classes the LM gives for some training prompt have a learned mean to steer from or to.
     pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed)
     rates = lm_steering_success(cfg, task, model, train, classes, pairs, steering["alpha"], steering["carriers"])
-    values = np.array(list(rates.values()))
+    values = np.array(list(rates.values()) or [np.nan])  # NaN: no pair to steer
+    if not rates:
+        log.warning("%s/INNSteer: the LM answers every training prompt with one class, so no pair can be steered "
+                    "and steering success is NaN. Train the LM further (lm.max_steps) or check its accuracy.",
+                    task.name)  # fmt: skip
     metrics = {
         "round_trip_max": float(round_trip.max()),
         "round_trip_median": float(round_trip.median()),

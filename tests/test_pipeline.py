@@ -84,7 +84,7 @@ def test_layer_out_of_range_is_refused_before_any_work(tiny_cfg):
 def test_lm_extract_targets_end_to_end(tmp_path):
     overrides = [
         "tasks=[weekdays,months]",
-        "lm.max_steps=200",
+        "lm.max_steps=400",
         "lm.min_accuracy=0",
         "lm.hidden_size=64",
         "lm.intermediate_size=128",
