@@ -1,13 +1,17 @@
 """The activation store: one HDF5 file, one group per task (layout in README.md).
 
 Extraction writes finished chunks as separate files (each renamed into place
-when complete), so a crash loses at most the chunk in progress; the store is
-assembled from the chunks into a temporary file and renamed at the end. A
-reader never sees a half-written store.
+when complete), so a crash loses at most the chunk in progress. Each extraction
+rank then gathers its chunks into one shard file, and the store's row arrays
+(`h`, `q`, `top1`) are HDF5 virtual datasets over the shards, in rank order: a
+reader sees one store, however many processes wrote it. The store is written
+to a temporary file and renamed at the end, so a reader never sees a
+half-written one; opening it checks that every shard it reads from is there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,13 +56,54 @@ class ChunkDir:
         self.path(task, index).parent.mkdir(parents=True, exist_ok=True)
         _atomic_savez(self.path(task, index), **rows)
 
-    def read_task(self, task: str) -> dict[str, np.ndarray]:
-        files = sorted((self.root / task).glob("chunk_*.npz"))
-        indices = [int(re.findall(r"\d+", f.stem)[0]) for f in files]
-        if indices != list(range(len(files))):
-            raise StoreError(f"chunks of task '{task}' in {self.root} are not contiguous: {indices}.")
-        parts = [np.load(f, allow_pickle=False) for f in files]
+    def read_task(self, task: str, indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """The rows of chunks `indices`, in order; by default every chunk written, which must run 0, 1, 2, ..."""
+        if indices is None:
+            files = sorted((self.root / task).glob("chunk_*.npz"))
+            indices = [int(re.findall(r"\d+", f.stem)[0]) for f in files]
+            if indices != list(range(len(files))):
+                raise StoreError(f"chunks of task '{task}' in {self.root} are not contiguous: {indices}.")
+        if missing := [i for i in indices if not self.done(task, i)]:
+            raise StoreError(f"chunks {missing} of task '{task}' are missing from {self.root}.")
+        parts = [np.load(self.path(task, i), allow_pickle=False) for i in indices]
         return {k: np.concatenate([p[k] for p in parts]) for k in ROW_ARRAYS}
+
+
+def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], compression: str) -> None:
+    """One extraction rank's rows, `<task>/{h,q,top1}` for every task it has rows of, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        for task, arrays in rows.items():
+            g = f.create_group(task)
+            for name, arr in arrays.items():
+                g.create_dataset(name, data=arr, chunks=(min(len(arr), 1024), *arr.shape[1:]), **_filters(compression))
+    os.replace(tmp, path)
+
+
+def virtual_rows(store: Path, shards: Sequence[Path], task: str) -> dict[str, h5py.VirtualLayout]:
+    """`task`'s row arrays as virtual layouts that stack the shards in order.
+
+    Shards are referred to by paths relative to the store's folder, which HDF5
+    resolves against the store's own location: a store moves with its shards.
+    """
+    layouts = {}
+    with contextlib.ExitStack() as stack:
+        files = {s: stack.enter_context(h5py.File(s, "r")) for s in shards}
+        holding = {s: f[task] for s, f in files.items() if task in f}  # a rank may have had no rows of a task
+        for name in ROW_ARRAYS:
+            parts = {s: g[name] for s, g in holding.items()}
+            first = next(iter(parts.values()))
+            layout = h5py.VirtualLayout(shape=(sum(len(p) for p in parts.values()), *first.shape[1:]), dtype=first.dtype)
+            start = 0
+            for shard, part in parts.items():
+                layout[start : start + len(part)] = h5py.VirtualSource(
+                    os.path.relpath(shard, Path(store).parent), part.name, part.shape
+                )
+                start += len(part)
+            layouts[name] = layout
+    return layouts
 
 
 def _filters(compression: str) -> dict[str, Any]:
@@ -74,17 +119,20 @@ def write_task_group(
     schema: ConceptSchema,
     task_def: dict[str, Any],
     prompts: Sequence[Prompt],
-    rows: dict[str, np.ndarray],
+    rows: dict[str, np.ndarray | h5py.VirtualLayout],
     compression: str,
 ) -> None:
-    """Write one task's group: row arrays, prompt metadata and the concept schema."""
+    """Write one task's group: row arrays (arrays, or layouts from `virtual_rows`), prompt metadata, concept schema."""
     n = len(prompts)
-    if any(len(a) != n for a in rows.values()):
-        raise StoreError(f"task '{schema.task}': {n} prompts but arrays of {[len(a) for a in rows.values()]} rows.")
+    if any(a.shape[0] != n for a in rows.values()):
+        raise StoreError(f"task '{schema.task}': {n} prompts but arrays of {[a.shape[0] for a in rows.values()]} rows.")
     g = f.create_group(schema.task)
     filt = _filters(compression)
     for name, arr in rows.items():
-        g.create_dataset(name, data=arr, chunks=(min(n, 1024), *arr.shape[1:]), **filt)
+        if isinstance(arr, h5py.VirtualLayout):
+            g.create_virtual_dataset(name, arr)
+        else:
+            g.create_dataset(name, data=arr, chunks=(min(n, 1024), *arr.shape[1:]), **filt)
     g.create_dataset("prompt", data=[p.text for p in prompts], dtype=STR, **filt)
     g.create_dataset("entity", data=[p.entity for p in prompts], dtype=STR, **filt)
     g.create_dataset("answer", data=[p.answer for p in prompts], dtype=STR, **filt)
@@ -132,6 +180,27 @@ class ActivationStore:
                 f"{self.path} has schema_version {version}, but this geosteer reads version {SCHEMA_VERSION}. "
                 f"Re-extract it with `pipeline stage=extract overwrite=true`, or use the geosteer release that wrote it."
             )
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Refuse a store whose virtual rows point at a missing or unreadable shard (HDF5 would read zeros)."""
+        for task in self.tasks:
+            for name in ROW_ARRAYS:
+                ds = self.file[task].get(name)
+                if ds is None or not ds.is_virtual:
+                    continue
+                for source in ds.virtual_sources():
+                    shard = self.path.parent / source.file_name
+                    try:
+                        with h5py.File(shard, "r") as f:
+                            f[source.dset_name]
+                    except (OSError, KeyError) as e:
+                        self.file.close()
+                        raise StoreError(
+                            f"{self.path} reads {task}/{name} from the shard {shard}, which is missing or unreadable "
+                            f"({type(e).__name__}). A store's shards folder must stay beside it (move or copy them "
+                            f"together); otherwise re-extract with `pipeline stage=extract overwrite=true`."
+                        ) from e
 
     def __enter__(self) -> ActivationStore:
         return self

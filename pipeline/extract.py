@@ -2,7 +2,8 @@
 
 One forward pass per batch gives `h` (block `model.layer`, last token) and
 `q` (full-vocabulary softmax at the last token, summed into concept bins plus
-"other"). Finished chunks survive a crash; the store appears atomically.
+"other"). Several processes split the prompts (data parallel, each writing a
+shard); finished chunks and shards survive a crash; the store appears atomically.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.fabric import Fabric
 from omegaconf import DictConfig
+from torch.multiprocessing import ProcessRaisedException
 from tqdm.auto import tqdm
 
-from data.store import ChunkDir, write_store, write_task_group
+from data.store import ChunkDir, virtual_rows, write_shard, write_store, write_task_group
 from data.tasks import Task, concept_schema
 from models.lm import check_layer, load_causal_lm, read_last_token, replace_last_token
 from pipeline.common import (
+    StageError,
     close_logger,
     current_result,
     fingerprint,
@@ -76,25 +80,38 @@ def centroid_swap_rate(model, tokenizer, task: Task, rows, layer: int, variant_i
     return hits / (len(carriers) * len(classes))
 
 
-def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, on_chunk=None) -> None:
-    """Write every missing chunk of one task; finished chunks are skipped (resume)."""
+def chunk_block(n_chunks: int, rank: int, world: int) -> range:
+    """The contiguous block of chunk indices that `rank` of `world` extracts."""
+    return range(n_chunks * rank // world, n_chunks * (rank + 1) // world)
+
+
+def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, on_chunk=None,
+                 rank: int = 0, world: int = 1) -> list[int]:  # fmt: skip
+    """Write every missing chunk of this rank's block of one task (finished ones are kept: resume).
+
+    Returns the block's chunk indices. Chunks are the unit of work whatever the
+    number of ranks, so each prompt is batched with the same neighbours and a
+    sharded run computes the same rows as one process.
+    """
     texts = [p.text for p in task.prompts()]
     size = cfg.extract.chunk_size
-    n_chunks = -(-len(texts) // size)
-    done = [c for c in range(n_chunks) if chunks.done(task.name, c)]
-    initial = sum(len(texts[c * size : (c + 1) * size]) for c in done)
-    with tqdm(total=len(texts), initial=initial, unit="prompt", desc=f"extract {task.name}") as bar:
-        for c in range(n_chunks):
-            if c in done:
-                continue
-            batch = texts[c * size : (c + 1) * size]
+    block = chunk_block(-(-len(texts) // size), rank, world)
+    rows_of = lambda c: texts[c * size : (c + 1) * size]  # noqa: E731
+    todo = [c for c in block if not chunks.done(task.name, c)]
+    total = sum(len(rows_of(c)) for c in block)
+    desc = f"extract {task.name}" + (f" (rank 0 of {world})" if world > 1 else "")
+    with tqdm(total=total, initial=total - sum(len(rows_of(c)) for c in todo), unit="prompt", desc=desc,
+              disable=rank != 0) as bar:  # fmt: skip
+        for c in todo:
             rows = extract_rows(
-                model, tokenizer, batch, cfg.model.layer, schema.variant_ids, cfg.extract.batch_size, cfg.extract.h_dtype
-            )
+                model, tokenizer, rows_of(c), cfg.model.layer, schema.variant_ids, cfg.extract.batch_size,
+                cfg.extract.h_dtype,
+            )  # fmt: skip
             chunks.write(task.name, c, rows)
-            bar.update(len(batch))
+            bar.update(len(rows_of(c)))
             if on_chunk is not None:
                 on_chunk(task.name, c)
+    return list(block)
 
 
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
@@ -109,8 +126,22 @@ def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
     )
 
 
+def launcher(trainer: DictConfig) -> Fabric:
+    """The processes that extract: the trainer config's accelerator, devices, nodes and strategy, through Fabric.
+
+    `trainer=cpu`/`gpu` is one process; `trainer=ddp` one per GPU and `trainer=ddp_sim` two on the CPU
+    (spawned); under torchrun or SLURM (`trainer.strategy=ddp`) every launched process is a rank.
+    """
+    return Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.get("num_nodes", 1),
+                  strategy=trainer.get("strategy", "auto"))  # fmt: skip
+
+
 def run(cfg: DictConfig, on_chunk=None) -> dict:
-    """Extract every task into `<run_dir>/extract/activations.h5`.
+    """Extract every task into `<run_dir>/extract/activations.h5`, on one process or several (data parallel).
+
+    Each rank extracts a contiguous block of every task's chunks and gathers them
+    into its shard, `extract/shards-<fingerprint>/rank-<r>-of-<W>.h5`; rank 0 then
+    writes the store, whose row arrays are virtual datasets over the shards.
 
     Args:
         on_chunk: called as `on_chunk(task, chunk_index)` after each chunk is safely on disk.
@@ -120,32 +151,59 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     fp = extract_fingerprint(cfg, tasks)
     if (done := current_result(out, fp, f"the activation store {out / STORE}", cfg.overwrite)) is not None:
         return done
+    fabric = launcher(cfg.trainer)
+    if fabric.world_size > 1 and cfg.model.device_map is not None:
+        raise StageError(
+            f"model.device_map={cfg.model.device_map} spreads one model over the GPUs of one process, but "
+            f"trainer asks for {fabric.world_size} processes. Use one: trainer=gpu with device_map, or "
+            f"trainer=ddp with model.device_map=null."
+        )
+    try:
+        return fabric.launch(extract_on_rank, cfg, fp, on_chunk)
+    except ProcessRaisedException as e:  # a spawned rank's error arrives as its traceback text
+        raise StageError(f"extraction failed on a worker process: {str(e).strip().splitlines()[-1]}") from e
 
+
+def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> dict | None:
+    """One rank's share of `run`: its chunks and its shard; rank 0 also writes the store. Rank 0 returns the result."""
+    tasks = load_tasks(cfg)
+    rank, world = fabric.global_rank, fabric.world_size
+    out = Path(cfg.paths.run_dir) / "extract"
     m = cfg.model
     model, tokenizer = load_causal_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
     check_layer(model, m.layer)
     if m.device_map is None:
-        model.to(resolve_device(cfg.extract.device))
+        model.to(resolve_device(cfg.extract.device) if world == 1 else fabric.device)
     schemas = {t.name: concept_schema(t, tokenizer, m.pretrained) for t in tasks}
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".partial-*"):
-        if stale.name != f".partial-{fp}":
-            log.warning("removing unfinished chunks of another config: %s", stale)
-            shutil.rmtree(stale)
+    if rank == 0:
+        for stale in out.glob(".partial-*"):
+            if stale.name != f".partial-{fp}":
+                log.warning("removing unfinished chunks of another config: %s", stale)
+                shutil.rmtree(stale)
     chunks = ChunkDir(out / f".partial-{fp}")
+    shards = out / f"shards-{fp}"
+    shard = shards / f"rank-{rank}-of-{world}.h5"
     start = time.perf_counter()
-    for task in tasks:
-        extract_task(model, tokenizer, task, schemas[task.name], chunks, cfg, on_chunk)
+    if not shard.is_file():  # a finished shard survives a crash of the others
+        blocks = {t.name: extract_task(model, tokenizer, t, schemas[t.name], chunks, cfg, on_chunk, rank, world)
+                  for t in tasks}  # fmt: skip
+        write_shard(shard, {t: chunks.read_task(t, b) for t, b in blocks.items() if b}, cfg.extract.compression)
+    fabric.barrier()
     seconds = time.perf_counter() - start
+    if rank != 0:
+        return None
 
     summary = {}
+    ranks = [shards / f"rank-{r}-of-{world}.h5" for r in range(world)]
 
     def write_groups(f) -> None:
         for task in tasks:
             rows = chunks.read_task(task.name)
             prompts = task.prompts()
-            write_task_group(f, schemas[task.name], task.to_dict(), prompts, rows, cfg.extract.compression)
+            layouts = virtual_rows(out / STORE, ranks, task.name)
+            write_task_group(f, schemas[task.name], task.to_dict(), prompts, layouts, cfg.extract.compression)
             labels = np.array([p.label for p in prompts])
             summary[task.name] = {
                 "n": len(prompts),
@@ -167,12 +225,19 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
         "dtype": m.dtype,
         "h_dtype": cfg.extract.h_dtype,
         "fingerprint": fp,
+        "ranks": world,
         "git_sha": git_sha() or "",
         "config": to_plain(cfg),
     }
     write_store(out / STORE, attrs, write_groups)
+    for old in out.glob("shards-*"):  # shards of a store this one replaced
+        if old != shards:
+            shutil.rmtree(old, ignore_errors=True)
+    for stray in set(shards.iterdir()) - set(ranks):  # a crashed run's shards of another rank count
+        stray.unlink()
     n = sum(s["n"] for s in summary.values())
-    result = {"path": str(out / STORE), "tasks": summary, "seconds": round(seconds, 2), "prompts_per_s": n / seconds}
+    result = {"path": str(out / STORE), "ranks": world, "tasks": summary, "seconds": round(seconds, 2),
+              "prompts_per_s": n / seconds}  # fmt: skip
     for name, s in summary.items():
         log.info(
             "extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%, centroid swap rate %.1f%%",

@@ -124,3 +124,20 @@ def test_lm_extract_targets_end_to_end(tmp_path):
     assert rerun["lm"] == result["lm"] and rerun["extract"] == result["extract"]
     assert rerun["train"]["geometries"] == result["train"]["geometries"] and rerun["eval"] == result["eval"]
     assert all(s[g]["cached"] for s in rerun["targets"]["tasks"].values() for g in ("hellinger", "phate"))
+
+
+def test_sharded_extraction_equals_one_process(tiny_cfg):
+    """Two gloo ranks on the CPU write one shard each; the store reads as the single-process one, bit for bit."""
+    one = tiny_cfg("run_name=one")
+    two = tiny_cfg("run_name=two", "trainer=ddp_sim")
+    assert extract.run(one)["ranks"] == 1
+    result = extract.run(two)
+    assert result["ranks"] == 2 and set(result["tasks"]) == {"weekdays", "months"}
+    path = Path(two.paths.run_dir) / "extract" / extract.STORE
+    _assert_same_store(Path(one.paths.run_dir) / "extract" / extract.STORE, path)
+    with h5py.File(path, "r") as f:
+        for task in f:
+            for name in ("h", "q", "top1"):
+                sources = [s.file_name for s in f[task][name].virtual_sources()]
+                assert sources == [f"shards-{f.attrs['fingerprint']}/rank-{r}-of-2.h5" for r in range(2)]
+    assert extract.run(two) == result, "a finished sharded store is current"

@@ -8,7 +8,16 @@ import h5py
 import numpy as np
 import pytest
 
-from data.store import SCHEMA_VERSION, ActivationStore, ChunkDir, StoreError, write_store, write_task_group
+from data.store import (
+    SCHEMA_VERSION,
+    ActivationStore,
+    ChunkDir,
+    StoreError,
+    virtual_rows,
+    write_shard,
+    write_store,
+    write_task_group,
+)
 from data.tasks import ConceptSchema, load_task
 from tests.conftest import TASK_DIR
 
@@ -77,3 +86,29 @@ def test_chunks_must_be_contiguous(tmp_path):
     chunks.write("t", 2, rows)
     with pytest.raises(StoreError, match="not contiguous"):
         chunks.read_task("t")
+
+
+def test_virtual_rows_stack_shards_and_move_with_the_store(tmp_path):
+    task = load_task("weekdays", TASK_DIR)
+    prompts = task.prompts()
+    rng = np.random.default_rng(0)
+    rows = {"h": rng.normal(size=(len(prompts), 4)).astype(np.float32),
+            "q": rng.dirichlet(np.ones(8), len(prompts)).astype(np.float32),
+            "top1": rng.integers(0, 50, len(prompts))}  # fmt: skip
+    cut = [0, 100, 100, len(prompts)]  # the middle rank holds no rows of this task
+    shards = [tmp_path / "run" / "shards" / f"rank-{r}-of-3.h5" for r in range(3)]
+    for r, shard in enumerate(shards):
+        part = {k: v[cut[r] : cut[r + 1]] for k, v in rows.items()}
+        write_shard(shard, {"weekdays": part} if cut[r + 1] > cut[r] else {}, "gzip")
+    store = tmp_path / "run" / "activations.h5"
+    schema = ConceptSchema("weekdays", task.concepts, tuple((i,) for i in range(7)))
+    layouts = virtual_rows(store, shards, "weekdays")
+    write_store(store, {}, lambda f: write_task_group(f, schema, task.to_dict(), prompts, layouts, "gzip"))
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "run").rename(moved)
+    with ActivationStore(moved / "activations.h5") as s:
+        for name, arr in s.read("weekdays", ["h", "q", "top1"]).items():
+            np.testing.assert_array_equal(arr, rows[name])
+    (moved / "shards" / "rank-2-of-3.h5").unlink()
+    with pytest.raises(StoreError, match="rank-2-of-3.h5, which is missing.*beside it"):
+        ActivationStore(moved / "activations.h5")
