@@ -12,9 +12,12 @@ half-written one; opening it checks that every shard it reads from is there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import resource
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,10 +72,32 @@ class ChunkDir:
         return {k: np.concatenate([p[k] for p in parts]) for k in ROW_ARRAYS}
 
 
+def ensure_space(folder: Path, nbytes: int) -> None:
+    """Refuse, before it starts, a write of about `nbytes` that the disk or the file-size limit cannot take.
+
+    HDF5 does not fail cleanly when a write runs out of room (the process can crash in
+    its clean-up), so the large HDF5 writes check first. Whatever happens, a torn file
+    keeps its temporary name and is never read as complete.
+
+    Raises:
+        OSError: ENOSPC (too little free space) or EFBIG (over `ulimit -f`), naming the folder and the sizes.
+    """
+    need = int(nbytes * 1.05) + (1 << 20)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and need > limit:
+        raise OSError(errno.EFBIG, f"a file of about {need / 2**20:.1f} MiB is over this process's file-size limit "
+                                   f"of {limit / 2**20:.2f} MiB (ulimit -f)", str(folder))  # fmt: skip
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"a file of about {need / 2**20:.1f} MiB needs more than the "
+                                    f"{free / 2**20:.1f} MiB free", str(folder))  # fmt: skip
+
+
 def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], compression: str) -> None:
     """One extraction rank's rows, `<task>/{h,q,top1}` for every task it has rows of, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_space(path.parent, sum(a.nbytes for arrays in rows.values() for a in arrays.values()))
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as f:
         for task, arrays in rows.items():

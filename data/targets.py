@@ -26,7 +26,7 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.utils.data import Sampler
 
-from data.store import ActivationStore
+from data.store import ActivationStore, ensure_space
 
 log = logging.getLogger("geosteer")
 
@@ -198,6 +198,7 @@ def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict
     """Write a targets file atomically: `groups` maps a group name to its arrays plus an "attrs" dict."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_space(path.parent, sum(np.asarray(v).nbytes for c in groups.values() for k, v in c.items() if k != "attrs"))
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs.update({"schema_version": TARGETS_SCHEMA_VERSION, **file_attrs})

@@ -8,6 +8,7 @@ module turns it into prompts and, given a tokenizer, into a concept schema
 from __future__ import annotations
 
 import math
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class Task:
 
     def __post_init__(self) -> None:
         where = f"task '{self.name}'"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.name):
+            raise TaskError(f"{where}: a task name becomes a folder and an HDF5 group, so it takes letters, digits, "
+                            f"'_' and '-' only (no '/', no leading '.'); rename it, e.g. name: my_task.")  # fmt: skip
         if self.topology not in TOPOLOGIES:
             raise TaskError(f"{where}: topology '{self.topology}' is unknown; use one of {TOPOLOGIES}.")
         if self.answer_rule not in ANSWER_RULES:

@@ -8,14 +8,33 @@ metrics) in `self.meta`; `from_pretrained` never unpickles.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import SafetensorError
 
 from models.geodesics import PCA
 
 
 class GeometryMismatch(ValueError):
     """A checkpoint used with activations it was not trained on; the message names both."""
+
+
+class CheckpointError(ValueError):
+    """A geometry folder that cannot be loaded as safetensors + JSON (corrupt, incomplete, or a pickle)."""
+
+
+def read_config(folder: Path) -> dict:
+    """An exported geometry's `config.json`, or CheckpointError naming the folder and the fix."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{folder}/config.json cannot be read ({type(e).__name__}: {e}); the export is incomplete or damaged. "
+            f"Re-export it with `pipeline stage=train` (delete the folder first), or copy it again."
+        ) from e
 
 
 class ShippedGeometry(PyTorchModelHubMixin):
@@ -53,5 +72,23 @@ class ShippedGeometry(PyTorchModelHubMixin):
             )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load `config.json` + `model.safetensors`; anything else (a pickle, a torn file) raises CheckpointError."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path} is not a {cls.__name__} checkpoint that loads safely: "
+                f"{type(e).__name__}: {' '.join(str(e).split())[:400]}. A geometry is "
+                f"config.json + model.safetensors (never a pickle); re-export it with `pipeline stage=train`."
+            ) from e
+
+    @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
         return super()._from_pretrained(strict=strict, **kwargs)  # every tensor must be in the file
+
+    @classmethod
+    def _load_as_pickle(cls, model, model_file: str, map_location: str, strict: bool):
+        raise CheckpointError(f"{model_file} is a pickle; geosteer loads geometries only from model.safetensors.")

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data.store import StoreError
 from data.targets import TargetError
 from data.tasks import TaskError
+from models.hub import CheckpointError, GeometryMismatch
 from models.lm import ModelLoadError
 from pipeline import eval as evaluate
 from pipeline import extract, lm, targets, train
-from pipeline.common import CONFIG_DIR, StageError, log
+from pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, check_run_dir, launched_rank, log
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
-USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError)
+USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError, CheckpointError, GeometryMismatch)
+# A full disk, a quota, a size limit, a read-only or forbidden folder: the machine's fault, not the code's.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
+# Stages whose work is split over DDP ranks; the others run in one process.
+DATA_PARALLEL = ("extract", "train")
 STAGES: dict[str, Callable[[DictConfig], dict]] = {
     "lm": lm.run,
     "extract": extract.run,
@@ -32,6 +42,14 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
 
 def run(cfg: DictConfig) -> dict:
     """Run one stage, or every stage in order for stage=all; returns each stage's result."""
+    check_run_dir(cfg)
+    rank, world = launched_rank()
+    if world > 1 and cfg.stage not in DATA_PARALLEL:
+        raise StageError(
+            f"stage={cfg.stage} runs in one process, but this is rank {rank} of {world} processes started by torchrun "
+            f"or SLURM. Launch only stage=extract or stage=train that way (trainer=ddp_launched), and run the other "
+            f"stages as one process, e.g. `pipeline stage=targets`."
+        )
     if cfg.stage == "all":
         names = [s for s in STAGES if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}
@@ -47,13 +65,96 @@ def _finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def override_type_errors(cfg: Any, defaults: Any, key: str = "") -> list[str]:
+    """Where `cfg` holds a value of another kind than the default config at the same key (unresolved trees).
+
+    Numbers, booleans, lists and sections are checked; strings and null defaults take anything.
+    """
+    if isinstance(defaults, dict):
+        if not isinstance(cfg, dict):
+            return [f"{key}={cfg!r} replaces a section; set its keys instead, e.g. {key}.{next(iter(defaults), 'x')}=..."]
+        return [e for k in defaults if k in cfg for e in override_type_errors(cfg[k], defaults[k], f"{key}.{k}".lstrip("."))]
+    interpolated = any(isinstance(v, str) and "${" in v for v in (cfg, defaults))
+    if defaults is None or isinstance(defaults, str) or interpolated or cfg is None:
+        return []
+    kind = {bool: "a boolean", int: "an integer", float: "a number", list: "a list"}[type(defaults)]
+    fits = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            list: lambda v: isinstance(v, list)}[type(defaults)]  # fmt: skip
+    if fits(cfg):
+        return []
+    example = "[" + ",".join(map(str, defaults)) + "]" if isinstance(defaults, list) else str(defaults).lower()
+    return [f"{key}={cfg!r} is not {kind} (the default is {example}); e.g. {key}={example}"]
+
+
+def check_override_types(cfg: DictConfig) -> None:
+    """Refuse command-line values of the wrong kind (`extract.batch_size=abc`, `tasks=weekdays`) before any work.
+
+    The reference is the default config with the same config-group choices, so
+    `model=gpt2 model.layer=x` is checked against gpt2's own file.
+    """
+    overrides = list(HydraConfig.get().overrides.task)
+    picks = [o for o in overrides if (CONFIG_DIR / o.split("=")[0].lstrip("+~").split("@")[0]).is_dir()]
+    defaults = compose(config_name="config", overrides=picks)
+    plain = lambda c: OmegaConf.to_container(c, resolve=False)  # noqa: E731
+    if errors := override_type_errors(plain(cfg), plain(defaults)):
+        raise StageError("wrong kind of value: " + "; ".join(errors) + ".")
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """The errno of a failed write (full disk, read-only folder...), also from h5py, which keeps it in the text."""
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"errno = (\d+)", str(e))):
+        code = int(m.group(1))
+    return code if code in STORAGE_ERRNOS else None
+
+
+def unknown_choices(argv: list[str]) -> list[str]:
+    """Config-group picks on the command line (`model=x`, `geometry=[a,b]`) that name no file of the group."""
+    errors = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        group = CONFIG_DIR / key.lstrip("+~").split("@")[0]
+        if not value or not group.is_dir() or key.startswith("hydra"):
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for pick in value.strip("[]").split(","):
+            if pick.strip() and pick.strip() != "null" and pick.strip() not in options:
+                errors.append(f"{key}={pick.strip()} is unknown; {key} takes one of {options} (configs/{key}/*.yaml)")
+    return errors
+
+
+def main() -> None:
+    """The `pipeline` command: bad config-group options and run names are refused before Hydra writes anything."""
+    errors = unknown_choices(sys.argv[1:])
+    names = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("run_name=")]
+    for name in names:  # Hydra writes its logs under the run folder before any stage can check it
+        if "${" not in name and not SAFE_NAME.fullmatch(name):
+            errors.append(f"run_name={name!r} is not a plain folder name (no '/' or leading '.'); e.g. run_name=exp1")
+    if errors:
+        print(f"error: {'; '.join(errors)}.", file=sys.stderr)
+        sys.exit(1)
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
+        check_override_types(cfg)
         result = run(cfg)
     except Exception as e:
         _finish_wandb(exit_code=1)
-        if not isinstance(e, USER_ERRORS) or log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(logging.DEBUG):
+            raise
+        if (code := storage_errno(e)) is not None:
+            log.error(
+                "could not write the outputs (%s: %s). Products already finished are kept, and the unfinished one "
+                "is left unreadable rather than half-written. Free space or make %s writable (or point "
+                "paths.outputs=... elsewhere), then re-run the same command: it resumes.",
+                errno.errorcode[code], e, cfg.paths.run_dir,
+            )  # fmt: skip
+            sys.exit(1)
+        if not isinstance(e, USER_ERRORS):
             raise
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(1)

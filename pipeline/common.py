@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import secrets
 import shutil
 import subprocess
@@ -36,6 +38,25 @@ class StageError(RuntimeError):
 
 class NonFiniteTraining(RuntimeError):
     """A loss or gradient became NaN/inf; a system raises it before the optimiser step writes it into the weights."""
+
+
+# Names that become folders (runs, tasks, geometries): no separators, no leading dot, so no escape from the run.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,+-]*")
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse a run folder outside `paths.outputs`: every stage writes only under `paths.run_dir`."""
+    if not SAFE_NAME.fullmatch(str(cfg.run_name)):
+        raise StageError(
+            f"run_name={cfg.run_name!r} is not a plain folder name (letters, digits and _.=,+- ; no '/' or leading "
+            f"'.'), so its outputs could land outside paths.outputs={cfg.paths.outputs}. Pick a name like run_name=exp1."
+        )
+    outputs, run_dir = Path(cfg.paths.outputs).resolve(), Path(cfg.paths.run_dir).resolve()
+    if not run_dir.is_relative_to(outputs) or run_dir == outputs:
+        raise StageError(
+            f"paths.run_dir={cfg.paths.run_dir} is not inside paths.outputs={cfg.paths.outputs}; stages write only "
+            f"under the run folder. Set paths.outputs to the parent folder you want and choose run_name instead."
+        )
 
 
 def to_plain(cfg: Any) -> Any:
@@ -92,6 +113,27 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_checkpoint(last: Path, what: str) -> Path | None:
+    """`last` when it is a checkpoint to resume `what` from, None when there is none.
+
+    Raises StageError for a checkpoint that holds more than tensors (loading it would run
+    pickled code: refused, as `weights_only=True` loads always are) or that is torn.
+    """
+    if not last.is_file():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise StageError(
+            f"{last} holds pickled objects other than tensors ({str(e).strip().splitlines()[-1]}), and geosteer never "
+            f"unpickles code. Delete it to train {what} from scratch, or put back the checkpoint this run wrote."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise StageError(f"{last} is damaged ({type(e).__name__}: {e}); delete it to train {what} from scratch.") from e
+    log.info("resuming %s from %s", what, last)
+    return last
+
+
 def timed(fn, repeats: int = 1) -> tuple[Any, float]:
     """fn()'s result and the best wall time of `repeats` calls, in seconds."""
     best, out = float("inf"), None
@@ -117,6 +159,9 @@ def adamw_warmup_cosine(parameters, lr: float, weight_decay: float, warmup: int,
 
 
 def load_tasks(cfg: DictConfig) -> list[Task]:
+    """The run's tasks: the one picked by `task=<name>` (for sweeps, `-m task=a,b`), else the `tasks` list."""
+    if cfg.get("task") is not None:
+        return [Task.from_dict(to_plain(cfg.task))]
     if not cfg.tasks:
         raise StageError("tasks is empty; name at least one, e.g. tasks=[weekdays].")
     return [load_task(str(name), CONFIG_DIR / "task") for name in cfg.tasks]
@@ -144,6 +189,20 @@ def _shared_lm(pretrained: str, dtype: str, revision: str | None, trust_remote_c
     return lm, tokenizer
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) of this process among those torchrun or SLURM started for the run; (0, 1) otherwise."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if world in os.environ:
+            return int(os.environ.get(rank, 0)), int(os.environ[world])
+    return 0, 1
+
+
+def wait_for_rank_zero() -> None:
+    """A barrier of launched DDP processes, so that every rank sees the files rank 0 has written; else a no-op."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True)
@@ -158,8 +217,8 @@ def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
     With `run_id_file`, the run's id is kept in that file, so that a resumed stage
     continues the same W&B run (or CSV version) instead of starting a new one.
     """
-    if cfg.logger is None or cfg.logger.get("_target_") is None:
-        return False
+    if cfg.logger is None or cfg.logger.get("_target_") is None or launched_rank()[0] != 0:
+        return False  # other launched ranks log nothing (Lightning logs from rank 0 alone anyway)
     Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
     wandb = "Wandb" in cfg.logger._target_
     kwargs: dict[str, Any] = {"name": f"{cfg.run_name}-{stage}"} if wandb else {"name": stage}

@@ -48,7 +48,7 @@ from models.behaviour import (
 from models.gaga import GAGA
 from models.geodesic_bridge import GeodesicBridge
 from models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path
-from models.hub import GeometryMismatch
+from models.hub import GeometryMismatch, read_config
 from models.innsteer import InnSteer
 from models.metrics import (
     EncoderPullback,
@@ -419,7 +419,7 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task]) -> str:
         for method, name in cfg.eval.geometries.items():
             config = Path(cfg.eval.geometry_dir) / task.name / name / "config.json"
             if method in cfg.eval.methods and config.is_file():
-                used[f"{task.name}/{method}"] = json.loads(config.read_text()).get("meta", {}).get("fingerprint")
+                used[f"{task.name}/{method}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
     return fingerprint({"eval": to_plain(cfg.eval), "store": store_fp, "geometries": used, "tasks": [t.name for t in tasks],
                         "lm": str(cfg.model.pretrained), "layer": cfg.model.layer, "seed": cfg.seed})  # fmt: skip
 

@@ -31,6 +31,7 @@ from pipeline.common import (
     log,
     make_logger,
     replace_dir,
+    resume_checkpoint,
     to_plain,
     write_stamp,
 )
@@ -163,11 +164,9 @@ def run(cfg: DictConfig) -> dict:
         dirpath=work / "checkpoints", filename="last", every_n_train_steps=250, enable_version_counter=False
     )
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=[checkpoint])
-    last = work / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("resuming the task LM from %s", last)
+    resume = resume_checkpoint(work / "checkpoints" / "last.ckpt", "the task LM")
     start = time.perf_counter()
-    trainer.fit(system, loader, ckpt_path=last if last.is_file() else None, weights_only=True)
+    trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
     train_seconds = time.perf_counter() - start
 
     final = work / "model"

@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader
 
 from data.targets import PairwiseTargets, PointClouds, TargetError, targets_path
 from data.tasks import Task
+from models.hub import read_config
 from pipeline.common import (
+    SAFE_NAME,
     NonFiniteTraining,
     StageError,
     atomic_write_text,
@@ -40,11 +42,14 @@ from pipeline.common import (
     current_result,
     fingerprint,
     git_sha,
+    launched_rank,
     load_tasks,
     log,
     make_logger,
     replace_dir,
+    resume_checkpoint,
     to_plain,
+    wait_for_rank_zero,
     write_stamp,
 )
 from pipeline import bridge, gaga, innsteer
@@ -89,6 +94,8 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
     if not geometries:
         raise StageError("no geometry selected; pick one or more, e.g. geometry=gaga_out or geometry=[gaga_out,innsteer].")
     for name, g in geometries.items():
+        if not SAFE_NAME.fullmatch(name):
+            raise StageError(f"geometry name {name!r} becomes an export folder; use letters, digits and _.- only.")
         if g.get("family") not in FAMILIES:
             raise StageError(f"geometry '{name}' has family {g.get('family')!r}; this geosteer trains {sorted(FAMILIES)}.")
         FAMILIES[g["family"]].check(name, g)
@@ -141,15 +148,17 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
                           callbacks=[best, latest, stop, *callbacks], use_distributed_sampler=False,
                           default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
-    if last.is_file():
-        log.info("resuming %s/%s from %s", task.name, name, last)
+    resume = resume_checkpoint(last, f"{task.name}/{name}")
     try:
-        trainer.fit(system, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+        trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)
     except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
         if logger:
             close_logger(logger)
         raise StageError(f"training {task.name}/{name} failed: {e}\nIts checkpoints are kept in {work}; "
                          f"the next run resumes from the last one.") from e  # fmt: skip
+    if launched_rank()[0] != 0:  # launched DDP: rank 0 evaluates and exports alone
+        wait_for_rank_zero()
+        return {"path": str(out), "rank": launched_rank()[0]}
 
     # Read back from the checkpoints, not the callbacks: spawned DDP workers keep their callbacks' state.
     final = torch.load(last, map_location="cpu", weights_only=True)
@@ -179,6 +188,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     replace_dir(staging, out)
     write_stamp(out, "train", fp, result)
     shutil.rmtree(work, ignore_errors=True)
+    wait_for_rank_zero()
     log.info("%s/%s: %s after %d epochs (%.0f s)", task.name, name, family.headline(metrics), metrics["epochs"],
              metrics["seconds"])  # fmt: skip
     return result
@@ -186,7 +196,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
 
 def export_facts(folder: Path, run_dir: Path) -> dict[str, Any]:
     """Name, fingerprint and folder (relative to the run when inside it) of an exported geometry."""
-    meta = json.loads((folder / "config.json").read_text()).get("meta", {})
+    meta = read_config(folder).get("meta", {})
     where = folder.resolve()
     inside = where.is_relative_to(run_dir.resolve())
     return {"geometry": meta.get("geometry"), "fingerprint": meta.get("fingerprint"),
@@ -222,6 +232,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                 )
             except TargetError as e:
                 raise StageError(f"geometry {task.name}/{name}: {e}") from e
+    if (rank := launched_rank()[0]) != 0:
+        return {"dir": str(Path(cfg.paths.run_dir) / "geometry"), "rank": rank}
     summary = {t: {n: FAMILIES[geometries[n]["family"]].headline(r) for n, r in rs.items()} for t, rs in results.items()}
     log.info("trained geometries:\n%s", json.dumps(summary, indent=2))
     return {"dir": str(Path(cfg.paths.run_dir) / "geometry"), "summary": summary, "geometries": results,

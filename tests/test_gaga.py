@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.gaga import GAGA
-from models.hub import GeometryMismatch
+from models.hub import CheckpointError, GeometryMismatch
 from models.metrics import EncoderPullback
 from tests.conftest import reloads_alike_in_a_fresh_process
 
@@ -78,7 +78,7 @@ def test_loading_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):
     weights = load_file(tmp_path / "gaga" / "model.safetensors")
     del weights["encoder.0.weight"]
     save_file(weights, tmp_path / "gaga" / "model.safetensors")
-    with pytest.raises(RuntimeError, match="encoder.0.weight"):
+    with pytest.raises(CheckpointError, match="Missing key.*encoder.0.weight.*re-export it"):
         GAGA.from_pretrained(tmp_path / "gaga")
 
 
