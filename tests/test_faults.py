@@ -1,0 +1,138 @@
+"""Faults: `kill -9` at a seeded random point of extract, targets and train, then the same command again.
+
+The re-run must give what an uninterrupted run gives (the same store, the same targets,
+training continued from `last.ckpt` to the same weights), and after the kill no file
+may be readable as complete unless it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from data.store import ActivationStore, StoreError
+from pipeline import extract, targets, train
+from tests.conftest import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(2026)  # the kill points: random, and the same on every run of the suite
+GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=12", "geometry.gaga_out.patience=100",
+            "geometry.gaga_out.hidden=[16]", "geometry.gaga_out.batch_size=64",
+            "geometry.gaga_out.min_steps_per_epoch=6"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, tiny_lm_dir):
+    """An uninterrupted run of extract, targets and train, and the overrides that made it."""
+    root = tmp_path_factory.mktemp("faults")
+    args = [f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays,months]",
+            "extract.chunk_size=16", "extract.batch_size=2", "logger=none", *GEOMETRY]  # fmt: skip
+    cfg = make_cfg(root, "run_name=clean", *args)
+    for stage in (extract, targets, train):
+        stage.run(cfg)
+    return root, args
+
+
+def kill_when(command: list[str], reached: Callable[[], bool], timeout: float = 300) -> None:
+    """Start `command`, and SIGKILL its whole process group the moment `reached()` holds."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not reached():
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (exit {proc.returncode}) before the kill point: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the kill point was never reached")
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def command(root: Path, args: list[str], stage: str) -> list[str]:
+    """`pipeline stage=<stage>` in the run folder `faulty-<stage>` beside the clean run."""
+    return [sys.executable, "-m", "pipeline", f"paths.outputs={root}", f"run_name=faulty-{stage}", f"stage={stage}",
+            *args]  # fmt: skip
+
+
+def rerun(root: Path, args: list[str], stage: str) -> str:
+    """The same command again, to the end; what it printed."""
+    done = subprocess.run(command(root, args, stage), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def same_h5(a: Path, b: Path) -> None:
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names = []
+        fa.visit(names.append)
+        assert names == [n for n in names if n in fb] and len(names) > 0
+        for name in names:
+            if isinstance(fa[name], h5py.Dataset):
+                np.testing.assert_array_equal(fa[name][()], fb[name][()], err_msg=name)
+
+
+def copy_products(root: Path, run: str, *products: str) -> None:
+    for product in products:
+        shutil.copytree(root / "clean" / product, root / run / product, symlinks=True)
+
+
+def test_extract_killed_mid_way_resumes_to_the_same_store(clean):
+    root, args = clean
+    out = root / "faulty-extract" / "extract"
+    k = int(RNG.integers(2, 30))  # of the 46 chunks (294 + 420 prompts in chunks of 16)
+    kill_when(command(root, args, "extract"), lambda: len(list(out.glob(".partial-*/*/chunk_*.npz"))) >= k)
+    with pytest.raises(StoreError, match="no activation store"):
+        ActivationStore(out / extract.STORE)  # nothing half-written reads as complete
+    assert not (out / "stage.json").exists()
+    rerun(root, args, "extract")
+    same_h5(root / "clean" / "extract" / extract.STORE, out / extract.STORE)
+    assert not list(out.glob(".*")), "chunks and temporary files are gone once the store is complete"
+
+
+def test_targets_killed_mid_way_resume_to_the_same_targets(clean):
+    root, args = clean
+    copy_products(root, "faulty-targets", "extract")
+    out = root / "faulty-targets" / "targets"
+    # Kill while the first task's file is being written, or after it is in place.
+    point = RNG.choice(["writing", "written"])
+    where = ".weekdays.h5.tmp" if point == "writing" else "weekdays.h5"
+    kill_when(command(root, args, "targets"), lambda: (out / where).exists())
+    for done in out.glob("*.h5"):
+        assert done.name == "weekdays.h5", f"{done.name} appeared before it was complete"
+        same_h5(root / "clean" / "targets" / done.name, done)  # what is readable is whole
+    rerun(root, args, "targets")
+    for task in ("weekdays", "months"):
+        same_h5(root / "clean" / "targets" / f"{task}.h5", out / f"{task}.h5")
+
+
+def test_train_killed_mid_way_continues_from_last_ckpt_to_the_same_weights(clean):
+    root, args = clean
+    copy_products(root, "faulty-train", "extract", "targets")
+    geometry = root / "faulty-train" / "geometry" / "weekdays"
+    epochs = int(RNG.integers(2, 8))  # of 12
+    seen = {"mtime": None, "saves": 0}
+
+    def saved_epochs() -> bool:  # last.ckpt is rewritten at the end of every epoch
+        for last in geometry.glob(".gaga_out.partial-*/checkpoints/last.ckpt"):
+            mtime = last.stat().st_mtime_ns
+            if mtime != seen["mtime"]:
+                seen["mtime"], seen["saves"] = mtime, seen["saves"] + 1
+        return seen["saves"] >= epochs
+
+    kill_when(command(root, args, "train"), saved_epochs)
+    assert not (geometry / "gaga_out").exists(), "no export before training has finished"
+    assert "resuming weekdays/gaga_out from" in rerun(root, args, "train")
+    for task in ("weekdays", "months"):
+        a, b = (load_file(r / "geometry" / task / "gaga_out" / "model.safetensors") for r in (root / "clean", root / "faulty-train"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), task
