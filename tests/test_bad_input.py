@@ -8,7 +8,9 @@ existed before byte for byte intact.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import json
 import pathlib
 import re
@@ -26,11 +28,13 @@ import torch
 import yaml
 
 from models.gaga import GAGA
+from models.lm import load_causal_lm
 from pipeline import cli, extract, targets, train
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
             "geometry.gaga_out.batch_size=64", "geometry.gaga_out.min_steps_per_epoch=2"]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
 STORE = Path("extract") / extract.STORE
 EXPORT = Path("geometry") / "weekdays" / "gaga_out"
 
@@ -301,3 +305,21 @@ def test_a_read_only_output_folder_stops_with_the_fix(finished, tmp_path):
     assert "Traceback" not in printed
     after = snapshot(run)
     assert {k: after.get(k) for k in before} == before
+
+
+def test_every_torch_load_is_weights_only_and_remote_code_is_off_by_default():
+    """A source scan: no torch.load (or Lightning resume) without weights_only=True anywhere in the project."""
+    calls = []
+    for path in [*ROOT.glob("pipeline/*.py"), *ROOT.glob("models/*.py"), *ROOT.glob("data/*.py"),
+                 *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py")]:  # fmt: skip
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "fit"):
+                owner = ast.unparse(node.func.value)
+                if (node.func.attr == "load" and owner == "torch") or any(k.arg == "ckpt_path" for k in node.keywords):
+                    weights_only = [k for k in node.keywords if k.arg == "weights_only"]
+                    calls.append((f"{path.name}:{node.lineno}", weights_only and ast.unparse(weights_only[0].value)))
+    assert calls and all(flag == "True" for _, flag in calls), [c for c in calls if c[1] != "True"]
+    for path in (ROOT / "configs" / "model").glob("*.yaml"):
+        spec = yaml.safe_load(path.read_text())
+        assert spec.get("model", spec)["trust_remote_code"] is False, path.name  # task_lm is a _global_ package
+    assert inspect.signature(load_causal_lm).parameters["trust_remote_code"].default is False
