@@ -80,28 +80,35 @@ def centroid_swap_rate(model, tokenizer, task: Task, rows, layer: int, variant_i
     return hits / (len(carriers) * len(classes))
 
 
-def chunk_block(n_chunks: int, rank: int, world: int) -> range:
-    """The contiguous block of chunk indices that `rank` of `world` extracts."""
-    return range(n_chunks * rank // world, n_chunks * (rank + 1) // world)
+def chunk_plan(sizes: dict[str, int], chunk_size: int, rank: int, world: int) -> dict[str, list[int]]:
+    """The chunks each task gives `rank` of `world`: contiguous, in task order, about N/world prompts per rank.
+
+    Chunks run over all tasks in order; a rank takes those that start in its share
+    of the N prompts. Within a task, rank r's chunks come before rank r+1's, so the
+    shards stack into each task's rows in rank order.
+    """
+    plan, start, total = {}, 0, sum(sizes.values())
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    for task, n in sizes.items():
+        plan[task] = [c for c in range(-(-n // chunk_size)) if lo <= start + c * chunk_size < hi]
+        start += n
+    return plan
 
 
-def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, on_chunk=None,
-                 rank: int = 0, world: int = 1) -> list[int]:  # fmt: skip
-    """Write every missing chunk of this rank's block of one task (finished ones are kept: resume).
+def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, block: list[int],
+                 on_chunk=None, desc: str | None = None) -> None:  # fmt: skip
+    """Write every missing chunk of `block` (this rank's chunk indices of one task); finished ones are kept (resume).
 
-    Returns the block's chunk indices. Chunks are the unit of work whatever the
-    number of ranks, so each prompt is batched with the same neighbours and a
-    sharded run computes the same rows as one process.
+    Chunks are the unit of work whatever the number of ranks, so each prompt is
+    batched with the same neighbours and a sharded run computes the same rows as one process.
     """
     texts = [p.text for p in task.prompts()]
     size = cfg.extract.chunk_size
-    block = chunk_block(-(-len(texts) // size), rank, world)
     rows_of = lambda c: texts[c * size : (c + 1) * size]  # noqa: E731
     todo = [c for c in block if not chunks.done(task.name, c)]
     total = sum(len(rows_of(c)) for c in block)
-    desc = f"extract {task.name}" + (f" (rank 0 of {world})" if world > 1 else "")
-    with tqdm(total=total, initial=total - sum(len(rows_of(c)) for c in todo), unit="prompt", desc=desc,
-              disable=rank != 0) as bar:  # fmt: skip
+    with tqdm(total=total, initial=total - sum(len(rows_of(c)) for c in todo), unit="prompt",
+              desc=desc or f"extract {task.name}") as bar:  # fmt: skip
         for c in todo:
             rows = extract_rows(
                 model, tokenizer, rows_of(c), cfg.model.layer, schema.variant_ids, cfg.extract.batch_size,
@@ -111,7 +118,6 @@ def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: Di
             bar.update(len(rows_of(c)))
             if on_chunk is not None:
                 on_chunk(task.name, c)
-    return list(block)
 
 
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
@@ -187,9 +193,11 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     shard = shards / f"rank-{rank}-of-{world}.h5"
     start = time.perf_counter()
     if not shard.is_file():  # a finished shard survives a crash of the others
-        blocks = {t.name: extract_task(model, tokenizer, t, schemas[t.name], chunks, cfg, on_chunk, rank, world)
-                  for t in tasks}  # fmt: skip
-        write_shard(shard, {t: chunks.read_task(t, b) for t, b in blocks.items() if b}, cfg.extract.compression)
+        plan = chunk_plan({t.name: len(t.prompts()) for t in tasks}, cfg.extract.chunk_size, rank, world)
+        for t in tasks:
+            desc = f"extract {t.name}" + (f" (rank {rank} of {world})" if world > 1 else "")
+            extract_task(model, tokenizer, t, schemas[t.name], chunks, cfg, plan[t.name], on_chunk, desc)
+        write_shard(shard, {t: chunks.read_task(t, b) for t, b in plan.items() if b}, cfg.extract.compression)
     fabric.barrier()
     seconds = time.perf_counter() - start
     if rank != 0:

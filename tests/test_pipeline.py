@@ -136,8 +136,21 @@ def test_sharded_extraction_equals_one_process(tiny_cfg):
     path = Path(two.paths.run_dir) / "extract" / extract.STORE
     _assert_same_store(Path(one.paths.run_dir) / "extract" / extract.STORE, path)
     with h5py.File(path, "r") as f:
+        shards = [f"shards-{f.attrs['fingerprint']}/rank-{r}-of-2.h5" for r in range(2)]
+        used = {t: [s.file_name for s in f[t]["h"].virtual_sources()] for t in f}
         for task in f:
-            for name in ("h", "q", "top1"):
-                sources = [s.file_name for s in f[task][name].virtual_sources()]
-                assert sources == [f"shards-{f.attrs['fingerprint']}/rank-{r}-of-2.h5" for r in range(2)]
+            assert all([s.file_name for s in f[task][n].virtual_sources()] == used[task] for n in ("q", "top1"))
+    # 714 prompts in chunks of 100: rank 0 takes weekdays and months' first chunk, rank 1 the rest of months
+    assert used == {"weekdays": shards[:1], "months": shards}
     assert extract.run(two) == result, "a finished sharded store is current"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_chunk_plan_covers_every_chunk_once_in_rank_order_with_balanced_prompts(world):
+    sizes, size = {"a": 294, "b": 420, "c": 5, "d": 4725}, 100
+    plans = [extract.chunk_plan(sizes, size, r, world) for r in range(world)]
+    for task, n in sizes.items():
+        stacked = [c for plan in plans for c in plan[task]]  # rank 0's chunks, then rank 1's, ...
+        assert stacked == list(range(-(-n // size))), task
+    prompts = [sum(min(size, sizes[t] - c * size) for t in sizes for c in plan[t]) for plan in plans]
+    assert max(prompts) - min(prompts) <= 2 * size, prompts
