@@ -8,12 +8,13 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch is pinned and installed first: an unpinned torch pulls the CUDA build.
-$(STAMP): pyproject.toml
+# torch is pinned and installed first: an unpinned torch pulls the CUDA build. Everything else comes
+# at the versions in constraints.txt, the ones the tests last passed with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -27,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/targets.py
 	$(BIN)/python benchmarks/geometry.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) outputs
