@@ -124,9 +124,11 @@ def resume_checkpoint(last: Path, what: str) -> Path | None:
     try:
         torch.load(last, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         raise StageError(
-            f"{last} holds pickled objects other than tensors ({str(e).strip().splitlines()[-1]}), and geosteer never "
-            f"unpickles code. Delete it to train {what} from scratch, or put back the checkpoint this run wrote."
+            f"{last} holds pickled objects other than tensors (it asks for {found[1] if found else 'a global'}), "
+            f"and geosteer never unpickles code. Delete it to train {what} from scratch, or put back the checkpoint "
+            f"this run wrote."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise StageError(f"{last} is damaged ({type(e).__name__}: {e}); delete it to train {what} from scratch.") from e
