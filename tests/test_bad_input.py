@@ -250,6 +250,15 @@ def _command(run: Path, finished_args: list[str], *overrides: str) -> list[str]:
             *finished_args, *overrides]  # fmt: skip
 
 
+def assert_refused(done: subprocess.CompletedProcess, says: list[str], run: Path, before: dict[str, str]) -> None:
+    """Exit status 1, the message without a traceback, and every file of `before` unchanged."""
+    printed = done.stdout + done.stderr
+    assert done.returncode == 1, printed
+    assert all(s in printed for s in says) and "Traceback" not in printed, printed
+    after = snapshot(run)
+    assert {k: after.get(k) for k in before} == before
+
+
 def test_a_full_disk_stops_with_the_fix_and_the_next_run_resumes(finished, tmp_path):
     """The file-size limit (RLIMIT_FSIZE) makes every write past 64 KiB fail, as on a full disk."""
     source, args = finished
@@ -263,17 +272,11 @@ def test_a_full_disk_stops_with_the_fix_and_the_next_run_resumes(finished, tmp_p
 
     done = subprocess.run(_command(run, args, "stage=targets"), capture_output=True, text=True, timeout=300,
                           preexec_fn=small_disk)  # fmt: skip
-    printed = done.stdout + done.stderr
-    assert done.returncode == 1, printed
-    assert "could not write the outputs (EFBIG" in printed and "re-run the same command" in printed, printed
-    assert "Traceback" not in printed
-    after = snapshot(run)
-    assert {k: after.get(k) for k in before} == before
+    assert_refused(done, ["could not write the outputs (EFBIG", "re-run the same command"], run, before)
     assert not list((run / "targets").glob("*.h5")), "no half-written targets file is readable"
     again = subprocess.run(_command(run, args, "stage=targets"), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    for name in ("weekdays.h5",):
-        assert h5py.is_hdf5(run / "targets" / name)
+    assert h5py.is_hdf5(run / "targets" / "weekdays.h5")
 
 
 def read_only(folder: Path) -> list[str] | None:
@@ -299,12 +302,7 @@ def test_a_read_only_output_folder_stops_with_the_fix(finished, tmp_path):
     before = snapshot(run)
     done = subprocess.run([*prefix, *_command(run, args, "stage=targets")], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
-    printed = done.stdout + done.stderr
-    assert done.returncode == 1, printed
-    assert "could not write the outputs (EROFS" in printed and "writable" in printed, printed
-    assert "Traceback" not in printed
-    after = snapshot(run)
-    assert {k: after.get(k) for k in before} == before
+    assert_refused(done, ["could not write the outputs (EROFS", "writable"], run, before)
 
 
 def test_every_torch_load_is_weights_only_and_remote_code_is_off_by_default():
