@@ -209,23 +209,25 @@ class ActivationStore:
 
     def _check_shards(self) -> None:
         """Refuse a store whose virtual rows point at a missing or unreadable shard (HDF5 would read zeros)."""
+        sources: dict[str, list[tuple[str, str]]] = {}  # shard file -> (dataset in it, what reads it)
         for task in self.tasks:
             for name in ROW_ARRAYS:
                 ds = self.file[task].get(name)
-                if ds is None or not ds.is_virtual:
-                    continue
-                for source in ds.virtual_sources():
-                    shard = self.path.parent / source.file_name
-                    try:
-                        with h5py.File(shard, "r") as f:
-                            f[source.dset_name]
-                    except (OSError, KeyError) as e:
-                        self.file.close()
-                        raise StoreError(
-                            f"{self.path} reads {task}/{name} from the shard {shard}, which is missing or unreadable "
-                            f"({type(e).__name__}). A store's shards folder must stay beside it (move or copy them "
-                            f"together); otherwise re-extract with `pipeline stage=extract overwrite=true`."
-                        ) from e
+                for source in ds.virtual_sources() if ds is not None and ds.is_virtual else ():
+                    sources.setdefault(source.file_name, []).append((source.dset_name, f"{task}/{name}"))
+        for file_name, reads in sources.items():
+            shard = self.path.parent / file_name
+            try:
+                with h5py.File(shard, "r") as f:
+                    for dset, _ in reads:
+                        f[dset]
+            except (OSError, KeyError) as e:
+                self.file.close()
+                raise StoreError(
+                    f"{self.path} reads {reads[0][1]} from the shard {shard}, which is missing or unreadable "
+                    f"({type(e).__name__}). A store's shards folder must stay beside it (move or copy them "
+                    f"together); otherwise re-extract with `pipeline stage=extract overwrite=true`."
+                ) from e
 
     def __enter__(self) -> ActivationStore:
         return self
