@@ -26,7 +26,9 @@ from pipeline import extract, targets, train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-RNG = np.random.default_rng(2026)  # the kill points: random, and the same on every run of the suite
+def kill_point(stage: str) -> np.random.Generator:
+    """The kill points are random, and the same on every run, whichever tests run."""
+    return np.random.default_rng([2026, ord(stage[0])])
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=12", "geometry.gaga_out.patience=100",
             "geometry.gaga_out.hidden=[16]", "geometry.gaga_out.batch_size=64",
             "geometry.gaga_out.min_steps_per_epoch=6"]  # fmt: skip
@@ -90,7 +92,7 @@ def copy_products(root: Path, run: str, *products: str) -> None:
 def test_extract_killed_mid_way_resumes_to_the_same_store(clean):
     root, args = clean
     out = root / "faulty-extract" / "extract"
-    k = int(RNG.integers(2, 30))  # of the 46 chunks (294 + 420 prompts in chunks of 16)
+    k = int(kill_point("extract").integers(2, 30))  # of the 46 chunks (294 + 420 prompts in chunks of 16)
     kill_when(command(root, args, "extract"), lambda: len(list(out.glob(".partial-*/*/chunk_*.npz"))) >= k)
     with pytest.raises(StoreError, match="no activation store"):
         ActivationStore(out / extract.STORE)  # nothing half-written reads as complete
@@ -105,7 +107,7 @@ def test_targets_killed_mid_way_resume_to_the_same_targets(clean):
     copy_products(root, "faulty-targets", "extract")
     out = root / "faulty-targets" / "targets"
     # Kill while the first task's file is being written, or after it is in place.
-    point = RNG.choice(["writing", "written"])
+    point = kill_point("targets").choice(["writing", "written"])
     where = ".weekdays.h5.tmp" if point == "writing" else "weekdays.h5"
     kill_when(command(root, args, "targets"), lambda: (out / where).exists())
     for done in out.glob("*.h5"):
@@ -120,7 +122,7 @@ def test_train_killed_mid_way_continues_from_last_ckpt_to_the_same_weights(clean
     root, args = clean
     copy_products(root, "faulty-train", "extract", "targets")
     geometry = root / "faulty-train" / "geometry" / "weekdays"
-    epochs = int(RNG.integers(2, 8))  # of 12
+    epochs = int(kill_point("train").integers(2, 8))  # of 12
     seen = {"mtime": None, "saves": 0}
 
     def saved_epochs() -> bool:  # last.ckpt is rewritten at the end of every epoch
