@@ -96,7 +96,7 @@ def chunk_plan(sizes: dict[str, int], chunk_size: int, rank: int, world: int) ->
 
 
 def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, block: list[int],
-                 on_chunk=None, desc: str | None = None) -> None:  # fmt: skip
+                 desc: str, on_chunk=None) -> None:  # fmt: skip
     """Write every missing chunk of `block` (this rank's chunk indices of one task); finished ones are kept (resume).
 
     Chunks are the unit of work whatever the number of ranks, so each prompt is
@@ -108,7 +108,7 @@ def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: Di
     todo = [c for c in block if not chunks.done(task.name, c)]
     total = sum(len(rows_of(c)) for c in block)
     with tqdm(total=total, initial=total - sum(len(rows_of(c)) for c in todo), unit="prompt",
-              desc=desc or f"extract {task.name}") as bar:  # fmt: skip
+              desc=desc) as bar:  # fmt: skip
         for c in todo:
             rows = extract_rows(
                 model, tokenizer, rows_of(c), cfg.model.layer, schema.variant_ids, cfg.extract.batch_size,
@@ -145,9 +145,9 @@ def launcher(trainer: DictConfig) -> Fabric:
 def run(cfg: DictConfig, on_chunk=None) -> dict:
     """Extract every task into `<run_dir>/extract/activations.h5`, on one process or several (data parallel).
 
-    Each rank extracts a contiguous block of every task's chunks and gathers them
-    into its shard, `extract/shards-<fingerprint>/rank-<r>-of-<W>.h5`; rank 0 then
-    writes the store, whose row arrays are virtual datasets over the shards.
+    Each rank extracts its run of chunks (`chunk_plan`: about N/W prompts, in task
+    order) and gathers them into its shard, `extract/shards-<fingerprint>/rank-<r>-of-<W>.h5`;
+    rank 0 then writes the store, whose row arrays are virtual datasets over the shards.
 
     Args:
         on_chunk: called as `on_chunk(task, chunk_index)` after each chunk is safely on disk.
@@ -196,7 +196,7 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         plan = chunk_plan({t.name: len(t.prompts()) for t in tasks}, cfg.extract.chunk_size, rank, world)
         for t in tasks:
             desc = f"extract {t.name}" + (f" (rank {rank} of {world})" if world > 1 else "")
-            extract_task(model, tokenizer, t, schemas[t.name], chunks, cfg, plan[t.name], on_chunk, desc)
+            extract_task(model, tokenizer, t, schemas[t.name], chunks, cfg, plan[t.name], desc, on_chunk)
         write_shard(shard, {t: chunks.read_task(t, b) for t, b in plan.items() if b}, cfg.extract.compression)
     fabric.barrier()
     seconds = time.perf_counter() - start

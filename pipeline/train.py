@@ -95,7 +95,7 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
         raise StageError("no geometry selected; pick one or more, e.g. geometry=gaga_out or geometry=[gaga_out,innsteer].")
     for name, g in geometries.items():
         if not SAFE_NAME.fullmatch(name):
-            raise StageError(f"geometry name {name!r} becomes an export folder; use letters, digits and _.- only.")
+            raise StageError(f"geometry name {name!r} becomes an export folder; use letters, digits and _.=,+- only.")
         if g.get("family") not in FAMILIES:
             raise StageError(f"geometry '{name}' has family {g.get('family')!r}; this geosteer trains {sorted(FAMILIES)}.")
         FAMILIES[g["family"]].check(name, g)

@@ -128,7 +128,7 @@ def torn_config(run: Path, _scratch: Path, _args: list[str]):
     path.write_text(path.read_text()[:40])
 
 
-class CrashAfterFirstEpoch(L.Callback):
+class CrashAfterSecondEpoch(L.Callback):
     def on_train_epoch_end(self, trainer, _module):
         if trainer.current_epoch == 1:  # epoch 0's last.ckpt is on disk by now
             raise RuntimeError("simulated crash")
@@ -138,7 +138,7 @@ def pickled_last_ckpt(run: Path, scratch: Path, args: list[str]):
     """A crashed retraining leaves its work folder; its last.ckpt is then swapped for a pickle that runs code."""
     cfg = make_cfg(run.parent, f"run_name={run.name}", *args, "geometry.gaga_out.max_epochs=3", "overwrite=true")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.run(cfg, callbacks=[CrashAfterFirstEpoch()])
+        train.run(cfg, callbacks=[CrashAfterSecondEpoch()])
     (last,) = (run / "geometry" / "weekdays").glob(".gaga_out.partial-*/checkpoints/last.ckpt")
     torch.save({"state_dict": Evil(scratch / "pwned")}, last)
 
