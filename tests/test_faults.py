@@ -26,9 +26,13 @@ from pipeline import extract, targets, train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def kill_point(stage: str) -> np.random.Generator:
-    """The kill points are random, and the same on every run, whichever tests run."""
-    return np.random.default_rng([2026, ord(stage[0])])
+    """The kill points are random, and the same on every run, whichever tests run; each stage has its own."""
+    return np.random.default_rng([2026, *stage.encode()])  # the whole name: "targets" and "train" share a letter
+
+
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=12", "geometry.gaga_out.patience=100",
             "geometry.gaga_out.hidden=[16]", "geometry.gaga_out.batch_size=64",
             "geometry.gaga_out.min_steps_per_epoch=6"]  # fmt: skip
