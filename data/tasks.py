@@ -17,10 +17,16 @@ from typing import Any
 import yaml
 
 TOPOLOGIES = ("cyclic", "sequential")
-ANSWER_RULES = ("shift",)
+# shift: "{number} steps after {entity}", answer values[entity + number];
+# next: a list of {number} consecutive values ending at {entity} (the field {run}), answer the value after it.
+ANSWER_RULES = ("shift", "next")
 CONCEPT_SETS = ("values", "answers")
-TEMPLATE_FIELDS = {"entity", "number"}
+TEMPLATE_FIELDS = {"shift": ({"entity", "number"}, {"entity", "number"}), "next": ({"run"}, {"run", "entity", "number"})}
 VARIANT_FIELDS = {"value", "lower"}
+
+
+def _fields(names: set[str]) -> str:
+    return " and ".join(f"{{{n}}}" for n in sorted(names))
 
 
 class TaskError(ValueError):
@@ -30,7 +36,7 @@ class TaskError(ValueError):
 @dataclass(frozen=True)
 class Prompt:
     text: str
-    template_id: int
+    template_id: int  # index over (context, template) framings, contexts outermost
     entity: str
     number: int
     answer: str  # the answer value
@@ -48,6 +54,8 @@ class Task:
     number_words: dict[int, str] | None = None
     concept_set: str = "values"
     variants: tuple[str, ...] = ("{value}", " {value}", "{lower}", " {lower}")
+    contexts: tuple[str, ...] = ("",)  # prefixes; every template is asked after each of them
+    run_separator: str = ", "  # joins the values of {run}
 
     def __post_init__(self) -> None:
         where = f"task '{self.name}'"
@@ -66,13 +74,18 @@ class Task:
             raise TaskError(f"{where}: the numbers list is empty; give at least one step size.")
         if not self.templates:
             raise TaskError(f"{where}: the template list is empty; add at least one template with {{entity}} and {{number}}.")
+        needed, allowed = TEMPLATE_FIELDS[self.answer_rule]
         for i, template in enumerate(self.templates):
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            if fields != TEMPLATE_FIELDS:
+            if not needed <= fields <= allowed:
                 raise TaskError(
-                    f"{where}: template {i} {template!r} has fields {sorted(fields)}; "
-                    f"each template needs exactly {{entity}} and {{number}}."
+                    f"{where}: template {i} {template!r} has fields {sorted(fields)}; with answer_rule "
+                    f"'{self.answer_rule}' each template needs {_fields(needed)} and may use {_fields(allowed)}."
                 )
+        if not self.contexts or not all(isinstance(c, str) for c in self.contexts):
+            raise TaskError(f"{where}: contexts must be a non-empty list of strings (\"\" for none), got {self.contexts!r}.")
+        if self.answer_rule == "next" and min(self.numbers) < 1:
+            raise TaskError(f"{where}: with answer_rule 'next' the numbers are run lengths and must be ≥ 1, got {list(self.numbers)}.")
         for pattern in self.variants:
             fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
             if not fields or not fields <= VARIANT_FIELDS:
@@ -84,11 +97,20 @@ class Task:
             raise TaskError(f"{where}: no (entity, number) pair has an answer; check values, numbers and topology.")
 
     def answer_index(self, entity_index: int, number: int) -> int | None:
-        """Index into `values` of the answer, or None when a sequential task runs off the end."""
+        """Index into `values` of the answer, or None when a sequential task runs off either end."""
+        if self.answer_rule == "next":
+            if self.topology == "sequential" and entity_index - number + 1 < 0:
+                return None  # the run would start before the first value
+            number = 1
         j = entity_index + number
         if self.topology == "cyclic":
             return j % len(self.values)
         return j if j < len(self.values) else None
+
+    def run_of(self, entity_index: int, number: int) -> str:
+        """The `number` consecutive values ending at `entity_index` (wrapping round on cyclic tasks)."""
+        K = len(self.values)
+        return self.run_separator.join(self.values[(entity_index - number + 1 + k) % K] for k in range(number))
 
     def neighbourhood(self, j: int, width: float) -> dict[int, float]:
         """A discretised Gaussian over value indices around `j`, summing to 1, that follows the topology.
@@ -121,15 +143,18 @@ class Task:
         """Every (template, entity, number) prompt with an answer, in a fixed order."""
         label_of = {v: k for k, v in enumerate(self.concepts)}
         out = []
-        for t, template in enumerate(self.templates):
+        framings = [context + template for context in self.contexts for template in self.templates]
+        for t, template in enumerate(framings):
             for i, entity in enumerate(self.values):
                 for n in self.numbers:
                     j = self.answer_index(i, n)
                     if j is None:
                         continue
-                    text = template.format(entity=entity, number=self.render_number(n))
+                    fields = {"entity": entity, "number": self.render_number(n)}
+                    if self.answer_rule == "next":
+                        fields["run"] = self.run_of(i, n)
                     answer = self.values[j]
-                    out.append(Prompt(text, t, entity, n, answer, label_of[answer]))
+                    out.append(Prompt(template.format(**fields), t, entity, n, answer, label_of[answer]))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,11 +168,15 @@ class Task:
             "concepts": self.concept_set,
             "variants": list(self.variants),
             "templates": list(self.templates),
+            # the keys added with answer_rule 'next' only when set, so older tasks keep their fingerprints
+            **({"contexts": list(self.contexts)} if self.contexts != ("",) else {}),
+            **({"run_separator": self.run_separator} if self.run_separator != ", " else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
-        known = {"name", "topology", "answer_rule", "values", "numbers", "number_words", "concepts", "variants", "templates"}
+        known = {"name", "topology", "answer_rule", "values", "numbers", "number_words", "concepts", "variants", "templates",
+                 "contexts", "run_separator"}
         name = d.get("name", "<unnamed>")
         unknown = sorted(set(d) - known)
         if unknown:
@@ -161,6 +190,10 @@ class Task:
             kwargs["variants"] = tuple(d["variants"])
         if "concepts" in d:
             kwargs["concept_set"] = d["concepts"]
+        if "contexts" in d:
+            kwargs["contexts"] = tuple(d["contexts"] or ())
+        if "run_separator" in d:
+            kwargs["run_separator"] = str(d["run_separator"])
         return cls(
             name=str(d["name"]),
             topology=d["topology"],

@@ -34,8 +34,12 @@ def load_causal_lm(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    gguf_file: str | None = None,
 ):
     """Load a causal LM and its tokenizer (left padding) from a local folder or the Hub.
+
+    With `gguf_file`, `pretrained` is the folder holding that GGUF file, which transformers
+    dequantises to `dtype` (it needs the `gguf` and `accelerate` packages).
 
     Raises:
         ModelLoadError: the folder is missing, the model is not cached and the Hub
@@ -50,6 +54,8 @@ def load_causal_lm(
             f"(or `stage=all`); otherwise point model.pretrained at a folder made by save_pretrained."
         )
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
     try:
         config = AutoConfig.from_pretrained(pretrained, **kwargs)
     except (OSError, ValueError) as e:

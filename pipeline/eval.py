@@ -131,7 +131,7 @@ class TaskData:
 
     @property
     def classes(self) -> list[int]:
-        return sorted(set(self.labels.tolist()))
+        return sorted(set(self.labels[self.labels >= 0].tolist()))  # −1: a row left out of every class
 
 
 @dataclass

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from data.store import ChunkDir, virtual_rows, write_shard, write_store, write_task_group
 from data.tasks import Task, concept_schema
-from models.lm import check_layer, load_causal_lm, read_last_token, replace_last_token
+from models.lm import check_layer, read_last_token, replace_last_token
 from pipeline.common import (
     StageError,
     close_logger,
     current_result,
     fingerprint,
     git_sha,
+    load_lm,
     load_tasks,
     log,
     make_logger,
@@ -57,16 +58,31 @@ def extract_rows(model, tokenizer, texts: list[str], layer: int, variant_ids, ba
     return {name: torch.cat(col).numpy() for name, col in zip(("h", "q", "top1"), zip(*parts))}
 
 
+def row_classes(q: np.ndarray, answers: np.ndarray, rule: str, min_rows: int) -> tuple[np.ndarray, dict[int, int]]:
+    """Each row's class: its answer's index (`rule="answer"`) or the LM's own arg-max concept (`"argmax"`).
+
+    A class of fewer than `min_rows` rows is left out: its rows get −1. Returns the classes (N,)
+    and {left-out class: its row count}. q (N, K+1), answers (N,)
+    """
+    if rule not in ("answer", "argmax"):
+        raise StageError(f"extract.classes={rule!r} is unknown; use answer (the task's answers) or argmax (the LM's own).")
+    labels = answers.astype(np.int32) if rule == "answer" else q[:, :-1].argmax(1).astype(np.int32)
+    counts = np.bincount(labels, minlength=q.shape[1] - 1)
+    small = {int(k): int(c) for k, c in enumerate(counts) if 0 < c < min_rows}
+    labels[np.isin(labels, list(small))] = -1
+    return labels, small
+
+
 @torch.inference_mode()
-def centroid_swap_rate(model, tokenizer, task: Task, rows, layer: int, variant_ids, n_carriers: int = 16, seed: int = 0) -> float:
+def centroid_swap_rate(model, tokenizer, task: Task, rows, labels: np.ndarray, layer: int, variant_ids,
+                       n_carriers: int = 16, seed: int = 0) -> float:  # fmt: skip
     """How often replacing `h` by a class centroid makes that class the arg-max of `q` (SPEC §0).
 
-    Over `n_carriers` seeded prompts and every answer class; near 1 means block
+    Over `n_carriers` seeded prompts and every class of `labels` (−1: no class); near 1 means block
     `layer` carries the answer in a form that steering can move.
     """
     prompts = task.prompts()
-    labels = np.array([p.label for p in prompts])
-    classes = np.unique(labels)
+    classes = np.unique(labels[labels >= 0])
     device = next(model.parameters()).device
     h = torch.from_numpy(rows["h"]).float()
     centroids = torch.stack([h[labels == k].mean(0) for k in classes]).to(device)  # (C, d)
@@ -176,7 +192,7 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     rank, world = fabric.global_rank, fabric.world_size
     out = Path(cfg.paths.run_dir) / "extract"
     m = cfg.model
-    model, tokenizer = load_causal_lm(m.pretrained, m.dtype, m.revision, m.trust_remote_code, m.device_map)
+    model, tokenizer = load_lm(m)
     check_layer(model, m.layer)
     if m.device_map is None:
         model.to(resolve_device(cfg.extract.device) if world == 1 else fabric.device)
@@ -211,18 +227,26 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
             rows = chunks.read_task(task.name)
             prompts = task.prompts()
             layouts = virtual_rows(out / STORE, ranks, task.name)
-            write_task_group(f, schemas[task.name], task.to_dict(), prompts, layouts, cfg.extract.compression)
-            labels = np.array([p.label for p in prompts])
+            answers = np.array([p.label for p in prompts])
+            labels, left_out = row_classes(rows["q"], answers, cfg.extract.classes, cfg.extract.min_class_rows)
+            write_task_group(f, schemas[task.name], task.to_dict(), prompts, layouts, cfg.extract.compression, labels)
             summary[task.name] = {
                 "n": len(prompts),
                 "d": int(rows["h"].shape[1]),
                 "K": schemas[task.name].K,
-                "answer_accuracy": float((rows["q"][:, :-1].argmax(1) == labels).mean()),
+                "answer_accuracy": float((rows["q"][:, :-1].argmax(1) == answers).mean()),
                 "mean_other_mass": float(rows["q"][:, -1].mean()),
+                "classes": cfg.extract.classes,
+                "n_classes": int(len(np.unique(labels[labels >= 0]))),
+                "left_out_classes": {task.concepts[k]: n for k, n in left_out.items()},
                 "centroid_swap_rate": centroid_swap_rate(
-                    model, tokenizer, task, rows, m.layer, schemas[task.name].variant_ids, seed=cfg.seed
+                    model, tokenizer, task, rows, labels, m.layer, schemas[task.name].variant_ids, seed=cfg.seed
                 ),
             }
+            if left_out:
+                log.warning("%s: classes %s have fewer than extract.min_class_rows=%d rows and are left out of "
+                            "centroids and steering pairs", task.name, summary[task.name]["left_out_classes"],
+                            cfg.extract.min_class_rows)  # fmt: skip
 
     attrs = {
         "model_name": m.name,
@@ -248,8 +272,9 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
               "prompts_per_s": n / seconds}  # fmt: skip
     for name, s in summary.items():
         log.info(
-            "extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%, centroid swap rate %.1f%%",
-            *(name, s["n"], s["d"], s["K"], 100 * s["answer_accuracy"], 100 * s["centroid_swap_rate"]),
+            "extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%, %d classes (%s), centroid swap rate %.1f%%",
+            *(name, s["n"], s["d"], s["K"], 100 * s["answer_accuracy"], s["n_classes"], s["classes"],
+              100 * s["centroid_swap_rate"]),
         )
     if logger := make_logger(cfg, "extract"):
         logger.log_metrics({f"extract/{t}/{k}": v for t, row in summary.items() for k, v in row.items()})

@@ -16,6 +16,7 @@ from models.metrics import (
     FisherPullback,
     OutputPullback,
     effective_dimensionality,
+    fisher_gram,
     metric_eigenvalues,
     metric_matrix,
     output_jacobian_reference,
@@ -364,3 +365,15 @@ def test_fishback_direction_solves_the_natural_gradient_system(lm):
         g = torch.autograd.functional.jacobian(lambda v: sqrt_q(v[None])[0, 2].log() * 2, h)
         natural = torch.linalg.solve(G, g)
         torch.testing.assert_close(delta[i], natural / (natural @ G @ natural).sqrt(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 4096])
+def test_fisher_gram_in_chunks_equals_the_dense_rows(chunk):
+    """RᵀR from token chunks, without forming R (B, k, d), equals the dense rows √p_v (W_v − E_p W) for any chunking."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(50, 6, dtype=torch.float64, generator=g)
+    p = torch.randn(3, 50, dtype=torch.float64, generator=g).softmax(-1)
+    for k in (50, 20):  # every token, and the top 20
+        p_top, tokens = p.topk(k, dim=1)
+        R = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))
+        torch.testing.assert_close(fisher_gram(W, p, p_top, tokens, chunk=chunk), R.transpose(1, 2) @ R)

@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from data.tasks import TaskError, concept_schema, load_task
+from data.tasks import Task, TaskError, concept_schema, load_task
 from models.task_lm import build_word_tokenizer
 from tests.conftest import TASK_DIR
 
@@ -43,6 +43,38 @@ def test_sequential_tasks_drop_results_past_the_end():
     ages = load_task("ages", TASK_DIR)
     assert ages.concepts == tuple(str(i) for i in range(2, 101))  # the distinct answers
     assert max(int(p.answer) for p in ages.prompts()) == 100
+
+
+NEXT = ["weekdays_next", "months_next", "letters_next"]
+
+
+@pytest.mark.parametrize("name", NEXT)
+def test_list_continuations_show_the_run_before_the_answer_with_20_prompts_per_class(name):
+    task = load_task(name, TASK_DIR)
+    K, cyclic = len(task.values), task.topology == "cyclic"
+    counts = {}
+    for p in task.prompts():
+        i = task.values.index(p.entity)
+        run = [task.values[(i - p.number + 1 + k) % K] for k in range(p.number)]
+        assert p.text.endswith(", ".join(run) + ","), "the run ends the prompt, ending at the entity"
+        assert cyclic or task.values.index(run[0]) <= i, "a sequential run never wraps"
+        assert p.answer == task.values[(i + 1) % K] and task.concepts[p.label] == p.answer
+        counts[p.answer] = counts.get(p.answer, 0) + 1
+    assert set(counts) == set(task.concepts) and min(counts.values()) >= 20
+    assert {p.template_id for p in task.prompts()} == set(range(len(task.contexts) * len(task.templates)))
+
+
+def test_next_rule_refuses_templates_without_the_run():
+    spec = yaml.safe_load((TASK_DIR / "weekdays_next.yaml").read_text())
+    spec["templates"] = ["{number} days after {entity}:"]
+    with pytest.raises(TaskError, match=r"'next' each template needs \{run\}"):
+        load_task_dict(spec)
+
+
+def test_tasks_without_contexts_keep_their_definition_and_fingerprint():
+    assert set(load_task("weekdays", TASK_DIR).to_dict()) == {
+        "name", "topology", "answer_rule", "values", "numbers", "number_words", "concepts", "variants", "templates"}
+    assert load_task("letters_next", TASK_DIR).to_dict()["contexts"][0] == ""
 
 
 def test_a_new_task_needs_only_a_yaml(tmp_path):
@@ -105,3 +137,7 @@ def test_neighbourhood_is_a_topology_aware_discrete_gaussian():
     assert min(edge) == 0 and edge[1] / edge[0] == pytest.approx(math.exp(-0.5)), "sequential: nothing before A"
     assert sum(edge.values()) == pytest.approx(1.0)
     assert letters.neighbourhood(5, width=0.0) == {5: 1.0}
+
+
+def load_task_dict(spec: dict) -> Task:
+    return Task.from_dict(spec)
