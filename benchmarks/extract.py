@@ -4,7 +4,8 @@
 concept binning, the resumable chunk writes and the HDF5 store cost; the
 target is ≥ 0.9. `ratio_hooked` leaves the writes out. All three are timed in
 one run, interleaved, best of `--repeats`, on random-weight Llamas over the
-task prompts (all of them, or the first 128 of each task for the slow model). Figures go to benchmarks/results/extract.json.
+task prompts (all of them, or the first 128 of each task for the slow model), and on the real SmolLM2
+of `model=smollm2` over the first 64 prompts of each of its tasks. Figures go to benchmarks/results/extract.json.
 
     python benchmarks/extract.py [--repeats 5] [--threads 2]
 """
@@ -19,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from data.store import ChunkDir, write_store, write_task_group
 from data.tasks import concept_schema, load_task
 from models.lm import position_ids_for
 from models.task_lm import build_word_tokenizer
-from pipeline.common import CONFIG_DIR
+from pipeline.common import CONFIG_DIR, load_lm
 from pipeline.extract import extract_rows
 
 # name: (Llama size, prompts per task: None for all 5,909, fewer for the slow model)
@@ -40,7 +42,8 @@ SIZES = {
     ),
 }
 TASKS = ["weekdays", "months", "letters", "ages"]
-BATCH, CHUNK, LAYER = 64, 1024, 1
+BATCH, CHUNK = 64, 1024
+SMOLLM2 = ("SmolLM2-135M (GGUF, hidden 576, 30 blocks, vocab 49k)", ["weekdays_next", "months_next", "letters_next"], 64)
 
 
 @torch.inference_mode()
@@ -56,19 +59,19 @@ def bare_forward(model, tokenizer, texts: list[str]) -> None:
         )
 
 
-def hooked_forward(model, tokenizer, prompts, schemas) -> None:
-    """The extraction forward alone: hook on block LAYER, softmax, concept bins, no writes."""
+def hooked_forward(model, tokenizer, prompts, schemas, layer: int) -> None:
+    """The extraction forward alone: hook on block `layer`, softmax, concept bins, no writes."""
     for name, ps in prompts.items():
-        extract_rows(model, tokenizer, [p.text for p in ps], LAYER, schemas[name].variant_ids, BATCH, "float32")
+        extract_rows(model, tokenizer, [p.text for p in ps], layer, schemas[name].variant_ids, BATCH, "float32")
 
 
-def extraction(model, tokenizer, prompts, schemas, tasks, root: Path) -> None:
+def extraction(model, tokenizer, prompts, schemas, tasks, layer: int, root: Path) -> None:
     """What stage=extract does per task: hooked forward, chunk files, store assembly."""
     chunks = ChunkDir(root / "chunks")
     for task in tasks:
         texts = [p.text for p in prompts[task.name]]
         for c in range(0, len(texts), CHUNK):
-            rows = extract_rows(model, tokenizer, texts[c : c + CHUNK], LAYER, schemas[task.name].variant_ids, BATCH, "float32")
+            rows = extract_rows(model, tokenizer, texts[c : c + CHUNK], layer, schemas[task.name].variant_ids, BATCH, "float32")
             chunks.write(task.name, c // CHUNK, rows)
 
     def groups(f):
@@ -85,6 +88,25 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def random_llamas():
+    """(name, model, tokenizer, tasks, layer, prompts per task) of the random-weight Llamas, on the word tokenizer."""
+    tasks = [load_task(t, CONFIG_DIR / "task") for t in TASKS]
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for t in tasks for p in t.prompts())
+    for name, (size, per_task) in SIZES.items():
+        torch.manual_seed(0)
+        config = LlamaConfig(**{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **size})
+        yield name, LlamaForCausalLM(config).eval(), tokenizer, tasks, 1, per_task
+
+
+def smollm2():
+    """The real SmolLM2 of `model=smollm2`, at its layer, on its default tasks."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["model=smollm2"])
+    model, tokenizer = load_lm(cfg.model)
+    name, tasks, per_task = SMOLLM2
+    yield name, model, tokenizer, [load_task(t, CONFIG_DIR / "task") for t in tasks], cfg.model.layer, per_task
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -93,23 +115,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tasks = [load_task(t, CONFIG_DIR / "task") for t in TASKS]
-    tokenizer = build_word_tokenizer(p.text + " " + p.answer for t in tasks for p in t.prompts())
-    schemas = {t.name: concept_schema(t, tokenizer, "word-level") for t in tasks}
     results = []
-    for name, (size, per_task) in SIZES.items():
+    for name, model, tokenizer, tasks, layer, per_task in (*random_llamas(), *smollm2()):
+        schemas = {t.name: concept_schema(t, tokenizer, name) for t in tasks}
         prompts = {t.name: t.prompts()[:per_task] for t in tasks}
         texts = [p.text for ps in prompts.values() for p in ps]
-        torch.manual_seed(0)
-        config = LlamaConfig(**{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **size})
-        model = LlamaForCausalLM(config).eval()
         bare, hooked, full = [], [], []
         with tempfile.TemporaryDirectory() as tmp:
             bare_forward(model, tokenizer, texts[:BATCH])  # warm-up
             for r in range(args.repeats):  # interleaved, so drifts in machine speed hit all three alike
                 bare.append(timed(lambda: bare_forward(model, tokenizer, texts)))
-                hooked.append(timed(lambda: hooked_forward(model, tokenizer, prompts, schemas)))
-                full.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, Path(tmp) / str(r))))
+                hooked.append(timed(lambda: hooked_forward(model, tokenizer, prompts, schemas, layer)))
+                full.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / str(r))))
         row = {
             "model": name,
             "prompts": len(texts),

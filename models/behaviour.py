@@ -130,10 +130,14 @@ def top1_at_end(q: torch.Tensor, b: int, last: torch.Tensor | None = None) -> to
 
 
 def off_target_kl(logits_ref: torch.Tensor, logits: torch.Tensor, exclude: list[int]) -> torch.Tensor:
-    """KL(p_ref ‖ p) over the tokens not in `exclude` (the target's variants), both renormalised. (..., V) → (...)"""
-    keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    keep[exclude] = False
-    log_ref, log_p = logits_ref[..., keep].log_softmax(-1), logits[..., keep].log_softmax(-1)  # (..., V')
+    """KL(p_ref ‖ p) over the tokens not in `exclude` (the target's variants), both renormalised. (..., V) → (...)
+
+    `logits_ref` broadcasts against `logits` (e.g. (C, V) against (W, C, V)), so a reference is normalised once.
+    """
+    drop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    drop[exclude] = True
+    log_ref = logits_ref.masked_fill(drop, -math.inf).log_softmax(-1)  # (..., V), −inf on the dropped tokens
+    log_p = logits.masked_fill(drop, -math.inf).log_softmax(-1)
     terms = log_ref.exp() * (log_ref - log_p)
     return torch.where(log_ref > -math.inf, terms, 0).sum(-1)  # 0 log 0 = 0
 

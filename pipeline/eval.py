@@ -250,8 +250,8 @@ def read_behaviour(tail: CarrierTail, h: torch.Tensor, variant_ids, target: int)
     carrier = torch.arange(C, device=h.device).repeat(W)
     logits = tail.logits(h.reshape(W * C, d).to(tail.h.dtype), carrier)  # (W·C, V)
     q = log_concept_probs(logits, variant_ids).exp().double()
-    kl = off_target_kl(tail.logits0[carrier].double(), logits.double(), list(variant_ids[target]))
-    return q.view(W, C, -1), kl.view(W, C)
+    kl = off_target_kl(tail.logits0[:C].double(), logits.view(W, C, -1).double(), list(variant_ids[target]))  # (W, C)
+    return q.view(W, C, -1), kl
 
 
 def score(q: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, a: int, b: int, manifold: BehaviourManifold,
@@ -287,7 +287,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
     """Every method on every pair, and the learned metrics against G_out: (JSON-able results, figure data)."""
     e, task = cfg.eval, data.task
     K, cyclic = len(task.concepts), task.topology == "cyclic"
-    pairs = steering_pairs(data.classes, e.max_pairs, cfg.seed)
+    pairs = steering_pairs(data.classes, e.max_pairs, cfg.seed, e.all_pairs_max_k)
     q_centroids = torch.stack([data.q[data.labels == k].mean(0) for k in data.classes])  # (K', K+1)
     manifold = BehaviourManifold(q_centroids, cyclic)
     unembedding = lm.get_output_embeddings().weight.detach()

@@ -138,10 +138,12 @@ def linear_probe_accuracy(z_train: torch.Tensor, y_train: np.ndarray, z_val: tor
 ALL_PAIRS_MAX_K = 12  # SPEC §9: every class pair when K ≤ 12, else a seeded sample
 
 
-def steering_pairs(classes: Sequence[int], max_pairs: int, seed: int) -> list[tuple[int, int]]:
-    """Every ordered pair (a, b), a ≠ b, of `classes` when there are at most 12 of them; else a seeded sample of `max_pairs`."""
+def steering_pairs(classes: Sequence[int], max_pairs: int, seed: int,
+                   all_pairs_max_k: int = ALL_PAIRS_MAX_K) -> list[tuple[int, int]]:  # fmt: skip
+    """Every ordered pair (a, b), a ≠ b, of `classes` when there are at most `all_pairs_max_k` of them
+    (or at most `max_pairs` pairs); else a seeded sample of `max_pairs`."""
     pairs = [(a, b) for a in classes for b in classes if a != b]
-    if len(classes) <= ALL_PAIRS_MAX_K or len(pairs) <= max_pairs:
+    if len(classes) <= all_pairs_max_k or len(pairs) <= max_pairs:
         return pairs
     keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
     return [pairs[i] for i in sorted(keep)]
@@ -229,7 +231,8 @@ def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, tr
     round_trip = (back - x_val).norm(dim=1) / x_val.norm(dim=1)
     steering = g["steering"]
     # Only classes the LM gives for some training prompt have a learned mean to steer from or to.
-    pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed)
+    pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed,
+                           steering.get("all_pairs_max_k", ALL_PAIRS_MAX_K))  # fmt: skip
     rates = lm_steering_success(cfg, task, model, train, classes, pairs, steering["alpha"], steering["carriers"])
     values = np.array(list(rates.values()) or [np.nan])  # NaN: no pair to steer
     if not rates:
