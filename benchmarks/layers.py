@@ -51,7 +51,9 @@ def sweep(model_name: str, layers: list[int], tasks: list[str], carriers: int, m
         cfg = compose("config", overrides=[f"model={model_name}"])
     start = time.perf_counter()
     model, tokenizer = load_lm(cfg.model)
-    out = {"model": model_name, "layers": layers, "load_s": round(time.perf_counter() - start, 1), "tasks": {}}
+    c = model.config
+    out = {"model": model_name, "layers": layers, "load_s": round(time.perf_counter() - start, 1),
+           "blocks": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size, "tasks": {}}  # fmt: skip
     for name in tasks:
         task = load_task(name, CONFIG_DIR / "task")
         try:

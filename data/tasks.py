@@ -73,7 +73,8 @@ class Task:
         if not self.numbers:
             raise TaskError(f"{where}: the numbers list is empty; give at least one step size.")
         if not self.templates:
-            raise TaskError(f"{where}: the template list is empty; add at least one template with {{entity}} and {{number}}.")
+            raise TaskError(f"{where}: the template list is empty; add at least one template with "
+                            f"{_fields(TEMPLATE_FIELDS[self.answer_rule][0])}.")
         needed, allowed = TEMPLATE_FIELDS[self.answer_rule]
         for i, template in enumerate(self.templates):
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}

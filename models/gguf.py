@@ -55,13 +55,13 @@ def packaged_file(distribution: str, suffix: str, install: str) -> Path:
     return path
 
 
-def join_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
+def join_parts(parts: Sequence[Path], target: Path, sha256: str, install: str = "pip install --force-reinstall") -> Path:
     """Concatenate `parts` into `target` (atomically) unless it is already there with the right hash."""
     if target.is_file() and sha256_of(target) == sha256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
@@ -70,8 +70,12 @@ def join_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
         got = sha256_of(tmp)
         if got != sha256:
             raise ModelLoadError(f"joining {[p.name for p in parts]} gave SHA-256 {got}, not the expected {sha256}: "
-                                 f"a chunk is damaged. Reinstall the chunk packages (pip install --force-reinstall).")  # fmt: skip
+                                 f"a chunk is damaged. Reinstall the chunk packages (`{install}` after "
+                                 f"pip uninstall of them).")  # fmt: skip
         os.replace(tmp, target)
+    except OSError as e:
+        raise ModelLoadError(f"could not write the joined model file {target} ({e.strerror}). Point GEOSTEER_CACHE "
+                             f"at a writable folder with {sum(p.stat().st_size for p in parts) >> 20} MiB free.") from e  # fmt: skip
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -93,4 +97,4 @@ def locate_gguf(spec) -> Path:
                                  f"reinstall it with `{install}`.")  # fmt: skip
         return path
     parts = [packaged_file(p, f"{name}.part{i:02d}", install) for i, p in enumerate(packages)]
-    return join_parts(parts, cache_dir() / "gguf" / name, str(spec["sha256"]))
+    return join_parts(parts, cache_dir() / "gguf" / name, str(spec["sha256"]), install)

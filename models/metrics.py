@@ -215,20 +215,15 @@ class FisherPullback:
 def fisher_gram(W: torch.Tensor, p: torch.Tensor, p_top: torch.Tensor, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """RᵀR for the rows R_v = √p_v (W_v − w̄) of the kept tokens, w̄ = E_p[W], without forming R. → (B, d, d)
 
-    RᵀR = A − w̄mᵀ − mw̄ᵀ + s w̄w̄ᵀ with A = Σ p_v W_v W_vᵀ, m = Σ p_v W_v, s = Σ p_v over the kept
-    tokens; A is summed over chunks of tokens, so memory stays at B × chunk × d whatever the vocabulary.
+    Summed over chunks of tokens, so memory stays at B × chunk × d whatever the vocabulary.
     W (V, d), p (B, V), p_top and tokens (B, k).
     """
-    w_bar = p @ W  # (B, d)
-    A = W.new_zeros(len(p), W.shape[1], W.shape[1])
-    m = torch.zeros_like(w_bar)
+    w_bar = (p @ W).unsqueeze(1)  # (B, 1, d)
+    gram = W.new_zeros(len(p), W.shape[1], W.shape[1])
     for c in range(0, tokens.shape[1], chunk):
-        Wc, pc = W[tokens[:, c : c + chunk]], p_top[:, c : c + chunk]  # (B, c, d), (B, c)
-        A += torch.einsum("bcd,bc,bce->bde", Wc, pc, Wc)
-        m += torch.einsum("bcd,bc->bd", Wc, pc)
-    s = p_top.sum(1)[:, None, None]
-    outer = lambda u, v: u.unsqueeze(2) * v.unsqueeze(1)  # noqa: E731
-    return A - outer(w_bar, m) - outer(m, w_bar) + s * outer(w_bar, w_bar)
+        R = p_top[:, c : c + chunk, None].sqrt() * (W[tokens[:, c : c + chunk]] - w_bar)  # (B, c, d)
+        gram += R.transpose(1, 2) @ R
+    return gram
 
 
 def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, variant_ids, x: torch.Tensor) -> torch.Tensor:

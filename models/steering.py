@@ -182,7 +182,8 @@ def dual_direction(
     """Dual steering: δ ∝ (Cov_p[g] + αI)⁻¹ β, Cov_p[g] = Gᵀdiag(p)G − μμᵀ over the top-k unembedding rows G.
 
     β is the difference of the target and source concepts' mean unembedding rows. unembedding (V, d).
-    With d ≤ k the d × d system is solved directly (Cholesky); otherwise by matrix-free CG.
+    With d ≤ k the d × d system is solved directly (Cholesky); otherwise in the k-dimensional token space
+    (Woodbury), since Cov_p[g] = Gᵀ(diag p − ppᵀ)G has rank < k: both exact, neither iterative.
     """
     beta = unembedding[list(variant_ids[target])].mean(0) - unembedding[list(variant_ids[source])].mean(0)
 
@@ -192,19 +193,22 @@ def dual_direction(
         p_top, tokens = p.topk(min(top_k, p.shape[1]), dim=1)
         p_top = p_top / p_top.sum(1, keepdim=True)
         G = unembedding[tokens].to(h.dtype)  # (n, k, d)
-        mu = torch.einsum("nk,nkd->nd", p_top, G)
         b = beta.to(h.dtype).expand_as(h).contiguous()
-        if G.shape[2] <= G.shape[1]:  # d ≤ k: the d × d system is small, solve it directly
-            eye = torch.eye(G.shape[2], dtype=h.dtype, device=h.device)
+        n, k, d = G.shape
+        if d <= k:  # the d × d system is small, solve it directly
+            mu = torch.einsum("nk,nkd->nd", p_top, G)
+            eye = torch.eye(d, dtype=h.dtype, device=h.device)
             A = torch.einsum("nkd,nk,nke->nde", G, p_top, G) - mu.unsqueeze(2) * mu.unsqueeze(1) + alpha * eye
             delta = torch.cholesky_solve(b.unsqueeze(2), torch.linalg.cholesky(A)).squeeze(2)
-        else:  # matrix-free
-
-            def matvec(v: torch.Tensor) -> torch.Tensor:
-                Gv = torch.einsum("nkd,nd->nk", G, v)
-                return torch.einsum("nkd,nk->nd", G, p_top * Gv) - mu * (mu * v).sum(1, keepdim=True) + alpha * v
-
-            delta = conjugate_gradient(matvec, b)
+        else:  # Cov + αI = UUᵀ + αI with U = GᵀS, SSᵀ = diag p − ppᵀ: (UUᵀ + αI)⁻¹b = (b − U(αI + UᵀU)⁻¹Uᵀb)/α
+            G64, p64, b64 = G.double(), p_top.double(), b.double()
+            M = torch.diag_embed(p64) - p64.unsqueeze(2) * p64.unsqueeze(1)  # (n, k, k)
+            eigenvalues, vectors = torch.linalg.eigh(M)
+            S = vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)  # (n, k, k)
+            U = G64.transpose(1, 2) @ S  # (n, d, k)
+            small = U.transpose(1, 2) @ U + alpha * torch.eye(k, dtype=torch.float64, device=h.device)
+            y = torch.cholesky_solve((U.transpose(1, 2) @ b64.unsqueeze(2)), torch.linalg.cholesky(small))
+            delta = ((b64.unsqueeze(2) - U @ y).squeeze(2) / alpha).to(h.dtype)
         return delta / delta.norm(dim=1, keepdim=True)
 
     return direction

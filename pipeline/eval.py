@@ -199,7 +199,9 @@ def path_of(method: str, data: TaskData, pairs: list[tuple[int, int]], geometry,
     if method == "linear":
         return Paths(chord, chord)
     if method == "spline":
-        spline = LabelledSpline(data.h, torch.from_numpy(data.labels), data.task.topology == "cyclic", e.spline_pca)
+        keep = data.labels >= 0  # rows left out of every class (−1) have no place on the spline
+        spline = LabelledSpline(data.h[keep], torch.from_numpy(data.labels[keep]), data.task.topology == "cyclic",
+                                e.spline_pca)  # fmt: skip
         w = torch.stack([spline.path(i, j, e.steps) for i, j in pairs]).float()  # (P, W, k)
         pca = PCA(spline.pca.components.float(), spline.pca.mean.float())
         return Paths(w, subspace_replace(chord, w, pca), pca)

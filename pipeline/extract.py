@@ -61,12 +61,15 @@ def extract_rows(model, tokenizer, texts: list[str], layer: int, variant_ids, ba
 def row_classes(q: np.ndarray, answers: np.ndarray, rule: str, min_rows: int) -> tuple[np.ndarray, dict[int, int]]:
     """Each row's class: its answer's index (`rule="answer"`) or the LM's own arg-max concept (`"argmax"`).
 
-    A class of fewer than `min_rows` rows is left out: its rows get −1. Returns the classes (N,)
-    and {left-out class: its row count}. q (N, K+1), answers (N,)
+    Under "argmax", a class of fewer than `min_rows` rows is left out: its rows get −1 (a task's
+    answer classes are all kept). Returns the classes (N,) and {left-out class: its row count}.
+    q (N, K+1), answers (N,)
     """
     if rule not in ("answer", "argmax"):
         raise StageError(f"extract.classes={rule!r} is unknown; use answer (the task's answers) or argmax (the LM's own).")
-    labels = answers.astype(np.int32) if rule == "answer" else q[:, :-1].argmax(1).astype(np.int32)
+    if rule == "answer":
+        return answers.astype(np.int32), {}
+    labels = q[:, :-1].argmax(1).astype(np.int32)
     counts = np.bincount(labels, minlength=q.shape[1] - 1)
     small = {int(k): int(c) for k, c in enumerate(counts) if 0 < c < min_rows}
     labels[np.isin(labels, list(small))] = -1
@@ -229,6 +232,14 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
             layouts = virtual_rows(out / STORE, ranks, task.name)
             answers = np.array([p.label for p in prompts])
             labels, left_out = row_classes(rows["q"], answers, cfg.extract.classes, cfg.extract.min_class_rows)
+            if len(np.unique(labels[labels >= 0])) < 2:
+                raise StageError(
+                    f"task '{task.name}': the LM's arg-max gives fewer than two classes of at least "
+                    f"extract.min_class_rows={cfg.extract.min_class_rows} rows (left out: "
+                    f"{ {task.concepts[k]: n for k, n in left_out.items()} }), so there is nothing to steer between. "
+                    f"Lower extract.min_class_rows, use extract.classes=answer, pick a later model.layer, or drop "
+                    f"the task (benchmarks/layers.py measures each task's accuracy on a model)."
+                )
             write_task_group(f, schemas[task.name], task.to_dict(), prompts, layouts, cfg.extract.compression, labels)
             summary[task.name] = {
                 "n": len(prompts),
@@ -277,7 +288,8 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
               100 * s["centroid_swap_rate"]),
         )
     if logger := make_logger(cfg, "extract"):
-        logger.log_metrics({f"extract/{t}/{k}": v for t, row in summary.items() for k, v in row.items()})
+        logger.log_metrics({f"extract/{t}/{k}": v for t, row in summary.items() for k, v in row.items()
+                            if isinstance(v, (int, float))})  # fmt: skip
         logger.log_metrics({"extract/prompts_per_s": result["prompts_per_s"]})
         close_logger(logger)
     write_stamp(out, "extract", fp, result)

@@ -214,7 +214,8 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
           f"{e.steps + 1} waypoints per path, {e.carriers} seeded carriers of the source class per pair, "
           f"threshold q_b ≥ {e.threshold} for the iterative methods (at most {e.max_steps} steps); seed {cfg.seed}. "
           f"Pairs: " + ", ".join(f"{t} {len(r['pairs'])}" for t, r in per_task.items()) +
-          " (every ordered pair when K ≤ 12, else a seeded sample). Whole stage: "
+          f" (every ordered pair when K ≤ {e.all_pairs_max_k} or there are at most {e.max_pairs}, else a seeded "
+          f"sample of {e.max_pairs}). Whole stage: "
           f"{seconds / 60:.1f} min.", "",
           "## Verdicts: the paper's directional claims on our runs", ""]  # fmt: skip
     for i, c in enumerate(claims, 1):

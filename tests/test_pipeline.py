@@ -154,3 +154,17 @@ def test_chunk_plan_covers_every_chunk_once_in_rank_order_with_balanced_prompts(
         assert stacked == list(range(-(-n // size))), task
     prompts = [sum(min(size, sizes[t] - c * size) for t in sizes for c in plan[t]) for plan in plans]
     assert max(prompts) - min(prompts) <= 2 * size, prompts
+
+
+def test_row_classes_take_the_lm_arg_max_and_leave_out_small_classes():
+    q = np.zeros((23, 4))  # K = 3 concepts plus "other"
+    own = np.array([0] * 12 + [1] * 3 + [2] * 8)
+    q[np.arange(23), own] = 0.9
+    q[:, 3] = 0.1
+    answers = np.repeat([0, 1, 2], [8, 8, 7])
+    labels, left_out = extract.row_classes(q, answers, "argmax", min_rows=5)
+    assert left_out == {1: 3} and (labels == np.where(own == 1, -1, own)).all()
+    labels, left_out = extract.row_classes(q, answers, "answer", min_rows=50)
+    assert left_out == {} and (labels == answers).all(), "a task's answer classes are all kept"
+    with pytest.raises(StageError, match="extract.classes='own'.*argmax"):
+        extract.row_classes(q, answers, "own", 5)
