@@ -183,11 +183,15 @@ def write_store(path: Path, file_attrs: dict[str, Any], write_groups) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    with h5py.File(tmp, "w") as f:
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        for k, v in file_attrs.items():
-            f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
-        write_groups(f)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            for k, v in file_attrs.items():
+                f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+            write_groups(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a task refused while its group was written: no half-written file stays
+        raise
     os.replace(tmp, path)
 
 
