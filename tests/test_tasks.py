@@ -68,7 +68,7 @@ def test_next_rule_refuses_templates_without_the_run():
     spec = yaml.safe_load((TASK_DIR / "weekdays_next.yaml").read_text())
     spec["templates"] = ["{number} days after {entity}:"]
     with pytest.raises(TaskError, match=r"'next' each template needs \{run\}"):
-        load_task_dict(spec)
+        Task.from_dict(spec)
 
 
 def test_tasks_without_contexts_keep_their_definition_and_fingerprint():
@@ -137,7 +137,3 @@ def test_neighbourhood_is_a_topology_aware_discrete_gaussian():
     assert min(edge) == 0 and edge[1] / edge[0] == pytest.approx(math.exp(-0.5)), "sequential: nothing before A"
     assert sum(edge.values()) == pytest.approx(1.0)
     assert letters.neighbourhood(5, width=0.0) == {5: 1.0}
-
-
-def load_task_dict(spec: dict) -> Task:
-    return Task.from_dict(spec)
