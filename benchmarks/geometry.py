@@ -4,7 +4,7 @@
    one token through blocks ℓ+1…L, every row and waypoint in one reverse
    pass) against the paper's method (whole model per waypoint, one
    `autograd.grad` per row), on the embedded-size LM (hidden 128, 3 blocks,
-   ℓ = 1, K = 7) and on a random Llama of hidden 1024, 8 blocks, vocab 32k
+   ℓ = 1, K = 7 and ages' K = 99) and on a random Llama of hidden 1024, 8 blocks, vocab 32k
    (ℓ = 5, K = 7 and K = 26). Also max |ΔJ| relative to max |J|. Target ≥ 30×.
 2. L-BFGS geodesics (16 interior waypoints, d = 256, a GAGA-style encoder
    pullback): 64 pairs as one batched problem against one pair at a time
@@ -100,7 +100,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     prompts = load_task("weekdays", CONFIG_DIR / "task").prompts()
-    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    ages = load_task("ages", CONFIG_DIR / "task").prompts()  # enough words for K = 99 one-token concepts
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts + ages)
     embedded = build_task_lm(tokenizer, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=256).eval()
     ids = tokenizer(prompts[0].text, return_tensors="pt").input_ids
     mid_config = LlamaConfig(
@@ -110,6 +111,7 @@ def main() -> None:
     mid_ids = torch.randint(3, 32000, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     jac = [
         jacobian_case("embedded (hidden 128, 3 blocks)", embedded, ids, 1, 7),
+        jacobian_case("embedded (hidden 128, 3 blocks)", embedded, ids, 1, 99),  # ages' K
         jacobian_case("mid (hidden 1024, 8 blocks, vocab 32k)", mid, mid_ids, 5, 7),
         jacobian_case("mid (hidden 1024, 8 blocks, vocab 32k)", mid, mid_ids, 5, 26),
     ]

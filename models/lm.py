@@ -123,13 +123,14 @@ def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
 def capture_residual(model: nn.Module, layer: int, positions: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
     """Record the residual stream leaving block `layer` at one position per row.
 
-    Yields a dict whose key "h" holds the (B, d) captured rows after the forward.
-    The hook is removed on exit, whatever happens inside.
+    Yields a dict whose key "h" holds the (B, d) captured rows after the forward, and "as_tuple"
+    whether the block returns a tuple. The hook is removed on exit, whatever happens inside.
     """
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict = {}
 
     def hook(_module, _inputs, output):
         hidden = _hidden(output)  # (B, T, d)
+        captured["as_tuple"] = isinstance(output, tuple)
         captured["h"] = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)

@@ -2,21 +2,27 @@
 
 Under causal attention the carrier's earlier positions do not depend on the
 last position's `h`, so their keys and values are computed once per carrier
-and cached. A call then runs a single token through blocks ℓ+1…L, the final
+and kept. A call then runs a single token through blocks ℓ+1…L, the final
 norm and the lm_head; blocks 0…ℓ are skipped for that token, block ℓ handing
-on the given `h`. Any Hugging Face decoder whose blocks sit in a ModuleList
-and which takes a `DynamicCache` works; `use_cache=False` runs whole prompts
+on the given `h`. Its attention over the kept keys and values is our own
+(`last_token_attention`): plain matmuls with the prefix as a constant operand,
+so `vmap` batches its backward over Jacobian rows (SDPA's backward has no
+batching rule and ran once per row) and the prefix is never copied per point.
+Any Hugging Face decoder whose blocks sit in a ModuleList and whose attention
+goes through `AttentionInterface` works; `use_cache=False` runs whole prompts
 with a replacement hook instead (slower, for any causal LM).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from models.lm import capture_residual, decoder_layers, position_ids_for, replace_last_token
 
@@ -92,6 +98,92 @@ def _skip_blocks(model: nn.Module, layer: int, h: torch.Tensor, as_tuple: bool) 
             layers[i] = block
 
 
+# Per decoder block: the prefix's keys and values (b, kv_heads, T-1, head_dim), b = 1 or N, and which
+# prefix positions are real tokens (b, T-1). Set only while `last_token_hidden` runs.
+_PREFIX: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = contextvars.ContextVar("prefix")
+LAST_TOKEN_ATTENTION = "geosteer_last_token"
+
+
+def last_token_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask, scaling: float | None = None, dropout: float = 0.0, softcap=None,
+                         sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """One new token attending to the kept prefix of its block and to itself.
+
+    query (N, H, 1, hd); key, value (N, H_kv, 1, hd): the new token's own. → (N, 1, H, hd)
+    """
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError("attention sinks are not supported by the last-token tail; use use_cache=False.")
+    k_prefix, v_prefix, valid = _PREFIX.get()[module.layer_idx]
+    N, H, _, hd = query.shape
+    groups = H // key.shape[1]  # grouped-query attention: query heads per key head
+    q = query.reshape(N, key.shape[1], groups, hd)  # (N, H_kv, G, hd)
+    scale = hd**-0.5 if scaling is None else scaling
+    shared = k_prefix.shape[0] == 1  # one prefix for every point: fold the points into the rows of one matmul
+    if shared:  # (H_kv, N·G, hd) @ (H_kv, hd, T-1), with no copy of the prefix per point
+        rows = q.transpose(0, 1).reshape(q.shape[1], N * groups, hd)
+        prior = (rows @ k_prefix[0].transpose(-1, -2)).view(q.shape[1], N, groups, -1).transpose(0, 1)
+    else:
+        prior = q @ k_prefix.transpose(-1, -2)  # (N, H_kv, G, T-1)
+    prior = prior * scale
+    own = (q * key).sum(-1, keepdim=True) * scale  # (N, H_kv, G, 1)
+    scores = torch.cat([prior, own], -1)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    keep = valid
+    if sliding_window is not None:  # the last token sees the window's newest positions only
+        T = valid.shape[-1] + 1
+        keep = keep & (torch.arange(T - 1, device=valid.device) >= T - sliding_window)
+    mask = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], -1)[:, None, None, :]  # (b, 1, 1, T)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    weights = p[..., :-1]  # (N, H_kv, G, T-1)
+    if shared:
+        rows = weights.transpose(0, 1).reshape(q.shape[1], N * groups, -1)
+        prior_out = (rows @ v_prefix[0]).view(q.shape[1], N, groups, hd).transpose(0, 1)
+    else:
+        prior_out = weights @ v_prefix
+    out = prior_out + p[..., -1:] * value  # (N, H_kv, G, hd)
+    return out.reshape(N, 1, H, hd), None
+
+
+AttentionInterface.register(LAST_TOKEN_ATTENTION, last_token_attention)
+
+
+@contextlib.contextmanager
+def _attention(model: nn.Module, name: str) -> Iterator[None]:
+    """`model`'s attention implementation set to `name` for one forward; restored on exit, whatever happens."""
+    configs = {id(c): c for c in (model.config, *(m.config for m in model.modules() if hasattr(m, "config")))}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+def last_token_hidden(model: nn.Module, layer: int, h: torch.Tensor,
+                      prefix: Sequence[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor,
+                      input_ids: torch.Tensor, position_ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:  # fmt: skip
+    """The final (normed) hidden state at the last position when block `layer` emits `h` there.
+
+    Only the last token runs, through blocks `layer`+1…L, attending to `prefix`: per block, the
+    earlier positions' keys and values, which under causal attention do not depend on `h`.
+    Autograd flows through `h` and, when they carry gradients, through the prefix.
+    h (N, d); prefix: per block (b, H_kv, T-1, hd) ×2 with b = 1 (shared) or N; valid (b, T-1) real
+    (not padding) prefix positions; input_ids, position_ids (N, T) or (N, 1): the last is used → (N, d)
+    """
+    token = _PREFIX.set([(k, v, valid) for k, v in prefix])
+    try:
+        with _skip_blocks(model, layer, h, as_tuple), _attention(model, LAST_TOKEN_ATTENTION):
+            out = model.get_decoder()(
+                input_ids=input_ids[:, -1:], position_ids=position_ids[:, -1:], attention_mask=None, use_cache=False
+            )
+    finally:
+        _PREFIX.reset(token)
+    return out.last_hidden_state[:, -1]
+
+
 class CarrierTail:
     """The tail of `model` after block `layer` for a fixed set of carrier prompts.
 
@@ -112,29 +204,20 @@ class CarrierTail:
         self.model, self.layer, self.use_cache = model, layer, use_cache
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.position_ids = position_ids_for(attention_mask)
-        kinds = {}
-
-        def record_kind(_module, _inputs, output) -> None:
-            kinds["tuple"] = isinstance(output, tuple)
-
-        hook = decoder_layers(model)[layer].register_forward_hook(record_kind)
-        try:
-            with capture_residual(model, layer, torch.full((len(input_ids),), input_ids.shape[1] - 1)) as cap:
-                out = model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=self.position_ids,
-                    past_key_values=DynamicCache(config=model.config) if use_cache else None,
-                    use_cache=use_cache,
-                    logits_to_keep=1,
-                )
-        finally:
-            hook.remove()
-        self.as_tuple = kinds["tuple"]
+        with capture_residual(model, layer, torch.full((len(input_ids),), input_ids.shape[1] - 1)) as cap:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=self.position_ids,
+                cache=DynamicCache(config=model.config) if use_cache else None,
+                use_cache=use_cache,
+                logits_to_keep=1,
+            )
+        self.as_tuple = cap["as_tuple"]
         self.h = cap["h"]  # (C, d) the carriers' own h at block ℓ
         self.logits0 = out.logits[:, -1]  # (C, V) unsteered
         # Keys and values of every position but the last, per block. (C, heads, T-1, head_dim)
-        self.kv = [(lay.keys[..., :-1, :], lay.values[..., :-1, :]) for lay in out.past_key_values.layers] if use_cache else None
+        self.kv = [(lay.keys[..., :-1, :], lay.values[..., :-1, :]) for lay in out.cache.layers] if use_cache else None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -157,30 +240,11 @@ class CarrierTail:
                     use_cache=False,
                 )
             return out.last_hidden_state[:, -1]
-        with _skip_blocks(self.model, self.layer, h, self.as_tuple):
-            out = decoder(
-                input_ids=self.input_ids[carrier, -1:],
-                attention_mask=self.attention_mask[carrier],
-                position_ids=self.position_ids[carrier, -1:],
-                past_key_values=self._cache(carrier),
-                use_cache=True,
-            )
-        return out.last_hidden_state[:, -1]
-
-    def _cache(self, carrier: torch.Tensor):
-        """The carriers' cached keys and values for rows `carrier`, as views where possible (no copies).
-
-        Only the tail blocks read them, and each of those copies its own once, when it appends the new token.
-        """
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        one = bool((carrier == carrier[0]).all())
-        for layer, (k, v) in zip(cache.layers, self.kv):
-            k, v = (t[carrier[:1]].expand(len(carrier), -1, -1, -1) if one else t[carrier] for t in (k, v))
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-        return cache
+        one = bool((carrier == carrier[0]).all())  # one carrier for every point: its prefix is shared, not copied
+        rows = carrier[:1] if one else carrier
+        prefix = [(k[rows], v[rows]) for k, v in self.kv]
+        return last_token_hidden(self.model, self.layer, h, prefix, self.attention_mask[rows, :-1].bool(),
+                                 self.input_ids[carrier], self.position_ids[carrier], self.as_tuple)  # fmt: skip
 
     def logits(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         """Last-position logits when block ℓ's output there is `h`. h (N, d), carrier (N,) indices → (N, V)"""

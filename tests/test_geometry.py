@@ -95,6 +95,52 @@ def test_cached_tail_equals_whole_prompts_with_a_hook(lm):
     assert not torch.allclose(fast[0], fast[5]), "h must matter"
 
 
+def _gqa_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=3, n_head=4, n_positions=32))
+
+
+def _gemma3():  # query/key norms, a sliding window shorter than the prompts, soft-capped logits
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              max_position_embeddings=32, final_logit_softcapping=30.0)
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [_gqa_llama, _gpt2, _gemma3], ids=["llama-gqa", "gpt2", "gemma3-window"])
+def test_last_token_attention_equals_the_models_own_on_whole_prompts(build):
+    torch.manual_seed(3)
+    model = build().double().eval()
+    ids = torch.randint(1, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :1] = 0
+    h = torch.randn(5, 32, dtype=torch.float64)
+    carrier = torch.tensor([0, 1, 2, 2, 1])
+    fast = CarrierTail(model, 0, ids, mask).logits(h, carrier)
+    slow = CarrierTail(model, 0, ids, mask, use_cache=False).logits(h, carrier)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    one = torch.zeros(5, dtype=torch.long)  # one carrier for every point: its prefix is shared
+    torch.testing.assert_close(CarrierTail(model, 0, ids, mask).logits(h, one),
+                               CarrierTail(model, 0, ids, mask, use_cache=False).logits(h, one), rtol=1e-10, atol=1e-10)
+    # Jacobian rows batched by vmap through the hand-written attention, against torch.autograd per point.
+    tail = CarrierTail(model, 0, ids, mask)
+    metric = OutputPullback(tail, [[3], [4, 5], [7]], carrier=torch.tensor([1, 2]))
+    J = metric.jacobian(h[:2])
+    for i in range(2):
+        ref = torch.autograd.functional.jacobian(lambda v: metric.sqrt_q(v[None], start=i)[0], h[i])
+        torch.testing.assert_close(J[i], ref, rtol=1e-8, atol=1e-10)
+
+
 def test_inject_batches_waypoints_by_carriers_and_subspace_replacement_keeps_the_rest(lm):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
@@ -186,6 +232,38 @@ def test_encoder_pullback_matches_autograd_for_an_mlp_with_batchnorm():
     for i in range(4):
         ref = torch.autograd.functional.jacobian(lambda v: enc(v[None])[0], x[i])
         torch.testing.assert_close(J[i], ref)
+
+
+def test_encoder_pullback_products_equal_the_jacobian_ones():
+    enc = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    enc[1].running_mean.normal_()
+    x, v = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    metric = EncoderPullback(enc)
+    J = metric.jacobian(x)  # (5, 3, 6)
+    Jv, JtJv = metric.jvp_vjp(x, v)
+    torch.testing.assert_close(Jv, torch.einsum("brd,bd->br", J, v))
+    torch.testing.assert_close(JtJv, torch.einsum("brd,br->bd", J, Jv))
+
+
+class JacobianOnly:
+    """A metric that offers only its factor J, so the solver takes its Jacobian path."""
+
+    def __init__(self, metric):
+        self.metric, self.lam = metric, metric.lam
+
+    def jacobian(self, x):
+        return self.metric.jacobian(x)
+
+
+def test_geodesic_from_jacobian_products_equals_the_one_from_the_jacobian():
+    torch.manual_seed(4)
+    enc = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
+    metric = EncoderPullback(enc, lam=1e-3)
+    x_a, x_b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    fast = lbfgs_geodesic(x_a, x_b, metric, n_steps=8, max_iter=50)
+    slow = lbfgs_geodesic(x_a, x_b, JacobianOnly(metric), n_steps=8, max_iter=50)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-8)
+    assert (path_energy(fast, metric) < path_energy(linear_path(x_a, x_b, 8), metric)).all()
 
 
 def test_fisher_pullback_is_four_output_pullbacks_when_the_vocabulary_is_the_bins():
