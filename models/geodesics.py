@@ -86,6 +86,13 @@ def lbfgs_geodesic(
             x = x.detach().requires_grad_()
             path = torch.cat([chord[rows, :1], x.view(b, n_steps - 1, D), chord[rows, -1:]], 1)
             delta = path.diff(dim=1)  # (b, T, D)
+            if hasattr(metric, "jvp_vjp"):  # J Δ and Jᵀ J Δ at the midpoints, never J itself
+                mid = (0.5 * (path[:, 1:] + path[:, :-1])).detach().reshape(-1, D)
+                Jd, JtJd = metric.jvp_vjp(mid, delta.detach().reshape(-1, D))  # (b·T, r), (b·T, D)
+                e = Jd.pow(2).view(b, -1).sum(1) + metric.lam * (delta**2).sum((1, 2))
+                slope = 2 * (JtJd.view(b, n_steps, D) + metric.lam * delta.detach())  # ∂e/∂Δ with G frozen
+                (g,) = torch.autograd.grad((slope * delta).sum(), x)
+                return e.detach(), g
             with torch.no_grad():
                 J = metric.jacobian((0.5 * (path[:, 1:] + path[:, :-1])).reshape(-1, D)).view(b, n_steps, -1, D)
             e = (torch.einsum("ptrd,ptd->ptr", J, delta) ** 2).sum((1, 2)) + metric.lam * (delta**2).sum((1, 2))
@@ -119,13 +126,13 @@ def lbfgs_geodesic(
         moved = active & ~pending  # pairs whose line search succeeded
         s_vec, y_vec = x_new - x, g_new - g
         sy = (s_vec * y_vec).sum(1)
-        for p in torch.nonzero(moved & (sy > 1e-10)).flatten().tolist():
-            k = int(n_hist[p])
-            if k == history_size:  # drop the oldest
-                S[p], Y[p], rho[p] = S[p].roll(-1, 0), Y[p].roll(-1, 0), rho[p].roll(-1, 0)
-                k -= 1
-            S[p, k], Y[p, k], rho[p, k] = s_vec[p], y_vec[p], 1 / sy[p]
-            n_hist[p] = k + 1
+        keep = moved & (sy > 1e-10)  # pairs that append (s, y) to their history, all at once
+        full = keep & (n_hist == history_size)  # these drop their oldest first
+        S[full], Y[full], rho[full] = S[full].roll(-1, 1), Y[full].roll(-1, 1), rho[full].roll(-1, 1)
+        rows = torch.nonzero(keep).flatten()
+        slot = torch.where(full, history_size - 1, n_hist)[rows]
+        S[rows, slot], Y[rows, slot], rho[rows, slot] = s_vec[rows], y_vec[rows], 1 / sy[rows]
+        n_hist = torch.where(keep, (n_hist + 1).clamp(max=history_size), n_hist)
         done = (
             pending  # no step lowered the energy
             | (g_new.abs().amax(1) <= tolerance)

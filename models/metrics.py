@@ -70,6 +70,22 @@ class EncoderPullback:
         rows = [torch.autograd.grad(z[:, r].sum(), x, retain_graph=r < k - 1)[0] for r in range(k)]
         return torch.stack(rows, 1)  # (B, k, D)
 
+    @torch.enable_grad()
+    def jvp_vjp(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """J v and Jᵀ J v at points x for tangents v, by three reverse passes whatever k is.
+
+        What a geodesic solver needs of G_E along a path, without forming J (k reverse passes).
+        J v is the gradient in u of ⟨Jᵀu, v⟩ (the double-vjp trick; faster here than forward mode).
+        x, v (B, D) → (B, k), (B, D)
+        """
+        x = x.detach().requires_grad_()
+        z = self.encoder(x)  # (B, k)
+        u = torch.zeros_like(z, requires_grad=True)
+        (Jt_u,) = torch.autograd.grad(z, x, u, create_graph=True)  # Jᵀu, linear in u
+        (Jv,) = torch.autograd.grad(Jt_u, u, v.detach())
+        (JtJv,) = torch.autograd.grad(z, x, Jv)
+        return Jv.detach(), JtJv
+
 
 def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
     """λ_reg = rel × the metric's eigenvalue scale: the mean of JᵀJ's (at most min(r, D)) non-zero eigenvalues over x.
