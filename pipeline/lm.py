@@ -6,20 +6,24 @@ loading it back through `AutoModelForCausalLM`, the path every later stage uses.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from transformers import DynamicCache
 
-from data.tasks import Prompt, Task
-from models.lm import capture_residual, load_causal_lm, position_ids_for, replace_last_token
+from data.tasks import Prompt, Task, concept_schema
+from models.lm import capture_residual, load_causal_lm, position_ids_for
+from models.tail import last_token_hidden
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import (
     StageError,
@@ -35,6 +39,7 @@ from pipeline.common import (
     to_plain,
     write_stamp,
 )
+from pipeline.extract import centroid_swap_rate
 
 
 class TaskLMSystem(L.LightningModule):
@@ -54,33 +59,33 @@ class TaskLMSystem(L.LightningModule):
         self.model = model
         self.save_hyperparameters(ignore=["model"])
 
-    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last-position logits. (B, T), (B, T) → (B, V)"""
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_for(attention_mask),
-            use_cache=False,
-            logits_to_keep=1,
-        ).logits[:, -1]
-
-    def swapped_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Last-position logits when block `layer`'s output at the last position is h. (B, T), (B, T), (B, d) → (B, V)"""
-        with replace_last_token(self.model, self.hparams.layer, h):
-            return self.answer_logits(input_ids, attention_mask)
-
     def training_step(self, batch, _batch_idx):
         input_ids, attention_mask, answer, soft = batch  # (B, T), (B, T), (B,), (B, V)
         keep = attention_mask.any(0)  # drop columns that are padding in every row
         input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
+        position_ids = position_ids_for(attention_mask)
         hp = self.hparams
         last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)  # left padding
         with capture_residual(self.model, hp.layer, last) as captured:
-            logits = self.answer_logits(input_ids, attention_mask)  # (B, V)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=DynamicCache(config=self.model.config) if hp.interchange else None,
+                use_cache=bool(hp.interchange),
+                logits_to_keep=1,
+            )
+        logits = out.logits[:, -1]  # (B, V)
         loss = F.cross_entropy(logits, soft)
         if hp.interchange:
+            # The swapped forward reruns only the last token through the blocks after `layer`: the
+            # earlier positions' keys and values are those of the forward above (causal attention),
+            # gradients and all, so the loss equals that of a whole second forward with the swap.
             donor = torch.randperm(len(input_ids), device=input_ids.device)  # seeded by seed_everything
-            swapped = self.swapped_logits(input_ids, attention_mask, captured["h"][donor])  # should answer as the donor
+            prefix = [(c.keys[..., :-1, :], c.values[..., :-1, :]) for c in out.cache.layers]
+            u = last_token_hidden(self.model, hp.layer, captured["h"][donor], prefix, attention_mask[:, :-1].bool(),
+                                  input_ids, position_ids, captured["as_tuple"])  # fmt: skip
+            swapped = self.model.get_output_embeddings()(u)  # (B, V): should answer as the donor
             swap_loss = F.cross_entropy(swapped, soft[donor])
             loss = loss + hp.interchange * swap_loss
             self.log("train/swap_loss", swap_loss)
@@ -121,14 +126,66 @@ def encode_prompts(tokenizer, prompts: list[tuple[Task, Prompt]], smoothing: flo
 
 
 @torch.inference_mode()
-def answer_accuracy(model, tokenizer, prompts: list[tuple[Task, Prompt]], batch_size: int = 256) -> float:
-    """Top-1 accuracy of the full-vocabulary next token on the answer."""
-    data = encode_prompts(tokenizer, prompts)
-    correct = 0
-    for ids, mask, answer, _ in DataLoader(data, batch_size=batch_size):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), logits_to_keep=1).logits
-        correct += int((logits[:, -1].argmax(-1) == answer).sum())
-    return correct / len(prompts)
+def the_bar(model, tokenizer, tasks: list[Task], prompts: dict[str, list[Prompt]], layer: int, seed: int,
+            batch_size: int = 512) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per task, over its full prompt set: top-1 accuracy of the full-vocabulary next token on the answer,
+    and the centroid-swap rate at block `layer` (how often writing a class centroid there makes that class
+    the arg-max concept; `pipeline.extract.centroid_swap_rate`, the figure stage=extract reports)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for task in tasks:
+        data = encode_prompts(tokenizer, [(task, p) for p in prompts[task.name]])
+        correct, rows = 0, []
+        for ids, mask, answer, _ in DataLoader(data, batch_size=batch_size):
+            with capture_residual(model, layer, torch.full((len(ids),), ids.shape[1] - 1)) as cap:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), logits_to_keep=1).logits
+            correct += int((logits[:, -1].argmax(-1) == answer).sum())
+            rows.append(cap["h"])
+        labels = np.array([p.label for p in prompts[task.name]])
+        schema = concept_schema(task, tokenizer, "the task LM")
+        swap = centroid_swap_rate(model, tokenizer, task, {"h": torch.cat(rows).numpy()}, labels, layer,
+                                  schema.variant_ids, seed=seed)  # fmt: skip
+        out[task.name] = {"accuracy": correct / len(data), "swap_rate": swap}
+    model.train(was_training)
+    return out
+
+
+def clears(bar: dict[str, dict[str, float]], min_accuracy: float, min_swap_rate: float) -> bool:
+    """Every task answers at `min_accuracy` or better and swaps centroids at `min_swap_rate` or better."""
+    return all(b["accuracy"] >= min_accuracy and b["swap_rate"] >= min_swap_rate for b in bar.values())
+
+
+class StopAtTheBar(L.Callback):
+    """Every `every` steps, measure `the_bar` on the full prompt sets; stop training once every task clears it.
+
+    The full measure runs only once the step's own batch is answered, with and without the swap,
+    at least as well as `gate` (the model cannot clear the bar before that, and a measure costs
+    about 20 steps).
+    """
+
+    def __init__(self, measure, min_accuracy: float, min_swap_rate: float, every: int, gate: float = 0.9):
+        self.measure, self.bars, self.every, self.gate = measure, (min_accuracy, min_swap_rate), every, gate
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every:
+            return
+        metrics = trainer.callback_metrics
+        batch = {k: float(metrics[k]) for k in ("train/accuracy", "train/swap_accuracy") if k in metrics}
+        if min(batch.values(), default=0.0) < self.gate * self.bars[0]:
+            log.info("task LM step %d: batch %s; not measured yet", step, {k: round(v, 3) for k, v in batch.items()})
+            return
+        with torch.random.fork_rng():  # the measure's loaders draw seeds: leave training's random stream alone
+            bar = self.measure(pl_module.model)
+        metrics = {f"bar/{k}_{task}": v for task, b in bar.items() for k, v in b.items()}
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        worst = min(bar, key=lambda t: (bar[t]["accuracy"], bar[t]["swap_rate"]))
+        log.info("task LM step %d: lowest accuracy %.2f%% (%s), swap rate %.2f", step,
+                 100 * bar[worst]["accuracy"], worst, min(b["swap_rate"] for b in bar.values()))  # fmt: skip
+        if clears(bar, *self.bars):
+            log.info("task LM clears the bar at step %d: stopping", step)
+            trainer.should_stop = True
 
 
 def run(cfg: DictConfig) -> dict:
@@ -151,10 +208,11 @@ def run(cfg: DictConfig) -> dict:
     model = build_task_lm(tokenizer, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size)
     data = encode_prompts(tokenizer, [(t, p) for t in tasks for p in prompts[t.name]], a.smoothing, a.smoothing_width)
     log.info("task LM: %d parameters, %d prompts over %s", model.num_parameters(), len(data), list(prompts))
-    # Each task is drawn in proportion to the square root of its prompt count, so that
-    # small tasks are not starved by ages (4,725 prompts) and ages still gets the most.
+    # Each task is drawn in proportion to its prompt count to the power lm.task_share_power:
+    # 0 draws every task equally, 1 every prompt equally. Below 1, small tasks are not
+    # starved by ages (4,725 prompts), which still gets the most.
     counts = torch.tensor([len(ps) for ps in prompts.values()], dtype=torch.float64)
-    weights = torch.repeat_interleave(counts.rsqrt(), counts.long())
+    weights = torch.repeat_interleave(counts ** (a.task_share_power - 1), counts.long())
     sampler = WeightedRandomSampler(weights, num_samples=len(data), generator=torch.Generator().manual_seed(cfg.seed))
     loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
 
@@ -163,7 +221,10 @@ def run(cfg: DictConfig) -> dict:
     checkpoint = ModelCheckpoint(
         dirpath=work / "checkpoints", filename="last", every_n_train_steps=250, enable_version_counter=False
     )
-    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=[checkpoint])
+    measure = functools.partial(the_bar, tokenizer=tokenizer, tasks=tasks, prompts=prompts, layer=cfg.model.layer,
+                                seed=cfg.seed)  # fmt: skip
+    callbacks = [checkpoint, StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every)] if a.check_every else [checkpoint]
+    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
     resume = resume_checkpoint(work / "checkpoints" / "last.ckpt", "the task LM")
     start = time.perf_counter()
     trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
@@ -172,26 +233,29 @@ def run(cfg: DictConfig) -> dict:
     final = work / "model"
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
-    # Measure through the same loading path as any Hugging Face model.
+    # Confirm the bar through the same loading path as any Hugging Face model.
     loaded, loaded_tok = load_causal_lm(str(final), dtype="float32")
-    accuracy = {t.name: answer_accuracy(loaded, loaded_tok, [(t, p) for p in prompts[t.name]]) for t in tasks}
-    for name, acc in accuracy.items():
-        log.info("task LM accuracy on %s: %.2f%% (%d prompts)", name, 100 * acc, len(prompts[name]))
+    bar = measure(loaded, tokenizer=loaded_tok)
+    for name, b in bar.items():
+        log.info("task LM on %s: accuracy %.2f%%, centroid swap rate %.2f (%d prompts)", name, 100 * b["accuracy"],
+                 b["swap_rate"], len(prompts[name]))  # fmt: skip
     if trainer.logger:
-        trainer.logger.log_metrics({f"lm/accuracy_{k}": v for k, v in accuracy.items()})
+        trainer.logger.log_metrics({f"lm/{k}_{task}": v for task, b in bar.items() for k, v in b.items()})
         close_logger(trainer.logger)
 
-    failed = {k: v for k, v in accuracy.items() if v < a.min_accuracy}
-    if failed:
+    if not clears(bar, a.min_accuracy, a.min_swap_rate):
+        failed = {k: b for k, b in bar.items() if not clears({k: b}, a.min_accuracy, a.min_swap_rate)}
         raise StageError(
-            f"the task LM answers below lm.min_accuracy={a.min_accuracy} on {failed}. "
-            f"Train longer (lm.max_steps={2 * a.max_steps}) or widen it (lm.hidden_size=...); nothing was replaced."
+            f"after {trainer.global_step} steps the task LM is below lm.min_accuracy={a.min_accuracy} or "
+            f"lm.min_swap_rate={a.min_swap_rate} on {failed}. Train longer (lm.max_steps={2 * a.max_steps}) or widen it "
+            f"(lm.hidden_size=...); nothing was replaced."
         )
     result = {
         "path": str(out),
-        "accuracy": accuracy,
+        "accuracy": {k: b["accuracy"] for k, b in bar.items()},
+        "swap_rate": {k: b["swap_rate"] for k, b in bar.items()},
         "train_seconds": round(train_seconds, 1),
-        "steps": a.max_steps,
+        "steps": trainer.global_step,
         "parameters": model.num_parameters(),
         "vocab_size": len(tokenizer),
         "config": to_plain(a),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from data.tasks import concept_schema, load_task
 from models.lm import (
@@ -20,7 +21,8 @@ from models.lm import (
     replace_last_token,
 )
 from models.task_lm import build_word_tokenizer
-from pipeline.lm import TaskLMSystem, encode_prompts
+from models.tail import last_token_hidden
+from pipeline.lm import encode_prompts
 from tests.conftest import TASK_DIR
 
 LAYER = 1
@@ -179,19 +181,44 @@ def test_soft_answers_keep_the_answer_on_top_and_spread_the_rest_over_its_neighb
         assert all(soft[i, t].item() == pytest.approx(v) for t, v in expected.items())
 
 
-def test_interchange_swap_of_a_rows_own_residual_is_a_no_op_and_a_donors_changes_the_answer(lm):
+def _cached_swap(model, enc, layer, donor):
+    """The interchange forward as training runs it: one full forward with a cache, then the last token alone."""
+    position_ids = position_ids_for(enc.attention_mask)
+    last = torch.full((len(enc.input_ids),), enc.input_ids.shape[1] - 1)
+    with capture_residual(model, layer, last) as cap:
+        out = model(**enc, position_ids=position_ids, cache=DynamicCache(config=model.config), use_cache=True)
+    prefix = [(c.keys[..., :-1, :], c.values[..., :-1, :]) for c in out.cache.layers]
+    u = last_token_hidden(model, layer, cap["h"][donor], prefix, enc.attention_mask[:, :-1].bool(), enc.input_ids,
+                          position_ids, cap["as_tuple"])  # fmt: skip
+    return out.logits[:, -1], model.get_output_embeddings()(u), cap["h"]
+
+
+def test_interchange_on_the_cached_prefix_equals_a_whole_second_forward_in_value_and_gradient(lm):
     model, tok = lm
-    enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
-    system = TaskLMSystem(model, lr=1e-3, weight_decay=0.0, warmup_steps=1, max_steps=2, layer=LAYER, interchange=1.0)
-    last = torch.full((2,), enc.input_ids.shape[1] - 1)
+    texts = ["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be",
+             "Q: What month is two months after May?\nA:"]  # fmt: skip
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert not enc.attention_mask.all(), "left padding must be exercised"
+    donor = torch.tensor([2, 0, 1])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    plain, swapped, h = _cached_swap(model, enc, LAYER, donor)
+    fast = torch.autograd.grad(swapped.logsumexp(-1).sum() - swapped[:, 7].sum(), params, allow_unused=True)
+
+    # Reference: the donors' residuals written into a whole second forward of every prompt.
+    with capture_residual(model, LAYER, torch.full((3,), enc.input_ids.shape[1] - 1)) as cap:
+        model(**enc, position_ids=position_ids_for(enc.attention_mask))
+    with replace_last_token(model, LAYER, cap["h"][donor]):
+        ref = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits[:, -1]
+    slow = torch.autograd.grad(ref.logsumexp(-1).sum() - ref[:, 7].sum(), params, allow_unused=True)
+
+    torch.testing.assert_close(swapped, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast, slow):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A row's own residual is a no-op; a donor's changes the answer.
     with torch.no_grad():
-        with capture_residual(model, LAYER, last) as cap:
-            plain = system.answer_logits(enc.input_ids, enc.attention_mask)
-        own = system.swapped_logits(enc.input_ids, enc.attention_mask, cap["h"])
-        donor = system.swapped_logits(enc.input_ids, enc.attention_mask, cap["h"].flip(0))
-    torch.testing.assert_close(own, plain)
-    assert not torch.allclose(donor, plain)
-    # What the LM answers from a donor's residual is what steering reads: the same hook, the same position.
-    with torch.no_grad(), replace_last_token(model, LAYER, cap["h"].flip(0)):
-        hooked = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits[:, -1]
-    torch.testing.assert_close(donor, hooked)
+        _, own, _ = _cached_swap(model, enc, LAYER, torch.arange(3))
+    torch.testing.assert_close(own, plain.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(swapped, plain)

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 from data.store import ActivationStore
 from pipeline import cli, extract
+from pipeline import lm as lm_stage
 from pipeline.common import StageError
 from tests.conftest import make_cfg
 
@@ -81,11 +82,31 @@ def test_layer_out_of_range_is_refused_before_any_work(tiny_cfg):
         extract.run(tiny_cfg("model.layer=7"))
 
 
+SMALL_LM = ["tasks=[weekdays]", "lm.hidden_size=32", "lm.intermediate_size=64", "lm.num_heads=2", "lm.batch_size=32"]
+
+
+def test_lm_stops_at_the_first_check_that_clears_the_bar_and_reports_it(tmp_path):
+    cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=60", "lm.check_every=20", "lm.min_accuracy=0",
+                   "lm.min_swap_rate=0")  # fmt: skip
+    result = lm_stage.run(cfg)
+    assert result["steps"] == 20, "a bar of 0 is cleared at the first check"
+    assert 0 <= result["accuracy"]["weekdays"] <= 1 and 0 <= result["swap_rate"]["weekdays"] <= 1
+
+
+def test_lm_below_the_bar_after_max_steps_fails_and_replaces_nothing(tmp_path):
+    cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=20", "lm.check_every=10", "lm.min_swap_rate=0")
+    with pytest.raises(StageError, match=r"after 20 steps .*lm.min_accuracy=0.98"):
+        lm_stage.run(cfg)
+    assert not (Path(cfg.paths.run_dir) / "lm").exists()
+
+
 def test_lm_extract_targets_end_to_end(tmp_path):
     overrides = [
-        "tasks=[weekdays,months]",
+        "tasks=[months,letters]",  # both learned in 400 steps (weekdays needs ~1,500)
         "lm.max_steps=400",
         "lm.min_accuracy=0",
+        "lm.min_swap_rate=0",
+        "lm.check_every=0",
         "lm.hidden_size=64",
         "lm.intermediate_size=128",
         "lm.num_layers=3",
@@ -105,14 +126,14 @@ def test_lm_extract_targets_end_to_end(tmp_path):
     result = cli.run(cfg)
     assert list(result) == ["lm", "extract", "targets", "train", "eval"]
     assert Path(result["eval"]["report"]).is_file(), "stage=all ends with the evaluation report"
-    assert set(result["train"]["summary"]) == {"weekdays", "months"}
+    assert set(result["train"]["summary"]) == {"months", "letters"}
     assert all(set(s) == {"gaga_out", "gaga_phate", "innsteer", "bridge"} for s in result["train"]["summary"].values())
     assert all(0 <= s["innsteer"]["steering_success_mean"] <= 1 for s in result["train"]["summary"].values())
-    assert set(result["lm"]["accuracy"]) == {"weekdays", "months"}
-    assert result["lm"]["accuracy"]["months"] > 1 / 12, "200 steps must beat chance"
+    assert set(result["lm"]["accuracy"]) == {"months", "letters"}
+    assert result["lm"]["accuracy"]["months"] > 1 / 12, "400 steps must beat chance"
     with _store(cfg) as store:
         assert store.attrs["model_pretrained"].endswith("/lm")
-        assert store.read("weekdays", ["h"])["h"].shape[1] == 64
+        assert store.read("letters", ["h"])["h"].shape[1] == 64
     # Same config and seed: same weights, bit for bit.
     again = make_cfg(tmp_path, "stage=lm", "run_name=again", *overrides)
     cli.run(again)
