@@ -111,8 +111,8 @@ def last_token_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
 
     query (N, H, 1, hd); key, value (N, H_kv, 1, hd): the new token's own. → (N, 1, H, hd)
     """
-    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise NotImplementedError("attention sinks are not supported by the last-token tail; use use_cache=False.")
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None or dropout:
+        raise NotImplementedError("the last-token tail has no attention sinks or attention dropout; use use_cache=False.")
     k_prefix, v_prefix, valid = _PREFIX.get()[module.layer_idx]
     N, H, _, hd = query.shape
     groups = H // key.shape[1]  # grouped-query attention: query heads per key head
