@@ -34,11 +34,12 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/extract.py
-	$(BIN)/python benchmarks/targets.py
-	$(BIN)/python benchmarks/geometry.py
-	$(BIN)/python benchmarks/train.py
-	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python -m benchmarks.extract
+	$(BIN)/python -m benchmarks.targets
+	$(BIN)/python -m benchmarks.geometry
+	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.scale
+	$(BIN)/python -m benchmarks.lm
 
 clean:
 	rm -rf $(VENV) outputs

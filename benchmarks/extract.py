@@ -7,7 +7,7 @@ one run, interleaved, best of `--repeats`, on random-weight Llamas over the
 task prompts (all of them, or the first 128 of each task for the slow model), and on the real SmolLM2
 of `model=smollm2` over the first 64 prompts of each of its tasks. Figures go to benchmarks/results/extract.json.
 
-    python benchmarks/extract.py [--repeats 5] [--threads 2]
+    python -m benchmarks.extract [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ best of this sweep. A task whose values are not single tokens for this tokenizer
 is reported as such. One forward pass per batch captures every candidate block.
 Figures go to benchmarks/results/layers-<model>.json.
 
-    python benchmarks/layers.py --model smollm2 --layers 18 21 24 27 29
+    python -m benchmarks.layers --model smollm2 --layers 18 21 24 27 29
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ and `q` is read by putting an `h` at block ℓ of carrier prompts of class a (`C
 
 Pairs and carriers are seeded samples. Figures go to benchmarks/results/facts-<model>.json.
 
-    python benchmarks/model_facts.py --run outputs/<run_name> [--tasks weekdays months] [--carriers 8] [--pairs 24]
+    python -m benchmarks.model_facts --run outputs/<run_name> [--tasks weekdays months] [--carriers 8] [--pairs 24]
 """
 
 from __future__ import annotations

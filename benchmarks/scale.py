@@ -16,7 +16,7 @@ is 2× only when a single rank cannot use the second core.
 
 Figures go to benchmarks/results/scale.json.
 
-    python benchmarks/scale.py [--threads 2]
+    python -m benchmarks.scale [--threads 2]
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ runs in a fresh process:
 
 Figures go to benchmarks/results/targets.json.
 
-    python benchmarks/targets.py [--sizes 5000 20000 50000] [--threads 2]
+    python -m benchmarks.targets [--sizes 5000 20000 50000] [--threads 2]
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ data-loading share is their ratio, measured in one run. Target: ≤ 10 %.
 
 Figures go to benchmarks/results/train.json.
 
-    python benchmarks/train.py [--dims 256 4096] [--epochs 8] [--threads 2]
+    python -m benchmarks.train [--dims 256 4096] [--epochs 8] [--threads 2]
 """
 
 from __future__ import annotations
