@@ -72,7 +72,8 @@ def lbfgs_geodesic(
     stopping test, so a batch of pairs solves to exactly what each pair solves
     to alone while the metric is evaluated for all pairs at once. Settings
     follow SPEC §5 (`max_iter`, `history_size`, gradient and change tolerances);
-    the line search is backtracking to the Armijo condition, per pair.
+    the line search is backtracking to the Armijo condition, per pair. A metric with `jvp_vjp` (an
+    encoder pullback) is used through J·Δ and JᵀJ·Δ alone, never forming J.
     x_a, x_b (P, D) → (P, T+1, D), starting on the chord (or `init`, whose endpoints are ignored).
     """
     P, D = x_a.shape
