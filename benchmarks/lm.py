@@ -23,36 +23,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from data.tasks import load_task
 from models.lm import capture_residual, position_ids_for, replace_last_token
-from models.tail import last_token_hidden
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import CONFIG_DIR
-from pipeline.lm import encode_prompts
+from pipeline.lm import answer_logits, encode_prompts
 
 RESULTS = Path(__file__).parent / "results" / "lm.json"
 LAYER, BATCH = 1, 128
 
 
 def interchange_loss(model, ids, mask, soft, donor, cached: bool) -> torch.Tensor:
-    """Next-token loss plus the interchange loss, the swapped forward either cached or whole."""
-    pos = position_ids_for(mask)
-    last = torch.full((len(ids),), ids.shape[1] - 1)
-    with capture_residual(model, LAYER, last) as cap:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=cached,
-                    cache=DynamicCache(config=model.config) if cached else None)  # fmt: skip
-    loss = F.cross_entropy(out.logits[:, -1], soft)
+    """Next-token loss plus the interchange loss, the swapped forward either cached (`pipeline.lm`) or whole."""
     if cached:
-        prefix = [(c.keys[..., :-1, :], c.values[..., :-1, :]) for c in out.cache.layers]
-        u = last_token_hidden(model, LAYER, cap["h"][donor], prefix, mask[:, :-1].bool(), ids, pos, cap["as_tuple"])
-        swapped = model.get_output_embeddings()(u)
-    else:
-        with replace_last_token(model, LAYER, cap["h"][donor]):
-            swapped = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                            logits_to_keep=1).logits[:, -1]  # fmt: skip
-    return loss + F.cross_entropy(swapped, soft[donor])
+        logits, swapped = answer_logits(model, LAYER, ids, mask, donor)
+        return F.cross_entropy(logits, soft) + F.cross_entropy(swapped, soft[donor])
+    pos = position_ids_for(mask)
+    with capture_residual(model, LAYER, torch.full((len(ids),), ids.shape[1] - 1)) as cap:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1).logits
+    with replace_last_token(model, LAYER, cap["h"][donor]):
+        swapped = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                        logits_to_keep=1).logits[:, -1]  # fmt: skip
+    return F.cross_entropy(logits[:, -1], soft) + F.cross_entropy(swapped, soft[donor])
 
 
 def run_steps(model, opt, batches, cached: bool) -> tuple[float, list[float]]:

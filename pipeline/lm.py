@@ -39,7 +39,7 @@ from pipeline.common import (
     to_plain,
     write_stamp,
 )
-from pipeline.extract import centroid_swap_rate
+from pipeline.extract import centroid_swap_rate, extract_rows
 
 
 class TaskLMSystem(L.LightningModule):
@@ -63,29 +63,11 @@ class TaskLMSystem(L.LightningModule):
         input_ids, attention_mask, answer, soft = batch  # (B, T), (B, T), (B,), (B, V)
         keep = attention_mask.any(0)  # drop columns that are padding in every row
         input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
-        position_ids = position_ids_for(attention_mask)
         hp = self.hparams
-        last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)  # left padding
-        with capture_residual(self.model, hp.layer, last) as captured:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=DynamicCache(config=self.model.config) if hp.interchange else None,
-                use_cache=bool(hp.interchange),
-                logits_to_keep=1,
-            )
-        logits = out.logits[:, -1]  # (B, V)
+        donor = torch.randperm(len(input_ids), device=input_ids.device) if hp.interchange else None  # seeded
+        logits, swapped = answer_logits(self.model, hp.layer, input_ids, attention_mask, donor)  # (B, V) each
         loss = F.cross_entropy(logits, soft)
         if hp.interchange:
-            # The swapped forward reruns only the last token through the blocks after `layer`: the
-            # earlier positions' keys and values are those of the forward above (causal attention),
-            # gradients and all, so the loss equals that of a whole second forward with the swap.
-            donor = torch.randperm(len(input_ids), device=input_ids.device)  # seeded by seed_everything
-            prefix = [(c.keys[..., :-1, :], c.values[..., :-1, :]) for c in out.cache.layers]
-            u = last_token_hidden(self.model, hp.layer, captured["h"][donor], prefix, attention_mask[:, :-1].bool(),
-                                  input_ids, position_ids, captured["as_tuple"])  # fmt: skip
-            swapped = self.model.get_output_embeddings()(u)  # (B, V): should answer as the donor
             swap_loss = F.cross_entropy(swapped, soft[donor])
             loss = loss + hp.interchange * swap_loss
             self.log("train/swap_loss", swap_loss)
@@ -98,6 +80,29 @@ class TaskLMSystem(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_warmup_cosine(self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps, hp.max_steps)
+
+
+def answer_logits(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  donor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Last-position logits, and with `donor` those when block `layer`'s last-token residual is the donor row's.
+
+    The swapped forward reruns only the last token through the blocks after `layer`: the earlier
+    positions' keys and values are those of the plain forward (causal attention), gradients and
+    all, so it equals a whole second forward with the swap. Left-padded (B, T), (B, T), donor (B,)
+    → (B, V), (B, V) or None
+    """
+    position_ids = position_ids_for(attention_mask)
+    last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)
+    with capture_residual(model, layer, last) as captured:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    cache=DynamicCache(config=model.config) if donor is not None else None,
+                    use_cache=donor is not None, logits_to_keep=1)  # fmt: skip
+    if donor is None:
+        return out.logits[:, -1], None
+    prefix = [(c.keys[..., :-1, :], c.values[..., :-1, :]) for c in out.cache.layers]
+    u = last_token_hidden(model, layer, captured["h"][donor], prefix, attention_mask[:, :-1].bool(), input_ids,
+                          position_ids, captured["as_tuple"])  # fmt: skip
+    return out.logits[:, -1], model.get_output_embeddings()(u)
 
 
 def value_token(tokenizer, value: str) -> int:
@@ -135,19 +140,13 @@ def the_bar(model, tokenizer, tasks: list[Task], prompts: dict[str, list[Prompt]
     model.eval()
     out = {}
     for task in tasks:
-        data = encode_prompts(tokenizer, [(task, p) for p in prompts[task.name]])
-        correct, rows = 0, []
-        for ids, mask, answer, _ in DataLoader(data, batch_size=batch_size):
-            with capture_residual(model, layer, torch.full((len(ids),), ids.shape[1] - 1)) as cap:
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                               logits_to_keep=1).logits  # fmt: skip
-            correct += int((logits[:, -1].argmax(-1) == answer).sum())
-            rows.append(cap["h"])
-        labels = np.array([p.label for p in prompts[task.name]])
+        ps = prompts[task.name]
         schema = concept_schema(task, tokenizer, "the task LM")
-        swap = centroid_swap_rate(model, tokenizer, task, {"h": torch.cat(rows).numpy()}, labels, layer,
-                                  schema.variant_ids, seed=seed)  # fmt: skip
-        out[task.name] = {"accuracy": correct / len(data), "swap_rate": swap}
+        rows = extract_rows(model, tokenizer, [p.text for p in ps], layer, schema.variant_ids, batch_size, "float32")
+        answers = np.array([value_token(tokenizer, p.answer) for p in ps])
+        labels = np.array([p.label for p in ps])
+        swap = centroid_swap_rate(model, tokenizer, task, rows, labels, layer, schema.variant_ids, seed=seed)
+        out[task.name] = {"accuracy": float((rows["top1"] == answers).mean()), "swap_rate": swap}
     model.train(was_training)
     return out
 
@@ -224,7 +223,9 @@ def run(cfg: DictConfig) -> dict:
     )
     measure = functools.partial(the_bar, tokenizer=tokenizer, tasks=tasks, prompts=prompts, layer=cfg.model.layer,
                                 seed=cfg.seed)  # fmt: skip
-    callbacks = [checkpoint, StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every)] if a.check_every else [checkpoint]
+    callbacks = [checkpoint]
+    if a.check_every:
+        callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
     resume = resume_checkpoint(work / "checkpoints" / "last.ckpt", "the task LM")
     start = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from data.tasks import concept_schema, load_task
 from models.lm import (
@@ -21,8 +20,7 @@ from models.lm import (
     replace_last_token,
 )
 from models.task_lm import build_word_tokenizer
-from models.tail import last_token_hidden
-from pipeline.lm import encode_prompts
+from pipeline.lm import answer_logits, encode_prompts
 from tests.conftest import TASK_DIR
 
 LAYER = 1
@@ -181,18 +179,6 @@ def test_soft_answers_keep_the_answer_on_top_and_spread_the_rest_over_its_neighb
         assert all(soft[i, t].item() == pytest.approx(v) for t, v in expected.items())
 
 
-def _cached_swap(model, enc, layer, donor):
-    """The interchange forward as training runs it: one full forward with a cache, then the last token alone."""
-    position_ids = position_ids_for(enc.attention_mask)
-    last = torch.full((len(enc.input_ids),), enc.input_ids.shape[1] - 1)
-    with capture_residual(model, layer, last) as cap:
-        out = model(**enc, position_ids=position_ids, cache=DynamicCache(config=model.config), use_cache=True)
-    prefix = [(c.keys[..., :-1, :], c.values[..., :-1, :]) for c in out.cache.layers]
-    u = last_token_hidden(model, layer, cap["h"][donor], prefix, enc.attention_mask[:, :-1].bool(), enc.input_ids,
-                          position_ids, cap["as_tuple"])  # fmt: skip
-    return out.logits[:, -1], model.get_output_embeddings()(u), cap["h"]
-
-
 def test_interchange_on_the_cached_prefix_equals_a_whole_second_forward_in_value_and_gradient(lm):
     model, tok = lm
     texts = ["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be",
@@ -202,7 +188,7 @@ def test_interchange_on_the_cached_prefix_equals_a_whole_second_forward_in_value
     donor = torch.tensor([2, 0, 1])
     params = [p for p in model.parameters() if p.requires_grad]
 
-    plain, swapped, h = _cached_swap(model, enc, LAYER, donor)
+    plain, swapped = answer_logits(model, LAYER, enc.input_ids, enc.attention_mask, donor)  # as training runs it
     fast = torch.autograd.grad(swapped.logsumexp(-1).sum() - swapped[:, 7].sum(), params, allow_unused=True)
 
     # Reference: the donors' residuals written into a whole second forward of every prompt.
@@ -219,6 +205,6 @@ def test_interchange_on_the_cached_prefix_equals_a_whole_second_forward_in_value
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # A row's own residual is a no-op; a donor's changes the answer.
     with torch.no_grad():
-        _, own, _ = _cached_swap(model, enc, LAYER, torch.arange(3))
+        _, own = answer_logits(model, LAYER, enc.input_ids, enc.attention_mask, torch.arange(3))
     torch.testing.assert_close(own, plain.detach(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(swapped, plain)
