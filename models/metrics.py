@@ -70,21 +70,33 @@ class EncoderPullback:
         rows = [torch.autograd.grad(z[:, r].sum(), x, retain_graph=r < k - 1)[0] for r in range(k)]
         return torch.stack(rows, 1)  # (B, k, D)
 
-    @torch.enable_grad()
     def jvp_vjp(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """J v and Jᵀ J v at points x for tangents v, by three reverse passes whatever k is.
+        """J v and Jᵀ J v at points x for tangents v, never forming J (`jacobian_products`). (B, D) → (B, k), (B, D)"""
+        return jacobian_products(self.encoder, x, v)
 
-        What a geodesic solver needs of G_E along a path, without forming J (k reverse passes).
-        J v is the gradient in u of ⟨Jᵀu, v⟩ (the double-vjp trick; faster here than forward mode).
-        x, v (B, D) → (B, k), (B, D)
-        """
-        x = x.detach().requires_grad_()
-        z = self.encoder(x)  # (B, k)
+
+@torch.enable_grad()
+def jacobian_products(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,
+                      max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """J v and Jᵀ J v of a row-wise map f at points x for tangents v, by three reverse passes whatever f's width.
+
+    What a geodesic solver needs of G = JᵀJ along a path, without forming J (one reverse pass per
+    output row). J v is the gradient in u of ⟨Jᵀu, v⟩ (the double-vjp trick; faster here than forward
+    mode). Points go `max_batch` at a time (None: all at once); f's rows must be independent of each
+    other. x, v (B, D) → (B, r), (B, D)
+    """
+    Jv, JtJv = [], []
+    step = max_batch or len(x)
+    for s in range(0, len(x), step):
+        xb = x[s : s + step].detach().requires_grad_()
+        z = f(xb)  # (b, r)
         u = torch.zeros_like(z, requires_grad=True)
-        (Jt_u,) = torch.autograd.grad(z, x, u, create_graph=True)  # Jᵀu, linear in u
-        (Jv,) = torch.autograd.grad(Jt_u, u, v.detach())
-        (JtJv,) = torch.autograd.grad(z, x, Jv)
-        return Jv.detach(), JtJv
+        (Jt_u,) = torch.autograd.grad(z, xb, u, create_graph=True)  # Jᵀu, linear in u
+        (Jv_b,) = torch.autograd.grad(Jt_u, u, v[s : s + step].detach())
+        (JtJv_b,) = torch.autograd.grad(z, xb, Jv_b)
+        Jv.append(Jv_b.detach())
+        JtJv.append(JtJv_b)
+    return torch.cat(Jv), torch.cat(JtJv)
 
 
 def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
@@ -164,6 +176,13 @@ class OutputPullback:
     def sqrt_q(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
         """s = √q at points h (the points from `start` on), each on its carrier. (N, d) → (N, K+1)"""
         return (0.5 * log_concept_probs(self.tail.logits(h, carriers(self.carrier, start, h)), self.variant_ids)).exp()
+
+    def jvp_vjp(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """J_s v and J_sᵀ J_s v (`jacobian_products`): three reverse passes through the tail whatever K is,
+        where `jacobian` takes a batched one of K+1 rows. (B, d) → (B, K+1), (B, d)"""
+        if isinstance(self.carrier, torch.Tensor) and self.carrier.ndim == 1:
+            raise ValueError("jvp_vjp takes one pinned carrier; give `carrier` as an int, or use `jacobian`.")
+        return jacobian_products(self.sqrt_q, x, v, self.max_batch)
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         R, head = len(self.variant_ids) + 1, self.tail.head

@@ -88,11 +88,16 @@ class Trajectory:
         return torch.arange(len(self.h), device=self.last.device)[:, None] <= self.last[None]
 
 
-def log_q_grad(tail: CarrierTail, carrier: torch.Tensor, h: torch.Tensor, variant_ids, target: int) -> torch.Tensor:
-    """∇_h log q_target, each row on its carrier (rows are independent, so one backward gives all). (N,), (N, d) → (N, d)"""
+def log_q_grad(tail: CarrierTail, carrier: torch.Tensor, h: torch.Tensor, variant_ids,
+               target: int | torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """∇_h log q_target, each row on its carrier (rows are independent, so one backward gives all).
+
+    target: one concept for all rows, or one per row (N,). carrier (N,), h (N, d) → (N, d)
+    """
     with torch.enable_grad():
         h = h.detach().requires_grad_()
-        log_q = log_concept_probs(tail.logits(h, carrier), variant_ids)[:, target]
+        target = torch.as_tensor(target, device=h.device).expand(len(h))[:, None]
+        log_q = log_concept_probs(tail.logits(h, carrier), variant_ids).gather(1, target)
         return torch.autograd.grad(log_q.sum(), h)[0]
 
 
@@ -100,58 +105,73 @@ def steer(
     tail: CarrierTail,
     carrier: torch.Tensor,
     variant_ids: Sequence[Sequence[int]],
-    target: int,
+    target: int | torch.Tensor,
     direction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    step: float,
+    step: float | torch.Tensor,
     threshold: float = 0.5,
     max_steps: int = 50,
 ) -> Trajectory:
     """Iterate h ← h + step · direction(h, carrier) from each carrier's own h until its q_target ≥ threshold.
 
     carrier (C,) indices into the tail; `direction` maps the still-moving rows h (n, d) and their carriers (n,)
-    to step directions (n, d). All moving carriers step together, one batch per step.
+    to step directions (n, d). All moving carriers step together, one batch per step, so many pairs steer
+    as one batch: `target` and `step` are one for all, or one per row of `carrier` (C,).
     """
     h = tail.h[carrier]
+    C = len(carrier)
+    target = torch.as_tensor(target, device=h.device).expand(C)[:, None]  # (C, 1)
+    step = torch.as_tensor(step, dtype=h.dtype, device=h.device).expand(C)[:, None]  # (C, 1)
     with torch.no_grad():
         q = concept_q(tail, h, carrier, variant_ids)
     hs, qs = [h], [q]
-    last = torch.zeros(len(carrier), dtype=torch.long, device=h.device)
-    moving = q[:, target] < threshold
+    last = torch.zeros(C, dtype=torch.long, device=h.device)
+    moving = q.gather(1, target)[:, 0] < threshold
     for n in range(1, max_steps + 1):
         if not moving.any():
             break
         rows = torch.nonzero(moving).flatten()
         h, q = h.clone(), q.clone()
-        h[rows] = h[rows] + step * direction(h[rows], carrier[rows]).detach()
+        h[rows] = h[rows] + step[rows] * direction(h[rows], carrier[rows]).detach()
         with torch.no_grad():
             q[rows] = concept_q(tail, h[rows], carrier[rows], variant_ids)
         last[rows] = n
-        moving[rows] = q[rows, target] < threshold
+        moving[rows] = q[rows].gather(1, target[rows])[:, 0] < threshold
         hs.append(h)
         qs.append(q)
-    return Trajectory(torch.stack(hs), torch.stack(qs), last, q[:, target] >= threshold)
+    return Trajectory(torch.stack(hs), torch.stack(qs), last, q.gather(1, target)[:, 0] >= threshold)
 
 
 # Each *_direction returns the function (h (n, d), carrier (n,)) → unit step directions (n, d) that `steer` iterates.
+# Its target (and source) is one concept for every carrier, or a tensor with one per carrier of the tail, so
+# that one `steer` call moves many pairs at once.
+
+
+def _at(x: int | torch.Tensor, carrier: torch.Tensor) -> int | torch.Tensor:
+    """A per-carrier setting at the rows' carriers; a single value as it is."""
+    return x[carrier] if isinstance(x, torch.Tensor) and x.ndim else x
 
 
 def caa_direction(mean_source: torch.Tensor, mean_target: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """CAA: the unit mean difference of the two classes' activations, the same at every step."""
+    """CAA: the unit mean difference of the two classes' activations, the same at every step.
+
+    The means are (d,), or (C, d) with a row per tail carrier.
+    """
     delta = mean_target - mean_source
-    return lambda h, carrier: (delta / delta.norm()).expand_as(h)
+    unit = delta / delta.norm(dim=-1, keepdim=True)
+    return lambda h, carrier: (unit[carrier] if unit.ndim == 2 else unit).expand_as(h)
 
 
-def gradient_direction(tail: CarrierTail, variant_ids, target: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def gradient_direction(tail: CarrierTail, variant_ids, target: int | torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Euclidean gradient ascent on log q_target, unit length."""
 
     def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
-        g = log_q_grad(tail, carrier, h, variant_ids, target)
+        g = log_q_grad(tail, carrier, h, variant_ids, _at(target, carrier))
         return g / g.norm(dim=1, keepdim=True)
 
     return direction
 
 
-def fishback_direction(tail: CarrierTail, variant_ids, target: int, lam: float = 1e-4,
+def fishback_direction(tail: CarrierTail, variant_ids, target: int | torch.Tensor, lam: float = 1e-4,
                        top_k: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
     """FishBack: δ = (G_F + λI)⁻¹ ∇log q_target by matrix-free CG, of unit length in the (G_F + λI) norm.
 
@@ -164,7 +184,7 @@ def fishback_direction(tail: CarrierTail, variant_ids, target: int, lam: float =
         def matvec(v: torch.Tensor) -> torch.Tensor:
             return torch.einsum("nrd,nr->nd", F, torch.einsum("nrd,nd->nr", F, v)) + lam * v
 
-        delta = conjugate_gradient(matvec, log_q_grad(tail, carrier, h, variant_ids, target))
+        delta = conjugate_gradient(matvec, log_q_grad(tail, carrier, h, variant_ids, _at(target, carrier)))
         return delta / (delta * matvec(delta)).sum(1, keepdim=True).sqrt()
 
     return direction
@@ -174,8 +194,8 @@ def dual_direction(
     tail: CarrierTail,
     unembedding: torch.Tensor,
     variant_ids: Sequence[Sequence[int]],
-    source: int,
-    target: int,
+    source: int | torch.Tensor,
+    target: int | torch.Tensor,
     alpha: float = 1e-3,
     top_k: int = 256,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -185,7 +205,8 @@ def dual_direction(
     With d ≤ k the d × d system is solved directly (Cholesky); otherwise in the k-dimensional token space
     (Woodbury), since Cov_p[g] = Gᵀ(diag p − ppᵀ)G has rank < k: both exact, neither iterative.
     """
-    beta = unembedding[list(variant_ids[target])].mean(0) - unembedding[list(variant_ids[source])].mean(0)
+    means = torch.stack([unembedding[list(v)].mean(0) for v in variant_ids])  # (K, d) each concept's mean row
+    beta = means[target] - means[source]  # (d,), or (C, d) with a row per carrier
 
     def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -193,7 +214,7 @@ def dual_direction(
         p_top, tokens = p.topk(min(top_k, p.shape[1]), dim=1)
         p_top = p_top / p_top.sum(1, keepdim=True)
         G = unembedding[tokens].to(h.dtype)  # (n, k, d)
-        b = beta.to(h.dtype).expand_as(h).contiguous()
+        b = (beta[carrier] if beta.ndim == 2 else beta).to(h.dtype).expand_as(h).contiguous()
         n, k, d = G.shape
         if d <= k:  # the d × d system is small, solve it directly
             mu = torch.einsum("nk,nkd->nd", p_top, G)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import weakref
 from collections.abc import Iterator, Sequence
@@ -171,24 +172,26 @@ def _attention(model: nn.Module, name: str) -> Iterator[None]:
 
 def last_token_hidden(model: nn.Module, layer: int, h: torch.Tensor,
                       prefix: Sequence[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor,
-                      input_ids: torch.Tensor, position_ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:  # fmt: skip
+                      input_ids: torch.Tensor, position_ids: torch.Tensor, as_tuple: bool,
+                      logits: bool = False) -> torch.Tensor:  # fmt: skip
     """The final (normed) hidden state at the last position when block `layer` emits `h` there.
 
     Only the last token runs, through blocks `layer`+1…L, attending to `prefix`: per block, the
     earlier positions' keys and values, which under causal attention do not depend on `h`.
     Autograd flows through `h` and, when they carry gradients, through the prefix.
     h (N, d); prefix: per block (b, H_kv, T-1, hd) ×2 with b = 1 (shared) or N; valid (b, T-1) real
-    (not padding) prefix positions; input_ids, position_ids (N, T) or (N, 1): the last is used → (N, d)
+    (not padding) prefix positions; input_ids, position_ids (N, T) or (N, 1): the last is used → (N, d),
+    or with `logits` the model's own last-position logits, soft cap or scale included → (N, V)
     """
     token = _PREFIX.set([(k, v, valid) for k, v in prefix])
     try:
         with _skip_blocks(model, layer, h, as_tuple), _attention(model, LAST_TOKEN_ATTENTION):
-            out = model.get_decoder()(
+            out = (model if logits else model.get_decoder())(
                 input_ids=input_ids[:, -1:], position_ids=position_ids[:, -1:], attention_mask=None, use_cache=False
             )
     finally:
         _PREFIX.reset(token)
-    return out.last_hidden_state[:, -1]
+    return out.logits[:, -1] if logits else out.last_hidden_state[:, -1]
 
 
 class CarrierTail:
@@ -216,18 +219,33 @@ class CarrierTail:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=self.position_ids,
-                cache=DynamicCache(config=model.config) if use_cache else None,
+                cache=DynamicCache() if use_cache else None,  # no config: sliding-window blocks keep every position
                 use_cache=use_cache,
                 logits_to_keep=1,
             )
         self.as_tuple = cap["as_tuple"]
         self.h = cap["h"]  # (C, d) the carriers' own h at block ℓ
         self.logits0 = out.logits[:, -1]  # (C, V) unsteered
-        # Keys and values of every position but the last, per block. (C, heads, T-1, head_dim)
+        # Keys and values of every position but the last, per block. (C, heads, T-1, head_dim). A cache built
+        # from the config would keep only sliding_window − 1 positions in a sliding block, the ones the *next*
+        # token sees: one short for rerunning the last.
         self.kv = [(lay.keys[..., :-1, :], lay.values[..., :-1, :]) for lay in out.cache.layers] if use_cache else None
+        self.kv_rows: torch.Tensor | None = None  # carrier → its row of `kv`, in a `select`ed tail
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def select(self, index: torch.Tensor) -> CarrierTail:
+        """The tail whose carrier i is this one's carrier index[i], sharing the cached keys and values (no copy).
+
+        Lets many (pair, carrier) rows, several on the same prompt, go through one batch. index (C',) → C' carriers
+        """
+        tail = copy.copy(self)
+        tail.input_ids, tail.attention_mask, tail.position_ids = (t[index] for t in (self.input_ids, self.attention_mask,
+                                                                                     self.position_ids))  # fmt: skip
+        tail.h, tail.logits0 = self.h[index], self.logits0[index]
+        tail.kv_rows = index if self.kv_rows is None else self.kv_rows[index]
+        return tail
 
     @property
     def head(self) -> nn.Module | None:
@@ -237,26 +255,30 @@ class CarrierTail:
 
     def hidden(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         """The final (normed) hidden state at the last position, before the lm_head. (N, d), (N,) → (N, d)"""
-        decoder = self.model.get_decoder()
         if not self.use_cache:
             with replace_last_token(self.model, self.layer, h):
-                out = decoder(
+                out = self.model.get_decoder()(
                     input_ids=self.input_ids[carrier],
                     attention_mask=self.attention_mask[carrier],
                     position_ids=self.position_ids[carrier],
                     use_cache=False,
                 )
             return out.last_hidden_state[:, -1]
-        one = bool((carrier == carrier[0]).all())  # one carrier for every point: its prefix is shared, not copied
-        rows = carrier[:1] if one else carrier
-        prefix = [(k[rows], v[rows]) for k, v in self.kv]
-        return last_token_hidden(self.model, self.layer, h, prefix, self.attention_mask[rows, :-1].bool(),
-                                 self.input_ids[carrier], self.position_ids[carrier], self.as_tuple)  # fmt: skip
+        return self._last_token(h, carrier, logits=False)
+
+    def _last_token(self, h: torch.Tensor, carrier: torch.Tensor, logits: bool) -> torch.Tensor:
+        rows = carrier if self.kv_rows is None else self.kv_rows[carrier]  # the rows of `kv`
+        one = slice(0, 1) if bool((rows == rows[0]).all()) else slice(None)  # one prompt for every point: shared, not copied
+        prefix = [(k[rows[one]], v[rows[one]]) for k, v in self.kv]
+        return last_token_hidden(self.model, self.layer, h, prefix, self.attention_mask[carrier[one], :-1].bool(),
+                                 self.input_ids[carrier], self.position_ids[carrier], self.as_tuple, logits)  # fmt: skip
 
     def logits(self, h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         """Last-position logits when block ℓ's output there is `h`. h (N, d), carrier (N,) indices → (N, V)"""
         if self.head is not None:
             return self.head(self.hidden(h, carrier))
+        if self.use_cache:  # soft-capped or scaled logits: the model's own head on the one token
+            return self._last_token(h, carrier, logits=True)
         with replace_last_token(self.model, self.layer, h):
             out = self.model(
                 input_ids=self.input_ids[carrier],

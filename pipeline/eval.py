@@ -274,12 +274,44 @@ def score(q: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, a: int, b: int,
     }
 
 
-def iterative_direction(method: str, tail: CarrierTail, data: TaskData, a: int, b: int, e: DictConfig, unembedding):
+def iterative_direction(method: str, tail: CarrierTail, data: TaskData, a: torch.Tensor, b: torch.Tensor, e: DictConfig,
+                        unembedding):  # fmt: skip
+    """The step direction of an iterative method; a and b (C,) are each tail carrier's source and target class."""
     if method == "caa":
         return caa_direction(data.centroids[a], data.centroids[b])
     if method == "fishback":
         return fishback_direction(tail, data.variant_ids, b, e.fishback.lam, e.fishback.top_k)
     return dual_direction(tail, unembedding, data.variant_ids, a, b, e.dual.alpha, e.dual.top_k)
+
+
+STEER_ROWS = 1024  # (pair, carrier) rows an iterative method steers in one batch: bounds memory on large vocabularies
+
+
+def iterate(method: str, tail: CarrierTail, data: TaskData, pairs: list[tuple[int, int]], sizes: list[int],
+            e: DictConfig, unembedding) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Each pair's iterated steering, many pairs per batch: per pair, h (S+1, C, d) and the steps taken (S+1, C) bool.
+
+    `tail` holds the pairs' carriers one after the other, sizes[p] of pair p; a pair's S is its carriers' most steps.
+    """
+    bounds = np.cumsum([0, *sizes]).tolist()
+    source = torch.tensor([a for (a, _), n in zip(pairs, sizes) for _ in range(n)])  # (R,) per tail carrier
+    target = torch.tensor([b for (_, b), n in zip(pairs, sizes) for _ in range(n)])
+    direction = iterative_direction(method, tail, data, source, target, e, unembedding)
+    out, first = [], 0
+    while first < len(pairs):
+        end = first + 1  # pairs first … end−1 steer together, up to STEER_ROWS rows
+        while end < len(pairs) and bounds[end + 1] - bounds[first] <= STEER_ROWS:
+            end += 1
+        carrier = torch.arange(bounds[first], bounds[end])
+        a, b = source[carrier], target[carrier]
+        step = e.fishback.step if method == "fishback" else (data.centroids[b] - data.centroids[a]).norm(dim=1) / e.steps
+        traj = steer(tail, carrier, data.variant_ids, b, direction, step, e.threshold, e.max_steps)
+        for p in range(first, end):
+            rows = slice(bounds[p] - bounds[first], bounds[p + 1] - bounds[first])
+            steps = int(traj.last[rows].max()) + 1
+            out.append((traj.h[:steps, rows], traj.mask[:steps, rows]))
+        first = end
+    return out
 
 
 # ---- one task ------------------------------------------------------------------------------------
@@ -293,12 +325,14 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
     q_centroids = torch.stack([data.q[data.labels == k].mean(0) for k in data.classes])  # (K', K+1)
     manifold = BehaviourManifold(q_centroids, cyclic)
     unembedding = lm.get_output_embeddings().weight.detach()
-    tails: dict[int, CarrierTail] = {}  # the carriers of each source class, built once
-
-    def tail_for(a: int) -> CarrierTail:
-        if a not in tails:
-            tails[a] = tail_of(lm, tokenizer, layer, data.prompts[carrier_rows(data.labels, a, e.carriers, cfg.seed)])
-        return tails[a]
+    # Every source class's carriers in one tail; each pair's carriers are a `select` of it, one after the other.
+    sources = sorted({a for a, _ in pairs})
+    carriers = {a: carrier_rows(data.labels, a, e.carriers, cfg.seed) for a in sources}  # store rows
+    base = tail_of(lm, tokenizer, layer, data.prompts[np.concatenate([carriers[a] for a in sources])])
+    offset = dict(zip(sources, np.cumsum([0] + [len(carriers[a]) for a in sources]).tolist()))  # a's first in base
+    sizes = [len(carriers[a]) for a, _ in pairs]  # carriers per pair (fewer than eval.carriers in a small class)
+    pair_tail = base.select(torch.cat([torch.arange(offset[a], offset[a] + len(carriers[a])) for a, _ in pairs]))
+    bounds = np.cumsum([0, *sizes]).tolist()  # pair p's carriers are pair_tail's bounds[p] … bounds[p+1]−1
 
     canon = canonical_carrier(data)
     g_out = None
@@ -328,13 +362,16 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
             entry["geometry"], geometries[method] = where, geometry
         start = time.perf_counter()
         per_pair: dict[str, list[float]] = {m: [] for m in METRICS}
-        paths = None
+        paths, steered = None, None
         if spec.kind == "path":
             log.info("%s/%s: building %d paths", task.name, method, len(pairs))
             paths = path_of(method, data, pairs, geometry, e, g_out)
             raw_paths[method] = paths.raw
+        else:
+            log.info("%s/%s: steering %d pairs from their carriers' own h", task.name, method, len(pairs))
+            steered = iterate(method, pair_tail, data, pairs, sizes, e, unembedding)
         for p, (a, b) in enumerate(tqdm(pairs, desc=f"{task.name}/{method}", leave=False)):
-            tail = tail_for(a)
+            tail = pair_tail.select(torch.arange(bounds[p], bounds[p + 1]))
             C = len(tail)
             if paths is not None:
                 w = paths.points[p].unsqueeze(1).expand(-1, C, -1)  # (W, C, D)
@@ -342,10 +379,8 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
                 mask = torch.ones(h.shape[:2], dtype=torch.bool)
                 trace = paths.raw[p]
             else:
-                direction = iterative_direction(method, tail, data, a, b, e, unembedding)
-                step = e.fishback.step if method == "fishback" else float((data.centroids[b] - data.centroids[a]).norm()) / e.steps
-                traj = steer(tail, torch.arange(C), data.variant_ids, b, direction, step, e.threshold, e.max_steps)
-                h, mask, trace = traj.h, traj.mask, traj.h[:, 0]
+                h, mask = steered[p]
+                trace = h[:, 0]
             q, kl = read_behaviour(tail, h, data.variant_ids, b)
             for m, v in score(q, kl, mask, a, b, manifold, cyclic, e.threshold).items():
                 per_pair[m].append(v)

@@ -95,7 +95,7 @@ def answer_logits(model, layer: int, input_ids: torch.Tensor, attention_mask: to
     last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)
     with capture_residual(model, layer, last) as captured:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=DynamicCache(config=model.config) if donor is not None else None,
+                    cache=DynamicCache() if donor is not None else None,  # every position (models.tail)
                     use_cache=donor is not None, logits_to_keep=1)  # fmt: skip
     if donor is None:
         return out.logits[:, -1], None

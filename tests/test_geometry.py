@@ -245,6 +245,28 @@ def test_encoder_pullback_products_equal_the_jacobian_ones():
     torch.testing.assert_close(JtJv, torch.einsum("brd,br->bd", J, Jv))
 
 
+@pytest.mark.parametrize("build", [_gqa_llama, _gemma3], ids=["llama-gqa", "gemma3-window"])
+def test_output_pullback_products_equal_the_jacobian_ones(build):
+    """Double backward through the hand-written attention (and Gemma's soft cap), in chunks of 3 points."""
+    torch.manual_seed(5)
+    model = build().double().eval()
+    ids = torch.randint(1, 40, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    tail = CarrierTail(model, 0, ids, mask)
+    metric = OutputPullback(tail, [[3], [4, 5], [7]], carrier=1, max_batch=3)
+    x, v = tail.h[1] + torch.randn(7, 32, dtype=torch.float64), torch.randn(7, 32, dtype=torch.float64)
+    J = metric.jacobian(x)  # (7, 4, 32)
+    Jv, JtJv = metric.jvp_vjp(x, v)
+    # Llama's RMSNorm computes in float32 even in a float64 model, and the two routes round there at
+    # different points: they agree to float32 precision, not float64's.
+    Jv_ref, JtJv_ref = torch.einsum("brd,bd->br", J, v), torch.einsum("brd,br->bd", J, Jv)
+    torch.testing.assert_close(Jv, Jv_ref, rtol=0, atol=1e-6 * Jv_ref.abs().max().item())
+    torch.testing.assert_close(JtJv, JtJv_ref, rtol=0, atol=1e-6 * JtJv_ref.abs().max().item())
+    with pytest.raises(ValueError, match="one pinned carrier"):
+        OutputPullback(tail, [[3]], carrier=torch.tensor([0, 1])).jvp_vjp(x[:2], v[:2])
+
+
 class JacobianOnly:
     """A metric that offers only its factor J, so the solver takes its Jacobian path."""
 
@@ -411,6 +433,41 @@ def test_caa_steps_along_the_mean_difference(lm):
     torch.testing.assert_close(traj.h, expected)
     for i, c in enumerate([0, 3]):
         torch.testing.assert_close(traj.q[:, i], inject(tail, expected[:, i], VARIANTS)[:, c])
+
+
+@pytest.mark.parametrize("method", ["caa", "gradient", "fishback", "dual"])
+def test_pairs_steered_as_one_batch_equal_each_pair_steered_alone(lm, method):
+    """Per-carrier sources, targets and steps on a `select`ed tail (two pairs on one prompt) change nothing."""
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    W = model.lm_head.weight.detach()
+    means = torch.randn(len(VARIANTS), 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pairs = [(0, 2, torch.tensor([0, 3]), 0.02), (1, 4, torch.tensor([3, 1]), 0.05), (3, 0, torch.tensor([2]), 0.03)]
+
+    def direction(view, a, b):
+        return {
+            "caa": lambda: caa_direction(means[a], means[b]),  # (d,) for one pair, (C, d) per carrier
+            "gradient": lambda: gradient_direction(view, VARIANTS, b),
+            "fishback": lambda: fishback_direction(view, VARIANTS, b, lam=1e-3),
+            "dual": lambda: dual_direction(view, W, VARIANTS, a, b, alpha=1e-2, top_k=10),
+        }[method]()
+
+    rows = torch.cat([c for *_, c, _ in pairs])  # (5,) carrier 3 steers in two pairs
+    view = tail.select(rows)
+    a = torch.cat([torch.full((len(c),), s) for s, _, c, _ in pairs])
+    b = torch.cat([torch.full((len(c),), t) for _, t, c, _ in pairs])
+    step = torch.cat([torch.full((len(c),), st, dtype=torch.float64) for *_, c, st in pairs])
+    every = torch.arange(len(rows))
+    together = steer(view, every, VARIANTS, b, direction(view, a, b), step, threshold=0.2, max_steps=6)
+    start = 0
+    for s, t, c, st in pairs:
+        alone = steer(tail, c, VARIANTS, t, direction(tail, torch.tensor(s), torch.tensor(t)), st, threshold=0.2, max_steps=6)
+        part = slice(start, start + len(c))
+        steps = len(alone.h)
+        torch.testing.assert_close(together.h[:steps, part], alone.h, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(together.q[:steps, part], alone.q, rtol=1e-9, atol=1e-12)
+        assert torch.equal(together.last[part], alone.last) and torch.equal(together.reached[part], alone.reached)
+        start += len(c)
 
 
 @pytest.mark.parametrize("top_k", [None, 10])  # every token (d ≤ k: direct solve), or 10 < d (matrix-free CG)
