@@ -223,6 +223,12 @@ def test_knn_distance_matches_scipy_and_drift_is_the_worst_gap_over_the_chord():
     torch.testing.assert_close(knn_mean_distance(points, data, 5), torch.from_numpy(expected))
     own = cKDTree(data.numpy()).query(data.numpy(), k=6)[0][:, 1:].mean(1)  # without each point itself
     torch.testing.assert_close(knn_mean_distance(data, data, 5, exclude_self=True), torch.from_numpy(own))
+    # Its gradient equals the one through the whole distance matrix (exact mode), though that matrix never has one.
+    x = points.clone().requires_grad_()
+    whole = torch.cdist(x, data, compute_mode="donot_use_mm_for_euclid_dist").topk(5, dim=1, largest=False).values
+    (reference,) = torch.autograd.grad(whole.mean(1).sum(), x)
+    (grad,) = torch.autograd.grad(knn_mean_distance(x, data, 5).sum(), x)
+    torch.testing.assert_close(grad, reference)
     # Data on the x-axis; a curve from (0,0) to (4,0) through (2,1): worst gap 1, chord 4.
     line = torch.stack([torch.linspace(0, 4, 401), torch.zeros(401)], 1).double()
     curve = torch.tensor([[[0.0, 0.0], [1.0, 0.5], [2.0, 1.0], [3.0, 0.5], [4.0, 0.0]]], dtype=torch.float64)
