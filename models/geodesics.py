@@ -34,26 +34,28 @@ def path_energy(path: torch.Tensor, metric: Metric) -> torch.Tensor:
     return (Jd**2).sum((1, 2)) + metric.lam * (delta**2).sum((1, 2))
 
 
-def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, n_hist: torch.Tensor) -> torch.Tensor:
-    """L-BFGS directions −H g for every pair at once. g (P, n); S, Y (P, m, n); rho (P, m); n_hist (P,) → (P, n)
+def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, newest: int, filled: int,
+              gamma: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """L-BFGS directions −H g for every pair at once. g (P, n); S, Y (m, P, n); rho (m, P); gamma (P,) → (P, n)
 
-    Pair p's history fills slots 0 … n_hist[p]−1, oldest first; empty slots have
-    rho = 0 and so change nothing.
+    The history is one ring of m slots shared by all pairs, `filled` of them written, slot `newest` last;
+    a pair that did not update at some iteration has rho = 0 in that slot, which changes nothing.
     """
+    m = S.shape[0]
     q, alphas = g.clone(), []
-    for i in range(S.shape[1] - 1, -1, -1):
-        a = rho[:, i] * (S[:, i] * q).sum(1)  # (P,)
-        q -= a[:, None] * Y[:, i]
-        alphas.append(a)
-    newest = (n_hist - 1).clamp_min(0)[:, None, None].expand(-1, 1, S.shape[2])
-    s_new, y_new = S.gather(1, newest)[:, 0], Y.gather(1, newest)[:, 0]  # (P, n)
-    yy = (y_new**2).sum(1)
-    gamma = torch.where((n_hist > 0) & (yy > 0), (s_new * y_new).sum(1) / yy.clamp_min(1e-300), 1.0)
+    for i in range(filled):  # newest to oldest
+        k = (newest - i) % m
+        a = rho[k] * (S[k] * q).sum(1)  # (P,)
+        q -= a[:, None] * Y[k]
+        alphas.append((k, a))
     q *= gamma[:, None]
-    for i, a in zip(range(S.shape[1]), reversed(alphas)):
-        b = rho[:, i] * (Y[:, i] * q).sum(1)
-        q += (a - b)[:, None] * S[:, i]
+    for k, a in reversed(alphas):
+        b = rho[k] * (Y[k] * q).sum(1)
+        q += (a - b)[:, None] * S[k]
     return -q
+
+
+LINE_SEARCH_BLOCK = 4  # step lengths a searching pair tries at once after its first fails
 
 
 def lbfgs_geodesic(
@@ -80,60 +82,70 @@ def lbfgs_geodesic(
     chord = linear_path(x_a.detach(), x_b.detach(), n_steps)  # (P, T+1, D)
     x = (chord if init is None else init.detach())[:, 1:-1].reshape(P, -1).clone()  # (P, n) interior waypoints
 
+    @torch.no_grad()
     def energy_and_grad(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies and gradients of the pairs `rows` at their interiors x. (b, n) → (b,), (b, n)"""
+        """Energies and gradients of the pairs `rows` at their interiors x, G frozen. (b, n) → (b,), (b, n)"""
         b = len(rows)
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            path = torch.cat([chord[rows, :1], x.view(b, n_steps - 1, D), chord[rows, -1:]], 1)
-            delta = path.diff(dim=1)  # (b, T, D)
-            if hasattr(metric, "jvp_vjp"):  # J Δ and Jᵀ J Δ at the midpoints, never J itself
-                mid = (0.5 * (path[:, 1:] + path[:, :-1])).detach().reshape(-1, D)
-                Jd, JtJd = metric.jvp_vjp(mid, delta.detach().reshape(-1, D))  # (b·T, r), (b·T, D)
-                e = Jd.pow(2).view(b, -1).sum(1) + metric.lam * (delta**2).sum((1, 2))
-                slope = 2 * (JtJd.view(b, n_steps, D) + metric.lam * delta.detach())  # ∂e/∂Δ with G frozen
-                (g,) = torch.autograd.grad((slope * delta).sum(), x)
-                return e.detach(), g
-            with torch.no_grad():
-                J = metric.jacobian((0.5 * (path[:, 1:] + path[:, :-1])).reshape(-1, D)).view(b, n_steps, -1, D)
-            e = (torch.einsum("ptrd,ptd->ptr", J, delta) ** 2).sum((1, 2)) + metric.lam * (delta**2).sum((1, 2))
-            (g,) = torch.autograd.grad(e.sum(), x)  # pairs are independent: row p is pair p's gradient
-        return e.detach(), g
+        path = torch.cat([chord[rows, :1], x.view(b, n_steps - 1, D), chord[rows, -1:]], 1)
+        delta = path.diff(dim=1).reshape(-1, D)  # (b·T, D)
+        mid = (0.5 * (path[:, 1:] + path[:, :-1])).reshape(-1, D)
+        if hasattr(metric, "jvp_vjp"):  # J Δ and Jᵀ J Δ at the midpoints, never J itself
+            Jd, JtJd = metric.jvp_vjp(mid, delta)  # (b·T, r), (b·T, D)
+        else:
+            J = metric.jacobian(mid)  # (b·T, r, D)
+            Jd = torch.einsum("nrd,nd->nr", J, delta)
+            JtJd = torch.einsum("nrd,nr->nd", J, Jd)
+        e = Jd.pow(2).view(b, -1).sum(1) + metric.lam * delta.pow(2).view(b, -1).sum(1)
+        slope = 2 * (JtJd + metric.lam * delta).view(b, n_steps, D)  # ∂e/∂Δ_t
+        return e, (slope[:, :-1] - slope[:, 1:]).reshape(b, -1)  # x_t ends Δ_{t−1} and starts Δ_t
 
     f, g = energy_and_grad(x, torch.arange(P))
-    S, Y = x.new_zeros(P, history_size, x.shape[1]), x.new_zeros(P, history_size, x.shape[1])
-    rho, n_hist = x.new_zeros(P, history_size), torch.zeros(P, dtype=torch.long)
+    # The (s, y) history: a ring of slots shared by all pairs, written once per iteration (rho = 0 where a
+    # pair has nothing to add), so no pair's history is ever shifted or gathered. A pair keeps its updates of
+    # the last history_size iterations: all its updates but when one was skipped (sᵀy ≤ 1e-10, rare), and a
+    # pair that stops has no further use for its history.
+    S, Y = x.new_zeros(history_size, P, x.shape[1]), x.new_zeros(history_size, P, x.shape[1])
+    rho, gamma = x.new_zeros(history_size, P), x.new_ones(P)
+    n_hist, newest, filled = torch.zeros(P, dtype=torch.long), -1, 0
     active = g.abs().amax(1) > tolerance
     for _ in range(max_iter):
         if not active.any():
             break
-        d = _two_loop(g, S, Y, rho, n_hist)
+        d = _two_loop(g, S, Y, rho, newest, filled, gamma)
         slope = (g * d).sum(1)
         d = torch.where((slope < 0)[:, None], d, -g)  # fall back to steepest descent
         slope = (g * d).sum(1)
         t = torch.where(n_hist > 0, 1.0, (1 / g.abs().sum(1).clamp_min(1e-300)).clamp(max=1.0)).to(x.dtype)
         pending = active.clone()
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        for _ in range(30):  # backtracking; only the pairs still searching are evaluated, all together
+        # Backtracking to Armijo over the steps t, t/2, …, t/2²⁹: the first for every searching pair, then the
+        # pairs still searching try the next LINE_SEARCH_BLOCK at once. Each pair takes the first step that
+        # passes, as one halving at a time would, in fewer evaluations of the metric.
+        tried = 0
+        while pending.any() and tried < 30:
             rows = torch.nonzero(pending).flatten()
-            trial = x[rows] + t[rows, None] * d[rows]
-            f_t, g_t = energy_and_grad(trial, rows)
-            ok = f_t <= f[rows] + 1e-4 * t[rows] * slope[rows]  # Armijo
-            x_new[rows[ok]], f_new[rows[ok]], g_new[rows[ok]] = trial[ok], f_t[ok], g_t[ok]
-            pending[rows[ok]] = False
-            if not pending.any():
-                break
-            t = torch.where(pending, 0.5 * t, t)
+            k = 1 if tried == 0 else min(LINE_SEARCH_BLOCK, 30 - tried)
+            steps = t[rows, None] * 0.5 ** torch.arange(tried, tried + k, dtype=x.dtype, device=x.device)  # (b, k)
+            trial = x[rows, None] + steps[..., None] * d[rows, None]  # (b, k, n)
+            f_t, g_t = energy_and_grad(trial.flatten(0, 1), rows.repeat_interleave(k))
+            ok = f_t.view(-1, k) <= f[rows, None] + 1e-4 * steps * slope[rows, None]  # (b, k) Armijo
+            passed = ok.any(1)
+            first = ok.to(torch.int8).argmax(1)  # the largest step that passes
+            take, pick = rows[passed], (torch.arange(len(rows), device=x.device) * k + first)[passed]
+            x_new[take], f_new[take], g_new[take] = trial.flatten(0, 1)[pick], f_t[pick], g_t[pick]
+            t[take] = steps[passed, first[passed]]
+            pending[take] = False
+            tried += k
         moved = active & ~pending  # pairs whose line search succeeded
         s_vec, y_vec = x_new - x, g_new - g
         sy = (s_vec * y_vec).sum(1)
-        keep = moved & (sy > 1e-10)  # pairs that append (s, y) to their history, all at once
-        full = keep & (n_hist == history_size)  # these drop their oldest first
-        S[full], Y[full], rho[full] = S[full].roll(-1, 1), Y[full].roll(-1, 1), rho[full].roll(-1, 1)
-        rows = torch.nonzero(keep).flatten()
-        slot = torch.where(full, history_size - 1, n_hist)[rows]
-        S[rows, slot], Y[rows, slot], rho[rows, slot] = s_vec[rows], y_vec[rows], 1 / sy[rows]
-        n_hist = torch.where(keep, (n_hist + 1).clamp(max=history_size), n_hist)
+        keep = moved & (sy > 1e-10)  # pairs that add (s, y) to their history
+        newest, filled = (newest + 1) % history_size, min(filled + 1, history_size)
+        S[newest], Y[newest] = s_vec * keep[:, None], y_vec * keep[:, None]
+        rho[newest] = torch.where(keep, 1 / sy.where(keep, 1), 0)
+        yy = (y_vec**2).sum(1)
+        gamma = torch.where(keep & (yy > 0), sy / yy.clamp_min(1e-300), gamma)  # sᵀy / yᵀy of the newest update
+        n_hist += keep
         done = (
             pending  # no step lowered the energy
             | (g_new.abs().amax(1) <= tolerance)
