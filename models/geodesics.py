@@ -55,9 +55,6 @@ def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tens
     return -q
 
 
-LINE_SEARCH_BLOCK = 4  # step lengths a searching pair tries at once after its first fails
-
-
 def lbfgs_geodesic(
     x_a: torch.Tensor,
     x_b: torch.Tensor,
@@ -118,24 +115,16 @@ def lbfgs_geodesic(
         t = torch.where(n_hist > 0, 1.0, (1 / g.abs().sum(1).clamp_min(1e-300)).clamp(max=1.0)).to(x.dtype)
         pending = active.clone()
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        # Backtracking to Armijo over the steps t, t/2, …, t/2²⁹: the first for every searching pair, then the
-        # pairs still searching try the next LINE_SEARCH_BLOCK at once. Each pair takes the first step that
-        # passes, as one halving at a time would, in fewer evaluations of the metric.
-        tried = 0
-        while pending.any() and tried < 30:
+        for _ in range(30):  # backtracking; only the pairs still searching are evaluated, all together
             rows = torch.nonzero(pending).flatten()
-            k = 1 if tried == 0 else min(LINE_SEARCH_BLOCK, 30 - tried)
-            steps = t[rows, None] * 0.5 ** torch.arange(tried, tried + k, dtype=x.dtype, device=x.device)  # (b, k)
-            trial = x[rows, None] + steps[..., None] * d[rows, None]  # (b, k, n)
-            f_t, g_t = energy_and_grad(trial.flatten(0, 1), rows.repeat_interleave(k))
-            ok = f_t.view(-1, k) <= f[rows, None] + 1e-4 * steps * slope[rows, None]  # (b, k) Armijo
-            passed = ok.any(1)
-            first = ok.to(torch.int8).argmax(1)  # the largest step that passes
-            take, pick = rows[passed], (torch.arange(len(rows), device=x.device) * k + first)[passed]
-            x_new[take], f_new[take], g_new[take] = trial.flatten(0, 1)[pick], f_t[pick], g_t[pick]
-            t[take] = steps[passed, first[passed]]
-            pending[take] = False
-            tried += k
+            trial = x[rows] + t[rows, None] * d[rows]
+            f_t, g_t = energy_and_grad(trial, rows)
+            ok = f_t <= f[rows] + 1e-4 * t[rows] * slope[rows]  # Armijo
+            x_new[rows[ok]], f_new[rows[ok]], g_new[rows[ok]] = trial[ok], f_t[ok], g_t[ok]
+            pending[rows[ok]] = False
+            if not pending.any():
+                break
+            t = torch.where(pending, 0.5 * t, t)
         moved = active & ~pending  # pairs whose line search succeeded
         s_vec, y_vec = x_new - x, g_new - g
         sy = (s_vec * y_vec).sum(1)
