@@ -2,8 +2,9 @@
 
 `ratio` (extraction prompts/s ÷ bare-forward prompts/s) is what hooks,
 concept binning, the resumable chunk writes and the HDF5 store cost; the
-target is ≥ 0.9. `ratio_hooked` leaves the writes out. All three are timed in
-one run, interleaved, best of `--repeats`, on random-weight Llamas over the
+target is ≥ 0.9, with the stage's default HDF5 filter (`extract.compression`);
+`ratio_gzip` is the same with gzip, and `ratio_hooked` leaves the writes out.
+All four are timed in one run, interleaved, best of `--repeats`, on random-weight Llamas over the
 task prompts (all of them, or the first 128 of each task for the slow model), and on the real SmolLM2
 of `model=smollm2` over the first 64 prompts of each of its tasks. Figures go to benchmarks/results/extract.json.
 
@@ -65,8 +66,8 @@ def hooked_forward(model, tokenizer, prompts, schemas, layer: int) -> None:
         extract_rows(model, tokenizer, [p.text for p in ps], layer, schemas[name].variant_ids, BATCH, "float32")
 
 
-def extraction(model, tokenizer, prompts, schemas, tasks, layer: int, root: Path) -> None:
-    """What stage=extract does per task: hooked forward, chunk files, store assembly."""
+def extraction(model, tokenizer, prompts, schemas, tasks, layer: int, root: Path, compression: str) -> None:
+    """What stage=extract does per task: hooked forward, chunk files, store assembly (HDF5 filter `compression`)."""
     chunks = ChunkDir(root / "chunks")
     for task in tasks:
         texts = [p.text for p in prompts[task.name]]
@@ -77,7 +78,7 @@ def extraction(model, tokenizer, prompts, schemas, tasks, layer: int, root: Path
     def groups(f):
         for task in tasks:
             rows = chunks.read_task(task.name)
-            write_task_group(f, schemas[task.name], task.to_dict(), prompts[task.name], rows, "gzip")
+            write_task_group(f, schemas[task.name], task.to_dict(), prompts[task.name], rows, compression)
 
     write_store(root / "activations.h5", {}, groups)
 
@@ -114,19 +115,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        compression = compose("config").extract.compression  # the stage's default filter
 
     results = []
     for name, model, tokenizer, tasks, layer, per_task in (*random_llamas(), *smollm2()):
         schemas = {t.name: concept_schema(t, tokenizer, name) for t in tasks}
         prompts = {t.name: t.prompts()[:per_task] for t in tasks}
         texts = [p.text for ps in prompts.values() for p in ps]
-        bare, hooked, full = [], [], []
+        bare, hooked, full, gzip = [], [], [], []
         with tempfile.TemporaryDirectory() as tmp:
             bare_forward(model, tokenizer, texts[:BATCH])  # warm-up
             for r in range(args.repeats):  # interleaved, so drifts in machine speed hit all three alike
                 bare.append(timed(lambda: bare_forward(model, tokenizer, texts)))
                 hooked.append(timed(lambda: hooked_forward(model, tokenizer, prompts, schemas, layer)))
-                full.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / str(r))))
+                full.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / str(r), compression)))
+                gzip.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / f"gz{r}", "gzip")))
         row = {
             "model": name,
             "prompts": len(texts),
@@ -135,6 +139,7 @@ def main() -> None:
             "extraction_prompts_per_s": len(texts) / min(full),
             "ratio_hooked": min(bare) / min(hooked),
             "ratio": min(bare) / min(full),
+            "ratio_gzip": min(bare) / min(gzip),  # the same with extract.compression=gzip
         }
         print(
             f"{name}: bare {row['bare_forward_prompts_per_s']:.0f} prompts/s; hooked + q "
@@ -143,7 +148,7 @@ def main() -> None:
         )
         results.append(row)
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
-            "batch_size": BATCH, "chunk_size": CHUNK, "repeats": args.repeats, "target_ratio": 0.9}
+            "batch_size": BATCH, "chunk_size": CHUNK, "compression": compression, "repeats": args.repeats, "target_ratio": 0.9}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -14,6 +14,12 @@
 3. The amortised geodesic: one GeodesicBridge forward pass (hidden [256, 256])
    for the same 64 pairs and waypoints, per pair, against batched L-BFGS per
    pair. Target ≥ 1000×.
+4. The evaluation's `G_out` solve on the embedded-size LM (K = 7 and 99, 16
+   pairs, 40 iterations as `eval.g_out_max_iter`): L-BFGS on J_s Δ and
+   J_sᵀJ_s Δ (three reverse passes) against the solver that forms J_s (K + 1
+   rows), and FishBack steering of 16 carriers for 24 pairs: all pairs as one
+   batch against one pair at a time (as `stage=eval` did). Old against new,
+   with how far apart their results land.
 
 Figures go to benchmarks/results/geometry.json.
 
@@ -36,6 +42,7 @@ from data.tasks import load_task
 from models.geodesic_bridge import GeodesicBridge
 from models.geodesics import lbfgs_geodesic, linear_path, path_energy
 from models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
+from models.steering import fishback_direction, steer
 from models.tail import CarrierTail
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import CONFIG_DIR, timed
@@ -116,6 +123,46 @@ def lbfgs_case(pairs: int = 64, singles: int = 16, d: int = 256) -> tuple[dict, 
     return lbfgs, amortised
 
 
+def evaluation_case(model, tokenizer, prompts, K: int, pairs: int = 16, steer_pairs: int = 24) -> dict:
+    """The G_out solve by Jacobian products against by J, and FishBack batched over pairs against pair by pair."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer([p.text for p in prompts[:16]], padding=True, return_tensors="pt")
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    variant_ids = [[i + 3] for i in range(K)]
+    g = torch.Generator().manual_seed(K)
+    spread = tail.h.std(0).mean()
+    x_a, x_b = tail.h[0] + spread * torch.randn(2, pairs, tail.h.shape[1], generator=g)
+    g_out = OutputPullback(tail, variant_ids, carrier=0, lam=1e-3, max_batch=1024)
+    # tolerance 0: all 40 iterations (a random LM's q is nearly flat, and its tiny gradients would stop both at once)
+    solve = lambda m: lbfgs_geodesic(x_a, x_b, m, n_steps=WAYPOINTS, max_iter=40, tolerance=0.0)  # noqa: E731
+    new_path, new_s = timed(lambda: solve(g_out), repeats=1)
+    old_path, old_s = timed(lambda: solve(JacobianOnly(g_out)), repeats=1)
+    with torch.no_grad():
+        e_new, e_old = path_energy(new_path, g_out), path_energy(old_path, g_out)
+    row = {"K": K, "pairs": pairs, "jacobian_s": old_s, "products_s": new_s, "ratio": old_s / new_s,
+           "median_rel_energy_gap": float(((e_new - e_old).abs() / e_old).median())}  # fmt: skip
+    # FishBack: every (pair, carrier) row in one steer call, against one call per pair.
+    C, targets = len(tail), torch.arange(steer_pairs) % K
+    rows = torch.arange(C).repeat(steer_pairs)
+    view = tail.select(rows)
+    target = targets.repeat_interleave(C)
+
+    def one_by_one():
+        return [steer(tail, torch.arange(C), variant_ids, int(b), fishback_direction(tail, variant_ids, int(b), top_k=32),
+                      0.2, threshold=0.5, max_steps=8) for b in targets]  # fmt: skip
+
+    def batched():
+        return steer(view, torch.arange(len(view)), variant_ids, target, fishback_direction(view, variant_ids, target, top_k=32),
+                     0.2, threshold=0.5, max_steps=8)  # fmt: skip
+
+    alone, alone_s = timed(one_by_one, repeats=1)
+    together, together_s = timed(batched, repeats=1)
+    gap = max(float((together.h[: len(a.h), i * C : (i + 1) * C] - a.h).abs().max()) for i, a in enumerate(alone))
+    row |= {"fishback_pairs": steer_pairs, "fishback_carriers": C, "fishback_pair_by_pair_s": alone_s,
+            "fishback_batched_s": together_s, "fishback_ratio": alone_s / together_s, "fishback_max_abs_gap": gap}  # fmt: skip
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -144,10 +191,14 @@ def main() -> None:
     geo, bridge = lbfgs_case()
     print(json.dumps(geo))
     print(json.dumps(bridge))
+    evaluation = [evaluation_case(embedded, tokenizer, prompts, K) for K in (7, 99)]
+    for row in evaluation:
+        print(json.dumps(row))
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "waypoints": WAYPOINTS}
     meta["targets"] = {"jacobian_ratio": 30, "jacobian_max_rel_diff": 1e-5, "lbfgs_ratio": 10, "bridge_ratio": 1000}
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "jacobian": jac, "lbfgs": geo, "bridge": bridge}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"meta": meta, "jacobian": jac, "lbfgs": geo, "bridge": bridge, "evaluation": evaluation},
+                                  indent=2) + "\n")  # fmt: skip
     print(f"wrote {RESULTS}")
 
 
