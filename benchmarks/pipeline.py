@@ -3,12 +3,13 @@
 Every stage runs in this process, one after the other, through the same
 `run(cfg)` the CLI calls; the seconds of each stage, of every (task, geometry)
 pair (the train stage's own figure per export) and of every (task, method)
-of the evaluation go to benchmarks/results/pipeline.json, with the quality
+of the evaluation go to benchmarks/results/pipeline.json (pipeline-<model>.json
+for a model other than the embedded one), with the quality
 figures of each stage beside them, so a faster pipeline can be checked for
 what it gives up. Run it with nothing else on the machine: a second busy
 process slows 2-thread torch 10×.
 
-    python -m benchmarks.pipeline [overrides ...]      # e.g. seed=1, tasks=[weekdays]
+    python -m benchmarks.pipeline [overrides ...]      # e.g. seed=1, tasks=[weekdays], model=smollm2
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from pipeline.cli import STAGES, check_run_dir
 from pipeline.common import CONFIG_DIR, git_sha, to_plain
 
-RESULTS = Path(__file__).parent / "results" / "pipeline.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def main(overrides: list[str]) -> None:
@@ -59,9 +60,10 @@ def main(overrides: list[str]) -> None:
             "git_sha": git_sha(), "overrides": overrides, "model": to_plain(cfg.model.name)}  # fmt: skip
     out = {"meta": meta, "total_seconds": total, "stages": stages, "geometries": geometries, "eval": methods,
            "quality": quality}  # fmt: skip
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"total {total / 60:.1f} min; wrote {RESULTS}")
+    path = RESULTS / ("pipeline.json" if cfg.model.embedded else f"pipeline-{cfg.model.name}.json")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"total {total / 60:.1f} min; wrote {path}")
 
 
 if __name__ == "__main__":
