@@ -72,7 +72,8 @@ def lbfgs_geodesic(
     to alone while the metric is evaluated for all pairs at once. Settings
     follow SPEC §5 (`max_iter`, `history_size`, gradient and change tolerances);
     the line search is backtracking to the Armijo condition, per pair. A metric with `jvp_vjp` (an
-    encoder pullback) is used through J·Δ and JᵀJ·Δ alone, never forming J.
+    encoder or output pullback) is used through J·Δ and JᵀJ·Δ alone, never forming J; the gradient is
+    taken in closed form from ∂e/∂Δ.
     x_a, x_b (P, D) → (P, T+1, D), starting on the chord (or `init`, whose endpoints are ignored).
     """
     P, D = x_a.shape
