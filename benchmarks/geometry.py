@@ -20,6 +20,11 @@
    rows), and FishBack steering of 16 carriers for 24 pairs: all pairs as one
    batch against one pair at a time (as `stage=eval` did). Old against new,
    with how far apart their results land.
+5. The bridge's density hinge at ages' size (128 curves × 31 inner points
+   against 3,780 training rows, d = 128, k = 5), value and gradient: the
+   neighbours found without autograd and only their distances differentiated
+   (`pipeline.bridge.knn_mean_distance`) against the backward through the
+   whole distance matrix it replaced.
 
 Figures go to benchmarks/results/geometry.json.
 
@@ -44,6 +49,7 @@ from models.geodesics import lbfgs_geodesic, linear_path, path_energy
 from models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
 from models.steering import fishback_direction, steer
 from models.tail import CarrierTail
+from pipeline.bridge import knn_mean_distance
 from models.task_lm import build_task_lm, build_word_tokenizer
 from pipeline.common import CONFIG_DIR, timed
 
@@ -163,6 +169,27 @@ def evaluation_case(model, tokenizer, prompts, K: int, pairs: int = 16, steer_pa
     return row
 
 
+def knn_case(points: int = 128 * 31, rows: int = 3780, d: int = 128, k: int = 5) -> dict:
+    """The density hinge's kNN distance with its gradient: selected neighbours against the whole distance matrix."""
+    g = torch.Generator().manual_seed(0)
+    data, x = torch.randn(rows, d, generator=g), torch.randn(points, d, generator=g)
+
+    def whole():  # the replaced form: topk of the distance matrix, differentiated through all of it
+        y = x.clone().requires_grad_()
+        torch.cdist(y, data).topk(k, dim=1, largest=False).values.mean(1).sum().backward()
+        return y.grad
+
+    def selected():
+        y = x.clone().requires_grad_()
+        knn_mean_distance(y, data, k).sum().backward()
+        return y.grad
+
+    old, old_s = timed(whole, repeats=5)
+    new, new_s = timed(selected, repeats=5)
+    return {"points": points, "rows": rows, "d": d, "k": k, "whole_matrix_ms": 1e3 * old_s, "selected_ms": 1e3 * new_s,
+            "ratio": old_s / new_s, "max_rel_grad_gap": float((new - old).abs().max() / old.abs().max())}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -194,10 +221,13 @@ def main() -> None:
     evaluation = [evaluation_case(embedded, tokenizer, prompts, K) for K in (7, 99)]
     for row in evaluation:
         print(json.dumps(row))
+    knn = knn_case()
+    print(json.dumps(knn))
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "waypoints": WAYPOINTS}
     meta["targets"] = {"jacobian_ratio": 30, "jacobian_max_rel_diff": 1e-5, "lbfgs_ratio": 10, "bridge_ratio": 1000}
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "jacobian": jac, "lbfgs": geo, "bridge": bridge, "evaluation": evaluation},
+    RESULTS.write_text(json.dumps({"meta": meta, "jacobian": jac, "lbfgs": geo, "bridge": bridge, "evaluation": evaluation,
+                                  "density_hinge": knn},
                                   indent=2) + "\n")  # fmt: skip
     print(f"wrote {RESULTS}")
 
