@@ -22,6 +22,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline pipeline
 COPY models models
 COPY data data
+COPY geosteer geosteer
 COPY configs configs
 COPY benchmarks benchmarks
 COPY tests tests

@@ -24,12 +24,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.store import ChunkDir, write_store, write_task_group
-from data.tasks import concept_schema, load_task
-from models.lm import position_ids_for
-from models.task_lm import build_word_tokenizer
-from pipeline.common import CONFIG_DIR, load_lm
-from pipeline.extract import extract_rows
+from geosteer.data.store import ChunkDir, write_store, write_task_group
+from geosteer.data.tasks import concept_schema, load_task
+from geosteer.models.lm import position_ids_for
+from geosteer.models.task_lm import build_word_tokenizer
+from geosteer.pipeline.common import CONFIG_DIR, load_lm
+from geosteer.pipeline.extract import extract_rows
 
 # name: (Llama size, prompts per task: None for all 5,909, fewer for the slow model)
 SIZES = {

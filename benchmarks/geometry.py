@@ -15,7 +15,7 @@
    for the same 64 pairs and waypoints, per pair, against batched L-BFGS per
    pair. Target ≥ 1000×.
 4. The evaluation's `G_out` solve on the embedded-size LM (K = 7 and 99, 16
-   pairs, 40 iterations as `eval.g_out_max_iter`): L-BFGS on J_s Δ and
+   pairs, 40 iterations as `method.g_out.max_iter`): L-BFGS on J_s Δ and
    J_sᵀJ_s Δ (three reverse passes) against the solver that forms J_s (K + 1
    rows), and FishBack steering of 16 carriers for 24 pairs: all pairs as one
    batch against one pair at a time (as `stage=eval` did). Old against new,
@@ -43,15 +43,15 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.tasks import load_task
-from models.geodesic_bridge import GeodesicBridge
-from models.geodesics import lbfgs_geodesic, linear_path, path_energy
-from models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
-from models.steering import fishback_direction, steer
-from models.tail import CarrierTail
-from pipeline.bridge import knn_mean_distance
-from models.task_lm import build_task_lm, build_word_tokenizer
-from pipeline.common import CONFIG_DIR, timed
+from geosteer.data.tasks import load_task
+from geosteer.models.geodesic_bridge import GeodesicBridge
+from geosteer.models.geodesics import lbfgs_geodesic, linear_path, path_energy
+from geosteer.models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
+from geosteer.models.steering import fishback_direction, steer
+from geosteer.models.tail import CarrierTail
+from geosteer.pipeline.bridge import knn_mean_distance
+from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.pipeline.common import CONFIG_DIR, timed
 
 RESULTS = Path(__file__).parent / "results" / "geometry.json"
 WAYPOINTS, REFERENCE_WAYPOINTS, PROMPT_LEN = 16, 4, 16

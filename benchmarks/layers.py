@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from data.tasks import TaskError, concept_schema, load_task
-from models.lm import capture_residual, last_token_positions, read_last_token
-from pipeline.common import CONFIG_DIR, load_lm
-from pipeline.extract import centroid_swap_rate, row_classes
+from geosteer.data.tasks import TaskError, concept_schema, load_task
+from geosteer.models.lm import capture_residual, last_token_positions, read_last_token
+from geosteer.pipeline.common import CONFIG_DIR, load_lm
+from geosteer.pipeline.extract import centroid_swap_rate, row_classes
 
 TASKS = ["weekdays", "months", "letters", "ages", "weekdays_next", "months_next", "letters_next"]
 

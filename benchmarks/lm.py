@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.tasks import load_task
-from models.lm import capture_residual, position_ids_for, replace_last_token
-from models.task_lm import build_task_lm, build_word_tokenizer
-from pipeline.common import CONFIG_DIR
-from pipeline.lm import answer_logits, encode_prompts
+from geosteer.data.tasks import load_task
+from geosteer.models.lm import capture_residual, position_ids_for, replace_last_token
+from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.pipeline.common import CONFIG_DIR
+from geosteer.pipeline.lm import answer_logits, encode_prompts
 
 RESULTS = Path(__file__).parent / "results" / "lm.json"
 LAYER, BATCH = 1, 128

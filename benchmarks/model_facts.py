@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.store import ActivationStore
-from models.tail import log_concept_probs
-from pipeline.common import load_lm
-from pipeline.eval import carrier_rows, tail_of
-from pipeline.extract import STORE
+from geosteer.data.store import ActivationStore
+from geosteer.models.tail import log_concept_probs
+from geosteer.pipeline.common import load_lm
+from geosteer.pipeline.eval import carrier_rows, tail_of
+from geosteer.pipeline.extract import STORE
 
 RESULTS = Path(__file__).parent / "results"
 CHORD_POINTS = 33

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.cli import STAGES, check_run_dir
-from pipeline.common import CONFIG_DIR, git_sha, to_plain
+from geosteer.pipeline.cli import STAGES, check_run_dir
+from geosteer.pipeline.common import CONFIG_DIR, git_sha, to_plain
 
 RESULTS = Path(__file__).parent / "results"
 

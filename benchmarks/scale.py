@@ -33,12 +33,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data.targets import PairwiseTargets
-from data.tasks import load_task
-from models.task_lm import build_task_lm, build_word_tokenizer
-from pipeline import extract
-from pipeline.common import CONFIG_DIR, to_plain
-from pipeline.train import FAMILIES, PointCloudData
+from geosteer.data.targets import PairwiseTargets
+from geosteer.data.tasks import load_task
+from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.pipeline import extract
+from geosteer.pipeline.common import CONFIG_DIR, to_plain
+from geosteer.pipeline.train import FAMILIES, PointCloudData
 
 from train import synthetic_targets  # benchmarks/train.py: the synthetic ages store and targets
 

@@ -36,8 +36,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.common import CONFIG_DIR, to_plain
-from pipeline.targets import figure, task_targets
+from geosteer.pipeline.common import CONFIG_DIR, to_plain
+from geosteer.pipeline.targets import figure, task_targets
 
 D, K, BATCH, N_BATCHES = 256, 12, 256, 200
 RESULTS = Path(__file__).parent / "results" / "targets.json"

@@ -36,12 +36,12 @@ from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from data.store import write_store, write_task_group
-from data.targets import PairwiseTargets, targets_path
-from data.tasks import ConceptSchema, load_task
-from pipeline.common import CONFIG_DIR, to_plain
-from pipeline.targets import task_targets
-from pipeline.train import FAMILIES, PointCloudData
+from geosteer.data.store import write_store, write_task_group
+from geosteer.data.targets import PairwiseTargets, targets_path
+from geosteer.data.tasks import ConceptSchema, load_task
+from geosteer.pipeline.common import CONFIG_DIR, to_plain
+from geosteer.pipeline.targets import task_targets
+from geosteer.pipeline.train import FAMILIES, PointCloudData
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 BATCH = 256

@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from data.tasks import ConceptSchema, Prompt
+from geosteer.data.tasks import ConceptSchema, Prompt
 
 SCHEMA_VERSION = 1
 ROW_ARRAYS = ("h", "q", "top1")  # arrays produced by the model, chunk by chunk

@@ -26,7 +26,7 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.utils.data import Sampler
 
-from data.store import ActivationStore, ensure_space
+from geosteer.data.store import ActivationStore, ensure_space
 
 log = logging.getLogger("geosteer")
 

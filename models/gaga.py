@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.hub import ShippedGeometry
+from geosteer.models.hub import ShippedGeometry
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -29,7 +29,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class GAGA(nn.Module, ShippedGeometry, tags=["geosteer", "gaga", "steering-geometry"]):
+class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", "steering-geometry"]):
     """Encoder and decoder of one learned geometry.
 
     Args:

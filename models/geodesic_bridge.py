@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from models.hub import ShippedGeometry
+from geosteer.models.hub import ShippedGeometry
 
 
 def chord(x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def pullback_speed2(encode, curve: torch.Tensor, velocity: torch.Tensor) -> torc
     return moved.pow(2).sum(1).view(P, T)
 
 
-class GeodesicBridge(nn.Module, ShippedGeometry, tags=["geosteer", "geodesic-bridge", "steering-geometry"]):
+class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geosteer", "geodesic-bridge", "steering-geometry"]):
     """Curves between pairs of activations.
 
     Args:

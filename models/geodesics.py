@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-from models.metrics import Metric
+from geosteer.models.metrics import Metric
 
 
 def linear_path(x_a: torch.Tensor, x_b: torch.Tensor, n_steps: int) -> torch.Tensor:

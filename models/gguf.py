@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.lm import ModelLoadError
+from geosteer.models.lm import ModelLoadError
 
 
 def cache_dir() -> Path:

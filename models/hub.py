@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors import SafetensorError
 
-from models.geodesics import PCA
+from geosteer.models.geodesics import PCA
 
 
 class GeometryMismatch(ValueError):
@@ -38,9 +39,19 @@ def read_config(folder: Path) -> dict:
 
 
 class ShippedGeometry(PyTorchModelHubMixin):
+    """Subclass it as `class Net(nn.Module, ShippedGeometry, family="name")`: `load_geometry` then finds it by name."""
+
+    families: ClassVar[dict[str, type[ShippedGeometry]]] = {}  # family name → network class
+    family: ClassVar[str]
     input_dim: int
     pca_dim: int | None
     meta: dict
+
+    def __init_subclass__(cls, family: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if family is not None:
+            cls.family = family
+            ShippedGeometry.families[family] = cls
 
     def register_ambient(self) -> None:
         """Buffers of the PCA projection, when `pca_dim` is set (call in `__init__`)."""
@@ -92,3 +103,27 @@ class ShippedGeometry(PyTorchModelHubMixin):
     @classmethod
     def _load_as_pickle(cls, model, model_file: str, map_location: str, strict: bool):
         raise CheckpointError(f"{model_file} is a pickle; geosteer loads geometries only from model.safetensors.")
+
+
+def load_geometry(folder: str | Path, d: int | None = None, layer: int | None = None) -> ShippedGeometry:
+    """An exported geometry, as the class its `meta.family` names, in eval mode and frozen.
+
+    With `d` (and `layer`), it is checked against activations of that width (at that block): GeometryMismatch
+    names both sides. Anything but safetensors + config.json raises CheckpointError.
+    """
+    from geosteer.models import gaga, geodesic_bridge, innsteer  # noqa: F401  the built-in families register
+
+    family = read_config(Path(folder)).get("meta", {}).get("family")
+    if family not in ShippedGeometry.families:
+        raise CheckpointError(
+            f"{folder}/config.json names the geometry family {family!r}; this geosteer loads "
+            f"{sorted(ShippedGeometry.families)}. Re-export it with `pipeline stage=train`, or import the module "
+            f"that defines that family first."
+        )
+    model = ShippedGeometry.families[family].from_pretrained(folder).eval()
+    if d is not None:
+        try:
+            model.check_compatible(d=d, layer=layer)
+        except GeometryMismatch as e:
+            raise GeometryMismatch(f"{folder}: {e}") from e
+    return model.requires_grad_(False)

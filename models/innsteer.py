@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hub import ShippedGeometry
+from geosteer.models.geodesics import linear_path
+from geosteer.models.hub import ShippedGeometry
 
 
 def atan_clamp(u: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ def subnet(hidden: int, depth: int) -> Callable[[int, int], nn.Module]:
     return build
 
 
-class InnSteer(nn.Module, ShippedGeometry, tags=["geosteer", "innsteer", "steering-geometry"]):
+class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", "innsteer", "steering-geometry"]):
     """An invertible flow on activations with one latent mean per answer class.
 
     Args:
@@ -180,3 +181,16 @@ class InnSteer(nn.Module, ShippedGeometry, tags=["geosteer", "innsteer", "steeri
         else:
             out = h + (a_new - self.ambient(h)) @ self.pca_components  # (A, B, d)
         return out if batched else out[0]
+
+    @torch.no_grad()
+    def geodesic(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torch.Tensor:
+        """The exact geodesic of G_φ = J_φᵀJ_φ from x_a to x_b: φ⁻¹ of the latent chord, since φ's latent is flat.
+
+        With a PCA ambient space the rest of h follows the chord. x_a, x_b (P, d) → (P, steps+1, d)
+        """
+        z = linear_path(self.encode(x_a), self.encode(x_b), steps)  # (P, W, D)
+        a = self.inverse(z.flatten(0, 1))[0].view(z.shape)
+        if self.pca_dim is None:
+            return a
+        chord = linear_path(x_a, x_b, steps)
+        return chord + (a - self.ambient(chord)) @ self.pca_components

@@ -17,8 +17,8 @@ from typing import Protocol
 
 import torch
 
-from models.lm import concept_probs, replace_last_token
-from models.tail import CarrierTail, log_concept_probs, sqrt_q_head_jacobian
+from geosteer.models.lm import concept_probs, replace_last_token
+from geosteer.models.tail import CarrierTail, log_concept_probs, sqrt_q_head_jacobian
 
 
 class Metric(Protocol):

@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from models.geodesics import PCA
-from models.metrics import FisherPullback
-from models.tail import CarrierTail, log_concept_probs
+from geosteer.models.geodesics import PCA
+from geosteer.models.metrics import FisherPullback
+from geosteer.models.tail import CarrierTail, log_concept_probs
 
 
 def subspace_replace(h: torch.Tensor, w: torch.Tensor, pca: PCA) -> torch.Tensor:
@@ -27,28 +28,38 @@ def subspace_replace(h: torch.Tensor, w: torch.Tensor, pca: PCA) -> torch.Tensor
     return h + (w - pca.project(h)) @ pca.components
 
 
-def concept_q(tail: CarrierTail, h: torch.Tensor, carrier: torch.Tensor, variant_ids) -> torch.Tensor:
-    """q of the LM when block ℓ's output is h at each row's carrier. (N, d), (N,) → (N, K+1)"""
-    return log_concept_probs(tail.logits(h, carrier), variant_ids).exp()
+def intervene(tail: CarrierTail, h: torch.Tensor, carrier: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM's logits with block ℓ's output at a carrier's last position replaced by h: geosteer's one intervention.
 
-
-@torch.no_grad()
-def inject(
-    tail: CarrierTail,
-    waypoints: torch.Tensor,
-    variant_ids: Sequence[Sequence[int]],
-    pca: PCA | None = None,
-) -> torch.Tensor:
-    """q at every waypoint on every carrier, one batch. waypoints (W, d), or (W, k) PCA coordinates → (W, C, K+1)
-
-    With `pca`, each carrier keeps the part of its own `h` outside the subspace
-    (subspace replacement); without, `h` is replaced wholly.
+    h (N, d) with `carrier` (N,) naming each row's carrier → (N, V); or h (W, C, d), row c on carrier c → (W, C, V).
     """
-    W, C = len(waypoints), len(tail)
-    carrier = torch.arange(C, device=waypoints.device).repeat(W)  # (W·C,) row w·C + c
-    w = waypoints.repeat_interleave(C, 0).to(tail.h.dtype)
-    h = w if pca is None else subspace_replace(tail.h[carrier], w, pca)
-    return concept_q(tail, h, carrier, variant_ids).view(W, C, -1)
+    if carrier is None:
+        W, C, d = h.shape
+        carrier = torch.arange(C, device=tail.h.device).repeat(W)  # row w·C + c
+        return intervene(tail, h.reshape(W * C, d), carrier).view(W, C, -1)
+    return tail.logits(h.to(tail.h), carrier)
+
+
+def concept_q(tail: CarrierTail, h: torch.Tensor, variant_ids, carrier: torch.Tensor | None = None) -> torch.Tensor:
+    """q of the LM under `intervene(tail, h, carrier)`. (N, d) → (N, K+1), or (W, C, d) → (W, C, K+1)"""
+    logits = intervene(tail, h, carrier)
+    return log_concept_probs(logits.flatten(0, -2), variant_ids).exp().view(*logits.shape[:-1], -1)
+
+
+def carrier_rows(labels: np.ndarray, a: int, n: int, seed: int) -> np.ndarray:
+    """The carriers of class a: a seeded sample of up to n rows with label a, sorted; the same wherever steering is scored."""
+    rows = np.flatnonzero(labels == a)
+    return np.sort(np.random.default_rng([seed, a]).choice(rows, min(n, len(rows)), replace=False))
+
+
+def steering_pairs(classes: Sequence[int], max_pairs: int, seed: int, all_pairs_max_k: int) -> list[tuple[int, int]]:
+    """Every ordered pair (a, b), a ≠ b, of `classes` when there are at most `all_pairs_max_k` of them
+    (or at most `max_pairs` pairs); else a seeded sample of `max_pairs`."""
+    pairs = [(a, b) for a in classes for b in classes if a != b]
+    if len(classes) <= all_pairs_max_k or len(pairs) <= max_pairs:
+        return pairs
+    keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
+    return [pairs[i] for i in sorted(keep)]
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tol: float = 1e-8,
@@ -122,7 +133,7 @@ def steer(
     target = torch.as_tensor(target, device=h.device).expand(C)[:, None]  # (C, 1)
     step = torch.as_tensor(step, dtype=h.dtype, device=h.device).expand(C)[:, None]  # (C, 1)
     with torch.no_grad():
-        q = concept_q(tail, h, carrier, variant_ids)
+        q = concept_q(tail, h, variant_ids, carrier)
     hs, qs = [h], [q]
     last = torch.zeros(C, dtype=torch.long, device=h.device)
     moving = q.gather(1, target)[:, 0] < threshold
@@ -133,7 +144,7 @@ def steer(
         h, q = h.clone(), q.clone()
         h[rows] = h[rows] + step[rows] * direction(h[rows], carrier[rows]).detach()
         with torch.no_grad():
-            q[rows] = concept_q(tail, h[rows], carrier[rows], variant_ids)
+            q[rows] = concept_q(tail, h[rows], variant_ids, carrier[rows])
         last[rows] = n
         moving[rows] = q[rows].gather(1, target[rows])[:, 0] < threshold
         hs.append(h)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from models.lm import capture_residual, decoder_layers, position_ids_for, replace_last_token
+from geosteer.models.lm import capture_residual, decoder_layers, position_ids_for, replace_last_token
 
 
 def _bins(variant_ids: Sequence[Sequence[int]], V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,6 +231,12 @@ class CarrierTail:
         # token sees: one short for rerunning the last.
         self.kv = [(lay.keys[..., :-1, :], lay.values[..., :-1, :]) for lay in out.cache.layers] if use_cache else None
         self.kv_rows: torch.Tensor | None = None  # carrier → its row of `kv`, in a `select`ed tail
+
+    @classmethod
+    def of_prompts(cls, model, tokenizer, layer: int, prompts) -> CarrierTail:
+        """The tail for carrier prompts given as text (the tokenizer pads on the left)."""
+        enc = tokenizer(list(prompts), padding=True, return_tensors="pt").to(model.device)
+        return cls(model, layer, enc.input_ids, enc.attention_mask)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -1,3 +1,3 @@
-from pipeline.cli import main
+from geosteer.pipeline.cli import main
 
 main()

@@ -42,14 +42,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from data.targets import PairwiseTargets
-from data.tasks import Task
-from models.gaga import GAGA
-from models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
-from models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
-from models.hub import GeometryMismatch
-from models.metrics import EncoderPullback, regularisation
-from pipeline.common import StageError, adamw_warmup_cosine, timed
+from geosteer.data.targets import PairwiseTargets
+from geosteer.data.tasks import Task
+from geosteer.models.gaga import GAGA
+from geosteer.models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
+from geosteer.models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
+from geosteer.models.hub import GeometryMismatch
+from geosteer.models.metrics import EncoderPullback, regularisation
+from geosteer.pipeline.common import StageError, adamw_warmup_cosine, timed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -380,7 +380,7 @@ the pullback metric G_E of the GAGA encoder `{enc["geometry"]}` (fingerprint
 
 ```python
 import torch
-from models.geodesic_bridge import GeodesicBridge
+from geosteer.models.geodesic_bridge import GeodesicBridge
 
 bridge = GeodesicBridge.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
 bridge.check_compatible(d=x_a.shape[-1], layer={meta["layer"]})

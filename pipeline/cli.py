@@ -15,14 +15,14 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from data.store import StoreError
-from data.targets import TargetError
-from data.tasks import TaskError
-from models.hub import CheckpointError, GeometryMismatch
-from models.lm import ModelLoadError
-from pipeline import eval as evaluate
-from pipeline import extract, lm, targets, train
-from pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, check_run_dir, launched_rank, log
+from geosteer.data.store import StoreError
+from geosteer.data.targets import TargetError
+from geosteer.data.tasks import TaskError
+from geosteer.models.hub import CheckpointError, GeometryMismatch
+from geosteer.models.lm import ModelLoadError
+from geosteer.pipeline import eval as evaluate
+from geosteer.pipeline import extract, lm, targets, train
+from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, check_run_dir, launched_rank, log
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
 USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError, CheckpointError, GeometryMismatch)

@@ -23,9 +23,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from data.tasks import Task, load_task
-from models.gguf import locate_gguf
-from models.lm import load_causal_lm
+from geosteer.data.tasks import Task, load_task
+from geosteer.models.gguf import locate_gguf
+from geosteer.models.lm import load_causal_lm
 
 log = logging.getLogger("geosteer")
 

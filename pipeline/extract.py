@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from torch.multiprocessing import ProcessRaisedException
 from tqdm.auto import tqdm
 
-from data.store import ChunkDir, virtual_rows, write_shard, write_store, write_task_group
-from data.tasks import Task, concept_schema
-from models.lm import check_layer, read_last_token, replace_last_token
-from pipeline.common import (
+from geosteer.data.store import ChunkDir, virtual_rows, write_shard, write_store, write_task_group
+from geosteer.data.tasks import Task, concept_schema
+from geosteer.models.lm import check_layer, read_last_token, replace_last_token
+from geosteer.pipeline.common import (
     StageError,
     close_logger,
     current_result,

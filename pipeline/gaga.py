@@ -20,10 +20,10 @@ import torch
 from omegaconf import DictConfig
 from scipy.stats import spearmanr
 
-from data.targets import PairwiseTargets, target_distances
-from data.tasks import Task
-from models.gaga import GAGA
-from pipeline.common import StageError, adamw_warmup_cosine
+from geosteer.data.targets import PairwiseTargets, target_distances
+from geosteer.data.tasks import Task
+from geosteer.models.gaga import GAGA
+from geosteer.pipeline.common import StageError, adamw_warmup_cosine
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -211,7 +211,7 @@ Its encoder E: R^{ctor["input_dim"]} → R^{ctor["latent_dim"]} matches latent d
 ## Use
 
 ```python
-from models.gaga import GAGA
+from geosteer.models.gaga import GAGA
 
 geometry = GAGA.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
 geometry.check_compatible(d=h.shape[-1], layer={meta["layer"]})

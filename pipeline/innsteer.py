@@ -20,12 +20,13 @@ import torch
 from omegaconf import DictConfig
 from sklearn.linear_model import LogisticRegression
 
-from data.store import ActivationStore
-from data.targets import PairwiseTargets
-from data.tasks import Task
-from models.innsteer import BLOCKS, InnSteer
-from models.tail import CarrierTail, log_concept_probs
-from pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine, lm_of_store, log
+from geosteer.data.store import ActivationStore
+from geosteer.data.targets import PairwiseTargets
+from geosteer.data.tasks import Task
+from geosteer.models.innsteer import BLOCKS, InnSteer
+from geosteer.models.steering import carrier_rows, concept_q, steering_pairs
+from geosteer.models.tail import CarrierTail
+from geosteer.pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine, lm_of_store, log
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -135,46 +136,26 @@ def linear_probe_accuracy(z_train: torch.Tensor, y_train: np.ndarray, z_val: tor
     return float((probe.predict(z_val.double().numpy()) == y_val).mean())
 
 
-ALL_PAIRS_MAX_K = 12  # SPEC §9: every class pair when K ≤ 12, else a seeded sample
-
-
-def steering_pairs(classes: Sequence[int], max_pairs: int, seed: int,
-                   all_pairs_max_k: int = ALL_PAIRS_MAX_K) -> list[tuple[int, int]]:  # fmt: skip
-    """Every ordered pair (a, b), a ≠ b, of `classes` when there are at most `all_pairs_max_k` of them
-    (or at most `max_pairs` pairs); else a seeded sample of `max_pairs`."""
-    pairs = [(a, b) for a in classes for b in classes if a != b]
-    if len(classes) <= all_pairs_max_k or len(pairs) <= max_pairs:
-        return pairs
-    keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
-    return [pairs[i] for i in sorted(keep)]
-
-
 @torch.no_grad()
 def steering_success(model: InnSteer, lm, tokenizer, layer: int, prompts: Sequence[str], classes: np.ndarray,
                      variant_ids, pairs: Sequence[tuple[int, int]], alpha: float, n_carriers: int,
                      seed: int) -> dict[tuple[int, int], float]:  # fmt: skip
     """For each pair (a, b): the fraction of class-a carriers whose arg-max q is b after `steer(h, a, b, alpha)`.
 
-    Carriers are a seeded sample of up to `n_carriers` prompts whose own arg-max
-    concept is a. The steered h replaces block `layer`'s output at each carrier's last
-    position (`CarrierTail`, the injection hook's cached form), and q is read from the LM.
+    Carriers are `carrier_rows`' seeded sample of up to `n_carriers` prompts whose own arg-max concept is a,
+    the same sampler evaluation uses; the steered h goes into the LM by the one intervention.
     """
-    rng = np.random.default_rng(seed)
     rates: dict[tuple[int, int], float] = {}
     for a in sorted({a for a, _ in pairs}):
-        rows = np.flatnonzero(classes == a)  # never empty: pairs come from classes with training rows
-        rows = np.sort(rng.choice(rows, min(n_carriers, len(rows)), replace=False))
-        enc = tokenizer([prompts[i] for i in rows], padding=True, return_tensors="pt").to(lm.device)
-        tail = CarrierTail(lm, layer, enc.input_ids, enc.attention_mask)
-        targets = [b for x, b in pairs if x == a]
+        rows = carrier_rows(classes, a, n_carriers, seed)  # never empty: pairs come from classes with training rows
+        tail = CarrierTail.of_prompts(lm, tokenizer, layer, [prompts[i] for i in rows])
+        targets = torch.tensor([b for x, b in pairs if x == a])  # (T,)
         C = len(rows)
-        h = tail.h.float().repeat(len(targets), 1)  # (T·C, d), row t·C + c
-        target = torch.tensor(targets).repeat_interleave(C)
-        steered = model.steer(h.to(model.means.device), a, target.to(model.means.device), alpha)
-        carrier = torch.arange(C, device=tail.h.device).repeat(len(targets))
-        q = log_concept_probs(tail.logits(steered.to(tail.h), carrier), variant_ids).exp()  # (T·C, K+1)
-        hit = (q.argmax(1).cpu() == target).float().view(len(targets), C).mean(1)
-        rates.update({(a, b): float(r) for b, r in zip(targets, hit)})
+        h = tail.h.float().repeat(len(targets), 1).to(model.means.device)  # (T·C, d), row t·C + c
+        steered = model.steer(h, a, targets.repeat_interleave(C).to(model.means.device), alpha)
+        q = concept_q(tail, steered.view(len(targets), C, -1), variant_ids)  # (T, C, K+1)
+        hit = (q.argmax(-1).cpu() == targets[:, None]).float().mean(1)  # (T,)
+        rates.update({(a, int(b)): float(r) for b, r in zip(targets, hit)})
     return rates
 
 
@@ -232,7 +213,7 @@ def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, tr
     steering = g["steering"]
     # Only classes the LM gives for some training prompt have a learned mean to steer from or to.
     pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed,
-                           steering.get("all_pairs_max_k", ALL_PAIRS_MAX_K))  # fmt: skip
+                           steering["all_pairs_max_k"])  # fmt: skip
     rates = lm_steering_success(cfg, task, model, train, classes, pairs, steering["alpha"], steering["carriers"])
     values = np.array(list(rates.values()) or [np.nan])  # NaN: no pair to steer
     if not rates:
@@ -263,8 +244,8 @@ def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: Pai
         prompts = store.read(task.name, ["prompt"])["prompt"]
         variant_ids = store.schema(task.name).variant_ids
         lm, tokenizer = lm_of_store(cfg, store.attrs, task.name, "INNSteer's steering test")
-    return steering_success(model, lm, tokenizer, cfg.model.layer, prompts, classes, variant_ids, pairs, alpha, n_carriers,
-                            cfg.seed)  # fmt: skip
+        layer = int(store.attrs["layer"])  # the store's, not the config's: the activations came from there
+    return steering_success(model, lm, tokenizer, layer, prompts, classes, variant_ids, pairs, alpha, n_carriers, cfg.seed)
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -340,7 +321,7 @@ the pullback metric `J_φᵀ J_φ`.
 ## Use
 
 ```python
-from models.innsteer import InnSteer
+from geosteer.models.innsteer import InnSteer
 
 flow = InnSteer.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
 flow.check_compatible(d=h.shape[-1], layer={meta["layer"]})

@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from transformers import DynamicCache
 
-from data.tasks import Prompt, Task, concept_schema
-from models.lm import capture_residual, load_causal_lm, position_ids_for
-from models.tail import last_token_hidden
-from models.task_lm import build_task_lm, build_word_tokenizer
-from pipeline.common import (
+from geosteer.data.tasks import Prompt, Task, concept_schema
+from geosteer.models.lm import capture_residual, load_causal_lm, position_ids_for
+from geosteer.models.tail import last_token_hidden
+from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.pipeline.common import (
     StageError,
     adamw_warmup_cosine,
     close_logger,
@@ -39,7 +39,7 @@ from pipeline.common import (
     to_plain,
     write_stamp,
 )
-from pipeline.extract import centroid_swap_rate, extract_rows
+from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
 
 
 class TaskLMSystem(L.LightningModule):

@@ -17,24 +17,14 @@ import matplotlib
 import numpy as np
 from scipy import stats
 
-from models.geodesics import PCA
-from pipeline.common import atomic_write_text
+from geosteer.models.geodesics import PCA
+from geosteer.pipeline.common import atomic_write_text
+from geosteer.pipeline.methods import SCORES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-TITLES = {
-    "E_B": "Bhattacharyya energy E_B (lower: closer to the behaviour manifold)",
-    "arc_length": "Hellinger arc length of the behaviour path (lower: more direct)",
-    "visit_intermediates": "Visit-intermediates (higher: passes the classes between a and b)",
-    "legibility": "Legibility top-1 (higher: fewer waypoints answer 'other')",
-    "target_prob_end": "target_prob_end (higher)",
-    "top1_at_end": "top-1@end (higher)",
-    "reached": "Carriers whose q_b reached the threshold (higher)",
-    "offtarget_kl": "Off-target KL at matched target probability (lower: less collateral change)",
-}
 ALPHA = 0.05  # significance level of the paired t-tests
-GEOMETRY = {"gaga_out": "GAGA-Out G_E", "gaga_phate": "GAGA-PHATE G_E", "innsteer": "INNSteer G_φ"}
 
 
 def mean_se(values) -> tuple[float, float, int]:
@@ -182,13 +172,9 @@ def _verdict(holds: list[bool]) -> str:
     return "not reproduced" if not any(holds) else f"partly reproduced ({sum(holds)} of {len(holds)} comparisons)"
 
 
-def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: dict[str, Any],
-          directions: dict[str, int]) -> dict[str, Any]:  # fmt: skip
-    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary.
-
-    `methods`: name → spec (label, how); `directions`: metric → +1 (higher is better) or −1.
-    """
-    rows = summarise(per_task, directions)
+def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: dict[str, Any]) -> dict[str, Any]:
+    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary. `methods`: name → method."""
+    rows = summarise(per_task, {m: score.direction for m, score in SCORES.items()})
     claims = verdicts(per_task, rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["task"])
@@ -199,14 +185,13 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
                                                             "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
         bars_figure(rows, per_task, folder / "bars.png")
-    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds, methods, directions))
+    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds, methods))
     gaga = {r["task"]: r["mean"] for r in rows if r["method"] == "gaga_out" and r["metric"] == "top1_at_end"}
     return {"headline": {"verdicts": {c["claim"][:60]: c["verdict"] for c in claims}, "gaga_out_top1_at_end": gaga},
             "rows": rows, "seconds": seconds}  # fmt: skip
 
 
-def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, methods: dict[str, Any],
-             directions: dict[str, int]) -> str:  # fmt: skip
+def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, methods: dict[str, Any]) -> str:
     e = cfg.eval
     tasks = list(per_task)
     md = [f"# geosteer evaluation: {cfg.run_name}", "",
@@ -225,8 +210,8 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
            f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA}. "
            "¹ no exported geometry (reason below); – no defined value "
            "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold).", ""]  # fmt: skip
-    for metric, sign in directions.items():
-        md += [f"### {TITLES[metric]}", "", metric_table(rows, per_task, metric, sign), ""]
+    for metric, score in SCORES.items():
+        md += [f"### {score.title}", "", metric_table(rows, per_task, metric, score.direction), ""]
     md += ["## Against the analytical metric G_out", "", "### Surrogate agreement", "",
            "Mean over waypoints of ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ (%), mean ± s.e. over pairs; every geodesic by the "
            "same L-BFGS except the bridge (its own forward pass) and INNSteer (φ⁻¹ of the latent chord, its exact "
@@ -240,12 +225,13 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
            "overlap mean cos² θ against the chance overlap r/d of random subspaces.", "",
            _table(per_task, lambda r: {m: _fmt(*mean_se(v["spearman"])[:2]) for m, v in r["alignment"].items()
                                        if isinstance(v, dict) and "spearman" in v},
-                  {m: f"{GEOMETRY[m]}: Spearman ρ" for m in GEOMETRY}),
+                  {m: f"{method.metric_label}: Spearman ρ" for m, method in methods.items() if method.metric_label}),
            "",
            _table(per_task, lambda r: {m: f"{mean_se(v['angle_deg'])[0]:.1f}° (overlap {mean_se(v['overlap'])[0]:.2f}, "
                                           f"chance {v['chance_overlap']:.2f}, r = {v['r']})"
                                        for m, v in r["alignment"].items() if isinstance(v, dict) and "angle_deg" in v},
-                  {m: f"{GEOMETRY[m]}: principal angle" for m in GEOMETRY}), ""]  # fmt: skip
+                  {m: f"{method.metric_label}: principal angle" for m, method in methods.items() if method.metric_label}),
+           ""]  # fmt: skip
     reasons = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["alignment"].items()
                if isinstance(v, dict) and "reason" in v]  # fmt: skip
     md += [*reasons, "", "### FishBack diagnostics at the layer", "",
@@ -298,7 +284,7 @@ def task_figures(data, results: dict[str, Any], figures: dict[str, Any], folder:
     behaviour_figure(data, results, figures, folder / out["behaviour"])
     if figures.get("alignment"):
         out["alignment"] = f"alignment_{name}.png"
-        alignment_figure(data, results, figures["alignment"], folder / out["alignment"])
+        alignment_figure(data, results, figures["alignment"], figures["metric_labels"], folder / out["alignment"])
     return out
 
 
@@ -348,12 +334,13 @@ def behaviour_figure(data, results, figures, path: Path) -> None:
     plt.close(fig)
 
 
-def alignment_figure(data, results, scatter: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+def alignment_figure(data, results, scatter: dict[str, tuple[np.ndarray, np.ndarray]], labels: dict[str, str],
+                     path: Path) -> None:  # fmt: skip
     """vᵀG v of each learned metric against vᵀG_out v, over held-out points and random directions."""
     fig, axes = plt.subplots(1, len(scatter), figsize=(4.2 * len(scatter), 4), squeeze=False)
     for ax, (m, (g, out)) in zip(axes[0], scatter.items()):
         ax.scatter(out, g, s=2, alpha=0.3)
-        ax.set(xscale="log", yscale="log", xlabel="vᵀ G_out v", ylabel=f"vᵀ G v ({GEOMETRY[m]})",
+        ax.set(xscale="log", yscale="log", xlabel="vᵀ G_out v", ylabel=f"vᵀ G v ({labels[m]})",
                title=f"ρ = {mean_se(results['alignment'][m]['spearman'])[0]:.2f} (mean per point)")  # fmt: skip
     fig.suptitle(f"{data.task.name}: learned metrics against G_out on held-out points")
     fig.tight_layout()
@@ -377,7 +364,7 @@ def bars_figure(rows: list[dict[str, Any]], per_task: dict[str, Any], path: Path
             ax.bar(np.arange(len(tasks)) + (i - len(methods) / 2 + 0.5) * width, vals, width, yerr=errs, capsize=2,
                    color=colours(i % 10), label=labels[m])  # fmt: skip
         ax.set_xticks(np.arange(len(tasks)), tasks)
-        ax.set_title(TITLES[metric].split(" (")[0])
+        ax.set_title(SCORES[metric].title.split(" (")[0])
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -398,7 +385,7 @@ def log_to(logger, folder: Path, summary: dict[str, Any]) -> None:
         return
     columns = ["task", "method", "metric", "mean", "se", "n", "best_baseline", "t", "p"]
     logger.log_table("eval/results", columns=columns, data=[[r[c] for c in columns] for r in rows])
-    for metric in TITLES:
+    for metric in SCORES:
         tasks = list(dict.fromkeys(r["task"] for r in rows))
         wide = {}
         for r in rows:

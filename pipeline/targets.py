@@ -18,8 +18,8 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from data.store import ActivationStore
-from data.targets import (
+from geosteer.data.store import ActivationStore
+from geosteer.data.targets import (
     TARGET_NAMES,
     TargetError,
     digest,
@@ -31,8 +31,8 @@ from data.targets import (
     targets_path,
     write_targets,
 )
-from pipeline.common import close_logger, fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
-from pipeline.extract import STORE
+from geosteer.pipeline.common import close_logger, fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
+from geosteer.pipeline.extract import STORE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

@@ -30,10 +30,10 @@ from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader
 
-from data.targets import PairwiseTargets, PointClouds, TargetError, targets_path
-from data.tasks import Task
-from models.hub import read_config
-from pipeline.common import (
+from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError, targets_path
+from geosteer.data.tasks import Task
+from geosteer.models.hub import read_config
+from geosteer.pipeline.common import (
     SAFE_NAME,
     NonFiniteTraining,
     StageError,
@@ -52,7 +52,7 @@ from pipeline.common import (
     wait_for_rank_zero,
     write_stamp,
 )
-from pipeline import bridge, gaga, innsteer
+from geosteer.pipeline import bridge, gaga, innsteer
 
 GEOMETRY_SCHEMA_VERSION = 1
 # Each family module provides check, build, system, MONITOR, evaluate, headline and model_card; one that

@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from wandb.proto import wandb_internal_pb2
 
-from data.tasks import load_task
-from pipeline import extract, targets
-from models.task_lm import build_task_lm, build_word_tokenizer
-from pipeline.common import CONFIG_DIR
+from geosteer.data.tasks import load_task
+from geosteer.pipeline import extract, targets
+from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.pipeline.common import CONFIG_DIR
 
 TASK_DIR = CONFIG_DIR / "task"
 

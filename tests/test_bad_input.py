@@ -27,9 +27,9 @@ import pytest
 import torch
 import yaml
 
-from models.gaga import GAGA
-from models.lm import load_causal_lm
-from pipeline import cli, extract, targets, train
+from geosteer.models.gaga import GAGA
+from geosteer.models.lm import load_causal_lm
+from geosteer.pipeline import cli, extract, targets, train
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
@@ -163,8 +163,7 @@ CASES = [
     ("unknown model", None, ["stage=extract", "model=llama"],
      r"model=llama is unknown; model takes one of \['gemma3_270m', 'gpt2', 'llama31_8b', 'smollm2', 'task_lm'\]"),
     ("unknown geometry", None, ["stage=train", "geometry=[gaga]"], r"geometry=gaga is unknown.*'gaga_out'"),
-    ("unknown eval method", None, ["stage=eval", "eval.methods=[linear,geodesic]"],
-     r"eval.methods names \['geodesic'\], unknown; use any of"),
+    ("unknown steering method", None, ["stage=eval", "method=[linear,geodesic]"], r"method=geodesic is unknown.*'linear'"),
     ("layer out of range", None, ["stage=extract", "model.layer=7", "overwrite=true"],
      r"layer 7 is out of range: the model has 3 decoder blocks.*Set model.layer"),
     ("unknown dtype", None, ["stage=extract", "model.dtype=float8", "overwrite=true"],
@@ -185,13 +184,13 @@ CASES = [
     ("NaN activations", nan_rows, ["stage=targets"], r"1 of \d+ rows .* hold NaN or Inf \(first at row 3\)"),
     ("missing shard", drop_shard, ["stage=targets"], r"rank-0-of-1.h5, which is missing.*beside it"),
     ("train before targets", no_targets, ["stage=train"], r"no targets for \['weekdays'\].*stage=targets"),
-    ("checkpoint of another width", wrong_width, ["stage=eval", "eval.methods=[gaga_out]"],
+    ("checkpoint of another width", wrong_width, ["stage=eval", "method=[gaga_out]"],
      r"trained on d=64 .* store holds d=32"),
-    ("checkpoint of another layer", wrong_layer, ["stage=eval", "eval.methods=[gaga_out]"],
+    ("checkpoint of another layer", wrong_layer, ["stage=eval", "method=[gaga_out]"],
      r"trained on d=32 activations of layer 0, but the store holds d=32 at layer 1"),
-    ("checkpoint that is a pickle", pickled_export, ["stage=eval", "eval.methods=[gaga_out]"],
+    ("checkpoint that is a pickle", pickled_export, ["stage=eval", "method=[gaga_out]"],
      r"not a GAGA checkpoint that loads safely.*never a pickle"),
-    ("torn checkpoint config", torn_config, ["stage=eval", "eval.methods=[gaga_out]"],
+    ("torn checkpoint config", torn_config, ["stage=eval", "method=[gaga_out]"],
      r"config.json cannot be read \(JSONDecodeError.*Re-export it"),
     ("resume checkpoint that is a pickle", pickled_last_ckpt, ["stage=train", "geometry.gaga_out.max_epochs=3",
      "overwrite=true"], r"last.ckpt holds pickled objects other than tensors.*never unpickles code.*Delete it"),
@@ -239,7 +238,7 @@ def test_bad_input_is_refused_with_the_fix_and_damages_nothing(case, spoil, over
 
 def test_the_console_script_exits_non_zero_with_one_paragraph(tmp_path):
     """The installed command, not the function: exit status 1 and the message on its own."""
-    done = subprocess.run([sys.executable, "-m", "pipeline", f"paths.outputs={tmp_path}", "stage=extract",
+    done = subprocess.run([sys.executable, "-m", "geosteer.pipeline", f"paths.outputs={tmp_path}", "stage=extract",
                            "extract.batch_size=abc"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 1
     assert "extract.batch_size='abc' is not an integer" in done.stdout + done.stderr
@@ -247,7 +246,7 @@ def test_the_console_script_exits_non_zero_with_one_paragraph(tmp_path):
 
 
 def _command(run: Path, finished_args: list[str], *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", f"paths.outputs={run.parent}", f"run_name={run.name}", "logger=none",
+    return [sys.executable, "-m", "geosteer.pipeline", f"paths.outputs={run.parent}", f"run_name={run.name}", "logger=none",
             *finished_args, *overrides]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import torch
 from scipy.interpolate import CubicSpline
 from torch import nn
 
-from models.behaviour import (
+from geosteer.models.behaviour import (
     BehaviourManifold,
     arc_length,
     bhattacharyya_energy,
@@ -24,8 +24,8 @@ from models.behaviour import (
     top1_at_end,
     visit_intermediates,
 )
-from models.geodesics import LabelledSpline
-from models.metrics import (
+from geosteer.models.geodesics import LabelledSpline
+from geosteer.models.metrics import (
     EncoderPullback,
     metric_matrix,
     principal_angles,

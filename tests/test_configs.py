@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from data.tasks import load_task
-from pipeline.common import CONFIG_DIR
-from pipeline.train import selected_geometries
+from geosteer.data.tasks import load_task
+from geosteer.pipeline.common import CONFIG_DIR
+from geosteer.pipeline.train import selected_geometries
 from tests.conftest import make_cfg
 
 GROUPS = ["model", "lm", "extract", "geometry", "trainer", "logger", "debug"]
@@ -39,6 +39,6 @@ def test_config_composes_and_instantiates(tmp_path, group, option):
 
 
 def test_help_lists_stages_and_knobs():
-    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "geosteer.pipeline", "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("stage=", "lm", "extract", "train", "model.layer", "tasks=", "geometry=", "Config groups", "trainer:"):
         assert word in out

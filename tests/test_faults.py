@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from data.store import ActivationStore, StoreError
-from pipeline import extract, targets, train
+from geosteer.data.store import ActivationStore, StoreError
+from geosteer.pipeline import extract, targets, train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def kill_when(command: list[str], reached: Callable[[], bool], timeout: float = 
 
 def command(root: Path, args: list[str], stage: str) -> list[str]:
     """`pipeline stage=<stage>` in the run folder `faulty-<stage>` beside the clean run."""
-    return [sys.executable, "-m", "pipeline", f"paths.outputs={root}", f"run_name=faulty-{stage}", f"stage={stage}",
+    return [sys.executable, "-m", "geosteer.pipeline", f"paths.outputs={root}", f"run_name=faulty-{stage}", f"stage={stage}",
             *args]  # fmt: skip
 
 

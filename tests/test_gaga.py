@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.gaga import GAGA
-from models.hub import CheckpointError, GeometryMismatch
-from models.metrics import EncoderPullback
+from geosteer.models.gaga import GAGA
+from geosteer.models.hub import CheckpointError, GeometryMismatch
+from geosteer.models.metrics import EncoderPullback
 from tests.conftest import reloads_alike_in_a_fresh_process
 
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from models.gaga import GAGA
-from models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
-from pipeline import train
-from pipeline.bridge import BridgeSystem, knn_mean_distance, secant_energy, speed_energy, stratified_times
-from pipeline.common import StageError
+from geosteer.models.gaga import GAGA
+from geosteer.models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
+from geosteer.pipeline import train
+from geosteer.pipeline.bridge import BridgeSystem, knn_mean_distance, secant_energy, speed_energy, stratified_times
+from geosteer.pipeline.common import StageError
 from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
 
 
@@ -86,7 +86,7 @@ def test_pullback_speed_of_a_linear_encoder_is_the_quadratic_form_of_ata():
 
 
 def test_pullback_speed_through_a_gaga_encoder_matches_its_reverse_mode_jacobian():
-    from models.metrics import EncoderPullback
+    from geosteer.models.metrics import EncoderPullback
 
     torch.manual_seed(2)
     gaga = GAGA(6, 3, hidden=[16, 8]).double().eval()
@@ -215,7 +215,7 @@ def test_on_random_grids_only_the_secant_gradient_sees_the_cost_of_crossing_into
 def test_knn_distance_matches_scipy_and_drift_is_the_worst_gap_over_the_chord():
     from scipy.spatial import cKDTree
 
-    from pipeline.bridge import drift
+    from geosteer.pipeline.bridge import drift
 
     torch.manual_seed(4)
     data, points = torch.randn(200, 5, dtype=torch.float64), torch.randn(30, 5, dtype=torch.float64)
@@ -275,7 +275,7 @@ def test_a_bridge_without_its_trained_encoder_is_refused_naming_the_fix(prepared
 
 
 def test_an_encoder_of_another_layer_or_width_is_refused_naming_both(tmp_path):
-    from pipeline.bridge import load_encoder
+    from geosteer.pipeline.bridge import load_encoder
 
     GAGA(32, 7, hidden=[16], meta={"layer": 2}).save_pretrained(tmp_path)
     g = {"needs": {"encoder": tmp_path}}

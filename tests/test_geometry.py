@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from data.tasks import load_task
-from models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, path_energy
-from models.lm import concept_probs, read_last_token
-from models.metrics import (
+from geosteer.data.tasks import load_task
+from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, path_energy
+from geosteer.models.lm import concept_probs, read_last_token
+from geosteer.models.metrics import (
     EncoderPullback,
     FisherPullback,
     OutputPullback,
@@ -22,18 +22,19 @@ from models.metrics import (
     output_jacobian_reference,
     spectral_deviation,
 )
-from models.steering import (
+from geosteer.models.steering import (
     caa_direction,
     conjugate_gradient,
     dual_direction,
     fishback_direction,
     gradient_direction,
-    inject,
+    concept_q,
+    intervene,
     steer,
     subspace_replace,
 )
-from models.tail import CarrierTail
-from models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.models.tail import CarrierTail
+from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from tests.conftest import TASK_DIR
 
 VARIANTS = [[5], [6, 7], [9], [11], [12, 13, 14]]  # five concept bins, some with several token variants
@@ -141,11 +142,17 @@ def test_last_token_attention_equals_the_models_own_on_whole_prompts(build):
         torch.testing.assert_close(J[i], ref, rtol=1e-8, atol=1e-10)
 
 
-def test_inject_batches_waypoints_by_carriers_and_subspace_replacement_keeps_the_rest(lm):
+def each_carrier(tail: CarrierTail, waypoints: torch.Tensor) -> torch.Tensor:
+    """Every waypoint on every carrier. (W, d) → (W, C, d)"""
+    return waypoints[:, None].expand(-1, len(tail), -1)
+
+
+def test_the_intervention_batches_waypoints_by_carriers_and_subspace_replacement_keeps_the_rest(lm):
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     waypoints = torch.randn(5, 24, dtype=torch.float64)
-    q = inject(tail, waypoints, VARIANTS)
+    torch.testing.assert_close(intervene(tail, each_carrier(tail, waypoints))[2, 3], tail.logits(waypoints[2:3], torch.tensor([3]))[0])
+    q = concept_q(tail, each_carrier(tail, waypoints), VARIANTS)
     assert q.shape == (5, 4, len(VARIANTS) + 1)
     torch.testing.assert_close(q.sum(-1), torch.ones(5, 4, dtype=torch.float64))
     one = concept_probs(tail.logits(waypoints[2:3], torch.tensor([3])).softmax(-1), VARIANTS)[0]
@@ -157,8 +164,8 @@ def test_inject_batches_waypoints_by_carriers_and_subspace_replacement_keeps_the
     torch.testing.assert_close(pca.project(h2), w)  # the subspace part is w
     off = torch.eye(24, dtype=torch.float64) - pca.components.T @ pca.components
     torch.testing.assert_close(h2 @ off, tail.h @ off)  # the off-subspace part is the carrier's
-    q_sub = inject(tail, w[:1], VARIANTS, pca=pca)  # (1, C, K+1), each carrier with its own rest
-    each = subspace_replace(tail.h, w[:1].expand(4, -1), pca)
+    each = subspace_replace(tail.h, w[:1].expand(4, -1), pca)  # each carrier with its own rest
+    q_sub = concept_q(tail, each[None], VARIANTS)  # (1, C, K+1)
     torch.testing.assert_close(q_sub[0], concept_probs(tail.logits(each, torch.arange(4)).softmax(-1), VARIANTS))
 
 
@@ -404,7 +411,7 @@ def test_gradient_steering_raises_the_target_and_stops_each_carrier_at_the_thres
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     target, carrier = 2, torch.tensor([0, 2])
-    q0 = inject(tail, tail.h[:1], VARIANTS)[0, :, target]  # (C,)
+    q0 = concept_q(tail, tail.h[None], VARIANTS)[0, :, target]  # (C,)
     directions = {
         "gradient": gradient_direction(tail, VARIANTS, target),
         "fishback": fishback_direction(tail, VARIANTS, target),
@@ -432,7 +439,7 @@ def test_caa_steps_along_the_mean_difference(lm):
     expected = tail.h[[0, 3]] + steps
     torch.testing.assert_close(traj.h, expected)
     for i, c in enumerate([0, 3]):
-        torch.testing.assert_close(traj.q[:, i], inject(tail, expected[:, i], VARIANTS)[:, c])
+        torch.testing.assert_close(traj.q[:, i], concept_q(tail, each_carrier(tail, expected[:, i]), VARIANTS)[:, c])
 
 
 @pytest.mark.parametrize("method", ["caa", "gradient", "fishback", "dual"])

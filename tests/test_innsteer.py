@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.innsteer import BLOCKS, InnSteer
-from models.metrics import metric_matrix, pullback_of
-from pipeline import train
-from pipeline.common import StageError
-from pipeline.innsteer import classes_of, nll, soft_centres, steering_pairs
+from geosteer.models.innsteer import BLOCKS, InnSteer
+from geosteer.models.metrics import metric_matrix, pullback_of
+from geosteer.pipeline import train
+from geosteer.pipeline.common import StageError
+from geosteer.models.steering import steering_pairs
+from geosteer.pipeline.innsteer import classes_of, nll, soft_centres
 from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
 
 
@@ -81,7 +82,7 @@ def test_the_picklable_activations_equal_freias_and_the_flow_pickles():
 
     import FrEIA.modules as Fm
 
-    from models.innsteer import atan_clamp, softplus_global_scale
+    from geosteer.models.innsteer import atan_clamp, softplus_global_scale
 
     a = torch.linspace(-20, 20, 401)
     reference = Fm.AllInOneBlock([(4,)], subnet_constructor=lambda i, o: torch.nn.Linear(i, o))
@@ -136,11 +137,11 @@ def test_nll_and_label_free_classes_on_hand_computed_values():
 
 
 def test_steering_pairs_are_all_pairs_up_to_12_classes_else_a_seeded_sample():
-    assert steering_pairs([0, 1, 2], 50, 0) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
-    assert len(steering_pairs(list(range(12)), 50, 0)) == 132, "SPEC §9: every pair when K ≤ 12"
-    sample = steering_pairs(list(range(1, 26)), 50, 0)  # a class the LM never answers has no pairs
+    assert steering_pairs([0, 1, 2], 50, 0, 12) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+    assert len(steering_pairs(list(range(12)), 50, 0, 12)) == 132, "SPEC §9: every pair when K ≤ 12"
+    sample = steering_pairs(list(range(1, 26)), 50, 0, 12)  # a class the LM never answers has no pairs
     assert len(sample) == len(set(sample)) == 50 and all(a != b and 0 not in (a, b) for a, b in sample)
-    assert sample == steering_pairs(list(range(1, 26)), 50, 0) and sample != steering_pairs(list(range(1, 26)), 50, 1)
+    assert sample == steering_pairs(list(range(1, 26)), 50, 0, 12) and sample != steering_pairs(list(range(1, 26)), 50, 1, 12)
 
 
 # ---------------------------------------------------------------- stage=train geometry=innsteer

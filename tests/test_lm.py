@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from data.tasks import concept_schema, load_task
-from models.lm import (
+from geosteer.data.tasks import concept_schema, load_task
+from geosteer.models.lm import (
     ModelLoadError,
     capture_residual,
     check_layer,
@@ -19,8 +19,8 @@ from models.lm import (
     read_last_token,
     replace_last_token,
 )
-from models.task_lm import build_word_tokenizer
-from pipeline.lm import answer_logits, encode_prompts
+from geosteer.models.task_lm import build_word_tokenizer
+from geosteer.pipeline.lm import answer_logits, encode_prompts
 from tests.conftest import TASK_DIR
 
 LAYER = 1

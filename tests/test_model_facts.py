@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.model_facts import adjacent_pairs, between, model_facts, ring_facts
-from pipeline import extract
+from geosteer.pipeline import extract
 
 
 def circle(K: int, arc: float = 2 * np.pi, cyclic: bool = True) -> np.ndarray:

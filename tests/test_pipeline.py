@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from data.store import ActivationStore
-from pipeline import cli, extract
-from pipeline import lm as lm_stage
-from pipeline.common import StageError
+from geosteer.data.store import ActivationStore
+from geosteer.pipeline import cli, extract
+from geosteer.pipeline import lm as lm_stage
+from geosteer.pipeline.common import StageError
 from tests.conftest import make_cfg
 
 
@@ -119,7 +119,7 @@ def test_lm_extract_targets_end_to_end(tmp_path):
         "geometry.bridge.max_epochs=2",
         "geometry.bridge.hidden=[16]",
         "geometry.bridge.eval.pairs=8",
-        *(f"eval.{k}={v}" for k, v in (("carriers", 2), ("steps", 4), ("max_steps", 4), ("g_out_max_iter", 5),
+        *(f"eval.{k}={v}" for k, v in (("carriers", 2), ("steps", 4), ("max_steps", 4), ("max_iter_cap", 5),
                                           ("lbfgs.max_iter", 10), ("alignment.points", 4), ("alignment.directions", 8))),
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.tasks import TaskError, concept_schema, load_task
-from models.gguf import join_parts, locate_gguf, sha256_of
-from models.lm import ModelLoadError, check_layer, concept_probs, decoder_layers
-from models.metrics import FisherPullback, OutputPullback, output_jacobian_reference
-from models.tail import CarrierTail
-from pipeline import cli
-from pipeline.common import load_lm
-from pipeline.extract import extract_rows
+from geosteer.data.tasks import TaskError, concept_schema, load_task
+from geosteer.models.gguf import join_parts, locate_gguf, sha256_of
+from geosteer.models.lm import ModelLoadError, check_layer, concept_probs, decoder_layers
+from geosteer.models.metrics import FisherPullback, OutputPullback, output_jacobian_reference
+from geosteer.models.tail import CarrierTail
+from geosteer.pipeline import cli
+from geosteer.pipeline.common import load_lm
+from geosteer.pipeline.extract import extract_rows
 from tests.conftest import TASK_DIR, make_cfg
 
 
@@ -190,7 +190,7 @@ def test_full_vocabulary_fisher_factor_gives_the_dense_gram(carrier_tail):
 def test_stage_all_on_smollm2_end_to_end(tmp_path):
     """Every stage on the real model and one of its default tasks, with short schedules."""
     overrides = [
-        "model=smollm2", "tasks=[weekdays_next]", "max_epochs_cap=3", "eval.carriers=2", "eval.g_out_max_iter=5",
+        "model=smollm2", "tasks=[weekdays_next]", "max_epochs_cap=3", "eval.carriers=2", "eval.max_iter_cap=5",
         "eval.lbfgs.max_iter=10", "eval.max_steps=8", "eval.steps=8", "eval.alignment.points=4",
         "eval.alignment.directions=16", "geometry.innsteer.steering.carriers=2", "geometry.innsteer.steering.max_pairs=4",
         "geometry.bridge.eval.pairs=4",

@@ -17,8 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file
 
-from pipeline import cli, extract, targets, train
-from pipeline.common import CONFIG_DIR, StageError
+from geosteer.pipeline import cli, extract, targets, train
+from geosteer.pipeline.common import CONFIG_DIR, StageError
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def rows_of(store: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def torchrun(*args: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "geosteer.pipeline", *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -75,7 +75,7 @@ def test_a_sweep_over_tasks_runs_one_job_each_through_submitit(tmp_path, tiny_lm
     """`-m task=weekdays,months` with the submitit launcher (local executor: SLURM's code path without SLURM)."""
     args = [f"paths.outputs={tmp_path}", f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1",
             "extract.chunk_size=100", "logger=none"]  # fmt: skip
-    command = [sys.executable, "-m", "pipeline", "-m", "hydra/launcher=submitit_local", "stage=extract",
+    command = [sys.executable, "-m", "geosteer.pipeline", "-m", "hydra/launcher=submitit_local", "stage=extract",
                "task=weekdays,months", "run_name=sweep-${task.name}", f"hydra.sweep.dir={tmp_path}/multirun", *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

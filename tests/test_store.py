@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data.store import (
+from geosteer.data.store import (
     SCHEMA_VERSION,
     ActivationStore,
     ChunkDir,
@@ -18,7 +18,7 @@ from data.store import (
     write_store,
     write_task_group,
 )
-from data.tasks import ConceptSchema, load_task
+from geosteer.data.tasks import ConceptSchema, load_task
 from tests.conftest import TASK_DIR
 
 

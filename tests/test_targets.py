@@ -13,8 +13,8 @@ import torch
 from scipy.spatial.distance import pdist
 from scipy.stats import spearmanr
 
-from data.store import SCHEMA_VERSION, ActivationStore
-from data.targets import (
+from geosteer.data.store import SCHEMA_VERSION, ActivationStore
+from geosteer.data.targets import (
     PairwiseTargets,
     TargetError,
     hellinger_coords,
@@ -24,7 +24,7 @@ from data.targets import (
     stratified_split,
     targets_path,
 )
-from pipeline import cli, extract, targets
+from geosteer.pipeline import cli, extract, targets
 from tests.conftest import make_cfg
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
-from data.tasks import Task, TaskError, concept_schema, load_task
-from models.task_lm import build_word_tokenizer
+from geosteer.data.tasks import Task, TaskError, concept_schema, load_task
+from geosteer.models.task_lm import build_word_tokenizer
 from tests.conftest import TASK_DIR
 
 ALL = ["weekdays", "months", "letters", "ages"]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.targets import PointClouds, target_distances
-from models.gaga import GAGA
-from pipeline import train
-from pipeline.common import warmup_cosine
-from pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
+from geosteer.data.targets import PointClouds, target_distances
+from geosteer.models.gaga import GAGA
+from geosteer.pipeline import train
+from geosteer.pipeline.common import warmup_cosine
+from geosteer.pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
 from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
 
 # ---------------------------------------------------------------- losses

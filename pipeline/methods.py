@@ -1,0 +1,351 @@
+"""Steering methods: one contract and one registry (docs/method.md §5–§9).
+
+A method is one class registered here by name plus one YAML in `configs/method/`, whose keys are the
+class's constructor arguments; `method=[linear,caa]` picks methods, and an unknown name is refused before
+any work. Two kinds share the contract:
+- path methods build T+1 waypoints between the class centroids of every pair at once (`paths`);
+- iterative methods step each carrier's own h along `direction` by `step` until q_b reaches the threshold.
+
+A method that steers with a trained geometry names its family (`family`) and its YAML names the export
+(`geometry`); evaluation loads it from `<eval.geometry_dir>/<task>/<geometry>/`. The report takes each
+method's label, role ("baseline", "learned" or "target") and description from here, and each score's
+direction and title from `SCORES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from geosteer.data.tasks import Task
+from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path
+from geosteer.models.innsteer import InnSteer
+from geosteer.models.metrics import EncoderPullback, OutputPullback, pullback_of, regularisation
+from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace
+from geosteer.models.tail import CarrierTail
+from geosteer.pipeline.common import StageError, to_plain
+
+
+@dataclass(frozen=True)
+class Score:
+    direction: int  # +1: higher is better; −1: lower is better
+    title: str
+
+
+SCORES = {
+    "E_B": Score(-1, "Bhattacharyya energy E_B (lower: closer to the behaviour manifold)"),
+    "arc_length": Score(-1, "Hellinger arc length of the behaviour path (lower: more direct)"),
+    "visit_intermediates": Score(1, "Visit-intermediates (higher: passes the classes between a and b)"),
+    "legibility": Score(1, "Legibility top-1 (higher: fewer waypoints answer 'other')"),
+    "target_prob_end": Score(1, "target_prob_end (higher)"),
+    "top1_at_end": Score(1, "top-1@end (higher)"),
+    "reached": Score(1, "Carriers whose q_b reached the threshold (higher)"),
+    "offtarget_kl": Score(-1, "Off-target KL at matched target probability (lower: less collateral change)"),
+}
+
+
+@dataclass
+class TaskData:
+    """One task's rows of the activation store, and what every method shares."""
+
+    task: Task
+    h: torch.Tensor  # (N, d)
+    q: torch.Tensor  # (N, K+1)
+    labels: np.ndarray  # (N,) answer class
+    prompts: np.ndarray  # (N,)
+    variant_ids: list[list[int]]
+    train: np.ndarray  # store rows of the seeded split the geometries trained on
+    val: np.ndarray
+    centroids: torch.Tensor = field(init=False)  # (K, d) mean h per answer class (NaN for a class with no rows)
+
+    def __post_init__(self) -> None:
+        K = len(self.task.concepts)
+        self.centroids = torch.stack([self.h[self.labels == k].mean(0) for k in range(K)])
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(set(self.labels[self.labels >= 0].tolist()))  # −1: a row left out of every class
+
+    def ends(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The centroids of each pair's source and target class. → (P, d), (P, d)"""
+        return self.centroids[[a for a, _ in pairs]], self.centroids[[b for _, b in pairs]]
+
+    def canonical_carrier(self) -> int:
+        """The G_out solve's pinned carrier: the prompt whose h is nearest the task's mean activation."""
+        return int((self.h - self.h.mean(0)).norm(dim=1).argmin())
+
+
+@dataclass
+class Context:
+    """What a method may use on one task: its data, the shared evaluation settings and the LM."""
+
+    data: TaskData
+    e: DictConfig  # eval settings: steps, lam_rel, lbfgs, threshold, max_steps, …
+    lm: Any
+    tokenizer: Any
+    layer: int
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        return self.lm.get_output_embeddings().weight.detach()  # (V, d)
+
+
+@dataclass
+class Paths:
+    """Every pair's path: `points` are injected (raw h, or PCA coordinates with `pca`); `raw` lives in h-space."""
+
+    points: torch.Tensor  # (P, W, D)
+    raw: torch.Tensor  # (P, W, d)
+    pca: PCA | None = None
+
+
+Direction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h (n, d), carrier (n,)) → unit directions (n, d)
+
+
+class SteeringMethod(Protocol):
+    """The contract. A path method defines `paths`; an iterative method defines `direction` and `step`."""
+
+    label: ClassVar[str]
+    kind: ClassVar[str]  # "path" | "iterative"
+    role: ClassVar[str]  # "baseline" | "learned" | "target" (G_out, the analytical metric)
+    how: ClassVar[str]  # how the path is built, for the report
+    family: ClassVar[str | None]  # the geometry family it steers with; then its YAML names the export
+    metric_label: ClassVar[str | None]  # its geometry's metric in the metric alignment (None: none of its own)
+
+
+class PathMethod:
+    """Defaults of a path method: no geometry, and not compared with G_out's geodesic."""
+
+    kind, family, metric_label, geometry = "path", None, None, None
+    compared = False  # its raw path is a geodesic to set against G_out's (surrogate agreement)
+
+    def paths(self, ctx: Context, pairs: list[tuple[int, int]], geometry) -> Paths:
+        raise NotImplementedError
+
+    def geodesic(self, raw: torch.Tensor, geometry, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torch.Tensor | None:
+        """The geodesic it stands for between x_a and x_b (P, d), given its raw paths (P, W, d); None: not compared."""
+        return raw if self.compared else None
+
+
+class IterativeMethod:
+    """Defaults of an iterative method: no geometry; steps of ‖x_b − x_a‖/T."""
+
+    kind, family, metric_label, geometry = "iterative", None, None, None
+
+    def direction(self, ctx: Context, tail: CarrierTail, source: torch.Tensor, target: torch.Tensor) -> Direction:
+        raise NotImplementedError
+
+    def step(self, ctx: Context, source: torch.Tensor, target: torch.Tensor) -> float | torch.Tensor:
+        """Step length per row, for rows of source and target classes (n,)."""
+        return (ctx.data.centroids[target] - ctx.data.centroids[source]).norm(dim=1) / ctx.e.steps
+
+
+METHODS: dict[str, type] = {}
+
+
+def register_method(name: str):
+    """Class decorator: the method `method=[…, name]` selects, built from `configs/method/<name>.yaml`."""
+
+    def add(cls: type) -> type:
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def build_methods(selected: Any) -> dict[str, SteeringMethod]:
+    """The selected methods (name → settings), built; an unknown name or setting is refused, naming the choices."""
+    selected = to_plain(selected) or {}
+    unknown = [name for name in selected if name not in METHODS]
+    if unknown:
+        raise StageError(f"method names {unknown}, unknown; use any of {sorted(METHODS)}, e.g. method=[linear,caa].")
+    built = {}
+    for name, settings in selected.items():
+        try:
+            built[name] = METHODS[name](**(settings or {}))
+        except TypeError as e:
+            raise StageError(f"method.{name}: {e}; its settings are in configs/method/{name}.yaml.") from e
+    return built
+
+
+def encoder_paths(ctx: Context, metric: EncoderPullback, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
+    """L-BFGS geodesics of G_E = J_Eᵀ J_E + λI, λ at `lam_rel` of its scale on the points `fit_on`. → (P, W, D)"""
+    e = ctx.e
+    metric.lam = regularisation(metric, fit_on, e.lam_rel)
+    return lbfgs_geodesic(x_a, x_b, metric, e.steps, e.lbfgs.max_iter, e.lbfgs.history_size)
+
+
+def fit_on(ctx: Context) -> torch.Tensor:
+    """The training activations λ_reg is fitted on. (≤ 512, d)"""
+    return ctx.data.h[ctx.data.train[:512]]
+
+
+# ---- the built-in methods ------------------------------------------------------------------------
+
+
+@register_method("linear")
+class Linear(PathMethod):
+    label, role, how = "linear", "baseline", "chord between centroids, full replacement"
+    compared = True
+
+    def paths(self, ctx, pairs, geometry):
+        chord = linear_path(*ctx.data.ends(pairs), ctx.e.steps)
+        return Paths(chord, chord)
+
+
+@register_method("spline")
+@dataclass
+class Spline(PathMethod):
+    pca: int  # k of the PCA(k) the spline lives in
+    label: ClassVar = "labelled spline"
+    role: ClassVar = "baseline"
+    how: ClassVar = "PCA(64) spline through class centroids, subspace injection"
+
+    def paths(self, ctx, pairs, geometry):
+        data = ctx.data
+        keep = data.labels >= 0  # rows left out of every class (−1) have no place on the spline
+        spline = LabelledSpline(data.h[keep], torch.from_numpy(data.labels[keep]), data.task.topology == "cyclic", self.pca)
+        w = torch.stack([spline.path(i, j, ctx.e.steps) for i, j in pairs]).float()  # (P, W, k)
+        pca = PCA(spline.pca.components.float(), spline.pca.mean.float())
+        return Paths(w, subspace_replace(linear_path(*data.ends(pairs), ctx.e.steps), w, pca), pca)
+
+
+@register_method("gaga_out")
+@dataclass
+class GagaOut(PathMethod):
+    geometry: str  # the export it steers with
+    label: ClassVar = "GAGA-Out + L-BFGS"
+    role: ClassVar = "learned"
+    how: ClassVar = "L-BFGS geodesic of G_E (GAGA-Out), full replacement"
+    family: ClassVar = "gaga"
+    metric_label: ClassVar = "GAGA-Out G_E"
+    compared: ClassVar = True
+
+    def paths(self, ctx, pairs, geometry):
+        path = encoder_paths(ctx, pullback_of(geometry), *ctx.data.ends(pairs), fit_on(ctx))
+        return Paths(path, path)
+
+
+@register_method("gaga_phate")
+@dataclass
+class GagaPhate(PathMethod):
+    geometry: str
+    label: ClassVar = "GAGA-PHATE + L-BFGS"
+    role: ClassVar = "learned"
+    how: ClassVar = "L-BFGS geodesic of G_E on its PCA(64), subspace injection"
+    family: ClassVar = "gaga"
+    metric_label: ClassVar = "GAGA-PHATE G_E"
+    compared: ClassVar = True
+
+    def paths(self, ctx, pairs, geometry):  # its geodesic lives on its PCA; off the subspace G_E is λI, so the rest follows the chord
+        x_a, x_b = ctx.data.ends(pairs)
+        pca = PCA(geometry.pca_components, geometry.pca_mean)
+        metric = EncoderPullback(lambda w: geometry.encoder(geometry.standardise(w)))  # PCA coordinates → latent
+        w = encoder_paths(ctx, metric, pca.project(x_a), pca.project(x_b), pca.project(fit_on(ctx)))
+        return Paths(w, subspace_replace(linear_path(x_a, x_b, ctx.e.steps), w, pca), pca)
+
+
+@register_method("g_out")
+@dataclass
+class GOut(PathMethod):
+    max_iter: int  # its own L-BFGS cap: each iteration runs the LM tail
+    label: ClassVar = "G_out + L-BFGS"
+    role: ClassVar = "target"
+    how: ClassVar = "L-BFGS geodesic of G_out on a pinned canonical carrier"
+
+    def paths(self, ctx, pairs, geometry):  # G_out on the pinned carrier, λ_reg from its scale on training activations
+        data = ctx.data
+        tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[[data.canonical_carrier()]])
+        lam = regularisation(OutputPullback(tail, data.variant_ids), data.h[data.train[:256]], ctx.e.lam_rel)
+        g_out = OutputPullback(tail, data.variant_ids, carrier=0, lam=lam, max_batch=1024)
+        max_iter = min(self.max_iter, ctx.e.max_iter_cap or self.max_iter)
+        path = lbfgs_geodesic(*data.ends(pairs), g_out, ctx.e.steps, max_iter, ctx.e.lbfgs.history_size)
+        return Paths(path, path)
+
+
+@register_method("bridge")
+@dataclass
+class Bridge(PathMethod):
+    geometry: str
+    label: ClassVar = "GeodesicBridge"
+    role: ClassVar = "learned"
+    how: ClassVar = "one forward pass of the bridge"
+    family: ClassVar = "bridge"
+    compared: ClassVar = True
+
+    @torch.no_grad()
+    def paths(self, ctx, pairs, geometry):
+        path = geometry(*ctx.data.ends(pairs), torch.linspace(0, 1, ctx.e.steps + 1))
+        return Paths(path, path)
+
+
+@register_method("innsteer")
+@dataclass
+class InnSteerMethod(PathMethod):
+    geometry: str
+    label: ClassVar = "INNSteer"
+    role: ClassVar = "learned"
+    how: ClassVar = "φ⁻¹(φ(x_a) + α(μ_b − μ_a)), α ∈ [0, 1]"
+    family: ClassVar = "innsteer"
+    metric_label: ClassVar = "INNSteer G_φ"
+
+    @torch.no_grad()
+    def paths(self, ctx, pairs, geometry):
+        a, b = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+        alpha = torch.linspace(0, 1, ctx.e.steps + 1)
+        path = geometry.steer(ctx.data.ends(pairs)[0], a, b, alpha).transpose(0, 1)  # (P, W, d)
+        return Paths(path, path)
+
+    def geodesic(self, raw, geometry: InnSteer, x_a, x_b, steps):
+        return geometry.geodesic(x_a, x_b, steps)  # its steering path ends at φ⁻¹(φ(x_a) + μ_b − μ_a), not at x_b
+
+
+@register_method("caa")
+class CAA(IterativeMethod):
+    label, role, how = "CAA", "baseline", "unit mean-difference steps of ‖x_b − x_a‖/T to the threshold"
+
+    def direction(self, ctx, tail, source, target):
+        return caa_direction(ctx.data.centroids[source], ctx.data.centroids[target])
+
+
+@register_method("gradient")
+class Gradient(IterativeMethod):
+    label, role, how = "gradient", "baseline", "unit Euclidean gradient steps on log q_b of ‖x_b − x_a‖/T to the threshold"
+
+    def direction(self, ctx, tail, source, target):
+        return gradient_direction(tail, ctx.data.variant_ids, target)
+
+
+@register_method("fishback")
+@dataclass
+class FishBack(IterativeMethod):
+    step_length: float  # of each step in the G_F norm (≈ Fisher–Rao distance)
+    lam: float
+    top_k: int | None  # the most probable tokens in each step's G_F (None: the whole vocabulary)
+    label: ClassVar = "FishBack"
+    role: ClassVar = "baseline"
+    how: ClassVar = "natural-gradient steps (G_F + λI)⁻¹∇log q_b to the threshold"
+
+    def direction(self, ctx, tail, source, target):
+        return fishback_direction(tail, ctx.data.variant_ids, target, self.lam, self.top_k)
+
+    def step(self, ctx, source, target):
+        return self.step_length
+
+
+@register_method("dual")
+@dataclass
+class Dual(IterativeMethod):
+    alpha: float
+    top_k: int
+    label: ClassVar = "dual steering"
+    role: ClassVar = "baseline"
+    how: ClassVar = "(Cov_p[g] + αI)⁻¹β steps of ‖x_b − x_a‖/T to the threshold"
+
+    def direction(self, ctx, tail, source, target):
+        return dual_direction(tail, ctx.unembedding, ctx.data.variant_ids, source, target, self.alpha, self.top_k)
