@@ -23,7 +23,7 @@
 5. The bridge's density hinge at ages' size (128 curves × 31 inner points
    against 3,780 training rows, d = 128, k = 5), value and gradient: the
    neighbours found without autograd and only their distances differentiated
-   (`pipeline.bridge.knn_mean_distance`) against the backward through the
+   (`geosteer.models.geodesic_bridge.knn_mean_distance`) against the backward through the
    whole distance matrix it replaced.
 
 Figures go to benchmarks/results/geometry.json.
@@ -49,7 +49,7 @@ from geosteer.models.geodesics import lbfgs_geodesic, linear_path, path_energy
 from geosteer.models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
 from geosteer.models.steering import fishback_direction, steer
 from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.bridge import knn_mean_distance
+from geosteer.models.geodesic_bridge import knn_mean_distance
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import CONFIG_DIR, timed
 

@@ -80,3 +80,55 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
     def velocity(self, x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """γ and γ̇ = ∂γ/∂t, by one forward-mode pass in t (each γ(·, t_j) depends on t_j alone). → (P, T, d) twice"""
         return jvp(lambda s: self(x_a, x_b, s), (t,), (torch.ones_like(t),))
+
+
+# ---- the maths of training and scoring a bridge ------------------------------------------------
+
+
+def knn_mean_distance(points: torch.Tensor, data: torch.Tensor, k: int, exclude_self: bool = False,
+                      chunk: int = 4096) -> torch.Tensor:  # fmt: skip
+    """Mean distance from each point to its k nearest data rows, `chunk` points at a time. (M, d), (N, d) → (M,)
+
+    The neighbours are found without autograd and only the k distances to them are taken with it: the
+    same value and gradient as a backward through the whole (M, N) distance matrix, at O(M·k·d).
+    """
+    out, skip = [], int(exclude_self)
+    for part in points.split(chunk):
+        with torch.no_grad():  # cdist by matrix product: several times faster than the exact mode
+            nearest = torch.cdist(part, data).topk(k + skip, dim=1, largest=False).indices[:, skip:]  # (m, k)
+        out.append((part.unsqueeze(1) - data[nearest]).norm(dim=-1).mean(1))
+    return torch.cat(out)
+
+
+def drift(curve: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Max over t of the distance from γ_t to the nearest data row, over the chord length. (P, T, d) → (P,)
+
+    T includes both ends; the ends are data points themselves when the pairs are.
+    """
+    P, T, d = curve.shape
+    nearest = torch.cat([torch.cdist(part, data).min(1).values for part in curve.reshape(P * T, d).split(4096)])
+    return nearest.view(P, T).max(1).values / (curve[:, -1] - curve[:, 0]).norm(dim=1)
+
+
+def secant_energy(encode, curve: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
+    """Σ_i (‖E(γ_{i+1}) − E(γ_i)‖² + λ‖γ_{i+1} − γ_i‖²) / (u_{i+1} − u_i): ∫‖J_E γ̇‖² + λ‖γ̇‖² dt by latent secants.
+
+    curve (P, T, d) at increasing times u (T,) → (P,)
+    """
+    P, T, d = curve.shape
+    z = encode(curve.reshape(P * T, d)).view(P, T, -1)  # (P, T, k)
+    step = z.diff(dim=1).pow(2).sum(-1) + lam * curve.diff(dim=1).pow(2).sum(-1)  # (P, T−1)
+    return (step / u.diff().to(step)).sum(1)
+
+
+def speed_energy(encode, curve: torch.Tensor, velocity: torch.Tensor, lam: float, dt: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t (‖J_E(γ_t) γ̇_t‖² + λ‖γ̇_t‖²)·dt_t: ∫ … dt by one jvp through E, dt (T,) the time each point stands for
+    (None: equal shares, the mean). curve, velocity (P, T, d) → (P,)"""
+    speed = pullback_speed2(encode, curve, velocity) + lam * velocity.pow(2).sum(-1)  # (P, T)
+    return speed.mean(1) if dt is None else (speed * dt.to(speed)).sum(1)
+
+
+def stratified_times(T: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """0, one uniform draw in each of [i/T, (i+1)/T) for i < T, and 1. → (T+2,)"""
+    inner = (torch.arange(T, dtype=torch.float64) + torch.rand(T, dtype=torch.float64, generator=generator)) / T
+    return torch.cat([inner.new_zeros(1), inner, inner.new_ones(1)]).to(like)

@@ -127,3 +127,41 @@ def load_geometry(folder: str | Path, d: int | None = None, layer: int | None = 
         except GeometryMismatch as e:
             raise GeometryMismatch(f"{folder}: {e}") from e
     return model.requires_grad_(False)
+
+
+def model_card(ctor: dict, meta: dict, *, tags: list[str], title: str, summary: str, rows: list[tuple[str, str]],
+               usage: str, header: str = "", note: str = "") -> str:  # fmt: skip
+    """The README.md of an exported geometry: front matter, what it is, a table of facts and metrics, and its use.
+
+    A family gives its tags, title, summary paragraph, table rows and the line(s) of use after loading.
+    """
+    m = meta["metrics"]
+    rows = [*rows, ("epochs / steps", f"{m['epochs']} / {m['steps']}"), ("git SHA", str(meta.get("git_sha")))]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"""---
+library_name: geosteer
+tags: [geosteer, {", ".join(tags)}, steering-geometry, {meta["task"]["name"]}]
+---
+# {meta["geometry"]}: {title}
+
+{summary}
+
+| {header} | |
+|---|---|
+{table}
+
+![training](training.png)
+
+## Use
+
+```python
+import torch
+from geosteer import load_geometry
+
+# safetensors + config.json, never unpickles; refuses activations of another width or layer
+geometry = load_geometry("path/to/this/folder", d={ctor["input_dim"]}, layer={meta["layer"]})
+{usage}
+```
+{note and chr(10) + note}
+`config.json` holds the constructor arguments and, under `meta`, the LM, layer, task schema and training metrics.
+"""

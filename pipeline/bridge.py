@@ -32,11 +32,9 @@ Two estimators of E_p (`energy`), both on a stratified random time grid in train
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import matplotlib
 import numpy as np
 import torch
@@ -45,11 +43,20 @@ from omegaconf import DictConfig
 from geosteer.data.targets import PairwiseTargets
 from geosteer.data.tasks import Task
 from geosteer.models.gaga import GAGA
-from geosteer.models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
+from geosteer.models.geodesic_bridge import (
+    GeodesicBridge,
+    chord,
+    drift,
+    knn_mean_distance,
+    secant_energy,
+    speed_energy,
+    stratified_times,
+)
 from geosteer.models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
-from geosteer.models.hub import GeometryMismatch
+from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import EncoderPullback, regularisation
-from geosteer.pipeline.common import StageError, adamw_warmup_cosine, timed
+from geosteer.pipeline.common import StageError, timed
+from geosteer.pipeline.family import Family, GeometrySystem, register_family
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -57,56 +64,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 ESTIMATORS = ("secant", "jvp")
 
 
-def knn_mean_distance(points: torch.Tensor, data: torch.Tensor, k: int, exclude_self: bool = False,
-                      chunk: int = 4096) -> torch.Tensor:  # fmt: skip
-    """Mean distance from each point to its k nearest data rows, `chunk` points at a time. (M, d), (N, d) → (M,)
-
-    The neighbours are found without autograd and only the k distances to them are taken with it: the
-    same value and gradient as a backward through the whole (M, N) distance matrix, at O(M·k·d).
-    """
-    out, skip = [], int(exclude_self)
-    for part in points.split(chunk):
-        with torch.no_grad():  # cdist by matrix product: several times faster than the exact mode
-            nearest = torch.cdist(part, data).topk(k + skip, dim=1, largest=False).indices[:, skip:]  # (m, k)
-        out.append((part.unsqueeze(1) - data[nearest]).norm(dim=-1).mean(1))
-    return torch.cat(out)
-
-
-def drift(curve: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """Max over t of the distance from γ_t to the nearest data row, over the chord length. (P, T, d) → (P,)
-
-    T includes both ends; the ends are data points themselves when the pairs are.
-    """
-    P, T, d = curve.shape
-    nearest = torch.cat([torch.cdist(part, data).min(1).values for part in curve.reshape(P * T, d).split(4096)])
-    return nearest.view(P, T).max(1).values / (curve[:, -1] - curve[:, 0]).norm(dim=1)
-
-
-def secant_energy(encode, curve: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
-    """Σ_i (‖E(γ_{i+1}) − E(γ_i)‖² + λ‖γ_{i+1} − γ_i‖²) / (u_{i+1} − u_i): ∫‖J_E γ̇‖² + λ‖γ̇‖² dt by latent secants.
-
-    curve (P, T, d) at increasing times u (T,) → (P,)
-    """
-    P, T, d = curve.shape
-    z = encode(curve.reshape(P * T, d)).view(P, T, -1)  # (P, T, k)
-    step = z.diff(dim=1).pow(2).sum(-1) + lam * curve.diff(dim=1).pow(2).sum(-1)  # (P, T−1)
-    return (step / u.diff().to(step)).sum(1)
-
-
-def speed_energy(encode, curve: torch.Tensor, velocity: torch.Tensor, lam: float, dt: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_t (‖J_E(γ_t) γ̇_t‖² + λ‖γ̇_t‖²)·dt_t: ∫ … dt by one jvp through E, dt (T,) the time each point stands for
-    (None: equal shares, the mean). curve, velocity (P, T, d) → (P,)"""
-    speed = pullback_speed2(encode, curve, velocity) + lam * velocity.pow(2).sum(-1)  # (P, T)
-    return speed.mean(1) if dt is None else (speed * dt.to(speed)).sum(1)
-
-
-def stratified_times(T: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """0, one uniform draw in each of [i/T, (i+1)/T) for i < T, and 1. → (T+2,)"""
-    inner = (torch.arange(T, dtype=torch.float64) + torch.rand(T, dtype=torch.float64, generator=generator)) / T
-    return torch.cat([inner.new_zeros(1), inner, inner.new_ones(1)]).to(like)
-
-
-class BridgeSystem(L.LightningModule):
+class BridgeSystem(GeometrySystem):
     """Trains a GeodesicBridge against a frozen GAGA encoder (its decoder for the on-manifold term).
 
     Args:
@@ -180,16 +138,14 @@ class BridgeSystem(L.LightningModule):
         terms["loss"] = terms["energy"] + sum(getattr(hp, n) * terms[n] for n in ("density", "manifold") if n in terms)
         return terms
 
-    def training_step(self, batch, _batch_idx):
+    def training_terms(self, batch):
         x = batch["x"]  # (B, d): the first half are start points, the second half end points
         half = len(x) // 2
         steps = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         terms = self.terms(x[:half], x[half : 2 * half], stratified_times(self.hparams.times, steps, x))
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True, batch_size=half)
-        self.log("train/gain", self.bridge.gain.detach(), on_step=False, on_epoch=True, batch_size=half)
-        return terms["loss"]
+        return {**terms, "gain": self.bridge.gain.detach()}, half
 
-    def validation_step(self, batch, _batch_idx):
+    def validation_terms(self, batch):
         x = batch["x"]
         half = len(x) // 2
         x_a, x_b = x[:half], x[half : 2 * half]
@@ -199,121 +155,123 @@ class BridgeSystem(L.LightningModule):
         energy, reference, *_ = self.energies(x_a, x_b, u, other)
         terms[f"energy_{other}"] = energy.sum() / reference.sum()
         terms["drift_median"] = drift(self.bridge(x_a, x_b, u), self.data).median()
-        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=half)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        total = int(self.trainer.estimated_stepping_batches)
-        return adamw_warmup_cosine(self.bridge.parameters(), hp.lr, hp.weight_decay, max(1, round(hp.warmup_fraction * total)), total)
+        return terms, half
 
 
-# ---- the family interface used by pipeline.train ----------------------------------------------
-
-MONITOR = "val/loss"  # best checkpoint and early stopping
+# ---- the family ------------------------------------------------------------------------------
 
 
-def check(name: str, g: dict[str, Any]) -> None:
-    """Refuse settings that cannot train, naming the fix."""
-    if g["energy"] not in ESTIMATORS:
-        raise StageError(f"geometry '{name}': energy={g['energy']!r} is unknown; set geometry.{name}.energy to one of {ESTIMATORS}.")
-    if g["times"] < 2 or g["eval"]["steps"] < 2:
-        raise StageError(f"geometry '{name}': times={g['times']} and eval.steps={g['eval']['steps']} must be ≥ 2 "
-                         f"(a curve needs interior points); e.g. geometry.{name}.times=32.")  # fmt: skip
-    if g["batch_size"] < 4:
-        raise StageError(f"geometry '{name}': batch_size={g['batch_size']} gives fewer than 2 curves; use ≥ 4.")
+@register_family("bridge")
+class BridgeFamily(Family):
+    monitor = "val/loss"  # best checkpoint and early stopping
+    trains_against = ("encoder",)
 
+    def check(self, name: str, g: dict[str, Any]) -> None:
+        """Refuse settings that cannot train, naming the fix."""
+        if g["energy"] not in ESTIMATORS:
+            raise StageError(f"geometry '{name}': energy={g['energy']!r} is unknown; set geometry.{name}.energy to one of {ESTIMATORS}.")
+        if g["times"] < 2 or g["eval"]["steps"] < 2:
+            raise StageError(f"geometry '{name}': times={g['times']} and eval.steps={g['eval']['steps']} must be ≥ 2 "
+                             f"(a curve needs interior points); e.g. geometry.{name}.times=32.")  # fmt: skip
+        if g["batch_size"] < 4:
+            raise StageError(f"geometry '{name}': batch_size={g['batch_size']} gives fewer than 2 curves; use ≥ 4.")
 
-def needs(cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str, Path]:
-    """The exported GAGA encoder the bridge trains against: a geometry of this run, or an export folder."""
-    given = Path(g["encoder"])
-    folder = given if (given / "config.json").is_file() else Path(cfg.paths.run_dir) / "geometry" / task.name / g["encoder"]
-    if not (folder / "config.json").is_file():
-        raise StageError(
-            f"geometry '{name}' trains against the encoder '{g['encoder']}', but {folder} holds no exported geometry. "
-            f"Train it first (pipeline stage=train geometry=[{g['encoder']},{name}]), or set "
-            f"geometry.{name}.encoder to the folder of an exported GAGA."
-        )
-    meta = json.loads((folder / "config.json").read_text()).get("meta", {})
-    if meta.get("family") != "gaga" or meta.get("task", {}).get("name") != task.name:
-        raise StageError(
-            f"geometry '{name}': {folder} is a {meta.get('family')} geometry of task {meta.get('task', {}).get('name')}; "
-            f"the bridge needs a GAGA encoder of {task.name} (its decoder gives the on-manifold term), e.g. encoder=gaga_out."
-        )
-    return {"encoder": folder}
+    def needs(self, cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str, Path]:
+        """The exported GAGA encoder the bridge trains against: a geometry of this run, or an export folder."""
+        given = Path(g["encoder"])
+        folder = given if (given / "config.json").is_file() else Path(cfg.paths.run_dir) / "geometry" / task.name / g["encoder"]
+        if not (folder / "config.json").is_file():
+            raise StageError(
+                f"geometry '{name}' trains against the encoder '{g['encoder']}', but {folder} holds no exported geometry. "
+                f"Train it first (pipeline stage=train geometry=[{g['encoder']},{name}]), or set "
+                f"geometry.{name}.encoder to the folder of an exported GAGA."
+            )
+        meta = read_config(folder).get("meta", {})
+        if meta.get("family") != "gaga" or meta.get("task", {}).get("name") != task.name:
+            raise StageError(
+                f"geometry '{name}': {folder} is a {meta.get('family')} geometry of task {meta.get('task', {}).get('name')}; "
+                f"the bridge needs a GAGA encoder of {task.name} (its decoder gives the on-manifold term), e.g. encoder=gaga_out."
+            )
+        return {"encoder": folder}
 
+    def build(self, g: dict[str, Any], d: int, _K: int, meta: dict[str, Any], _seed: int) -> tuple[GeodesicBridge, dict[str, Any]]:
+        """The untrained bridge of a config and its constructor arguments."""
+        ctor = {"input_dim": d, "hidden": list(g["hidden"])}
+        return GeodesicBridge(**ctor, meta=meta), ctor
 
-def load_encoder(g: dict[str, Any], d: int, layer: int) -> GAGA:
-    encoder = GAGA.from_pretrained(g["needs"]["encoder"]).eval()
-    try:
-        encoder.check_compatible(d=d, layer=layer)
-    except GeometryMismatch as e:
-        raise StageError(f"the bridge's encoder {g['needs']['encoder']}: {e}") from e
-    return encoder.requires_grad_(False)
+    def system(self, model: GeodesicBridge, g: dict[str, Any], train: PairwiseTargets, _K: int) -> BridgeSystem:
+        x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
+        encoder = load_geometry(g["needs"]["encoder"], d=x_train.shape[1], layer=int(train.attrs["layer"]))
+        lam = metric_of(encoder, x_train, g["lam_rel"]).lam
+        return BridgeSystem(model, encoder, x_train, times=g["times"], energy=g["energy"], lam=lam, **g["loss"],
+                            knn=g["knn"], **g["optim"])  # fmt: skip
+
+    def evaluate(self, cfg: DictConfig, task: Task, g: dict[str, Any], model: GeodesicBridge, train: PairwiseTargets,
+                 val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
+        """The bridge against batched L-BFGS under the same G_E, on seeded held-out pairs; draws `folder/training.png`.
+
+        Both paths have `eval.steps` + 1 waypoints and are scored by SPEC §5's discrete energy (the one L-BFGS
+        minimises) and by drift against the training activations.
+        """
+        x_train = train[torch.as_tensor(train.rows)]["x"]
+        x_val = val[torch.as_tensor(val.rows)]["x"]
+        encoder = load_geometry(g["needs"]["encoder"], d=x_train.shape[1], layer=int(train.attrs["layer"]))
+        metric = metric_of(encoder, x_train, g["lam_rel"])
+        rng = np.random.default_rng(cfg.seed)
+        n = g["eval"]["pairs"]
+        a = rng.integers(len(x_val), size=n)
+        b = (a + rng.integers(1, len(x_val), size=n)) % len(x_val)  # never a pair of one point
+        x_a, x_b, T = x_val[a], x_val[b], g["eval"]["steps"]
+        grid = torch.linspace(0, 1, T + 1)
+        geodesic, lbfgs_s = timed(lambda: lbfgs_geodesic(x_a, x_b, metric, n_steps=T), repeats=1)
+        with torch.no_grad():
+            curve, bridge_s = timed(lambda: model(x_a, x_b, grid), repeats=5)
+            paths = {"bridge": curve, "lbfgs": geodesic, "chord": linear_path(x_a, x_b, T)}
+            energy = {k: path_energy(p, metric) for k, p in paths.items()}  # (n,) each
+            gap = {k: drift(p, x_train) for k, p in paths.items()}
+        ratio = energy["bridge"] / energy["lbfgs"]
+        metrics = {
+            "eval_pairs": n,
+            "lam": metric.lam,
+            "energy_vs_lbfgs_median": float(ratio.median()),
+            "energy_vs_lbfgs_mean": float(ratio.mean()),
+            "chord_energy_vs_lbfgs_median": float((energy["chord"] / energy["lbfgs"]).median()),
+            "drift_median": float(gap["bridge"].median()),
+            "drift_median_lbfgs": float(gap["lbfgs"].median()),
+            "drift_median_chord": float(gap["chord"].median()),
+            "drift_vs_lbfgs": float(gap["bridge"].median() / gap["lbfgs"].median()),
+            "bridge_ms_per_pair": 1e3 * bridge_s / n,
+            "lbfgs_ms_per_pair": 1e3 * lbfgs_s / n,
+        }
+        figure(task, model.meta.get("geometry", "bridge"), x_train, train.labels[train.rows], paths, ratio, gap, metrics,
+               folder / "training.png")  # fmt: skip
+        return metrics
+
+    def headline(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {k: round(metrics[k], 4) for k in ("energy_vs_lbfgs_median", "drift_vs_lbfgs")}
+
+    def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        m, task, enc = meta["metrics"], meta["task"], meta["needs"]["encoder"]
+        summary = (f"A GeodesicBridge trained by geosteer on the residual stream of `{meta['lm']}` after decoder block "
+                   f"{meta['layer']}, at the last prompt token of the `{task['name']}` task. One forward pass gives the "
+                   f"curve between two activations, γ(t; x_a, x_b) = (1−t)x_a + t x_b + 4t(1−t)·s·σ⊙MLP, approximating "
+                   f"the geodesic of the pullback metric G_E of the GAGA encoder `{enc['geometry']}` (fingerprint "
+                   f"`{enc['fingerprint']}`), and kept on the data by a density and an on-manifold hinge.")  # fmt: skip
+        rows = [("energy ÷ L-BFGS geodesic's, median", f"{m['energy_vs_lbfgs_median']:.3f}"),
+                ("chord energy ÷ L-BFGS's, median", f"{m['chord_energy_vs_lbfgs_median']:.3f}"),
+                ("drift (max gap to the data ÷ chord), median", f"{m['drift_median']:.3f} (L-BFGS "
+                 f"{m['drift_median_lbfgs']:.3f}, chord {m['drift_median_chord']:.3f})"),
+                ("ms per pair, bridge / L-BFGS", f"{m['bridge_ms_per_pair']:.3g} / {m['lbfgs_ms_per_pair']:.3g}"),
+                ("hidden widths", str(ctor["hidden"]))]  # fmt: skip
+        usage = (f"path = geometry(x_a, x_b, torch.linspace(0, 1, 17))  # x_a, x_b: (P, {ctor['input_dim']}) → "
+                 f"(P, 17, {ctor['input_dim']})")  # fmt: skip
+        return {"tags": ["geodesic-bridge"], "title": f"amortised geodesics of {meta['lm']} on {task['name']}",
+                "summary": summary, "rows": rows, "usage": usage, "header": f"held-out pairs ({m['eval_pairs']})"}
 
 
 def metric_of(encoder: GAGA, x_train: torch.Tensor, lam_rel: float) -> EncoderPullback:
     """G_E with λ_reg = lam_rel × its eigenvalue scale over (up to) 512 training activations."""
     return EncoderPullback(encoder.encode, regularisation(EncoderPullback(encoder.encode), x_train[:512], lam_rel))
-
-
-def build(g: dict[str, Any], d: int, _K: int, meta: dict[str, Any], _seed: int) -> tuple[GeodesicBridge, dict[str, Any]]:
-    """The untrained bridge of a config and its constructor arguments."""
-    ctor = {"input_dim": d, "hidden": list(g["hidden"])}
-    return GeodesicBridge(**ctor, meta=meta), ctor
-
-
-def system(model: GeodesicBridge, g: dict[str, Any], train: PairwiseTargets, _K: int) -> BridgeSystem:
-    x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
-    encoder = load_encoder(g, x_train.shape[1], int(train.attrs["layer"]))
-    lam = metric_of(encoder, x_train, g["lam_rel"]).lam
-    return BridgeSystem(model, encoder, x_train, times=g["times"], energy=g["energy"], lam=lam, **g["loss"],
-                        knn=g["knn"], **g["optim"])  # fmt: skip
-
-
-def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: GeodesicBridge, train: PairwiseTargets,
-             val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
-    """The bridge against batched L-BFGS under the same G_E, on seeded held-out pairs; draws `folder/training.png`.
-
-    Both paths have `eval.steps` + 1 waypoints and are scored by SPEC §5's discrete energy (the one L-BFGS
-    minimises) and by drift against the training activations.
-    """
-    x_train = train[torch.as_tensor(train.rows)]["x"]
-    x_val = val[torch.as_tensor(val.rows)]["x"]
-    encoder = load_encoder(g, x_train.shape[1], int(train.attrs["layer"]))
-    metric = metric_of(encoder, x_train, g["lam_rel"])
-    rng = np.random.default_rng(cfg.seed)
-    n = g["eval"]["pairs"]
-    a = rng.integers(len(x_val), size=n)
-    b = (a + rng.integers(1, len(x_val), size=n)) % len(x_val)  # never a pair of one point
-    x_a, x_b, T = x_val[a], x_val[b], g["eval"]["steps"]
-    grid = torch.linspace(0, 1, T + 1)
-    geodesic, lbfgs_s = timed(lambda: lbfgs_geodesic(x_a, x_b, metric, n_steps=T), repeats=1)
-    with torch.no_grad():
-        curve, bridge_s = timed(lambda: model(x_a, x_b, grid), repeats=5)
-        paths = {"bridge": curve, "lbfgs": geodesic, "chord": linear_path(x_a, x_b, T)}
-        energy = {k: path_energy(p, metric) for k, p in paths.items()}  # (n,) each
-        gap = {k: drift(p, x_train) for k, p in paths.items()}
-    ratio = energy["bridge"] / energy["lbfgs"]
-    metrics = {
-        "eval_pairs": n,
-        "lam": metric.lam,
-        "energy_vs_lbfgs_median": float(ratio.median()),
-        "energy_vs_lbfgs_mean": float(ratio.mean()),
-        "chord_energy_vs_lbfgs_median": float((energy["chord"] / energy["lbfgs"]).median()),
-        "drift_median": float(gap["bridge"].median()),
-        "drift_median_lbfgs": float(gap["lbfgs"].median()),
-        "drift_median_chord": float(gap["chord"].median()),
-        "drift_vs_lbfgs": float(gap["bridge"].median() / gap["lbfgs"].median()),
-        "bridge_ms_per_pair": 1e3 * bridge_s / n,
-        "lbfgs_ms_per_pair": 1e3 * lbfgs_s / n,
-    }
-    figure(task, model.meta.get("geometry", "bridge"), x_train, train.labels[train.rows], paths, ratio, gap, metrics,
-           folder / "training.png")  # fmt: skip
-    return metrics
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: round(metrics[k], 4) for k in ("energy_vs_lbfgs_median", "drift_vs_lbfgs")}
 
 
 def figure(task: Task, name: str, x_train: torch.Tensor, labels: np.ndarray, paths: dict[str, torch.Tensor],
@@ -347,46 +305,3 @@ def figure(task: Task, name: str, x_train: torch.Tensor, labels: np.ndarray, pat
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def model_card(ctor: dict[str, Any], meta: dict[str, Any]) -> str:
-    m, task, enc = meta["metrics"], meta["task"], meta["needs"]["encoder"]
-    return f"""---
-library_name: geosteer
-tags: [geosteer, geodesic-bridge, steering-geometry, {task["name"]}]
----
-# {meta["geometry"]}: amortised geodesics of {meta["lm"]} on {task["name"]}
-
-A GeodesicBridge trained by geosteer on the residual stream of `{meta["lm"]}`
-after decoder block {meta["layer"]}, at the last prompt token of the
-`{task["name"]}` task. One forward pass gives the curve between two activations,
-γ(t; x_a, x_b) = (1−t)x_a + t x_b + 4t(1−t)·s·σ⊙MLP, approximating the geodesic of
-the pullback metric G_E of the GAGA encoder `{enc["geometry"]}` (fingerprint
-`{enc["fingerprint"]}`), and kept on the data by a density and an on-manifold hinge.
-
-| held-out pairs ({m["eval_pairs"]}) | |
-|---|---|
-| energy ÷ L-BFGS geodesic's, median | {m["energy_vs_lbfgs_median"]:.3f} |
-| chord energy ÷ L-BFGS's, median | {m["chord_energy_vs_lbfgs_median"]:.3f} |
-| drift (max gap to the data ÷ chord), median | {m["drift_median"]:.3f} (L-BFGS {m["drift_median_lbfgs"]:.3f}, chord {m["drift_median_chord"]:.3f}) |
-| ms per pair, bridge / L-BFGS | {m["bridge_ms_per_pair"]:.3g} / {m["lbfgs_ms_per_pair"]:.3g} |
-| hidden widths | {ctor["hidden"]} |
-| epochs / steps | {m["epochs"]} / {m["steps"]} |
-| git SHA | {meta.get("git_sha")} |
-
-![training](training.png)
-
-## Use
-
-```python
-import torch
-from geosteer.models.geodesic_bridge import GeodesicBridge
-
-bridge = GeodesicBridge.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
-bridge.check_compatible(d=x_a.shape[-1], layer={meta["layer"]})
-path = bridge(x_a, x_b, torch.linspace(0, 1, 17))  # x_a, x_b: (P, {ctor["input_dim"]}) → (P, 17, {ctor["input_dim"]})
-```
-
-`config.json` holds the constructor arguments and, under `meta`, the LM, layer,
-task schema, the encoder it was trained against and the metrics above.
-"""

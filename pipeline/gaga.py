@@ -1,8 +1,7 @@
 """The GAGA training system (Sun et al. 2025; SPEC §4): the losses, the schedule and their logging.
 
-The network is `models.gaga.GAGA`; this module owns everything about training it,
-and the family interface `pipeline.train` calls: `check`, `build`, `system`,
-`MONITOR`, `evaluate`, `headline` and `model_card`.
+The network is `geosteer.models.gaga.GAGA`; this module owns everything about training it,
+and registers the family `gaga` (`pipeline.family`'s contract) that `pipeline.train` calls.
 A batch is a point cloud of B activations with their target coordinates; the
 B(B−1)/2 target distances are formed here, on the training device.
 """
@@ -13,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import matplotlib
 import numpy as np
 import torch
@@ -23,7 +21,8 @@ from scipy.stats import spearmanr
 from geosteer.data.targets import PairwiseTargets, target_distances
 from geosteer.data.tasks import Task
 from geosteer.models.gaga import GAGA
-from geosteer.pipeline.common import StageError, adamw_warmup_cosine
+from geosteer.pipeline.common import StageError
+from geosteer.pipeline.family import Family, GeometrySystem, register_family
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -51,7 +50,7 @@ def pointwise_loss(model: GAGA, z: torch.Tensor, sqrt_q: torch.Tensor) -> torch.
     return (model.readout(z) - sqrt_q).pow(2).sum(1).mean()
 
 
-class GAGASystem(L.LightningModule):
+class GAGASystem(GeometrySystem):
     """Trains a GAGA on one task's targets.
 
     Args:
@@ -100,27 +99,19 @@ class GAGASystem(L.LightningModule):
         terms["loss"] = sum(getattr(hp, name) * value for name, value in terms.items())
         return terms, z
 
-    def training_step(self, batch, _batch_idx):
-        terms, _ = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True, batch_size=len(batch["x"]))
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=False, on_epoch=True)
-        return terms["loss"]
+    def training_terms(self, batch):
+        return self.losses(batch)[0], len(batch["x"])
 
-    def validation_step(self, batch, _batch_idx):
+    def validation_terms(self, batch):
         terms, z = self.losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=len(batch["x"]))
         self._val.append((z.detach(), batch["coords"]))
+        return terms, len(batch["x"])
 
     def on_validation_epoch_end(self):
         z, coords = (torch.cat(parts) for parts in zip(*self._val))
         self._val.clear()
         quality = distance_quality(z, coords)
         self.log_dict({f"val/{k}": v for k, v in quality.items()}, sync_dist=True)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        total = int(self.trainer.estimated_stepping_batches)
-        return adamw_warmup_cosine(self.model.parameters(), hp.lr, hp.weight_decay, max(1, round(hp.warmup_fraction * total)), total)
 
 
 @torch.no_grad()
@@ -131,96 +122,66 @@ def distance_quality(z: torch.Tensor, coords: torch.Tensor) -> dict[str, float]:
     return {"pearson": float(pearson), "spearman": float(spearmanr(latent.cpu(), target.cpu()).statistic)}
 
 
-# ---- the family interface used by pipeline.train ----------------------------------------------
-
-MONITOR = "val/dist"  # best checkpoint and early stopping
+# ---- the family ------------------------------------------------------------------------------
 
 
-def check(name: str, g: dict[str, Any]) -> None:
-    """Refuse settings that cannot train, naming the fix."""
-    if g["loss"]["pointwise"] and g["target"] != "hellinger":
-        raise StageError(
-            f"geometry '{name}': loss.pointwise={g['loss']['pointwise']} fits √q, which needs target=hellinger "
-            f"(it is {g['target']}); set geometry.{name}.loss.pointwise=0."
-        )
+@register_family("gaga")
+class GagaFamily(Family):
+    monitor = "val/dist"  # best checkpoint and early stopping
 
+    def check(self, name: str, g: dict[str, Any]) -> None:
+        if g["loss"]["pointwise"] and g["target"] != "hellinger":
+            raise StageError(
+                f"geometry '{name}': loss.pointwise={g['loss']['pointwise']} fits √q, which needs target=hellinger "
+                f"(it is {g['target']}); set geometry.{name}.loss.pointwise=0."
+            )
 
-def build(g: dict[str, Any], d: int, K: int, meta: dict[str, Any], _seed: int) -> tuple[GAGA, dict[str, Any]]:
-    """The untrained network of a GAGA geometry config and its constructor arguments."""
-    ctor = {
-        "input_dim": d,
-        "latent_dim": g["latent_dim"] or K,
-        "hidden": list(g["hidden"]),
-        "pca_dim": g["pca_dim"],
-        "readout_dim": K + 1 if g["loss"]["pointwise"] else None,
-    }
-    if ctor["pca_dim"] is not None and ctor["pca_dim"] > d:
-        raise StageError(f"pca_dim={ctor['pca_dim']} exceeds the activation width d={d}; set pca_dim to at most {d}.")
-    return GAGA(**ctor, meta=meta), ctor
+    def build(self, g: dict[str, Any], d: int, K: int, meta: dict[str, Any], seed: int) -> tuple[GAGA, dict[str, Any]]:
+        ctor = {
+            "input_dim": d,
+            "latent_dim": g["latent_dim"] or K,
+            "hidden": list(g["hidden"]),
+            "pca_dim": g["pca_dim"],
+            "readout_dim": K + 1 if g["loss"]["pointwise"] else None,
+        }
+        if ctor["pca_dim"] is not None and ctor["pca_dim"] > d:
+            raise StageError(f"pca_dim={ctor['pca_dim']} exceeds the activation width d={d}; set pca_dim to at most {d}.")
+        return GAGA(**ctor, meta=meta), ctor
 
+    def system(self, model: GAGA, g: dict[str, Any], train: PairwiseTargets, K: int) -> GAGASystem:
+        return GAGASystem(model, train.scale, **g["loss"], **g["optim"], coords_are_hellinger=g["target"] == "hellinger")
 
-def system(model: GAGA, g: dict[str, Any], train: PairwiseTargets, _K: int) -> GAGASystem:
-    return GAGASystem(model, train.scale, **g["loss"], **g["optim"], coords_are_hellinger=g["target"] == "hellinger")
+    @torch.no_grad()
+    def evaluate(self, cfg: DictConfig, task: Task, g: dict[str, Any], model: GAGA, train: PairwiseTargets,
+                 val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
+        """Val Spearman/Pearson of latent vs target distances; draws `folder/training.png`."""
+        z = model.encode(train[torch.arange(len(train.labels))]["x"])  # (N, k), every store row
+        val_rows = torch.as_tensor(val.rows)
+        val_coords = val[val_rows]["coords"]  # (N_val, m)
+        quality = distance_quality(z[val_rows], val_coords)
+        metrics = {"val_spearman": quality["spearman"], "val_pearson": quality["pearson"]}
+        figure(task, model.meta.get("geometry", "gaga"), z, train.labels, val_rows, val_coords, train.scale, metrics,
+               folder / "training.png")  # fmt: skip
+        return metrics
 
+    def headline(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"val_spearman": round(metrics["val_spearman"], 4)}
 
-@torch.no_grad()
-def evaluate(_cfg: DictConfig, task: Task, _g: dict[str, Any], model: GAGA, train: PairwiseTargets,
-             val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
-    """Val Spearman/Pearson of latent vs target distances; draws `folder/training.png`."""
-    z = model.encode(train[torch.arange(len(train.labels))]["x"])  # (N, k), every store row
-    val_rows = torch.as_tensor(val.rows)
-    val_coords = val[val_rows]["coords"]  # (N_val, m)
-    quality = distance_quality(z[val_rows], val_coords)
-    metrics = {"val_spearman": quality["spearman"], "val_pearson": quality["pearson"]}
-    figure(task, model.meta.get("geometry", "gaga"), z, train.labels, val_rows, val_coords, train.scale, metrics,
-           folder / "training.png")  # fmt: skip
-    return metrics
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    return {"val_spearman": round(metrics["val_spearman"], 4)}
-
-
-def model_card(ctor: dict[str, Any], meta: dict[str, Any]) -> str:
-    m, task = meta["metrics"], meta["task"]
-    return f"""---
-library_name: geosteer
-tags: [geosteer, gaga, steering-geometry, {task["name"]}]
----
-# {meta["geometry"]}: a learned steering geometry of {meta["lm"]} on {task["name"]}
-
-A GAGA encoder/decoder (Sun et al. 2025) trained by geosteer on the residual
-stream of `{meta["lm"]}` after decoder block {meta["layer"]}, at the last prompt
-token of the `{task["name"]}` task ({len(task["values"])} values, {task["topology"]}).
-Its encoder E: R^{ctor["input_dim"]} → R^{ctor["latent_dim"]} matches latent distances to
-**{meta["target"]}** target distances (divided by their training-pair std,
-{meta["target_scale"]:.4g}); the pullback `J_Eᵀ J_E` of E is the steering metric.
-
-| | |
-|---|---|
-| ambient space | {"PCA(%d) of h" % ctor["pca_dim"] if ctor["pca_dim"] else "raw h"} |
-| hidden widths | {ctor["hidden"]} |
-| val Spearman, latent vs target distances | {m["val_spearman"]:.4f} |
-| val Pearson | {m["val_pearson"]:.4f} |
-| best val L_dist | {m["best_val"]:.4g} |
-| epochs / steps | {m["epochs"]} / {m["steps"]} |
-| git SHA | {meta.get("git_sha")} |
-
-![training](training.png)
-
-## Use
-
-```python
-from geosteer.models.gaga import GAGA
-
-geometry = GAGA.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
-geometry.check_compatible(d=h.shape[-1], layer={meta["layer"]})
-z = geometry.encode(h)  # h: (B, {ctor["input_dim"]}) activations at block {meta["layer"]} → (B, {ctor["latent_dim"]})
-```
-
-`config.json` holds the constructor arguments and, under `meta`, the LM, layer,
-task schema, target and training metrics.
-"""
+    def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        m, task = meta["metrics"], meta["task"]
+        summary = (f"A GAGA encoder/decoder (Sun et al. 2025) trained by geosteer on the residual stream of `{meta['lm']}` "
+                   f"after decoder block {meta['layer']}, at the last prompt token of the `{task['name']}` task "
+                   f"({len(task['values'])} values, {task['topology']}). Its encoder E: R^{ctor['input_dim']} → "
+                   f"R^{ctor['latent_dim']} matches latent distances to **{meta['target']}** target distances (divided "
+                   f"by their training-pair std, {meta['target_scale']:.4g}); the pullback `J_Eᵀ J_E` of E is the "
+                   f"steering metric.")  # fmt: skip
+        rows = [("ambient space", f"PCA({ctor['pca_dim']}) of h" if ctor["pca_dim"] else "raw h"),
+                ("hidden widths", str(ctor["hidden"])),
+                ("val Spearman, latent vs target distances", f"{m['val_spearman']:.4f}"),
+                ("val Pearson", f"{m['val_pearson']:.4f}"), ("best val L_dist", f"{m['best_val']:.4g}")]  # fmt: skip
+        usage = f"z = geometry.encode(h)  # h: (B, {ctor['input_dim']}) activations at block {meta['layer']} → (B, {ctor['latent_dim']})"
+        return {"tags": ["gaga"], "title": f"a learned steering geometry of {meta['lm']} on {task['name']}",
+                "summary": summary, "rows": rows, "usage": usage}  # fmt: skip
 
 
 def figure(task: Task, name: str, z: torch.Tensor, labels: np.ndarray, val_rows: torch.Tensor,

@@ -2,9 +2,8 @@
 
 The network is `models.innsteer.InnSteer`; this module owns the objective, its
 logging, the non-finite guard, `steering_success`, which injects steered
-activations into the real LM and reads its answer back, and the family interface
-`pipeline.train` calls (`check`, `build`, `system`, `MONITOR`, `evaluate`,
-`headline`, `model_card`).
+activations into the real LM and reads its answer back, and the family `innsteer`
+(`pipeline.family`'s contract) that `pipeline.train` calls.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import matplotlib
 import numpy as np
 import torch
@@ -26,7 +24,8 @@ from geosteer.data.tasks import Task
 from geosteer.models.innsteer import BLOCKS, InnSteer
 from geosteer.models.steering import carrier_rows, concept_q, steering_pairs
 from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.common import NonFiniteTraining, StageError, adamw_warmup_cosine, lm_of_store, log
+from geosteer.pipeline.common import NonFiniteTraining, StageError, lm_of_store, log
+from geosteer.pipeline.family import Family, GeometrySystem, register_family
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -57,7 +56,7 @@ def round_trip_error(model: InnSteer, h: torch.Tensor) -> torch.Tensor:
     return (model.inverse(model.encode(h))[0] - x).norm(dim=1) / x.norm(dim=1)
 
 
-class InnSteerSystem(L.LightningModule):
+class InnSteerSystem(GeometrySystem):
     """Fits an InnSteer by maximum likelihood with one learned latent mean per class.
 
     Args:
@@ -86,6 +85,7 @@ class InnSteerSystem(L.LightningModule):
         soft = self.hparams.centres == "soft"
         loss = nll(z, log_det, soft_centres(batch["coords"], self.model.means) if soft else self.model.means[classes])
         return {
+            "loss": loss,
             "nll": loss,
             "nll_per_dim": loss / z.shape[1],
             "log_det_mean": log_det.mean(),
@@ -93,16 +93,14 @@ class InnSteerSystem(L.LightningModule):
             "class_accuracy": (self.model.classify(z) == classes).float().mean(),
         }
 
-    def training_step(self, batch, _batch_idx):
+    def training_terms(self, batch):
         terms = self.terms(batch)
         if not torch.isfinite(terms["nll"]):
             raise NonFiniteTraining(
                 f"INNSteer loss is {terms['nll'].item()} at step {self.global_step} (epoch {self.current_epoch}); "
                 f"stopped before the optimiser step, so no checkpoint holds it. Lower optim.lr, clamp or num_blocks."
             )
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True, batch_size=len(batch["x"]))
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=False, on_epoch=True)
-        return terms["nll"]
+        return terms, len(batch["x"])
 
     def on_before_optimizer_step(self, optimizer):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
@@ -113,16 +111,11 @@ class InnSteerSystem(L.LightningModule):
             )
         self.log("train/grad_norm", norm, on_step=False, on_epoch=True)
 
-    def validation_step(self, batch, _batch_idx):
+    def validation_terms(self, batch):
         n = len(batch["x"])
-        self.log_dict({f"val/{k}": v for k, v in self.terms(batch).items()}, sync_dist=True, batch_size=n)
         round_trip = round_trip_error(self.model, batch["x"]).max()
         self.log("val/round_trip_max", round_trip, sync_dist=True, reduce_fx="max", batch_size=n)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        total = int(self.trainer.estimated_stepping_batches)
-        return adamw_warmup_cosine(self.model.parameters(), hp.lr, hp.weight_decay, max(1, round(hp.warmup_fraction * total)), total)
+        return self.terms(batch), n
 
 
 def linear_probe_accuracy(z_train: torch.Tensor, y_train: np.ndarray, z_val: torch.Tensor, y_val: np.ndarray, seed: int) -> float:
@@ -159,82 +152,108 @@ def steering_success(model: InnSteer, lm, tokenizer, layer: int, prompts: Sequen
     return rates
 
 
-# ---- the family interface used by pipeline.train ----------------------------------------------
-
-MONITOR = "val/nll"  # best checkpoint and early stopping
+# ---- the family ------------------------------------------------------------------------------
 
 
-def check(name: str, g: dict[str, Any]) -> None:
-    """Refuse settings that cannot train, naming the fix."""
-    if g["target"] != "hellinger":
-        raise StageError(
-            f"geometry '{name}': INNSteer takes its classes from arg-max q, which it reads from the Hellinger "
-            f"targets; set geometry.{name}.target=hellinger (it is {g['target']})."
-        )
-    if g["block"] not in BLOCKS:
-        raise StageError(f"geometry '{name}': block={g['block']!r} is not supported; use one of {sorted(BLOCKS)}.")
+@register_family("innsteer")
+class InnSteerFamily(Family):
+    monitor = "val/nll"  # best checkpoint and early stopping
 
+    def check(self, name: str, g: dict[str, Any]) -> None:
+        """Refuse settings that cannot train, naming the fix."""
+        if g["target"] != "hellinger":
+            raise StageError(
+                f"geometry '{name}': INNSteer takes its classes from arg-max q, which it reads from the Hellinger "
+                f"targets; set geometry.{name}.target=hellinger (it is {g['target']})."
+            )
+        if g["block"] not in BLOCKS:
+            raise StageError(f"geometry '{name}': block={g['block']!r} is not supported; use one of {sorted(BLOCKS)}.")
 
-def build(g: dict[str, Any], d: int, K: int, meta: dict[str, Any], seed: int) -> tuple[InnSteer, dict[str, Any]]:
-    """The untrained flow of an INNSteer geometry config and its constructor arguments."""
-    ctor = {"input_dim": d, "num_classes": K, "pca_dim": g["pca_dim"], "block": g["block"],
-            "num_blocks": g["num_blocks"], "hidden": g["hidden"], "depth": g["depth"], "clamp": g["clamp"],
-            "seed": seed}  # fmt: skip
-    if ctor["pca_dim"] is not None and not 2 <= ctor["pca_dim"] <= d:
-        raise StageError(f"pca_dim={ctor['pca_dim']} must lie in [2, d={d}]; set pca_dim to at most {d}, or null.")
-    return InnSteer(**ctor, meta=meta), ctor
+    def build(self, g: dict[str, Any], d: int, K: int, meta: dict[str, Any], seed: int) -> tuple[InnSteer, dict[str, Any]]:
+        """The untrained flow of an INNSteer geometry config and its constructor arguments."""
+        ctor = {"input_dim": d, "num_classes": K, "pca_dim": g["pca_dim"], "block": g["block"],
+                "num_blocks": g["num_blocks"], "hidden": g["hidden"], "depth": g["depth"], "clamp": g["clamp"],
+                "seed": seed}  # fmt: skip
+        if ctor["pca_dim"] is not None and not 2 <= ctor["pca_dim"] <= d:
+            raise StageError(f"pca_dim={ctor['pca_dim']} must lie in [2, d={d}]; set pca_dim to at most {d}, or null.")
+        return InnSteer(**ctor, meta=meta), ctor
 
+    @torch.no_grad()
+    def system(self, model: InnSteer, g: dict[str, Any], train: PairwiseTargets, K: int) -> InnSteerSystem:
+        """The training system, with each class mean starting at its class's mean latent under the untrained flow."""
+        data = train[torch.as_tensor(train.rows)]
+        z, classes = model.encode(data["x"]), classes_of(data["coords"], K)  # (N, D), (N,)
+        for c in classes.unique():
+            model.means[c] = z[classes == c].mean(0)
+        return InnSteerSystem(model, K, **g["optim"], noise=g["noise"], centres=g["centres"])
 
-@torch.no_grad()
-def system(model: InnSteer, g: dict[str, Any], train: PairwiseTargets, K: int) -> InnSteerSystem:
-    """The training system, with each class mean starting at its class's mean latent under the untrained flow."""
-    data = train[torch.as_tensor(train.rows)]
-    z, classes = model.encode(data["x"]), classes_of(data["coords"], K)  # (N, D), (N,)
-    for c in classes.unique():
-        model.means[c] = z[classes == c].mean(0)
-    return InnSteerSystem(model, K, **g["optim"], noise=g["noise"], centres=g["centres"])
+    @torch.no_grad()
+    def evaluate(self, cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, train: PairwiseTargets,
+                 val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
+        """Round trip, log-det symmetry, class separability on val, and steering success through the LM.
 
+        Draws `folder/training.png`: the latent by class, and the success of every steered pair.
+        """
+        K, every = len(task.concepts), torch.arange(len(train.labels))
+        data = train[every]
+        h, classes = data["x"], classes_of(data["coords"], K).numpy()  # (N, d), (N,)
+        z, log_det = model(h)
+        tr, va = torch.as_tensor(train.rows), torch.as_tensor(val.rows)
+        back, inv_log_det = model.inverse(z[va])
+        x_val = model.ambient(h[va])
+        round_trip = (back - x_val).norm(dim=1) / x_val.norm(dim=1)
+        steering = g["steering"]
+        # Only classes the LM gives for some training prompt have a learned mean to steer from or to.
+        pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed,
+                               steering["all_pairs_max_k"])  # fmt: skip
+        rates = lm_steering_success(cfg, task, model, train, classes, pairs, steering["alpha"], steering["carriers"])
+        values = np.array(list(rates.values()) or [np.nan])  # NaN: no pair to steer
+        if not rates:
+            log.warning("%s/INNSteer: the LM answers every training prompt with one class, so no pair can be steered "
+                        "and steering success is NaN. Train the LM further (lm.max_steps) or check its accuracy.",
+                        task.name)  # fmt: skip
+        metrics = {
+            "round_trip_max": float(round_trip.max()),
+            "round_trip_median": float(round_trip.median()),
+            "log_det_symmetry": float((log_det[va] + inv_log_det).abs().max()),
+            "val_class_accuracy": float((model.classify(z[va]).numpy() == classes[va.numpy()]).mean()),
+            "val_probe_accuracy": linear_probe_accuracy(z[tr], classes[tr.numpy()], z[va], classes[va.numpy()], cfg.seed),
+            "steering_alpha": steering["alpha"],
+            "steering_pairs": len(rates),
+            "steering_success_mean": float(values.mean()),
+            "steering_success_min": float(values.min()),
+            "steering_pairs_at_least_0.8": float((values >= 0.8).mean()),
+            "steering_success": {f"{task.concepts[a]}->{task.concepts[b]}": r for (a, b), r in rates.items()},
+        }
+        figure(task, z, classes, model.means, rates, metrics, folder / "training.png")
+        return metrics
 
-@torch.no_grad()
-def evaluate(cfg: DictConfig, task: Task, g: dict[str, Any], model: InnSteer, train: PairwiseTargets,
-             val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
-    """Round trip, log-det symmetry, class separability on val, and steering success through the LM.
+    def headline(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"val_probe_accuracy": round(metrics["val_probe_accuracy"], 4),
+                "steering_success_mean": round(metrics["steering_success_mean"], 4),
+                "steering_success_min": round(metrics["steering_success_min"], 4)}  # fmt: skip
 
-    Draws `folder/training.png`: the latent by class, and the success of every steered pair.
-    """
-    K, every = len(task.concepts), torch.arange(len(train.labels))
-    data = train[every]
-    h, classes = data["x"], classes_of(data["coords"], K).numpy()  # (N, d), (N,)
-    z, log_det = model(h)
-    tr, va = torch.as_tensor(train.rows), torch.as_tensor(val.rows)
-    back, inv_log_det = model.inverse(z[va])
-    x_val = model.ambient(h[va])
-    round_trip = (back - x_val).norm(dim=1) / x_val.norm(dim=1)
-    steering = g["steering"]
-    # Only classes the LM gives for some training prompt have a learned mean to steer from or to.
-    pairs = steering_pairs(np.unique(classes[tr.numpy()]).tolist(), steering["max_pairs"], cfg.seed,
-                           steering["all_pairs_max_k"])  # fmt: skip
-    rates = lm_steering_success(cfg, task, model, train, classes, pairs, steering["alpha"], steering["carriers"])
-    values = np.array(list(rates.values()) or [np.nan])  # NaN: no pair to steer
-    if not rates:
-        log.warning("%s/INNSteer: the LM answers every training prompt with one class, so no pair can be steered "
-                    "and steering success is NaN. Train the LM further (lm.max_steps) or check its accuracy.",
-                    task.name)  # fmt: skip
-    metrics = {
-        "round_trip_max": float(round_trip.max()),
-        "round_trip_median": float(round_trip.median()),
-        "log_det_symmetry": float((log_det[va] + inv_log_det).abs().max()),
-        "val_class_accuracy": float((model.classify(z[va]).numpy() == classes[va.numpy()]).mean()),
-        "val_probe_accuracy": linear_probe_accuracy(z[tr], classes[tr.numpy()], z[va], classes[va.numpy()], cfg.seed),
-        "steering_alpha": steering["alpha"],
-        "steering_pairs": len(rates),
-        "steering_success_mean": float(values.mean()),
-        "steering_success_min": float(values.min()),
-        "steering_pairs_at_least_0.8": float((values >= 0.8).mean()),
-        "steering_success": {f"{task.concepts[a]}->{task.concepts[b]}": r for (a, b), r in rates.items()},
-    }
-    figure(task, z, classes, model.means, rates, metrics, folder / "training.png")
-    return metrics
+    def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        m, task = meta["metrics"], meta["task"]
+        summary = (f"An INNSteer flow (arXiv 2606.08454; docs/method.md §8 of geosteer) trained on the residual stream of "
+                   f"`{meta['lm']}` after decoder block {meta['layer']}, at the last prompt token of the `{task['name']}` "
+                   f"task ({len(task['values'])} values, {task['topology']}). φ, a FrEIA `SequenceINN` of "
+                   f"{ctor['num_blocks']} `{ctor['block']}` coupling blocks, maps standardised activations to a latent "
+                   f"where each answer class (arg-max q) is a unit Gaussian around a learned mean μ_c. Steering from "
+                   f"class a to b is `h' = φ⁻¹(φ(h) + α(μ_b − μ_a))`, a straight line in the latent and a geodesic of "
+                   f"the pullback metric `J_φᵀ J_φ`.")  # fmt: skip
+        ambient = f"PCA({ctor['pca_dim']}) of h (steering keeps the rest of h)" if ctor["pca_dim"] else "raw h"
+        steered = f"steering α={m['steering_alpha']:g}: carriers moved to b, mean / min over {m['steering_pairs']} pairs"
+        rows = [("ambient space", ambient), ("subnet", f"{ctor['depth']} hidden layer(s) of {ctor['hidden']}, clamp {ctor['clamp']}"),
+                ("round trip ‖φ⁻¹(φ(x)) − x‖/‖x‖ on val, max", f"{m['round_trip_max']:.2e}"),
+                ("val linear-probe accuracy (latent)", f"{m['val_probe_accuracy']:.4f}"),
+                (steered, f"{m['steering_success_mean']:.3f} / {m['steering_success_min']:.3f}"),
+                ("best val NLL", f"{m['best_val']:.4g}")]  # fmt: skip
+        usage = f"h_steered = geometry.steer(h, source=a, target=b, alpha=torch.linspace(0, 1, 9))  # (9, B, {ctor['input_dim']})"
+        values = list(task["values"])
+        note = f"Class indices follow the task's concepts: {values[:12]}{' …' if len(values) > 12 else ''}.\n"
+        return {"tags": ["innsteer", "normalizing-flow"], "title": f"invertible latent steering of {meta['lm']} on {task['name']}",
+                "summary": summary, "rows": rows, "usage": usage, "note": note}  # fmt: skip
 
 
 def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: PairwiseTargets, classes: np.ndarray,
@@ -246,12 +265,6 @@ def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: Pai
         lm, tokenizer = lm_of_store(cfg, store.attrs, task.name, "INNSteer's steering test")
         layer = int(store.attrs["layer"])  # the store's, not the config's: the activations came from there
     return steering_success(model, lm, tokenizer, layer, prompts, classes, variant_ids, pairs, alpha, n_carriers, cfg.seed)
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    return {"val_probe_accuracy": round(metrics["val_probe_accuracy"], 4),
-            "steering_success_mean": round(metrics["steering_success_mean"], 4),
-            "steering_success_min": round(metrics["steering_success_min"], 4)}  # fmt: skip
 
 
 def figure(task: Task, z: torch.Tensor, classes: np.ndarray, means: torch.Tensor, rates: dict[tuple[int, int], float],
@@ -285,50 +298,3 @@ def figure(task: Task, z: torch.Tensor, classes: np.ndarray, means: torch.Tensor
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def model_card(ctor: dict[str, Any], meta: dict[str, Any]) -> str:
-    m, task = meta["metrics"], meta["task"]
-    ambient = f"PCA({ctor['pca_dim']}) of h (steering keeps the rest of h)" if ctor["pca_dim"] else "raw h"
-    return f"""---
-library_name: geosteer
-tags: [geosteer, innsteer, normalizing-flow, steering-geometry, {task["name"]}]
----
-# {meta["geometry"]}: invertible latent steering of {meta["lm"]} on {task["name"]}
-
-An INNSteer flow (arXiv 2606.08454; SPEC §8 of geosteer) trained on the residual
-stream of `{meta["lm"]}` after decoder block {meta["layer"]}, at the last prompt
-token of the `{task["name"]}` task ({len(task["values"])} values, {task["topology"]}).
-φ, a FrEIA `SequenceINN` of {ctor["num_blocks"]} `{ctor["block"]}` coupling blocks, maps
-standardised activations to a latent where each answer class (arg-max q) is a
-unit Gaussian around a learned mean μ_c. Steering from class a to b is
-`h' = φ⁻¹(φ(h) + α(μ_b − μ_a))`, a straight line in the latent and a geodesic of
-the pullback metric `J_φᵀ J_φ`.
-
-| | |
-|---|---|
-| ambient space | {ambient} |
-| subnet | {ctor["depth"]} hidden layer(s) of {ctor["hidden"]}, clamp {ctor["clamp"]} |
-| round trip ‖φ⁻¹(φ(x)) − x‖/‖x‖ on val, max | {m["round_trip_max"]:.2e} |
-| val linear-probe accuracy (latent) | {m["val_probe_accuracy"]:.4f} |
-| steering α={m["steering_alpha"]:g}: carriers moved to b, mean / min over {m["steering_pairs"]} pairs | {m["steering_success_mean"]:.3f} / {m["steering_success_min"]:.3f} |
-| best val NLL | {m["best_val"]:.4g} |
-| epochs / steps | {m["epochs"]} / {m["steps"]} |
-| git SHA | {meta.get("git_sha")} |
-
-![training](training.png)
-
-## Use
-
-```python
-from geosteer.models.innsteer import InnSteer
-
-flow = InnSteer.from_pretrained("path/to/this/folder")  # safetensors + config.json, never unpickles
-flow.check_compatible(d=h.shape[-1], layer={meta["layer"]})
-h_steered = flow.steer(h, source=a, target=b, alpha=torch.linspace(0, 1, 9))  # (9, B, {ctor["input_dim"]})
-```
-
-Class indices follow the task's concepts: {list(task["values"])[:12]}{" …" if len(task["values"]) > 12 else ""}.
-`config.json` holds the constructor arguments and, under `meta`, the LM, layer,
-task schema and training metrics, including the success of every steered pair.
-"""

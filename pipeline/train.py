@@ -5,10 +5,10 @@ live in a work folder beside the export, so a crashed run resumes from
 `last.ckpt` (and continues the same W&B run); a finished export is stamped with
 the config that made it and skipped when current. The export folder
 `<run>/geometry/<task>/<name>/` holds `model.safetensors`, `config.json` and a
-model card, and loads with `<Family>.from_pretrained(path)` (`GAGA`, `InnSteer`,
-`GeodesicBridge`). Everything family-specific (network, system, final metrics,
-figure, model card) lives in the family's module: `pipeline.gaga`,
-`pipeline.innsteer` or `pipeline.bridge`.
+model card, and loads with `geosteer.load_geometry(path)`. Everything family-specific
+(network, system, final metrics, figure, model card) lives in the family's module
+(`pipeline.gaga`, `pipeline.innsteer`, `pipeline.bridge`), registered in
+`pipeline.family.FAMILIES` under the name a geometry YAML's `family:` gives.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError, targets_path
 from geosteer.data.tasks import Task
-from geosteer.models.hub import read_config
+from geosteer.models.hub import model_card, read_config
 from geosteer.pipeline.common import (
     SAFE_NAME,
     NonFiniteTraining,
@@ -52,12 +52,10 @@ from geosteer.pipeline.common import (
     wait_for_rank_zero,
     write_stamp,
 )
-from geosteer.pipeline import bridge, gaga, innsteer
+from geosteer.pipeline import bridge, gaga, innsteer  # noqa: F401  the built-in families register on import
+from geosteer.pipeline.family import FAMILIES, GeometryFamily
 
 GEOMETRY_SCHEMA_VERSION = 1
-# Each family module provides check, build, system, MONITOR, evaluate, headline and model_card; one that
-# trains against other exported geometries also provides needs(cfg, task, name, g) -> {role: folder}.
-FAMILIES = {"gaga": gaga, "innsteer": innsteer, "bridge": bridge}
 
 
 class PointCloudData(L.LightningDataModule):
@@ -112,7 +110,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     attrs = train.attrs
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
     family = FAMILIES[g["family"]]
-    needs = family.needs(cfg, task, name, g) if hasattr(family, "needs") else {}  # {role: export folder}
+    needs = family.needs(cfg, task, name, g)  # {role: export folder}
     needed = {role: export_facts(folder, Path(cfg.paths.run_dir)) for role, folder in needs.items()}
     facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg}
     if needed:  # retrain when what it trained against changes
@@ -139,7 +137,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     data = PointCloudData(train, val, g["batch_size"], g["min_steps_per_epoch"], cfg.seed, g["num_workers"])
 
     checkpoints = work / "checkpoints"
-    monitor = family.MONITOR
+    monitor = family.monitor
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=monitor, enable_version_counter=False)
     latest = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False)  # every epoch
     stop = EarlyStopping(monitor=monitor, patience=g["patience"])
@@ -178,7 +176,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
         "stopped_early": final["epoch"] + 1 < g["max_epochs"],
         "seconds": round(time.perf_counter() - start, 1),
     })  # fmt: skip
-    export(model, ctor, {**meta, "metrics": metrics, "git_sha": git_sha()}, family.model_card, staging)
+    export(model, ctor, {**meta, "metrics": metrics, "git_sha": git_sha()}, family, staging)
     if logger:
         logger.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         if hasattr(logger, "log_image"):
@@ -203,12 +201,12 @@ def export_facts(folder: Path, run_dir: Path) -> dict[str, Any]:
             "path": str(where.relative_to(run_dir.resolve()) if inside else folder)}  # fmt: skip
 
 
-def export(model: nn.Module, ctor: dict[str, Any], meta: dict[str, Any], card, folder: Path) -> None:
+def export(model: nn.Module, ctor: dict[str, Any], meta: dict[str, Any], family: GeometryFamily, folder: Path) -> None:
     """Weights to model.safetensors, constructor arguments and facts to config.json, and a model card."""
     shipped = type(model)(**ctor, meta=meta)
     shipped.load_state_dict(model.state_dict())
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "README.md", card(ctor, meta))  # written first: save_pretrained keeps it
+    atomic_write_text(folder / "README.md", model_card(ctor, meta, **family.card(ctor, meta)))  # first: save_pretrained keeps it
     shipped.save_pretrained(folder)
 
 
@@ -223,7 +221,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     # Families that train against other exports (the bridge against a GAGA encoder) go last.
-    ordered = sorted(geometries.items(), key=lambda item: hasattr(FAMILIES[item[1]["family"]], "needs"))
+    ordered = sorted(geometries.items(), key=lambda item: bool(FAMILIES[item[1]["family"]].trains_against))
     for task in tasks:
         for name, g in ordered:
             try:

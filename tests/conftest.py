@@ -22,23 +22,28 @@ TASK_DIR = CONFIG_DIR / "task"
 
 
 def reloads_alike_in_a_fresh_process(folder: Path, args: tuple[torch.Tensor, ...], out: torch.Tensor, scratch: Path,
-                                     family: str = "gaga:GAGA", method: str = "encode") -> bool:  # fmt: skip
-    """Whether `<family>.from_pretrained(folder)` in a new Python process, in eval mode, maps args to exactly out.
-
-    `family` is "<module under models>:<class>", e.g. "innsteer:InnSteer"; `method` the one called
-    ("__call__" for the module itself).
-    """
+                                     method: str = "encode") -> bool:  # fmt: skip
+    """Whether `geosteer.load_geometry(folder)` in a new Python process, outside the repository, is in eval mode and
+    maps args to exactly out; `method` is the one called ("__call__" for the module itself)."""
     torch.save(list(args), scratch / "args.pt")
     torch.save(out, scratch / "out.pt")
-    module, cls = family.split(":")
     script = (
-        f"import sys, torch; from models.{module} import {cls}; "
-        f"m = {cls}.from_pretrained(r'{folder}'); "
+        f"import sys, torch; from geosteer import load_geometry; "
+        f"m = load_geometry(r'{folder}'); "
         f"args = torch.load(r'{scratch / 'args.pt'}', weights_only=True); "
         f"out = torch.load(r'{scratch / 'out.pt'}', weights_only=True); "
         f"sys.exit(0 if torch.equal(getattr(m, '{method}')(*args), out) and not m.training else 1)"
     )
-    return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=scratch).returncode == 0
+
+
+def run_model_card(folder: Path, **names) -> dict:
+    """Run the Python block of an export's model card, with `names` defined (e.g. h); its namespace afterwards."""
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(folder))
+    namespace = dict(names)
+    exec(code, namespace)
+    return namespace
 
 
 def wandb_records(run_dir: Path) -> list:

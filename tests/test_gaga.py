@@ -64,11 +64,11 @@ def test_the_encoder_pullback_lives_on_raw_activations_and_ignores_the_discarded
 def test_export_reloads_in_a_fresh_process_with_bit_identical_encodings(tmp_path):
     model, h = _fitted(pca_dim=5, readout_dim=4)
     model, h = model.float(), h.float()  # the dtype the pipeline trains and ships in
-    model.meta["lm"] = "embedded task LM"
+    model.meta.update(lm="embedded task LM", family="gaga")  # as pipeline.train exports it; load_geometry reads the family
     model.save_pretrained(tmp_path / "gaga")
     assert sorted(p.name for p in (tmp_path / "gaga").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "gaga" / "config.json").read_text())
-    assert config["input_dim"] == 12 and config["pca_dim"] == 5 and config["meta"] == {"layer": 1, "lm": "embedded task LM"}
+    assert config["input_dim"] == 12 and config["pca_dim"] == 5 and config["meta"] == {"layer": 1, "lm": "embedded task LM", "family": "gaga"}
     assert reloads_alike_in_a_fresh_process(tmp_path / "gaga", (h,), model.encode(h).detach(), tmp_path)
 
 

@@ -15,9 +15,11 @@ from torch.utils.data import DataLoader
 from geosteer.models.gaga import GAGA
 from geosteer.models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
 from geosteer.pipeline import train
-from geosteer.pipeline.bridge import BridgeSystem, knn_mean_distance, secant_energy, speed_energy, stratified_times
+from geosteer.models.geodesic_bridge import drift, knn_mean_distance, secant_energy, speed_energy, stratified_times
+from geosteer.models.hub import GeometryMismatch, load_geometry
+from geosteer.pipeline.bridge import BridgeSystem
 from geosteer.pipeline.common import StageError
-from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
+from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
 
 def _bridge(d: int = 6, seed: int = 0, meta: dict | None = None) -> GeodesicBridge:
@@ -215,7 +217,6 @@ def test_on_random_grids_only_the_secant_gradient_sees_the_cost_of_crossing_into
 def test_knn_distance_matches_scipy_and_drift_is_the_worst_gap_over_the_chord():
     from scipy.spatial import cKDTree
 
-    from geosteer.pipeline.bridge import drift
 
     torch.manual_seed(4)
     data, points = torch.randn(200, 5, dtype=torch.float64), torch.randn(30, 5, dtype=torch.float64)
@@ -252,9 +253,9 @@ def test_bridge_trains_after_its_encoder_exports_reloads_and_logs(prepared, tmp_
     assert meta["needs"]["encoder"] == {"geometry": "gaga_out", "fingerprint": encoder_fp, "path": "geometry/weekdays/gaga_out"}
     bridge = GeodesicBridge.from_pretrained(folder)
     x_a, x_b, t = torch.randn(3, 32), torch.randn(3, 32), torch.linspace(0, 1, 5)
-    assert reloads_alike_in_a_fresh_process(folder, (x_a, x_b, t), bridge(x_a, x_b, t).detach(), tmp_path,
-                                            "geodesic_bridge:GeodesicBridge", "__call__")  # fmt: skip
-    assert (folder / "training.png").is_file() and "GeodesicBridge.from_pretrained" in (folder / "README.md").read_text()
+    assert reloads_alike_in_a_fresh_process(folder, (x_a, x_b, t), bridge(x_a, x_b, t).detach(), tmp_path, "__call__")
+    assert (folder / "training.png").is_file()
+    assert run_model_card(folder, x_a=x_a, x_b=x_b)["path"].shape == (3, 17, 32), "the model card's example runs"
     runs = [wandb_history(wandb_records(d)) for d in (Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*")]
     (history,) = [h for h in runs if any("train/energy" in row for row in h)]
     keys = set().union(*history)
@@ -275,15 +276,13 @@ def test_a_bridge_without_its_trained_encoder_is_refused_naming_the_fix(prepared
 
 
 def test_an_encoder_of_another_layer_or_width_is_refused_naming_both(tmp_path):
-    from geosteer.pipeline.bridge import load_encoder
-
-    GAGA(32, 7, hidden=[16], meta={"layer": 2}).save_pretrained(tmp_path)
-    g = {"needs": {"encoder": tmp_path}}
-    assert load_encoder(g, d=32, layer=2).meta["layer"] == 2
-    with pytest.raises(StageError, match=r"trained on d=32 activations of layer 2, but the store holds d=32 at layer 1"):
-        load_encoder(g, d=32, layer=1)
-    with pytest.raises(StageError, match=r"the store holds d=64"):
-        load_encoder(g, d=64, layer=2)
+    GAGA(32, 7, hidden=[16], meta={"layer": 2, "family": "gaga"}).save_pretrained(tmp_path)
+    encoder = load_geometry(tmp_path, d=32, layer=2)
+    assert isinstance(encoder, GAGA) and encoder.meta["layer"] == 2 and not encoder.training
+    with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 2, but the store holds d=32 at layer 1"):
+        load_geometry(tmp_path, d=32, layer=1)
+    with pytest.raises(GeometryMismatch, match=r"the store holds d=64"):
+        load_geometry(tmp_path, d=64, layer=2)
 
 
 class _CrashBridgeAt(L.Callback):

@@ -17,7 +17,7 @@ from geosteer.models.gaga import GAGA
 from geosteer.pipeline import train
 from geosteer.pipeline.common import warmup_cosine
 from geosteer.pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
-from tests.conftest import reloads_alike_in_a_fresh_process, wandb_history, wandb_records
+from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
 # ---------------------------------------------------------------- losses
 
@@ -110,6 +110,7 @@ def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_proces
         assert meta["layer"] == 1 and meta["lm"] == cfg.model.name and meta["task"]["name"] == "weekdays"
         assert meta["metrics"]["epochs"] == 3 and "val_spearman" in meta["metrics"]
         assert name in (out / "README.md").read_text()
+        assert run_model_card(out, h=torch.randn(5, 32))["z"].shape == (5, latent), "the model card's example runs"
     # Reload in a fresh process: the same encodings, bit for bit.
     out = Path(result["geometries"]["weekdays"]["gaga_out"]["path"])
     h = torch.randn(50, 32)
