@@ -32,8 +32,9 @@ import torch
 from geosteer.data.store import ActivationStore
 from geosteer.models.tail import log_concept_probs
 from geosteer.pipeline.common import load_lm
-from geosteer.pipeline.eval import carrier_rows, tail_of
-from geosteer.pipeline.extract import STORE
+from geosteer.models.steering import carrier_rows
+from geosteer.models.tail import CarrierTail
+from geosteer.pipeline.common import RunLayout
 
 RESULTS = Path(__file__).parent / "results"
 CHORD_POINTS = 33
@@ -120,7 +121,7 @@ def task_facts(store: ActivationStore, task: str, lm, tokenizer, layer: int, n_c
     rng = np.random.default_rng(seed)
     far = [far[i] for i in np.sort(rng.choice(len(far), min(n_pairs, len(far)), replace=False))]
     near = adjacent_pairs(classes, K, cyclic)
-    tails = {a: tail_of(lm, tokenizer, layer, rows["prompt"][carrier_rows(labels, a, n_carriers, seed)])
+    tails = {a: CarrierTail.of_prompts(lm, tokenizer, layer, rows["prompt"][carrier_rows(labels, a, n_carriers, seed)])
              for a in sorted({a for a, _ in far + near})}  # fmt: skip
     return {
         "n_classes": len(classes),
@@ -138,7 +139,7 @@ def task_facts(store: ActivationStore, task: str, lm, tokenizer, layer: int, n_c
 def model_facts(run_dir: Path, tasks: list[str] | None = None, n_carriers: int = 8, n_pairs: int = 24,
                 seed: int = 0) -> dict:  # fmt: skip
     """{model, layer, tasks: {task: facts}} for the run at `run_dir`."""
-    path = Path(run_dir) / "extract" / STORE
+    path = RunLayout(Path(run_dir)).store
     if not path.is_file():
         raise SystemExit(f"no activation store at {path}; run pipeline stage=extract first (for this run).")
     with ActivationStore(path) as store:

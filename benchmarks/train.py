@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from geosteer.data.store import write_store, write_task_group
-from geosteer.data.targets import PairwiseTargets, targets_path
+from geosteer.data.targets import PairwiseTargets
 from geosteer.data.tasks import ConceptSchema, load_task
 from geosteer.pipeline.common import CONFIG_DIR, to_plain
 from geosteer.pipeline.targets import task_targets
@@ -74,7 +74,7 @@ def synthetic_targets(folder: Path, d: int) -> Path:
     with h5py.File(store, "r") as f:
         rows = {k: f["ages"][k][:] for k in ("h", "q", "label")}
     tcfg = to_plain(OmegaConf.load(CONFIG_DIR / "targets" / "default.yaml"))
-    path = targets_path(folder, "ages")
+    path = folder / "ages.h5"
     attrs = {"task": "ages", "layer": 0, "model_name": "synthetic", "activations": store.name,
              "activations_fingerprint": f"synthetic-{d}"}  # fmt: skip
     task_targets("ages", rows, path, tcfg, 0, attrs, tqdm(disable=True))

@@ -172,10 +172,6 @@ def pair_distance_std(coords: np.ndarray, rows: np.ndarray, n_pairs: int, seed: 
     return float(np.concatenate(d).std(ddof=1))
 
 
-def targets_path(root: Path, task: str) -> Path:
-    return Path(root) / f"{task}.h5"
-
-
 def read_groups(path: Path, keys: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The groups of an existing targets file whose cache key matches `keys`: {name: {arrays..., "attrs": ...}}."""
     if not Path(path).is_file():

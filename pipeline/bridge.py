@@ -55,7 +55,7 @@ from geosteer.models.geodesic_bridge import (
 from geosteer.models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import EncoderPullback, regularisation
-from geosteer.pipeline.common import StageError, timed
+from geosteer.pipeline.common import RunLayout, StageError, timed
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
 
 matplotlib.use("Agg")
@@ -179,7 +179,7 @@ class BridgeFamily(Family):
     def needs(self, cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str, Path]:
         """The exported GAGA encoder the bridge trains against: a geometry of this run, or an export folder."""
         given = Path(g["encoder"])
-        folder = given if (given / "config.json").is_file() else Path(cfg.paths.run_dir) / "geometry" / task.name / g["encoder"]
+        folder = given if (given / "config.json").is_file() else RunLayout.of(cfg).geometry(task.name, g["encoder"])
         if not (folder / "config.json").is_file():
             raise StageError(
                 f"geometry '{name}' trains against the encoder '{g['encoder']}', but {folder} holds no exported geometry. "

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,17 +171,54 @@ def load_tasks(cfg: DictConfig) -> list[Task]:
     return [load_task(str(name), CONFIG_DIR / "task") for name in cfg.tasks]
 
 
-def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], task: str, why: str):
-    """The configured LM and tokenizer, refusing a model or layer other than the ones a store came from."""
-    m = cfg.model
-    source, layer = str(store_attrs["model_pretrained"]), int(store_attrs["layer"])
-    if source != str(m.pretrained) or layer != m.layer:
-        raise StageError(
-            f"the {task} activations come from {source} at layer {layer}, but model.pretrained={m.pretrained} "
-            f"and model.layer={m.layer}: {why} needs the LM and layer they came from. "
-            f"Select that model, or re-run stage=extract (and the stages after it) for this one."
-        )
-    return _shared_lm(json.dumps(to_plain(m), sort_keys=True))
+@dataclass(frozen=True)
+class RunLayout:
+    """Where every product of a run lives, under `paths.run_dir`; the one place that knows the folder layout."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunLayout:
+        return cls(Path(cfg.paths.run_dir))
+
+    @property
+    def extract(self) -> Path:
+        return self.root / "extract"
+
+    @property
+    def store(self) -> Path:
+        return self.extract / "activations.h5"
+
+    @property
+    def targets(self) -> Path:
+        return self.root / "targets"
+
+    def targets_file(self, task: str) -> Path:
+        return self.targets / f"{task}.h5"
+
+    @property
+    def geometries(self) -> Path:
+        return self.root / "geometry"
+
+    def geometry(self, task: str, name: str) -> Path:
+        return self.geometries / task / name
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+
+def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
+    """The LM and tokenizer the store's activations came from, as its extraction recorded them.
+
+    Only where the model is placed (`model.device_map`) comes from the config; a config that names another
+    model or layer is noted and not used: after extraction the store is the one source of both.
+    """
+    m = dict(json.loads(store_attrs["config"])["model"], device_map=cfg.model.device_map)
+    if (str(cfg.model.pretrained), cfg.model.layer) != (str(m["pretrained"]), m["layer"]):
+        log.warning("%s uses the store's LM %s at layer %d (the config names %s at layer %d; re-run stage=extract "
+                    "to use that one)", why, m["pretrained"], m["layer"], cfg.model.pretrained, cfg.model.layer)  # fmt: skip
+    return _shared_lm(json.dumps(m, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=1)

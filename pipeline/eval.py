@@ -65,6 +65,7 @@ from geosteer.models.steering import carrier_rows, intervene, steer, steering_pa
 from geosteer.models.tail import CarrierTail, log_concept_probs
 from geosteer.pipeline import extract, report
 from geosteer.pipeline.common import (
+    RunLayout,
     StageError,
     atomic_write_text,
     close_logger,
@@ -317,7 +318,8 @@ def metric_against(metric, x: torch.Tensor, J_out: torch.Tensor, q_out: torch.Te
 
 
 def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods: dict[str, SteeringMethod]) -> str:
-    """What the results depend on: the eval and method configs, the store, the geometries' fingerprints, the LM and the seed."""
+    """What the results depend on: the eval and method configs, the store (and so the LM and layer), the geometries'
+    fingerprints and the seed."""
     used = {}
     for task in tasks:
         for name, method in methods.items():
@@ -325,15 +327,15 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
             if method.family is not None and config.is_file():
                 used[f"{task.name}/{name}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
     return fingerprint({"eval": to_plain(cfg.eval), "method": to_plain(cfg.method), "store": store_fp, "geometries": used,
-                        "tasks": [t.name for t in tasks], "lm": str(cfg.model.pretrained), "layer": cfg.model.layer,
-                        "seed": cfg.seed})  # fmt: skip
+                        "tasks": [t.name for t in tasks], "seed": cfg.seed})  # fmt: skip
 
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate every task; write `<run>/eval/` (report.md, results.json, results.csv, figures)."""
     tasks = load_tasks(cfg)
     methods = build_methods(cfg.method)  # an unknown method is refused before any work
-    store_path = Path(cfg.paths.run_dir) / "extract" / extract.STORE
+    run = RunLayout.of(cfg)
+    store_path = run.store
     if not store_path.is_file():
         log.info("no activation store at %s: extracting it from the model first", store_path)
         extract.run(cfg)
@@ -342,9 +344,10 @@ def run(cfg: DictConfig) -> dict:
         missing = [t.name for t in tasks if t.name not in store.tasks]
         if missing:
             raise StageError(f"the store {store_path} has no {missing}; re-run stage=extract with those tasks.")
-        lm, tokenizer = lm_of_store(cfg, store.attrs, tasks[0].name, "evaluation")
+        lm, tokenizer = lm_of_store(cfg, store.attrs, "evaluation")
+        source = f"{store.attrs['model_pretrained']}` at block {layer}"
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
-        out = Path(cfg.paths.run_dir) / "eval"
+        out = run.eval
         if (done := current_result(out, fp, "the evaluation", cfg.overwrite)) is not None:
             return done
         work = out.with_name(f".eval.partial-{fp}")
@@ -365,7 +368,7 @@ def run(cfg: DictConfig) -> dict:
                 results["figures"] = report.task_figures(data, results, figures, work)
             atomic_write_text(done_file, json.dumps(results, indent=1))
             per_task[task.name] = results
-    summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), methods)
+    summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), methods, source)
     report.log_to(logger, work, summary)
     if logger:
         close_logger(logger)

@@ -23,6 +23,7 @@ from geosteer.data.store import ChunkDir, virtual_rows, write_shard, write_store
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, read_last_token, replace_last_token
 from geosteer.pipeline.common import (
+    RunLayout,
     StageError,
     close_logger,
     current_result,
@@ -37,7 +38,6 @@ from geosteer.pipeline.common import (
     write_stamp,
 )
 
-STORE = "activations.h5"
 POSITION_RULE = "last non-pad token (left padding)"
 
 
@@ -172,9 +172,10 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
         on_chunk: called as `on_chunk(task, chunk_index)` after each chunk is safely on disk.
     """
     tasks = load_tasks(cfg)
-    out = Path(cfg.paths.run_dir) / "extract"
+    run = RunLayout.of(cfg)
+    out = run.extract
     fp = extract_fingerprint(cfg, tasks)
-    if (done := current_result(out, fp, f"the activation store {out / STORE}", cfg.overwrite)) is not None:
+    if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
         return done
     fabric = launcher(cfg.trainer)
     if fabric.world_size > 1 and cfg.model.device_map is not None:
@@ -193,7 +194,8 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     """One rank's share of `run`: its chunks and its shard; rank 0 also writes the store. Rank 0 returns the result."""
     tasks = load_tasks(cfg)
     rank, world = fabric.global_rank, fabric.world_size
-    out = Path(cfg.paths.run_dir) / "extract"
+    run = RunLayout.of(cfg)
+    out = run.extract
     m = cfg.model
     model, tokenizer = load_lm(m)
     check_layer(model, m.layer)
@@ -229,7 +231,7 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         for task in tasks:
             rows = chunks.read_task(task.name)
             prompts = task.prompts()
-            layouts = virtual_rows(out / STORE, ranks, task.name)
+            layouts = virtual_rows(run.store, ranks, task.name)
             answers = np.array([p.label for p in prompts])
             labels, left_out = row_classes(rows["q"], answers, cfg.extract.classes, cfg.extract.min_class_rows)
             if len(np.unique(labels[labels >= 0])) < 2:
@@ -272,14 +274,14 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         "git_sha": git_sha() or "",
         "config": to_plain(cfg),
     }
-    write_store(out / STORE, attrs, write_groups)
+    write_store(run.store, attrs, write_groups)
     for old in out.glob("shards-*"):  # shards of a store this one replaced
         if old != shards:
             shutil.rmtree(old, ignore_errors=True)
     for stray in set(shards.iterdir()) - set(ranks):  # a crashed run's shards of another rank count
         stray.unlink()
     n = sum(s["n"] for s in summary.values())
-    result = {"path": str(out / STORE), "ranks": world, "tasks": summary, "seconds": round(seconds, 2),
+    result = {"path": str(run.store), "ranks": world, "tasks": summary, "seconds": round(seconds, 2),
               "prompts_per_s": n / seconds}  # fmt: skip
     for name, s in summary.items():
         log.info(

@@ -262,7 +262,7 @@ def lm_steering_success(cfg: DictConfig, task: Task, model: InnSteer, train: Pai
     with ActivationStore(train.store_path) as store:
         prompts = store.read(task.name, ["prompt"])["prompt"]
         variant_ids = store.schema(task.name).variant_ids
-        lm, tokenizer = lm_of_store(cfg, store.attrs, task.name, "INNSteer's steering test")
+        lm, tokenizer = lm_of_store(cfg, store.attrs, "INNSteer's steering test")
         layer = int(store.attrs["layer"])  # the store's, not the config's: the activations came from there
     return steering_success(model, lm, tokenizer, layer, prompts, classes, variant_ids, pairs, alpha, n_carriers, cfg.seed)
 

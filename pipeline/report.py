@@ -172,8 +172,11 @@ def _verdict(holds: list[bool]) -> str:
     return "not reproduced" if not any(holds) else f"partly reproduced ({sum(holds)} of {len(holds)} comparisons)"
 
 
-def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: dict[str, Any]) -> dict[str, Any]:
-    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary. `methods`: name → method."""
+def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: dict[str, Any], lm: str) -> dict[str, Any]:
+    """results.json, results.csv, bars.png and report.md in `folder`; returns the summary.
+
+    `methods`: name → method; `lm`: the LM and block the activations came from, for the header.
+    """
     rows = summarise(per_task, {m: score.direction for m, score in SCORES.items()})
     claims = verdicts(per_task, rows)
     buffer = io.StringIO()
@@ -185,17 +188,17 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
                                                             "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
         bars_figure(rows, per_task, folder / "bars.png")
-    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds, methods))
+    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds, methods, lm))
     gaga = {r["task"]: r["mean"] for r in rows if r["method"] == "gaga_out" and r["metric"] == "top1_at_end"}
     return {"headline": {"verdicts": {c["claim"][:60]: c["verdict"] for c in claims}, "gaga_out_top1_at_end": gaga},
             "rows": rows, "seconds": seconds}  # fmt: skip
 
 
-def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, methods: dict[str, Any]) -> str:
+def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, methods: dict[str, Any], lm: str) -> str:
     e = cfg.eval
     tasks = list(per_task)
     md = [f"# geosteer evaluation: {cfg.run_name}", "",
-          f"LM `{cfg.model.pretrained}` at block {cfg.model.layer}; tasks {', '.join(tasks)}; "
+          f"LM `{lm}; tasks {', '.join(tasks)}; "
           f"{e.steps + 1} waypoints per path, {e.carriers} seeded carriers of the source class per pair, "
           f"threshold q_b ≥ {e.threshold} for the iterative methods (at most {e.max_steps} steps); seed {cfg.seed}. "
           f"Pairs: " + ", ".join(f"{t} {len(r['pairs'])}" for t, r in per_task.items()) +

@@ -28,11 +28,9 @@ from geosteer.data.targets import (
     phate_coords,
     read_groups,
     stratified_split,
-    targets_path,
     write_targets,
 )
-from geosteer.pipeline.common import close_logger, fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
-from geosteer.pipeline.extract import STORE
+from geosteer.pipeline.common import RunLayout, close_logger, fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -138,8 +136,8 @@ def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path, max_
 def run(cfg: DictConfig) -> dict:
     """Write `<run_dir>/targets/<task>.h5` for every task, recomputing only what changed."""
     tasks = load_tasks(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    out, store_path = run_dir / "targets", run_dir / "extract" / STORE
+    run = RunLayout.of(cfg)
+    out, store_path = run.targets, run.store
     tcfg = to_plain(cfg.targets)
     summary, figures = {}, {}
     start = time.perf_counter()
@@ -156,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
                 check_finite(task.name, rows, store_path)
                 try:
                     summary[task.name], groups = task_targets(
-                        task.name, rows, targets_path(out, task.name), tcfg, cfg.seed,
+                        task.name, rows, run.targets_file(task.name), tcfg, cfg.seed,
                         {**file_attrs, "task": task.name}, bar,
                     )  # fmt: skip
                 except TargetError as e:

@@ -30,11 +30,12 @@ from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader
 
-from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError, targets_path
+from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError
 from geosteer.data.tasks import Task
 from geosteer.models.hub import model_card, read_config
 from geosteer.pipeline.common import (
     SAFE_NAME,
+    RunLayout,
     NonFiniteTraining,
     StageError,
     atomic_write_text,
@@ -111,13 +112,13 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
     family = FAMILIES[g["family"]]
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
-    needed = {role: export_facts(folder, Path(cfg.paths.run_dir)) for role, folder in needs.items()}
+    needed = {role: export_facts(folder, RunLayout.of(cfg).root) for role, folder in needs.items()}
     facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg}
     if needed:  # retrain when what it trained against changes
         facts["needs"] = {role: f["fingerprint"] for role, f in needed.items()}
     fp = fingerprint(facts)
     g = {**g, "needs": needs} if needs else g
-    out = Path(cfg.paths.run_dir) / "geometry" / task.name / name
+    out = RunLayout.of(cfg).geometry(task.name, name)
     if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
         return done
     work = out.with_name(f".{name}.partial-{fp}")
@@ -214,10 +215,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train and export every selected geometry on every task; `callbacks` join each Lightning trainer."""
     tasks = load_tasks(cfg)
     geometries = selected_geometries(cfg)
-    targets_dir = Path(cfg.paths.run_dir) / "targets"
-    missing = [t.name for t in tasks if not targets_path(targets_dir, t.name).is_file()]
+    run = RunLayout.of(cfg)
+    missing = [t.name for t in tasks if not run.targets_file(t.name).is_file()]
     if missing:
-        raise StageError(f"no targets for {missing} under {targets_dir}; run `pipeline stage=targets` first.")
+        raise StageError(f"no targets for {missing} under {run.targets}; run `pipeline stage=targets` first.")
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     # Families that train against other exports (the bridge against a GAGA encoder) go last.
@@ -226,13 +227,13 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         for name, g in ordered:
             try:
                 results.setdefault(task.name, {})[name] = train_geometry(
-                    cfg, task, name, g, targets_path(targets_dir, task.name), callbacks
+                    cfg, task, name, g, run.targets_file(task.name), callbacks
                 )
             except TargetError as e:
                 raise StageError(f"geometry {task.name}/{name}: {e}") from e
     if (rank := launched_rank()[0]) != 0:
-        return {"dir": str(Path(cfg.paths.run_dir) / "geometry"), "rank": rank}
+        return {"dir": str(run.geometries), "rank": rank}
     summary = {t: {n: FAMILIES[geometries[n]["family"]].headline(r) for n, r in rs.items()} for t, rs in results.items()}
     log.info("trained geometries:\n%s", json.dumps(summary, indent=2))
-    return {"dir": str(Path(cfg.paths.run_dir) / "geometry"), "summary": summary, "geometries": results,
+    return {"dir": str(run.geometries), "summary": summary, "geometries": results,
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip

@@ -29,13 +29,14 @@ import yaml
 
 from geosteer.models.gaga import GAGA
 from geosteer.models.lm import load_causal_lm
+from geosteer.pipeline.common import RunLayout
 from geosteer.pipeline import cli, extract, targets, train
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
             "geometry.gaga_out.batch_size=64", "geometry.gaga_out.min_steps_per_epoch=2"]  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
-STORE = Path("extract") / extract.STORE
+STORE = RunLayout(Path()).store  # relative to a run folder
 EXPORT = Path("geometry") / "weekdays" / "gaga_out"
 
 

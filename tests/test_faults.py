@@ -22,6 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from geosteer.data.store import ActivationStore, StoreError
+from geosteer.pipeline.common import RunLayout
 from geosteer.pipeline import extract, targets, train
 from tests.conftest import make_cfg
 
@@ -99,10 +100,10 @@ def test_extract_killed_mid_way_resumes_to_the_same_store(clean):
     k = int(kill_point("extract").integers(2, 30))  # of the 46 chunks (294 + 420 prompts in chunks of 16)
     kill_when(command(root, args, "extract"), lambda: len(list(out.glob(".partial-*/*/chunk_*.npz"))) >= k)
     with pytest.raises(StoreError, match="no activation store"):
-        ActivationStore(out / extract.STORE)  # nothing half-written reads as complete
+        ActivationStore(RunLayout(out.parent).store)  # nothing half-written reads as complete
     assert not (out / "stage.json").exists()
     rerun(root, args, "extract")
-    same_h5(root / "clean" / "extract" / extract.STORE, out / extract.STORE)
+    same_h5(RunLayout(root / "clean").store, RunLayout(out.parent).store)
     assert not list(out.glob(".*")), "chunks and temporary files are gone once the store is complete"
 
 

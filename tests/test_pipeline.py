@@ -12,12 +12,12 @@ from safetensors.numpy import load_file
 from geosteer.data.store import ActivationStore
 from geosteer.pipeline import cli, extract
 from geosteer.pipeline import lm as lm_stage
-from geosteer.pipeline.common import StageError
+from geosteer.pipeline.common import RunLayout, StageError
 from tests.conftest import make_cfg
 
 
 def _store(cfg):
-    return ActivationStore(f"{cfg.paths.run_dir}/extract/{extract.STORE}")
+    return ActivationStore(RunLayout.of(cfg).store)
 
 
 def _assert_same_store(a, b):
@@ -54,19 +54,19 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_cfg):
 
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg, on_chunk=crash)
-    store_path = f"{cfg.paths.run_dir}/extract/{extract.STORE}"
+    store_path = RunLayout.of(cfg).store
     with pytest.raises(Exception, match="no activation store"):
         ActivationStore(store_path)  # nothing half-written is readable as complete
     extract.run(cfg)
     clean = tiny_cfg("run_name=clean")
     extract.run(clean)
-    _assert_same_store(store_path, f"{clean.paths.run_dir}/extract/{extract.STORE}")
+    _assert_same_store(store_path, RunLayout.of(clean).store)
 
 
 def test_rerun_is_a_no_op_and_another_config_is_refused(tiny_cfg):
     cfg = tiny_cfg()
     first = extract.run(cfg)
-    path = f"{cfg.paths.run_dir}/extract/{extract.STORE}"
+    path = RunLayout.of(cfg).store
     before = open(path, "rb").read()
     assert extract.run(cfg) == first
     with pytest.raises(StageError, match="different config.*overwrite=true"):
@@ -154,8 +154,8 @@ def test_sharded_extraction_equals_one_process(tiny_cfg):
     assert extract.run(one)["ranks"] == 1
     result = extract.run(two)
     assert result["ranks"] == 2 and set(result["tasks"]) == {"weekdays", "months"}
-    path = Path(two.paths.run_dir) / "extract" / extract.STORE
-    _assert_same_store(Path(one.paths.run_dir) / "extract" / extract.STORE, path)
+    path = RunLayout.of(two).store
+    _assert_same_store(RunLayout.of(one).store, path)
     with h5py.File(path, "r") as f:
         shards = [f"shards-{f.attrs['fingerprint']}/rank-{r}-of-2.h5" for r in range(2)]
         used = {t: [s.file_name for s in f[t]["h"].virtual_sources()] for t in f}

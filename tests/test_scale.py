@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file
 
 from geosteer.pipeline import cli, extract, targets, train
-from geosteer.pipeline.common import CONFIG_DIR, StageError
+from geosteer.pipeline.common import RunLayout, CONFIG_DIR, StageError
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_torchrun_ranks_extract_and_train_like_one_process_and_like_spawned_rank
     torchrun("stage=extract", "run_name=launched", *args, *TORCHRUN_CPU)
     single = make_cfg(tmp_path, "run_name=single", *args)
     extract.run(single)
-    launched, one = (tmp_path / r / "extract" / extract.STORE for r in ("launched", "single"))
+    launched, one = (RunLayout(tmp_path / r).store for r in ("launched", "single"))
     with h5py.File(launched, "r") as f:
         assert f.attrs["ranks"] == 2
     a, b = rows_of(launched), rows_of(one)
@@ -81,9 +81,9 @@ def test_a_sweep_over_tasks_runs_one_job_each_through_submitit(tmp_path, tiny_lm
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     both = make_cfg(tmp_path, "run_name=both", "tasks=[weekdays,months]", *args[1:])
     extract.run(both)
-    together = rows_of(tmp_path / "both" / "extract" / extract.STORE)
+    together = rows_of(RunLayout(tmp_path / "both").store)
     for task in ("weekdays", "months"):
-        alone = rows_of(tmp_path / f"sweep-{task}" / "extract" / extract.STORE)
+        alone = rows_of(RunLayout(tmp_path / f"sweep-{task}").store)
         assert list(alone) == [task]
         assert all(np.array_equal(alone[task][n], together[task][n]) for n in together[task])
 

@@ -22,8 +22,8 @@ from geosteer.data.targets import (
     pair_distance_std,
     phate_coords,
     stratified_split,
-    targets_path,
 )
+from geosteer.pipeline.common import RunLayout
 from geosteer.pipeline import cli, extract, targets
 from tests.conftest import make_cfg
 
@@ -142,7 +142,7 @@ def targets_run(tmp_path_factory, tiny_lm_dir):
 def test_stage_writes_a_file_per_task_with_both_targets_and_a_split(targets_run):
     cfg, result = targets_run
     for task, summary in result["tasks"].items():
-        with h5py.File(targets_path(result["dir"], task), "r") as f:
+        with h5py.File(RunLayout.of(cfg()).targets_file(task), "r") as f:
             n = summary["n"]
             assert f["hellinger/coords"].shape == (n, f["hellinger"].attrs["dim"])
             assert f["phate/coords"].shape == (n, n) and not f["phate"].attrs["landmarks"]
@@ -154,7 +154,7 @@ def test_stage_writes_a_file_per_task_with_both_targets_and_a_split(targets_run)
 
 def test_batches_come_in_pdist_order_and_normalised_by_the_train_pair_std(targets_run):
     cfg, result = targets_run
-    path = targets_path(result["dir"], "weekdays")
+    path = RunLayout.of(cfg()).targets_file("weekdays")
     pairs = PairwiseTargets(path, "hellinger", split="train")
     index = pairs.rows[[5, 0, 17, 3, 9]]  # any order
     batch = pairs.batch(index)
@@ -165,7 +165,7 @@ def test_batches_come_in_pdist_order_and_normalised_by_the_train_pair_std(target
     np.testing.assert_allclose(batch.dist.numpy(), expected, rtol=1e-5)
     train_pairs = pdist(coords[pairs.rows])
     assert pairs.scale == pytest.approx(train_pairs.std(ddof=1), rel=1e-5)  # weekdays: all training pairs
-    with ActivationStore(f"{cfg().paths.run_dir}/extract/{extract.STORE}") as store:
+    with ActivationStore(RunLayout.of(cfg()).store) as store:
         np.testing.assert_array_equal(batch.x.numpy(), store.read("weekdays", ["h"])["h"][index])
     clone = pickle.loads(pickle.dumps(pairs))
     assert clone._data is None and torch.equal(clone.batch(index).dist, batch.dist)
@@ -177,7 +177,7 @@ def test_batches_come_in_pdist_order_and_normalised_by_the_train_pair_std(target
 
 def test_rerun_is_a_no_op_and_a_changed_parameter_recomputes_only_its_group(targets_run):
     cfg, result = targets_run
-    path = targets_path(result["dir"], "months")
+    path = RunLayout.of(cfg()).targets_file("months")
     before = path.read_bytes()
     again = targets.run(cfg())
     assert path.read_bytes() == before
@@ -192,7 +192,7 @@ def test_rerun_is_a_no_op_and_a_changed_parameter_recomputes_only_its_group(targ
 
 def test_identical_config_gives_identical_coordinates(targets_run, tmp_path):
     cfg, result = targets_run
-    path = targets_path(result["dir"], "weekdays")
+    path = RunLayout.of(cfg()).targets_file("weekdays")
     copy = tmp_path / "weekdays.h5"
     copy.write_bytes(path.read_bytes())
     path.unlink()
@@ -206,14 +206,14 @@ def test_identical_config_gives_identical_coordinates(targets_run, tmp_path):
 def test_nan_activations_name_the_task_and_the_row_count(tiny_cfg):
     cfg = tiny_cfg("tasks=[weekdays]")
     extract.run(cfg)
-    store = f"{cfg.paths.run_dir}/extract/{extract.STORE}"
+    store = RunLayout.of(cfg).store
     with h5py.File(store, "r+") as f:
         h = f["weekdays/h"][:]
         h[[3, 10, 11]] = np.nan
         f["weekdays/h"][...] = h
     with pytest.raises(TargetError, match=r"task 'weekdays': 3 of 294 rows .* NaN or Inf \(first at row 3\)"):
         targets.run(cfg)
-    assert not (targets_path(f"{cfg.paths.run_dir}/targets", "weekdays")).exists()
+    assert not RunLayout.of(cfg).targets_file("weekdays").exists()
 
 
 def test_missing_or_foreign_store_is_refused_with_the_fix(tiny_cfg):
@@ -221,7 +221,7 @@ def test_missing_or_foreign_store_is_refused_with_the_fix(tiny_cfg):
     with pytest.raises(Exception, match="no activation store.*stage=extract"):
         cli.run(tiny_cfg("tasks=[weekdays]", "stage=targets"))
     extract.run(cfg)
-    with h5py.File(f"{cfg.paths.run_dir}/extract/{extract.STORE}", "r+") as f:
+    with h5py.File(RunLayout.of(cfg).store, "r+") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION + 1
     with pytest.raises(Exception, match=f"schema_version {SCHEMA_VERSION + 1}.*overwrite=true"):
         targets.run(cfg)

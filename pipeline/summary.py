@@ -1,0 +1,50 @@
+"""What `pipeline` prints when it is done: a short summary to read. Each stage's full result stays in its
+product's `stage.json`; third-party chatter (Lightning's tips, device banners, known warnings) is kept out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from typing import Any
+
+from geosteer.pipeline.common import RunLayout
+
+SHOWN = ("top1_at_end", "E_B")  # the headline metrics: does the target answer win at the end, and how directly
+
+
+def quiet_third_parties() -> None:
+    """Silence what other libraries print on every run that says nothing about this one."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # device banners, tips, "Seed set to", "fit stopped"
+    for message in (r".*isinstance\(treespec, LeafSpec\).*", r".*module\(s\) in eval mode.*",
+                    r".*smaller than the logging interval.*", r".*does not have many workers.*"):  # fmt: skip
+        warnings.filterwarnings("ignore", message=message)
+
+
+def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
+    """Where the products are, the time per stage, the trained geometries, the headline table and the verdicts."""
+    times = [f"{stage} {r['seconds']:.0f} s" for stage, r in results.items() if isinstance(r.get("seconds"), (int, float))]
+    lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", f"time per stage: {', '.join(times)}"]
+    if "train" in results and "summary" in results["train"]:
+        lines += [f"geometries, exported to {run.geometries}:"]
+        lines += [f"  {task}/{name}: " + ", ".join(f"{k} {v}" for k, v in headline.items())
+                  for task, geometries in results["train"]["summary"].items() for name, headline in geometries.items()]  # fmt: skip
+    if "eval" in results and (run.eval / "results.json").is_file():
+        lines += [f"report: {results['eval']['report']}", *headline_table(run), "verdicts:"]
+        lines += [f"  {claim}: {verdict}" for claim, verdict in results["eval"].get("verdicts", {}).items()]
+    return "\n".join(lines)
+
+
+def headline_table(run: RunLayout) -> list[str]:
+    """Methods × tasks of the SHOWN metrics' means, from the evaluation's results.json."""
+    rows = json.loads((run.eval / "results.json").read_text())["summary"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cells = {(r["label"], r["task"], r["metric"]): r["mean"] for r in rows}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    width = max(map(len, labels))
+    out = [f"{' / '.join(SHOWN)} per method (mean over pairs):", "  " + " " * width + "".join(f"{t:>16}" for t in tasks)]
+    for label in labels:
+        values = ["/".join(f"{cells.get((label, t, m), float('nan')):.2f}" for m in SHOWN) for t in tasks]
+        out.append(f"  {label:<{width}}" + "".join(f"{v:>16}" for v in values))
+    return out
