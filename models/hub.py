@@ -8,6 +8,8 @@ metrics) in `self.meta`; `from_pretrained` never unpickles.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -98,7 +100,8 @@ class ShippedGeometry(PyTorchModelHubMixin):
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
-        return super()._from_pretrained(strict=strict, **kwargs)  # every tensor must be in the file
+        with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints "Loading weights from local directory"
+            return super()._from_pretrained(strict=strict, **kwargs)  # every tensor must be in the file
 
     @classmethod
     def _load_as_pickle(cls, model, model_file: str, map_location: str, strict: bool):

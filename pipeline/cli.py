@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import re
 import sys
@@ -22,7 +21,8 @@ from geosteer.models.hub import CheckpointError, GeometryMismatch
 from geosteer.models.lm import ModelLoadError
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import extract, lm, targets, train
-from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, check_run_dir, launched_rank, log
+from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, RunLayout, StageError, check_run_dir, launched_rank, log
+from geosteer.pipeline.summary import quiet_third_parties, summary
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
 USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError, CheckpointError, GeometryMismatch)
@@ -134,6 +134,7 @@ def main() -> None:
     if errors:
         print(f"error: {'; '.join(errors)}.", file=sys.stderr)
         sys.exit(1)
+    quiet_third_parties()
     hydra_main()
 
 
@@ -158,4 +159,4 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(1)
-    log.info("result:\n%s", json.dumps(result, indent=2, default=str))
+    log.info("%s", summary(result, RunLayout.of(cfg)))

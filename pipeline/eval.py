@@ -64,6 +64,7 @@ from geosteer.models.metrics import (
 from geosteer.models.steering import carrier_rows, intervene, steer, steering_pairs, subspace_replace
 from geosteer.models.tail import CarrierTail, log_concept_probs
 from geosteer.pipeline import extract, report
+from geosteer.pipeline.figures import task_figures
 from geosteer.pipeline.common import (
     RunLayout,
     StageError,
@@ -365,7 +366,7 @@ def run(cfg: DictConfig) -> dict:
             data = read_task(store, task, cfg.targets.val_fraction, cfg.seed)
             results, figures = evaluate_task(cfg, data, lm, tokenizer, layer)
             if cfg.eval.figures:
-                results["figures"] = report.task_figures(data, results, figures, work)
+                results["figures"] = task_figures(data, results, figures, work)
             atomic_write_text(done_file, json.dumps(results, indent=1))
             per_task[task.name] = results
     summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), methods, source)

@@ -24,7 +24,8 @@ def quiet_third_parties() -> None:
 
 def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
     """Where the products are, the time per stage, the trained geometries, the headline table and the verdicts."""
-    times = [f"{stage} {r['seconds']:.0f} s" for stage, r in results.items() if isinstance(r.get("seconds"), (int, float))]
+    seconds = {stage: r.get("seconds", r.get("train_seconds")) for stage, r in results.items()}  # the LM's: train_seconds
+    times = [f"{stage} {s:.0f} s" for stage, s in seconds.items() if isinstance(s, (int, float))]
     lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", f"time per stage: {', '.join(times)}"]
     if "train" in results and "summary" in results["train"]:
         lines += [f"geometries, exported to {run.geometries}:"]

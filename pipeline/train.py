@@ -88,6 +88,20 @@ class PointCloudData(L.LightningDataModule):
         return self._loader(self.val, list(rows.split(self.batch_size)))
 
 
+class EpochLog(L.Callback):
+    """A log line per validation: the progress bar shows only in a terminal, this also in the run's log file."""
+
+    def __init__(self, what: str, monitor: str):
+        self.what, self.monitor = what, monitor
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or not trainer.is_global_zero or value is None:
+            return
+        log.info("%s: epoch %d of at most %d, %s %.4g", self.what, trainer.current_epoch + 1, trainer.max_epochs,
+                 self.monitor, float(value))  # fmt: skip
+
+
 def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
     geometries = to_plain(cfg.get("geometry")) or {}
     if not geometries:
@@ -144,7 +158,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     stop = EarlyStopping(monitor=monitor, patience=g["patience"])
     logger = make_logger(cfg, f"train-{task.name}-{name}", run_id_file=work / "run_id")
     trainer = instantiate(cfg.trainer, max_epochs=g["max_epochs"], logger=logger,
-                          callbacks=[best, latest, stop, *callbacks], use_distributed_sampler=False,
+                          callbacks=[best, latest, stop, EpochLog(f"{task.name}/{name}", monitor), *callbacks],
+                          use_distributed_sampler=False,
                           default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
     resume = resume_checkpoint(last, f"{task.name}/{name}")
