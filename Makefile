@@ -31,6 +31,8 @@ run: $(STAMP)
 	$(BIN)/pipeline stage=all
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
 bench: $(STAMP)

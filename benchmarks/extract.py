@@ -129,8 +129,12 @@ def main() -> None:
             for r in range(args.repeats):  # interleaved, so drifts in machine speed hit all three alike
                 bare.append(timed(lambda: bare_forward(model, tokenizer, texts)))
                 hooked.append(timed(lambda: hooked_forward(model, tokenizer, prompts, schemas, layer)))
-                full.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / str(r), compression)))
-                gzip.append(timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / f"gz{r}", "gzip")))
+                full.append(
+                    timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / str(r), compression))
+                )
+                gzip.append(
+                    timed(lambda: extraction(model, tokenizer, prompts, schemas, tasks, layer, Path(tmp) / f"gz{r}", "gzip"))
+                )
         row = {
             "model": name,
             "prompts": len(texts),
@@ -147,8 +151,16 @@ def main() -> None:
             f"writes {row['extraction_prompts_per_s']:.0f} (ratio {row['ratio']:.3f})"
         )
         results.append(row)
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
-            "batch_size": BATCH, "chunk_size": CHUNK, "compression": compression, "repeats": args.repeats, "target_ratio": 0.9}
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+        "batch_size": BATCH,
+        "chunk_size": CHUNK,
+        "compression": compression,
+        "repeats": args.repeats,
+        "target_ratio": 0.9,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -44,12 +44,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geosteer.data.tasks import load_task
-from geosteer.models.geodesic_bridge import GeodesicBridge
+from geosteer.models.geodesic_bridge import GeodesicBridge, knn_mean_distance
 from geosteer.models.geodesics import lbfgs_geodesic, linear_path, path_energy
 from geosteer.models.metrics import EncoderPullback, OutputPullback, output_jacobian_reference
 from geosteer.models.steering import fishback_direction, steer
 from geosteer.models.tail import CarrierTail
-from geosteer.models.geodesic_bridge import knn_mean_distance
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import CONFIG_DIR, timed
 

@@ -3,7 +3,7 @@
 For each task it reports the LM's answer accuracy (arg-max concept against the
 task's answer) and, at every candidate block, the centroid-swap rate: how often
 replacing the last token's `h` by a class centroid makes that class the arg-max
-(classes from the LM's own arg-max, as `stage=extract` makes them). SPEC §0 steers
+(classes from the LM's own arg-max, as `stage=extract` makes them). docs/method.md §0 steers
 at a late block where the answer is formed; the model config's `layer` is the
 best of this sweep. A task whose values are not single tokens for this tokenizer
 is reported as such. One forward pass per batch captures every candidate block.
@@ -67,8 +67,9 @@ def sweep(model_name: str, layers: list[int], tasks: list[str], carriers: int, m
         answers = np.array([p.label for p in prompts])
         labels, left_out = row_classes(rows["q"], answers, "argmax", min_class_rows)
         swap = {
-            layer: centroid_swap_rate(model, tokenizer, task, {"h": rows[layer]}, labels, layer, schema.variant_ids,
-                                      n_carriers=carriers)  # fmt: skip
+            layer: centroid_swap_rate(
+                model, tokenizer, task, {"h": rows[layer]}, labels, layer, schema.variant_ids, n_carriers=carriers
+            )  # fmt: skip
             for layer in layers
         }
         out["tasks"][name] = {

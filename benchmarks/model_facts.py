@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from geosteer.data.store import ActivationStore
-from geosteer.models.tail import log_concept_probs
-from geosteer.pipeline.common import load_lm
 from geosteer.models.steering import carrier_rows
-from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.common import RunLayout
+from geosteer.models.tail import CarrierTail, log_concept_probs
+from geosteer.pipeline.common import load_lm
+from geosteer.pipeline.products import RunLayout
 
 RESULTS = Path(__file__).parent / "results"
 CHORD_POINTS = 33

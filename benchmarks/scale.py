@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from train import synthetic_targets  # benchmarks/train.py: the synthetic ages store and targets
 
 from geosteer.data.targets import PairwiseTargets
 from geosteer.data.tasks import load_task
@@ -39,8 +40,6 @@ from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline import extract
 from geosteer.pipeline.common import CONFIG_DIR, to_plain
 from geosteer.pipeline.train import FAMILIES, PointCloudData
-
-from train import synthetic_targets  # benchmarks/train.py: the synthetic ages store and targets
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 TASKS = ["weekdays", "months", "letters", "ages"]

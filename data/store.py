@@ -1,4 +1,4 @@
-"""The activation store: one HDF5 file, one group per task (layout in README.md).
+"""The activation store: one HDF5 file, one group per task (layout in docs/methods.md).
 
 Extraction writes finished chunks as separate files (each renamed into place
 when complete), so a crash loses at most the chunk in progress. Each extraction

@@ -1,4 +1,4 @@
-"""Distance targets as coordinates (SPEC §3): Hellinger and PHATE diffusion potential.
+"""Distance targets as coordinates (docs/method.md §3): Hellinger and PHATE diffusion potential.
 
 A target distance is the Euclidean distance between two rows of a coordinate
 array, so nothing N×N is ever formed: memory is O(N·m). PHATE is Moon et al.
@@ -6,7 +6,7 @@ array, so nothing N×N is ever formed: memory is O(N·m). PHATE is Moon et al.
 data" (the `phate` package); its coordinates are the rows of the potential
 `U = −log(Pᵗ + 1e-7)`, N×N exact or N×L with L landmarks.
 
-One targets file per task (`<run>/targets/<task>.h5`, layout in README.md);
+One targets file per task (`<run>/targets/<task>.h5`, layout in docs/methods.md);
 `PairwiseTargets` serves mini-batches of points with their target distances.
 """
 
@@ -53,7 +53,7 @@ def hellinger_coords(q: np.ndarray) -> np.ndarray:
 
 
 def l2_normalise(h: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (SPEC §3: PHATE sees directions, not magnitudes). (N, d) float64."""
+    """Rows scaled to unit norm (docs/method.md §3: PHATE sees directions, not magnitudes). (N, d) float64."""
     h = h.astype(np.float64)
     return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
 
@@ -355,4 +355,3 @@ class PairwiseTargets:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_data": None}  # workers re-read the files rather than copy arrays through pickle
-

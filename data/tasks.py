@@ -1,8 +1,8 @@
-"""Tasks as data: a YAML file under `configs/task/` defines a task (SPEC §1).
+"""Tasks as data: a YAML file under `configs/task/` defines a task (docs/method.md §1).
 
 A task names its values, topology, numbers, templates and answer rule; this
 module turns it into prompts and, given a tokenizer, into a concept schema
-(the token-id variants of every concept value, SPEC §0). No task needs code.
+(the token-id variants of every concept value, docs/method.md §0). No task needs code.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ class Task:
         if not self.numbers:
             raise TaskError(f"{where}: the numbers list is empty; give at least one step size.")
         if not self.templates:
-            raise TaskError(f"{where}: the template list is empty; add at least one template with "
-                            f"{_fields(TEMPLATE_FIELDS[self.answer_rule][0])}.")
+            raise TaskError(
+                f"{where}: the template list is empty; add at least one template with "
+                f"{_fields(TEMPLATE_FIELDS[self.answer_rule][0])}."
+            )
         needed, allowed = TEMPLATE_FIELDS[self.answer_rule]
         for i, template in enumerate(self.templates):
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
@@ -84,9 +86,11 @@ class Task:
                     f"'{self.answer_rule}' each template needs {_fields(needed)} and may use {_fields(allowed)}."
                 )
         if not self.contexts or not all(isinstance(c, str) for c in self.contexts):
-            raise TaskError(f"{where}: contexts must be a non-empty list of strings (\"\" for none), got {self.contexts!r}.")
+            raise TaskError(f'{where}: contexts must be a non-empty list of strings ("" for none), got {self.contexts!r}.')
         if self.answer_rule == "next" and min(self.numbers) < 1:
-            raise TaskError(f"{where}: with answer_rule 'next' the numbers are run lengths and must be ≥ 1, got {list(self.numbers)}.")
+            raise TaskError(
+                f"{where}: with answer_rule 'next' the numbers are run lengths and must be ≥ 1, got {list(self.numbers)}."
+            )
         for pattern in self.variants:
             fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
             if not fields or not fields <= VARIANT_FIELDS:
@@ -176,8 +180,19 @@ class Task:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
-        known = {"name", "topology", "answer_rule", "values", "numbers", "number_words", "concepts", "variants", "templates",
-                 "contexts", "run_separator"}
+        known = {
+            "name",
+            "topology",
+            "answer_rule",
+            "values",
+            "numbers",
+            "number_words",
+            "concepts",
+            "variants",
+            "templates",
+            "contexts",
+            "run_separator",
+        }
         name = d.get("name", "<unnamed>")
         unknown = sorted(set(d) - known)
         if unknown:
@@ -245,7 +260,7 @@ class ConceptSchema:
 
 
 def concept_schema(task: Task, tokenizer: Any, tokenizer_name: str) -> ConceptSchema:
-    """Find the single-token variants of every concept value in `tokenizer` (SPEC §0).
+    """Find the single-token variants of every concept value in `tokenizer` (docs/method.md §0).
 
     Raises:
         TaskError: a value has no single-token variant, or two values share a token.

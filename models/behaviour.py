@@ -1,4 +1,4 @@
-"""Behaviour metrics of a steering path (SPEC §9), read off the concept distributions q it produces.
+"""Behaviour metrics of a steering path (docs/method.md §9), read off the concept distributions q it produces.
 
 A behaviour point q is a distribution over K concept bins plus "other" (last
 bin), shape (..., K+1). Trajectories are q (W, C, K+1): waypoints × carriers,
@@ -64,7 +64,7 @@ def _valid(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def bhattacharyya_energy(q: torch.Tensor, manifold: BehaviourManifold, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """E_B = mean_c Σ_{valid t} D_B(q_{t,c}, B); unmasked it is SPEC's Σ_t mean_c D_B. q (W, C, K+1) → ()"""
+    """E_B = mean_c Σ_{valid t} D_B(q_{t,c}, B); unmasked it is docs/method.md's Σ_t mean_c D_B. q (W, C, K+1) → ()"""
     D = manifold.distance(q)  # (W, C)
     return torch.where(_valid(q, mask), D, 0).sum(0).mean()
 

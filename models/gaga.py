@@ -1,4 +1,4 @@
-"""GAGA: geometry-aware autoencoders (Sun et al. 2025, arXiv 2410.12779), SPEC §4.
+"""GAGA: geometry-aware autoencoders (Sun et al. 2025, arXiv 2410.12779), docs/method.md §4.
 
 An encoder E: R^D → R^k and a decoder G: R^k → R^D, MLPs whose hidden
 layers are Linear → BatchNorm → ReLU. Inputs are the raw activations h (d);

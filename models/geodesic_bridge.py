@@ -1,4 +1,4 @@
-"""GeodesicBridge: an amortised curve generator between two activations (SPEC §5).
+"""GeodesicBridge: an amortised curve generator between two activations (docs/method.md §5).
 
     γ(t; x_a, x_b) = (1−t)·x_a + t·x_b + 4t(1−t) · s · σ ⊙ MLP([x̃_a, x̃_b, t])
 

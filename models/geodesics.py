@@ -1,4 +1,4 @@
-"""Geodesic solvers (SPEC §5): a path is T+1 waypoints with exact endpoints.
+"""Geodesic solvers (docs/method.md §5): a path is T+1 waypoints with exact endpoints.
 
 - `linear_path`: the chord, the geodesic of a flat metric.
 - `LabelledSpline`: Wurgaft et al. 2026; a cubic spline through the class
@@ -65,12 +65,12 @@ def lbfgs_geodesic(
     tolerance: float = 1e-6,
     init: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Minimise each pair's discrete energy over its interior waypoints, J detached at each evaluation (SPEC §5).
+    """Minimise each pair's discrete energy over its interior waypoints, J detached at each evaluation (docs/method.md §5).
 
     A batched L-BFGS: every pair keeps its own history, step length and
     stopping test, so a batch of pairs solves to exactly what each pair solves
     to alone while the metric is evaluated for all pairs at once. Settings
-    follow SPEC §5 (`max_iter`, `history_size`, gradient and change tolerances);
+    follow docs/method.md §5 (`max_iter`, `history_size`, gradient and change tolerances);
     the line search is backtracking to the Armijo condition, per pair. A metric with `jvp_vjp` (an
     encoder or output pullback) is used through J·Δ and JᵀJ·Δ alone, never forming J; the gradient is
     taken in closed form from ∂e/∂Δ.

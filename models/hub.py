@@ -138,16 +138,19 @@ def model_card(ctor: dict, meta: dict, *, tags: list[str], title: str, summary: 
 
     A family gives its tags, title, summary paragraph, table rows and the line(s) of use after loading.
     """
-    m = meta["metrics"]
+    m, task = meta["metrics"], meta["task"]
     rows = [*rows, ("epochs / steps", f"{m['epochs']} / {m['steps']}"), ("git SHA", str(meta.get("git_sha")))]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""---
 library_name: geosteer
-tags: [geosteer, {", ".join(tags)}, steering-geometry, {meta["task"]["name"]}]
+tags: [geosteer, {", ".join(tags)}, steering-geometry, {task["name"]}]
 ---
 # {meta["geometry"]}: {title}
 
 {summary}
+
+Trained by geosteer on the residual stream of `{meta["lm"]}` after decoder block {meta["layer"]}, at the last prompt
+token of the `{task["name"]}` task ({len(task["values"])} values, {task["topology"]}).
 
 | {header} | |
 |---|---|

@@ -1,4 +1,4 @@
-"""INNSteer: invertible latent steering (arXiv 2606.08454), SPEC §8.
+"""INNSteer: invertible latent steering (arXiv 2606.08454), docs/method.md §8.
 
 An invertible flow φ (a FrEIA `SequenceINN` of affine coupling blocks) maps
 standardised activations to a latent space where each answer class c is a unit
@@ -11,7 +11,7 @@ So the steering path is a straight line in the latent, and a geodesic of the
 pullback metric `G_φ = J_φᵀ J_φ` on the activations (`models.metrics`).
 
 φ acts on the ambient space: raw h, or PCA(D) of h for wide models; there,
-steering keeps each carrier's part of h outside the subspace (SPEC §7 subspace
+steering keeps each carrier's part of h outside the subspace (docs/method.md §7 subspace
 replacement). Ambient inputs are standardised per dimension. The coupling
 subnets are built from flat config values, so weights go to `model.safetensors`
 and constructor arguments to `config.json`, and loading never unpickles.

@@ -109,7 +109,7 @@ def check_layer(model: nn.Module, layer: int) -> int:
     if not 0 <= layer < n:
         raise ModelLoadError(
             f"layer {layer} is out of range: the model has {n} decoder blocks (0 ... {n - 1}). "
-            f"Set model.layer to a block index; SPEC §0 suggests a late block such as {max(n - 2, 0)}."
+            f"Set model.layer to a block index; docs/method.md §0 suggests a late block such as {max(n - 2, 0)}."
         )
     return layer
 

@@ -1,4 +1,4 @@
-"""Pullback metrics as Jacobian factors (SPEC §4–§6): `G(x) = J(x)ᵀ J(x) + λ I`, G never formed.
+"""Pullback metrics as Jacobian factors (docs/method.md §4–§6): `G(x) = J(x)ᵀ J(x) + λ I`, G never formed.
 
 One contract, `Metric`: `jacobian(x)` maps points (B, D) to factors (B, r, D),
 and `lam` is λ_reg. Plug-ins:
@@ -102,7 +102,7 @@ def jacobian_products(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
     """λ_reg = rel × the metric's eigenvalue scale: the mean of JᵀJ's (at most min(r, D)) non-zero eigenvalues over x.
 
-    SPEC §4 sets λ_reg to 1e-3 of that scale. trace(JᵀJ) = ‖J‖²_F, so no eigenvalue is computed. x (B, D)
+    docs/method.md §4 sets λ_reg to 1e-3 of that scale. trace(JᵀJ) = ‖J‖²_F, so no eigenvalue is computed. x (B, D)
     """
     return rel * eigenvalue_scale(metric.jacobian(x))
 
@@ -156,7 +156,7 @@ def _identity_rows(R: int, b: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class OutputPullback:
-    """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h in a carrier's context (SPEC §6). Rows K+1, columns d.
+    """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h in a carrier's context (docs/method.md §6). Rows K+1, columns d.
 
     With a plain lm_head, ∂√q/∂u at the final hidden state u is taken in closed
     form and only the blocks after ℓ are differentiated (the "head trick").
@@ -276,7 +276,7 @@ def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, varian
     return torch.stack(out)
 
 
-# ---------------------------------------------------------------- metric alignment (SPEC §9)
+# ---------------------------------------------------------------- metric alignment (docs/method.md §9)
 
 
 def quadratic_forms(J: torch.Tensor, lam: float, v: torch.Tensor) -> torch.Tensor:

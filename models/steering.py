@@ -1,4 +1,4 @@
-"""Injection of paths into the LM (SPEC §7) and the point-wise steering baselines (SPEC §6).
+"""Injection of paths into the LM (docs/method.md §7) and the point-wise steering baselines (docs/method.md §6).
 
 Injection replaces block ℓ's output at a carrier's last position, either
 wholly or within a PCA subspace, and reads `q` back; all waypoints × carriers
@@ -172,7 +172,9 @@ def caa_direction(mean_source: torch.Tensor, mean_target: torch.Tensor) -> Calla
     return lambda h, carrier: (unit[carrier] if unit.ndim == 2 else unit).expand_as(h)
 
 
-def gradient_direction(tail: CarrierTail, variant_ids, target: int | torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def gradient_direction(
+    tail: CarrierTail, variant_ids, target: int | torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Euclidean gradient ascent on log q_target, unit length."""
 
     def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`tail(h; carrier)` of SPEC §0: the network after block ℓ at a carrier prompt's last position.
+"""`tail(h; carrier)` of docs/method.md §0: the network after block ℓ at a carrier prompt's last position.
 
 Under causal attention the carrier's earlier positions do not depend on the
 last position's `h`, so their keys and values are computed once per carrier

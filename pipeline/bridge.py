@@ -1,4 +1,4 @@
-"""The GeodesicBridge family (SPEC §5): the training system, the held-out comparison with L-BFGS, and the
+"""The GeodesicBridge family (docs/method.md §5): the training system, the held-out comparison with L-BFGS, and the
 family interface `pipeline.train` calls (`check`, `needs`, `build`, `system`, `MONITOR`, `evaluate`,
 `headline`, `model_card`).
 
@@ -11,7 +11,7 @@ a point cloud of B training activations; its two halves are the endpoints of B/2
       + w_man  · mean_t relu(r(γ_t) / max(r₀, r(c_t)) − 1)   on-manifold hinge
 
 E_p(γ) = ∫₀¹ ‖J_E(γ_t) γ̇_t‖² + λ‖γ̇_t‖² dt. n(x) is the mean distance from x to its k nearest training
-activations and n₀ its mean over the data (SPEC §5's density hinge h₀, in units of h₀).
+activations and n₀ its mean over the data (docs/method.md §5's density hinge h₀, in units of h₀).
 
 r(x) = ‖G(E(x̃)) − x̃‖² is GAGA's own reconstruction error (x̃ standardised, as in its L_rec), r₀ its mean
 over the data, and c_t the chord at the same t. A point is on the manifold when the autoencoder reconstructs
@@ -26,7 +26,7 @@ Two estimators of E_p (`energy`), both on a stratified random time grid in train
 - `jvp`: the mean of ‖J_E γ̇‖² + λ‖γ̇‖², γ̇ by forward-mode jvp in t and J_E γ̇ by one jvp through E. It is
   exact at every point, but a ReLU encoder's J_E is piecewise constant, so the parameter gradient of the
   sampled speed misses what moving the curve into a region of another J_E costs. Trained on it, the bridge's
-  energy rises, even on a fixed batch (README, GeodesicBridge). The secant differentiates E itself, which is
+  energy rises, even on a fixed batch (docs/methods.md, GeodesicBridge). The secant differentiates E itself, which is
   continuous, and sees that cost. Validation logs both.
 """
 
@@ -55,8 +55,9 @@ from geosteer.models.geodesic_bridge import (
 from geosteer.models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import EncoderPullback, regularisation
-from geosteer.pipeline.common import RunLayout, StageError, timed
+from geosteer.pipeline.common import StageError, timed
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
+from geosteer.pipeline.products import RunLayout
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -169,7 +170,9 @@ class BridgeFamily(Family):
     def check(self, name: str, g: dict[str, Any]) -> None:
         """Refuse settings that cannot train, naming the fix."""
         if g["energy"] not in ESTIMATORS:
-            raise StageError(f"geometry '{name}': energy={g['energy']!r} is unknown; set geometry.{name}.energy to one of {ESTIMATORS}.")
+            raise StageError(
+                f"geometry '{name}': energy={g['energy']!r} is unknown; set geometry.{name}.energy to one of {ESTIMATORS}."
+            )
         if g["times"] < 2 or g["eval"]["steps"] < 2:
             raise StageError(f"geometry '{name}': times={g['times']} and eval.steps={g['eval']['steps']} must be ≥ 2 "
                              f"(a curve needs interior points); e.g. geometry.{name}.times=32.")  # fmt: skip
@@ -194,7 +197,9 @@ class BridgeFamily(Family):
             )
         return {"encoder": folder}
 
-    def build(self, g: dict[str, Any], d: int, _K: int, meta: dict[str, Any], _seed: int) -> tuple[GeodesicBridge, dict[str, Any]]:
+    def build(
+        self, g: dict[str, Any], d: int, _K: int, meta: dict[str, Any], _seed: int
+    ) -> tuple[GeodesicBridge, dict[str, Any]]:
         """The untrained bridge of a config and its constructor arguments."""
         ctor = {"input_dim": d, "hidden": list(g["hidden"])}
         return GeodesicBridge(**ctor, meta=meta), ctor
@@ -210,7 +215,7 @@ class BridgeFamily(Family):
                  val: PairwiseTargets, folder: Path) -> dict[str, Any]:  # fmt: skip
         """The bridge against batched L-BFGS under the same G_E, on seeded held-out pairs; draws `folder/training.png`.
 
-        Both paths have `eval.steps` + 1 waypoints and are scored by SPEC §5's discrete energy (the one L-BFGS
+        Both paths have `eval.steps` + 1 waypoints and are scored by docs/method.md §5's discrete energy (the one L-BFGS
         minimises) and by drift against the training activations.
         """
         x_train = train[torch.as_tensor(train.rows)]["x"]
@@ -252,9 +257,7 @@ class BridgeFamily(Family):
 
     def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         m, task, enc = meta["metrics"], meta["task"], meta["needs"]["encoder"]
-        summary = (f"A GeodesicBridge trained by geosteer on the residual stream of `{meta['lm']}` after decoder block "
-                   f"{meta['layer']}, at the last prompt token of the `{task['name']}` task. One forward pass gives the "
-                   f"curve between two activations, γ(t; x_a, x_b) = (1−t)x_a + t x_b + 4t(1−t)·s·σ⊙MLP, approximating "
+        summary = (f"A GeodesicBridge. One forward pass gives the curve between two activations, γ(t; x_a, x_b) = (1−t)x_a + t x_b + 4t(1−t)·s·σ⊙MLP, approximating "
                    f"the geodesic of the pullback metric G_E of the GAGA encoder `{enc['geometry']}` (fingerprint "
                    f"`{enc['fingerprint']}`), and kept on the data by a density and an on-manifold hinge.")  # fmt: skip
         rows = [("energy ÷ L-BFGS geodesic's, median", f"{m['energy_vs_lbfgs_median']:.3f}"),
@@ -265,8 +268,14 @@ class BridgeFamily(Family):
                 ("hidden widths", str(ctor["hidden"]))]  # fmt: skip
         usage = (f"path = geometry(x_a, x_b, torch.linspace(0, 1, 17))  # x_a, x_b: (P, {ctor['input_dim']}) → "
                  f"(P, 17, {ctor['input_dim']})")  # fmt: skip
-        return {"tags": ["geodesic-bridge"], "title": f"amortised geodesics of {meta['lm']} on {task['name']}",
-                "summary": summary, "rows": rows, "usage": usage, "header": f"held-out pairs ({m['eval_pairs']})"}
+        return {
+            "tags": ["geodesic-bridge"],
+            "title": f"amortised geodesics of {meta['lm']} on {task['name']}",
+            "summary": summary,
+            "rows": rows,
+            "usage": usage,
+            "header": f"held-out pairs ({m['eval_pairs']})",
+        }
 
 
 def metric_of(encoder: GAGA, x_train: torch.Tensor, lam_rel: float) -> EncoderPullback:

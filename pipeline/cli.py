@@ -21,7 +21,8 @@ from geosteer.models.hub import CheckpointError, GeometryMismatch
 from geosteer.models.lm import ModelLoadError
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import extract, lm, targets, train
-from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, RunLayout, StageError, check_run_dir, launched_rank, log
+from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, launched_rank, log
+from geosteer.pipeline.products import RunLayout, check_run_dir
 from geosteer.pipeline.summary import quiet_third_parties, summary
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
@@ -159,4 +160,5 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(1)
-    log.info("%s", summary(result, RunLayout.of(cfg)))
+    if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
+        log.info("%s", summary(result, RunLayout.of(cfg)))

@@ -5,7 +5,7 @@ sample) run between the class centroids of h (mean activation per answer class).
 Path methods build T+1 waypoints once per pair; iterative methods step each
 carrier's own h until q_b reaches the threshold. Every waypoint goes into 16
 seeded carrier prompts of class a in one batched call through `CarrierTail`,
-and SPEC §9's metrics are read off q (`models.behaviour`). The learned
+and docs/method.md §9's metrics are read off q (`models.behaviour`). The learned
 geometries are then set against the analytical output metric G_out: their
 geodesics against G_out's (surrogate agreement), and their metrics against
 G_out's on held-out points in their own prompts (metric alignment).
@@ -64,23 +64,19 @@ from geosteer.models.metrics import (
 from geosteer.models.steering import carrier_rows, intervene, steer, steering_pairs, subspace_replace
 from geosteer.models.tail import CarrierTail, log_concept_probs
 from geosteer.pipeline import extract, report
-from geosteer.pipeline.figures import task_figures
 from geosteer.pipeline.common import (
-    RunLayout,
     StageError,
     atomic_write_text,
     close_logger,
-    current_result,
-    fingerprint,
-    load_tasks,
     lm_of_store,
+    load_tasks,
     log,
     make_logger,
-    replace_dir,
     to_plain,
-    write_stamp,
 )
+from geosteer.pipeline.figures import task_figures
 from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
+from geosteer.pipeline.products import RunLayout, current_result, fingerprint, replace_dir, write_stamp
 
 
 def read_task(store: ActivationStore, task: Task, val_fraction: float, seed: int) -> TaskData:
@@ -300,7 +296,10 @@ def metric_alignment(ctx: Context, methods: dict[str, SteeringMethod], geometrie
     J_F = FisherPullback(tail, carrier=own, top_k=a.fisher_top_k).jacobian(x)
     for name, J, lam in (("G_out", J_out, lam_out), ("G_F", J_F, e.lam_rel * eigenvalue_scale(J_F))):
         eig = factor_eigenvalues(J, lam)
-        results[name] = {"spectral_deviation": spectral_deviation(eig).tolist(), "effective_dim": effective_dimensionality(eig).tolist()}
+        results[name] = {
+            "spectral_deviation": spectral_deviation(eig).tolist(),
+            "effective_dim": effective_dimensionality(eig).tolist(),
+        }
     return results, scatter
 
 

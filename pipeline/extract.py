@@ -1,4 +1,4 @@
-"""stage=extract: residual activations and concept distributions of every task prompt (SPEC §2).
+"""stage=extract: residual activations and concept distributions of every task prompt (docs/method.md §2).
 
 One forward pass per batch gives `h` (block `model.layer`, last token) and
 `q` (full-vocabulary softmax at the last token, summed into concept bins plus
@@ -22,21 +22,8 @@ from tqdm.auto import tqdm
 from geosteer.data.store import ChunkDir, virtual_rows, write_shard, write_store, write_task_group
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, read_last_token, replace_last_token
-from geosteer.pipeline.common import (
-    RunLayout,
-    StageError,
-    close_logger,
-    current_result,
-    fingerprint,
-    git_sha,
-    load_lm,
-    load_tasks,
-    log,
-    make_logger,
-    read_stamp,
-    to_plain,
-    write_stamp,
-)
+from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.products import RunLayout, current_result, fingerprint, read_stamp, write_stamp
 
 POSITION_RULE = "last non-pad token (left padding)"
 
@@ -79,7 +66,7 @@ def row_classes(q: np.ndarray, answers: np.ndarray, rule: str, min_rows: int) ->
 @torch.inference_mode()
 def centroid_swap_rate(model, tokenizer, task: Task, rows, labels: np.ndarray, layer: int, variant_ids,
                        n_carriers: int = 16, seed: int = 0) -> float:  # fmt: skip
-    """How often replacing `h` by a class centroid makes that class the arg-max of `q` (SPEC §0).
+    """How often replacing `h` by a class centroid makes that class the arg-max of `q` (docs/method.md §0).
 
     Over `n_carriers` seeded prompts and every class of `labels` (−1: no class); near 1 means block
     `layer` carries the answer in a form that steering can move.
@@ -286,8 +273,16 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     for name, s in summary.items():
         log.info(
             "extracted %s: %d prompts, d=%d, K=%d, argmax-q accuracy %.1f%%, %d classes (%s), centroid swap rate %.1f%%",
-            *(name, s["n"], s["d"], s["K"], 100 * s["answer_accuracy"], s["n_classes"], s["classes"],
-              100 * s["centroid_swap_rate"]),
+            *(
+                name,
+                s["n"],
+                s["d"],
+                s["K"],
+                100 * s["answer_accuracy"],
+                s["n_classes"],
+                s["classes"],
+                100 * s["centroid_swap_rate"],
+            ),
         )
     if logger := make_logger(cfg, "extract"):
         logger.log_metrics({f"extract/{t}/{k}": v for t, row in summary.items() for k, v in row.items()

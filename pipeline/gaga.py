@@ -1,4 +1,4 @@
-"""The GAGA training system (Sun et al. 2025; SPEC §4): the losses, the schedule and their logging.
+"""The GAGA training system (Sun et al. 2025; docs/method.md §4): the losses, the schedule and their logging.
 
 The network is `geosteer.models.gaga.GAGA`; this module owns everything about training it,
 and registers the family `gaga` (`pipeline.family`'s contract) that `pipeline.train` calls.
@@ -169,12 +169,9 @@ class GagaFamily(Family):
 
     def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         m, task = meta["metrics"], meta["task"]
-        summary = (f"A GAGA encoder/decoder (Sun et al. 2025) trained by geosteer on the residual stream of `{meta['lm']}` "
-                   f"after decoder block {meta['layer']}, at the last prompt token of the `{task['name']}` task "
-                   f"({len(task['values'])} values, {task['topology']}). Its encoder E: R^{ctor['input_dim']} → "
-                   f"R^{ctor['latent_dim']} matches latent distances to **{meta['target']}** target distances (divided "
-                   f"by their training-pair std, {meta['target_scale']:.4g}); the pullback `J_Eᵀ J_E` of E is the "
-                   f"steering metric.")  # fmt: skip
+        summary = (f"A GAGA encoder/decoder (Sun et al. 2025). Its encoder E: R^{ctor['input_dim']} → R^{ctor['latent_dim']} "
+                   f"matches latent distances to **{meta['target']}** target distances (divided by their training-pair "
+                   f"std, {meta['target_scale']:.4g}); the pullback `J_Eᵀ J_E` of E is the steering metric.")  # fmt: skip
         rows = [("ambient space", f"PCA({ctor['pca_dim']}) of h" if ctor["pca_dim"] else "raw h"),
                 ("hidden widths", str(ctor["hidden"])),
                 ("val Spearman, latent vs target distances", f"{m['val_spearman']:.4f}"),

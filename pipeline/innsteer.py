@@ -1,4 +1,4 @@
-"""The INNSteer training system (SPEC §8) and its steering test through the LM.
+"""The INNSteer training system (docs/method.md §8) and its steering test through the LM.
 
 The network is `models.innsteer.InnSteer`; this module owns the objective, its
 logging, the non-finite guard, `steering_success`, which injects steered
@@ -39,7 +39,7 @@ def classes_of(coords: torch.Tensor, K: int) -> torch.Tensor:
 def nll(z: torch.Tensor, log_det: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """mean_i [½‖z_i − m_i‖² − log|det J_φ(x_i)|], each point's unit-Gaussian NLL about its centre m_i. (B, D), (B,), (B, D)
 
-    With m_i = μ_{c_i} this is SPEC §8's class-conditional objective.
+    With m_i = μ_{c_i} this is docs/method.md §8's class-conditional objective.
     """
     return (0.5 * (z - centres).pow(2).sum(1) - log_det).mean()
 
@@ -66,7 +66,7 @@ class InnSteerSystem(GeometrySystem):
         grad_clip: gradient-norm clip, applied by the system (so every trainer honours it).
         noise: std of Gaussian noise added to the standardised training inputs, a smoothing
             regulariser against memorising the few points per class; 0 turns it off.
-        centres: "argmax", each point's Gaussian at its arg-max class's mean (SPEC §8), or
+        centres: "argmax", each point's Gaussian at its arg-max class's mean (docs/method.md §8), or
             "soft", at the q-weighted mean of the class means (`soft_centres`).
     """
 
@@ -235,9 +235,7 @@ class InnSteerFamily(Family):
 
     def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         m, task = meta["metrics"], meta["task"]
-        summary = (f"An INNSteer flow (arXiv 2606.08454; docs/method.md §8 of geosteer) trained on the residual stream of "
-                   f"`{meta['lm']}` after decoder block {meta['layer']}, at the last prompt token of the `{task['name']}` "
-                   f"task ({len(task['values'])} values, {task['topology']}). φ, a FrEIA `SequenceINN` of "
+        summary = (f"An INNSteer flow (arXiv 2606.08454; docs/method.md §8 of geosteer). φ, a FrEIA `SequenceINN` of "
                    f"{ctor['num_blocks']} `{ctor['block']}` coupling blocks, maps standardised activations to a latent "
                    f"where each answer class (arg-max q) is a unit Gaussian around a learned mean μ_c. Steering from "
                    f"class a to b is `h' = φ⁻¹(φ(h) + α(μ_b − μ_a))`, a straight line in the latent and a geodesic of "

@@ -25,21 +25,9 @@ from geosteer.data.tasks import Prompt, Task, concept_schema
 from geosteer.models.lm import capture_residual, load_causal_lm, position_ids_for
 from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
-from geosteer.pipeline.common import (
-    StageError,
-    adamw_warmup_cosine,
-    close_logger,
-    current_result,
-    fingerprint,
-    load_tasks,
-    log,
-    make_logger,
-    replace_dir,
-    resume_checkpoint,
-    to_plain,
-    write_stamp,
-)
+from geosteer.pipeline.common import StageError, adamw_warmup_cosine, close_logger, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
+from geosteer.pipeline.products import current_result, fingerprint, replace_dir, resume_checkpoint, write_stamp
 
 
 class TaskLMSystem(L.LightningModule):

@@ -116,13 +116,13 @@ class SteeringMethod(Protocol):
     how: ClassVar[str]  # how the path is built, for the report
     family: ClassVar[str | None]  # the geometry family it steers with; then its YAML names the export
     metric_label: ClassVar[str | None]  # its geometry's metric in the metric alignment (None: none of its own)
+    compared: ClassVar[bool]  # a path method whose path is set against G_out's geodesic
 
 
 class PathMethod:
-    """Defaults of a path method: no geometry, and not compared with G_out's geodesic."""
+    """A path method; `geometry`, the export a method with a family steers with, comes from its YAML."""
 
-    kind, family, metric_label, geometry = "path", None, None, None
-    compared = False  # its raw path is a geodesic to set against G_out's (surrogate agreement)
+    kind, geometry = "path", None
 
     def paths(self, ctx: Context, pairs: list[tuple[int, int]], geometry) -> Paths:
         raise NotImplementedError
@@ -133,9 +133,9 @@ class PathMethod:
 
 
 class IterativeMethod:
-    """Defaults of an iterative method: no geometry; steps of ‖x_b − x_a‖/T."""
+    """An iterative method; by default its steps are ‖x_b − x_a‖/T."""
 
-    kind, family, metric_label, geometry = "iterative", None, None, None
+    kind, geometry = "iterative", None
 
     def direction(self, ctx: Context, tail: CarrierTail, source: torch.Tensor, target: torch.Tensor) -> Direction:
         raise NotImplementedError
@@ -148,10 +148,17 @@ class IterativeMethod:
 METHODS: dict[str, type] = {}
 
 
-def register_method(name: str):
-    """Class decorator: the method `method=[…, name]` selects, built from `configs/method/<name>.yaml`."""
+def register_method(name: str, *, label: str, role: str, how: str, family: str | None = None,
+                    metric_label: str | None = None, compared: bool = False):  # fmt: skip
+    """Class decorator: the method `method=[…, name]` selects, built from `configs/method/<name>.yaml`.
+
+    The keywords are the contract's facts for the report (`SteeringMethod`); `compared`: a path method whose raw
+    path is a geodesic to set against G_out's (surrogate agreement).
+    """
 
     def add(cls: type) -> type:
+        cls.label, cls.role, cls.how = label, role, how
+        cls.family, cls.metric_label, cls.compared = family, metric_label, compared
         METHODS[name] = cls
         return cls
 
@@ -173,7 +180,9 @@ def build_methods(selected: Any) -> dict[str, SteeringMethod]:
     return built
 
 
-def encoder_paths(ctx: Context, metric: EncoderPullback, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
+def encoder_paths(
+    ctx: Context, metric: EncoderPullback, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor
+) -> torch.Tensor:
     """L-BFGS geodesics of G_E = J_Eᵀ J_E + λI, λ at `lam_rel` of its scale on the points `fit_on`. → (P, W, D)"""
     e = ctx.e
     metric.lam = regularisation(metric, fit_on, e.lam_rel)
@@ -188,23 +197,19 @@ def fit_on(ctx: Context) -> torch.Tensor:
 # ---- the built-in methods ------------------------------------------------------------------------
 
 
-@register_method("linear")
+@register_method("linear", label="linear", role="baseline", how="chord between centroids, full replacement", compared=True)
 class Linear(PathMethod):
-    label, role, how = "linear", "baseline", "chord between centroids, full replacement"
-    compared = True
-
     def paths(self, ctx, pairs, geometry):
         chord = linear_path(*ctx.data.ends(pairs), ctx.e.steps)
         return Paths(chord, chord)
 
 
-@register_method("spline")
+@register_method(
+    "spline", label="labelled spline", role="baseline", how="PCA(64) spline through class centroids, subspace injection"
+)
 @dataclass
 class Spline(PathMethod):
     pca: int  # k of the PCA(k) the spline lives in
-    label: ClassVar = "labelled spline"
-    role: ClassVar = "baseline"
-    how: ClassVar = "PCA(64) spline through class centroids, subspace injection"
 
     def paths(self, ctx, pairs, geometry):
         data = ctx.data
@@ -215,34 +220,25 @@ class Spline(PathMethod):
         return Paths(w, subspace_replace(linear_path(*data.ends(pairs), ctx.e.steps), w, pca), pca)
 
 
-@register_method("gaga_out")
+@register_method("gaga_out", label="GAGA-Out + L-BFGS", role="learned", how="L-BFGS geodesic of G_E (GAGA-Out), full replacement",
+                 family="gaga", metric_label="GAGA-Out G_E", compared=True)  # fmt: skip
 @dataclass
 class GagaOut(PathMethod):
     geometry: str  # the export it steers with
-    label: ClassVar = "GAGA-Out + L-BFGS"
-    role: ClassVar = "learned"
-    how: ClassVar = "L-BFGS geodesic of G_E (GAGA-Out), full replacement"
-    family: ClassVar = "gaga"
-    metric_label: ClassVar = "GAGA-Out G_E"
-    compared: ClassVar = True
 
     def paths(self, ctx, pairs, geometry):
         path = encoder_paths(ctx, pullback_of(geometry), *ctx.data.ends(pairs), fit_on(ctx))
         return Paths(path, path)
 
 
-@register_method("gaga_phate")
+@register_method("gaga_phate", label="GAGA-PHATE + L-BFGS", role="learned", how="L-BFGS geodesic of G_E on its PCA(64), subspace injection",
+                 family="gaga", metric_label="GAGA-PHATE G_E", compared=True)  # fmt: skip
 @dataclass
 class GagaPhate(PathMethod):
     geometry: str
-    label: ClassVar = "GAGA-PHATE + L-BFGS"
-    role: ClassVar = "learned"
-    how: ClassVar = "L-BFGS geodesic of G_E on its PCA(64), subspace injection"
-    family: ClassVar = "gaga"
-    metric_label: ClassVar = "GAGA-PHATE G_E"
-    compared: ClassVar = True
 
-    def paths(self, ctx, pairs, geometry):  # its geodesic lives on its PCA; off the subspace G_E is λI, so the rest follows the chord
+    def paths(self, ctx, pairs, geometry):
+        """Its geodesic lives on its PCA; off the subspace G_E is λI, so the rest follows the chord."""
         x_a, x_b = ctx.data.ends(pairs)
         pca = PCA(geometry.pca_components, geometry.pca_mean)
         metric = EncoderPullback(lambda w: geometry.encoder(geometry.standardise(w)))  # PCA coordinates → latent
@@ -250,13 +246,10 @@ class GagaPhate(PathMethod):
         return Paths(w, subspace_replace(linear_path(x_a, x_b, ctx.e.steps), w, pca), pca)
 
 
-@register_method("g_out")
+@register_method("g_out", label="G_out + L-BFGS", role="target", how="L-BFGS geodesic of G_out on a pinned canonical carrier")
 @dataclass
 class GOut(PathMethod):
     max_iter: int  # its own L-BFGS cap: each iteration runs the LM tail
-    label: ClassVar = "G_out + L-BFGS"
-    role: ClassVar = "target"
-    how: ClassVar = "L-BFGS geodesic of G_out on a pinned canonical carrier"
 
     def paths(self, ctx, pairs, geometry):  # G_out on the pinned carrier, λ_reg from its scale on training activations
         data = ctx.data
@@ -268,15 +261,12 @@ class GOut(PathMethod):
         return Paths(path, path)
 
 
-@register_method("bridge")
+@register_method(
+    "bridge", label="GeodesicBridge", role="learned", how="one forward pass of the bridge", family="bridge", compared=True
+)
 @dataclass
 class Bridge(PathMethod):
     geometry: str
-    label: ClassVar = "GeodesicBridge"
-    role: ClassVar = "learned"
-    how: ClassVar = "one forward pass of the bridge"
-    family: ClassVar = "bridge"
-    compared: ClassVar = True
 
     @torch.no_grad()
     def paths(self, ctx, pairs, geometry):
@@ -284,15 +274,17 @@ class Bridge(PathMethod):
         return Paths(path, path)
 
 
-@register_method("innsteer")
+@register_method(
+    "innsteer",
+    label="INNSteer",
+    role="learned",
+    how="φ⁻¹(φ(x_a) + α(μ_b − μ_a)), α ∈ [0, 1]",
+    family="innsteer",
+    metric_label="INNSteer G_φ",
+)
 @dataclass
 class InnSteerMethod(PathMethod):
     geometry: str
-    label: ClassVar = "INNSteer"
-    role: ClassVar = "learned"
-    how: ClassVar = "φ⁻¹(φ(x_a) + α(μ_b − μ_a)), α ∈ [0, 1]"
-    family: ClassVar = "innsteer"
-    metric_label: ClassVar = "INNSteer G_φ"
 
     @torch.no_grad()
     def paths(self, ctx, pairs, geometry):
@@ -305,31 +297,31 @@ class InnSteerMethod(PathMethod):
         return geometry.geodesic(x_a, x_b, steps)  # its steering path ends at φ⁻¹(φ(x_a) + μ_b − μ_a), not at x_b
 
 
-@register_method("caa")
+@register_method("caa", label="CAA", role="baseline", how="unit mean-difference steps of ‖x_b − x_a‖/T to the threshold")
 class CAA(IterativeMethod):
-    label, role, how = "CAA", "baseline", "unit mean-difference steps of ‖x_b − x_a‖/T to the threshold"
-
     def direction(self, ctx, tail, source, target):
         return caa_direction(ctx.data.centroids[source], ctx.data.centroids[target])
 
 
-@register_method("gradient")
+@register_method(
+    "gradient",
+    label="gradient",
+    role="baseline",
+    how="unit Euclidean gradient steps on log q_b of ‖x_b − x_a‖/T to the threshold",
+)
 class Gradient(IterativeMethod):
-    label, role, how = "gradient", "baseline", "unit Euclidean gradient steps on log q_b of ‖x_b − x_a‖/T to the threshold"
-
     def direction(self, ctx, tail, source, target):
         return gradient_direction(tail, ctx.data.variant_ids, target)
 
 
-@register_method("fishback")
+@register_method(
+    "fishback", label="FishBack", role="baseline", how="natural-gradient steps (G_F + λI)⁻¹∇log q_b to the threshold"
+)
 @dataclass
 class FishBack(IterativeMethod):
     step_length: float  # of each step in the G_F norm (≈ Fisher–Rao distance)
     lam: float
     top_k: int | None  # the most probable tokens in each step's G_F (None: the whole vocabulary)
-    label: ClassVar = "FishBack"
-    role: ClassVar = "baseline"
-    how: ClassVar = "natural-gradient steps (G_F + λI)⁻¹∇log q_b to the threshold"
 
     def direction(self, ctx, tail, source, target):
         return fishback_direction(tail, ctx.data.variant_ids, target, self.lam, self.top_k)
@@ -338,14 +330,11 @@ class FishBack(IterativeMethod):
         return self.step_length
 
 
-@register_method("dual")
+@register_method("dual", label="dual steering", role="baseline", how="(Cov_p[g] + αI)⁻¹β steps of ‖x_b − x_a‖/T to the threshold")
 @dataclass
 class Dual(IterativeMethod):
     alpha: float
     top_k: int
-    label: ClassVar = "dual steering"
-    role: ClassVar = "baseline"
-    how: ClassVar = "(Cov_p[g] + αI)⁻¹β steps of ‖x_b − x_a‖/T to the threshold"
 
     def direction(self, ctx, tail, source, target):
         return dual_direction(tail, ctx.unembedding, ctx.data.variant_ids, source, target, self.alpha, self.top_k)

@@ -21,7 +21,6 @@ from geosteer.pipeline.common import atomic_write_text
 from geosteer.pipeline.figures import bars_figure
 from geosteer.pipeline.methods import SCORES
 
-
 ALPHA = 0.05  # significance level of the paired t-tests
 
 
@@ -127,7 +126,9 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
                 ok = gm > bm and np.isfinite(p) and p < ALPHA
                 holds.append(ok)
                 margins.append(gm - bm)
-                lines.append(f"{task} {metric}: GAGA-Out {gm:.4f} vs {base} {bm:.4f} (p = {p:.2g}, n = {n}){' ✓' if ok else ' ✗'}")
+                lines.append(
+                    f"{task} {metric}: GAGA-Out {gm:.4f} vs {base} {bm:.4f} (p = {p:.2g}, n = {n}){' ✓' if ok else ' ✗'}"
+                )
     verdict = _verdict(holds) if holds else "not testable: every comparison is a tie"
     if ties:
         verdict += f"; {ties} of {ties + len(holds)} comparisons are ties by construction (both paths end at x_b)"
@@ -208,7 +209,7 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
           "## Verdicts: the paper's directional claims on our runs", ""]  # fmt: skip
     for i, c in enumerate(claims, 1):
         md += [f"{i}. **{c['claim']}: {c['verdict']}.**", *[f"   - {line}" for line in c["evidence"]], ""]
-    md += ["## Behaviour along the paths (SPEC §9)", "",
+    md += ["## Behaviour along the paths (docs/method.md §9)", "",
            "Mean ± s.e. over pairs. ★ the best baseline (linear, spline, CAA, FishBack, dual) for that metric and task; "
            f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA}. "
            "¹ no exported geometry (reason below); – no defined value "
@@ -299,4 +300,3 @@ def log_to(logger, folder: Path, summary: dict[str, Any]) -> None:
                          data=[[m, *[v.get(t) for t in tasks]] for m, v in wide.items()])  # fmt: skip
     for png in sorted(folder.glob("*.png")):
         logger.log_image(f"eval/figures/{png.stem}", [str(png)])
-

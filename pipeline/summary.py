@@ -8,7 +8,7 @@ import logging
 import warnings
 from typing import Any
 
-from geosteer.pipeline.common import RunLayout
+from geosteer.pipeline.products import RunLayout
 
 SHOWN = ("top1_at_end", "E_B")  # the headline metrics: does the target answer win at the end, and how directly
 
@@ -24,6 +24,7 @@ def quiet_third_parties() -> None:
 
 def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
     """Where the products are, the time per stage, the trained geometries, the headline table and the verdicts."""
+    results = {stage: r for stage, r in results.items() if isinstance(r, dict)}  # launched ranks other than 0 return None
     seconds = {stage: r.get("seconds", r.get("train_seconds")) for stage, r in results.items()}  # the LM's: train_seconds
     times = [f"{stage} {s:.0f} s" for stage, s in seconds.items() if isinstance(s, (int, float))]
     lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", f"time per stage: {', '.join(times)}"]

@@ -1,4 +1,4 @@
-"""stage=targets: Hellinger and PHATE target coordinates of every task (SPEC §3).
+"""stage=targets: Hellinger and PHATE target coordinates of every task (docs/method.md §3).
 
 Each group of a task's targets file carries a cache key, a hash of its input
 arrays and parameters: a re-run recomputes only the groups whose key changed,
@@ -30,7 +30,8 @@ from geosteer.data.targets import (
     stratified_split,
     write_targets,
 )
-from geosteer.pipeline.common import RunLayout, close_logger, fingerprint, load_tasks, log, make_logger, to_plain, write_stamp
+from geosteer.pipeline.common import close_logger, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.products import RunLayout, fingerprint, write_stamp
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -186,4 +187,3 @@ def run(cfg: DictConfig) -> dict:
         close_logger(logger)
     write_stamp(out, "targets", fingerprint({"tasks": list(summary), "targets": tcfg, "seed": cfg.seed}), result)
     return result
-

@@ -33,28 +33,23 @@ from torch.utils.data import DataLoader
 from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError
 from geosteer.data.tasks import Task
 from geosteer.models.hub import model_card, read_config
+from geosteer.pipeline import bridge, gaga, innsteer  # noqa: F401  the built-in families register on import
 from geosteer.pipeline.common import (
     SAFE_NAME,
-    RunLayout,
     NonFiniteTraining,
     StageError,
     atomic_write_text,
     close_logger,
-    current_result,
-    fingerprint,
     git_sha,
     launched_rank,
     load_tasks,
     log,
     make_logger,
-    replace_dir,
-    resume_checkpoint,
     to_plain,
     wait_for_rank_zero,
-    write_stamp,
 )
-from geosteer.pipeline import bridge, gaga, innsteer  # noqa: F401  the built-in families register on import
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
+from geosteer.pipeline.products import RunLayout, current_result, fingerprint, replace_dir, resume_checkpoint, write_stamp
 
 GEOMETRY_SCHEMA_VERSION = 1
 

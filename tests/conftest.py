@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from wandb.proto import wandb_internal_pb2
 
 from geosteer.data.tasks import load_task
-from geosteer.pipeline import extract, targets
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+from geosteer.pipeline import extract, targets
 from geosteer.pipeline.common import CONFIG_DIR
 
 TASK_DIR = CONFIG_DIR / "task"

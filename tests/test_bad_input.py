@@ -1,4 +1,4 @@
-"""The bad-input catalogue (README, Troubleshooting): every case goes through the `pipeline` command.
+"""The bad-input catalogue (docs/troubleshooting.md): every case goes through the `pipeline` command.
 
 Each case starts from a finished run (store, targets, one exported geometry), spoils
 one thing or passes one bad override, and must end with exit code 1, one error
@@ -12,6 +12,7 @@ import ast
 import hashlib
 import inspect
 import json
+import logging
 import pathlib
 import re
 import resource
@@ -29,8 +30,8 @@ import yaml
 
 from geosteer.models.gaga import GAGA
 from geosteer.models.lm import load_causal_lm
-from geosteer.pipeline.common import RunLayout
 from geosteer.pipeline import cli, extract, targets, train
+from geosteer.pipeline.products import RunLayout
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
@@ -161,23 +162,46 @@ CASES = [
     ("unknown stage", None, ["stage=trian"], r"stage 'trian' is unknown; use one of \['lm', 'extract'"),
     ("unknown task", None, ["stage=extract", "tasks=[weekday]"], r"unknown task 'weekday'.*Known tasks: \["),
     ("unknown task group pick", None, ["stage=extract", "task=weekday"], r"task=weekday is unknown; task takes one of"),
-    ("unknown model", None, ["stage=extract", "model=llama"],
-     r"model=llama is unknown; model takes one of \['gemma3_270m', 'gpt2', 'llama31_8b', 'smollm2', 'task_lm'\]"),
+    (
+        "unknown model",
+        None,
+        ["stage=extract", "model=llama"],
+        r"model=llama is unknown; model takes one of \['gemma3_270m', 'gpt2', 'llama31_8b', 'smollm2', 'task_lm'\]",
+    ),
     ("unknown geometry", None, ["stage=train", "geometry=[gaga]"], r"geometry=gaga is unknown.*'gaga_out'"),
     ("unknown steering method", None, ["stage=eval", "method=[linear,geodesic]"], r"method=geodesic is unknown.*'linear'"),
-    ("layer out of range", None, ["stage=extract", "model.layer=7", "overwrite=true"],
-     r"layer 7 is out of range: the model has 3 decoder blocks.*Set model.layer"),
-    ("unknown dtype", None, ["stage=extract", "model.dtype=float8", "overwrite=true"],
-     r"dtype 'float8' is not supported; use one of"),
-    ("missing model folder", None, ["stage=extract", "model.pretrained=/nonexistent/lm", "overwrite=true"],
-     r"model path '/nonexistent/lm' does not exist.*save_pretrained"),
-    ("another config's store", None, ["stage=extract", "extract.batch_size=16"],
-     r"made by a different config.*overwrite=true"),
-    ("override of the wrong type", None, ["stage=extract", "extract.batch_size=abc"],
-     r"extract.batch_size='abc' is not an integer \(the default is 64\); e.g. extract.batch_size=64"),
+    (
+        "layer out of range",
+        None,
+        ["stage=extract", "model.layer=7", "overwrite=true"],
+        r"layer 7 is out of range: the model has 3 decoder blocks.*Set model.layer",
+    ),
+    (
+        "unknown dtype",
+        None,
+        ["stage=extract", "model.dtype=float8", "overwrite=true"],
+        r"dtype 'float8' is not supported; use one of",
+    ),
+    (
+        "missing model folder",
+        None,
+        ["stage=extract", "model.pretrained=/nonexistent/lm", "overwrite=true"],
+        r"model path '/nonexistent/lm' does not exist.*save_pretrained",
+    ),
+    ("another config's store", None, ["stage=extract", "extract.batch_size=16"], r"made by a different config.*overwrite=true"),
+    (
+        "override of the wrong type",
+        None,
+        ["stage=extract", "extract.batch_size=abc"],
+        r"extract.batch_size='abc' is not an integer \(the default is 64\); e.g. extract.batch_size=64",
+    ),
     ("a list given as one word", None, ["stage=extract", "tasks=weekdays"], r"tasks='weekdays' is not a list.*tasks=\["),
-    ("run name outside the outputs", None, ["stage=extract", "run_name=../elsewhere"],
-     r"run_name='../elsewhere' is not a plain folder name"),
+    (
+        "run name outside the outputs",
+        None,
+        ["stage=extract", "run_name=../elsewhere"],
+        r"run_name='../elsewhere' is not a plain folder name",
+    ),
     ("bad val_fraction", None, ["stage=targets", "targets.val_fraction=1.5"], r"val_fraction.*1.5"),
     ("corrupted store", corrupt, ["stage=targets"], r"not a readable HDF5 file.*re-run `pipeline stage=extract`"),
     ("truncated store", truncate, ["stage=targets"], r"not a readable HDF5 file.*truncated"),
@@ -185,31 +209,57 @@ CASES = [
     ("NaN activations", nan_rows, ["stage=targets"], r"1 of \d+ rows .* hold NaN or Inf \(first at row 3\)"),
     ("missing shard", drop_shard, ["stage=targets"], r"rank-0-of-1.h5, which is missing.*beside it"),
     ("train before targets", no_targets, ["stage=train"], r"no targets for \['weekdays'\].*stage=targets"),
-    ("checkpoint of another width", wrong_width, ["stage=eval", "method=[gaga_out]"],
-     r"trained on d=64 .* store holds d=32"),
-    ("checkpoint of another layer", wrong_layer, ["stage=eval", "method=[gaga_out]"],
-     r"trained on d=32 activations of layer 0, but the store holds d=32 at layer 1"),
-    ("checkpoint that is a pickle", pickled_export, ["stage=eval", "method=[gaga_out]"],
-     r"not a GAGA checkpoint that loads safely.*never a pickle"),
-    ("torn checkpoint config", torn_config, ["stage=eval", "method=[gaga_out]"],
-     r"config.json cannot be read \(JSONDecodeError.*Re-export it"),
-    ("resume checkpoint that is a pickle", pickled_last_ckpt, ["stage=train", "geometry.gaga_out.max_epochs=3",
-     "overwrite=true"], r"last.ckpt holds pickled objects other than tensors.*never unpickles code.*Delete it"),
-    ("empty task", empty_task, ["stage=extract", "tasks=[{scratch}/empty.yaml]", "overwrite=true"],
-     r"task 'empty': the template list is empty"),
-    ("value that is not one token", unknown_value, ["stage=extract", "tasks=[{scratch}/caturdays.yaml]",
-     "overwrite=true"], r"value 'Caturday' has no single-token variant"),
+    ("checkpoint of another width", wrong_width, ["stage=eval", "method=[gaga_out]"], r"trained on d=64 .* store holds d=32"),
+    (
+        "checkpoint of another layer",
+        wrong_layer,
+        ["stage=eval", "method=[gaga_out]"],
+        r"trained on d=32 activations of layer 0, but the store holds d=32 at layer 1",
+    ),
+    (
+        "checkpoint that is a pickle",
+        pickled_export,
+        ["stage=eval", "method=[gaga_out]"],
+        r"not a GAGA checkpoint that loads safely.*never a pickle",
+    ),
+    (
+        "torn checkpoint config",
+        torn_config,
+        ["stage=eval", "method=[gaga_out]"],
+        r"config.json cannot be read \(JSONDecodeError.*Re-export it",
+    ),
+    (
+        "resume checkpoint that is a pickle",
+        pickled_last_ckpt,
+        ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
+        r"last.ckpt holds pickled objects other than tensors.*never unpickles code.*Delete it",
+    ),
+    (
+        "empty task",
+        empty_task,
+        ["stage=extract", "tasks=[{scratch}/empty.yaml]", "overwrite=true"],
+        r"task 'empty': the template list is empty",
+    ),
+    (
+        "value that is not one token",
+        unknown_value,
+        ["stage=extract", "tasks=[{scratch}/caturdays.yaml]", "overwrite=true"],
+        r"value 'Caturday' has no single-token variant",
+    ),
 ]
 
 
 def pipeline_command(argv: list[str], capsys) -> tuple[int, str]:
     """`pipeline <argv>` in this process: its exit code and everything it printed."""
     sys.argv = ["pipeline", *argv]
+    handlers = logging.getLogger().handlers[:]  # Hydra adds its own, on this test's captured streams
     try:
         cli.main()
         code = 0
     except SystemExit as e:
         code = e.code
+    finally:
+        logging.getLogger().handlers[:] = handlers
     out = capsys.readouterr()
     return code, out.out + out.err
 

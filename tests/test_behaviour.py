@@ -205,7 +205,9 @@ def test_principal_angles():
     U = torch.linalg.qr(torch.randn(2, 6, 3, generator=g, dtype=torch.float64)).Q
     assert principal_angles(U, U).abs().max() < 1e-6  # arccos near 1 is accurate to √eps
     e = torch.eye(4, dtype=torch.float64)
-    torch.testing.assert_close(principal_angles(e[None, :, :2], e[None, :, 2:]), torch.full((1, 2), math.pi / 2, dtype=torch.float64))
+    torch.testing.assert_close(
+        principal_angles(e[None, :, :2], e[None, :, 2:]), torch.full((1, 2), math.pi / 2, dtype=torch.float64)
+    )
     theta = 0.7
     V = torch.stack([math.cos(theta) * e[0] + math.sin(theta) * e[2], e[1]], 1)[None]
     torch.testing.assert_close(principal_angles(e[None, :, :2], V), torch.tensor([[0.0, theta]], dtype=torch.float64))

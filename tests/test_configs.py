@@ -34,7 +34,7 @@ def test_config_composes_and_instantiates(tmp_path, group, option):
         assert list(selected_geometries(cfg)) == [option]
     elif group == "model":
         assert isinstance(node.layer, int) and node.pretrained
-        assert cfg.targets.phate.knn == (15 if option == "task_lm" else 5), "SPEC's knn = 5 except the embedded LM"
+        assert cfg.targets.phate.knn == (15 if option == "task_lm" else 5), "docs/method.md's knn = 5 except the embedded LM"
     assert [load_task(t, CONFIG_DIR / "task") for t in cfg.tasks]
 
 

@@ -18,8 +18,8 @@ from scipy import stats
 from geosteer.models.geodesics import linear_path
 from geosteer.models.innsteer import InnSteer
 from geosteer.pipeline import eval as evaluate
-from geosteer.pipeline.methods import SCORES
 from geosteer.pipeline import report, train
+from geosteer.pipeline.methods import SCORES
 from tests.conftest import wandb_records
 
 GEOMETRIES = ("gaga_out", "gaga_phate", "innsteer", "bridge")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from omegaconf import open_dict
@@ -22,7 +21,7 @@ from geosteer.models.metrics import pullback_of
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import train
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
-from geosteer.pipeline.methods import Paths, PathMethod, encoder_paths, fit_on, register_method
+from geosteer.pipeline.methods import PathMethod, Paths, encoder_paths, fit_on, register_method
 from tests.test_eval import SMALL_EVAL
 
 
@@ -79,15 +78,12 @@ class ToyFamily(Family):
                 "usage": "z = geometry.encode(h)"}  # fmt: skip
 
 
-@register_method("toy_halfway")
+@register_method("toy_halfway", label="halfway chord", role="baseline", how="the chord to a fraction of the way")
 @dataclass
 class Halfway(PathMethod):
     """The chord, stopped at `fraction` of the way: a path method with a setting."""
 
     fraction: float
-    label: ClassVar = "halfway chord"
-    role: ClassVar = "baseline"
-    how: ClassVar = "the chord to a fraction of the way"
 
     def paths(self, ctx, pairs, geometry):
         x_a, x_b = ctx.data.ends(pairs)
@@ -95,18 +91,13 @@ class Halfway(PathMethod):
         return Paths(path, path)
 
 
-@register_method("toy_geodesic")
+@register_method("toy_geodesic", label="toy G_E + L-BFGS", role="learned", how="L-BFGS geodesic of the toy pullback",
+                 family="toy_linear", metric_label="toy G_E", compared=True)  # fmt: skip
 @dataclass
 class ToyGeodesic(PathMethod):
     """The L-BFGS geodesic of the toy encoder's pullback metric: a method that steers with a trained geometry."""
 
     geometry: str
-    label: ClassVar = "toy G_E + L-BFGS"
-    role: ClassVar = "learned"
-    how: ClassVar = "L-BFGS geodesic of the toy encoder's pullback"
-    family: ClassVar = "toy_linear"
-    metric_label: ClassVar = "toy G_E"
-    compared: ClassVar = True
 
     def paths(self, ctx, pairs, geometry):
         path = encoder_paths(ctx, pullback_of(geometry), *ctx.data.ends(pairs), fit_on(ctx))

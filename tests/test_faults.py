@@ -22,8 +22,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from geosteer.data.store import ActivationStore, StoreError
-from geosteer.pipeline.common import RunLayout
 from geosteer.pipeline import extract, targets, train
+from geosteer.pipeline.products import RunLayout
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,5 +141,7 @@ def test_train_killed_mid_way_continues_from_last_ckpt_to_the_same_weights(clean
     assert not (geometry / "gaga_out").exists(), "no export before training has finished"
     assert "resuming weekdays/gaga_out from" in rerun(root, args, "train")
     for task in ("weekdays", "months"):
-        a, b = (load_file(r / "geometry" / task / "gaga_out" / "model.safetensors") for r in (root / "clean", root / "faulty-train"))
+        a, b = (
+            load_file(r / "geometry" / task / "gaga_out" / "model.safetensors") for r in (root / "clean", root / "faulty-train")
+        )
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), task

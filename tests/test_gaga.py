@@ -68,7 +68,11 @@ def test_export_reloads_in_a_fresh_process_with_bit_identical_encodings(tmp_path
     model.save_pretrained(tmp_path / "gaga")
     assert sorted(p.name for p in (tmp_path / "gaga").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "gaga" / "config.json").read_text())
-    assert config["input_dim"] == 12 and config["pca_dim"] == 5 and config["meta"] == {"layer": 1, "lm": "embedded task LM", "family": "gaga"}
+    assert (
+        config["input_dim"] == 12
+        and config["pca_dim"] == 5
+        and config["meta"] == {"layer": 1, "lm": "embedded task LM", "family": "gaga"}
+    )
     assert reloads_alike_in_a_fresh_process(tmp_path / "gaga", (h,), model.encode(h).detach(), tmp_path)
 
 
@@ -89,4 +93,3 @@ def test_a_checkpoint_names_both_shapes_when_used_with_the_wrong_store():
         model.check_compatible(64, 1)
     with pytest.raises(GeometryMismatch, match=r"layer 1, but the store holds d=12 at layer 3"):
         model.check_compatible(12, 3)
-

@@ -13,10 +13,18 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from geosteer.models.gaga import GAGA
-from geosteer.models.geodesic_bridge import GeodesicBridge, chord, pullback_speed2
-from geosteer.pipeline import train
-from geosteer.models.geodesic_bridge import drift, knn_mean_distance, secant_energy, speed_energy, stratified_times
+from geosteer.models.geodesic_bridge import (
+    GeodesicBridge,
+    chord,
+    drift,
+    knn_mean_distance,
+    pullback_speed2,
+    secant_energy,
+    speed_energy,
+    stratified_times,
+)
 from geosteer.models.hub import GeometryMismatch, load_geometry
+from geosteer.pipeline import train
 from geosteer.pipeline.bridge import BridgeSystem
 from geosteer.pipeline.common import StageError
 from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
@@ -81,7 +89,11 @@ def test_pullback_speed_of_a_linear_encoder_is_the_quadratic_form_of_ata():
     torch.manual_seed(1)
     A = torch.randn(3, 6, dtype=torch.float64)
     bridge = _bridge().double()
-    x_a, x_b, t = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64), torch.linspace(0, 1, 5, dtype=torch.float64)
+    x_a, x_b, t = (
+        torch.randn(4, 6, dtype=torch.float64),
+        torch.randn(4, 6, dtype=torch.float64),
+        torch.linspace(0, 1, 5, dtype=torch.float64),
+    )
     curve, velocity = bridge.velocity(x_a, x_b, t)
     expected = torch.einsum("ptd,de,pte->pt", velocity, A.T @ A, velocity)  # γ̇ᵀ(AᵀA)γ̇
     torch.testing.assert_close(pullback_speed2(lambda x: x @ A.T, curve, velocity), expected)
@@ -195,7 +207,7 @@ def test_on_random_grids_only_the_secant_gradient_sees_the_cost_of_crossing_into
     speed = lambda t: 2 + 4 * theta * (1 - 2 * t)  # noqa: E731  γ̇₂
     t_star = brentq(position, 0, 1)
     inside = quad(lambda t: 2 * speed(t) * 4 * (1 - 2 * t), t_star, 1)[0]
-    crossing = -speed(t_star) ** 2 * (-4 * t_star * (1 - t_star) / speed(t_star))  # dt*/dθ = −(∂γ₂/∂θ)/γ̇₂
+    crossing = -(speed(t_star) ** 2) * (-4 * t_star * (1 - t_star) / speed(t_star))  # dt*/dθ = −(∂γ₂/∂θ)/γ̇₂
     encode = lambda x: torch.relu(x[:, 1:2])  # noqa: E731
     x_a, x_b = torch.tensor([[0.0, -1.0]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     e2 = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -216,7 +228,6 @@ def test_on_random_grids_only_the_secant_gradient_sees_the_cost_of_crossing_into
 
 def test_knn_distance_matches_scipy_and_drift_is_the_worst_gap_over_the_chord():
     from scipy.spatial import cKDTree
-
 
     torch.manual_seed(4)
     data, points = torch.randn(200, 5, dtype=torch.float64), torch.randn(30, 5, dtype=torch.float64)

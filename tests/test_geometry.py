@@ -24,11 +24,11 @@ from geosteer.models.metrics import (
 )
 from geosteer.models.steering import (
     caa_direction,
+    concept_q,
     conjugate_gradient,
     dual_direction,
     fishback_direction,
     gradient_direction,
-    concept_q,
     intervene,
     steer,
     subspace_replace,
@@ -67,7 +67,7 @@ class Bottleneck:
 
     def jacobian(self, x):
         scale = torch.ones_like(x)
-        scale[:, 1] = 1 + 9 * torch.exp(-x[:, 0] ** 2 / 0.2)
+        scale[:, 1] = 1 + 9 * torch.exp(-(x[:, 0] ** 2) / 0.2)
         return torch.diag_embed(scale)
 
 
@@ -99,8 +99,17 @@ def test_cached_tail_equals_whole_prompts_with_a_hook(lm):
 def _gqa_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def _gpt2():
@@ -110,10 +119,19 @@ def _gpt2():
 def _gemma3():  # query/key norms, a sliding window shorter than the prompts, soft-capped logits
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    config = Gemma3TextConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=32, final_logit_softcapping=30.0)
+    config = Gemma3TextConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=32,
+        final_logit_softcapping=30.0,
+    )
     return Gemma3ForCausalLM(config)
 
 
@@ -131,8 +149,12 @@ def test_last_token_attention_equals_the_models_own_on_whole_prompts(build):
     slow = CarrierTail(model, 0, ids, mask, use_cache=False).logits(h, carrier)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     one = torch.zeros(5, dtype=torch.long)  # one carrier for every point: its prefix is shared
-    torch.testing.assert_close(CarrierTail(model, 0, ids, mask).logits(h, one),
-                               CarrierTail(model, 0, ids, mask, use_cache=False).logits(h, one), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        CarrierTail(model, 0, ids, mask).logits(h, one),
+        CarrierTail(model, 0, ids, mask, use_cache=False).logits(h, one),
+        rtol=1e-10,
+        atol=1e-10,
+    )
     # Jacobian rows batched by vmap through the hand-written attention, against torch.autograd per point.
     tail = CarrierTail(model, 0, ids, mask)
     metric = OutputPullback(tail, [[3], [4, 5], [7]], carrier=torch.tensor([1, 2]))
@@ -151,7 +173,9 @@ def test_the_intervention_batches_waypoints_by_carriers_and_subspace_replacement
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     waypoints = torch.randn(5, 24, dtype=torch.float64)
-    torch.testing.assert_close(intervene(tail, each_carrier(tail, waypoints))[2, 3], tail.logits(waypoints[2:3], torch.tensor([3]))[0])
+    torch.testing.assert_close(
+        intervene(tail, each_carrier(tail, waypoints))[2, 3], tail.logits(waypoints[2:3], torch.tensor([3]))[0]
+    )
     q = concept_q(tail, each_carrier(tail, waypoints), VARIANTS)
     assert q.shape == (5, 4, len(VARIANTS) + 1)
     torch.testing.assert_close(q.sum(-1), torch.ones(5, 4, dtype=torch.float64))
@@ -308,7 +332,9 @@ def test_fisher_pullback_is_four_output_pullbacks_when_the_vocabulary_is_the_bin
     G_out = metric_matrix(OutputPullback(tail, bins), x)
     torch.testing.assert_close(G_F, 4 * G_out, rtol=1e-9, atol=1e-14)
     model.config.logit_scale = 1.0  # the same identity without the head trick
-    torch.testing.assert_close(metric_matrix(FisherPullback(tail), x), 4 * metric_matrix(OutputPullback(tail, bins), x), rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(
+        metric_matrix(FisherPullback(tail), x), 4 * metric_matrix(OutputPullback(tail, bins), x), rtol=1e-9, atol=1e-14
+    )
 
 
 def test_fisher_pullback_equals_the_dense_formula():
@@ -371,7 +397,9 @@ def test_batched_and_single_pair_solutions_agree():
     x_a = torch.randn(4, 2, generator=g, dtype=torch.float64) - 1
     x_b = torch.randn(4, 2, generator=g, dtype=torch.float64) + 1
     batched = path_energy(lbfgs_geodesic(x_a, x_b, Bottleneck(), n_steps=12), Bottleneck())
-    single = [path_energy(lbfgs_geodesic(x_a[i : i + 1], x_b[i : i + 1], Bottleneck(), n_steps=12), Bottleneck()) for i in range(4)]
+    single = [
+        path_energy(lbfgs_geodesic(x_a[i : i + 1], x_b[i : i + 1], Bottleneck(), n_steps=12), Bottleneck()) for i in range(4)
+    ]
     torch.testing.assert_close(batched, torch.cat(single), rtol=0.01, atol=0)
 
 

@@ -13,9 +13,9 @@ import torch
 
 from geosteer.models.innsteer import BLOCKS, InnSteer
 from geosteer.models.metrics import metric_matrix, pullback_of
+from geosteer.models.steering import steering_pairs
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError
-from geosteer.models.steering import steering_pairs
 from geosteer.pipeline.innsteer import classes_of, nll, soft_centres
 from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
@@ -50,7 +50,9 @@ def test_every_block_inverts_exactly_and_its_log_det_is_the_autograd_one(block, 
     for i in range(3):
         J = torch.autograd.functional.jacobian(lambda v: m64.flow(((v - m64.shift) / m64.scale)[None])[0][0], a[i])
         expected = torch.linalg.slogdet(J).logabsdet
-        assert m64.inverse(m64.flow(((a[i] - m64.shift) / m64.scale)[None])[0])[1].item() == pytest.approx(-expected.item(), abs=1e-8)
+        assert m64.inverse(m64.flow(((a[i] - m64.shift) / m64.scale)[None])[0])[1].item() == pytest.approx(
+            -expected.item(), abs=1e-8
+        )
         assert m64(h[i : i + 1].double())[1].item() == pytest.approx(expected.item(), abs=1e-8)
 
 
@@ -138,7 +140,7 @@ def test_nll_and_label_free_classes_on_hand_computed_values():
 
 def test_steering_pairs_are_all_pairs_up_to_12_classes_else_a_seeded_sample():
     assert steering_pairs([0, 1, 2], 50, 0, 12) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
-    assert len(steering_pairs(list(range(12)), 50, 0, 12)) == 132, "SPEC §9: every pair when K ≤ 12"
+    assert len(steering_pairs(list(range(12)), 50, 0, 12)) == 132, "docs/method.md §9: every pair when K ≤ 12"
     sample = steering_pairs(list(range(1, 26)), 50, 0, 12)  # a class the LM never answers has no pairs
     assert len(sample) == len(set(sample)) == 50 and all(a != b and 0 not in (a, b) for a, b in sample)
     assert sample == steering_pairs(list(range(1, 26)), 50, 0, 12) and sample != steering_pairs(list(range(1, 26)), 50, 1, 12)

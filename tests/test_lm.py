@@ -103,7 +103,11 @@ def test_hook_accepts_tuple_outputs_and_is_removed_on_error():
 def test_q_sums_to_one_and_other_is_the_rest(lm):
     model, tok = lm
     schema = concept_schema(load_task("weekdays", TASK_DIR), tok, "tiny")
-    enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
+    enc = tok(
+        ["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"],
+        padding=True,
+        return_tensors="pt",
+    )
     out = read_last_token(model, enc.input_ids, enc.attention_mask, LAYER, schema.variant_ids)
     torch.testing.assert_close(out.q.sum(1), torch.ones(2))
     probs = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits[:, -1].softmax(-1)
@@ -146,7 +150,11 @@ def test_hub_model_without_network_fails_with_a_clear_message(monkeypatch):
 
 def test_replacing_the_last_token_changes_only_the_last_position(lm):
     model, tok = lm
-    enc = tok(["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"], padding=True, return_tensors="pt")
+    enc = tok(
+        ["Q: What day is one days after Monday?\nA:", "Today is Friday. In three days it will be"],
+        padding=True,
+        return_tensors="pt",
+    )
     new_h = torch.randn(2, model.config.hidden_size)
     positions = last_token_positions(enc.attention_mask)
     hooks_before = [len(block._forward_hooks) for block in decoder_layers(model)]

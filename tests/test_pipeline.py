@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 from geosteer.data.store import ActivationStore
 from geosteer.pipeline import cli, extract
 from geosteer.pipeline import lm as lm_stage
-from geosteer.pipeline.common import RunLayout, StageError
+from geosteer.pipeline.common import StageError
+from geosteer.pipeline.products import RunLayout
 from tests.conftest import make_cfg
 
 
@@ -119,8 +120,18 @@ def test_lm_extract_targets_end_to_end(tmp_path):
         "geometry.bridge.max_epochs=2",
         "geometry.bridge.hidden=[16]",
         "geometry.bridge.eval.pairs=8",
-        *(f"eval.{k}={v}" for k, v in (("carriers", 2), ("steps", 4), ("max_steps", 4), ("max_iter_cap", 5),
-                                          ("lbfgs.max_iter", 10), ("alignment.points", 4), ("alignment.directions", 8))),
+        *(
+            f"eval.{k}={v}"
+            for k, v in (
+                ("carriers", 2),
+                ("steps", 4),
+                ("max_steps", 4),
+                ("max_iter_cap", 5),
+                ("lbfgs.max_iter", 10),
+                ("alignment.points", 4),
+                ("alignment.directions", 8),
+            )
+        ),
     ]
     cfg = make_cfg(tmp_path, "stage=all", *overrides)
     result = cli.run(cfg)

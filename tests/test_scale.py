@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file
 
 from geosteer.pipeline import cli, extract, targets, train
-from geosteer.pipeline.common import RunLayout, CONFIG_DIR, StageError
+from geosteer.pipeline.common import CONFIG_DIR, StageError
+from geosteer.pipeline.products import RunLayout
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +76,18 @@ def test_a_sweep_over_tasks_runs_one_job_each_through_submitit(tmp_path, tiny_lm
     """`-m task=weekdays,months` with the submitit launcher (local executor: SLURM's code path without SLURM)."""
     args = [f"paths.outputs={tmp_path}", f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1",
             "extract.chunk_size=100", "logger=none"]  # fmt: skip
-    command = [sys.executable, "-m", "geosteer.pipeline", "-m", "hydra/launcher=submitit_local", "stage=extract",
-               "task=weekdays,months", "run_name=sweep-${task.name}", f"hydra.sweep.dir={tmp_path}/multirun", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "geosteer.pipeline",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "stage=extract",
+        "task=weekdays,months",
+        "run_name=sweep-${task.name}",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        *args,
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     both = make_cfg(tmp_path, "run_name=both", "tasks=[weekdays,months]", *args[1:])

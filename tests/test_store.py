@@ -29,7 +29,9 @@ def _write(path, compression="gzip"):
     q = rng.dirichlet(np.ones(8), len(prompts)).astype(np.float32)
     rows = {"h": rng.normal(size=(len(prompts), 16)).astype(np.float32), "q": q, "top1": rng.integers(0, 50, len(prompts))}
     schema = ConceptSchema("weekdays", task.concepts, tuple((i,) for i in range(7)))
-    write_store(path, {"layer": 2, "config": {"a": 1}}, lambda f: write_task_group(f, schema, task.to_dict(), prompts, rows, compression))
+    write_store(
+        path, {"layer": 2, "config": {"a": 1}}, lambda f: write_task_group(f, schema, task.to_dict(), prompts, rows, compression)
+    )
     return prompts, rows
 
 

@@ -23,8 +23,8 @@ from geosteer.data.targets import (
     phate_coords,
     stratified_split,
 )
-from geosteer.pipeline.common import RunLayout
 from geosteer.pipeline import cli, extract, targets
+from geosteer.pipeline.products import RunLayout
 from tests.conftest import make_cfg
 
 
@@ -146,7 +146,11 @@ def test_stage_writes_a_file_per_task_with_both_targets_and_a_split(targets_run)
             n = summary["n"]
             assert f["hellinger/coords"].shape == (n, f["hellinger"].attrs["dim"])
             assert f["phate/coords"].shape == (n, n) and not f["phate"].attrs["landmarks"]
-            assert f["phate"].attrs["knn"] == cfg().targets.phate.knn and f["phate"].attrs["t"] >= 1 and f["phate"].attrs["n_pca"] == 64
+            assert (
+                f["phate"].attrs["knn"] == cfg().targets.phate.knn
+                and f["phate"].attrs["t"] >= 1
+                and f["phate"].attrs["n_pca"] == 64
+            )
             train, val = f["split/train"][:], f["split/val"][:]
             assert len(train) + len(val) == n and np.intersect1d(train, val).size == 0
             assert f.attrs["activations_fingerprint"]

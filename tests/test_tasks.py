@@ -73,7 +73,16 @@ def test_next_rule_refuses_templates_without_the_run():
 
 def test_tasks_without_contexts_keep_their_definition_and_fingerprint():
     assert set(load_task("weekdays", TASK_DIR).to_dict()) == {
-        "name", "topology", "answer_rule", "values", "numbers", "number_words", "concepts", "variants", "templates"}
+        "name",
+        "topology",
+        "answer_rule",
+        "values",
+        "numbers",
+        "number_words",
+        "concepts",
+        "variants",
+        "templates",
+    }
     assert load_task("letters_next", TASK_DIR).to_dict()["contexts"][0] == ""
 
 

@@ -95,6 +95,7 @@ def test_point_clouds_are_seeded_and_disjoint_across_ranks():
 
 # ---------------------------------------------------------------- stage=train
 
+
 def test_train_exports_a_geometry_that_reloads_bit_identically_in_a_fresh_process(prepared, tmp_path):
     cfg = prepared("export", geometries=("gaga_out", "gaga_phate"))
     result = train.run(cfg)
