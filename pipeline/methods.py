@@ -146,6 +146,7 @@ class IterativeMethod:
 
 
 METHODS: dict[str, type] = {}
+ROLES = ("baseline", "learned", "target")  # the report's best baseline is chosen among the baselines
 
 
 def register_method(name: str, *, label: str, role: str, how: str, family: str | None = None,
@@ -155,6 +156,9 @@ def register_method(name: str, *, label: str, role: str, how: str, family: str |
     The keywords are the contract's facts for the report (`SteeringMethod`); `compared`: a path method whose raw
     path is a geodesic to set against G_out's (surrogate agreement).
     """
+
+    if role not in ROLES:
+        raise ValueError(f"method {name!r} has role={role!r}; use one of {ROLES}.")
 
     def add(cls: type) -> type:
         cls.label, cls.role, cls.how = label, role, how
@@ -177,6 +181,9 @@ def build_methods(selected: Any) -> dict[str, SteeringMethod]:
             built[name] = METHODS[name](**(settings or {}))
         except TypeError as e:
             raise StageError(f"method.{name}: {e}; its settings are in configs/method/{name}.yaml.") from e
+        if built[name].family is not None and not built[name].geometry:
+            raise StageError(f"method.{name} steers with a {built[name].family} geometry but names none; set "
+                             f"method.{name}.geometry to the export's name (configs/method/{name}.yaml).")  # fmt: skip
     return built
 
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import open_dict
 from torch import nn
@@ -20,8 +21,9 @@ from geosteer.models.hub import ShippedGeometry, load_geometry
 from geosteer.models.metrics import pullback_of
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import train
+from geosteer.pipeline.common import StageError
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
-from geosteer.pipeline.methods import PathMethod, Paths, encoder_paths, fit_on, register_method
+from geosteer.pipeline.methods import PathMethod, Paths, build_methods, encoder_paths, fit_on, register_method
 from tests.test_eval import SMALL_EVAL
 
 
@@ -125,3 +127,12 @@ def test_a_toy_family_and_toy_methods_registered_here_train_and_evaluate(prepare
     assert set(task["agreement"]) == {"linear", "toy_geodesic"} and len(task["alignment"]["toy_geodesic"]["spearman"]) == 6
     md = (Path(result["dir"]) / "report.md").read_text()
     assert "| halfway chord |" in md and "toy G_E: Spearman ρ" in md
+
+
+def test_a_method_is_refused_for_a_wrong_setting_a_missing_geometry_or_an_unknown_role():
+    with pytest.raises(StageError, match=r"method\.spline: .*unexpected keyword argument 'pcs'.*configs/method/spline.yaml"):
+        build_methods({"spline": {"pcs": 8}})
+    with pytest.raises(StageError, match=r"method\.gaga_out steers with a gaga geometry but names none"):
+        build_methods({"gaga_out": {"geometry": None}})
+    with pytest.raises(ValueError, match=r"role='teacher'; use one of \('baseline', 'learned', 'target'\)"):
+        register_method("teacher_forced", label="x", role="teacher", how="x")
