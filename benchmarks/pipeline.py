@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from geosteer.pipeline.cli import STAGES, check_run_dir
+from geosteer.pipeline.cli import STAGES
 from geosteer.pipeline.common import CONFIG_DIR, git_sha, to_plain
+from geosteer.pipeline.products import check_run_dir
 
 RESULTS = Path(__file__).parent / "results"
 
