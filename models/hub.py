@@ -116,7 +116,12 @@ def load_geometry(folder: str | Path, d: int | None = None, layer: int | None = 
     """
     from geosteer.models import gaga, geodesic_bridge, innsteer  # noqa: F401  the built-in families register
 
-    family = read_config(Path(folder)).get("meta", {}).get("family")
+    family = (read_config(Path(folder)).get("meta") or {}).get("family")
+    if family is None:
+        raise CheckpointError(
+            f"{folder}/config.json records no meta.family, so which network it holds is unknown; load it with its class "
+            f"(e.g. GAGA.from_pretrained), or re-export it with `pipeline stage=train`."
+        )
     if family not in ShippedGeometry.families:
         raise CheckpointError(
             f"{folder}/config.json names the geometry family {family!r}; this geosteer loads "

@@ -1,6 +1,5 @@
 """The GeodesicBridge family (docs/method.md §5): the training system, the held-out comparison with L-BFGS, and the
-family interface `pipeline.train` calls (`check`, `needs`, `build`, `system`, `MONITOR`, `evaluate`,
-`headline`, `model_card`).
+family `bridge` (`pipeline.family`'s contract) that `pipeline.train` calls.
 
 The network is `models.geodesic_bridge.GeodesicBridge`. The metric is G_E = J_EᵀJ_E + λI of a frozen,
 trained GAGA encoder E (the config's `encoder`), whose decoder G supplies the on-manifold term. A batch is

@@ -22,6 +22,7 @@ from geosteer.models.lm import ModelLoadError
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import extract, lm, targets, train
 from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, launched_rank, log
+from geosteer.pipeline.methods import build_methods
 from geosteer.pipeline.products import RunLayout, check_run_dir
 from geosteer.pipeline.summary import quiet_third_parties, summary
 
@@ -51,6 +52,8 @@ def run(cfg: DictConfig) -> dict:
             f"or SLURM. Launch only stage=extract or stage=train that way (trainer=ddp_launched), and run the other "
             f"stages as one process, e.g. `pipeline stage=targets`."
         )
+    if cfg.stage in ("all", "eval"):
+        build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run
     if cfg.stage == "all":
         names = [s for s in STAGES if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}

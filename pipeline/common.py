@@ -93,9 +93,11 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
     model or layer is noted and not used: after extraction the store is the one source of both.
     """
     m = dict(json.loads(store_attrs["config"])["model"], device_map=cfg.model.device_map)
-    if (str(cfg.model.pretrained), cfg.model.layer) != (str(m["pretrained"]), m["layer"]):
-        log.warning("%s uses the store's LM %s at layer %d (the config names %s at layer %d; re-run stage=extract "
-                    "to use that one)", why, m["pretrained"], m["layer"], cfg.model.pretrained, cfg.model.layer)  # fmt: skip
+    differ = {k: (m.get(k), v) for k, v in to_plain(cfg.model).items() if m.get(k) != v}
+    if differ:
+        log.warning("%s uses the LM the store was extracted with, %s at layer %d; the config differs in %s "
+                    "(store, config). Re-run stage=extract to use the config's.", why, m["pretrained"], m["layer"],
+                    differ)  # fmt: skip
     return _shared_lm(json.dumps(m, sort_keys=True))
 
 

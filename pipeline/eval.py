@@ -88,7 +88,7 @@ def read_task(store: ActivationStore, task: Task, val_fraction: float, seed: int
 
 def geometry_of(cfg: DictConfig, task: str, method: SteeringMethod, d: int, layer: int):
     """The exported geometry a method steers with, or the reason it is absent."""
-    folder = Path(cfg.eval.geometry_dir) / task / method.geometry
+    folder = Path(cfg.eval.geometry_dir) / task / method.geometry  # a method with a family names its export
     if not (folder / "config.json").is_file():
         return None, f"no exported geometry at {folder}; train it (pipeline stage=train geometry={method.geometry})"
     model = load_geometry(folder, d=d, layer=layer)
@@ -222,7 +222,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
     figures: dict[str, Any] = {"pair": pairs[shown], "paths": {}, "q": {}}
     raw_paths: dict[str, torch.Tensor] = {}
     geometries: dict[str, Any] = {}
-    methods = build_methods(cfg.method)
+    methods = build_methods(cfg.get("method"))
     for name, method in methods.items():
         entry: dict[str, Any] = {"label": method.label, "kind": method.kind, "role": method.role, "how": method.how}
         results["methods"][name] = entry
@@ -323,7 +323,7 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
     used = {}
     for task in tasks:
         for name, method in methods.items():
-            config = Path(cfg.eval.geometry_dir) / task.name / str(method.geometry) / "config.json"
+            config = Path(cfg.eval.geometry_dir) / task.name / str(getattr(method, "geometry", None)) / "config.json"
             if method.family is not None and config.is_file():
                 used[f"{task.name}/{name}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
     return fingerprint({"eval": to_plain(cfg.eval), "method": to_plain(cfg.method), "store": store_fp, "geometries": used,
@@ -333,7 +333,7 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
 def run(cfg: DictConfig) -> dict:
     """Evaluate every task; write `<run>/eval/` (report.md, results.json, results.csv, figures)."""
     tasks = load_tasks(cfg)
-    methods = build_methods(cfg.method)  # an unknown method is refused before any work
+    methods = build_methods(cfg.get("method"))  # an unknown method is refused before any work
     run = RunLayout.of(cfg)
     store_path = run.store
     if not store_path.is_file():

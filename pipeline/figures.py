@@ -16,7 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def task_figures(data, results: dict[str, Any], figures: dict[str, Any], folder: Path) -> dict[str, str]:
-    """The per-task figures; returns {name: file name}."""
+    """The per-task figures; returns {name: file name} (none when every method was skipped)."""
+    if not figures["paths"]:
+        return {}
     name = data.task.name
     out = {"paths": f"paths_{name}.png", "behaviour": f"behaviour_{name}.png"}
     paths_figure(data, results, figures, folder / out["paths"])

@@ -166,6 +166,9 @@ class InnSteerFamily(Family):
                 f"geometry '{name}': INNSteer takes its classes from arg-max q, which it reads from the Hellinger "
                 f"targets; set geometry.{name}.target=hellinger (it is {g['target']})."
             )
+        missing = [k for k in ("alpha", "carriers", "max_pairs", "all_pairs_max_k") if k not in g["steering"]]
+        if missing:
+            raise StageError(f"geometry '{name}': steering needs {missing}; see configs/geometry/innsteer.yaml.")
         if g["block"] not in BLOCKS:
             raise StageError(f"geometry '{name}': block={g['block']!r} is not supported; use one of {sorted(BLOCKS)}.")
 

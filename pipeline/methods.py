@@ -120,9 +120,9 @@ class SteeringMethod(Protocol):
 
 
 class PathMethod:
-    """A path method; `geometry`, the export a method with a family steers with, comes from its YAML."""
+    """A path method. One that steers with a trained geometry (a `family`) has a field `geometry`, the export's name."""
 
-    kind, geometry = "path", None
+    kind = "path"
 
     def paths(self, ctx: Context, pairs: list[tuple[int, int]], geometry) -> Paths:
         raise NotImplementedError
@@ -135,7 +135,7 @@ class PathMethod:
 class IterativeMethod:
     """An iterative method; by default its steps are ‖x_b − x_a‖/T."""
 
-    kind, geometry = "iterative", None
+    kind = "iterative"
 
     def direction(self, ctx: Context, tail: CarrierTail, source: torch.Tensor, target: torch.Tensor) -> Direction:
         raise NotImplementedError
@@ -159,8 +159,14 @@ def register_method(name: str, *, label: str, role: str, how: str, family: str |
 
     if role not in ROLES:
         raise ValueError(f"method {name!r} has role={role!r}; use one of {ROLES}.")
+    if name in METHODS:
+        raise ValueError(f"a method named {name!r} is registered already ({METHODS[name].__qualname__}); pick another name.")
 
     def add(cls: type) -> type:
+        if not issubclass(cls, (PathMethod, IterativeMethod)):
+            raise TypeError(f"method {name!r}: {cls.__qualname__} must subclass PathMethod or IterativeMethod.")
+        if family is not None and not issubclass(cls, PathMethod):
+            raise TypeError(f"method {name!r}: only a path method steers with a trained geometry (family={family!r}).")
         cls.label, cls.role, cls.how = label, role, how
         cls.family, cls.metric_label, cls.compared = family, metric_label, compared
         METHODS[name] = cls
@@ -172,6 +178,8 @@ def register_method(name: str, *, label: str, role: str, how: str, family: str |
 def build_methods(selected: Any) -> dict[str, SteeringMethod]:
     """The selected methods (name → settings), built; an unknown name or setting is refused, naming the choices."""
     selected = to_plain(selected) or {}
+    if not selected:
+        raise StageError("no steering method selected; pick one or more, e.g. method=[linear,gaga_out,caa].")
     unknown = [name for name in selected if name not in METHODS]
     if unknown:
         raise StageError(f"method names {unknown}, unknown; use any of {sorted(METHODS)}, e.g. method=[linear,caa].")
@@ -181,7 +189,7 @@ def build_methods(selected: Any) -> dict[str, SteeringMethod]:
             built[name] = METHODS[name](**(settings or {}))
         except TypeError as e:
             raise StageError(f"method.{name}: {e}; its settings are in configs/method/{name}.yaml.") from e
-        if built[name].family is not None and not built[name].geometry:
+        if built[name].family is not None and not getattr(built[name], "geometry", None):
             raise StageError(f"method.{name} steers with a {built[name].family} geometry but names none; set "
                              f"method.{name}.geometry to the export's name (configs/method/{name}.yaml).")  # fmt: skip
     return built
@@ -263,7 +271,7 @@ class GOut(PathMethod):
         tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[[data.canonical_carrier()]])
         lam = regularisation(OutputPullback(tail, data.variant_ids), data.h[data.train[:256]], ctx.e.lam_rel)
         g_out = OutputPullback(tail, data.variant_ids, carrier=0, lam=lam, max_batch=1024)
-        max_iter = min(self.max_iter, ctx.e.max_iter_cap or self.max_iter)
+        max_iter = self.max_iter if ctx.e.max_iter_cap is None else min(self.max_iter, ctx.e.max_iter_cap)
         path = lbfgs_geodesic(*data.ends(pairs), g_out, ctx.e.steps, max_iter, ctx.e.lbfgs.history_size)
         return Paths(path, path)
 

@@ -41,6 +41,8 @@ def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
 def headline_table(run: RunLayout) -> list[str]:
     """Methods × tasks of the SHOWN metrics' means, from the evaluation's results.json."""
     rows = json.loads((run.eval / "results.json").read_text())["summary"]
+    if not rows:
+        return ["no method was scored (every one was skipped; the report says why)"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cells = {(r["label"], r["task"], r["metric"]): r["mean"] for r in rows}
     labels = list(dict.fromkeys(r["label"] for r in rows))

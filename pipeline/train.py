@@ -142,6 +142,9 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     if needed:
         meta["needs"] = needed
     model, ctor = family.build(g, x_train.shape[1], len(task.concepts), meta, cfg.seed)
+    if getattr(type(model), "family", None) != g["family"]:  # load_geometry finds the class by this name
+        raise StageError(f"geometry '{name}': family {g['family']!r} builds a {type(model).__name__}, registered as "
+                         f"{getattr(type(model), 'family', None)!r}; subclass ShippedGeometry with family={g['family']!r}.")  # fmt: skip
     model.fit_normalisation(x_train)
     system = family.system(model, g, train, len(task.concepts))
     data = PointCloudData(train, val, g["batch_size"], g["min_steps_per_epoch"], cfg.seed, g["num_workers"])

@@ -17,13 +17,13 @@ from torch import nn
 
 from geosteer.data.targets import target_distances
 from geosteer.models.geodesics import linear_path
-from geosteer.models.hub import ShippedGeometry, load_geometry
+from geosteer.models.hub import CheckpointError, ShippedGeometry, load_geometry
 from geosteer.models.metrics import pullback_of
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
-from geosteer.pipeline.methods import PathMethod, Paths, build_methods, encoder_paths, fit_on, register_method
+from geosteer.pipeline.methods import IterativeMethod, PathMethod, Paths, build_methods, encoder_paths, fit_on, register_method
 from tests.test_eval import SMALL_EVAL
 
 
@@ -136,3 +136,21 @@ def test_a_method_is_refused_for_a_wrong_setting_a_missing_geometry_or_an_unknow
         build_methods({"gaga_out": {"geometry": None}})
     with pytest.raises(ValueError, match=r"role='teacher'; use one of \('baseline', 'learned', 'target'\)"):
         register_method("teacher_forced", label="x", role="teacher", how="x")
+
+
+def test_registration_refuses_a_taken_name_a_class_of_no_kind_and_a_geometry_for_an_iterative_method():
+    with pytest.raises(ValueError, match=r"a method named 'linear' is registered already"):
+        register_method("linear", label="x", role="baseline", how="x")
+    with pytest.raises(TypeError, match=r"must subclass PathMethod or IterativeMethod"):
+        register_method("toy_kindless", label="x", role="baseline", how="x")(object)
+    with pytest.raises(TypeError, match=r"only a path method steers with a trained geometry"):
+        register_method("toy_iterative_geometry", label="x", role="learned", how="x", family="gaga")(IterativeMethod)
+    with pytest.raises(StageError, match=r"no steering method selected; .*method=\["):
+        build_methods({})
+
+
+def test_an_export_that_records_no_family_is_refused_naming_the_way_to_load_it(tmp_path):
+    ToyEncoder(4, 2).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"records no meta.family.*from_pretrained"):
+        load_geometry(tmp_path)
+    assert isinstance(ToyEncoder.from_pretrained(tmp_path), ToyEncoder)
