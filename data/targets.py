@@ -156,6 +156,23 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 
+def stratified_sample(labels: np.ndarray, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to n of `rows`, each class (by `labels[rows]`) in proportion to its share of them, seeded and sorted.
+
+    Classes are allotted by largest remainder, so the counts differ from exact proportion by less than one row.
+    """
+    rows = np.asarray(rows)
+    if len(rows) <= n:
+        return np.sort(rows)
+    classes, counts = np.unique(labels[rows], return_counts=True)
+    share = counts * n / len(rows)
+    take = np.floor(share).astype(int)
+    take[np.argsort(take - share, kind="stable")[: n - take.sum()]] += 1  # largest remainders first
+    rng = np.random.default_rng([seed, n])
+    picked = [rng.choice(rows[labels[rows] == c], k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
 def pair_distance_std(coords: np.ndarray, rows: np.ndarray, n_pairs: int, seed: int, chunk: int = 2048) -> float:
     """Std of target distances over pairs of `rows`: all pairs when there are at most `n_pairs`, else a seeded sample."""
     n = len(rows)

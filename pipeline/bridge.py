@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from geosteer.data.targets import PairwiseTargets
+from geosteer.data.targets import PairwiseTargets, stratified_sample
 from geosteer.data.tasks import Task
 from geosteer.models.gaga import GAGA
 from geosteer.models.geodesic_bridge import (
@@ -206,7 +206,7 @@ class BridgeFamily(Family):
     def system(self, model: GeodesicBridge, g: dict[str, Any], train: PairwiseTargets, _K: int) -> BridgeSystem:
         x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
         encoder = load_geometry(g["needs"]["encoder"], d=x_train.shape[1], layer=int(train.attrs["layer"]))
-        lam = metric_of(encoder, x_train, g["lam_rel"]).lam
+        lam = metric_of(encoder, train, g["lam_rel"]).lam
         return BridgeSystem(model, encoder, x_train, times=g["times"], energy=g["energy"], lam=lam, **g["loss"],
                             knn=g["knn"], **g["optim"])  # fmt: skip
 
@@ -220,7 +220,7 @@ class BridgeFamily(Family):
         x_train = train[torch.as_tensor(train.rows)]["x"]
         x_val = val[torch.as_tensor(val.rows)]["x"]
         encoder = load_geometry(g["needs"]["encoder"], d=x_train.shape[1], layer=int(train.attrs["layer"]))
-        metric = metric_of(encoder, x_train, g["lam_rel"])
+        metric = metric_of(encoder, train, g["lam_rel"])
         rng = np.random.default_rng(cfg.seed)
         n = g["eval"]["pairs"]
         a = rng.integers(len(x_val), size=n)
@@ -277,9 +277,12 @@ class BridgeFamily(Family):
         }
 
 
-def metric_of(encoder: GAGA, x_train: torch.Tensor, lam_rel: float) -> EncoderPullback:
-    """G_E with λ_reg = lam_rel × its eigenvalue scale over (up to) 512 training activations."""
-    return EncoderPullback(encoder.encode, regularisation(EncoderPullback(encoder.encode), x_train[:512], lam_rel))
+def metric_of(encoder: GAGA, train: PairwiseTargets, lam_rel: float) -> EncoderPullback:
+    """G_E with λ_reg = lam_rel × its eigenvalue scale over a class-stratified sample of 512 training activations
+    (seed 0: training and the held-out comparison fit the same λ)."""
+    rows = stratified_sample(train.labels, np.asarray(train.rows), 512, seed=0)
+    x = train[torch.as_tensor(rows)]["x"]
+    return EncoderPullback(encoder.encode, regularisation(EncoderPullback(encoder.encode), x, lam_rel))
 
 
 def figure(task: Task, name: str, x_train: torch.Tensor, labels: np.ndarray, paths: dict[str, torch.Tensor],

@@ -75,7 +75,7 @@ from geosteer.pipeline.common import (
     to_plain,
 )
 from geosteer.pipeline.figures import task_figures
-from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
+from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods, fit_on
 from geosteer.pipeline.products import RunLayout, current_result, fingerprint, replace_dir, write_stamp
 
 
@@ -210,7 +210,7 @@ def steered(ctx: Context, method: SteeringMethod, pairs: list[tuple[int, int]], 
 
 def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method on every pair, and the learned metrics against G_out: (JSON-able results, figure data)."""
-    e, task, ctx = cfg.eval, data.task, Context(data, cfg.eval, lm, tokenizer, layer)
+    e, task, ctx = cfg.eval, data.task, Context(data, cfg.eval, lm, tokenizer, layer, cfg.seed)
     K, cyclic = len(task.concepts), task.topology == "cyclic"
     pairs = steering_pairs(data.classes, e.max_pairs, cfg.seed, e.all_pairs_max_k)
     manifold = BehaviourManifold(torch.stack([data.q[data.labels == k].mean(0) for k in data.classes]), cyclic)
@@ -306,7 +306,7 @@ def metric_alignment(ctx: Context, methods: dict[str, SteeringMethod], geometrie
 def metric_against(metric, x: torch.Tensor, J_out: torch.Tensor, q_out: torch.Tensor, v: torch.Tensor, ctx: Context):
     """One learned metric against G_out at points x (n, d): Spearman of vᵀGv over directions v, principal angles."""
     J = metric.jacobian(x)  # (n, k, d)
-    q_g = quadratic_forms(J, regularisation(metric, ctx.data.h[ctx.data.train[:256]], ctx.e.lam_rel), v)
+    q_g = quadratic_forms(J, regularisation(metric, fit_on(ctx, 256), ctx.e.lam_rel), v)
     r = min(len(ctx.data.task.concepts), *J.shape[1:])
     angles = principal_angles(top_eigenspace(J, r), top_eigenspace(J_out, r))  # (n, r)
     result = {"spearman": spearman(q_g, q_out).tolist(), "angle_deg": angles.rad2deg().mean(1).tolist(),

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
 from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path
 from geosteer.models.innsteer import InnSteer
@@ -89,6 +90,7 @@ class Context:
     lm: Any
     tokenizer: Any
     layer: int
+    seed: int
 
     @property
     def unembedding(self) -> torch.Tensor:
@@ -204,9 +206,9 @@ def encoder_paths(
     return lbfgs_geodesic(x_a, x_b, metric, e.steps, e.lbfgs.max_iter, e.lbfgs.history_size)
 
 
-def fit_on(ctx: Context) -> torch.Tensor:
-    """The training activations λ_reg is fitted on. (≤ 512, d)"""
-    return ctx.data.h[ctx.data.train[:512]]
+def fit_on(ctx: Context, n: int = 512) -> torch.Tensor:
+    """The training activations λ_reg is fitted on: a class-stratified sample of the training split. (≤ n, d)"""
+    return ctx.data.h[stratified_sample(ctx.data.labels, ctx.data.train, n, ctx.seed)]
 
 
 # ---- the built-in methods ------------------------------------------------------------------------
@@ -269,7 +271,7 @@ class GOut(PathMethod):
     def paths(self, ctx, pairs, geometry):  # G_out on the pinned carrier, λ_reg from its scale on training activations
         data = ctx.data
         tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[[data.canonical_carrier()]])
-        lam = regularisation(OutputPullback(tail, data.variant_ids), data.h[data.train[:256]], ctx.e.lam_rel)
+        lam = regularisation(OutputPullback(tail, data.variant_ids), fit_on(ctx, 256), ctx.e.lam_rel)
         g_out = OutputPullback(tail, data.variant_ids, carrier=0, lam=lam, max_batch=1024)
         max_iter = self.max_iter if ctx.e.max_iter_cap is None else min(self.max_iter, ctx.e.max_iter_cap)
         path = lbfgs_geodesic(*data.ends(pairs), g_out, ctx.e.steps, max_iter, ctx.e.lbfgs.history_size)

@@ -46,8 +46,21 @@ def paired_t(x, y) -> tuple[float, float, int]:
     return float(t), float(p), len(both)
 
 
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values of m comparisons: max over j ≤ i of (m − j)·p_(j), capped at 1, in input order."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order])
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
 def summarise(per_task: dict[str, dict[str, Any]], directions: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per (task, method, metric): mean ± s.e. over pairs, and a paired t-test against the best baseline."""
+    """One row per (task, method, metric): mean ± s.e. over pairs, and a paired t-test against the best baseline.
+
+    `p_holm` corrects `p` for the comparisons of the row's table (one metric, every task and method).
+    """
     rows = []
     for task, res in per_task.items():
         methods = {m: e for m, e in res["methods"].items() if "per_pair" in e}
@@ -61,6 +74,12 @@ def summarise(per_task: dict[str, dict[str, Any]], directions: dict[str, int]) -
                 if best is not None and m != best:
                     row["t"], row["p"], _ = paired_t(methods[m]["per_pair"][metric], methods[best]["per_pair"][metric])
                 rows.append(row)
+    for metric in directions:
+        tested = [r for r in rows if r["metric"] == metric and np.isfinite(r["p"])]
+        for r, q in zip(tested, holm([r["p"] for r in tested])):
+            r["p_holm"] = float(q)
+    for r in rows:
+        r.setdefault("p_holm", math.nan)
     return rows
 
 
@@ -71,11 +90,12 @@ def _fmt(mean: float, se: float, digits: int = 3) -> str:
 
 
 def _cell(row: dict[str, Any], sign: int) -> str:
-    """mean ± s.e., with ▲/▼ when a paired t-test separates it from the best baseline (▲: better), ★ on the best baseline."""
+    """mean ± s.e., with ▲/▼ when a paired t-test separates it from the best baseline after Holm's correction
+    (▲: better), ★ on the best baseline."""
     text = _fmt(row["mean"], row["se"])
     if row["method"] == row["best_baseline"]:
         return text + " ★"
-    if np.isfinite(row["p"]) and row["p"] < ALPHA:
+    if np.isfinite(row["p_holm"]) and row["p_holm"] < ALPHA:
         better = sign * row["t"] > 0
         return text + (" ▲" if better else " ▼")
     return text
@@ -211,7 +231,7 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
         md += [f"{i}. **{c['claim']}: {c['verdict']}.**", *[f"   - {line}" for line in c["evidence"]], ""]
     md += ["## Behaviour along the paths (docs/method.md §9)", "",
            "Mean ± s.e. over pairs. ★ the best baseline (linear, spline, CAA, FishBack, dual) for that metric and task; "
-           f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA}. "
+           f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA} after Holm's correction across the table's comparisons. "
            "¹ no exported geometry (reason below); – no defined value "
            "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold).", ""]  # fmt: skip
     for metric, score in SCORES.items():

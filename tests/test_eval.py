@@ -167,6 +167,32 @@ def test_summary_statistics_match_scipy_and_pick_the_best_baseline_by_direction(
     t, p = stats.ttest_rel(g, np.array(per_pair["spline"])[keep])
     assert (row[("top1_at_end", "gaga_out")]["t"], row[("top1_at_end", "gaga_out")]["p"]) == pytest.approx((t, p))
     assert math.isnan(row[("top1_at_end", "spline")]["p"]), "the best baseline is not tested against itself"
+    tested = [r for r in rows if r["metric"] == "top1_at_end" and not math.isnan(r["p"])]  # this table's comparisons
+    assert [r["p_holm"] for r in tested] == pytest.approx(list(report.holm([r["p"] for r in tested])))
+
+
+def holm_rejects(p: np.ndarray, alpha: float) -> set[int]:
+    """Holm's procedure as stated: walk the p-values upwards, reject while p_(i) < alpha / (m − i), stop at the first that is not."""
+    rejected = set()
+    for i, j in enumerate(np.argsort(p, kind="stable")):
+        if p[j] >= alpha / (len(p) - i):
+            break
+        rejected.add(int(j))
+    return rejected
+
+
+def test_holm_adjusted_p_values_reject_exactly_what_the_step_down_procedure_rejects():
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 5, 17):
+        for _ in range(50):
+            p = rng.uniform(0, 0.2, m) ** rng.uniform(1, 3)
+            adjusted = report.holm(p)
+            assert (adjusted >= p).all() and (adjusted <= 1).all()
+            order = np.argsort(p, kind="stable")
+            assert (np.diff(adjusted[order]) >= 0).all(), "adjusted p-values keep the raw order"
+            for alpha in (0.01, 0.05, 0.1):
+                assert set(np.flatnonzero(adjusted < alpha).tolist()) == holm_rejects(p, alpha)
+    assert report.holm(np.array([0.04]))[0] == 0.04, "one comparison needs no correction"
 
 
 def test_the_innsteer_geodesic_is_a_latent_straight_line_between_the_endpoints():

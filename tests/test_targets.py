@@ -21,6 +21,7 @@ from geosteer.data.targets import (
     l2_normalise,
     pair_distance_std,
     phate_coords,
+    stratified_sample,
     stratified_split,
 )
 from geosteer.pipeline import cli, extract, targets
@@ -238,3 +239,18 @@ def test_bad_target_settings_are_refused():
         phate_coords(noisy_circle(20)[0], t="soon")
     with pytest.raises(TargetError, match="target 'cosine' is unknown"):
         PairwiseTargets("x.h5", "cosine")
+
+
+def test_a_stratified_sample_keeps_every_class_share_to_within_one_row():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), [400, 40, 7, 300, 1])  # store order over-represents the first class
+    rows = np.sort(rng.choice(len(labels), 600, replace=False))
+    sample = stratified_sample(labels, rows, 100, seed=1)
+    assert len(sample) == 100 and len(np.unique(sample)) == 100 and set(sample) <= set(rows)
+    classes, counts = np.unique(labels[rows], return_counts=True)
+    taken = dict(zip(*np.unique(labels[sample], return_counts=True)))
+    for c, n in zip(classes, counts):
+        assert abs(taken.get(c, 0) - 100 * n / len(rows)) < 1, f"class {c}"
+    assert np.array_equal(sample, stratified_sample(labels, rows, 100, seed=1))
+    assert not np.array_equal(sample, stratified_sample(labels, rows, 100, seed=2))
+    assert np.array_equal(stratified_sample(labels, rows[:50], 100, seed=1), rows[:50]), "fewer rows than n: all of them"
