@@ -208,7 +208,8 @@ def steered(ctx: Context, method: SteeringMethod, pairs: list[tuple[int, int]], 
 # ---- one task ------------------------------------------------------------------------------------
 
 
-def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMethod], lm, tokenizer,
+                  layer: int) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Every method on every pair, and the learned metrics against G_out: (JSON-able results, figure data)."""
     e, task, ctx = cfg.eval, data.task, Context(data, cfg.eval, lm, tokenizer, layer, cfg.seed)
     K, cyclic = len(task.concepts), task.topology == "cyclic"
@@ -222,7 +223,6 @@ def evaluate_task(cfg: DictConfig, data: TaskData, lm, tokenizer, layer: int) ->
     figures: dict[str, Any] = {"pair": pairs[shown], "paths": {}, "q": {}}
     raw_paths: dict[str, torch.Tensor] = {}
     geometries: dict[str, Any] = {}
-    methods = build_methods(cfg.get("method"))
     for name, method in methods.items():
         entry: dict[str, Any] = {"label": method.label, "kind": method.kind, "role": method.role, "how": method.how}
         results["methods"][name] = entry
@@ -363,7 +363,7 @@ def run(cfg: DictConfig) -> dict:
                 per_task[task.name] = json.loads(done_file.read_text())
                 continue
             data = read_task(store, task, cfg.targets.val_fraction, cfg.seed)
-            results, figures = evaluate_task(cfg, data, lm, tokenizer, layer)
+            results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, layer)
             if cfg.eval.figures:
                 results["figures"] = task_figures(data, results, figures, work)
             atomic_write_text(done_file, json.dumps(results, indent=1))
