@@ -143,6 +143,18 @@ def phate_coords(
     return PhateTargets(coords, t, entropy.size > 0, landmarks, components, entropy)
 
 
+def pullback_factors(J: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` rows σ_j v_jᵀ of each point's factor J (its SVD), and the share of ‖J‖²_F they keep.
+
+    FᵀF is JᵀJ's best rank-`rank` approximation, so a pullback metric stored as F loses only the trace
+    share left out. J (N, R, D) → F (N, min(rank, R, D), D), kept (N,)
+    """
+    _, sv, Vh = torch.linalg.svd(J.double(), full_matrices=False)  # (N, m), (N, m, D)
+    r = min(rank, sv.shape[1])
+    kept = sv[:, :r].pow(2).sum(1) / sv.pow(2).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+    return (sv[:, :r, None] * Vh[:, :r]).to(J.dtype), kept
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/val row indices, the same fraction of every class in val. Both sorted."""
     if not 0 < val_fraction < 1:
@@ -288,14 +300,18 @@ class PairwiseTargets:
         target: "hellinger" or "phate".
         split: "train", "val", or None for every row.
         activations: the activation store; by default the one the targets were made from.
+        pullback: also serve each point's output-pullback factor F (G_out ≈ FᵀF, docs/method.md §6)
+            as "pullback" (B, r, d), from the file's `pullback` group.
     """
 
-    def __init__(self, targets: Path, target: str, split: str | None = "train", activations: Path | None = None):
+    def __init__(self, targets: Path, target: str, split: str | None = "train", activations: Path | None = None,
+                 pullback: bool = False):  # fmt: skip
         if target not in TARGET_NAMES:
             raise TargetError(f"target '{target}' is unknown; use one of {TARGET_NAMES}.")
         if split not in ("train", "val", None):
             raise TargetError(f"split '{split}' is unknown; use train, val or None.")
         self.path, self.target, self.split, self.activations = Path(targets), target, split, activations
+        self.pullback = pullback
         self._data: dict[str, Any] | None = None
 
     def _load(self) -> dict[str, Any]:
@@ -315,6 +331,13 @@ class PairwiseTargets:
             rows = np.arange(len(g["coords"])) if self.split is None else f["split"][self.split][:]
             coords, scale = torch.from_numpy(g["coords"][:]), float(g.attrs["pair_std"])
             attrs = {**f.attrs, "key": g.attrs["key"], "split_key": f["split"].attrs["key"]}
+            factor = None
+            if self.pullback:
+                if "pullback" not in f:
+                    raise TargetError(f"{self.path} has no output-pullback targets (group `pullback`); run "
+                                      f"`pipeline stage=targets` with targets.pullback.rank ≥ 1.")  # fmt: skip
+                factor = torch.from_numpy(f["pullback"]["factor"][:])
+                attrs["pullback_key"] = f["pullback"].attrs["key"]
         with ActivationStore(store_path) as store:
             if store.attrs.get("fingerprint") != store_fp:
                 raise TargetError(
@@ -324,7 +347,7 @@ class PairwiseTargets:
             arrays = store.read(task, ["h", "label"])
         x = torch.from_numpy(arrays["h"]).float()
         self._data = {"rows": rows, "x": x, "label": arrays["label"], "coords": coords, "scale": scale, "attrs": attrs,
-                      "store": Path(store_path)}  # fmt: skip
+                      "store": Path(store_path), "pullback": factor}  # fmt: skip
         return self._data
 
     @property
@@ -368,7 +391,10 @@ class PairwiseTargets:
         The B(B−1)/2 distances are left to the training step (`target_distances`), on its device.
         """
         data = self._load()
-        return {"index": index, "x": data["x"][index], "coords": data["coords"][index]}
+        batch = {"index": index, "x": data["x"][index], "coords": data["coords"][index]}
+        if data["pullback"] is not None:
+            batch["pullback"] = data["pullback"][index]  # (B, r, d)
+        return batch
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_data": None}  # workers re-read the files rather than copy arrays through pickle

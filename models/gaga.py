@@ -1,7 +1,7 @@
 """GAGA: geometry-aware autoencoders (Sun et al. 2025, arXiv 2410.12779), docs/method.md §4.
 
 An encoder E: R^D → R^k and a decoder G: R^k → R^D, MLPs whose hidden
-layers are Linear → BatchNorm → ReLU. Inputs are the raw activations h (d);
+layers are Linear → BatchNorm → ReLU (GAGA-Jac: Linear → SiLU). Inputs are the raw activations h (d);
 for GAGA-PHATE the ambient space is PCA(D) of h, a fixed projection kept in
 the module, so that `encode` maps raw h to the latent and the pullback metric
 lives on the raw input space. Ambient inputs are standardised `(a − μ)/σ`
@@ -18,14 +18,18 @@ from torch import nn
 
 from geosteer.models.hub import ShippedGeometry
 
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear → BatchNorm → ReLU for every hidden layer; the last layer is linear."""
+
+def mlp(sizes: list[int], activation: str = "relu", batch_norm: bool = True) -> nn.Sequential:
+    """Linear → [BatchNorm] → activation for every hidden layer; the last layer is linear."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is unknown; use one of {sorted(ACTIVATIONS)}.")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+            layers += [nn.BatchNorm1d(b), ACTIVATIONS[activation]()] if batch_norm else [ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
@@ -38,6 +42,9 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
         hidden: encoder widths (the decoder mirrors them).
         pca_dim: D for a PCA ambient space (GAGA-PHATE), or None for raw h (GAGA-Out).
         readout_dim: K+1 for GAGA-Out's linear read-out A: R^k → R^{K+1} of √q, or None.
+        activation: of the hidden layers, "relu" or "silu" (smooth: GAGA-Jac fits its Jacobian).
+        batch_norm: BatchNorm in the hidden layers. Off for GAGA-Jac: in training mode it couples the
+            points of a batch, so a point's Jacobian would depend on the others.
         meta: JSON-able facts to ship with the weights (LM, layer, task schema, metrics).
     """
 
@@ -48,6 +55,8 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
         hidden: list[int] | tuple[int, ...] = (256, 128, 64),
         pca_dim: int | None = None,
         readout_dim: int | None = None,
+        activation: str = "relu",
+        batch_norm: bool = True,
         meta: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -56,8 +65,8 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
         self.register_buffer("shift", torch.zeros(ambient))  # μ of the ambient inputs
         self.register_buffer("scale", torch.ones(()))  # σ, one scalar
         self.register_ambient()
-        self.encoder = mlp([ambient, *hidden, latent_dim])
-        self.decoder = mlp([latent_dim, *reversed(hidden), ambient])
+        self.encoder = mlp([ambient, *hidden, latent_dim], activation, batch_norm)
+        self.decoder = mlp([latent_dim, *reversed(hidden), ambient], activation, batch_norm)
         self.readout = nn.Linear(latent_dim, readout_dim) if readout_dim else None
 
     @torch.no_grad()

@@ -5,10 +5,14 @@
   centroids of PCA(64) activations, in label order (periodic on cyclic tasks).
 - `lbfgs_geodesic`: Arvanitidis et al. 2018; the discrete energy under a
   frozen metric (any `models.metrics.Metric`), many pairs as one batched problem.
+- `secant_geodesic`: the exact discrete energy Σ‖s(x_{t+1}) − s(x_t)‖² of the
+  pullback of a map s (G_out's √q), from several starts.
+Both minimise with `batched_lbfgs`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +59,72 @@ def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tens
     return -q
 
 
+def batched_lbfgs(
+    fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    max_iter: int = 200,
+    history_size: int = 20,
+    tolerance: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise P independent problems at once: `fun(x_rows, rows)` gives the energies (b,) and gradients (b, n)
+    of the problems `rows` (b,) at x_rows (b, n). x (P, n) → the minimisers (P, n) and their energies (P,).
+
+    Every problem keeps its own history, step length and stopping test, so a batch solves to exactly what
+    each problem solves to alone while `fun` is evaluated for all of them at once. The line search
+    backtracks to the Armijo condition, per problem (docs/method.md §5's settings).
+    """
+    P = len(x)
+    x = x.clone()
+    f, g = fun(x, torch.arange(P))
+    # The (s, y) history: a ring of slots shared by all problems, written once per iteration (rho = 0 where a
+    # problem has nothing to add), so no history is ever shifted or gathered. A problem keeps its updates of
+    # the last history_size iterations: all its updates but when one was skipped (sᵀy ≤ 1e-10, rare), and a
+    # problem that stops has no further use for its history.
+    S, Y = x.new_zeros(history_size, P, x.shape[1]), x.new_zeros(history_size, P, x.shape[1])
+    rho, gamma = x.new_zeros(history_size, P), x.new_ones(P)
+    n_hist, newest, filled = torch.zeros(P, dtype=torch.long), -1, 0
+    active = g.abs().amax(1) > tolerance
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        d = _two_loop(g, S, Y, rho, newest, filled, gamma)
+        slope = (g * d).sum(1)
+        d = torch.where((slope < 0)[:, None], d, -g)  # fall back to steepest descent
+        slope = (g * d).sum(1)
+        t = torch.where(n_hist > 0, 1.0, (1 / g.abs().sum(1).clamp_min(1e-300)).clamp(max=1.0)).to(x.dtype)
+        pending = active.clone()
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        for _ in range(30):  # backtracking; only the problems still searching are evaluated, all together
+            rows = torch.nonzero(pending).flatten()
+            trial = x[rows] + t[rows, None] * d[rows]
+            f_t, g_t = fun(trial, rows)
+            ok = f_t <= f[rows] + 1e-4 * t[rows] * slope[rows]  # Armijo
+            x_new[rows[ok]], f_new[rows[ok]], g_new[rows[ok]] = trial[ok], f_t[ok], g_t[ok]
+            pending[rows[ok]] = False
+            if not pending.any():
+                break
+            t = torch.where(pending, 0.5 * t, t)
+        moved = active & ~pending  # problems whose line search succeeded
+        s_vec, y_vec = x_new - x, g_new - g
+        sy = (s_vec * y_vec).sum(1)
+        keep = moved & (sy > 1e-10)  # problems that add (s, y) to their history
+        newest, filled = (newest + 1) % history_size, min(filled + 1, history_size)
+        S[newest], Y[newest] = s_vec * keep[:, None], y_vec * keep[:, None]
+        rho[newest] = torch.where(keep, 1 / sy.where(keep, 1), 0)
+        yy = (y_vec**2).sum(1)
+        gamma = torch.where(keep & (yy > 0), sy / yy.clamp_min(1e-300), gamma)  # sᵀy / yᵀy of the newest update
+        n_hist += keep
+        done = (
+            pending  # no step lowered the energy
+            | (g_new.abs().amax(1) <= tolerance)
+            | ((t[:, None] * d).abs().amax(1) <= tolerance)
+            | ((f - f_new).abs() < tolerance)
+        )
+        x, f, g = x_new, f_new, g_new
+        active &= ~done
+    return x, f
+
+
 def lbfgs_geodesic(
     x_a: torch.Tensor,
     x_b: torch.Tensor,
@@ -67,18 +137,13 @@ def lbfgs_geodesic(
 ) -> torch.Tensor:
     """Minimise each pair's discrete energy over its interior waypoints, J detached at each evaluation (docs/method.md §5).
 
-    A batched L-BFGS: every pair keeps its own history, step length and
-    stopping test, so a batch of pairs solves to exactly what each pair solves
-    to alone while the metric is evaluated for all pairs at once. Settings
-    follow docs/method.md §5 (`max_iter`, `history_size`, gradient and change tolerances);
-    the line search is backtracking to the Armijo condition, per pair. A metric with `jvp_vjp` (an
-    encoder or output pullback) is used through J·Δ and JᵀJ·Δ alone, never forming J; the gradient is
-    taken in closed form from ∂e/∂Δ.
+    `batched_lbfgs` over all pairs at once. A metric with `jvp_vjp` (an encoder or output pullback) is used
+    through J·Δ and JᵀJ·Δ alone, never forming J; the gradient is taken in closed form from ∂e/∂Δ.
     x_a, x_b (P, D) → (P, T+1, D), starting on the chord (or `init`, whose endpoints are ignored).
     """
     P, D = x_a.shape
     chord = linear_path(x_a.detach(), x_b.detach(), n_steps)  # (P, T+1, D)
-    x = (chord if init is None else init.detach())[:, 1:-1].reshape(P, -1).clone()  # (P, n) interior waypoints
+    x = (chord if init is None else init.detach())[:, 1:-1].reshape(P, -1)  # (P, n) interior waypoints
 
     @torch.no_grad()
     def energy_and_grad(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,54 +162,115 @@ def lbfgs_geodesic(
         slope = 2 * (JtJd + metric.lam * delta).view(b, n_steps, D)  # ∂e/∂Δ_t
         return e, (slope[:, :-1] - slope[:, 1:]).reshape(b, -1)  # x_t ends Δ_{t−1} and starts Δ_t
 
-    f, g = energy_and_grad(x, torch.arange(P))
-    # The (s, y) history: a ring of slots shared by all pairs, written once per iteration (rho = 0 where a
-    # pair has nothing to add), so no pair's history is ever shifted or gathered. A pair keeps its updates of
-    # the last history_size iterations: all its updates but when one was skipped (sᵀy ≤ 1e-10, rare), and a
-    # pair that stops has no further use for its history.
-    S, Y = x.new_zeros(history_size, P, x.shape[1]), x.new_zeros(history_size, P, x.shape[1])
-    rho, gamma = x.new_zeros(history_size, P), x.new_ones(P)
-    n_hist, newest, filled = torch.zeros(P, dtype=torch.long), -1, 0
-    active = g.abs().amax(1) > tolerance
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        d = _two_loop(g, S, Y, rho, newest, filled, gamma)
-        slope = (g * d).sum(1)
-        d = torch.where((slope < 0)[:, None], d, -g)  # fall back to steepest descent
-        slope = (g * d).sum(1)
-        t = torch.where(n_hist > 0, 1.0, (1 / g.abs().sum(1).clamp_min(1e-300)).clamp(max=1.0)).to(x.dtype)
-        pending = active.clone()
-        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        for _ in range(30):  # backtracking; only the pairs still searching are evaluated, all together
-            rows = torch.nonzero(pending).flatten()
-            trial = x[rows] + t[rows, None] * d[rows]
-            f_t, g_t = energy_and_grad(trial, rows)
-            ok = f_t <= f[rows] + 1e-4 * t[rows] * slope[rows]  # Armijo
-            x_new[rows[ok]], f_new[rows[ok]], g_new[rows[ok]] = trial[ok], f_t[ok], g_t[ok]
-            pending[rows[ok]] = False
-            if not pending.any():
-                break
-            t = torch.where(pending, 0.5 * t, t)
-        moved = active & ~pending  # pairs whose line search succeeded
-        s_vec, y_vec = x_new - x, g_new - g
-        sy = (s_vec * y_vec).sum(1)
-        keep = moved & (sy > 1e-10)  # pairs that add (s, y) to their history
-        newest, filled = (newest + 1) % history_size, min(filled + 1, history_size)
-        S[newest], Y[newest] = s_vec * keep[:, None], y_vec * keep[:, None]
-        rho[newest] = torch.where(keep, 1 / sy.where(keep, 1), 0)
-        yy = (y_vec**2).sum(1)
-        gamma = torch.where(keep & (yy > 0), sy / yy.clamp_min(1e-300), gamma)  # sᵀy / yᵀy of the newest update
-        n_hist += keep
-        done = (
-            pending  # no step lowered the energy
-            | (g_new.abs().amax(1) <= tolerance)
-            | ((t[:, None] * d).abs().amax(1) <= tolerance)
-            | ((f - f_new).abs() < tolerance)
-        )
-        x, f, g = x_new, f_new, g_new
-        active &= ~done
+    x, _ = batched_lbfgs(energy_and_grad, x, max_iter, history_size, tolerance)
     return torch.cat([chord[:, :1], x.view(P, n_steps - 1, D), chord[:, -1:]], 1)
+
+
+Embedding = Callable[[torch.Tensor], torch.Tensor]  # row-wise map s: (N, D) → (N, m)
+
+
+def secant_energy(path: torch.Tensor, s: Embedding, lam: float = 0.0) -> torch.Tensor:
+    """Σ_t ‖s(x_{t+1}) − s(x_t)‖² + λ‖x_{t+1} − x_t‖²: the exact discrete energy of the pullback of s. (P, T+1, D) → (P,)"""
+    P, W, D = path.shape
+    image = s(path.reshape(-1, D)).view(P, W, -1)
+    return image.diff(dim=1).pow(2).sum((1, 2)) + lam * path.diff(dim=1).pow(2).sum((1, 2))
+
+
+def _path_energy(s: Embedding, ends: torch.Tensor, s_ends: torch.Tensor, lam: float, max_batch: int | None,
+                 target: torch.Tensor | None = None):  # fmt: skip
+    """The `batched_lbfgs` energy of paths between `ends` (P, 2, D), whose images there are `s_ends` (P, 2, m):
+    their secant energy, or with `target` (P, T−1, m), Σ_t ‖s(x_t) − target_t‖² over the interior. The
+    gradient is one reverse pass through s, a chunk of whole pairs at a time."""
+    D = ends.shape[-1]
+
+    @torch.enable_grad()
+    def fun(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, W1 = len(x), x.shape[1] // D  # W1 = T − 1 interior waypoints
+        chunk = b if max_batch is None else max(1, max_batch // W1)
+        es, gs = [], []
+        for c in range(0, b, chunk):
+            r = rows[c : c + chunk]
+            xi = x[c : c + chunk].detach().view(len(r), W1, D).requires_grad_()
+            image = s(xi.reshape(-1, D)).view(len(r), W1, -1)  # (c, T−1, m)
+            if target is None:
+                full, path = torch.cat([s_ends[r, :1], image, s_ends[r, 1:]], 1), torch.cat([ends[r, :1], xi, ends[r, 1:]], 1)
+                e = full.diff(dim=1).pow(2).sum((1, 2)) + lam * path.diff(dim=1).pow(2).sum((1, 2))
+            else:
+                e = (image - target[r]).pow(2).sum((1, 2))
+            (g,) = torch.autograd.grad(e.sum(), xi)
+            es.append(e.detach())
+            gs.append(g.reshape(len(r), -1))
+        return torch.cat(es), torch.cat(gs)
+
+    return fun
+
+
+def slerp(u: torch.Tensor, v: torch.Tensor, n_steps: int) -> torch.Tensor:
+    """T+1 equally spaced points of the great circle from unit u to unit v (the shorter arc). (P, m) → (P, T+1, m)"""
+    cos = (u * v).sum(-1, keepdim=True).clamp(-1, 1)  # (P, 1)
+    theta = cos.arccos().unsqueeze(1)  # (P, 1, 1)
+    t = torch.linspace(0, 1, n_steps + 1, dtype=u.dtype, device=u.device).view(1, -1, 1)
+    sin = theta.sin().clamp_min(1e-12)
+    small = theta < 1e-6  # (nearly) the same point: the chord
+    wa = torch.where(small, 1 - t, ((1 - t) * theta).sin() / sin)
+    wb = torch.where(small, t, (t * theta).sin() / sin)
+    return wa * u.unsqueeze(1) + wb * v.unsqueeze(1)
+
+
+@dataclass
+class SecantGeodesics:
+    """`secant_geodesic`'s result: the paths, their energies, and which start each came from."""
+
+    paths: torch.Tensor  # (P, T+1, D)
+    energy: torch.Tensor  # (P,)
+    start: list[str]  # per pair, the name of the start its path came from
+    energies: dict[str, torch.Tensor]  # per start, its solved energies (P,)
+
+
+def secant_geodesic(
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    s: Embedding,
+    n_steps: int = 16,
+    max_iter: int = 200,
+    history_size: int = 20,
+    tolerance: float = 1e-9,
+    lam: float = 0.0,
+    starts: dict[str, torch.Tensor] | None = None,
+    great_circle: bool = True,
+    max_batch: int | None = None,
+) -> SecantGeodesics:
+    """Geodesics of the pullback G = J_sᵀJ_s + λI of a map s onto a sphere (√q), as minimisers of the exact
+    secant energy `secant_energy` (docs/method.md §6): s itself is evaluated at every waypoint, so nothing
+    about G is frozen or taken at midpoints.
+
+    Solved by `batched_lbfgs` from several starts, each pair keeping its lowest-energy path: the chord,
+    every path in `starts` (P, T+1, D), and, with `great_circle`, the path fitted point by point to the
+    great circle between s(x_a) and s(x_b) (`max_iter` iterations of its own), the lower bound's shape.
+    `max_batch` bounds the points per pass through s. x_a, x_b (P, D).
+    """
+    P, D = x_a.shape
+    x_a, x_b = x_a.detach(), x_b.detach()
+    chord = linear_path(x_a, x_b, n_steps)
+    with torch.no_grad():
+        s_ends = s(torch.cat([x_a, x_b])).view(2, P, -1).transpose(0, 1)  # (P, 2, m)
+    ends = torch.stack([x_a, x_b], 1)  # (P, 2, D)
+    inits = {"chord": chord, **(starts or {})}
+    if great_circle:
+        arc = slerp(s_ends[:, 0], s_ends[:, 1], n_steps)[:, 1:-1]  # (P, T−1, m)
+        fit = _path_energy(s, ends, s_ends, lam, max_batch, target=arc)
+        x, _ = batched_lbfgs(fit, chord[:, 1:-1].reshape(P, -1), max_iter, history_size, tolerance)
+        inits["great circle"] = torch.cat([chord[:, :1], x.view(P, n_steps - 1, D), chord[:, -1:]], 1)
+    energy = _path_energy(s, ends, s_ends, lam, max_batch)
+    solved, energies = {}, {}
+    for name, init in inits.items():
+        x, e = batched_lbfgs(energy, init[:, 1:-1].reshape(P, -1).detach(), max_iter, history_size, tolerance)
+        solved[name] = torch.cat([chord[:, :1], x.view(P, n_steps - 1, D), chord[:, -1:]], 1)
+        energies[name] = e
+    names = list(solved)
+    best = torch.stack([energies[n] for n in names]).argmin(0)  # (P,)
+    paths = torch.stack([solved[n] for n in names])[best, torch.arange(P)]
+    return SecantGeodesics(paths, torch.stack([energies[n] for n in names]).min(0).values, [names[i] for i in best], energies)
 
 
 @dataclass

@@ -321,3 +321,49 @@ def principal_angles(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     U, V (B, D, r) with orthonormal columns → (B, r), ascending.
     """
     return torch.linalg.svdvals(U.transpose(1, 2) @ V).clamp(0, 1).arccos()
+
+
+def centred_gram_cosine(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """cos(AᵀA − τ_A I, BᵀB − τ_B I), τ = tr/D: how alike two metrics are, whatever their scale and any λI.
+
+    The Frobenius cosine of the metrics with their isotropic parts removed, so that neither a scale nor a
+    regulariser λI moves it; computed from the factors through their small Gram matrices,
+    ⟨AᵀA, BᵀB⟩ = ‖A Bᵀ‖²_F, never a D×D matrix. 1 for metrics equal up to scale; about 0 for unrelated ones.
+    A (n, a, D), B (n, b, D) → (n,)
+    """
+    D = A.shape[-1]
+    inner = (A @ B.transpose(1, 2)).pow(2).sum((1, 2))
+    norm_a, norm_b = (A @ A.transpose(1, 2)).pow(2).sum((1, 2)), (B @ B.transpose(1, 2)).pow(2).sum((1, 2))
+    tr_a, tr_b = A.pow(2).sum((1, 2)), B.pow(2).sum((1, 2))
+    centred = (norm_a - tr_a**2 / D).clamp_min(0) * (norm_b - tr_b**2 / D).clamp_min(0)
+    return (inner - tr_a * tr_b / D) / centred.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
+
+
+def gram_matching_loss(A: torch.Tensor, B: torch.Tensor, c: float) -> torch.Tensor:
+    """Σ_i ‖A_iᵀA_i − c B_iᵀB_i‖²_F / Σ_i ‖c B_iᵀB_i‖²_F: a pullback AᵀA matched to c·BᵀB, through the Gram
+    matrices A Aᵀ, A Bᵀ and B Bᵀ (a×a, a×b, b×b), never D×D. A (n, a, D), B (n, b, D) → ()"""
+    B = B * c**0.5
+    aa, ab = (A @ A.transpose(1, 2)).pow(2).sum((1, 2)), (A @ B.transpose(1, 2)).pow(2).sum((1, 2))
+    bb = (B @ B.transpose(1, 2)).pow(2).sum((1, 2))
+    return (aa - 2 * ab + bb).sum() / bb.sum()
+
+
+def effective_rank(J: torch.Tensor) -> torch.Tensor:
+    """The participation ratio (Σσ²)²/Σσ⁴ of JᵀJ, rounded, at least 1: how many directions the metric uses. (n, r, D) → (n,)"""
+    sv2 = torch.linalg.svdvals(J).pow(2)
+    return (sv2.sum(-1) ** 2 / sv2.pow(2).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)).round().clamp_min(1).long()
+
+
+def trace_share(J_top: torch.Tensor, J: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The share of tr(JᵀJ) in the top-r(i) eigenspace of J_topᵀJ_top, per point: 1 when JᵀJ lives there, r/D by
+    chance. J_top (n, a, D), J (n, b, D), r (n,) → (n,)"""
+    _, _, Vh = torch.linalg.svd(J_top, full_matrices=False)  # (n, min(a, D), D)
+    keep = torch.arange(Vh.shape[1], device=J.device) < r[:, None]  # (n, min(a, D))
+    captured = (J @ Vh.transpose(1, 2)).pow(2) * keep[:, None]  # (n, b, min(a, D)): ‖J v_j‖² of the kept v_j
+    return captured.sum((1, 2)) / J.pow(2).sum((1, 2)).clamp_min(torch.finfo(J.dtype).tiny)
+
+
+def random_rotation(D: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A Haar-random orthogonal D×D matrix (QR of a Gaussian, signs fixed). → (D, D)"""
+    Q, R = torch.linalg.qr(torch.randn(D, D, generator=generator, dtype=dtype, device=generator.device))
+    return Q * torch.sign(torch.diagonal(R))

@@ -61,7 +61,7 @@ class GeometrySystem(L.LightningModule):
 class GeometryFamily(Protocol):
     """What `pipeline.train` asks of a family. `g` is one geometry's config as a plain dict."""
 
-    monitor: ClassVar[str]  # the val metric that picks the best checkpoint and stops early
+    monitor: ClassVar[str]  # the val metric that picks the best checkpoint and stops early (a config's `monitor` wins)
     trains_against: ClassVar[tuple[str, ...]]  # roles of other exports it needs (trained first), e.g. ("encoder",)
 
     def check(self, name: str, g: dict[str, Any]) -> None:
@@ -69,6 +69,9 @@ class GeometryFamily(Protocol):
 
     def needs(self, cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str, Path]:
         """The exported geometries it trains against: {role: folder}."""
+
+    def uses_pullback(self, g: dict[str, Any]) -> bool:
+        """Its batches need the output-pullback factors of the targets file ("pullback")."""
 
     def build(self, g: dict[str, Any], d: int, K: int, meta: dict[str, Any], seed: int) -> tuple[nn.Module, dict[str, Any]]:
         """The untrained network and its constructor arguments (they go to config.json)."""
@@ -88,7 +91,7 @@ class GeometryFamily(Protocol):
 
 
 class Family:
-    """Defaults for a family: nothing to check, trains against nothing."""
+    """Defaults for a family: nothing to check, trains against nothing, no output-pullback targets."""
 
     trains_against: ClassVar[tuple[str, ...]] = ()
 
@@ -97,6 +100,9 @@ class Family:
 
     def needs(self, cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str, Path]:
         return {}
+
+    def uses_pullback(self, g: dict[str, Any]) -> bool:
+        return False
 
 
 FAMILIES: dict[str, GeometryFamily] = {}

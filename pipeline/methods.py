@@ -248,6 +248,13 @@ class GagaOut(PathMethod):
         return Paths(path, path)
 
 
+@register_method("gaga_jac", label="GAGA-Jac + L-BFGS", role="learned",
+                 how="L-BFGS geodesic of G_E (GAGA-Jac, its pullback fitted to G_out), full replacement",
+                 family="gaga", metric_label="GAGA-Jac G_E", compared=True)  # fmt: skip
+class GagaJac(GagaOut):
+    """GAGA-Out's steering with GAGA-Jac's metric."""
+
+
 @register_method("gaga_phate", label="GAGA-PHATE + L-BFGS", role="learned", how="L-BFGS geodesic of G_E on its PCA(64), subspace injection",
                  family="gaga", metric_label="GAGA-PHATE G_E", compared=True)  # fmt: skip
 @dataclass

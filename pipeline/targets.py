@@ -1,4 +1,5 @@
-"""stage=targets: Hellinger and PHATE target coordinates of every task (docs/method.md §3).
+"""stage=targets: Hellinger and PHATE target coordinates of every task (docs/method.md §3), and the output
+pullback J_s = ∂√q/∂h at every row in its own prompt (§6), which geometries trained on G_out fit (GAGA-Jac).
 
 Each group of a task's targets file carries a cache key, a hash of its input
 arrays and parameters: a re-run recomputes only the groups whose key changed,
@@ -15,6 +16,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -26,11 +28,14 @@ from geosteer.data.targets import (
     hellinger_coords,
     pair_distance_std,
     phate_coords,
+    pullback_factors,
     read_groups,
     stratified_split,
     write_targets,
 )
-from geosteer.pipeline.common import close_logger, load_tasks, log, make_logger, to_plain
+from geosteer.models.metrics import OutputPullback
+from geosteer.models.tail import CarrierTail
+from geosteer.pipeline.common import close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.products import RunLayout, fingerprint, write_stamp
 
 matplotlib.use("Agg")
@@ -47,16 +52,38 @@ def check_finite(task: str, rows: dict[str, np.ndarray], store: Path) -> None:
         )
 
 
-def cache_keys(rows: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int) -> dict[str, str]:
-    """What each group is computed from: its input arrays and parameters."""
+def cache_keys(rows: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int, store_fp: str) -> dict[str, str]:
+    """What each group is computed from: its input arrays and parameters (the pullback: the store, so the LM)."""
     split = fingerprint({"labels": digest(rows["label"]), "val_fraction": tcfg["val_fraction"], "seed": seed})
     pairs = {"split": split, "pair_samples": tcfg["pair_samples"]}
     phate = {k: v for k, v in tcfg["phate"].items() if k != "n_jobs"}  # n_jobs changes speed, not numbers
-    return {
+    keys = {
         "split": split,
         "hellinger": fingerprint({"q": digest(rows["q"]), **pairs}),
         "phate": fingerprint({"h": digest(rows["h"]), **pairs, **phate, "seed": seed}),
     }
+    if tcfg["pullback"]["rank"]:
+        keys["pullback"] = fingerprint({"store": store_fp, "h": digest(rows["h"]), "rank": tcfg["pullback"]["rank"]})
+    return keys
+
+
+@torch.no_grad()
+def output_pullback(lm, tokenizer, layer: int, variant_ids, rows, rank: int, max_batch: int) -> dict[str, Any]:
+    """The `pullback` group: each row's J_s = ∂√q/∂h in its own prompt, kept as its top-`rank` rows F (FᵀF ≈ G_out)."""
+    start = time.perf_counter()
+    dtype, device = next(lm.parameters()).dtype, next(lm.parameters()).device
+    factors, kept = [], []
+    for s in range(0, len(rows["h"]), max_batch):
+        tail = CarrierTail.of_prompts(lm, tokenizer, layer, rows["prompt"][s : s + max_batch])
+        h = torch.from_numpy(rows["h"][s : s + max_batch]).to(dtype=dtype, device=device)
+        J = OutputPullback(tail, variant_ids, carrier=torch.arange(len(h)), max_batch=max_batch).jacobian(h)  # (b, K+1, d)
+        F, k = pullback_factors(J.float().cpu(), rank)
+        factors.append(F)
+        kept.append(k)
+    kept = torch.cat(kept)
+    attrs = {"rank": factors[0].shape[1], "carrier": "own prompt", "trace_kept_min": float(kept.min()),
+             "trace_kept_mean": float(kept.mean()), "seconds": time.perf_counter() - start}  # fmt: skip
+    return {"factor": torch.cat(factors).numpy(), "attrs": attrs}
 
 
 def compute_group(name: str, rows, split: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -75,9 +102,11 @@ def compute_group(name: str, rows, split: dict[str, np.ndarray], tcfg: dict[str,
     return {"coords": coords, **extra, "attrs": {**attrs, "pair_std": std, "dim": coords.shape[1], "seconds": seconds}}
 
 
-def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, file_attrs, bar) -> tuple[dict, dict]:
-    """Bring one task's targets file up to date; returns its summary and its groups."""
-    keys = cache_keys(rows, tcfg, seed)
+def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, file_attrs, bar,
+                 pullback=None) -> tuple[dict, dict]:  # fmt: skip
+    """Bring one task's targets file up to date; returns its summary and its groups. `pullback()` computes the
+    output-pullback group when it is due."""
+    keys = cache_keys(rows, tcfg, seed, file_attrs["activations_fingerprint"])
     groups = read_groups(path, keys)
     cached = set(groups)
     if "split" not in groups:
@@ -89,6 +118,11 @@ def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, f
             bar.set_postfix_str(f"{task}: {name}")
             groups[name] = compute_group(name, rows, groups["split"], tcfg, seed)
         bar.update()
+    if "pullback" in keys and "pullback" not in groups:
+        bar.set_postfix_str(f"{task}: output pullback")
+        groups["pullback"] = pullback()
+    if "pullback" in keys:
+        bar.update()
     for name, key in keys.items():
         groups[name]["attrs"]["key"] = key
     if cached != set(keys):
@@ -98,6 +132,9 @@ def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, f
         a = groups[name]["attrs"]
         summary[name] = {k: _plain(a[k]) for k in ("dim", "pair_std", "seconds", "t", "landmarks", "components") if k in a}
         summary[name]["cached"] = name in cached
+    if "pullback" in keys:
+        a = groups["pullback"]["attrs"]
+        summary["pullback"] = {k: _plain(a[k]) for k in ("rank", "trace_kept_min", "seconds")} | {"cached": "pullback" in cached}
     return summary, groups
 
 
@@ -149,14 +186,21 @@ def run(cfg: DictConfig) -> dict:
             "layer": store.attrs["layer"],
             "model_name": store.attrs["model_name"],
         }
-        with tqdm(total=2 * len(tasks), unit="target", desc="targets") as bar:
+        with tqdm(total=(len(TARGET_NAMES) + bool(tcfg["pullback"]["rank"])) * len(tasks), unit="target", desc="targets") as bar:
             for task in tasks:
-                rows = store.read(task.name, ["h", "q", "label"])
+                rows = store.read(task.name, ["h", "q", "label", "prompt"])
                 check_finite(task.name, rows, store_path)
+                schema, p = store.schema(task.name), tcfg["pullback"]
+
+                def pullback():
+                    lm, tokenizer = lm_of_store(cfg, store.attrs, "the output-pullback targets")
+                    return output_pullback(lm, tokenizer, int(store.attrs["layer"]), schema.variant_ids, rows, p["rank"],
+                                           p["max_batch"])  # fmt: skip
+
                 try:
                     summary[task.name], groups = task_targets(
                         task.name, rows, run.targets_file(task.name), tcfg, cfg.seed,
-                        {**file_attrs, "task": task.name}, bar,
+                        {**file_attrs, "task": task.name}, bar, pullback,
                     )  # fmt: skip
                 except TargetError as e:
                     raise TargetError(f"task '{task.name}': {e}") from None

@@ -115,14 +115,17 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
 def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], targets_file: Path,
                    callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:  # fmt: skip
     """Train one geometry on one task, export it, and return its summary."""
-    train = PairwiseTargets(targets_file, g["target"], "train")
-    val = PairwiseTargets(targets_file, g["target"], "val")
+    family = FAMILIES[g["family"]]
+    pullback = family.uses_pullback(g)
+    train = PairwiseTargets(targets_file, g["target"], "train", pullback=pullback)
+    val = PairwiseTargets(targets_file, g["target"], "val", pullback=pullback)
     attrs = train.attrs
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
-    family = FAMILIES[g["family"]]
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
     needed = {role: export_facts(folder, RunLayout.of(cfg).root) for role, folder in needs.items()}
     facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg}
+    if pullback:
+        facts["pullback"] = attrs["pullback_key"]
     if needed:  # retrain when what it trained against changes
         facts["needs"] = {role: f["fingerprint"] for role, f in needed.items()}
     fp = fingerprint(facts)
@@ -150,7 +153,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     data = PointCloudData(train, val, g["batch_size"], g["min_steps_per_epoch"], cfg.seed, g["num_workers"])
 
     checkpoints = work / "checkpoints"
-    monitor = family.monitor
+    monitor = g.get("monitor") or family.monitor
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=monitor, enable_version_counter=False)
     latest = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False)  # every epoch
     stop = EarlyStopping(monitor=monitor, patience=g["patience"])

@@ -9,7 +9,16 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from geosteer.data.tasks import load_task
-from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, path_energy
+from geosteer.models.geodesics import (
+    PCA,
+    LabelledSpline,
+    lbfgs_geodesic,
+    linear_path,
+    path_energy,
+    secant_energy,
+    secant_geodesic,
+    slerp,
+)
 from geosteer.models.lm import concept_probs, read_last_token
 from geosteer.models.metrics import (
     EncoderPullback,
@@ -401,6 +410,56 @@ def test_batched_and_single_pair_solutions_agree():
         path_energy(lbfgs_geodesic(x_a[i : i + 1], x_b[i : i + 1], Bottleneck(), n_steps=12), Bottleneck()) for i in range(4)
     ]
     torch.testing.assert_close(batched, torch.cat(single), rtol=0.01, atol=0)
+
+
+def inverse_stereographic(x: torch.Tensor) -> torch.Tensor:
+    """R^D onto the unit sphere of R^{D+1} (less one pole), a diffeomorphism: its pullback's geodesics are
+    the preimages of great circles. (N, D) → (N, D+1)"""
+    r2 = x.pow(2).sum(-1, keepdim=True)
+    return torch.cat([2 * x, r2 - 1], -1) / (r2 + 1)
+
+
+def test_the_secant_geodesic_of_a_sphere_chart_is_the_great_circle():
+    g = torch.Generator().manual_seed(0)  # within radius ~1 of the origin: no pair near antipodal, where the circle is loose
+    x_a, x_b = (0.6 * torch.randn(2, 5, 2, generator=g, dtype=torch.float64)).unbind()
+    T = 16
+    solved = secant_geodesic(x_a, x_b, inverse_stereographic, n_steps=T, great_circle=False, tolerance=0.0)
+    image = inverse_stereographic(solved.paths.reshape(-1, 2)).view(5, T + 1, 3)
+    # The discrete energy's minimiser: T equal steps along the great circle, energy T·2(1 − cos(θ/T)).
+    theta = (image[:, 0] * image[:, -1]).sum(-1).arccos()
+    minimum = T * 2 * (1 - torch.cos(theta / T))
+    assert ((solved.energy - minimum).abs() <= 1e-8 * minimum).all()
+    # Along the circle the energy is flat to second order: 1e-8 of it leaves the waypoints ~1e-4 from equal spacing.
+    torch.testing.assert_close(image, slerp(image[:, 0], image[:, -1], T), atol=2e-4, rtol=0)
+    normal = torch.linalg.cross(image[:, 0], image[:, -1])  # off the great circle's plane: tighter
+    assert ((image * normal[:, None]).sum(-1).abs() / normal.norm(dim=-1, keepdim=True)).max() < 1e-5
+    assert torch.equal(solved.paths[:, 0], x_a) and torch.equal(solved.paths[:, -1], x_b)
+    chord = secant_energy(linear_path(x_a, x_b, T), inverse_stereographic)
+    torch.testing.assert_close(solved.energy, secant_energy(solved.paths, inverse_stereographic), atol=1e-12, rtol=0)
+    assert (solved.energy < chord).all() and solved.start == ["chord"] * 5
+
+
+def test_the_great_circle_start_reaches_the_same_geodesic_and_the_best_start_is_kept():
+    g = torch.Generator().manual_seed(1)
+    x_a, x_b = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    far = linear_path(x_a, x_b, 8) + 5 * torch.sin(torch.linspace(0, np.pi, 9, dtype=torch.float64))[:, None]
+    solved = secant_geodesic(x_a, x_b, inverse_stereographic, n_steps=8, starts={"far": far}, max_iter=3)
+    assert set(solved.energies) == {"chord", "great circle", "far"}
+    best = torch.stack(list(solved.energies.values())).min(0).values
+    torch.testing.assert_close(solved.energy, best, atol=0, rtol=0)
+    fitted = secant_geodesic(x_a, x_b, inverse_stereographic, n_steps=8, starts={}, max_iter=200)
+    image = inverse_stereographic(fitted.paths.reshape(-1, 2)).view(3, 9, 3)
+    torch.testing.assert_close(image, slerp(image[:, 0], image[:, -1], 8), atol=2e-4, rtol=0)
+
+
+def test_slerp_keeps_unit_norm_and_equal_angles():
+    u = torch.nn.functional.normalize(torch.randn(4, 5, dtype=torch.float64), dim=-1)
+    v = torch.nn.functional.normalize(torch.randn(4, 5, dtype=torch.float64), dim=-1)
+    arc = slerp(u, v, 6)
+    torch.testing.assert_close(arc.norm(dim=-1), torch.ones(4, 7, dtype=torch.float64))
+    steps = (arc[:, 1:] * arc[:, :-1]).sum(-1).arccos()  # (4, 6) angle of each step
+    torch.testing.assert_close(steps, ((u * v).sum(-1).arccos() / 6)[:, None].expand(4, 6))
+    assert torch.equal(arc[:, 0], u) and torch.allclose(arc[:, -1], v, atol=1e-12)
 
 
 @pytest.mark.parametrize("cyclic", [True, False])
