@@ -15,7 +15,7 @@
    for the same 64 pairs and waypoints, per pair, against batched L-BFGS per
    pair. Target ≥ 1000×.
 4. The evaluation's `G_out` solve on the embedded-size LM (K = 7 and 99, 16
-   pairs, 40 iterations as `method.g_out.max_iter`): L-BFGS on J_s Δ and
+   pairs, 40 iterations, as the frozen-metric solve once ran): L-BFGS on J_s Δ and
    J_sᵀJ_s Δ (three reverse passes) against the solver that forms J_s (K + 1
    rows), and FishBack steering of 16 carriers for 24 pairs: all pairs as one
    batch against one pair at a time (as `stage=eval` did). Old against new,

@@ -16,6 +16,13 @@ import torch
 from scipy.interpolate import CubicSpline
 
 
+def sphere_angle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The angle between unit vectors (after normalising), 2·asin(‖u − v‖/2): accurate at small angles, where
+    arccos⟨u, v⟩ loses half the digits. (..., m), (..., m) → (...)"""
+    u, v = u / u.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)
+    return 2 * ((u - v).norm(dim=-1) / 2).clamp(max=1).asin()
+
+
 def hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """d_H(p, q) = ‖√p − √q‖/√2. (..., K+1), (..., K+1) → (...)"""
     return (p.clamp_min(0).sqrt() - q.clamp_min(0).sqrt()).norm(dim=-1) / math.sqrt(2)
@@ -77,6 +84,36 @@ def arc_length(q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
     valid = valid.gather(0, order)
     steps = hellinger(q[1:], q[:-1])  # (W−1, C)
     return torch.where(valid[1:] & valid[:-1], steps, 0).sum(0).mean()
+
+
+def arc_energy(q: torch.Tensor, manifold: BehaviourManifold, mask: torch.Tensor | None = None,
+               samples: int = 64) -> torch.Tensor:  # fmt: skip
+    """∫ D_B ds over Hellinger arc length, mean over carriers: E_B free of the parametrisation. (W, C, K+1) → ()
+
+    Each carrier's valid waypoints are joined by great-circle arcs of √q (what lies between two waypoints is not
+    observed; the arc is the shortest guess) and resampled at `samples` points equally spaced in arc length, so a
+    path is scored by where it goes, not by how its waypoints are spread: one that jumps off the manifold between
+    two waypoints pays for the jump, and a slow start counts no more than a fast one.
+    """
+    valid = _valid(q, mask)
+    order = torch.argsort((~valid).to(torch.uint8), dim=0, stable=True)  # valid waypoints first, in order
+    s = q.gather(0, order.unsqueeze(-1).expand_as(q)).clamp_min(0).sqrt().double()
+    s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-300)  # (W, C, K+1) on the unit sphere
+    valid = valid.gather(0, order)
+    theta = sphere_angle(s[1:], s[:-1]) * (valid[1:] & valid[:-1])  # (W−1, C) arc of each step
+    total = theta.sum(0)  # (C,)
+    cum = torch.cat([theta.new_zeros(1, theta.shape[1]), theta.cumsum(0)])  # (W, C) arc at each waypoint
+    at = (torch.arange(samples, dtype=s.dtype, device=s.device)[:, None] + 0.5) / samples * total  # (M, C) midpoints
+    seg = torch.searchsorted(cum.T.contiguous(), at.T.contiguous(), right=True).T.sub(1).clamp(0, len(theta) - 1)  # (M, C)
+    C = torch.arange(q.shape[1], device=q.device)
+    start, end, width = s[seg, C], s[seg + 1, C], theta[seg, C]  # (M, C, K+1), (M, C, K+1), (M, C)
+    frac = ((at - cum[seg, C]) / width.clamp_min(1e-300)).clamp(0, 1)
+    sin = width.sin().clamp_min(1e-300)
+    wa = torch.where(width > 1e-9, ((1 - frac) * width).sin() / sin, 1 - frac)
+    wb = torch.where(width > 1e-9, (frac * width).sin() / sin, frac)
+    point = wa.unsqueeze(-1) * start + wb.unsqueeze(-1) * end  # (M, C, K+1) √q of the resampled points
+    D = manifold.distance(point.pow(2))  # (M, C)
+    return (D.mean(0) * total / math.sqrt(2)).mean().to(q.dtype)  # ds in d_H units: an arc θ has length θ/√2
 
 
 def classes_between(a: int, b: int, K: int, cyclic: bool) -> list[int]:

@@ -207,8 +207,7 @@ def _path_energy(s: Embedding, ends: torch.Tensor, s_ends: torch.Tensor, lam: fl
 
 def slerp(u: torch.Tensor, v: torch.Tensor, n_steps: int) -> torch.Tensor:
     """T+1 equally spaced points of the great circle from unit u to unit v (the shorter arc). (P, m) → (P, T+1, m)"""
-    cos = (u * v).sum(-1, keepdim=True).clamp(-1, 1)  # (P, 1)
-    theta = cos.arccos().unsqueeze(1)  # (P, 1, 1)
+    theta = (2 * ((u - v).norm(dim=-1, keepdim=True) / 2).clamp(max=1).asin()).unsqueeze(1)  # (P, 1, 1), exact when small
     t = torch.linspace(0, 1, n_steps + 1, dtype=u.dtype, device=u.device).view(1, -1, 1)
     sin = theta.sin().clamp_min(1e-12)
     small = theta < 1e-6  # (nearly) the same point: the chord

@@ -46,9 +46,16 @@ def factor_eigenvalues(J: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.cat([sv2, sv2.new_zeros(len(J), J.shape[2] - sv2.shape[1])], 1) + lam
 
 
-def spectral_deviation(eigenvalues: torch.Tensor) -> torch.Tensor:
-    """FishBack's relative spectral deviation from Euclidean, ‖G/‖G‖₂ − I‖₂ = 1 − λ_min/λ_max. (B, D) → (B,)"""
-    return 1 - eigenvalues.min(-1).values / eigenvalues.max(-1).values
+def spectral_deviation(eigenvalues: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """FishBack's relative spectral deviation from Euclidean, ‖G/‖G‖₂ − I‖₂ = 1 − λ_min/λ_max. (B, D) → (B,)
+
+    With `rank` (B,), over each point's top-r block of eigenvalues (descending, λ_reg excluded): of a rank-deficient
+    metric, whose λ_min over all of R^D is its regulariser, the whole-space value would report λ_reg, not the model.
+    """
+    if rank is None:
+        return 1 - eigenvalues.min(-1).values / eigenvalues.max(-1).values
+    top = eigenvalues.sort(-1, descending=True).values
+    return 1 - top.gather(-1, (rank.to(top.device) - 1).clamp_min(0)[:, None])[:, 0] / top[:, 0]
 
 
 def effective_dimensionality(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -279,12 +286,6 @@ def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, varian
 # ---------------------------------------------------------------- metric alignment (docs/method.md §9)
 
 
-def quadratic_forms(J: torch.Tensor, lam: float, v: torch.Tensor) -> torch.Tensor:
-    """vᵀGv = ‖J v‖² + λ‖v‖² for n directions per point, from the factor J, G never formed. J (B, r, D), v (B, n, D) → (B, n)"""
-    Jv = torch.einsum("brd,bnd->bnr", J, v)  # (B, n, r)
-    return Jv.pow(2).sum(-1) + lam * v.pow(2).sum(-1)
-
-
 def random_directions(B: int, n: int, D: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Unit directions, uniform on the sphere, on the generator's device. → (B, n, D)"""
     v = torch.randn(B, n, D, generator=generator, dtype=dtype, device=generator.device)
@@ -302,25 +303,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
     return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
-
-
-def top_eigenspace(J: torch.Tensor, r: int) -> torch.Tensor:
-    """Orthonormal basis of the top-r eigenspace of JᵀJ (the same for JᵀJ + λI): J's top right singular vectors.
-
-    J (B, R, D) → (B, D, r)
-    """
-    if r > min(J.shape[1:]):
-        raise ValueError(f"r={r} exceeds the factor's rank bound min(R, D)={min(J.shape[1:])}; pick r ≤ {min(J.shape[1:])}.")
-    _, _, Vh = torch.linalg.svd(J, full_matrices=False)  # (B, min(R, D), D), singular values descending
-    return Vh[:, :r].transpose(1, 2)
-
-
-def principal_angles(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Principal angles (radians) between span U and span V, arccos of the singular values of UᵀV.
-
-    U, V (B, D, r) with orthonormal columns → (B, r), ascending.
-    """
-    return torch.linalg.svdvals(U.transpose(1, 2) @ V).clamp(0, 1).arccos()
 
 
 def centred_gram_cosine(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

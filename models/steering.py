@@ -211,38 +211,48 @@ def dual_direction(
     target: int | torch.Tensor,
     alpha: float = 1e-3,
     top_k: int = 256,
+    ridge: float = 1e-6,
+    chunk: int = 128,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Dual steering: δ ∝ (Cov_p[g] + αI)⁻¹ β, Cov_p[g] = Gᵀdiag(p)G − μμᵀ over the top-k unembedding rows G.
+    """Dual steering (Park et al.), pulled back to block ℓ through the tail's Jacobian (docs/method.md §6).
 
-    β is the difference of the target and source concepts' mean unembedding rows. unembedding (V, d).
-    With d ≤ k the d × d system is solved directly (Cholesky); otherwise in the k-dimensional token space
-    (Woodbury), since Cov_p[g] = Gᵀ(diag p − ppᵀ)G has rank < k: both exact, neither iterative.
+    The formula δ_u = (Cov_p[g] + αI)⁻¹β, Cov_p[g] = Gᵀdiag(p)G − μμᵀ over the top-k unembedding rows G, holds in
+    the final hidden space u (the lm_head's input), where β, the difference of the target and source concepts' mean
+    unembedding rows, lives. The step at block ℓ is δ_h = (JᵀAJ + εI)⁻¹Jᵀβ, J = ∂u/∂h and A = Cov_p[g] + αI: the
+    same objective ⟨β, Jδ⟩ − ½‖Jδ‖²_A in h, so J δ_h = δ_u wherever J is invertible. ε = `ridge`·tr(JᵀAJ)/d holds
+    the directions u ignores (a final RMSNorm's radial one). J (d rows, one batched reverse pass) and the d × d
+    system are formed exactly, `chunk` carriers at a time. unembedding (V, d).
     """
     means = torch.stack([unembedding[list(v)].mean(0) for v in variant_ids])  # (K, d) each concept's mean row
     beta = means[target] - means[source]  # (d,), or (C, d) with a row per carrier
 
     def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            p = tail.logits(h, carrier).softmax(-1)  # (n, V)
-        p_top, tokens = p.topk(min(top_k, p.shape[1]), dim=1)
-        p_top = p_top / p_top.sum(1, keepdim=True)
-        G = unembedding[tokens].to(h.dtype)  # (n, k, d)
-        b = (beta[carrier] if beta.ndim == 2 else beta).to(h.dtype).expand_as(h).contiguous()
-        n, k, d = G.shape
-        if d <= k:  # the d × d system is small, solve it directly
+        out = []
+        for s in range(0, len(h), chunk):
+            hc, cc = h[s : s + chunk].detach(), carrier[s : s + chunk]
+            n, d = hc.shape
+            with torch.enable_grad():
+                x = hc.clone().requires_grad_()
+                u = tail.hidden(x, cc)  # (n, d) the final hidden state
+                rows = torch.eye(u.shape[1], dtype=u.dtype, device=u.device).unsqueeze(1).expand(-1, n, -1)
+                (J,) = torch.autograd.grad(u, x, rows, is_grads_batched=True)  # (d_u, n, d): rows ∂u_i/∂h
+            J = J.transpose(0, 1).double()  # (n, d_u, d)
+            with torch.no_grad():
+                p = tail.head(u.detach()) if tail.head is not None else tail.logits(hc, cc)
+                p = p.softmax(-1)
+            p_top, tokens = p.topk(min(top_k, p.shape[1]), dim=1)
+            p_top = (p_top / p_top.sum(1, keepdim=True)).double()
+            G = unembedding[tokens].double()  # (n, k, d_u)
             mu = torch.einsum("nk,nkd->nd", p_top, G)
-            eye = torch.eye(d, dtype=h.dtype, device=h.device)
-            A = torch.einsum("nkd,nk,nke->nde", G, p_top, G) - mu.unsqueeze(2) * mu.unsqueeze(1) + alpha * eye
-            delta = torch.cholesky_solve(b.unsqueeze(2), torch.linalg.cholesky(A)).squeeze(2)
-        else:  # Cov + αI = UUᵀ + αI with U = GᵀS, SSᵀ = diag p − ppᵀ: (UUᵀ + αI)⁻¹b = (b − U(αI + UᵀU)⁻¹Uᵀb)/α
-            G64, p64, b64 = G.double(), p_top.double(), b.double()
-            M = torch.diag_embed(p64) - p64.unsqueeze(2) * p64.unsqueeze(1)  # (n, k, k)
-            eigenvalues, vectors = torch.linalg.eigh(M)
-            S = vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)  # (n, k, k)
-            U = G64.transpose(1, 2) @ S  # (n, d, k)
-            small = U.transpose(1, 2) @ U + alpha * torch.eye(k, dtype=torch.float64, device=h.device)
-            y = torch.cholesky_solve((U.transpose(1, 2) @ b64.unsqueeze(2)), torch.linalg.cholesky(small))
-            delta = ((b64.unsqueeze(2) - U @ y).squeeze(2) / alpha).to(h.dtype)
-        return delta / delta.norm(dim=1, keepdim=True)
+            A = torch.einsum("nkd,nk,nke->nde", G, p_top, G) - mu.unsqueeze(2) * mu.unsqueeze(1)
+            A = A + alpha * torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
+            M = J.transpose(1, 2) @ A @ J  # (n, d, d) JᵀAJ
+            eps = ridge * M.diagonal(dim1=1, dim2=2).sum(1) / d  # (n,)
+            M = M + eps[:, None, None] * torch.eye(d, dtype=M.dtype, device=M.device)
+            b = (beta[cc] if beta.ndim == 2 else beta.expand(n, -1)).double()  # (n, d_u)
+            rhs = (J.transpose(1, 2) @ b.unsqueeze(2)).squeeze(2)  # Jᵀβ
+            delta = torch.linalg.solve(M, rhs)
+            out.append((delta / delta.norm(dim=1, keepdim=True)).to(h.dtype))
+        return torch.cat(out)
 
     return direction

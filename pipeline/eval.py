@@ -35,6 +35,7 @@ from geosteer.data.targets import stratified_split
 from geosteer.data.tasks import Task
 from geosteer.models.behaviour import (
     BehaviourManifold,
+    arc_energy,
     arc_length,
     bhattacharyya_energy,
     classes_between,
@@ -45,21 +46,20 @@ from geosteer.models.behaviour import (
     top1_at_end,
     visit_intermediates,
 )
+from geosteer.models.geodesics import linear_path, secant_energy
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import (
     FisherPullback,
     OutputPullback,
+    centred_gram_cosine,
     effective_dimensionality,
-    eigenvalue_scale,
+    effective_rank,
     factor_eigenvalues,
-    principal_angles,
     pullback_of,
-    quadratic_forms,
-    random_directions,
-    regularisation,
+    random_rotation,
     spearman,
     spectral_deviation,
-    top_eigenspace,
+    trace_share,
 )
 from geosteer.models.steering import carrier_rows, intervene, steer, steering_pairs, subspace_replace
 from geosteer.models.tail import CarrierTail, log_concept_probs
@@ -75,7 +75,7 @@ from geosteer.pipeline.common import (
     to_plain,
 )
 from geosteer.pipeline.figures import task_figures
-from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods, fit_on
+from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
 from geosteer.pipeline.products import RunLayout, current_result, fingerprint, replace_dir, write_stamp
 
 
@@ -148,6 +148,7 @@ def score(q: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, a: int, b: int,
     ok = first >= 0
     return {
         "E_B": float(bhattacharyya_energy(q, manifold, mask)),
+        "E_B_ds": float(arc_energy(q, manifold, mask)),
         "arc_length": float(arc_length(q, mask)),
         "visit_intermediates": float(visit_intermediates(q, a, b, cyclic, mask)),
         "legibility": float(legibility(q, mask)),
@@ -190,7 +191,7 @@ def iterate(ctx: Context, method: SteeringMethod, carriers: Carriers,
 
 def steered(ctx: Context, method: SteeringMethod, pairs: list[tuple[int, int]], carriers: Carriers, geometry):
     """Each pair's steered h on its carriers (W, C, d), the steps taken (W, C) and the path drawn (W, d); and a
-    path method's raw paths (P, W, d)."""
+    path method's `Paths`."""
     if method.kind == "iterative":
         return ((h, mask, h[:, 0]) for h, mask in iterate(ctx, method, carriers, pairs)), None
     paths = method.paths(ctx, pairs, geometry)
@@ -202,7 +203,7 @@ def steered(ctx: Context, method: SteeringMethod, pairs: list[tuple[int, int]], 
             h = w if paths.pca is None else subspace_replace(tail.h, w, paths.pca)  # each carrier keeps its rest
             yield h, torch.ones(h.shape[:2], dtype=torch.bool), paths.raw[p]
 
-    return each(), paths.raw
+    return each(), paths
 
 
 # ---- one task ------------------------------------------------------------------------------------
@@ -237,9 +238,11 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         start = time.perf_counter()
         log.info("%s/%s: steering %d pairs", task.name, name, len(pairs))
         per_pair: dict[str, list[float]] = {m: [] for m in SCORES}
-        each, raw = steered(ctx, method, pairs, carriers, geometry)
-        if raw is not None:
-            raw_paths[name] = raw
+        each, paths = steered(ctx, method, pairs, carriers, geometry)
+        if paths is not None:
+            raw_paths[name] = paths.raw
+            if paths.info:
+                entry["solve"] = paths.info
         for p, ((a, b), (h, mask, trace)) in enumerate(tqdm(zip(pairs, each), total=len(pairs), desc=f"{task.name}/{name}",
                                                             leave=False)):  # fmt: skip
             q, kl = read_behaviour(carriers.of(p), h, data.variant_ids, b)
@@ -253,65 +256,110 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         log.info("%s/%s: %.1f s", task.name, name, entry["seconds"])
 
     start = time.perf_counter()
-    results["agreement"] = surrogate_agreement(methods, raw_paths, geometries, e)
+    results["agreement"], results["energy"] = against_g_out(ctx, methods, raw_paths, geometries)
     results["alignment"], figures["alignment"] = metric_alignment(ctx, methods, geometries, cfg.seed)
     figures["metric_labels"] = {m: methods[m].metric_label for m in figures["alignment"]}
     results["alignment"]["seconds"] = round(time.perf_counter() - start, 2)
     return results, figures
 
 
-def surrogate_agreement(methods: dict[str, SteeringMethod], raw_paths: dict[str, torch.Tensor], geometries,
-                        e: DictConfig) -> dict[str, Any]:  # fmt: skip
-    """Per pair, mean_t ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ for each learned geometry's geodesic (and the chord, for scale)."""
+def against_g_out(ctx: Context, methods: dict[str, SteeringMethod], raw_paths: dict[str, torch.Tensor],
+                  geometries) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Each compared method's geodesic against G_out's, per pair (docs/method.md §9), and the chord for scale:
+    - agreement: mean_t ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖;
+    - energy: its secant energy under G_out (Σ‖√q(w_{t+1}) − √q(w_t)‖² on the pinned carrier) ÷ the G_out geodesic's:
+      1 is as low as G_out's own geodesic; the chord's ratio is the scale."""
     target = next((raw_paths[m] for m, method in methods.items() if method.role == "target" and m in raw_paths), None)
     if target is None:
-        return {"reason": "the G_out method is off (method=[…] leaves out g_out), so there is no G_out geodesic to compare with"}
+        reason = {
+            "reason": "the G_out method is off (method=[…] leaves out g_out), so there is no G_out geodesic to compare with"
+        }
+        return reason, reason
     span = (target[:, -1] - target[:, 0]).norm(dim=1)  # (P,)
     x_a, x_b = target[:, 0], target[:, -1]
-    geodesics = {m: method.geodesic(paths, geometries.get(m), x_a, x_b, e.steps) for m, method in methods.items()
+    geodesics = {m: method.geodesic(paths, geometries.get(m), x_a, x_b, ctx.e.steps) for m, method in methods.items()
                  if method.kind == "path" and (paths := raw_paths.get(m)) is not None}  # fmt: skip
-    return {m: [float(v) for v in ((path - target).norm(dim=2).mean(1) / span)] for m, path in geodesics.items()
-            if path is not None}  # fmt: skip
+    geodesics = {m: path for m, path in geodesics.items() if path is not None}
+    data = ctx.data
+    tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[[data.canonical_carrier()]])
+    sqrt_q = OutputPullback(tail, data.variant_ids, carrier=0).sqrt_q
+    with torch.no_grad():
+        floor = secant_energy(target, sqrt_q)  # (P,)
+        energy = {m: (secant_energy(path, sqrt_q) / floor).tolist() for m, path in geodesics.items()}
+        energy.setdefault("linear", (secant_energy(linear_path(x_a, x_b, ctx.e.steps), sqrt_q) / floor).tolist())
+    agreement = {m: [float(v) for v in ((path - target).norm(dim=2).mean(1) / span)] for m, path in geodesics.items()}
+    return agreement, energy
 
 
 def metric_alignment(ctx: Context, methods: dict[str, SteeringMethod], geometries, seed: int):
-    """Each learned metric against G_out at held-out points, each in its own prompt; FishBack's diagnostics of G_out and G_F."""
-    data, e = ctx.data, ctx.e
-    a = e.alignment
+    """Each learned metric against G_out at held-out points, each in its own prompt (docs/method.md §9), calibrated:
+    the ceiling is G_out at the same points under another prompt, the floor a random rotation of the metric.
+    FishBack's diagnostics of G_out and G_F beside them. λ_reg plays no part: every measure is blind to λI."""
+    data, a = ctx.data, ctx.e.alignment
     rows = np.sort(np.random.default_rng([seed, 7]).choice(data.val, min(a.points, len(data.val)), replace=False))
     x = data.h[rows]
     tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[rows])
-    own = torch.arange(len(rows))
-    J_out = OutputPullback(tail, data.variant_ids, carrier=own).jacobian(x)  # (n, K+1, d)
-    lam_out = e.lam_rel * eigenvalue_scale(J_out)
-    v = random_directions(len(x), a.directions, x.shape[1], torch.Generator().manual_seed(seed), dtype=x.dtype)
-    q_out = quadratic_forms(J_out, lam_out, v)  # (n, n_dir)
-    results: dict[str, Any] = {"points": len(rows), "directions": a.directions}
+    n = len(rows)
+    J_out = OutputPullback(tail, data.variant_ids, carrier=torch.arange(n)).jacobian(x).double()  # (n, K+1, d)
+    other = OutputPullback(tail, data.variant_ids, carrier=torch.arange(n).roll(1)).jacobian(x).double()
+    v = tangent_directions(data, rows, a.neighbours)  # (n, m, d) towards other classes
+    q_out = (J_out @ v.transpose(1, 2)).pow(2).sum(1)  # (n, m) vᵀG_out v
+    results: dict[str, Any] = {"points": n, "directions": v.shape[1],
+                               "ceiling": centred_gram_cosine(other, J_out).tolist()}  # fmt: skip
     scatter: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    generator = torch.Generator().manual_seed(seed)
     for name, geometry in geometries.items():
         if methods[name].metric_label is None:
             results[name] = {"reason": "the bridge has no metric of its own: it draws GAGA-Out's G_E geodesics (see GAGA-Out)"}
             continue
-        results[name], scatter[name] = metric_against(pullback_of(geometry), x, J_out, q_out, v, ctx)
-    J_F = FisherPullback(tail, carrier=own, top_k=a.fisher_top_k).jacobian(x)
-    for name, J, lam in (("G_out", J_out, lam_out), ("G_F", J_F, e.lam_rel * eigenvalue_scale(J_F))):
-        eig = factor_eigenvalues(J, lam)
-        results[name] = {
-            "spectral_deviation": spectral_deviation(eig).tolist(),
-            "effective_dim": effective_dimensionality(eig).tolist(),
-        }
+        J = pullback_of(geometry).jacobian(x).double()  # (n, k, d)
+        q_g = (J @ v.transpose(1, 2)).pow(2).sum(1)
+        results[name] = compare_metrics(J, J_out, generator) | {"spearman": spearman(q_g, q_out).tolist()}
+        scatter[name] = (q_g.flatten().numpy(), q_out.flatten().numpy())
+    J_F = FisherPullback(tail, carrier=torch.arange(n), top_k=a.fisher_top_k).jacobian(x)
+    for name, J in (("G_out", J_out), ("G_F", J_F)):
+        eig = factor_eigenvalues(J, 0.0)
+        results[name] = {"spectral_deviation": spectral_deviation(eig, effective_rank(J)).tolist(),
+                         "effective_dim": effective_dimensionality(eig).tolist()}  # fmt: skip
     return results, scatter
 
 
-def metric_against(metric, x: torch.Tensor, J_out: torch.Tensor, q_out: torch.Tensor, v: torch.Tensor, ctx: Context):
-    """One learned metric against G_out at points x (n, d): Spearman of vᵀGv over directions v, principal angles."""
-    J = metric.jacobian(x)  # (n, k, d)
-    q_g = quadratic_forms(J, regularisation(metric, fit_on(ctx, 256), ctx.e.lam_rel), v)
-    r = min(len(ctx.data.task.concepts), *J.shape[1:])
-    angles = principal_angles(top_eigenspace(J, r), top_eigenspace(J_out, r))  # (n, r)
-    result = {"spearman": spearman(q_g, q_out).tolist(), "angle_deg": angles.rad2deg().mean(1).tolist(),
-              "overlap": angles.cos().pow(2).mean(1).tolist(), "r": r, "chance_overlap": r / x.shape[1]}  # fmt: skip
-    return result, (q_g.flatten().numpy(), q_out.flatten().numpy())
+def compare_metrics(J: torch.Tensor, J_out: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+    """A metric G = JᵀJ against G_out = J_outᵀJ_out at the same points (n, ·, d), per point: their centred Gram cosine,
+    its floor (G turned by a random rotation: the same spectrum, no relation), and the share of each metric's trace in
+    the other's top eigenspace at its effective rank r, with chance r/d."""
+    d = J.shape[-1]
+    turned = torch.stack([j @ random_rotation(d, generator) for j in J])  # (n, k, d): UᵀGU, U Haar
+    r_g, r_out = effective_rank(J), effective_rank(J_out)
+    return {
+        "gram_cosine": centred_gram_cosine(J, J_out).tolist(),
+        "floor": centred_gram_cosine(turned, J_out).tolist(),
+        "share_of_G_out": trace_share(J, J_out, r_g).tolist(),  # G_out's trace in G's top r_g directions
+        "chance_of_G_out": float((r_g / d).mean()),
+        "share_of_G": trace_share(J_out, J, r_out).tolist(),
+        "chance_of_G": float((r_out / d).mean()),
+        "rank": float(r_g.double().mean()),
+        "rank_out": float(r_out.double().mean()),
+    }
+
+
+def tangent_directions(data: TaskData, rows: np.ndarray, neighbours: int) -> torch.Tensor:
+    """Unit directions from each point towards the other classes: their centroids and the point's `neighbours`
+    nearest training activations of another class. (n, K−1 + neighbours, d) in float64"""
+    x = data.h[rows].double()
+    centroids = data.centroids.double()
+    train = torch.as_tensor(data.train)
+    h_train, l_train = data.h[train].double(), torch.as_tensor(data.labels[train])
+    out = []
+    for i, row in enumerate(rows):
+        own = int(data.labels[row])
+        towards = [centroids[k] for k in range(len(centroids)) if k != own and torch.isfinite(centroids[k]).all()]
+        others = h_train[l_train != own]
+        near = others[(others - x[i]).norm(dim=1).topk(min(neighbours, len(others)), largest=False).indices]
+        v = torch.cat([torch.stack(towards), near]) - x[i]
+        out.append(v / v.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    m = min(len(v) for v in out)  # the same for every point unless a class has fewer training rows than `neighbours`
+    return torch.stack([v[:m] for v in out])
 
 
 # ---- the stage -----------------------------------------------------------------------------------

@@ -77,12 +77,13 @@ def behaviour_figure(data, results, figures, path: Path) -> None:
 
 def alignment_figure(data, results, scatter: dict[str, tuple[np.ndarray, np.ndarray]], labels: dict[str, str],
                      path: Path) -> None:  # fmt: skip
-    """vᵀG v of each learned metric against vᵀG_out v, over held-out points and random directions."""
+    """vᵀG v of each learned metric against vᵀG_out v, over held-out points and their between-class directions."""
     fig, axes = plt.subplots(1, len(scatter), figsize=(4.2 * len(scatter), 4), squeeze=False)
     for ax, (m, (g, out)) in zip(axes[0], scatter.items()):
         ax.scatter(out, g, s=2, alpha=0.3)
         ax.set(xscale="log", yscale="log", xlabel="vᵀ G_out v", ylabel=f"vᵀ G v ({labels[m]})",
-               title=f"ρ = {np.nanmean(results['alignment'][m]['spearman']):.2f} (mean per point)")  # fmt: skip
+               title=f"ρ = {np.nanmean(results['alignment'][m]['spearman']):.2f}, Gram cosine "
+                     f"{np.nanmean(results['alignment'][m]['gram_cosine']):.2f} (means per point)")  # fmt: skip
     fig.suptitle(f"{data.task.name}: learned metrics against G_out on held-out points")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 
 from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
-from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path
+from geosteer.models.behaviour import sphere_angle
+from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic
 from geosteer.models.innsteer import InnSteer
 from geosteer.models.metrics import EncoderPullback, OutputPullback, pullback_of, regularisation
 from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace
@@ -40,6 +41,7 @@ class Score:
 
 SCORES = {
     "E_B": Score(-1, "Bhattacharyya energy E_B (lower: closer to the behaviour manifold)"),
+    "E_B_ds": Score(-1, "Bhattacharyya energy over arc length ∫ D_B ds (lower; free of how the waypoints are spread)"),
     "arc_length": Score(-1, "Hellinger arc length of the behaviour path (lower: more direct)"),
     "visit_intermediates": Score(1, "Visit-intermediates (higher: passes the classes between a and b)"),
     "legibility": Score(1, "Legibility top-1 (higher: fewer waypoints answer 'other')"),
@@ -99,11 +101,13 @@ class Context:
 
 @dataclass
 class Paths:
-    """Every pair's path: `points` are injected (raw h, or PCA coordinates with `pca`); `raw` lives in h-space."""
+    """Every pair's path: `points` are injected (raw h, or PCA coordinates with `pca`); `raw` lives in h-space.
+    `info`: JSON-able facts of the solve, kept in the results beside the method's scores."""
 
     points: torch.Tensor  # (P, W, D)
     raw: torch.Tensor  # (P, W, d)
     pca: PCA | None = None
+    info: dict[str, Any] | None = None
 
 
 Direction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h (n, d), carrier (n,)) → unit directions (n, d)
@@ -229,12 +233,17 @@ class Spline(PathMethod):
     pca: int  # k of the PCA(k) the spline lives in
 
     def paths(self, ctx, pairs, geometry):
-        data = ctx.data
-        keep = data.labels >= 0  # rows left out of every class (−1) have no place on the spline
-        spline = LabelledSpline(data.h[keep], torch.from_numpy(data.labels[keep]), data.task.topology == "cyclic", self.pca)
-        w = torch.stack([spline.path(i, j, ctx.e.steps) for i, j in pairs]).float()  # (P, W, k)
-        pca = PCA(spline.pca.components.float(), spline.pca.mean.float())
-        return Paths(w, subspace_replace(linear_path(*data.ends(pairs), ctx.e.steps), w, pca), pca)
+        return spline_paths(ctx, pairs, self.pca)
+
+
+def spline_paths(ctx: Context, pairs: list[tuple[int, int]], k: int) -> Paths:
+    """The labelled spline through the class centroids of PCA(k) activations, injected by subspace replacement."""
+    data = ctx.data
+    keep = data.labels >= 0  # rows left out of every class (−1) have no place on the spline
+    spline = LabelledSpline(data.h[keep], torch.from_numpy(data.labels[keep]), data.task.topology == "cyclic", k)
+    w = torch.stack([spline.path(i, j, ctx.e.steps) for i, j in pairs]).float()  # (P, W, k)
+    pca = PCA(spline.pca.components.float(), spline.pca.mean.float())
+    return Paths(w, subspace_replace(linear_path(*data.ends(pairs), ctx.e.steps), w, pca), pca)
 
 
 @register_method("gaga_out", label="GAGA-Out + L-BFGS", role="learned", how="L-BFGS geodesic of G_E (GAGA-Out), full replacement",
@@ -270,19 +279,49 @@ class GagaPhate(PathMethod):
         return Paths(w, subspace_replace(linear_path(x_a, x_b, ctx.e.steps), w, pca), pca)
 
 
-@register_method("g_out", label="G_out + L-BFGS", role="target", how="L-BFGS geodesic of G_out on a pinned canonical carrier")
+@register_method("g_out", label="G_out geodesic", role="target",
+                 how="minimiser of the exact secant energy of √q on a pinned canonical carrier, best of three starts")  # fmt: skip
 @dataclass
 class GOut(PathMethod):
-    max_iter: int  # its own L-BFGS cap: each iteration runs the LM tail
+    starts: list[str]  # besides the chord: "spline" (the labelled spline's path) and/or "great circle"
+    spline_pca: int  # k of the spline start's PCA(k)
+    max_batch: int  # points per pass through the LM's tail
 
-    def paths(self, ctx, pairs, geometry):  # G_out on the pinned carrier, λ_reg from its scale on training activations
-        data = ctx.data
+    def paths(self, ctx, pairs, geometry):
+        """`secant_geodesic` of √q on the pinned carrier, λ_reg at `lam_rel` of G_out's scale on training activations,
+        with the L-BFGS budget of every other metric (docs/method.md §6)."""
+        data, e = ctx.data, ctx.e
+        unknown = set(self.starts) - {"spline", "great circle"}
+        if unknown:
+            raise StageError(f"method.g_out.starts has {sorted(unknown)}; use any of ['spline', 'great circle'].")
         tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[[data.canonical_carrier()]])
-        lam = regularisation(OutputPullback(tail, data.variant_ids), fit_on(ctx, 256), ctx.e.lam_rel)
-        g_out = OutputPullback(tail, data.variant_ids, carrier=0, lam=lam, max_batch=1024)
-        max_iter = self.max_iter if ctx.e.max_iter_cap is None else min(self.max_iter, ctx.e.max_iter_cap)
-        path = lbfgs_geodesic(*data.ends(pairs), g_out, ctx.e.steps, max_iter, ctx.e.lbfgs.history_size)
-        return Paths(path, path)
+        g_out = OutputPullback(tail, data.variant_ids, carrier=0, max_batch=self.max_batch)
+        lam = regularisation(g_out, fit_on(ctx, 256), e.lam_rel)
+        x_a, x_b = data.ends(pairs)
+        starts = {"spline": spline_paths(ctx, pairs, self.spline_pca).raw} if "spline" in self.starts else {}
+        max_iter = e.lbfgs.max_iter if e.max_iter_cap is None else min(e.lbfgs.max_iter, e.max_iter_cap)
+        solved = secant_geodesic(x_a, x_b, g_out.sqrt_q, e.steps, max_iter, e.lbfgs.history_size, lam=lam, starts=starts,
+                                 great_circle="great circle" in self.starts, max_batch=self.max_batch)  # fmt: skip
+        with torch.no_grad():
+            lengths = {"geodesic": hellinger_length(solved.paths, g_out.sqrt_q, self.max_batch),
+                       "chord": hellinger_length(linear_path(x_a, x_b, e.steps), g_out.sqrt_q, self.max_batch)}  # fmt: skip
+            ends = g_out.sqrt_q(torch.cat([x_a, x_b])).view(2, len(pairs), -1)
+        bound = sphere_angle(ends[0], ends[1]) / 2**0.5  # the great circle's Hellinger length
+        info = {"start": solved.start, "energy": solved.energy.tolist(), "lam": lam, "great_circle": bound.tolist(),
+                **{f"length_{k}": v.tolist() for k, v in lengths.items()}}  # fmt: skip
+        return Paths(solved.paths, solved.paths, info=info)
+
+
+def hellinger_length(paths: torch.Tensor, sqrt_q, max_batch: int, between: int = 8) -> torch.Tensor:
+    """The Hellinger arc length Σ∠(√q_i, √q_{i+1})/√2 along each path, its segments each cut into `between`
+    straight pieces in h, so that a path cannot look short by jumping between waypoints. By the sphere's triangle
+    inequality it is never below the great circle's ∠(√q_a, √q_b)/√2. (P, W, d) → (P,)"""
+    fine = torch.cat([linear_path(paths[:, t], paths[:, t + 1], between)[:, :-1] for t in range(paths.shape[1] - 1)]
+                     + [paths[:, -1:]], 1)  # (P, between·(W−1)+1, d)  # fmt: skip
+    P, W, d = fine.shape
+    flat = fine.reshape(-1, d)
+    s = torch.cat([sqrt_q(flat[i : i + max_batch], i) for i in range(0, len(flat), max_batch)]).view(P, W, -1)
+    return sphere_angle(s[:, 1:], s[:, :-1]).sum(1) / 2**0.5
 
 
 @register_method(

@@ -10,18 +10,17 @@ import csv
 import io
 import json
 import math
-import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from geosteer.pipeline.common import atomic_write_text
 from geosteer.pipeline.figures import bars_figure
 from geosteer.pipeline.methods import SCORES
 
-ALPHA = 0.05  # significance level of the paired t-tests
+ALPHA = 0.05  # significance level of the comparisons, after Holm's correction
 
 
 def mean_se(values) -> tuple[float, float, int]:
@@ -32,18 +31,53 @@ def mean_se(values) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan, len(v)
 
 
-def paired_t(x, y) -> tuple[float, float, int]:
-    """Paired t-test of x against y over the pairs where both are finite: (t, p, n); NaN when undefined."""
-    both = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
-    if len(both) < 2:
-        return math.nan, math.nan, len(both)
-    a, b = np.array(both).T
-    if np.allclose(a, b):  # no difference to test (ttest_rel would divide by a zero spread)
-        return 0.0, 1.0, len(both)
-    with warnings.catch_warnings():  # nearly equal pairs: scipy warns of precision loss, and the test says p ≈ 1
-        warnings.simplefilter("ignore", RuntimeWarning)
-        t, p = stats.ttest_rel(a, b)
-    return float(t), float(p), len(both)
+BOOTSTRAP_DRAWS = 4000
+
+
+def cluster_bootstrap(values, pairs, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> np.ndarray:
+    """The mean of per-pair `values` over class-clustered bootstrap resamples. (draws,), NaN where a draw keeps no value
+
+    Pairs (a → b) that share a class are not independent (a → b and b → a least of all), so the resampled units are
+    the classes: each draw takes the task's classes with replacement, and pair (a, b) counts count(a)·count(b) times.
+    Every call with the same pairs draws the same classes (common random numbers across methods).
+    """
+    v = np.array([np.nan if x is None else x for x in values], dtype=float)
+    ok = np.isfinite(v)
+    a, b = np.asarray(pairs).T
+    classes, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ia, ib = index[: len(a)], index[len(a) :]
+    counts = np.random.default_rng(seed).multinomial(len(classes), np.full(len(classes), 1 / len(classes)), size=draws)
+    weight = counts[:, ia] * counts[:, ib] * ok  # (draws, P)
+    total = weight.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (weight * np.where(ok, v, 0)).sum(1) / total, np.nan)
+
+
+def interval(values, pairs, level: float = 0.95) -> tuple[float, float]:
+    """The class-clustered bootstrap percentile interval of the mean over pairs; NaN when no value is finite."""
+    means = cluster_bootstrap(values, pairs)
+    means = means[np.isfinite(means)]
+    if len(means) == 0:
+        return math.nan, math.nan
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def paired_difference(x, y, pairs) -> tuple[float, float, int]:
+    """Mean of x − y over the pairs where both are finite, its two-sided class-clustered bootstrap p-value, and the count.
+
+    p = 2·min(share of resampled means ≤ 0, share ≥ 0), with the +1 of a Monte-Carlo test: never below 2/(draws + 1).
+    """
+    d = [a - b if a is not None and b is not None and np.isfinite(a) and np.isfinite(b) else None for a, b in zip(x, y)]
+    n = sum(v is not None for v in d)
+    if n < 2:
+        return math.nan, math.nan, n
+    mean = float(np.mean([v for v in d if v is not None]))
+    if all(v == 0 for v in d if v is not None):
+        return 0.0, 1.0, n
+    means = cluster_bootstrap(d, pairs)
+    means = means[np.isfinite(means)]
+    tail = min((means <= 0).sum(), (means >= 0).sum())
+    return mean, float(min(1.0, 2 * (tail + 1) / (len(means) + 1))), n
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -56,23 +90,38 @@ def holm(p: np.ndarray) -> np.ndarray:
     return adjusted
 
 
-def summarise(per_task: dict[str, dict[str, Any]], directions: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per (task, method, metric): mean ± s.e. over pairs, and a paired t-test against the best baseline.
+def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of n pairs: the half that picks the best baseline, and the half it is tested on."""
+    order = np.random.default_rng([seed, n]).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
 
-    `p_holm` corrects `p` for the comparisons of the row's table (one metric, every task and method).
+
+def summarise(per_task: dict[str, dict[str, Any]], directions: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per (task, method, metric): mean, s.e. and class-clustered bootstrap interval over pairs, and the
+    comparison with the best baseline.
+
+    The best baseline is picked on one seeded half of the pairs and every other method is tested against it on the
+    other half (`paired_difference`: `diff`, `p`), so choosing the winner does not inflate the test; `p_holm` corrects
+    `p` for the comparisons of the row's table (one metric, every task and method).
     """
     rows = []
     for task, res in per_task.items():
         methods = {m: e for m, e in res["methods"].items() if "per_pair" in e}
+        pairs = [tuple(p) for p in res["pairs"]]
+        pick, test = halves(len(pairs))
         for metric, sign in directions.items():
-            stat = {m: mean_se(e["per_pair"][metric]) for m, e in methods.items()}
-            baselines = [m for m, e in methods.items() if e["role"] == "baseline" and stat[m][2] > 1]
-            best = max(baselines, key=lambda m: sign * stat[m][0]) if baselines else None
+            values = {m: e["per_pair"][metric] for m, e in methods.items()}
+            stat = {m: mean_se(v) for m, v in values.items()}
+            on_pick = {m: mean_se([v[i] for i in pick]) for m, v in values.items()}
+            baselines = [m for m, e in methods.items() if e["role"] == "baseline" and on_pick[m][2] > 0 and stat[m][2] > 1]
+            best = max(baselines, key=lambda m: sign * on_pick[m][0]) if baselines else None
             for m, (mean, se, n) in stat.items():
-                row = {"task": task, "method": m, "label": methods[m]["label"], "metric": metric, "mean": mean, "se": se, "n": n,
-                       "best_baseline": best, "t": math.nan, "p": math.nan}  # fmt: skip
+                lo, hi = interval(values[m], pairs)
+                row = {"task": task, "method": m, "label": methods[m]["label"], "metric": metric, "mean": mean, "se": se,
+                       "lo": lo, "hi": hi, "n": n, "best_baseline": best, "diff": math.nan, "p": math.nan}  # fmt: skip
                 if best is not None and m != best:
-                    row["t"], row["p"], _ = paired_t(methods[m]["per_pair"][metric], methods[best]["per_pair"][metric])
+                    row["diff"], row["p"], _ = paired_difference([values[m][i] for i in test], [values[best][i] for i in test],
+                                                                 [pairs[i] for i in test])  # fmt: skip
                 rows.append(row)
     for metric in directions:
         tested = [r for r in rows if r["metric"] == metric and np.isfinite(r["p"])]
@@ -89,14 +138,20 @@ def _fmt(mean: float, se: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {se:.{digits}f}" if np.isfinite(se) else f"{mean:.{digits}f}"
 
 
+def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) else f"{mean:.{digits}f}"
+
+
 def _cell(row: dict[str, Any], sign: int) -> str:
-    """mean ± s.e., with ▲/▼ when a paired t-test separates it from the best baseline after Holm's correction
-    (▲: better), ★ on the best baseline."""
-    text = _fmt(row["mean"], row["se"])
+    """mean [95 % interval], with ▲/▼ when it differs from the best baseline after Holm's correction (▲: better),
+    ★ on the best baseline."""
+    text = _ci(row["mean"], row["lo"], row["hi"])
     if row["method"] == row["best_baseline"]:
         return text + " ★"
     if np.isfinite(row["p_holm"]) and row["p_holm"] < ALPHA:
-        better = sign * row["t"] > 0
+        better = sign * row["diff"] > 0
         return text + (" ▲" if better else " ▼")
     return text
 
@@ -129,8 +184,9 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
         return per_task[task]["methods"].get(method, {}).get("per_pair", {}).get(metric)
 
     # 1. GAGA-Out lands the target more decisively than linear and spline.
-    lines, holds, ties, margins = [], [], 0, []
+    tests, lines, ties = [], [], 0
     for task in per_task:
+        pairs = [tuple(p) for p in per_task[task]["pairs"]]
         for metric in ("top1_at_end", "target_prob_end"):
             g = pp(task, "gaga_out", metric)
             for base in ("linear", "spline"):
@@ -141,19 +197,21 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
                     ties += 1
                     lines.append(f"{task} {metric}: GAGA-Out = {base} on every pair (both paths end at x_b)")
                     continue
-                t, p, n = paired_t(g, b)
-                gm, bm = mean_se(g)[0], mean_se(b)[0]
-                ok = gm > bm and np.isfinite(p) and p < ALPHA
-                holds.append(ok)
-                margins.append(gm - bm)
-                lines.append(
-                    f"{task} {metric}: GAGA-Out {gm:.4f} vs {base} {bm:.4f} (p = {p:.2g}, n = {n}){' ✓' if ok else ' ✗'}"
-                )
+                diff, p, n = paired_difference(g, b, pairs)
+                tests.append((task, metric, base, diff, p, n))
+    adjusted = holm([t[4] for t in tests]) if tests else []
+    holds = []
+    for (task, metric, base, diff, p, n), q in zip(tests, adjusted):
+        ok = diff > 0 and q < ALPHA
+        holds.append(ok)
+        lines.append(
+            f"{task} {metric}: GAGA-Out − {base} = {diff:+.4f} (p = {p:.2g}, Holm {q:.2g}, n = {n}){' ✓' if ok else ' ✗'}"
+        )
     verdict = _verdict(holds) if holds else "not testable: every comparison is a tie"
     if ties:
         verdict += f"; {ties} of {ties + len(holds)} comparisons are ties by construction (both paths end at x_b)"
-    if margins:
-        verdict += f"; the largest margin is {max(margins, key=abs):+.4f}"
+    if tests:
+        verdict += f"; the largest margin is {max((t[3] for t in tests), key=abs):+.4f}"
     out.append({"claim": "GAGA-Out lands the target more decisively than linear and spline (top-1@end, target_prob_end)",
                 "verdict": verdict, "evidence": lines})  # fmt: skip
     # 2. GAGA-Out has lower E_B than the best baseline on weekdays and months.
@@ -163,10 +221,11 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
         if row is None or row["best_baseline"] is None:
             continue
         base = next(r for r in rows if r["task"] == task and r["method"] == row["best_baseline"] and r["metric"] == "E_B")
-        ok = row["mean"] < base["mean"] and np.isfinite(row["p"]) and row["p"] < ALPHA
+        ok = row["diff"] < 0 and np.isfinite(row["p_holm"]) and row["p_holm"] < ALPHA
         holds.append(ok)
-        lines.append(f"{task}: GAGA-Out {_fmt(row['mean'], row['se'])} vs best baseline {base['label']} "
-                     f"{_fmt(base['mean'], base['se'])} (p = {row['p']:.2g}){' ✓' if ok else ' ✗'}")  # fmt: skip
+        lines.append(f"{task}: GAGA-Out {_ci(row['mean'], row['lo'], row['hi'])} vs best baseline {base['label']} "
+                     f"{_ci(base['mean'], base['lo'], base['hi'])}; on the test half GAGA-Out − it = {row['diff']:+.4f} "
+                     f"(p = {row['p']:.2g}, Holm {row['p_holm']:.2g}){' ✓' if ok else ' ✗'}")  # fmt: skip
     out.append({"claim": "GAGA-Out has lower E_B than the best baseline on weekdays and months",
                 "verdict": _verdict(holds), "evidence": lines})  # fmt: skip
     # 3. GAGA-Out and G_out geodesics agree.
@@ -230,38 +289,71 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
     for i, c in enumerate(claims, 1):
         md += [f"{i}. **{c['claim']}: {c['verdict']}.**", *[f"   - {line}" for line in c["evidence"]], ""]
     md += ["## Behaviour along the paths (docs/method.md §9)", "",
-           "Mean ± s.e. over pairs. ★ the best baseline (linear, spline, CAA, FishBack, dual) for that metric and task; "
-           f"▲/▼ better/worse than it by a paired t-test over pairs at p < {ALPHA} after Holm's correction across the table's comparisons. "
+           "Mean over pairs [95 % class-clustered bootstrap interval: classes resampled, since pairs sharing a class are "
+           "not independent]. ★ the best baseline (linear, spline, CAA, FishBack, dual) for that metric and task, picked on "
+           "a seeded half of the pairs; ▲/▼ better/worse than it on the other half (class-clustered bootstrap test of the "
+           f"paired difference) at p < {ALPHA} after Holm's correction across the table's comparisons. "
            "¹ no exported geometry (reason below); – no defined value "
            "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold).", ""]  # fmt: skip
     for metric, score in SCORES.items():
         md += [f"### {score.title}", "", metric_table(rows, per_task, metric, score.direction), ""]
     md += ["## Against the analytical metric G_out", "", "### Surrogate agreement", "",
-           "Mean over waypoints of ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ (%), mean ± s.e. over pairs; every geodesic by the "
+           "Mean over waypoints of ‖w_t − w_t^{G_out}‖ / ‖x_b − x_a‖ (%), mean over pairs [95 % class-clustered bootstrap interval]; every geodesic by the "
            "same L-BFGS except the bridge (its own forward pass) and INNSteer (φ⁻¹ of the latent chord, its exact "
            "geodesic). The chord is the scale: a learned metric helps only where it lands nearer than the chord.", "",
-           _table(per_task, lambda r: {m: _pct(v) for m, v in r.get("agreement", {}).items() if m != "reason"},
+           _table(per_task, lambda r: {m: _pct(v, r["pairs"]) for m, v in r.get("agreement", {}).items() if m != "reason"},
                   {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}), ""]  # fmt: skip
+    target = next((m for m, method in methods.items() if method.role == "target"), None)
+    solves = {t: r["methods"][target]["solve"] | {"pairs": r["pairs"]} for t, r in per_task.items()
+              if target and "solve" in r["methods"].get(target, {})}  # fmt: skip
+    if solves:
+        md += ["### The G_out geodesic", "",
+               "Hellinger arc length Σ arccos⟨√q_i, √q_i+1⟩/√2 of each pair's path on the pinned carrier, every segment cut into 8 straight pieces "
+               "in h (so a path cannot look short by jumping between waypoints), against its lower bound, the great "
+               "circle of √q between the endpoints; the mean over pairs of the ratio to the bound [95 % class-clustered "
+               "bootstrap interval], and which start "
+               "each pair's geodesic came from.", "",
+               _table(solves, lambda r: {
+                   "geodesic": _per_pair(np.divide(r["length_geodesic"], r["great_circle"]), r["pairs"]),
+                   "chord": _per_pair(np.divide(r["length_chord"], r["great_circle"]), r["pairs"]),
+                   "starts": ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["start"]).items()))},
+                   {"geodesic": "G_out geodesic ÷ great circle", "chord": "chord ÷ great circle",
+                    "starts": "winning start (pairs)"}), ""]  # fmt: skip
+    md += ["### Path energy under G_out", "",
+           "Each geodesic's secant energy Σ‖√q(w_{t+1}) − √q(w_t)‖² on the pinned carrier ÷ the G_out geodesic's, mean over "
+           "pairs [95 % class-clustered bootstrap interval]: 1 is as low as G_out's own; the chord (linear) is the scale.", "",
+           _table(per_task, lambda r: {m: _per_pair(v, r["pairs"]) for m, v in r.get("energy", {}).items() if m != "reason"},
+                  {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}), ""]  # fmt: skip
+    labels = {m: method.metric_label for m, method in methods.items() if method.metric_label}
+    compared = lambda r: {m: v for m, v in r["alignment"].items() if isinstance(v, dict) and "gram_cosine" in v}  # noqa: E731
     md += ["### Metric alignment on held-out points", "",
-           "Each of up to " + str(e.alignment.points) + " held-out activations in its own prompt; "
-           f"{e.alignment.directions} random unit directions v each. Spearman ρ of vᵀG v against vᵀG_out v (mean ± s.e. "
-           "over points), and the mean principal angle between the top-r eigenspaces (r = min(K, rank)), with their "
-           "overlap mean cos² θ against the chance overlap r/d of random subspaces.", "",
-           _table(per_task, lambda r: {m: _fmt(*mean_se(v["spearman"])[:2]) for m, v in r["alignment"].items()
-                                       if isinstance(v, dict) and "spearman" in v},
-                  {m: f"{method.metric_label}: Spearman ρ" for m, method in methods.items() if method.metric_label}),
+           f"Up to {e.alignment.points} held-out activations, each in its own prompt; every measure is blind to λ_reg. "
+           "**Centred Gram cosine** cos(G − τI, G_out − τ'I) (τ = tr/d), mean ± s.e. over points: 1 when the metrics are "
+           "equal up to scale. Its ceiling is G_out at the same points under another prompt; its floor, in brackets, "
+           "the same metric turned by a random rotation (same spectrum, no relation).", "",
+           _table(per_task, lambda r: {"ceiling": _fmt(*mean_se(r["alignment"]["ceiling"])[:2])} if "ceiling" in r["alignment"] else {},
+                  {"ceiling": "ceiling: G_out under another prompt"}),  # fmt: skip
            "",
-           _table(per_task, lambda r: {m: f"{mean_se(v['angle_deg'])[0]:.1f}° (overlap {mean_se(v['overlap'])[0]:.2f}, "
-                                          f"chance {v['chance_overlap']:.2f}, r = {v['r']})"
-                                       for m, v in r["alignment"].items() if isinstance(v, dict) and "angle_deg" in v},
-                  {m: f"{method.metric_label}: principal angle" for m, method in methods.items() if method.metric_label}),
+           _table(per_task, lambda r: {m: f"{_fmt(*mean_se(v['gram_cosine'])[:2])} (floor {mean_se(v['floor'])[0]:.2f})"
+                                       for m, v in compared(r).items()}, labels),
+           "",
+           "**Trace shares**: the share of G_out's trace in the metric's top-r eigenspace (r its effective rank, the "
+           "participation ratio) and of the metric's trace in G_out's, each against its chance r/d.", "",
+           _table(per_task, lambda r: {m: f"{mean_se(v['share_of_G_out'])[0]:.2f} / {mean_se(v['share_of_G'])[0]:.2f} "
+                                          f"(chance {v['chance_of_G_out']:.2f} / {v['chance_of_G']:.2f}; r {v['rank']:.1f} / "
+                                          f"{v['rank_out']:.1f})" for m, v in compared(r).items()}, labels),
+           "",
+           "**Spearman ρ** of vᵀG v against vᵀG_out v over the directions v from each point towards the other classes "
+           f"(their centroids and its {e.alignment.neighbours} nearest training points of another class), mean ± s.e. "
+           "over points.", "",
+           _table(per_task, lambda r: {m: _fmt(*mean_se(v["spearman"])[:2]) for m, v in compared(r).items()}, labels),
            ""]  # fmt: skip
     reasons = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["alignment"].items()
                if isinstance(v, dict) and "reason" in v]  # fmt: skip
     md += [*reasons, "", "### FishBack diagnostics at the layer", "",
-           "Relative spectral deviation from the Euclidean metric, 1 − λ_min/λ_max, and effective dimensionality "
-           "(participation ratio ÷ d), mean over the held-out points; both metrics carry λ_reg = "
-           f"{e.lam_rel:g} × their eigenvalue scale.", "",
+           "Relative spectral deviation from the Euclidean metric, 1 − λ_r/λ_1 over each metric's top-r eigenvalues "
+           "(r its effective rank; λ_reg excluded, which would otherwise be all a rank-deficient metric's λ_min reports), "
+           "and effective dimensionality (participation ratio ÷ d), mean over the held-out points.", "",
            _table(per_task, lambda r: {f"{g} {k}": _fmt(*mean_se(r["alignment"][g][key])[:2], digits=4)
                                        for g in ("G_out", "G_F") for k, key in (("deviation", "spectral_deviation"),
                                                                                  ("eff. dim", "effective_dim"))}, {}), ""]  # fmt: skip
@@ -282,9 +374,14 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
     return "\n".join(md)
 
 
-def _pct(values) -> str:
-    mean, se, _ = mean_se(values)
-    return _fmt(100 * mean, 100 * se, digits=1)
+def _pct(values, pairs) -> str:
+    """Mean over pairs in %, with its class-clustered bootstrap interval."""
+    return _per_pair(100 * np.array([np.nan if v is None else v for v in values], dtype=float), pairs, digits=1)
+
+
+def _per_pair(values, pairs, digits: int = 3) -> str:
+    """Mean of per-pair values with its class-clustered bootstrap interval."""
+    return _ci(mean_se(values)[0], *interval(values, [tuple(p) for p in pairs]), digits=digits)
 
 
 def _table(per_task: dict[str, Any], cells, labels: dict[str, str]) -> str:
@@ -308,7 +405,7 @@ def log_to(logger, folder: Path, summary: dict[str, Any]) -> None:
     logger.log_metrics({f"eval/{r['task']}/{r['method']}/{r['metric']}": r["mean"] for r in rows if np.isfinite(r["mean"])})
     if not hasattr(logger, "log_table"):
         return
-    columns = ["task", "method", "metric", "mean", "se", "n", "best_baseline", "t", "p"]
+    columns = ["task", "method", "metric", "mean", "se", "lo", "hi", "n", "best_baseline", "diff", "p", "p_holm"]
     logger.log_table("eval/results", columns=columns, data=[[r[c] for c in columns] for r in rows])
     for metric in SCORES:
         tasks = list(dict.fromkeys(r["task"] for r in rows))

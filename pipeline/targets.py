@@ -9,8 +9,10 @@ atomically once all its groups are done, so a crash loses at most that task.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +69,27 @@ def cache_keys(rows: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int, sto
     return keys
 
 
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic torch kernels for the block, whatever was set before (Lightning's trainer sets them for the rest
+    of a process): the reverse pass's scatter-adds otherwise sum in another order, and a targets file made in a
+    fresh process would differ in the last bits from one made after a training run."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
 @torch.no_grad()
 def output_pullback(lm, tokenizer, layer: int, variant_ids, rows, rank: int, max_batch: int) -> dict[str, Any]:
     """The `pullback` group: each row's J_s = ∂√q/∂h in its own prompt, kept as its top-`rank` rows F (FᵀF ≈ G_out)."""
+    with deterministic():
+        return _output_pullback(lm, tokenizer, layer, variant_ids, rows, rank, max_batch)
+
+
+def _output_pullback(lm, tokenizer, layer: int, variant_ids, rows, rank: int, max_batch: int) -> dict[str, Any]:
     start = time.perf_counter()
     dtype, device = next(lm.parameters()).dtype, next(lm.parameters()).device
     factors, kept = [], []

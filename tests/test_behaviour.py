@@ -10,10 +10,10 @@ import scipy.linalg
 import scipy.stats
 import torch
 from scipy.interpolate import CubicSpline
-from torch import nn
 
 from geosteer.models.behaviour import (
     BehaviourManifold,
+    arc_energy,
     arc_length,
     bhattacharyya_energy,
     classes_between,
@@ -26,13 +26,7 @@ from geosteer.models.behaviour import (
 )
 from geosteer.models.geodesics import LabelledSpline
 from geosteer.models.metrics import (
-    EncoderPullback,
-    metric_matrix,
-    principal_angles,
-    quadratic_forms,
-    random_directions,
     spearman,
-    top_eigenspace,
 )
 
 
@@ -71,6 +65,36 @@ def test_manifold_through_centroids_unit_non_negative(cyclic):
     else:  # between the knots: scipy's natural spline, clamped at 0 and renormalised
         ref = CubicSpline(np.arange(5), c.sqrt().numpy(), bc_type="natural")(np.arange(33) / 8).clip(0)
         np.testing.assert_allclose(pts.numpy(), ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-12)
+
+
+def _arc(u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """q along the great circle of √q from u to v at fractions t of the angle. → (len(t), 1, K+1)"""
+    a, b = u.sqrt(), v.sqrt()
+    theta = (a * b).sum().arccos()
+    s = (((1 - t) * theta).sin()[:, None] * a + (t * theta).sin()[:, None] * b) / theta.sin()
+    return (s**2).unsqueeze(1)
+
+
+def test_the_arc_length_energy_does_not_depend_on_how_the_waypoints_are_spread():
+    c = centroids(6)
+    B = BehaviourManifold(c, cyclic=True)
+    uniform = _arc(c[0], c[3], torch.linspace(0, 1, 17, dtype=torch.float64))
+    crowded = _arc(c[0], c[3], torch.linspace(0, 1, 17, dtype=torch.float64) ** 3)  # most waypoints near the start
+    torch.testing.assert_close(arc_energy(crowded, B, samples=256), arc_energy(uniform, B, samples=256), rtol=2e-3, atol=0)
+    assert bhattacharyya_energy(crowded, B) < 0.8 * bhattacharyya_energy(uniform, B), "the waypoint sum does depend on it"
+
+
+def test_a_jump_pays_for_the_arc_it_skips_where_the_waypoint_sum_sees_nothing():
+    c = 0.85 * torch.eye(6, 7, dtype=torch.float64) + 0.15 / 7  # peaked classes: their blends are off the manifold
+    B = BehaviourManifold(c, cyclic=True)
+    jump = torch.stack([c[0]] * 16 + [c[3]]).unsqueeze(1)  # sits at class 0, then leaps to class 3 in one step
+    assert bhattacharyya_energy(jump, B) < 1e-12, "every waypoint is a knot of the manifold"
+    leap = _arc(c[0], c[3], torch.linspace(0, 1, 257, dtype=torch.float64))  # the same leap, observed densely
+    torch.testing.assert_close(arc_energy(jump, B), arc_energy(leap, B), rtol=0.02, atol=0)
+    walk = B.distance(leap[:, 0]).max()
+    assert walk > 0.1, "half way, the blend of classes 0 and 3 is far from the manifold"
+    along = (B.points[::2] ** 2).unsqueeze(1)  # a path that walks the manifold
+    assert arc_energy(along, B) < 0.01 * arc_energy(jump, B)
 
 
 def test_distance_and_energy():
@@ -177,18 +201,6 @@ def test_first_reaching():
     assert first_reaching(q, 0, 0.5, mask).tolist() == [4, -1]
 
 
-def test_quadratic_forms_match_metric_matrix():
-    torch.manual_seed(3)
-    encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    metric = EncoderPullback(encoder, lam=0.1)
-    x = torch.randn(4, 6, dtype=torch.float64)
-    v = random_directions(4, 5, 6, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(v.norm(dim=-1), torch.ones(4, 5, dtype=torch.float64))
-    torch.testing.assert_close(v, random_directions(4, 5, 6, torch.Generator().manual_seed(0)), rtol=0, atol=0)
-    G = metric_matrix(metric, x)
-    torch.testing.assert_close(quadratic_forms(metric.jacobian(x), metric.lam, v), torch.einsum("bnd,bde,bne->bn", v, G, v))
-
-
 def test_spearman_matches_scipy():
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(3, 50, generator=g, dtype=torch.float64), torch.randn(3, 50, generator=g, dtype=torch.float64)
@@ -198,30 +210,3 @@ def test_spearman_matches_scipy():
     for x, y in ((a, b), (ties_a, ties_b), (ties_a, b)):
         ref = [scipy.stats.spearmanr(x[i].numpy(), y[i].numpy()).statistic for i in range(3)]
         np.testing.assert_allclose(spearman(x, y).numpy(), ref, rtol=1e-12)
-
-
-def test_principal_angles():
-    g = torch.Generator().manual_seed(5)
-    U = torch.linalg.qr(torch.randn(2, 6, 3, generator=g, dtype=torch.float64)).Q
-    assert principal_angles(U, U).abs().max() < 1e-6  # arccos near 1 is accurate to √eps
-    e = torch.eye(4, dtype=torch.float64)
-    torch.testing.assert_close(
-        principal_angles(e[None, :, :2], e[None, :, 2:]), torch.full((1, 2), math.pi / 2, dtype=torch.float64)
-    )
-    theta = 0.7
-    V = torch.stack([math.cos(theta) * e[0] + math.sin(theta) * e[2], e[1]], 1)[None]
-    torch.testing.assert_close(principal_angles(e[None, :, :2], V), torch.tensor([[0.0, theta]], dtype=torch.float64))
-    W = torch.linalg.qr(torch.randn(2, 6, 3, generator=g, dtype=torch.float64)).Q
-    ref = np.stack([np.sort(scipy.linalg.subspace_angles(U[i].numpy(), W[i].numpy())) for i in range(2)])
-    np.testing.assert_allclose(principal_angles(U, W).numpy(), ref, atol=1e-10)
-
-
-def test_top_eigenspace_of_a_linear_map():
-    g = torch.Generator().manual_seed(6)
-    A = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)  # (B, R, D)
-    U = top_eigenspace(A, 2)
-    assert U.shape == (3, 7, 2)
-    vecs = torch.linalg.eigh(A.transpose(1, 2) @ A).eigenvectors[..., -2:]  # ascending eigenvalues: the top two
-    torch.testing.assert_close(U @ U.transpose(1, 2), vecs @ vecs.transpose(1, 2))
-    with pytest.raises(ValueError, match="r=6"):
-        top_eigenspace(A, 6)

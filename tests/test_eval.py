@@ -22,9 +22,9 @@ from geosteer.pipeline import report, train
 from geosteer.pipeline.methods import SCORES
 from tests.conftest import wandb_records
 
-GEOMETRIES = ("gaga_out", "gaga_phate", "innsteer", "bridge")
+GEOMETRIES = ("gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge")
 SMALL_EVAL = ["eval.carriers=4", "eval.steps=4", "eval.max_steps=6", "eval.max_iter_cap=10", "eval.lbfgs.max_iter=20",
-              "eval.alignment.points=6", "eval.alignment.directions=16"]  # fmt: skip
+              "eval.alignment.points=6", "eval.alignment.neighbours=4"]  # fmt: skip
 SMALL_SPLINE = "method.spline.pca=8"  # only where spline is among the methods
 SMALL_INNSTEER = ["geometry.innsteer.num_blocks=2", "geometry.innsteer.hidden=16", "geometry.innsteer.steering.carriers=2"]
 
@@ -65,12 +65,21 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
         assert (out / figure).stat().st_size > 10_000, figure
         assert f"({figure})" in md, f"the report links {figure}"
     alignment = task["alignment"]
-    assert {"gaga_out", "gaga_phate", "innsteer"} <= set(alignment) and "reason" in alignment["bridge"]
-    for m in ("gaga_out", "gaga_phate", "innsteer"):
-        assert all(-1 <= r <= 1 for r in alignment[m]["spearman"]) and all(0 <= a <= 90 for a in alignment[m]["angle_deg"])
+    assert {"gaga_out", "gaga_jac", "gaga_phate", "innsteer"} <= set(alignment) and "reason" in alignment["bridge"]
+    assert len(alignment["ceiling"]) == alignment["points"] and all(-1 <= c <= 1 for c in alignment["ceiling"])
+    for m in ("gaga_out", "gaga_jac", "gaga_phate", "innsteer"):
+        a = alignment[m]
+        assert all(-1 <= r <= 1 for k in ("spearman", "gram_cosine", "floor") for r in a[k])
+        assert all(0 <= v <= 1 + 1e-9 for k in ("share_of_G_out", "share_of_G") for v in a[k])
+        assert 0 < a["chance_of_G_out"] <= 1 and 0 < a["chance_of_G"] <= 1
     assert all(0 <= v <= 1 for g in ("G_out", "G_F") for v in alignment[g]["spectral_deviation"])
     # G_out's geodesic against itself is the zero of surrogate agreement; the chord is the scale.
-    assert set(task["agreement"]) == {"linear", "gaga_out", "gaga_phate", "bridge", "innsteer"}
+    compared = {"linear", "gaga_out", "gaga_jac", "gaga_phate", "bridge", "innsteer"}
+    assert set(task["agreement"]) == compared and set(task["energy"]) == compared
+    solve = task["methods"]["g_out"]["solve"]
+    assert all(b <= g * (1 + 1e-6) for b, g in zip(solve["great_circle"], solve["length_geodesic"])), (
+        "the great circle is a lower bound of every path's Hellinger length"
+    )
     # The tables reach W&B.
     runs = (evaluate.Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*")
     logged = {i.key or "/".join(i.nested_key) for d in runs for r in wandb_records(d) if r.HasField("history")
@@ -148,27 +157,55 @@ def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
     assert not (run_dir / "eval").exists() and not list(run_dir.glob(".eval.partial-*")), "refused before any work"
 
 
-def test_summary_statistics_match_scipy_and_pick_the_best_baseline_by_direction():
+def test_summary_picks_the_best_baseline_on_one_half_and_tests_on_the_other():
     rng = np.random.default_rng(0)
-    pairs = 12
-    per_pair = {m: rng.normal(loc, 1, pairs).tolist() for m, loc in (("linear", 0.0), ("spline", 1.0), ("gaga_out", 3.0))}
+    pairs = [(a, b) for a in range(4) for b in range(4) if a != b]  # 12 ordered pairs of 4 classes
+    per_pair = {m: rng.normal(loc, 1, 12).tolist() for m, loc in (("linear", 0.0), ("spline", 1.0), ("gaga_out", 3.0))}
     per_pair["gaga_out"][3] = None  # an undefined pair drops out of its own mean and of the paired test
     roles = {"linear": "baseline", "spline": "baseline", "gaga_out": "learned"}
-    per_task = {"toy": {"methods": {m: {"label": m, "role": roles[m], "per_pair": {"E_B": v, "top1_at_end": v}}
+    per_task = {"toy": {"pairs": [list(p) for p in pairs],
+                        "methods": {m: {"label": m, "role": roles[m], "per_pair": {"E_B": v, "top1_at_end": v}}
                                     for m, v in per_pair.items()}}}  # fmt: skip
     rows = report.summarise(per_task, {"E_B": -1, "top1_at_end": 1})
     row = {(r["metric"], r["method"]): r for r in rows}
-    assert row[("E_B", "gaga_out")]["best_baseline"] == "linear", "lower E_B is better"
-    assert row[("top1_at_end", "gaga_out")]["best_baseline"] == "spline", "higher top-1 is better"
+    pick, test = report.halves(12)
+    assert len(pick) == 6 and len(np.intersect1d(pick, test)) == 0 and len(np.union1d(pick, test)) == 12
+    on_pick = {m: np.mean([per_pair[m][i] for i in pick]) for m in ("linear", "spline")}
+    assert row[("E_B", "gaga_out")]["best_baseline"] == min(on_pick, key=on_pick.get), "lower E_B is better"
+    assert row[("top1_at_end", "gaga_out")]["best_baseline"] == max(on_pick, key=on_pick.get), "higher is better"
     g = np.array([v for v in per_pair["gaga_out"] if v is not None])
-    assert row[("E_B", "gaga_out")]["mean"] == pytest.approx(g.mean()) and row[("E_B", "gaga_out")]["n"] == pairs - 1
-    assert row[("E_B", "gaga_out")]["se"] == pytest.approx(stats.sem(g))
-    keep = [i for i in range(pairs) if i != 3]
-    t, p = stats.ttest_rel(g, np.array(per_pair["spline"])[keep])
-    assert (row[("top1_at_end", "gaga_out")]["t"], row[("top1_at_end", "gaga_out")]["p"]) == pytest.approx((t, p))
-    assert math.isnan(row[("top1_at_end", "spline")]["p"]), "the best baseline is not tested against itself"
+    r = row[("top1_at_end", "gaga_out")]
+    assert r["mean"] == pytest.approx(g.mean()) and r["n"] == 11 and r["se"] == pytest.approx(stats.sem(g))
+    assert r["lo"] < r["mean"] < r["hi"]
+    best = r["best_baseline"]
+    kept = [i for i in test if per_pair["gaga_out"][i] is not None]
+    assert r["diff"] == pytest.approx(np.mean([per_pair["gaga_out"][i] - per_pair[best][i] for i in kept]))
+    assert math.isnan(row[("top1_at_end", best)]["p"]), "the best baseline is not tested against itself"
     tested = [r for r in rows if r["metric"] == "top1_at_end" and not math.isnan(r["p"])]  # this table's comparisons
     assert [r["p_holm"] for r in tested] == pytest.approx(list(report.holm([r["p"] for r in tested])))
+
+
+def test_the_class_clustered_bootstrap_resamples_classes_not_pairs():
+    """Values set by the source class alone, u_a on every pair a → b: the pairs carry only K independent numbers, so
+    the mean's bootstrap spread is that of K class values, sd(u)/√K, not the sd(u)/√(K(K−1)) of independent pairs."""
+    K = 40
+    u = np.random.default_rng(1).normal(0, 1, K)
+    pairs = [(a, b) for a in range(K) for b in range(K) if a != b]
+    means = report.cluster_bootstrap([u[a] for a, _ in pairs], pairs)
+    expected = u.std() / np.sqrt(K)
+    assert abs(means.std() / expected - 1) < 0.1
+    assert means.std() > 5 * u.std() / np.sqrt(len(pairs))
+    lo, hi = report.interval([2.5] * len(pairs), pairs)
+    assert lo == hi == 2.5, "a constant has no spread"
+
+
+def test_a_constant_paired_difference_is_significant_at_the_bootstraps_resolution():
+    pairs = [(a, b) for a in range(5) for b in range(5) if a != b]
+    x = np.random.default_rng(2).normal(0, 1, len(pairs))
+    diff, p, n = report.paired_difference((x + 0.5).tolist(), x.tolist(), pairs)
+    finite = np.isfinite(report.cluster_bootstrap(x.tolist(), pairs)).sum()  # a draw of one class only has no pair
+    assert diff == pytest.approx(0.5) and n == len(pairs) and p == pytest.approx(2 / (finite + 1))
+    assert report.paired_difference(x.tolist(), x.tolist(), pairs)[1] == 1.0
 
 
 def holm_rejects(p: np.ndarray, alpha: float) -> set[int]:

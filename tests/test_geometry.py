@@ -568,8 +568,10 @@ def test_pairs_steered_as_one_batch_equal_each_pair_steered_alone(lm, method):
         start += len(c)
 
 
-@pytest.mark.parametrize("top_k", [None, 10])  # every token (d ≤ k: direct solve), or 10 < d (matrix-free CG)
-def test_dual_direction_solves_the_regularised_covariance_system(lm, top_k):
+@pytest.mark.parametrize("top_k", [None, 10])
+def test_dual_direction_is_the_final_space_formula_pulled_back_to_the_layer(lm, top_k):
+    """Dense reference at block ℓ: J = ∂u/∂h by autograd, A = Cov_p[g] + αI in the final hidden space, and
+    δ_h ∝ (JᵀAJ + εI)⁻¹Jᵀβ; where J is invertible, the image J δ_h is the final-space step (Cov + αI)⁻¹β."""
     model, enc = lm
     tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
     W = model.lm_head.weight.detach()
@@ -578,12 +580,19 @@ def test_dual_direction_solves_the_regularised_covariance_system(lm, top_k):
     delta = dual_direction(tail, W, VARIANTS, source=0, target=2, alpha=1e-2, top_k=k)(tail.h[carrier], carrier)
     beta = W[VARIANTS[2]].mean(0) - W[VARIANTS[0]].mean(0)
     for i in range(2):
-        p = tail.logits(tail.h[i][None], torch.tensor([i]))[0].softmax(-1).detach()
+        h, c = tail.h[i], torch.tensor([i])
+        J = torch.autograd.functional.jacobian(lambda v: tail.hidden(v[None], c)[0], h)  # (d, d)
+        p = tail.logits(h[None], c)[0].softmax(-1).detach()
         p = torch.where(p >= p.topk(k).values[-1], p, 0)
         p = p / p.sum()
-        cov = W.T @ torch.diag(p) @ W - torch.outer(p @ W, p @ W) + 1e-2 * torch.eye(24, dtype=torch.float64)
-        expected = torch.linalg.solve(cov, beta)
+        A = W.T @ torch.diag(p) @ W - torch.outer(p @ W, p @ W) + 1e-2 * torch.eye(24, dtype=torch.float64)
+        M = J.T @ A @ J
+        M = M + 1e-6 * M.trace() / 24 * torch.eye(24, dtype=torch.float64)
+        expected = torch.linalg.solve(M, J.T @ beta)
         torch.testing.assert_close(delta[i], expected / expected.norm(), rtol=1e-6, atol=1e-9)
+        final = torch.linalg.solve(A, beta)  # the formula where it holds; J δ_h points the same way up to the ridge
+        image = J @ delta[i]
+        assert torch.nn.functional.cosine_similarity(image, final, dim=0) > 0.99
 
 
 def test_fishback_direction_solves_the_natural_gradient_system(lm):

@@ -158,3 +158,14 @@ def test_a_jacobian_term_on_batchnorm_or_non_hellinger_targets_is_refused_with_t
 def test_gaga_jac_is_smooth_and_free_of_batchnorm():
     model = GAGA(12, 3, hidden=[16, 8], activation="silu", batch_norm=False)
     assert [type(m) for m in model.encoder] == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
+
+
+def test_the_spectral_deviation_at_the_effective_rank_reports_the_model_not_the_regulariser():
+    from geosteer.models.metrics import factor_eigenvalues, spectral_deviation
+
+    J = torch.diag(torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64))[None]  # JᵀJ: 4, 1, 0, 0
+    lam = 1e-3
+    whole = spectral_deviation(factor_eigenvalues(J, lam))
+    torch.testing.assert_close(whole, torch.tensor([1 - lam / (4 + lam)], dtype=J.dtype))  # λ_reg's, not the model's
+    top = spectral_deviation(factor_eigenvalues(J, 0.0), torch.tensor([2]))
+    torch.testing.assert_close(top, torch.tensor([1 - 1 / 4], dtype=J.dtype))

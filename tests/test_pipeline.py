@@ -129,7 +129,7 @@ def test_lm_extract_targets_end_to_end(tmp_path):
                 ("max_iter_cap", 5),
                 ("lbfgs.max_iter", 10),
                 ("alignment.points", 4),
-                ("alignment.directions", 8),
+                ("alignment.neighbours", 4),
             )
         ),
     ]
@@ -138,7 +138,9 @@ def test_lm_extract_targets_end_to_end(tmp_path):
     assert list(result) == ["lm", "extract", "targets", "train", "eval"]
     assert Path(result["eval"]["report"]).is_file(), "stage=all ends with the evaluation report"
     assert set(result["train"]["summary"]) == {"months", "letters"}
-    assert all(set(s) == {"gaga_out", "gaga_phate", "innsteer", "bridge"} for s in result["train"]["summary"].values())
+    assert all(
+        set(s) == {"gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge"} for s in result["train"]["summary"].values()
+    )
     assert all(0 <= s["innsteer"]["steering_success_mean"] <= 1 for s in result["train"]["summary"].values())
     assert set(result["lm"]["accuracy"]) == {"months", "letters"}
     assert result["lm"]["accuracy"]["months"] > 1 / 12, "400 steps must beat chance"

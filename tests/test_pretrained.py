@@ -192,7 +192,7 @@ def test_stage_all_on_smollm2_end_to_end(tmp_path):
     overrides = [
         "model=smollm2", "tasks=[weekdays_next]", "max_epochs_cap=3", "eval.carriers=2", "eval.max_iter_cap=5",
         "eval.lbfgs.max_iter=10", "eval.max_steps=8", "eval.steps=8", "eval.alignment.points=4",
-        "eval.alignment.directions=16", "geometry.innsteer.steering.carriers=2", "geometry.innsteer.steering.max_pairs=4",
+        "eval.alignment.neighbours=4", "geometry.innsteer.steering.carriers=2", "geometry.innsteer.steering.max_pairs=4",
         "geometry.bridge.eval.pairs=4",
     ]  # fmt: skip
     result = cli.run(make_cfg(tmp_path, "stage=all", *overrides))
@@ -200,4 +200,4 @@ def test_stage_all_on_smollm2_end_to_end(tmp_path):
     extracted = result["extract"]["tasks"]["weekdays_next"]
     assert extracted["classes"] == "argmax" and extracted["n"] == 168 and extracted["d"] == 576
     assert Path(result["eval"]["report"]).is_file()
-    assert set(result["train"]["summary"]["weekdays_next"]) == {"gaga_out", "gaga_phate", "innsteer", "bridge"}
+    assert set(result["train"]["summary"]["weekdays_next"]) == {"gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge"}
