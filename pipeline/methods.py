@@ -287,13 +287,15 @@ class GOut(PathMethod):
     spline_pca: int  # k of the spline start's PCA(k)
     max_batch: int  # points per pass through the LM's tail
 
+    def __post_init__(self) -> None:  # refused when the methods are built, before any work
+        unknown = set(self.starts) - {"spline", "great circle"}
+        if unknown:
+            raise StageError(f"method.g_out.starts has {sorted(unknown)}; use any of ['spline', 'great circle'].")
+
     def paths(self, ctx, pairs, geometry):
         """`secant_geodesic` of √q on the pinned carrier, λ_reg at `lam_rel` of G_out's scale on training activations,
         with the L-BFGS budget of every other metric (docs/method.md §6)."""
         data, e = ctx.data, ctx.e
-        unknown = set(self.starts) - {"spline", "great circle"}
-        if unknown:
-            raise StageError(f"method.g_out.starts has {sorted(unknown)}; use any of ['spline', 'great circle'].")
         tail = CarrierTail.of_prompts(ctx.lm, ctx.tokenizer, ctx.layer, data.prompts[[data.canonical_carrier()]])
         g_out = OutputPullback(tail, data.variant_ids, carrier=0, max_batch=self.max_batch)
         lam = regularisation(g_out, fit_on(ctx, 256), e.lam_rel)

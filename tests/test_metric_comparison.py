@@ -169,3 +169,11 @@ def test_the_spectral_deviation_at_the_effective_rank_reports_the_model_not_the_
     torch.testing.assert_close(whole, torch.tensor([1 - lam / (4 + lam)], dtype=J.dtype))  # λ_reg's, not the model's
     top = spectral_deviation(factor_eigenvalues(J, 0.0), torch.tensor([2]))
     torch.testing.assert_close(top, torch.tensor([1 - 1 / 4], dtype=J.dtype))
+
+
+def test_an_unknown_start_of_the_g_out_geodesic_is_refused_when_the_methods_are_built():
+    from geosteer.pipeline.methods import build_methods
+
+    with pytest.raises(StageError, match="starts.*great circle"):
+        build_methods({"g_out": {"starts": ["spline", "straight"], "spline_pca": 8, "max_batch": 16}})
+    assert build_methods({"g_out": {"starts": ["great circle"], "spline_pca": 8, "max_batch": 16}})["g_out"].starts
