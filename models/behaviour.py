@@ -15,12 +15,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-
-def sphere_angle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The angle between unit vectors (after normalising), 2·asin(‖u − v‖/2): accurate at small angles, where
-    arccos⟨u, v⟩ loses half the digits. (..., m), (..., m) → (...)"""
-    u, v = u / u.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)
-    return 2 * ((u - v).norm(dim=-1) / 2).clamp(max=1).asin()
+from geosteer.models.geodesics import sphere_angle
 
 
 def hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

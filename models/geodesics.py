@@ -172,7 +172,11 @@ Embedding = Callable[[torch.Tensor], torch.Tensor]  # row-wise map s: (N, D) →
 def secant_energy(path: torch.Tensor, s: Embedding, lam: float = 0.0) -> torch.Tensor:
     """Σ_t ‖s(x_{t+1}) − s(x_t)‖² + λ‖x_{t+1} − x_t‖²: the exact discrete energy of the pullback of s. (P, T+1, D) → (P,)"""
     P, W, D = path.shape
-    image = s(path.reshape(-1, D)).view(P, W, -1)
+    return _secant(s(path.reshape(-1, D)).view(P, W, -1), path, lam)
+
+
+def _secant(image: torch.Tensor, path: torch.Tensor, lam: float) -> torch.Tensor:
+    """`secant_energy` of paths (P, T+1, D) whose images under s are `image` (P, T+1, m). → (P,)"""
     return image.diff(dim=1).pow(2).sum((1, 2)) + lam * path.diff(dim=1).pow(2).sum((1, 2))
 
 
@@ -193,8 +197,9 @@ def _path_energy(s: Embedding, ends: torch.Tensor, s_ends: torch.Tensor, lam: fl
             xi = x[c : c + chunk].detach().view(len(r), W1, D).requires_grad_()
             image = s(xi.reshape(-1, D)).view(len(r), W1, -1)  # (c, T−1, m)
             if target is None:
-                full, path = torch.cat([s_ends[r, :1], image, s_ends[r, 1:]], 1), torch.cat([ends[r, :1], xi, ends[r, 1:]], 1)
-                e = full.diff(dim=1).pow(2).sum((1, 2)) + lam * path.diff(dim=1).pow(2).sum((1, 2))
+                e = _secant(
+                    torch.cat([s_ends[r, :1], image, s_ends[r, 1:]], 1), torch.cat([ends[r, :1], xi, ends[r, 1:]], 1), lam
+                )
             else:
                 e = (image - target[r]).pow(2).sum((1, 2))
             (g,) = torch.autograd.grad(e.sum(), xi)
@@ -205,9 +210,16 @@ def _path_energy(s: Embedding, ends: torch.Tensor, s_ends: torch.Tensor, lam: fl
     return fun
 
 
+def sphere_angle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The angle between unit vectors (after normalising), 2·asin(‖u − v‖/2): accurate at small angles, where
+    arccos⟨u, v⟩ loses half the digits. (..., m), (..., m) → (...)"""
+    u, v = u / u.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)
+    return 2 * ((u - v).norm(dim=-1) / 2).clamp(max=1).asin()
+
+
 def slerp(u: torch.Tensor, v: torch.Tensor, n_steps: int) -> torch.Tensor:
     """T+1 equally spaced points of the great circle from unit u to unit v (the shorter arc). (P, m) → (P, T+1, m)"""
-    theta = (2 * ((u - v).norm(dim=-1, keepdim=True) / 2).clamp(max=1).asin()).unsqueeze(1)  # (P, 1, 1), exact when small
+    theta = sphere_angle(u, v)[:, None, None]  # (P, 1, 1)
     t = torch.linspace(0, 1, n_steps + 1, dtype=u.dtype, device=u.device).view(1, -1, 1)
     sin = theta.sin().clamp_min(1e-12)
     small = theta < 1e-6  # (nearly) the same point: the chord

@@ -286,12 +286,6 @@ def output_jacobian_reference(model, layer: int, input_ids: torch.Tensor, varian
 # ---------------------------------------------------------------- metric alignment (docs/method.md §9)
 
 
-def random_directions(B: int, n: int, D: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Unit directions, uniform on the sphere, on the generator's device. → (B, n, D)"""
-    v = torch.randn(B, n, D, generator=generator, dtype=dtype, device=generator.device)
-    return v / v.norm(dim=-1, keepdim=True)
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation along the last axis, tied values taking their average rank. (..., n), (..., n) → (...)"""
 

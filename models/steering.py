@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from geosteer.models.geodesics import PCA
-from geosteer.models.metrics import FisherPullback
+from geosteer.models.metrics import EncoderPullback, FisherPullback
 from geosteer.models.tail import CarrierTail, log_concept_probs
 
 
@@ -220,27 +220,20 @@ def dual_direction(
     the final hidden space u (the lm_head's input), where β, the difference of the target and source concepts' mean
     unembedding rows, lives. The step at block ℓ is δ_h = (JᵀAJ + εI)⁻¹Jᵀβ, J = ∂u/∂h and A = Cov_p[g] + αI: the
     same objective ⟨β, Jδ⟩ − ½‖Jδ‖²_A in h, so J δ_h = δ_u wherever J is invertible. ε = `ridge`·tr(JᵀAJ)/d holds
-    the directions u ignores (a final RMSNorm's radial one) and stays above the float32 rounding of JᵀAJ. J and A are taken at every step's h; J by one reverse
-    pass per row of u, batched over points (2.8× faster here than one pass batched over the rows by vmap); the
-    products in h's dtype, the d × d system solved in float64. unembedding (V, d).
+    the directions u ignores (a final RMSNorm's radial one) and stays above the float32 rounding of JᵀAJ. J and A
+    are taken at every step's h, J by `EncoderPullback` (one reverse pass per row of u, batched over points: 2.8×
+    faster here than one pass batched over the rows by vmap); the products in h's dtype, the d × d system solved
+    in float64. unembedding (V, d).
     """
     means = torch.stack([unembedding[list(v)].mean(0) for v in variant_ids])  # (K, d) each concept's mean row
     beta = means[target] - means[source]  # (d,), or (C, d) with a row per carrier
-
-    def jacobian(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
-        """J = ∂u/∂h at h, one reverse pass per row of u. (n, d) → (n, d_u, d)"""
-        with torch.enable_grad():
-            x = h.detach().clone().requires_grad_()
-            u = tail.hidden(x, carrier)  # (n, d_u) the final hidden state
-            rows = [torch.autograd.grad(u[:, i].sum(), x, retain_graph=i < u.shape[1] - 1)[0] for i in range(u.shape[1])]
-        return torch.stack(rows, 1)
 
     def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         out = []
         for s in range(0, len(h), chunk):
             hc, cc = h[s : s + chunk].detach(), carrier[s : s + chunk]
             n, d = hc.shape
-            J = jacobian(hc, cc)  # (n, d_u, d)
+            J = EncoderPullback(lambda x: tail.hidden(x, cc)).jacobian(hc)  # (n, d_u, d): J = ∂u/∂h
             with torch.no_grad():
                 p = tail.logits(hc, cc).softmax(-1)
             p_top, tokens = p.topk(min(top_k, p.shape[1]), dim=1)

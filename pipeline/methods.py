@@ -24,8 +24,7 @@ from omegaconf import DictConfig
 
 from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
-from geosteer.models.behaviour import sphere_angle
-from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic
+from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic, sphere_angle
 from geosteer.models.innsteer import InnSteer
 from geosteer.models.metrics import EncoderPullback, OutputPullback, pullback_of, regularisation
 from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace

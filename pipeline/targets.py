@@ -85,18 +85,14 @@ def deterministic() -> Iterator[None]:
 @torch.no_grad()
 def output_pullback(lm, tokenizer, layer: int, variant_ids, rows, rank: int, max_batch: int) -> dict[str, Any]:
     """The `pullback` group: each row's J_s = ∂√q/∂h in its own prompt, kept as its top-`rank` rows F (FᵀF ≈ G_out)."""
-    with deterministic():
-        return _output_pullback(lm, tokenizer, layer, variant_ids, rows, rank, max_batch)
-
-
-def _output_pullback(lm, tokenizer, layer: int, variant_ids, rows, rank: int, max_batch: int) -> dict[str, Any]:
     start = time.perf_counter()
     dtype, device = next(lm.parameters()).dtype, next(lm.parameters()).device
     factors, kept = [], []
     for s in range(0, len(rows["h"]), max_batch):
         tail = CarrierTail.of_prompts(lm, tokenizer, layer, rows["prompt"][s : s + max_batch])
         h = torch.from_numpy(rows["h"][s : s + max_batch]).to(dtype=dtype, device=device)
-        J = OutputPullback(tail, variant_ids, carrier=torch.arange(len(h)), max_batch=max_batch).jacobian(h)  # (b, K+1, d)
+        with deterministic():
+            J = OutputPullback(tail, variant_ids, carrier=torch.arange(len(h)), max_batch=max_batch).jacobian(h)  # (b, K+1, d)
         F, k = pullback_factors(J.float().cpu(), rank)
         factors.append(F)
         kept.append(k)
@@ -138,10 +134,10 @@ def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, f
             bar.set_postfix_str(f"{task}: {name}")
             groups[name] = compute_group(name, rows, groups["split"], tcfg, seed)
         bar.update()
-    if "pullback" in keys and "pullback" not in groups:
-        bar.set_postfix_str(f"{task}: output pullback")
-        groups["pullback"] = pullback()
     if "pullback" in keys:
+        if "pullback" not in groups:
+            bar.set_postfix_str(f"{task}: output pullback")
+            groups["pullback"] = pullback()
         bar.update()
     for name, key in keys.items():
         groups[name]["attrs"]["key"] = key

@@ -14,13 +14,18 @@ from geosteer.models.metrics import (
     centred_gram_cosine,
     effective_rank,
     gram_matching_loss,
-    random_directions,
     random_rotation,
     trace_share,
 )
 from geosteer.pipeline.common import StageError
 from geosteer.pipeline.family import FAMILIES
 from geosteer.pipeline.gaga import GAGASystem, encoder_jacobian
+
+
+def random_directions(B: int, n: int, D: int, generator: torch.Generator) -> torch.Tensor:
+    """Unit directions, uniform on the sphere. → (B, n, D)"""
+    v = torch.randn(B, n, D, generator=generator, dtype=torch.float64)
+    return v / v.norm(dim=-1, keepdim=True)
 
 
 def factors(n, r, D, seed):
