@@ -22,6 +22,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import scipy.linalg
 import torch
 from scipy.spatial.distance import pdist
 from torch.utils.data import Sampler
@@ -63,9 +64,11 @@ def von_neumann_entropy(diff_op: np.ndarray, t_max: int = 100) -> np.ndarray:
 
     Only the singular values are needed; `svdvals` skips the singular vectors
     that phate's full `scipy.linalg.svd` computes, for the same numbers in a
-    fraction of the time.
+    fraction of the time. Not torch's SVD: after one of its (MKL) SVDs, the LM's
+    float32 numbers later in the same process differ from run to run in the last
+    bits, and a resumed targets stage would not give an uninterrupted one's pullback.
     """
-    sv = torch.linalg.svdvals(torch.as_tensor(diff_op, dtype=torch.float64)).numpy()
+    sv = scipy.linalg.svdvals(np.asarray(diff_op, dtype=np.float64), check_finite=False)
     entropy = np.empty(t_max)
     sv_t = sv.copy()
     for t in range(t_max):
@@ -149,10 +152,10 @@ def pullback_factors(J: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     FᵀF is JᵀJ's best rank-`rank` approximation, so a pullback metric stored as F loses only the trace
     share left out. J (N, R, D) → F (N, min(rank, R, D), D), kept (N,)
     """
-    _, sv, Vh = torch.linalg.svd(J.double(), full_matrices=False)  # (N, m), (N, m, D)
+    _, sv, Vh = np.linalg.svd(J.double().numpy(), full_matrices=False)  # (N, m), (N, m, D): numpy's, see von_neumann_entropy
     r = min(rank, sv.shape[1])
-    kept = sv[:, :r].pow(2).sum(1) / sv.pow(2).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
-    return (sv[:, :r, None] * Vh[:, :r]).to(J.dtype), kept
+    kept = (sv[:, :r] ** 2).sum(1) / np.maximum((sv**2).sum(1), np.finfo(np.float64).tiny)
+    return torch.from_numpy(sv[:, :r, None] * Vh[:, :r]).to(J.dtype), torch.from_numpy(kept)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
