@@ -256,6 +256,9 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         log.info("%s/%s: %.1f s", task.name, name, entry["seconds"])
 
     start = time.perf_counter()
+    results["own_point"] = own_point(ctx, methods, geometries, pairs)
+    results["own_point"]["seconds"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
     results["agreement"], results["energy"] = against_g_out(ctx, methods, raw_paths, geometries)
     results["alignment"], figures["alignment"] = metric_alignment(ctx, methods, geometries, cfg.seed)
     figures["metric_labels"] = {m: methods[m].metric_label for m in figures["alignment"]}
@@ -289,6 +292,46 @@ def against_g_out(ctx: Context, methods: dict[str, SteeringMethod], raw_paths: d
         energy.setdefault("linear", (secant_energy(linear_path(x_a, x_b, ctx.e.steps), sqrt_q) / floor).tolist())
     agreement = {m: [float(v) for v in ((path - target).norm(dim=2).mean(1) / span)] for m, path in geodesics.items()}
     return agreement, energy
+
+
+def own_point(ctx: Context, methods: dict[str, SteeringMethod], geometries, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    """INNSteer's protocol (docs/method.md §8): every carrier of class a (up to `own_point.max_carriers`) steered from its
+    own h, by INNSteer's rule φ⁻¹(φ(h) + α(μ_b − μ_a)) and by CAA's h + α(μ_b − μ_a), at every α of the grid.
+
+    Per method, α, pair: carriers whose top-1 is b, the carriers, mean q_b, mean |argmax − b| (classes; the shorter
+    way round on a cyclic task; carriers answering "other" left out), their share, and the mean off-target KL. The
+    report picks α on one half of the pairs and scores it on the other (`report.own_point_rows`)."""
+    e, data = ctx.e, ctx.data
+    rule = next((m for m, g in geometries.items() if methods[m].family == "innsteer"), None)
+    if rule is None:
+        return {"reason": "no INNSteer geometry is evaluated (method=[…] leaves out innsteer, or it is not exported)"}
+    K, cyclic = len(data.task.concepts), data.task.topology == "cyclic"
+    alphas = torch.tensor(e.own_point.alphas, dtype=data.h.dtype)
+    carriers = pair_carriers(ctx, pairs, e.own_point.max_carriers, ctx.seed)
+    steer_by = {
+        rule: lambda h, a, b: geometries[rule].steer(h, a, b, alphas),
+        "caa": lambda h, a, b: h + alphas.view(-1, 1, 1) * (data.centroids[b] - data.centroids[a]),
+    }  # (C, d) → (A, C, d)
+    keys = ("top1", "carriers", "q_b", "distance", "other", "kl")
+    out: dict[str, Any] = {"alphas": alphas.tolist(), "methods": {}}
+    for name, move in steer_by.items():
+        per = {k: [] for k in keys}  # per pair: one value per α
+        for p, (a, b) in enumerate(pairs):
+            tail = carriers.of(p)
+            with torch.no_grad():
+                q, kl = read_behaviour(tail, move(tail.h, a, b), data.variant_ids, b)  # (A, C, K+1), (A, C)
+            top = q.argmax(-1)  # (A, C)
+            gap = (top - b).abs()
+            gap = torch.minimum(gap, K - gap) if cyclic else gap
+            concept = top < K
+            per["top1"].append((top == b).sum(1).tolist())
+            per["carriers"].append(len(tail))
+            per["q_b"].append(q[..., b].mean(1).tolist())
+            per["distance"].append([float(g[c].double().mean()) if c.any() else None for g, c in zip(gap, concept)])
+            per["other"].append((~concept).double().mean(1).tolist())
+            per["kl"].append(kl.double().mean(1).tolist())
+        out["methods"][name] = {"label": methods[name].label if name in methods else "CAA", **per}
+    return out
 
 
 def metric_alignment(ctx: Context, methods: dict[str, SteeringMethod], geometries, seed: int):

@@ -12,6 +12,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,53 @@ def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of n pairs: the half that picks the best baseline, and the half it is tested on."""
     order = np.random.default_rng([seed, n]).permutation(n)
     return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for a success probability from k successes in n trials: the p with
+    |k/n − p| ≤ z·√(p(1 − p)/n). Inside [0, 1] and not empty at k = 0 or k = n, where the normal one is."""
+    if n == 0:
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, z2 = k / n, z * z / n
+    centre, half = (p + z2 / 2) / (1 + z2), z / (1 + z2) * math.sqrt(p * (1 - p) / n + z2 / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pick_alpha(entry: dict[str, Any], pairs: np.ndarray, threshold: float) -> int:
+    """The index of the smallest α whose mean q_b over the carriers of `pairs` reaches `threshold`; the largest q_b's
+    when none does."""
+    n = np.array(entry["carriers"], dtype=float)[pairs]
+    q_b = (np.array(entry["q_b"])[pairs] * n[:, None]).sum(0) / n.sum()  # (A,)
+    reached = np.flatnonzero(q_b >= threshold)
+    return int(reached[0]) if len(reached) else int(q_b.argmax())
+
+
+def own_point_rows(res: dict[str, Any], threshold: float, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """INNSteer's protocol, scored out of sample: α picked on one seeded half of the pairs (`pick_alpha`) is scored on
+    the other, and the other way round. Per method: the two α, the carriers whose top-1 is b over all held-out
+    trials with their Wilson interval, mean q_b, |argmax − b|, the share answering "other" and the off-target KL;
+    and top-1 at α = 1, the rule as written."""
+    alphas = res["alphas"]
+    one, two = halves(len(res["methods"][next(iter(res["methods"]))]["carriers"]), seed)
+    out = {}
+    for name, entry in res["methods"].items():
+        chosen = {"first": pick_alpha(entry, one, threshold), "second": pick_alpha(entry, two, threshold)}
+        trials = [(p, chosen["first"]) for p in two] + [(p, chosen["second"]) for p in one]  # (pair, α index)
+        n = np.array(entry["carriers"], dtype=float)
+        weight = np.array([n[p] for p, _ in trials])
+        mean = lambda key: float(np.average([entry[key][p][i] for p, i in trials], weights=weight))  # noqa: E731
+        distance = [(entry["distance"][p][i], n[p] * (1 - entry["other"][p][i])) for p, i in trials]
+        distance = [(d, w) for d, w in distance if d is not None and w > 0] or [(math.nan, 1.0)]
+        k, total = sum(entry["top1"][p][i] for p, i in trials), int(weight.sum())
+        at_one = alphas.index(1.0) if 1.0 in alphas else None
+        out[name] = {
+            "label": entry["label"], "alpha": [alphas[chosen["first"]], alphas[chosen["second"]]], "top1": k, "n": total,
+            "wilson": wilson(k, total), "q_b": mean("q_b"), "other": mean("other"), "kl": mean("kl"),
+            "distance": float(np.average([d for d, _ in distance], weights=[w for _, w in distance])),
+            "top1_at_1": None if at_one is None else sum(entry["top1"][p][at_one] for p in range(len(n))) / n.sum(),
+        }  # fmt: skip
+    return out
 
 
 def summarise(per_task: dict[str, dict[str, Any]], directions: dict[str, int]) -> list[dict[str, Any]]:
@@ -269,17 +317,19 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(folder / "results.csv", buffer.getvalue())
-    atomic_write_text(folder / "results.json", json.dumps({"summary": rows, "verdicts": claims, "tasks": per_task,
-                                                            "seconds": seconds}, indent=1, default=str))  # fmt: skip
+    own = {t: own_point_rows(r["own_point"], cfg.eval.threshold) for t, r in per_task.items()
+           if "methods" in r.get("own_point", {})}  # fmt: skip
+    atomic_write_text(folder / "results.json", json.dumps({"summary": rows, "verdicts": claims, "own_point": own,
+                                                            "tasks": per_task, "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
         bars_figure(rows, per_task, folder / "bars.png")
-    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, cfg, seconds, methods, lm))
+    atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, own, cfg, seconds, methods, lm))
     gaga = {r["task"]: r["mean"] for r in rows if r["method"] == "gaga_out" and r["metric"] == "top1_at_end"}
     return {"headline": {"verdicts": {c["claim"]: c["verdict"] for c in claims}, "gaga_out_top1_at_end": gaga},
             "rows": rows, "seconds": seconds}  # fmt: skip
 
 
-def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, methods: dict[str, Any], lm: str) -> str:
+def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, methods: dict[str, Any], lm: str) -> str:
     e = cfg.eval
     tasks = list(per_task)
     md = [f"# geosteer evaluation: {cfg.run_name}", "",
@@ -329,6 +379,27 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
            "pairs [95 % class-clustered bootstrap interval]: 1 is as low as G_out's own; the chord (linear) is the scale.", "",
            _table(per_task, lambda r: {m: _per_pair(v, r["pairs"]) for m, v in r.get("energy", {}).items() if m != "reason"},
                   {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}), ""]  # fmt: skip
+    if own:
+        md += ["## INNSteer's protocol: every carrier steered from its own h", "",
+               f"Every carrier of the source class (up to {e.own_point.max_carriers}) moved from its own activation by "
+               "INNSteer's φ⁻¹(φ(h) + α(μ_b − μ_a)) and by CAA's h + α(μ_b − μ_a), so the methods end apart. α, from "
+               f"{list(e.own_point.alphas)}, is the smallest whose mean q_b reaches {e.threshold} on one seeded half of the "
+               "pairs, scored on the other half, and the other way round (both α shown): both methods stand at the same "
+               "target probability, and their off-target KL compares. **Top-1 = b**: the share of held-out carrier trials "
+               "[95 % Wilson interval; carriers of one class are not independent, so read it as a lower bound on the "
+               "uncertainty]. “Classes off”: |argmax − b| in classes (the shorter way round on a cyclic task) among carriers that "
+               "answer a concept; “other”: the share that answer none.", "",
+               _table(own, lambda r: {m: f"{v['top1'] / v['n']:.3f} [{v['wilson'][0]:.3f}, {v['wilson'][1]:.3f}]; "
+                                         f"α {v['alpha'][0]:g}/{v['alpha'][1]:g}" for m, v in r.items()},
+                      {m: f"{v['label']}: top-1 = b" for r in own.values() for m, v in r.items()}),
+               "",
+               _table(own, lambda r: {m: f"q_b {v['q_b']:.3f}; classes off {v['distance']:.2f}; other {v['other']:.3f}; "
+                                         f"KL {v['kl']:.3f}" for m, v in r.items()},
+                      {m: f"{v['label']}: graded" for r in own.values() for m, v in r.items()}),
+               "",
+               _table(own, lambda r: {m: "–" if v["top1_at_1"] is None else f"{v['top1_at_1']:.3f}" for m, v in r.items()},
+                      {m: f"{v['label']}: top-1 = b at α = 1, every pair" for r in own.values() for m, v in r.items()}),
+               ""]  # fmt: skip
     labels = {m: method.metric_label for m, method in methods.items() if method.metric_label}
     compared = lambda r: {m: v for m, v in r["alignment"].items() if isinstance(v, dict) and "gram_cosine" in v}  # noqa: E731
     md += ["### Metric alignment on held-out points", "",
@@ -367,6 +438,7 @@ def markdown(per_task: dict[str, Any], rows, claims, cfg, seconds: float, method
         md += [f"- {t}: " + ", ".join(f"[{name}]({f})" for name, f in r.get("figures", {}).items())]
     md += ["", "![bars](bars.png)", ""]
     times = lambda r: {**{m: f"{v['seconds']:.1f}" for m, v in r["methods"].items() if "seconds" in v},  # noqa: E731
+                       "own h": f"{r.get('own_point', {}).get('seconds', math.nan):.1f}",
                        "against G_out": f"{r['alignment']['seconds']:.1f}"}  # fmt: skip
     md += ["## Time per method (s)", "", _table(per_task, times, {m: spec.label for m, spec in methods.items()}),
            "", "## Methods", "", "| method | path |", "|---|---|",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
-from scipy import stats
+from scipy import optimize, stats
 
 from geosteer.models.geodesics import linear_path
 from geosteer.models.innsteer import InnSteer
@@ -24,7 +24,8 @@ from tests.conftest import wandb_records
 
 GEOMETRIES = ("gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge")
 SMALL_EVAL = ["eval.carriers=4", "eval.steps=4", "eval.max_steps=6", "eval.max_iter_cap=10", "eval.lbfgs.max_iter=20",
-              "eval.alignment.points=6", "eval.alignment.neighbours=4"]  # fmt: skip
+              "eval.alignment.points=6", "eval.alignment.neighbours=4", "eval.own_point.alphas=[0.0,1.0]",
+              "eval.own_point.max_carriers=8"]  # fmt: skip
 SMALL_SPLINE = "method.spline.pca=8"  # only where spline is among the methods
 SMALL_INNSTEER = ["geometry.innsteer.num_blocks=2", "geometry.innsteer.hidden=16", "geometry.innsteer.steering.carriers=2"]
 
@@ -80,6 +81,21 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
     assert all(b <= g * (1 + 1e-6) for b, g in zip(solve["great_circle"], solve["length_geodesic"])), (
         "the great circle is a lower bound of every path's Hellinger length"
     )
+    # INNSteer's protocol: every carrier from its own h; α = 0 moves nothing, for either method.
+    own = task["own_point"]
+    assert set(own["methods"]) == {"innsteer", "caa"} and own["alphas"] == [0.0, 1.0]
+    for m, entry in own["methods"].items():
+        assert len(entry["top1"]) == 42 and all(0 < n <= 8 for n in entry["carriers"])
+        assert all(0 <= k <= n for ks, n in zip(entry["top1"], entry["carriers"]) for k in ks)
+        assert all(0 <= v <= 1 for k in ("q_b", "other") for vs in entry[k] for v in vs)
+        assert all(kl[0] < 1e-5 for kl in entry["kl"]), f"{m}: α = 0 leaves the distribution as it was"
+    q0 = [np.array([vs[0] for vs in own["methods"][m]["q_b"]]) for m in ("innsteer", "caa")]
+    np.testing.assert_allclose(*q0, atol=1e-4, err_msg="at α = 0 INNSteer's round trip gives CAA's unmoved h")
+    scored = saved["own_point"]["weekdays"]
+    for m, row in scored.items():
+        assert row["n"] == sum(own["methods"][m]["carriers"]), "every pair is scored once, on the half it was not picked on"
+        assert row["wilson"][0] <= row["top1"] / row["n"] <= row["wilson"][1]
+    assert "## INNSteer's protocol" in md
     # The tables reach W&B.
     runs = (evaluate.Path(cfg.paths.run_dir) / "wandb").glob("offline-run-*")
     logged = {i.key or "/".join(i.nested_key) for d in runs for r in wandb_records(d) if r.HasField("history")
@@ -206,6 +222,29 @@ def test_a_constant_paired_difference_is_significant_at_the_bootstraps_resolutio
     finite = np.isfinite(report.cluster_bootstrap(x.tolist(), pairs)).sum()  # a draw of one class only has no pair
     assert diff == pytest.approx(0.5) and n == len(pairs) and p == pytest.approx(2 / (finite + 1))
     assert report.paired_difference(x.tolist(), x.tolist(), pairs)[1] == 1.0
+
+
+def test_the_wilson_interval_inverts_the_score_test():
+    """Its ends are the p where the score statistic |k/n − p| / √(p(1 − p)/n) equals z, found here by root finding;
+    at k = 0 the upper end is z²/(n + z²)."""
+    z = stats.norm.ppf(0.975)
+    for k, n in ((0, 10), (3, 10), (10, 10), (17, 40), (499, 1000)):
+        lo, hi = report.wilson(k, n)
+        score = lambda p: abs(k / n - p) / math.sqrt(p * (1 - p) / n) - z  # noqa: E731
+        if k > 0:
+            assert lo == pytest.approx(optimize.brentq(score, 1e-12, min(k / n, 1 - 1e-12)), abs=1e-9)
+        if k < n:
+            assert hi == pytest.approx(optimize.brentq(score, max(k / n, 1e-12), 1 - 1e-12), abs=1e-9)
+    assert report.wilson(0, 10) == pytest.approx((0.0, z**2 / (10 + z**2)), abs=1e-12)
+    assert all(math.isnan(v) for v in report.wilson(0, 0))
+
+
+def test_alpha_is_the_smallest_reaching_the_threshold_on_its_half():
+    entry = {"carriers": [10, 30], "q_b": [[0.1, 0.4, 0.9], [0.3, 0.6, 0.7]]}  # 2 pairs × 3 α
+    assert report.pick_alpha(entry, np.array([0]), 0.5) == 2
+    assert report.pick_alpha(entry, np.array([1]), 0.5) == 1
+    assert report.pick_alpha(entry, np.array([0, 1]), 0.5) == 1, "carrier-weighted: (0.4·10 + 0.6·30)/40 = 0.55"
+    assert report.pick_alpha(entry, np.array([0]), 0.95) == 2, "none reaches it: the α of the largest q_b"
 
 
 def holm_rejects(p: np.ndarray, alpha: float) -> set[int]:
