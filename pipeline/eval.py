@@ -46,7 +46,7 @@ from geosteer.models.behaviour import (
     top1_at_end,
     visit_intermediates,
 )
-from geosteer.models.geodesics import linear_path, secant_energy
+from geosteer.models.geodesics import linear_path, secant_energy, sphere_angle
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import (
     FisherPullback,
@@ -159,6 +159,25 @@ def score(q: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, a: int, b: int,
     }
 
 
+def at_budget(tail: CarrierTail, raw: torch.Tensor, variant_ids, b: int, target: torch.Tensor,
+              between: int) -> dict[str, float]:  # fmt: skip
+    """A path moved onto each carrier's own h (h_c + w_t − w_0) and walked until its Hellinger arc length reaches the
+    carrier's own distance to class b's mean output, ∠(√q_c, √q̄_b)/√2, where the great circle would arrive; its
+    segments cut into `between` straight pieces in h, as `hellinger_length` does. Methods whose paths share their
+    endpoints thus stop apart (docs/method.md §9). q_b and top-1 = b there, means over carriers (the path's end when
+    it is shorter than the budget). raw (W, d), target q̄_b (K+1,)"""
+    fine = torch.cat([linear_path(raw[:-1], raw[1:], between)[:, :-1].flatten(0, 1), raw[-1:]])  # (F, d)
+    h = tail.h + (fine - fine[0]).unsqueeze(1)  # (F, C, d)
+    F, C, _ = h.shape
+    with torch.no_grad():
+        s = (0.5 * log_concept_probs(intervene(tail, h).flatten(0, 1), variant_ids)).exp().double().view(F, C, -1)
+    walked = torch.cat([s.new_zeros(1, C), sphere_angle(s[1:], s[:-1]).cumsum(0)]) / 2**0.5  # (F, C)
+    budget = sphere_angle(s[0], target.sqrt()) / 2**0.5  # (C,)
+    stop = (walked < budget).sum(0).clamp(max=F - 1)  # the first point whose walked length reaches the budget
+    q = s[stop, torch.arange(C)].pow(2)  # (C, K+1)
+    return {"q_b_budget": float(q[:, b].mean()), "top1_budget": float((q.argmax(1) == b).double().mean())}
+
+
 STEER_ROWS = 1024  # (pair, carrier) rows an iterative method steers in one batch: bounds memory on large vocabularies
 
 
@@ -215,7 +234,8 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
     e, task, ctx = cfg.eval, data.task, Context(data, cfg.eval, lm, tokenizer, layer, cfg.seed)
     K, cyclic = len(task.concepts), task.topology == "cyclic"
     pairs = steering_pairs(data.classes, e.max_pairs, cfg.seed, e.all_pairs_max_k)
-    manifold = BehaviourManifold(torch.stack([data.q[data.labels == k].mean(0) for k in data.classes]), cyclic)
+    class_q = {k: data.q[data.labels == k].mean(0) for k in data.classes}  # (K+1,) each
+    manifold = BehaviourManifold(torch.stack(list(class_q.values())), cyclic)
     carriers = pair_carriers(ctx, pairs, e.carriers, cfg.seed)
     shown = max(range(len(pairs)), key=lambda p: (len(classes_between(*pairs[p], K, cyclic)), -p))  # the figures' pair
     results: dict[str, Any] = {"task": task.name, "K": K, "concepts": list(task.concepts), "pairs": [list(p) for p in pairs],
@@ -246,8 +266,11 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         for p, ((a, b), (h, mask, trace)) in enumerate(tqdm(zip(pairs, each), total=len(pairs), desc=f"{task.name}/{name}",
                                                             leave=False)):  # fmt: skip
             q, kl = read_behaviour(carriers.of(p), h, data.variant_ids, b)
-            for m, v in score(q, kl, mask, a, b, manifold, cyclic, e.threshold).items():
-                per_pair[m].append(v)
+            scores = score(q, kl, mask, a, b, manifold, cyclic, e.threshold)
+            if method.kind == "path":
+                scores |= at_budget(carriers.of(p), trace.float(), data.variant_ids, b, class_q[b], e.budget_between)
+            for m in SCORES:
+                per_pair[m].append(scores.get(m, math.nan))
             if p == shown:
                 figures["paths"][name] = trace.float()
                 figures["q"][name] = q.mean(1)  # (W, K+1); a carrier that stopped repeats its last q

@@ -46,6 +46,8 @@ SCORES = {
     "legibility": Score(1, "Legibility top-1 (higher: fewer waypoints answer 'other')"),
     "target_prob_end": Score(1, "target_prob_end (higher)"),
     "top1_at_end": Score(1, "top-1@end (higher)"),
+    "q_b_budget": Score(1, "q_b where each carrier's own path has gone its Hellinger distance to b (higher: heads for b)"),
+    "top1_budget": Score(1, "top-1 = b at that point (higher)"),
     "reached": Score(1, "Carriers whose q_b reached the threshold (higher)"),
     "offtarget_kl": Score(-1, "Off-target KL at matched target probability (lower: less collateral change)"),
 }

@@ -49,14 +49,20 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
     assert len(rows) == len(cfg.method) * len(SCORES)
     for row in rows:  # every cell is the mean of its per-pair values, with their standard error
         values = [v for v in task["methods"][row["method"]]["per_pair"][row["metric"]] if v is not None]
-        if row["metric"] != "visit_intermediates" and row["metric"] != "offtarget_kl":
+        walked = row["metric"] in ("q_b_budget", "top1_budget")  # the Hellinger budget walks path methods only
+        if row["metric"] not in ("visit_intermediates", "offtarget_kl") and (
+            not walked or task["methods"][row["method"]]["kind"] == "path"
+        ):
             assert len(values) == 42, f"{row['method']}/{row['metric']} is missing pairs"
+        if walked and task["methods"][row["method"]]["kind"] == "iterative":
+            assert not values, f"{row['method']} has no path to walk"
         if values:
             assert float(row["mean"]) == pytest.approx(np.mean(values), rel=1e-12)
             assert float(row["se"]) == pytest.approx(stats.sem(values), rel=1e-9, nan_ok=True)
     for m, entry in task["methods"].items():
         per_pair = entry["per_pair"]
-        assert all(0 <= v <= 1 for k in ("legibility", "top1_at_end", "target_prob_end", "reached") for v in per_pair[k])
+        assert all(0 <= v <= 1 for k in ("legibility", "top1_at_end", "target_prob_end", "reached", "q_b_budget",
+                                         "top1_budget") for v in per_pair[k] if v is not None)  # fmt: skip
         assert all(v >= 0 for v in per_pair["E_B"]), m
     md = (out / "report.md").read_text()
     for entry in task["methods"].values():

@@ -619,3 +619,39 @@ def test_fisher_gram_in_chunks_equals_the_dense_rows(chunk):
         p_top, tokens = p.topk(k, dim=1)
         R = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))
         torch.testing.assert_close(fisher_gram(W, p, p_top, tokens, chunk=chunk), R.transpose(1, 2) @ R)
+
+
+def test_a_path_walked_to_its_hellinger_budget_stops_where_a_plain_loop_does(lm):
+    """`at_budget` against a loop over carriers and points: each carrier walks h_c + w_t − w_0, summing
+    arccos⟨√q_i, √q_i+1⟩/√2, and stops at the first point whose sum reaches arccos⟨√q_c, √q̄_b⟩/√2."""
+    from geosteer.pipeline.eval import at_budget
+
+    model, enc = lm
+    tail = CarrierTail(model, 1, enc.input_ids, enc.attention_mask)
+    g = torch.Generator().manual_seed(8)
+    start = tail.h.mean(0)
+    raw = linear_path(start, start + 3 * torch.randn(24, generator=g, dtype=torch.float64), 6)  # (7, d)
+    raw[3] += torch.randn(24, generator=g, dtype=torch.float64)  # a bend
+    target = concept_probs(tail.logits(tail.h[:1] + raw[-1] - raw[0], torch.tensor([0])).softmax(-1), VARIANTS)[0]
+    b = int(target.argmax())
+    for between in (1, 3):
+        got = at_budget(tail, raw, VARIANTS, b, target, between)
+        pieces = [raw[t] + (raw[t + 1] - raw[t]) * i / between for t in range(len(raw) - 1) for i in range(between)]
+        fine = torch.stack([*pieces, raw[-1]])
+        q_end = []
+        for c in range(len(tail)):
+            q = concept_probs(tail.logits(tail.h[c] + fine - fine[0], torch.full((len(fine),), c)).softmax(-1), VARIANTS)
+            angle = lambda p, r: float(np.arccos(np.clip((p * r).sqrt().sum().item(), -1, 1))) / np.sqrt(2)  # noqa: E731
+            budget, walked, stop = angle(q[0], target), 0.0, len(fine) - 1
+            for i in range(1, len(fine)):
+                walked += angle(q[i - 1], q[i])
+                if walked >= budget:
+                    stop = i
+                    break
+            q_end.append(q[stop])
+        q_end = torch.stack(q_end)
+        assert got["q_b_budget"] == pytest.approx(float(q_end[:, b].mean()), abs=1e-9)
+        assert got["top1_budget"] == float((q_end.argmax(1) == b).double().mean())
+    still = at_budget(tail, start.expand(5, -1), VARIANTS, b, target, 2)  # a path that does not move
+    own = concept_probs(tail.logits0.softmax(-1), VARIANTS)[:, b].mean()
+    assert still["q_b_budget"] == pytest.approx(float(own), abs=1e-12)
