@@ -50,7 +50,8 @@ def main(overrides: list[str]) -> None:
 
     geometries = {task: {g: r["seconds"] for g, r in rs.items()} for task, rs in results["train"]["geometries"].items()}
     per_task = json.loads((run_dir / "eval" / "results.json").read_text())["tasks"]
-    methods = {task: {m: r.get("seconds") for m, r in t["methods"].items()} | {"alignment": t["alignment"]["seconds"]}
+    methods = {task: {m: r.get("seconds") for m, r in t["methods"].items()} | {"alignment": t["alignment"]["seconds"],
+                                                                             "own_point": t["own_point"].get("seconds")}
                for task, t in per_task.items()}  # fmt: skip
     quality = {
         "lm": {k: results["lm"][k] for k in ("accuracy", "swap_rate", "steps")} if "lm" in results else None,
