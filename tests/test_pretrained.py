@@ -193,7 +193,7 @@ def test_stage_all_on_smollm2_end_to_end(tmp_path):
         "model=smollm2", "tasks=[weekdays_next]", "max_epochs_cap=3", "eval.carriers=2", "eval.max_iter_cap=5",
         "eval.lbfgs.max_iter=10", "eval.max_steps=8", "eval.steps=8", "eval.alignment.points=4",
         "eval.alignment.neighbours=4", "geometry.innsteer.steering.carriers=2", "geometry.innsteer.steering.max_pairs=4",
-        "geometry.bridge.eval.pairs=4",
+        "geometry.bridge.eval.pairs=4", "eval.own_point.max_carriers=4", "eval.own_point.alphas=[0.5,1.0]",
     ]  # fmt: skip
     result = cli.run(make_cfg(tmp_path, "stage=all", *overrides))
     assert list(result) == ["extract", "targets", "train", "eval"], "a pretrained model has no stage=lm"
