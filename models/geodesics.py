@@ -28,6 +28,12 @@ def linear_path(x_a: torch.Tensor, x_b: torch.Tensor, n_steps: int) -> torch.Ten
     return (1 - t) * x_a.unsqueeze(-2) + t * x_b.unsqueeze(-2)
 
 
+def subdivide(path: torch.Tensor, pieces: int) -> torch.Tensor:
+    """Every segment of a path cut into `pieces` straight pieces. (..., W, D) → (..., pieces·(W−1)+1, D)"""
+    inner = linear_path(path[..., :-1, :], path[..., 1:, :], pieces)[..., :-1, :].flatten(-3, -2)
+    return torch.cat([inner, path[..., -1:, :]], -2)
+
+
 def path_energy(path: torch.Tensor, metric: Metric) -> torch.Tensor:
     """Σ_t ‖J(x̄_t) Δ_t‖² + λ‖Δ_t‖², J at the segment midpoints. (P, T+1, D) → (P,)"""
     P, T1, D = path.shape

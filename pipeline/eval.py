@@ -46,7 +46,7 @@ from geosteer.models.behaviour import (
     top1_at_end,
     visit_intermediates,
 )
-from geosteer.models.geodesics import linear_path, secant_energy, sphere_angle
+from geosteer.models.geodesics import linear_path, secant_energy, sphere_angle, subdivide
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import (
     FisherPullback,
@@ -166,7 +166,7 @@ def at_budget(tail: CarrierTail, raw: torch.Tensor, variant_ids, b: int, target:
     segments cut into `between` straight pieces in h, as `hellinger_length` does. Methods whose paths share their
     endpoints thus stop apart (docs/method.md §9). q_b and top-1 = b there, means over carriers (the path's end when
     it is shorter than the budget). raw (W, d), target q̄_b (K+1,)"""
-    fine = torch.cat([linear_path(raw[:-1], raw[1:], between)[:, :-1].flatten(0, 1), raw[-1:]])  # (F, d)
+    fine = subdivide(raw, between)  # (F, d)
     h = tail.h + (fine - fine[0]).unsqueeze(1)  # (F, C, d)
     F, C, _ = h.shape
     with torch.no_grad():

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
-from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic, sphere_angle
+from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic, sphere_angle, subdivide
 from geosteer.models.innsteer import InnSteer
 from geosteer.models.metrics import EncoderPullback, OutputPullback, pullback_of, regularisation
 from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace
@@ -319,8 +319,7 @@ def hellinger_length(paths: torch.Tensor, sqrt_q, max_batch: int, between: int =
     """The Hellinger arc length Σ∠(√q_i, √q_{i+1})/√2 along each path, its segments each cut into `between`
     straight pieces in h, so that a path cannot look short by jumping between waypoints. By the sphere's triangle
     inequality it is never below the great circle's ∠(√q_a, √q_b)/√2. (P, W, d) → (P,)"""
-    fine = torch.cat([linear_path(paths[:, t], paths[:, t + 1], between)[:, :-1] for t in range(paths.shape[1] - 1)]
-                     + [paths[:, -1:]], 1)  # (P, between·(W−1)+1, d)  # fmt: skip
+    fine = subdivide(paths, between)  # (P, between·(W−1)+1, d)
     P, W, d = fine.shape
     flat = fine.reshape(-1, d)
     s = torch.cat([sqrt_q(flat[i : i + max_batch], i) for i in range(0, len(flat), max_batch)]).view(P, W, -1)
