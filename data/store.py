@@ -36,8 +36,23 @@ class StoreError(ValueError):
     """A store that cannot be read or written, with the fix in the message."""
 
 
+def temp_path(path: Path) -> Path:
+    """This process's temporary name for a file to be renamed to `path`; older ones (of crashed runs) are removed.
+
+    One process writes a run at a time (the run lock), so a temporary file of another process is debris.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, path)
@@ -98,7 +113,7 @@ def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], compression:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ensure_space(path.parent, sum(a.nbytes for arrays in rows.values() for a in arrays.values()))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with h5py.File(tmp, "w") as f:
         for task, arrays in rows.items():
             g = f.create_group(task)
@@ -181,8 +196,7 @@ def write_task_group(
 def write_store(path: Path, file_attrs: dict[str, Any], write_groups) -> None:
     """Create the store at `path` atomically: `write_groups(h5py.File)` fills a temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -261,6 +275,17 @@ class ActivationStore:
         if task not in self.file:
             raise StoreError(f"task '{task}' is not in {self.path}; it holds {self.tasks}.")
         return self.file[task]
+
+    def check_task(self, definition: dict[str, Any]) -> None:
+        """Refuse a task definition other than the one this store's rows of that task were extracted with."""
+        name = definition["name"]
+        stored, asked = json.loads(self.group(name).attrs["task"]), json.loads(json.dumps(definition))
+        if stored != asked:
+            keys = sorted(k for k in {*stored, *asked} if stored.get(k) != asked.get(k))
+            raise StoreError(
+                f"{self.path} holds task '{name}' extracted from another definition of it (they differ in {keys}). "
+                f"Re-extract it with `pipeline stage=extract overwrite=true`, or put the task's file back as it was."
+            )
 
     def schema(self, task: str) -> ConceptSchema:
         g = self.group(task)

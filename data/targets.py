@@ -13,6 +13,7 @@ One targets file per task (`<run>/targets/<task>.h5`, layout in docs/methods.md)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -27,7 +28,7 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.utils.data import Sampler
 
-from geosteer.data.store import ActivationStore, ensure_space
+from geosteer.data.store import ActivationStore, ensure_space, temp_path
 
 log = logging.getLogger("geosteer")
 
@@ -168,7 +169,13 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         rows = rng.permutation(np.flatnonzero(labels == label))
         val.append(rows[: min(round(val_fraction * len(rows)), len(rows) - 1)])
     val = np.sort(np.concatenate(val))
-    return np.setdiff1d(np.arange(len(labels)), val), val
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    if min(len(train), len(val)) < 2:
+        raise TargetError(
+            f"targets.val_fraction={val_fraction} leaves {len(train)} training and {len(val)} validation rows of "
+            f"{len(labels)}; each split needs at least 2. Use a fraction near 0.2 (the default)."
+        )
+    return train, val
 
 
 def stratified_sample(labels: np.ndarray, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -227,7 +234,7 @@ def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ensure_space(path.parent, sum(np.asarray(v).nbytes for c in groups.values() for k, v in c.items() if k != "attrs"))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with h5py.File(tmp, "w") as f:
         f.attrs.update({"schema_version": TARGETS_SCHEMA_VERSION, **file_attrs})
         for name, content in groups.items():
@@ -308,13 +315,13 @@ class PairwiseTargets:
     """
 
     def __init__(self, targets: Path, target: str, split: str | None = "train", activations: Path | None = None,
-                 pullback: bool = False):  # fmt: skip
+                 pullback: bool = False, task: dict[str, Any] | None = None):  # fmt: skip
         if target not in TARGET_NAMES:
             raise TargetError(f"target '{target}' is unknown; use one of {TARGET_NAMES}.")
         if split not in ("train", "val", None):
             raise TargetError(f"split '{split}' is unknown; use train, val or None.")
         self.path, self.target, self.split, self.activations = Path(targets), target, split, activations
-        self.pullback = pullback
+        self.pullback, self.task = pullback, task
         self._data: dict[str, Any] | None = None
 
     def _load(self) -> dict[str, Any]:
@@ -322,6 +329,15 @@ class PairwiseTargets:
             return self._data
         if not self.path.is_file():
             raise TargetError(f"no targets file at {self.path}; run `pipeline stage=targets` first.")
+        try:
+            return self._read()
+        except (OSError, KeyError) as e:  # h5py: a truncated or foreign file, a missing group or attribute
+            raise TargetError(
+                f"{self.path} is not a readable targets file ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                f"it may be truncated or not written by geosteer. Delete it and re-run `pipeline stage=targets`."
+            ) from e
+
+    def _read(self) -> dict[str, Any]:
         with h5py.File(self.path, "r") as f:
             if f.attrs.get("schema_version") != TARGETS_SCHEMA_VERSION:
                 raise TargetError(
@@ -329,6 +345,8 @@ class PairwiseTargets:
                     f"{TARGETS_SCHEMA_VERSION}; re-run `pipeline stage=targets`."
                 )
             task, store_fp = f.attrs["task"], f.attrs["activations_fingerprint"]
+            if self.task is not None:
+                self._check_task(task, f.attrs.get("task_definition"))
             store_path = self.activations or self.path.parent / f.attrs["activations"]
             g = f[self.target]
             rows = np.arange(len(g["coords"])) if self.split is None else f["split"][self.split][:]
@@ -352,6 +370,18 @@ class PairwiseTargets:
         self._data = {"rows": rows, "x": x, "label": arrays["label"], "coords": coords, "scale": scale, "attrs": attrs,
                       "store": Path(store_path), "pullback": factor}  # fmt: skip
         return self._data
+
+    def _check_task(self, name: str, definition: str | None) -> None:
+        """Refuse targets of another task, or of another definition of it, than `self.task`."""
+        asked = json.loads(json.dumps(self.task))
+        if name != asked["name"] or definition is None or json.loads(definition) != asked:
+            what = (f"the targets of task '{name}'" if name != asked["name"] else
+                    f"targets of another definition of task '{name}'" if definition else "targets of an older geosteer")  # fmt: skip
+            raise TargetError(
+                f"{self.path} holds {what}, but task '{asked['name']}' as configured was asked for. Re-run "
+                f"`pipeline stage=targets` to make its own (and `pipeline stage=extract overwrite=true` first if the "
+                f"task's definition changed)."
+            )
 
     @property
     def attrs(self) -> dict[str, Any]:

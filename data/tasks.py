@@ -23,10 +23,83 @@ ANSWER_RULES = ("shift", "next")
 CONCEPT_SETS = ("values", "answers")
 TEMPLATE_FIELDS = {"shift": ({"entity", "number"}, {"entity", "number"}), "next": ({"run"}, {"run", "entity", "number"})}
 VARIANT_FIELDS = {"value", "lower"}
+# Bounds of a task file: a task is a few dozen values and templates, not a way to exhaust memory.
+MAX_TASK_FILE_BYTES = 1 << 20
+MAX_ALIASES = 64  # YAML aliases (*name) in one task file: a few hundred bytes of nested ones expand to gigabytes
+MAX_ITEMS = 1000  # values, numbers, templates, contexts, variants
+MAX_TEXT = 1000  # characters of one value, template, context or variant
+MAX_PROMPTS = 1_000_000
+# key: (kind of value, kind of its items), for the schema check of a task definition
+SCHEMA: dict[str, tuple[type, type | None]] = {
+    "name": (str, None),
+    "topology": (str, None),
+    "answer_rule": (str, None),
+    "values": (list, str),
+    "numbers": (list, int),
+    "templates": (list, str),
+    "number_words": (dict, str),
+    "concepts": (str, None),
+    "variants": (list, str),
+    "contexts": (list, str),
+    "run_separator": (str, None),
+}
+REQUIRED = ("name", "topology", "answer_rule", "values", "numbers", "templates")
 
 
 def _fields(names: set[str]) -> str:
     return " and ".join(f"{{{n}}}" for n in sorted(names))
+
+
+def plain_fields(text: str, allowed: set[str], what: str) -> set[str]:
+    """The replacement fields of a format string, each a plain name from `allowed`; TaskError for anything else.
+
+    `{entity.__class__}`, `{0}`, `{entity!r}` or `{entity:>99999999}` would reach into objects or blow up
+    the prompt, so only `{name}` is taken (literal braces are doubled: `{{`, `}}`).
+    """
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise TaskError(f"{what} {text!r} is not a valid format string ({e}); write literal braces as {{{{ and }}}}.") from None
+    fields = set()
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in allowed or spec or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            takes = f"only plain {_fields(allowed)} are allowed" if allowed else "it takes no fields"
+            raise TaskError(f"{what} {text!r} has the field {shown}; {takes} (no attributes, indices, conversions "
+                            f"or format specs; literal braces are {{{{ and }}}}).")  # fmt: skip
+        fields.add(field)
+    return fields
+
+
+def check_schema(d: dict[str, Any]) -> None:
+    """Refuse a task definition whose keys or kinds of value are wrong, or whose lists are unbounded."""
+    name = d.get("name") if isinstance(d.get("name"), str) else "<unnamed>"
+    where = f"task '{name}'"
+    if unknown := sorted(map(str, set(d) - set(SCHEMA))):
+        raise TaskError(f"{where}: unknown keys {unknown}; the known keys are {sorted(SCHEMA)}.")
+    if missing := [k for k in REQUIRED if k not in d]:
+        raise TaskError(f"{where}: missing keys {missing}; see configs/task/weekdays.yaml for the format.")
+    kinds = {str: "a string", int: "an integer", list: "a list", dict: "a mapping"}
+    for key, value in d.items():
+        kind, item = SCHEMA[key]
+        if value is None and key in ("number_words", "contexts", "templates"):
+            continue  # null: none (an empty templates list is refused below with its own fix)
+        if not isinstance(value, kind):
+            raise TaskError(f"{where}: {key} must be {kinds[kind]}, got {value!r} ({type(value).__name__}).")
+        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if isinstance(value, (list, dict)) and len(value) > MAX_ITEMS:
+            raise TaskError(f"{where}: {key} has {len(value)} items; a task takes at most {MAX_ITEMS}.")
+        if item is not None:
+            bad = [v for v in items if not isinstance(v, item) or isinstance(v, bool)]
+            if bad:
+                raise TaskError(f"{where}: every item of {key} must be {kinds[item]}, but it holds {bad[0]!r} "
+                                f"({type(bad[0]).__name__}); quote values that YAML reads otherwise (e.g. 'yes', '1').")  # fmt: skip
+        if key == "number_words" and not all(isinstance(k, int) and not isinstance(k, bool) for k in value):
+            raise TaskError(f"{where}: number_words maps integers to words, e.g. {{1: one}}; got keys {list(value)}.")
+        if long := [v for v in items if isinstance(v, str) and len(v) > MAX_TEXT]:
+            raise TaskError(f"{where}: an item of {key} is {len(long[0])} characters long; at most {MAX_TEXT}.")
 
 
 class TaskError(ValueError):
@@ -79,25 +152,38 @@ class Task:
             )
         needed, allowed = TEMPLATE_FIELDS[self.answer_rule]
         for i, template in enumerate(self.templates):
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            if not needed <= fields <= allowed:
+            fields = plain_fields(template, allowed, f"{where}: template {i}")
+            if not needed <= fields:
                 raise TaskError(
                     f"{where}: template {i} {template!r} has fields {sorted(fields)}; with answer_rule "
                     f"'{self.answer_rule}' each template needs {_fields(needed)} and may use {_fields(allowed)}."
                 )
         if not self.contexts or not all(isinstance(c, str) for c in self.contexts):
             raise TaskError(f'{where}: contexts must be a non-empty list of strings ("" for none), got {self.contexts!r}.')
+        for context in self.contexts:
+            plain_fields(context, set(), f"{where}: context")
+        if self.topology == "sequential" and self.answer_rule == "shift" and min(self.numbers) < 1:
+            raise TaskError(
+                f"{where}: a sequential task counts forward, so its numbers must be ≥ 1, got {list(self.numbers)}; "
+                f"drop the others, or make the task cyclic."
+            )
         if self.answer_rule == "next" and min(self.numbers) < 1:
             raise TaskError(
                 f"{where}: with answer_rule 'next' the numbers are run lengths and must be ≥ 1, got {list(self.numbers)}."
             )
+        if not self.variants:
+            raise TaskError(f"{where}: variants is empty; give at least one pattern, e.g. ['{{value}}', ' {{value}}'].")
         for pattern in self.variants:
-            fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
-            if not fields or not fields <= VARIANT_FIELDS:
-                raise TaskError(f"{where}: variant pattern {pattern!r} must use only {{value}} or {{lower}}.")
+            if not plain_fields(pattern, VARIANT_FIELDS, f"{where}: variant pattern"):
+                raise TaskError(f"{where}: variant pattern {pattern!r} must use {{value}} or {{lower}}.")
+        if not isinstance(self.run_separator, str) or len(self.run_separator) > MAX_TEXT:
+            raise TaskError(f"{where}: run_separator must be a short string, got {self.run_separator!r}.")
         missing = [n for n in self.numbers if self.number_words is not None and n not in self.number_words]
         if missing:
             raise TaskError(f"{where}: number_words has no word for {missing}; add them or drop number_words.")
+        n = len(self.contexts) * len(self.templates) * len(self.values) * len(self.numbers)
+        if n > MAX_PROMPTS:
+            raise TaskError(f"{where}: contexts × templates × values × numbers = {n:,} prompts; at most {MAX_PROMPTS:,}.")
         if not self.prompts():
             raise TaskError(f"{where}: no (entity, number) pair has an answer; check values, numbers and topology.")
 
@@ -110,7 +196,7 @@ class Task:
         j = entity_index + number
         if self.topology == "cyclic":
             return j % len(self.values)
-        return j if j < len(self.values) else None
+        return j if 0 <= j < len(self.values) else None
 
     def run_of(self, entity_index: int, number: int) -> str:
         """The `number` consecutive values ending at `entity_index` (wrapping round on cyclic tasks)."""
@@ -180,26 +266,10 @@ class Task:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
-        known = {
-            "name",
-            "topology",
-            "answer_rule",
-            "values",
-            "numbers",
-            "number_words",
-            "concepts",
-            "variants",
-            "templates",
-            "contexts",
-            "run_separator",
-        }
-        name = d.get("name", "<unnamed>")
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TaskError(f"task '{name}': unknown keys {unknown}; the known keys are {sorted(known)}.")
-        missing = sorted({"name", "topology", "answer_rule", "values", "numbers", "templates"} - set(d))
-        if missing:
-            raise TaskError(f"task '{name}': missing keys {missing}.")
+        if not isinstance(d, dict):
+            raise TaskError(f"a task definition is a mapping of keys to values, got {type(d).__name__}; "
+                            f"see configs/task/weekdays.yaml for the format.")  # fmt: skip
+        check_schema(d)
         words = d.get("number_words")
         kwargs = {}
         if "variants" in d:
@@ -214,8 +284,8 @@ class Task:
             name=str(d["name"]),
             topology=d["topology"],
             answer_rule=d["answer_rule"],
-            values=tuple(str(v) for v in d["values"]),
-            numbers=tuple(int(n) for n in d["numbers"]),
+            values=tuple(d["values"]),
+            numbers=tuple(d["numbers"]),
             templates=tuple(d["templates"] or ()),
             number_words={int(k): str(v) for k, v in words.items()} if words else None,
             **kwargs,
@@ -236,11 +306,39 @@ def load_task(name_or_path: str, task_dir: Path) -> Task:
             f"unknown task '{name_or_path}': no file {path}. Known tasks: {available_tasks(task_dir)}; "
             f"or pass the path of a task YAML (see configs/task/weekdays.yaml for the format)."
         )
-    with open(path) as f:
-        d = yaml.safe_load(f)
+    if path.stat().st_size > MAX_TASK_FILE_BYTES:
+        raise TaskError(f"task file {path} is {path.stat().st_size:,} bytes; a task file is at most "
+                        f"{MAX_TASK_FILE_BYTES:,}. Is it the right file?")  # fmt: skip
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.load(f, Loader=_BoundedLoader)  # noqa: S506  a SafeLoader, with aliases bounded
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TaskError(f"task file {path} is not valid YAML: {' '.join(str(e).split())}. Fix it; see "
+                        f"configs/task/weekdays.yaml for the format.") from None  # fmt: skip
     if not isinstance(d, dict):
         raise TaskError(f"task file {path} does not hold a mapping; see configs/task/weekdays.yaml for the format.")
     return Task.from_dict(d)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses more than MAX_ALIASES aliases: nested aliases ("billion laughs") would expand
+    a tiny file into gigabytes of lists."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise TaskError(f"task file {self.name} uses more than {MAX_ALIASES} YAML aliases (*name); write the "
+                                f"lists out instead.")  # fmt: skip
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+        if twice := sorted({str(k) for k in keys if keys.count(k) > 1}):
+            raise TaskError(f"task file {self.name} gives the key(s) {twice} more than once; keep one of each.")
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True)

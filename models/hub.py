@@ -77,7 +77,7 @@ class ShippedGeometry(PyTorchModelHubMixin):
     def check_compatible(self, d: int, layer: int) -> None:
         """Refuse activations of another width or layer than the ones this geometry was trained on."""
         trained_layer = self.meta.get("layer")
-        if d != self.input_dim or (trained_layer is not None and layer != trained_layer):
+        if d != self.input_dim or (layer is not None and layer != trained_layer):
             raise GeometryMismatch(
                 f"this geometry was trained on d={self.input_dim} activations of layer {trained_layer}, "
                 f"but the store holds d={d} at layer {layer}. Use the store it was trained on, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,19 +66,36 @@ def load_causal_lm(
             f"with HF_HUB_OFFLINE=1, or set model.pretrained to a local folder."
         ) from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained, config=config, dtype=resolve_dtype(dtype), device_map=device_map, **kwargs
+        model, info = AutoModelForCausalLM.from_pretrained(
+            pretrained,
+            config=config,
+            dtype=resolve_dtype(dtype),
+            device_map=device_map,
+            output_loading_info=True,
+            **kwargs,
         )
     except ValueError as e:
         raise ModelLoadError(
             f"'{pretrained}' (model_type '{config.model_type}') is not a causal LM: {str(e).splitlines()[0]}\n"
             f"Pick a checkpoint with a causal-LM head (AutoModelForCausalLM)."
         ) from e
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"the weights of '{pretrained}' are a pickle that holds more than tensors, and geosteer never unpickles "
+            f"code. Load only checkpoints you trust, converted to safetensors (model.save_pretrained(folder) where they "
+            f"were made)."
+        ) from None
     except OSError as e:
         raise ModelLoadError(
             f"could not load the weights of '{pretrained}': {str(e).splitlines()[0]}\n"
             f"Download them first (`hf download {pretrained}`) or point model.pretrained at a local folder."
         ) from e
+    if missing := sorted(info.get("missing_keys") or ()):
+        raise ModelLoadError(
+            f"the weights of '{pretrained}' do not cover its config: {len(missing)} tensors are missing (e.g. "
+            f"{missing[:3]}), and transformers would fill them at random. Make config.json match the weights (e.g. its "
+            f"num_hidden_layers), or save the model again with save_pretrained."
+        )
     tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import re
 import sys
@@ -10,9 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
-from hydra import compose
+import yaml
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
 
 from geosteer.data.store import StoreError
 from geosteer.data.targets import TargetError
@@ -21,9 +26,10 @@ from geosteer.models.hub import CheckpointError, GeometryMismatch
 from geosteer.models.lm import ModelLoadError
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import extract, lm, targets, train
-from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, launched_rank, log
+from geosteer.pipeline.common import CONFIG_DIR, StageError, launched_rank, log
 from geosteer.pipeline.methods import build_methods
-from geosteer.pipeline.products import RunLayout, check_run_dir
+from geosteer.pipeline.products import RunLayout, check_run_dir, run_lock
+from geosteer.pipeline.settings import check_settings, resolve
 from geosteer.pipeline.summary import quiet_third_parties, summary
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
@@ -43,8 +49,16 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one stage, or every stage in order for stage=all; returns each stage's result."""
+    """Run one stage, or every stage in order for stage=all, holding the run's lock; returns each stage's result."""
     check_run_dir(cfg)
+    check_settings(cfg)
+    if launched_rank()[0] != 0:  # rank 0 of a launched DDP run holds the lock for all its ranks
+        return _run(cfg)
+    with run_lock(cfg.paths.run_dir):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     rank, world = launched_rank()
     if world > 1 and cfg.stage not in DATA_PARALLEL:
         raise StageError(
@@ -91,18 +105,26 @@ def override_type_errors(cfg: Any, defaults: Any, key: str = "") -> list[str]:
     return [f"{key}={cfg!r} is not {kind} (the default is {example}); e.g. {key}={example}"]
 
 
-def check_override_types(cfg: DictConfig) -> None:
+def check_override_types(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Refuse command-line values of the wrong kind (`extract.batch_size=abc`, `tasks=weekdays`) before any work.
 
     The reference is the default config with the same config-group choices, so
-    `model=gpt2 model.layer=x` is checked against gpt2's own file.
+    `model=gpt2 model.layer=x` is checked against gpt2's own file; it is returned.
     """
-    overrides = list(HydraConfig.get().overrides.task)
     picks = [o for o in overrides if (CONFIG_DIR / o.split("=")[0].lstrip("+~").split("@")[0]).is_dir()]
     defaults = compose(config_name="config", overrides=picks)
     plain = lambda c: OmegaConf.to_container(c, resolve=False)  # noqa: E731
     if errors := override_type_errors(plain(cfg), plain(defaults)):
         raise StageError("wrong kind of value: " + "; ".join(errors) + ".")
+    return defaults
+
+
+def check_config(cfg: DictConfig, overrides: list[str]) -> None:
+    """Every check of a composed config that needs no stage: kinds of value, interpolations, the run folder, ranges."""
+    defaults = check_override_types(cfg, overrides)
+    resolve(cfg)
+    check_run_dir(cfg)
+    check_settings(cfg, defaults)
 
 
 def storage_errno(e: BaseException) -> int | None:
@@ -128,13 +150,44 @@ def unknown_choices(argv: list[str]) -> list[str]:
     return errors
 
 
+def precheck(argv: list[str]) -> list[str]:
+    """Problems of the config a command asks for, found before Hydra writes its logs (under the run folder).
+
+    Commands with flags (`--help`, `--cfg`, `-m` sweeps) are Hydra's own; each job of a sweep is checked when it starts.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return []
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+            check_config(cfg, overrides)
+    except StageError as e:
+        return [str(e).removesuffix(".")]
+    except (HydraException, OmegaConfBaseException) as e:
+        return [" ".join(str(e).split())]
+    return []
+
+
+def explain(e: Exception) -> str:
+    """One paragraph for any error that stops a command: what failed, on which value or file, and the fix."""
+    if isinstance(e, USER_ERRORS):
+        return f"{type(e).__name__}: {e}"
+    text = " ".join(str(e).split())[:600]
+    where = getattr(e, "filename", None) or (m[1] if (m := re.search(r"name = '([^']+)'", text)) else None)
+    if isinstance(e, (OSError, SafetensorError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError)) and where:
+        return (f"could not read {where} ({type(e).__name__}: {text}). If it is a product of this run, it is damaged: "
+                f"delete it and re-run the stage that makes it (`pipeline stage=...` with the same overrides); "
+                f"otherwise check that path.")  # fmt: skip
+    return (f"stopped on an unexpected {type(e).__name__}: {text}. geosteer does not check this input yet; products "
+            f"already finished are kept. Re-run with hydra.verbose=geosteer to see the traceback, and report it with "
+            f"the command.")  # fmt: skip
+
+
 def main() -> None:
-    """The `pipeline` command: bad config-group options and run names are refused before Hydra writes anything."""
-    errors = unknown_choices(sys.argv[1:])
-    names = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("run_name=")]
-    for name in names:  # Hydra writes its logs under the run folder before any stage can check it
-        if "${" not in name and not SAFE_NAME.fullmatch(name):
-            errors.append(f"run_name={name!r} is not a plain folder name (no '/' or leading '.'); e.g. run_name=exp1")
+    """The `pipeline` command: the whole config is checked before Hydra writes anything."""
+    argv = sys.argv[1:]
+    errors = unknown_choices(argv) or precheck(argv)
     if errors:
         print(f"error: {'; '.join(errors)}.", file=sys.stderr)
         sys.exit(1)
@@ -144,8 +197,9 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    """One boundary: every error ends as one paragraph and exit status 1; the traceback only with hydra.verbose."""
     try:
-        check_override_types(cfg)
+        check_config(cfg, list(HydraConfig.get().overrides.task))
         result = run(cfg)
     except Exception as e:
         _finish_wandb(exit_code=1)
@@ -158,10 +212,8 @@ def hydra_main(cfg: DictConfig) -> None:
                 "paths.outputs=... elsewhere), then re-run the same command: it resumes.",
                 errno.errorcode[code], e, cfg.paths.run_dir,
             )  # fmt: skip
-            sys.exit(1)
-        if not isinstance(e, USER_ERRORS):
-            raise
-        log.error("%s: %s", type(e).__name__, e)
+        else:
+            log.error("%s", explain(e))
         sys.exit(1)
     if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
         log.info("%s", summary(result, RunLayout.of(cfg)))

@@ -83,16 +83,25 @@ def load_tasks(cfg: DictConfig) -> list[Task]:
         return [Task.from_dict(to_plain(cfg.task))]
     if not cfg.tasks:
         raise StageError("tasks is empty; name at least one, e.g. tasks=[weekdays].")
-    return [load_task(str(name), CONFIG_DIR / "task") for name in cfg.tasks]
+    tasks = [load_task(str(name), CONFIG_DIR / "task") for name in cfg.tasks]
+    names = [t.name for t in tasks]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise StageError(f"tasks={list(cfg.tasks)} names task(s) {twice} more than once; list each task once.")
+    return tasks
 
 
 def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
     """The LM and tokenizer the store's activations came from, as its extraction recorded them.
 
     Only where the model is placed (`model.device_map`) comes from the config; a config that names another
-    model or layer is noted and not used: after extraction the store is the one source of both.
+    model or layer is noted and not used: after extraction the store is the one source of both. An LM inside the
+    run folder it was extracted in (the embedded one) is read from this run's folder, so a copied run is whole.
     """
-    m = dict(json.loads(store_attrs["config"])["model"], device_map=cfg.model.device_map)
+    recorded = json.loads(store_attrs["config"])
+    m = dict(recorded["model"], device_map=cfg.model.device_map)
+    old_run = Path(recorded["paths"]["run_dir"])
+    if Path(m["pretrained"]).is_relative_to(old_run):  # the run's own LM (the embedded one) moves with the run
+        m["pretrained"] = str(Path(cfg.paths.run_dir) / Path(m["pretrained"]).relative_to(old_run))
     differ = {k: (m.get(k), v) for k, v in to_plain(cfg.model).items() if m.get(k) != v}
     if differ:
         log.warning("%s uses the LM the store was extracted with, %s at layer %d; the config differs in %s "

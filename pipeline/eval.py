@@ -76,7 +76,8 @@ from geosteer.pipeline.common import (
 )
 from geosteer.pipeline.figures import task_figures
 from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
-from geosteer.pipeline.products import RunLayout, current_result, fingerprint, replace_dir, write_stamp
+from geosteer.pipeline.products import RunLayout, check_provenance, current_result, fingerprint, replace_dir, write_stamp
+from geosteer.pipeline.targets import split_key
 
 
 def read_task(store: ActivationStore, task: Task, val_fraction: float, seed: int) -> TaskData:
@@ -86,12 +87,14 @@ def read_task(store: ActivationStore, task: Task, val_fraction: float, seed: int
                     rows["prompt"], store.schema(task.name).variant_ids, train, val)  # fmt: skip
 
 
-def geometry_of(cfg: DictConfig, task: str, method: SteeringMethod, d: int, layer: int):
-    """The exported geometry a method steers with, or the reason it is absent."""
-    folder = Path(cfg.eval.geometry_dir) / task / method.geometry  # a method with a family names its export
+def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, store: dict[str, Any], split: str):
+    """The exported geometry a method steers with (checked against the task and the store), or why it is absent."""
+    folder = Path(cfg.eval.geometry_dir) / task.name / method.geometry  # a method with a family names its export
     if not (folder / "config.json").is_file():
         return None, f"no exported geometry at {folder}; train it (pipeline stage=train geometry={method.geometry})"
-    model = load_geometry(folder, d=d, layer=layer)
+    model = load_geometry(folder, d=d, layer=int(store["layer"]))
+    check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), int(store["layer"]),
+                     str(store["fingerprint"]), split)  # fmt: skip
     if model.family != method.family:
         raise StageError(f"eval: {folder} holds a {model.family} geometry; {method.label} steers with a {method.family} one. "
                          f"Point its method YAML's `geometry` at a {method.family} export.")  # fmt: skip
@@ -229,8 +232,12 @@ def steered(ctx: Context, method: SteeringMethod, pairs: list[tuple[int, int]], 
 
 
 def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMethod], lm, tokenizer,
-                  layer: int) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """Every method on every pair, and the learned metrics against G_out: (JSON-able results, figure data)."""
+                  store: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Every method on every pair, and the learned metrics against G_out: (JSON-able results, figure data).
+
+    `store` is the activation store's attributes (its LM, layer and fingerprint), which every geometry must match.
+    """
+    layer = int(store["layer"])
     e, task, ctx = cfg.eval, data.task, Context(data, cfg.eval, lm, tokenizer, layer, cfg.seed)
     K, cyclic = len(task.concepts), task.topology == "cyclic"
     pairs = steering_pairs(data.classes, e.max_pairs, cfg.seed, e.all_pairs_max_k)
@@ -249,7 +256,9 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         results["methods"][name] = entry
         geometry = None
         if method.family is not None:
-            geometry, where = geometry_of(cfg, task.name, method, data.h.shape[1], layer)
+            geometry, where = geometry_of(
+                cfg, task, method, data.h.shape[1], store, split_key(data.labels, cfg.targets.val_fraction, cfg.seed)
+            )
             if geometry is None:
                 entry["reason"] = where
                 log.warning("%s/%s skipped: %s", task.name, name, where)
@@ -441,7 +450,8 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
             if method.family is not None and config.is_file():
                 used[f"{task.name}/{name}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
     return fingerprint({"eval": to_plain(cfg.eval), "method": to_plain(cfg.method), "store": store_fp, "geometries": used,
-                        "tasks": [t.name for t in tasks], "seed": cfg.seed})  # fmt: skip
+                        "tasks": [t.name for t in tasks], "seed": cfg.seed,
+                        "val_fraction": cfg.targets.val_fraction})  # fmt: skip
 
 
 def run(cfg: DictConfig) -> dict:
@@ -458,6 +468,8 @@ def run(cfg: DictConfig) -> dict:
         missing = [t.name for t in tasks if t.name not in store.tasks]
         if missing:
             raise StageError(f"the store {store_path} has no {missing}; re-run stage=extract with those tasks.")
+        for task in tasks:
+            store.check_task(task.to_dict())
         lm, tokenizer = lm_of_store(cfg, store.attrs, "evaluation")
         source = f"{store.attrs['model_pretrained']}` at block {layer}"
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
@@ -477,7 +489,7 @@ def run(cfg: DictConfig) -> dict:
                 per_task[task.name] = json.loads(done_file.read_text())
                 continue
             data = read_task(store, task, cfg.targets.val_fraction, cfg.seed)
-            results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, layer)
+            results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, store.attrs)
             if cfg.eval.figures:
                 results["figures"] = task_figures(data, results, figures, work)
             atomic_write_text(done_file, json.dumps(results, indent=1))

@@ -164,6 +164,8 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     fp = extract_fingerprint(cfg, tasks)
     if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
         return done
+    if not (out / f".partial-{fp}").is_dir():  # shards of a finished store, whose chunks are gone: extract again
+        shutil.rmtree(out / f"shards-{fp}", ignore_errors=True)
     fabric = launcher(cfg.trainer)
     if fabric.world_size > 1 and cfg.model.device_map is not None:
         raise StageError(

@@ -3,22 +3,30 @@ replaces, refuses or resumes one."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, log, to_plain
+from geosteer.models.hub import GeometryMismatch
+from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, log
 
 STAMP = "stage.json"
+LOCK = ".lock"
+DIGEST_BYTES = 1 << 20  # a product file's cheap content check hashes its first and last MiB
 
 
 def check_run_dir(cfg: DictConfig) -> None:
@@ -36,36 +44,197 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
 
 
+def resolved(obj: Any) -> Any:
+    """`obj` with every OmegaConf node in it resolved to plain containers (`${seed}` becomes the seed's value)."""
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: resolved(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [resolved(v) for v in obj]
+    return obj
+
+
 def fingerprint(obj: Any) -> str:
-    """A short, stable hash of a JSON-able object (the config that makes a product)."""
-    return hashlib.sha256(json.dumps(to_plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short, stable hash of a JSON-able object (the resolved config that makes a product)."""
+    return hashlib.sha256(json.dumps(resolved(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """A file's size and a hash of its first and last MiB: enough to notice one truncated, replaced or rewritten."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(DIGEST_BYTES))
+        if size > DIGEST_BYTES:
+            f.seek(max(DIGEST_BYTES, size - DIGEST_BYTES))
+            digest.update(f.read())
+    return {"size": size, "sha256_ends": digest.hexdigest()[:16]}
+
+
+def product_files(product_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every finished file of a product folder (hidden work files and the stamp aside), with its record."""
+    root = Path(product_dir)
+    return {str(p.relative_to(root)): file_record(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != STAMP and not any(part.startswith(".") for part in p.relative_to(root).parts)}  # fmt: skip
 
 
 def read_stamp(product_dir: Path) -> dict | None:
+    """The record of the config that made a product, None when there is none; StageError when it is damaged."""
     path = Path(product_dir) / STAMP
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        stamp = json.loads(path.read_text())
+        if not isinstance(stamp, dict) or not isinstance(stamp.get("fingerprint"), str):
+            raise ValueError("it holds no fingerprint")
+        return stamp
+    except (OSError, ValueError) as e:
+        stage = Path(product_dir).name if Path(product_dir).name in ("lm", "extract", "targets", "eval") else "train"
+        raise StageError(
+            f"{path} is damaged ({type(e).__name__}: {e}), so which config made {product_dir} is unknown. Make that "
+            f"product again with `pipeline stage={stage} overwrite=true` (and the same overrides), or delete {product_dir}."
+        ) from e
 
 
 def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
-    stamp = {"stage": stage, "fingerprint": fp, "result": result}
+    """Record the config that made a finished product, and every file of it (`product_files`)."""
+    stamp = {"stage": stage, "fingerprint": fp, "files": product_files(product_dir), "result": result}
     atomic_write_text(Path(product_dir) / STAMP, json.dumps(stamp, indent=2, default=str))
 
 
-def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:
-    """The stored result if `product_dir` was made by this config; refuses another config's output.
+def product_damage(product_dir: Path, stamp: dict) -> list[str]:
+    """How the files of a product differ from its stamp's record: missing, other size, other content."""
+    files = stamp.get("files")
+    if not files:
+        return [f"{STAMP} records none of its files (written by an older geosteer)"]
+    damage = []
+    for name, record in files.items():
+        path = Path(product_dir) / name
+        if not path.is_file():
+            damage.append(f"{name} is missing")
+        elif (now := file_record(path)) != record:
+            what = "size" if now["size"] != record["size"] else "content"
+            damage.append(f"{name} has another {what} than the one written")
+    return damage
 
-    Returns None when the product must be (re)made.
+
+def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:
+    """The stored result if `product_dir` was made by this config and its files are as written; refuses another
+    config's output.
+
+    Returns None when the product must be (re)made: there is none, or this config's is damaged (then its damaged
+    files are removed, so that nothing reuses them).
     """
-    stamp = read_stamp(product_dir)
+    try:
+        stamp = read_stamp(product_dir)
+    except StageError:
+        if not overwrite:
+            raise
+        stamp = None
     if stamp is not None and stamp["fingerprint"] == fp:
-        log.info("%s is current (config %s): skipping", what, fp)
-        return stamp["result"]
+        if not (damage := product_damage(product_dir, stamp)):
+            log.info("%s is current (config %s): skipping", what, fp)
+            return stamp["result"]
+        log.warning("%s was made by this config, but %s: making it again", what, "; ".join(damage))
+        for name in stamp.get("files") or ():
+            path = Path(product_dir) / name
+            if path.is_file() and file_record(path) != stamp["files"][name]:
+                path.unlink()
+        (Path(product_dir) / STAMP).unlink()
+        return None
     if stamp is not None and not overwrite:
         raise StageError(
             f"{what} at {product_dir} was made by a different config ({stamp['fingerprint']}, now {fp}). "
             f"Pass overwrite=true to replace it, or pick another run_name=... to keep both."
         )
     return None
+
+
+def _holder(path: Path) -> dict | None:
+    """Who holds a run lock, as it wrote itself into the file; None when the file is unreadable or gone."""
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One writer per run folder: `<run>/.lock` holds the writer's PID, host, start time and command.
+
+    A lock whose process is gone (same host, PID not running) is stale: it is named and taken over. A live one, or
+    one of another host, refuses the run, naming its holder.
+    """
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(["pipeline", *sys.argv[1:]])}  # fmt: skip
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None and holder.get("host") == me["host"] and not _alive(holder["pid"]):
+                log.warning("removing the stale lock %s of process %d (%s), which is no longer running", path,
+                            holder["pid"], holder.get("command"))  # fmt: skip
+                path.unlink(missing_ok=True)
+                continue
+            who = (f"process {holder['pid']} on host {holder.get('host')}, since {holder.get('since')} "
+                   f"(`{holder.get('command')}`)" if holder else "a process that left no readable record")  # fmt: skip
+            raise StageError(
+                f"the run folder {run_dir} is in use by {who}: two commands must not write one run. Wait for it to "
+                f"end, or pick another run_name=...; if no command is using that run any more, delete {path}."
+            ) from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        if (_holder(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def as_json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (integer keys become strings), to compare with a recorded one."""
+    return json.loads(json.dumps(obj))
+
+
+def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], lm: str, layer: int, store: str,
+                     split: str) -> None:  # fmt: skip
+    """Refuse an exported geometry made for another task (or task definition), LM, layer or train/val split.
+
+    `task` is the task definition asked for; `lm`, `layer`, `store` (fingerprint) and `split` (its key: labels,
+    val fraction, seed) those of the activations used, so that held-out points are the ones it never trained on.
+    Another store of the same LM, layer and task (a shipped geometry, a re-extraction) is named in a warning.
+    """
+    wanted = {"task": task["name"], "lm": lm, "layer": layer, "split": split}
+    found = {k: meta.get(k) for k in wanted} | {"task": (meta.get("task") or {}).get("name")}
+    differ = [f"{k} {found[k]!r} (asked: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
+    if not differ and as_json(meta.get("task")) != as_json(task):
+        keys = sorted(k for k in {*task, *(meta.get("task") or {})} if as_json(meta["task"].get(k)) != as_json(task.get(k)))
+        differ = [f"the definition of task {task['name']!r} (it differs in {keys})"]
+    if differ:
+        raise GeometryMismatch(
+            f"{folder} was not trained for this use: {'; '.join(differ)}. Train one for it (`pipeline stage=train`, "
+            f"with overwrite=true if asked; a split differs with targets.val_fraction or seed), or point "
+            f"eval.geometry_dir at the run whose store it was trained on."
+        )
+    if meta.get("store") != store:
+        log.warning("%s was trained on another activation store (%s) of the same LM, layer and task as this one (%s)",
+                    folder, meta.get("store"), store)  # fmt: skip
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -10,6 +10,7 @@ atomically once all its groups are done, so a crash loses at most that task.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -54,9 +55,14 @@ def check_finite(task: str, rows: dict[str, np.ndarray], store: Path) -> None:
         )
 
 
+def split_key(labels: np.ndarray, val_fraction: float, seed: int) -> str:
+    """What the train/val split is made from: the labels, the fraction and the seed (`stratified_split`)."""
+    return fingerprint({"labels": digest(labels), "val_fraction": val_fraction, "seed": seed})
+
+
 def cache_keys(rows: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int, store_fp: str) -> dict[str, str]:
     """What each group is computed from: its input arrays and parameters (the pullback: the store, so the LM)."""
-    split = fingerprint({"labels": digest(rows["label"]), "val_fraction": tcfg["val_fraction"], "seed": seed})
+    split = split_key(rows["label"], tcfg["val_fraction"], seed)
     pairs = {"split": split, "pair_samples": tcfg["pair_samples"]}
     phate = {k: v for k, v in tcfg["phate"].items() if k != "n_jobs"}  # n_jobs changes speed, not numbers
     keys = {
@@ -181,7 +187,7 @@ def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path, max_
     fig.colorbar(sc, ax=axes[2], label="answer class")
     fig.suptitle(f"{task}: distance targets")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -204,6 +210,7 @@ def run(cfg: DictConfig) -> dict:
         }
         with tqdm(total=(len(TARGET_NAMES) + bool(tcfg["pullback"]["rank"])) * len(tasks), unit="target", desc="targets") as bar:
             for task in tasks:
+                store.check_task(task.to_dict())
                 rows = store.read(task.name, ["h", "q", "label", "prompt"])
                 check_finite(task.name, rows, store_path)
                 schema, p = store.schema(task.name), tcfg["pullback"]
@@ -216,7 +223,7 @@ def run(cfg: DictConfig) -> dict:
                 try:
                     summary[task.name], groups = task_targets(
                         task.name, rows, run.targets_file(task.name), tcfg, cfg.seed,
-                        {**file_attrs, "task": task.name}, bar, pullback,
+                        {**file_attrs, "task": task.name, "task_definition": json.dumps(task.to_dict())}, bar, pullback,
                     )  # fmt: skip
                 except TargetError as e:
                     raise TargetError(f"task '{task.name}': {e}") from None

@@ -49,7 +49,15 @@ from geosteer.pipeline.common import (
     wait_for_rank_zero,
 )
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
-from geosteer.pipeline.products import RunLayout, current_result, fingerprint, replace_dir, resume_checkpoint, write_stamp
+from geosteer.pipeline.products import (
+    RunLayout,
+    check_provenance,
+    current_result,
+    fingerprint,
+    replace_dir,
+    resume_checkpoint,
+    write_stamp,
+)
 
 GEOMETRY_SCHEMA_VERSION = 1
 
@@ -117,13 +125,18 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     """Train one geometry on one task, export it, and return its summary."""
     family = FAMILIES[g["family"]]
     pullback = family.uses_pullback(g)
-    train = PairwiseTargets(targets_file, g["target"], "train", pullback=pullback)
-    val = PairwiseTargets(targets_file, g["target"], "val", pullback=pullback)
+    train = PairwiseTargets(targets_file, g["target"], "train", pullback=pullback, task=task.to_dict())
+    val = PairwiseTargets(targets_file, g["target"], "val", pullback=pullback, task=task.to_dict())
     attrs = train.attrs
+    store = {"lm": str(attrs["model_name"]), "layer": int(attrs["layer"]), "store": str(attrs["activations_fingerprint"]),
+             "split": str(attrs["split_key"])}  # fmt: skip
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
+    for folder in needs.values():
+        check_provenance(folder, read_config(folder).get("meta") or {}, task.to_dict(), **store)
     needed = {role: export_facts(folder, RunLayout.of(cfg).root) for role, folder in needs.items()}
-    facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg}
+    facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg,
+             "store": store["store"], "task": task.to_dict()}  # fmt: skip
     if pullback:
         facts["pullback"] = attrs["pullback_key"]
     if needed:  # retrain when what it trained against changes
@@ -140,8 +153,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     L.seed_everything(cfg.seed, workers=True)
     x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
     meta = {"geometry": name, "family": g["family"], "target": g["target"], "target_scale": train.scale,
-            "task": task.to_dict(), "lm": str(attrs["model_name"]), "layer": int(attrs["layer"]),
-            "schema_version": GEOMETRY_SCHEMA_VERSION, "fingerprint": fp}  # fmt: skip
+            "task": task.to_dict(), **store, "schema_version": GEOMETRY_SCHEMA_VERSION, "fingerprint": fp}  # fmt: skip
     if needed:
         meta["needs"] = needed
     model, ctor = family.build(g, x_train.shape[1], len(task.concepts), meta, cfg.seed)

@@ -13,12 +13,15 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import pathlib
 import re
 import resource
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -28,6 +31,7 @@ import pytest
 import torch
 import yaml
 
+from geosteer.data.store import temp_path
 from geosteer.models.gaga import GAGA
 from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
@@ -157,6 +161,174 @@ def unknown_value(run: Path, scratch: Path, _args: list[str]):
     task_file(scratch, name="caturdays", values=["Monday", "Tuesday", "Caturday"], numbers=[1, 2], number_words=None)
 
 
+def zero_byte_store(run: Path, _scratch: Path, _args: list[str]):
+    (run / STORE).write_bytes(b"")
+
+
+def garbage_shard(run: Path, _scratch: Path, _args: list[str]):
+    (shard,) = (run / "extract").glob("shards-*/rank-0-of-1.h5")
+    shard.write_bytes(b"\x89HDF\r\n" + b"\0" * 4096)
+
+
+def _targets(run: Path) -> Path:
+    return run / "targets" / "weekdays.h5"
+
+
+def corrupt_targets(run: Path, _scratch: Path, _args: list[str]):
+    _targets(run).write_bytes(b"not an HDF5 file" * 64)
+
+
+def truncated_targets(run: Path, _scratch: Path, _args: list[str]):
+    data = _targets(run).read_bytes()
+    _targets(run).write_bytes(data[: len(data) // 3])
+
+
+def targets_of_another_task(run: Path, _scratch: Path, _args: list[str]):
+    """As if months' targets file were copied over weekdays': it says it is months'."""
+    with h5py.File(_targets(run), "r+") as f:
+        f.attrs["task"] = "months"
+
+
+def targets_of_another_definition(run: Path, _scratch: Path, _args: list[str]):
+    with h5py.File(_targets(run), "r+") as f:
+        task = json.loads(f.attrs["task_definition"])
+        f.attrs["task_definition"] = json.dumps({**task, "values": task["values"][::-1]})
+
+
+def _edit_meta(run: Path, **changes):
+    path = run / EXPORT / "config.json"
+    config = json.loads(path.read_text())
+    config["meta"] = {k: v for k, v in {**config["meta"], **changes}.items() if v is not None}
+    path.write_text(json.dumps(config))
+
+
+def export_of_another_task(run: Path, _scratch: Path, _args: list[str]):
+    """A months GAGA-Out placed under geometry/weekdays/: its meta says months."""
+    path = run / EXPORT / "config.json"
+    meta = json.loads(path.read_text())["meta"]
+    _edit_meta(run, task={**meta["task"], "name": "months"})
+
+
+def export_of_another_lm(run: Path, _scratch: Path, _args: list[str]):
+    _edit_meta(run, lm="gpt2")
+
+
+def export_of_another_definition(run: Path, _scratch: Path, _args: list[str]):
+    path = run / EXPORT / "config.json"
+    meta = json.loads(path.read_text())["meta"]
+    _edit_meta(run, task={**meta["task"], "values": meta["task"]["values"][::-1]})
+
+
+def export_without_meta(run: Path, _scratch: Path, _args: list[str]):
+    path = run / EXPORT / "config.json"
+    config = json.loads(path.read_text())
+    del config["meta"]
+    path.write_text(json.dumps(config))
+
+
+def zero_byte_weights(run: Path, _scratch: Path, _args: list[str]):
+    (run / EXPORT / "model.safetensors").write_bytes(b"")
+
+
+def torn_weights(run: Path, _scratch: Path, _args: list[str]):
+    path = run / EXPORT / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def torn_extract_stamp(run: Path, _scratch: Path, _args: list[str]):
+    (run / "extract" / "stage.json").write_text('{"stage": "extract", "finger')
+
+
+def torn_geometry_stamp(run: Path, _scratch: Path, _args: list[str]):
+    (run / EXPORT / "stage.json").write_text("")
+
+
+def lock(run: Path, pid: int, host: str):
+    (run / ".lock").write_text(json.dumps({"pid": pid, "host": host, "since": "2026-01-01 00:00:00",
+                                           "command": "pipeline stage=extract"}))  # fmt: skip
+
+
+def live_lock(run: Path, _scratch: Path, _args: list[str]):
+    lock(run, 1, socket.gethostname())  # process 1 is always running
+
+
+def foreign_lock(run: Path, _scratch: Path, _args: list[str]):
+    lock(run, 4242, "another-host")
+
+
+def _lm_copy(scratch: Path, args: list[str]) -> Path:
+    source = Path(next(a.split("=", 1)[1] for a in args if a.startswith("model.pretrained=")))
+    shutil.copytree(source, scratch / "lm")
+    return scratch / "lm"
+
+
+def lm_with_more_layers(run: Path, scratch: Path, args: list[str]):
+    config = _lm_copy(scratch, args) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 5}))
+
+
+def pickled_lm(run: Path, scratch: Path, args: list[str]):
+    lm = _lm_copy(scratch, args)
+    (lm / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Evil(scratch / "pwned")}, lm / "pytorch_model.bin")
+
+
+def lm_without_config(run: Path, scratch: Path, args: list[str]):
+    (_lm_copy(scratch, args) / "config.json").unlink()
+
+
+def lm_without_weights(run: Path, scratch: Path, args: list[str]):
+    (_lm_copy(scratch, args) / "model.safetensors").unlink()
+
+
+def reordered_task(run: Path, scratch: Path, _args: list[str]):
+    """weekdays.yaml as it was extracted, with its values put in another order afterwards."""
+    spec = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text())
+    task_file(scratch, values=spec["values"][1:] + spec["values"][:1])
+
+
+def bad_tasks(run: Path, scratch: Path, _args: list[str]):
+    """One task file for each way a task definition can be wrong (the cases pick theirs by name)."""
+    week = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text())
+    for name, changes in {
+        "backwards": {"topology": "sequential", "numbers": [-3, 1]},
+        "attribute": {"templates": ["{entity.__class__} plus {number} is"]},
+        "positional": {"templates": ["{0} plus {number} is"]},
+        "padded": {"templates": ["{entity:>99999999} plus {number} is"]},
+        "converted": {"templates": ["{entity!r} plus {number} is"]},
+        "unbalanced": {"templates": ["{entity plus {number} is"]},
+        "numeric": {"values": ["Monday", 2, "Wednesday"], "number_words": None},
+        "wordy": {"numbers": [1, "two"], "number_words": None},
+        "boolean": {"values": ["Monday", True], "number_words": None},
+        "twice": {"values": ["Monday", "Monday"], "number_words": None},
+        "circular": {"topology": "circular"},
+        "rule": {"answer_rule": "skip"},
+        "nonumber": {"templates": ["{entity} is"]},
+        "words": {"number_words": {1: "one"}},
+        "contextual": {"contexts": ["About {entity}: "]},
+        "novariants": {"variants": []},
+        "huge": {"values": [f"v{i}" for i in range(1001)], "number_words": None},
+        "longtext": {"templates": ["{entity} plus {number} is" + " very" * 300]},
+        "blank": {"templates": []},
+        "extra": {"colour": "blue"},
+        "strings": {"values": "Monday Tuesday"},
+        "separator": {"run_separator": None},
+        "fractional": {"numbers": [1.5, 2]},
+    }.items():
+        task_file(scratch, **{**week, "name": name, **changes})
+    spec = {k: v for k, v in week.items() if k != "templates"} | {"name": "notemplates"}
+    (scratch / "notemplates.yaml").write_text(yaml.safe_dump(spec))
+    (scratch / "slash.yaml").write_text(yaml.safe_dump({**week, "name": "../escape"}))
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]"
+                                                   for p, c in zip("abcdefgh", "bcdefghi")]  # fmt: skip
+    (scratch / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    (scratch / "broken.yaml").write_text("name: broken\nvalues: [Monday, Tuesday\ntopology: cyclic\n")
+    (scratch / "listed.yaml").write_text("- Monday\n- Tuesday\n")
+    (scratch / "renamed.yaml").write_text((TASK_DIR / "weekdays.yaml").read_text() + "name: months\n")
+    (scratch / "binary.yaml").write_bytes(b"\xff\xfe\x00\x80" * 64)
+    (scratch / "large.yaml").write_text(yaml.safe_dump(week) + "#" * (2 << 20) + "\n")
+
+
 # (id, how to spoil the run, overrides, what the message must say)
 CASES = [
     ("unknown stage", None, ["stage=trian"], r"stage 'trian' is unknown; use one of \['lm', 'extract'"),
@@ -180,7 +352,7 @@ CASES = [
         "unknown dtype",
         None,
         ["stage=extract", "model.dtype=float8", "overwrite=true"],
-        r"dtype 'float8' is not supported; use one of",
+        r"model.dtype=float8 must be one of \['float32', 'bfloat16', 'float16'\]",
     ),
     (
         "missing model folder",
@@ -202,7 +374,12 @@ CASES = [
         ["stage=extract", "run_name=../elsewhere"],
         r"run_name='../elsewhere' is not a plain folder name",
     ),
-    ("bad val_fraction", None, ["stage=targets", "targets.val_fraction=1.5"], r"val_fraction.*1.5"),
+    (
+        "bad val_fraction",
+        None,
+        ["stage=targets", "targets.val_fraction=1.5"],
+        r"targets.val_fraction=1.5 must be a number > 0 and < 1",
+    ),
     ("corrupted store", corrupt, ["stage=targets"], r"not a readable HDF5 file.*re-run `pipeline stage=extract`"),
     ("truncated store", truncate, ["stage=targets"], r"not a readable HDF5 file.*truncated"),
     ("store of another schema version", old_schema, ["stage=targets"], r"schema_version 99.*overwrite=true"),
@@ -246,6 +423,237 @@ CASES = [
         ["stage=extract", "tasks=[{scratch}/caturdays.yaml]", "overwrite=true"],
         r"value 'Caturday' has no single-token variant",
     ),
+    # ---- settings out of range, refused before any work ----
+    *[
+        (f"out of range: {override}", None, ["stage=all", override], message)
+        for override, message in [
+            ("seed=-1", r"seed=-1 must be an integer ≥ 0.*the default is seed=0"),
+            ("seed=1.5", r"seed=1.5 is not an integer"),
+            ("extract.chunk_size=0", r"extract.chunk_size=0 must be an integer ≥ 1; the default is extract.chunk_size=1024"),
+            ("extract.batch_size=0", r"extract.batch_size=0 must be an integer ≥ 1; the default is extract.batch_size=64"),
+            ("extract.h_dtype=int8", r"extract.h_dtype=int8 must be one of \['float32', 'float16'\]"),
+            ("extract.compression=zip", r"extract.compression=zip must be one of \['none', 'gzip', 'lzf'\]"),
+            ("extract.device=tpu", r"extract.device=tpu must be one of \['auto', 'cpu', 'cuda'\]"),
+            ("extract.classes=both", r"extract.classes=both must be one of \['argmax', 'answer'\]"),
+            ("extract.min_class_rows=0", r"extract.min_class_rows=0 must be an integer ≥ 1"),
+            ("targets.phate.knn=0", r"targets.phate.knn=0 must be an integer ≥ 1; the default is targets.phate.knn=15"),
+            ("targets.phate.t=0", r"targets.phate.t=0 must be an integer ≥ 1 or auto"),
+            ("targets.phate.t=soon", r"targets.phate.t=soon must be an integer ≥ 1 or auto"),
+            ("targets.pullback.rank=-1", r"targets.pullback.rank=-1 must be an integer ≥ 0"),
+            ("targets.pair_samples=1", r"targets.pair_samples=1 must be an integer ≥ 2"),
+            ("eval.carriers=0", r"eval.carriers=0 must be an integer ≥ 1; the default is eval.carriers=16"),
+            ("eval.steps=0", r"eval.steps=0 must be an integer ≥ 2; the default is eval.steps=16"),
+            ("eval.steps=1", r"eval.steps=1 must be an integer ≥ 2"),
+            ("eval.threshold=1.5", r"eval.threshold=1.5 must be a number > 0 and < 1"),
+            ("eval.max_pairs=0", r"eval.max_pairs=0 must be an integer ≥ 1"),
+            ("eval.own_point.alphas=[]", r"eval.own_point.alphas=\[\] must be a list of at least 1 item"),
+            ("eval.own_point.alphas=[0.5,-1]", r"eval.own_point.alphas=\[0.5,-1\] has an item that must be a number ≥ 0"),
+            ("eval.alignment.points=1", r"eval.alignment.points=1 must be an integer ≥ 2"),
+            ("lm.max_steps=0", r"lm.max_steps=0 must be an integer ≥ 1; the default is lm.max_steps=3600"),
+            ("lm.lr=0", r"lm.lr=0 must be a number > 0"),
+            ("lm.min_accuracy=2", r"lm.min_accuracy=2 must be a number ≥ 0 and ≤ 1"),
+            ("geometry.gaga_out.latent_dim=0", r"geometry.gaga_out.latent_dim=0 must be an integer ≥ 1 or null"),
+            ("geometry.gaga_out.hidden=[16,0]", r"geometry.gaga_out.hidden=\[16,0\] has an item that must be an integer ≥ 1"),
+            ("geometry.gaga_out.max_epochs=0", r"geometry.gaga_out.max_epochs=0 must be an integer ≥ 1"),
+            ("geometry.gaga_out.batch_size=1", r"geometry.gaga_out.batch_size=1 must be an integer ≥ 2"),
+            ("geometry.gaga_out.optim.lr=-1", r"geometry.gaga_out.optim.lr=-1 must be a number > 0"),
+            ("geometry.gaga_out.loss.dist=-1", r"geometry.gaga_out.loss.dist=-1 must be a number ≥ 0"),
+            ("model.layer=-1", r"model.layer=-1 must be an integer ≥ 0; the default is model.layer=1"),
+            ("max_epochs_cap=0", r"max_epochs_cap=0 must be an integer ≥ 1 or null"),
+            ("lm.num_heads=3", r"lm.num_heads=3 must divide lm.hidden_size=128"),
+            ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
+            ("targets.phate.t_max=0", r"targets.phate.t_max=0 must be an integer ≥ 2"),
+        ]
+    ],
+    (
+        "several settings out of range at once",
+        None,
+        ["stage=all", "seed=-1", "eval.carriers=0"],
+        r"seed=-1 must be .*; eval.carriers=0 must be",
+    ),
+    (
+        "method setting out of range",
+        None,
+        ["stage=eval", "method=[spline]", "method.spline.pca=0"],
+        r"method.spline.pca=0 must be an integer ≥ 2; the default is method.spline.pca=64",
+    ),
+    (
+        "geometry setting out of range",
+        None,
+        ["stage=train", "geometry=[gaga_out,innsteer]", "geometry.innsteer.num_blocks=0"],
+        r"geometry.innsteer.num_blocks=0 must be an integer ≥ 1; the default is geometry.innsteer.num_blocks=8",
+    ),
+    ("interpolation that fails", None, ["stage=extract", "model.layer=${{nowhere}}"], r"model.layer cannot be resolved.*nowhere"),
+    (
+        "run name from the environment escaping the outputs",
+        None,
+        ["stage=extract", "run_name=${{oc.env:GEOSTEER_NO_SUCH_VAR,../../x}}"],
+        r"run_name='../../x' is not a plain folder name",
+    ),
+    (
+        "run folder outside the outputs",
+        None,
+        ["stage=extract", "paths.run_dir=/geosteer-outside/run"],
+        r"paths.run_dir=/geosteer-outside/run is not inside paths.outputs",
+    ),
+    ("key that does not exist", None, ["stage=extract", "extract.chunksize=8"], r"Could not override 'extract.chunksize'"),
+    ("empty task list", None, ["stage=extract", "tasks=[]"], r"tasks is empty; name at least one"),
+    (
+        "task listed twice",
+        None,
+        ["stage=extract", "tasks=[weekdays,weekdays]", "overwrite=true"],
+        r"names task\(s\) \['weekdays'\] more than once",
+    ),
+    (
+        "val split left empty",
+        no_targets,
+        ["stage=targets", "targets.val_fraction=0.001"],
+        r"targets.val_fraction=0.001 leaves \d+ training and 0 validation rows.*near 0.2",
+    ),
+    # ---- task files ----
+    *[
+        (f"task file: {name}", bad_tasks, ["stage=extract", f"tasks=[{{scratch}}/{name}.yaml]", "overwrite=true"], message)
+        for name, message in [
+            ("backwards", r"a sequential task counts forward, so its numbers must be ≥ 1, got \[-3, 1\]"),
+            ("attribute", r"has the field \{entity.__class__\}; only plain \{entity\} and \{number\} are allowed"),
+            ("positional", r"has the field \{0\}; only plain"),
+            ("padded", r"has the field \{entity:>99999999\}; only plain"),
+            ("converted", r"has the field \{entity!r\}; only plain"),
+            ("unbalanced", r"is not a valid format string.*literal braces"),
+            ("numeric", r"every item of values must be a string, but it holds 2 \(int\); quote values"),
+            ("wordy", r"every item of numbers must be an integer, but it holds 'two'"),
+            ("boolean", r"every item of values must be a string, but it holds True \(bool\)"),
+            ("twice", r"values must be at least two distinct strings"),
+            ("circular", r"topology 'circular' is unknown; use one of"),
+            ("rule", r"answer_rule 'skip' is unknown"),
+            ("nonumber", r"has fields \['entity'\]; with answer_rule 'shift' each template needs \{entity\} and \{number\}"),
+            ("words", r"number_words has no word for \[2, 3, 4, 5, 6, 7\]"),
+            ("contextual", r"context 'About \{entity\}: ' has the field \{entity\}; it takes no fields"),
+            ("novariants", r"variants is empty; give at least one pattern"),
+            ("huge", r"values has 1001 items; a task takes at most 1000"),
+            ("longtext", r"an item of templates is \d+ characters long; at most 1000"),
+            ("blank", r"the template list is empty"),
+            ("extra", r"unknown keys \['colour'\]"),
+            ("strings", r"values must be a list, got 'Monday Tuesday'"),
+            ("separator", r"run_separator must be a string, got None"),
+            ("fractional", r"every item of numbers must be an integer, but it holds 1.5 \(float\)"),
+            ("renamed", r"renamed.yaml gives the key\(s\) \['name'\] more than once"),
+            ("notemplates", r"missing keys \['templates'\]"),
+            ("slash", r"a task name becomes a folder"),
+            ("bomb", r"bomb.yaml uses more than 64 YAML aliases"),
+            ("broken", r"broken.yaml is not valid YAML"),
+            ("listed", r"listed.yaml does not hold a mapping"),
+            ("binary", r"binary.yaml is not valid YAML"),
+            ("large", r"large.yaml is [\d,]+ bytes; a task file is at most"),
+        ]
+    ],
+    (
+        "task reordered after extraction, targets",
+        reordered_task,
+        ["stage=targets", "tasks=[{scratch}/weekdays.yaml]"],
+        r"holds task 'weekdays' extracted from another definition of it \(they differ in \['values'\]\).*overwrite=true",
+    ),
+    (
+        "task reordered after extraction, train",
+        reordered_task,
+        ["stage=train", "tasks=[{scratch}/weekdays.yaml]"],
+        r"weekdays.h5 holds targets of another definition of task 'weekdays'.*stage=extract overwrite=true",
+    ),
+    (
+        "task reordered after extraction, eval",
+        reordered_task,
+        ["stage=eval", "tasks=[{scratch}/weekdays.yaml]", "method=[linear]"],
+        r"holds task 'weekdays' extracted from another definition",
+    ),
+    # ---- damaged or foreign products ----
+    ("zero-byte store", zero_byte_store, ["stage=targets"], r"not a readable HDF5 file.*re-run `pipeline stage=extract`"),
+    ("shard that is not HDF5", garbage_shard, ["stage=targets"], r"rank-0-of-1.h5, which is missing or unreadable"),
+    (
+        "corrupt targets",
+        corrupt_targets,
+        ["stage=train"],
+        r"weekdays.h5 is not a readable targets file.*re-run `pipeline stage=targets`",
+    ),
+    ("truncated targets", truncated_targets, ["stage=train"], r"weekdays.h5 is not a readable targets file"),
+    (
+        "targets of another task",
+        targets_of_another_task,
+        ["stage=train"],
+        r"weekdays.h5 holds the targets of task 'months', but task 'weekdays' as configured was asked for",
+    ),
+    (
+        "targets of another task definition",
+        targets_of_another_definition,
+        ["stage=train"],
+        r"holds targets of another definition of task 'weekdays'",
+    ),
+    (
+        "export of another task",
+        export_of_another_task,
+        ["stage=eval", "method=[gaga_out]"],
+        r"gaga_out was not trained for this use: task 'months' \(asked: 'weekdays'\).*stage=train",
+    ),
+    ("export of another LM", export_of_another_lm, ["stage=eval", "method=[gaga_out]"], r"not trained for this use: lm 'gpt2'"),
+    (
+        "export of another task definition",
+        export_of_another_definition,
+        ["stage=eval", "method=[gaga_out]"],
+        r"the definition of task 'weekdays' \(it differs in \['values'\]\)",
+    ),
+    (
+        "export of another train/val split",
+        None,
+        ["stage=eval", "method=[gaga_out]", "targets.val_fraction=0.3"],
+        r"not trained for this use: split '[0-9a-f]+' \(asked: '[0-9a-f]+'\).*targets.val_fraction or seed",
+    ),
+    ("export without meta", export_without_meta, ["stage=eval", "method=[gaga_out]"], r"records no meta.family"),
+    ("zero-byte weights", zero_byte_weights, ["stage=eval", "method=[gaga_out]"], r"not a GAGA checkpoint that loads safely"),
+    ("torn weights", torn_weights, ["stage=eval", "method=[gaga_out]"], r"not a GAGA checkpoint that loads safely"),
+    (
+        "torn stage.json",
+        torn_extract_stamp,
+        ["stage=extract"],
+        r"extract/stage.json is damaged.*`pipeline stage=extract overwrite=true`",
+    ),
+    (
+        "empty stage.json of a geometry",
+        torn_geometry_stamp,
+        ["stage=train"],
+        r"gaga_out/stage.json is damaged.*`pipeline stage=train overwrite=true`",
+    ),
+    # ---- models ----
+    (
+        "LM whose config has more layers than its weights",
+        lm_with_more_layers,
+        ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
+        r"do not cover its config: \d+ tensors are missing",
+    ),
+    (
+        "LM weights that are a pickle",
+        pickled_lm,
+        ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
+        r"are a pickle that holds more than tensors, and geosteer never unpickles code",
+    ),
+    (
+        "LM folder without config.json",
+        lm_without_config,
+        ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
+        r"could not load the config of",
+    ),
+    (
+        "LM folder without weights",
+        lm_without_weights,
+        ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
+        r"could not load the weights of",
+    ),
+    # ---- one writer per run ----
+    (
+        "run in use by a live process",
+        live_lock,
+        ["stage=extract"],
+        r"run folder .* is in use by process 1 on host .* since 2026-01-01 00:00:00 \(`pipeline stage=extract`\).*delete .*\.lock",
+    ),
+    ("run in use from another host", foreign_lock, ["stage=targets"], r"in use by process 4242 on host another-host"),
 ]
 
 
@@ -280,11 +688,13 @@ def test_bad_input_is_refused_with_the_fix_and_damages_nothing(case, spoil, over
     code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=run", "logger=none", *args, *overrides],
                                      capsys)  # fmt: skip
     assert code == 1, printed
-    assert "Traceback" not in printed, printed
+    assert "Traceback" not in printed and "weights_only=False" not in printed, printed
     assert re.search(message, printed, re.S), printed
     after = snapshot(run)
     assert {k: after.get(k) for k in before} == before, "a file written before the failed command changed"
     assert not (scratch / "pwned").exists(), "a pickled checkpoint ran code"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "scratch"], "a write outside the run folder"
+    assert not Path("/geosteer-outside").exists(), "a write outside the outputs"
 
 
 def test_the_console_script_exits_non_zero_with_one_paragraph(tmp_path):
@@ -372,3 +782,116 @@ def test_every_torch_load_is_weights_only_and_remote_code_is_off_by_default():
         spec = yaml.safe_load(path.read_text())
         assert spec.get("model", spec)["trust_remote_code"] is False, path.name  # task_lm is a _global_ package
     assert inspect.signature(load_causal_lm).parameters["trust_remote_code"].default is False
+
+
+# ---- products over records: a stage is current only when its product is as its record says --------------------
+
+
+def _copy(finished, tmp_path: Path) -> tuple[Path, list[str]]:
+    source, args = finished
+    run = tmp_path / "run"
+    shutil.copytree(source, run, symlinks=True)
+    return run, [f"paths.outputs={tmp_path}", "run_name=run", "logger=none", *args]
+
+
+def test_a_missing_store_is_made_again_by_the_command_the_message_gives(finished, tmp_path, capsys, monkeypatch):
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    first = h5py.File(run / STORE, "r")["weekdays/h"][:]
+    (run / STORE).unlink()
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 1 and "run `pipeline stage=extract` first" in printed, printed
+    code, printed = pipeline_command([*argv, "stage=extract"], capsys)
+    assert code == 0 and "is current" not in printed, printed
+    with h5py.File(run / STORE, "r") as f:
+        np.testing.assert_array_equal(f["weekdays/h"][:], first)
+    assert pipeline_command([*argv, "stage=targets"], capsys)[0] == 0
+
+
+def test_a_damaged_shard_or_stamp_is_made_again(finished, tmp_path, capsys, monkeypatch):
+    """A shard of another size than recorded is extracted again; a torn stamp's fix (overwrite=true) works."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    (shard,) = (run / "extract").glob("shards-*/rank-0-of-1.h5")
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    code, printed = pipeline_command([*argv, "stage=extract"], capsys)
+    assert code == 0 and "has another size than the one written: making it again" in printed, printed
+    assert pipeline_command([*argv, "stage=targets"], capsys)[0] == 0
+    torn_extract_stamp(run, tmp_path, [])
+    assert pipeline_command([*argv, "stage=extract"], capsys)[0] == 1
+    code, printed = pipeline_command([*argv, "stage=extract", "overwrite=true"], capsys)
+    assert code == 0, printed
+    assert pipeline_command([*argv, "stage=extract"], capsys)[0] == 0
+
+
+def test_an_edited_export_is_trained_again(finished, tmp_path, capsys, monkeypatch):
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    wrong_layer(run, tmp_path, [])
+    code, printed = pipeline_command([*argv, "stage=train"], capsys)
+    assert code == 0 and re.search(r"config.json has another (size|content) than the one written: making it again", printed)
+    assert json.loads((run / EXPORT / "config.json").read_text())["meta"]["layer"] == 1
+
+
+def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """A store made with an LM inside its run reads that LM from wherever the run is now, not where it was made."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    first = tmp_path / "first"
+    shutil.copytree(tiny_lm_dir, first / "lm")
+    argv = ["logger=none", "model.pretrained=${paths.run_dir}/lm", "model.embedded=false", "model.layer=1",
+            "tasks=[weekdays]", "targets.pullback.rank=2"]  # fmt: skip
+    assert pipeline_command([f"paths.outputs={tmp_path}", "run_name=first", *argv, "stage=extract"], capsys)[0] == 0
+    shutil.copytree(first, tmp_path / "second")
+    shutil.rmtree(first)
+    code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=second", *argv, "stage=targets"], capsys)
+    assert code == 0 and "uses the LM the store was extracted with" not in printed, printed
+
+
+def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):
+    """`model.layer=${seed}` is the layer its seed resolves to: seed 0 and 1 are two stores, seed 0 is layer 0's."""
+    tasks = extract.load_tasks(make_cfg(tmp_path, "tasks=[weekdays]"))
+    fp = lambda *o: extract.extract_fingerprint(make_cfg(tmp_path, "model.embedded=false", *o), tasks)  # noqa: E731
+    assert fp("model.layer=${seed}", "seed=0") != fp("model.layer=${seed}", "seed=1")
+    assert fp("model.layer=${seed}", "seed=0") == fp("model.layer=0", "seed=1")
+
+
+# ---- one writer per run ----------------------------------------------------------------------------------------
+
+
+def test_two_commands_on_one_run_one_is_refused(finished, tmp_path):
+    """Two real processes on one run: the second, started while the first trains, is refused naming the first."""
+    run, _ = _copy(finished, tmp_path)
+    longer = ["geometry.gaga_out.max_epochs=60", "geometry.gaga_out.patience=100", "overwrite=true"]
+    first = subprocess.Popen(_command(run, finished[1], "stage=train", *longer), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / ".lock").is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(_command(run, finished[1], "stage=targets"), capture_output=True, text=True, timeout=300)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, out
+    printed = second.stdout + second.stderr
+    assert second.returncode == 1 and f"is in use by process {first.pid} on host" in printed, printed
+    assert "stage=train" in printed and "Traceback" not in printed, printed
+    assert not (run / ".lock").exists(), "the first command left its lock"
+    assert (run / EXPORT / "model.safetensors").is_file()
+
+
+def test_a_stale_lock_is_named_and_taken_over(finished, tmp_path, capsys, monkeypatch):
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock(run, gone.pid, socket.gethostname())
+    code, printed = pipeline_command([*argv, "stage=extract"], capsys)
+    assert code == 0, printed
+    assert f"removing the stale lock {run / '.lock'} of process {gone.pid}" in printed
+    assert not (run / ".lock").exists()
+
+
+def test_temporary_files_are_per_process_and_debris_is_removed(tmp_path):
+    target = tmp_path / "activations.h5"
+    debris = tmp_path / ".activations.h5.99999999.tmp"
+    debris.write_bytes(b"half")
+    tmp = temp_path(target)
+    assert tmp.name == f".activations.h5.{os.getpid()}.tmp" and not debris.exists()

@@ -1,0 +1,233 @@
+"""Range checks of the settings, where the config is read: a value no stage can use is refused before any work.
+
+`RULES` maps a dotted key (`*` stands for one name: a geometry, a method) to what its resolved value must be.
+Keys without a rule are left to the stage that reads them (names of files, models and tasks are checked there).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from geosteer.models.lm import DTYPES
+from geosteer.pipeline.common import StageError
+
+Rule = Callable[[Any], str | None]  # the value's fault, as "must be ...", or None when it is fine
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def integer(low: int, high: int | None = None, null: bool = False, words: tuple[str, ...] = ()) -> Rule:
+    """An integer in [low, high] (high: none), or null, or one of `words`."""
+    said = f"an integer ≥ {low}" + (f" and ≤ {high}" if high is not None else "")
+    said += "".join(f" or {w}" for w in (*words, *(["null"] if null else [])))
+
+    def rule(v: Any) -> str | None:
+        if (v is None and null) or v in words:
+            return None
+        ok = _is_int(v) and v >= low and (high is None or v <= high)
+        return None if ok else f"must be {said}"
+
+    return rule
+
+
+def number(low: float, high: float | None = None, open_low: bool = False, open_high: bool = False) -> Rule:
+    """A finite number in the interval from low to high, each end open or closed."""
+    said = f"a number {'>' if open_low else '≥'} {low}" + (f" and {'<' if open_high else '≤'} {high}" if high is not None else "")
+
+    def rule(v: Any) -> str | None:
+        if not _is_number(v):
+            return f"must be {said}"
+        ok = (v > low if open_low else v >= low) and (high is None or (v < high if open_high else v <= high))
+        return None if ok else f"must be {said}"
+
+    return rule
+
+
+def each(inner: Rule, at_least: int = 1) -> Rule:
+    """A list of at least `at_least` items, each passing `inner` (an int alone is taken as a one-item list)."""
+
+    def rule(v: Any) -> str | None:
+        items = [v] if _is_int(v) else v
+        if not isinstance(items, list) or len(items) < at_least:
+            return f"must be a list of at least {at_least} item(s)"
+        faults = [f for f in map(inner, items) if f]
+        return f"has an item that {faults[0]}" if faults else None
+
+    return rule
+
+
+def one_of(*choices: Any) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {list(choices)}"
+
+
+POSITIVE = number(0, open_low=True)
+NON_NEGATIVE = number(0)
+SIZE = integer(1)
+
+RULES: dict[str, Rule] = {
+    "seed": integer(0, 2**32 - 1),
+    "overwrite": one_of(True, False),
+    "max_epochs_cap": integer(1, null=True),
+    "model.layer": integer(0),
+    "model.dtype": one_of(*DTYPES),
+    "model.embedded": one_of(True, False),
+    "model.trust_remote_code": one_of(True, False),
+    "extract.batch_size": SIZE,
+    "extract.chunk_size": SIZE,
+    "extract.h_dtype": one_of("float32", "float16"),
+    "extract.compression": one_of("none", "gzip", "lzf"),
+    "extract.device": one_of("auto", "cpu", "cuda"),
+    "extract.classes": one_of("argmax", "answer"),
+    "extract.min_class_rows": SIZE,
+    "targets.val_fraction": number(0, 1, open_low=True, open_high=True),
+    "targets.pair_samples": integer(2),
+    "targets.figures": one_of(True, False),
+    "targets.phate.knn": SIZE,
+    "targets.phate.decay": POSITIVE,
+    "targets.phate.t": integer(1, words=("auto",)),
+    "targets.phate.t_max": integer(2),
+    "targets.phate.n_pca": integer(2, null=True),
+    "targets.phate.exact_max": SIZE,
+    "targets.phate.n_landmark": integer(2),
+    "targets.phate.n_jobs": integer(-1),
+    "targets.pullback.rank": integer(0),
+    "targets.pullback.max_batch": SIZE,
+    "lm.hidden_size": SIZE,
+    "lm.num_layers": SIZE,
+    "lm.num_heads": SIZE,
+    "lm.intermediate_size": SIZE,
+    "lm.max_steps": SIZE,
+    "lm.batch_size": SIZE,
+    "lm.task_share_power": NON_NEGATIVE,
+    "lm.lr": POSITIVE,
+    "lm.weight_decay": NON_NEGATIVE,
+    "lm.warmup_steps": integer(0),
+    "lm.smoothing": number(0, 1, open_high=True),
+    "lm.smoothing_width": NON_NEGATIVE,
+    "lm.interchange": NON_NEGATIVE,
+    "lm.min_accuracy": number(0, 1),
+    "lm.min_swap_rate": number(0, 1),
+    "lm.check_every": integer(0),
+    "geometry.*.target": one_of("hellinger", "phate"),
+    "geometry.*.latent_dim": integer(1, null=True),
+    "geometry.*.hidden": each(SIZE),
+    "geometry.*.pca_dim": integer(2, null=True),
+    "geometry.*.batch_norm": one_of(True, False),
+    "geometry.*.loss.*": NON_NEGATIVE,
+    "geometry.*.optim.lr": POSITIVE,
+    "geometry.*.optim.weight_decay": NON_NEGATIVE,
+    "geometry.*.optim.warmup_fraction": number(0, 1, open_high=True),
+    "geometry.*.optim.grad_clip": POSITIVE,
+    "geometry.*.batch_size": integer(2),
+    "geometry.*.min_steps_per_epoch": SIZE,
+    "geometry.*.max_epochs": SIZE,
+    "geometry.*.patience": integer(0),
+    "geometry.*.num_workers": integer(0),
+    "geometry.*.num_blocks": SIZE,
+    "geometry.*.depth": SIZE,
+    "geometry.*.clamp": POSITIVE,
+    "geometry.*.centres": one_of("argmax", "soft"),
+    "geometry.*.noise": NON_NEGATIVE,
+    "geometry.*.steering.alpha": NON_NEGATIVE,
+    "geometry.*.steering.carriers": SIZE,
+    "geometry.*.steering.max_pairs": SIZE,
+    "geometry.*.steering.all_pairs_max_k": integer(0),
+    "geometry.*.times": integer(2),
+    "geometry.*.knn": SIZE,
+    "geometry.*.lam_rel": POSITIVE,
+    "geometry.*.eval.pairs": SIZE,
+    "geometry.*.eval.steps": integer(2),
+    "eval.steps": integer(2),
+    "eval.carriers": SIZE,
+    "eval.max_pairs": SIZE,
+    "eval.all_pairs_max_k": integer(0),
+    "eval.threshold": number(0, 1, open_low=True, open_high=True),
+    "eval.max_steps": SIZE,
+    "eval.budget_between": SIZE,
+    "eval.lam_rel": POSITIVE,
+    "eval.lbfgs.max_iter": SIZE,
+    "eval.lbfgs.history_size": SIZE,
+    "eval.max_iter_cap": integer(1, null=True),
+    "eval.alignment.points": integer(2),
+    "eval.alignment.neighbours": SIZE,
+    "eval.alignment.fisher_top_k": integer(1, null=True),
+    "eval.own_point.alphas": each(NON_NEGATIVE),
+    "eval.own_point.max_carriers": integer(2),
+    "eval.figures": one_of(True, False),
+    "method.*.pca": integer(2),
+    "method.*.spline_pca": integer(2),
+    "method.*.max_batch": SIZE,
+    "method.*.alpha": POSITIVE,
+    "method.*.top_k": integer(1, null=True),
+    "method.*.step_length": POSITIVE,
+    "method.*.lam": POSITIVE,
+}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a plain config tree; lists are values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}.{key}".lstrip(".")).items()}
+
+
+def rule_of(key: str) -> Rule | None:
+    """The rule of a dotted key: its own, else the first pattern whose `*`s each stand for one name."""
+    if key in RULES:
+        return RULES[key]
+    parts = key.split(".")
+    for pattern, rule in RULES.items():
+        names = pattern.split(".")
+        if len(names) == len(parts) and all(fnmatch.fnmatchcase(p, n) for p, n in zip(parts, names)):
+            return rule
+    return None
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The config with every interpolation resolved; StageError naming the key whose `${...}` fails."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise StageError(
+            f"{key} cannot be resolved: {getattr(e, 'msg', str(e)).splitlines()[0]}. Fix that interpolation "
+            f"(`${{...}}`) or give {key} a plain value, e.g. {key}=..."
+        ) from None
+
+
+def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
+    """Refuse every setting outside its range, all at once, each with the default as an example."""
+    plain = resolve(cfg)
+    known = flatten(OmegaConf.to_container(defaults, resolve=False)) if defaults is not None else {}
+    faults = []
+    for key, value in flatten(plain).items():
+        if (rule := rule_of(key)) is not None and (fault := rule(value)) is not None:
+            example = f"; the default is {key}={_show(known[key])}" if key in known else ""
+            faults.append(f"{key}={_show(value)} {fault}{example}")
+    lm = plain.get("lm") or {}
+    if (
+        _is_int(lm.get("hidden_size"))
+        and _is_int(lm.get("num_heads"))
+        and lm["num_heads"] >= 1
+        and lm["hidden_size"] % lm["num_heads"]
+    ):
+        faults.append(f"lm.num_heads={lm['num_heads']} must divide lm.hidden_size={lm['hidden_size']}")
+    if faults:
+        raise StageError("settings out of range: " + "; ".join(faults) + ".")
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(map(_show, v)) + "]"
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
