@@ -165,6 +165,13 @@ RULES: dict[str, Rule] = {
     "eval.own_point.alphas": each(NON_NEGATIVE),
     "eval.own_point.max_carriers": integer(2),
     "eval.figures": one_of(True, False),
+    "trainer.devices": lambda v: (
+        None
+        if v == "auto" or (_is_int(v) and (v >= 1 or v == -1)) or (isinstance(v, list) and v)
+        else "must be an integer ≥ 1, -1 (every device), a list of device indices or auto"
+    ),
+    "trainer.num_nodes": SIZE,
+    "trainer.log_every_n_steps": SIZE,
     "method.*.pca": integer(2),
     "method.*.spline_pca": integer(2),
     "method.*.max_batch": SIZE,
@@ -225,6 +232,17 @@ def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
         faults.append(f"lm.num_heads={lm['num_heads']} must divide lm.hidden_size={lm['hidden_size']}")
     if faults:
         raise StageError("settings out of range: " + "; ".join(faults) + ".")
+
+
+def cross_faults(plain: dict[str, Any]) -> list[str]:
+    """Settings that are each in range but do not fit together."""
+    faults, lm, model = [], plain.get("lm") or {}, plain.get("model") or {}
+    heads, width, blocks, layer = lm.get("num_heads"), lm.get("hidden_size"), lm.get("num_layers"), model.get("layer")
+    if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
+        faults.append(f"lm.num_heads={heads} must divide lm.hidden_size={width}")
+    if model.get("embedded") and _is_int(blocks) and _is_int(layer) and layer >= blocks:
+        faults.append(f"model.layer={layer} must be below lm.num_layers={blocks}, the embedded LM's block count")
+    return faults
 
 
 def _show(v: Any) -> str:

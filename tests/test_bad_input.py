@@ -461,6 +461,7 @@ CASES = [
             ("model.layer=-1", r"model.layer=-1 must be an integer ≥ 0; the default is model.layer=1"),
             ("max_epochs_cap=0", r"max_epochs_cap=0 must be an integer ≥ 1 or null"),
             ("lm.num_heads=3", r"lm.num_heads=3 must divide lm.hidden_size=128"),
+            ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=0", r"targets.phate.t_max=0 must be an integer ≥ 2"),
         ]
