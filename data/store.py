@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,13 @@ class ChunkDir:
                 raise StoreError(f"chunks of task '{task}' in {self.root} are not contiguous: {indices}.")
         if missing := [i for i in indices if not self.done(task, i)]:
             raise StoreError(f"chunks {missing} of task '{task}' are missing from {self.root}.")
-        parts = [np.load(self.path(task, i), allow_pickle=False) for i in indices]
+        parts = []
+        for i in indices:
+            try:
+                parts.append(dict(np.load(self.path(task, i), allow_pickle=False)))
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise StoreError(f"the extraction chunk {self.path(task, i)} is damaged ({type(e).__name__}); delete it "
+                                 f"and re-run the same command: that chunk is extracted again.") from None  # fmt: skip
         return {k: np.concatenate([p[k] for p in parts]) for k in ROW_ARRAYS}
 
 
@@ -279,7 +286,11 @@ class ActivationStore:
     def check_task(self, definition: dict[str, Any]) -> None:
         """Refuse a task definition other than the one this store's rows of that task were extracted with."""
         name = definition["name"]
-        stored, asked = json.loads(self.group(name).attrs["task"]), json.loads(json.dumps(definition))
+        try:
+            stored, asked = json.loads(self.group(name).attrs["task"]), json.loads(json.dumps(definition))
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"{self.path} records no readable definition of task '{name}' ({type(e).__name__}); "
+                             f"re-extract it with `pipeline stage=extract overwrite=true`.") from None  # fmt: skip
         if stored != asked:
             keys = sorted(k for k in {*stored, *asked} if stored.get(k) != asked.get(k))
             raise StoreError(

@@ -29,6 +29,8 @@ MAX_ALIASES = 64  # YAML aliases (*name) in one task file: a few hundred bytes o
 MAX_ITEMS = 1000  # values, numbers, templates, contexts, variants
 MAX_TEXT = 1000  # characters of one value, template, context or variant
 MAX_PROMPTS = 1_000_000
+MAX_NUMBER = 10_000  # |step| or run length (the store keeps numbers as int16)
+MAX_NAME = 64  # characters of a task name (a folder, a file and an HDF5 group)
 # key: (kind of value, kind of its items), for the schema check of a task definition
 SCHEMA: dict[str, tuple[type, type | None]] = {
     "name": (str, None),
@@ -94,8 +96,9 @@ def check_schema(d: dict[str, Any]) -> None:
         if item is not None:
             bad = [v for v in items if not isinstance(v, item) or isinstance(v, bool)]
             if bad:
+                hint = "quote values that YAML reads otherwise (e.g. 'yes', '1')" if item is str else "e.g. 3, not 3.0"
                 raise TaskError(f"{where}: every item of {key} must be {kinds[item]}, but it holds {bad[0]!r} "
-                                f"({type(bad[0]).__name__}); quote values that YAML reads otherwise (e.g. 'yes', '1').")  # fmt: skip
+                                f"({type(bad[0]).__name__}); {hint}.")  # fmt: skip
         if key == "number_words" and not all(isinstance(k, int) and not isinstance(k, bool) for k in value):
             raise TaskError(f"{where}: number_words maps integers to words, e.g. {{1: one}}; got keys {list(value)}.")
         if long := [v for v in items if isinstance(v, str) and len(v) > MAX_TEXT]:
@@ -132,9 +135,9 @@ class Task:
 
     def __post_init__(self) -> None:
         where = f"task '{self.name}'"
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.name):
+        if not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_NAME - 1}}}", self.name):
             raise TaskError(f"{where}: a task name becomes a folder and an HDF5 group, so it takes letters, digits, "
-                            f"'_' and '-' only (no '/', no leading '.'); rename it, e.g. name: my_task.")  # fmt: skip
+                            f"'_' and '-' only (no '/', no leading '.'), at most {MAX_NAME} of them; rename it, e.g. name: my_task.")  # fmt: skip
         if self.topology not in TOPOLOGIES:
             raise TaskError(f"{where}: topology '{self.topology}' is unknown; use one of {TOPOLOGIES}.")
         if self.answer_rule not in ANSWER_RULES:
@@ -145,6 +148,8 @@ class Task:
             raise TaskError(f"{where}: values must be at least two distinct strings, got {list(self.values)}.")
         if not self.numbers:
             raise TaskError(f"{where}: the numbers list is empty; give at least one step size.")
+        if max(map(abs, self.numbers)) > MAX_NUMBER:
+            raise TaskError(f"{where}: numbers must lie within ±{MAX_NUMBER:,}, got {max(self.numbers, key=abs)}.")
         if not self.templates:
             raise TaskError(
                 f"{where}: the template list is empty; add at least one template with "
@@ -335,8 +340,9 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=True) for k, _ in node.value]
-        if twice := sorted({str(k) for k in keys if keys.count(k) > 1}):
+        self.flatten_mapping(node)  # YAML merge keys (<<) first, as SafeLoader does
+        keys = [(type(k), k) for k in (self.construct_object(k, deep=True) for k, _ in node.value)]
+        if twice := sorted({str(k) for t, k in keys if keys.count((t, k)) > 1}):
             raise TaskError(f"task file {self.name} gives the key(s) {twice} more than once; keep one of each.")
         return super().construct_mapping(node, deep)
 

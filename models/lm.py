@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# The fix for a damaged local model folder (the embedded LM is remade by its stage).
+REMAKE = ("If it is the embedded task LM, train it again with `pipeline stage=lm overwrite=true`; otherwise copy or "
+          "download the model folder again.")  # fmt: skip
 
 
 class ModelLoadError(RuntimeError):
@@ -61,7 +67,7 @@ def load_causal_lm(
         config = AutoConfig.from_pretrained(pretrained, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load the config of '{pretrained}': {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+            f"could not load the config of '{pretrained}': {e.__class__.__name__}: {str(e).splitlines()[0]}. {REMAKE}\n"
             f"If it is a Hub model, download it where the Hub is reachable (`hf download {pretrained}`) and run "
             f"with HF_HUB_OFFLINE=1, or set model.pretrained to a local folder."
         ) from e
@@ -85,9 +91,10 @@ def load_causal_lm(
             f"code. Load only checkpoints you trust, converted to safetensors (model.save_pretrained(folder) where they "
             f"were made)."
         ) from None
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # missing, or torn (safetensors' own error)
         raise ModelLoadError(
-            f"could not load the weights of '{pretrained}': {str(e).splitlines()[0]}\n"
+            f"could not load the weights of '{pretrained}': {type(e).__name__}: {' '.join(str(e).split())[:200]}. "
+            f"{REMAKE}\n"
             f"Download them first (`hf download {pretrained}`) or point model.pretrained at a local folder."
         ) from e
     if missing := sorted(info.get("missing_keys") or ()):
@@ -96,7 +103,12 @@ def load_causal_lm(
             f"{missing[:3]}), and transformers would fill them at random. Make config.json match the weights (e.g. its "
             f"num_hidden_layers), or save the model again with save_pretrained."
         )
-    tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
+    except (OSError, ValueError, TypeError) as e:  # a missing or torn tokenizer.json raises any of these
+        raise ModelLoadError(
+            f"could not load the tokenizer of '{pretrained}' ({type(e).__name__}: {' '.join(str(e).split())[:200]}). {REMAKE}"
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

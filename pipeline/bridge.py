@@ -54,7 +54,7 @@ from geosteer.models.geodesic_bridge import (
 from geosteer.models.geodesics import PCA, lbfgs_geodesic, linear_path, path_energy
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import EncoderPullback, regularisation
-from geosteer.pipeline.common import StageError, timed
+from geosteer.pipeline.common import CONFIG_DIR, StageError, timed
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
 from geosteer.pipeline.products import RunLayout
 
@@ -183,10 +183,13 @@ class BridgeFamily(Family):
         given = Path(g["encoder"])
         folder = given if (given / "config.json").is_file() else RunLayout.of(cfg).geometry(task.name, g["encoder"])
         if not (folder / "config.json").is_file():
+            known = (CONFIG_DIR / "geometry" / f"{g['encoder']}.yaml").is_file()
+            first = (f"Train it first (pipeline stage=train geometry=[{g['encoder']},{name}]), or set"
+                     if known else "Set")  # fmt: skip
             raise StageError(
                 f"geometry '{name}' trains against the encoder '{g['encoder']}', but {folder} holds no exported geometry. "
-                f"Train it first (pipeline stage=train geometry=[{g['encoder']},{name}]), or set "
-                f"geometry.{name}.encoder to the folder of an exported GAGA."
+                f"{first} geometry.{name}.encoder to a GAGA geometry of this run (e.g. gaga_out) or the folder of an "
+                f"exported GAGA."
             )
         meta = read_config(folder).get("meta", {})
         if meta.get("family") != "gaga" or meta.get("task", {}).get("name") != task.name:

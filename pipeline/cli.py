@@ -8,12 +8,14 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -150,18 +152,43 @@ def unknown_choices(argv: list[str]) -> list[str]:
     return errors
 
 
-def precheck(argv: list[str]) -> list[str]:
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a `-m` sweep's jobs, each swept value once (the others at their first value)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
+    first = [arg if v[0] is None else f"{o.get_key_element()}={v[0]}" for arg, o, v in zip(overrides, parsed, values)]
+    jobs = [first]
+    for i, (o, v) in enumerate(zip(parsed, values)):
+        jobs += [first[:i] + [f"{o.get_key_element()}={x}"] + first[i + 1 :] for x in v[1:]]
+    return jobs
+
+
+def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
     """Problems of the config a command asks for, found before Hydra writes its logs (under the run folder).
 
-    Commands with flags (`--help`, `--cfg`, `-m` sweeps) are Hydra's own; each job of a sweep is checked when it starts.
+    Other flags than `-m` (`--help`, `--cfg`, ...) are Hydra's own; a `-m` sweep is checked job by job.
     """
-    if any(arg.startswith("-") for arg in argv):
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
         return []
-    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra")]
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra") and not arg.startswith("-")]
+    if "-m" in argv or "--multirun" in argv:
+        try:
+            jobs = sweep_jobs(overrides)
+        except HydraException as e:
+            return [" ".join(str(e).split())]
+        return next((errors for job in jobs if (errors := precheck(job, sweeping=True))), [])
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
             check_config(cfg, overrides)
+        if sweeping:  # a sweep's Hydra logs go under paths.outputs/multirun; each job makes its own run folder
+            return []
+        run_dir = Path(cfg.paths.run_dir)
+        try:  # Hydra makes its log folder there next: a file in the way or a forbidden place would fail with a traceback
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return [f"cannot make the run folder {run_dir} ({e.strerror}); point paths.outputs=... at a folder you can "
+                    f"write (it is {cfg.paths.outputs})"]  # fmt: skip
     except StageError as e:
         return [str(e).removesuffix(".")]
     except (HydraException, OmegaConfBaseException) as e:
@@ -201,6 +228,8 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         check_config(cfg, list(HydraConfig.get().overrides.task))
         result = run(cfg)
+        if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
+            log.info("%s", summary(result, RunLayout.of(cfg)))
     except Exception as e:
         _finish_wandb(exit_code=1)
         if log.isEnabledFor(logging.DEBUG):
@@ -215,5 +244,3 @@ def hydra_main(cfg: DictConfig) -> None:
         else:
             log.error("%s", explain(e))
         sys.exit(1)
-    if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
-        log.info("%s", summary(result, RunLayout.of(cfg)))

@@ -27,6 +27,8 @@ from geosteer.models.lm import load_causal_lm
 log = logging.getLogger("geosteer")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+if not OmegaConf.has_resolver("process_id"):  # names Hydra's log folder per command (configs/config.yaml)
+    OmegaConf.register_new_resolver("process_id", os.getpid)
 
 
 class StageError(RuntimeError):

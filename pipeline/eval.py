@@ -76,7 +76,15 @@ from geosteer.pipeline.common import (
 )
 from geosteer.pipeline.figures import task_figures
 from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
-from geosteer.pipeline.products import RunLayout, check_provenance, current_result, fingerprint, replace_dir, write_stamp
+from geosteer.pipeline.products import (
+    RunLayout,
+    check_product,
+    check_provenance,
+    current_result,
+    fingerprint,
+    replace_dir,
+    write_stamp,
+)
 from geosteer.pipeline.targets import split_key
 
 
@@ -92,6 +100,7 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
     folder = Path(cfg.eval.geometry_dir) / task.name / method.geometry  # a method with a family names its export
     if not (folder / "config.json").is_file():
         return None, f"no exported geometry at {folder}; train it (pipeline stage=train geometry={method.geometry})"
+    check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`), or copy it again.")
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
     check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), int(store["layer"]),
                      str(store["fingerprint"]), split)  # fmt: skip
@@ -451,7 +460,7 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
                 used[f"{task.name}/{name}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
     return fingerprint({"eval": to_plain(cfg.eval), "method": to_plain(cfg.method), "store": store_fp, "geometries": used,
                         "tasks": [t.name for t in tasks], "seed": cfg.seed,
-                        "val_fraction": cfg.targets.val_fraction})  # fmt: skip
+                        "val_fraction": cfg.targets.val_fraction}, run_dir=cfg.paths.run_dir)  # fmt: skip
 
 
 def run(cfg: DictConfig) -> dict:
@@ -463,6 +472,7 @@ def run(cfg: DictConfig) -> dict:
     if not store_path.is_file():
         log.info("no activation store at %s: extracting it from the model first", store_path)
         extract.run(cfg)
+    check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
     with ActivationStore(store_path) as store:
         store_fp, layer = str(store.attrs["fingerprint"]), int(store.attrs["layer"])
         missing = [t.name for t in tasks if t.name not in store.tasks]
@@ -485,9 +495,14 @@ def run(cfg: DictConfig) -> dict:
         for task in tasks:
             done_file = work / f"{task.name}.json"
             if done_file.is_file():
-                log.info("%s: evaluated before the crash, kept", task.name)
-                per_task[task.name] = json.loads(done_file.read_text())
-                continue
+                try:
+                    per_task[task.name] = json.loads(done_file.read_text())
+                    if not isinstance(per_task[task.name], dict) or "methods" not in per_task[task.name]:
+                        raise ValueError("no methods in it")
+                    log.info("%s: evaluated before the crash, kept", task.name)
+                    continue
+                except ValueError as e:
+                    log.warning("%s is damaged (%s): evaluating %s again", done_file, e, task.name)
             data = read_task(store, task, cfg.targets.val_fraction, cfg.seed)
             results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, store.attrs)
             if cfg.eval.figures:

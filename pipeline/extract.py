@@ -31,6 +31,8 @@ POSITION_RULE = "last non-pad token (left padding)"
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("extract.device=cuda, but no CUDA GPU is visible to torch; use extract.device=auto or cpu.")
     return torch.device(name)
 
 
@@ -134,7 +136,8 @@ def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
             "lm": lm_stamp and lm_stamp["fingerprint"],
             "tasks": [t.to_dict() for t in tasks],
             "extract": {k: v for k, v in to_plain(cfg.extract).items() if k != "device"},
-        }
+        },
+        run_dir=cfg.paths.run_dir,
     )
 
 

@@ -55,9 +55,16 @@ def resolved(obj: Any) -> Any:
     return obj
 
 
-def fingerprint(obj: Any) -> str:
-    """A short, stable hash of a JSON-able object (the resolved config that makes a product)."""
-    return hashlib.sha256(json.dumps(resolved(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+def fingerprint(obj: Any, run_dir: Path | str | None = None) -> str:
+    """A short, stable hash of a JSON-able object (the resolved config that makes a product).
+
+    With `run_dir`, paths inside the run folder count relative to it, so a run folder can move or be copied.
+    """
+    text = json.dumps(resolved(obj), sort_keys=True, default=str)
+    if run_dir is not None:
+        for form in {str(Path(run_dir).resolve()), str(run_dir)}:
+            text = text.replace(json.dumps(form)[1:-1], "<run_dir>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -88,6 +95,9 @@ def read_stamp(product_dir: Path) -> dict | None:
         stamp = json.loads(path.read_text())
         if not isinstance(stamp, dict) or not isinstance(stamp.get("fingerprint"), str):
             raise ValueError("it holds no fingerprint")
+        files = stamp.get("files") or {}
+        if not isinstance(files, dict) or any(not _inside(name) for name in files):
+            raise ValueError("its file list names files outside its folder")
         return stamp
     except (OSError, ValueError) as e:
         stage = Path(product_dir).name if Path(product_dir).name in ("lm", "extract", "targets", "eval") else "train"
@@ -95,6 +105,11 @@ def read_stamp(product_dir: Path) -> dict | None:
             f"{path} is damaged ({type(e).__name__}: {e}), so which config made {product_dir} is unknown. Make that "
             f"product again with `pipeline stage={stage} overwrite=true` (and the same overrides), or delete {product_dir}."
         ) from e
+
+
+def _inside(name: Any) -> bool:
+    """Whether a recorded file name stays inside its product folder (relative, no '..')."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
@@ -117,6 +132,16 @@ def product_damage(product_dir: Path, stamp: dict) -> list[str]:
             what = "size" if now["size"] != record["size"] else "content"
             damage.append(f"{name} has another {what} than the one written")
     return damage
+
+
+def check_product(product_dir: Path, fix: str) -> None:
+    """For a stage that reads a product: refuse it when its files differ from what its stage recorded writing.
+
+    A product without a record (shipped, copied without its `stage.json`) is taken as it is.
+    """
+    stamp = read_stamp(product_dir)
+    if stamp is not None and (damage := product_damage(product_dir, stamp)) and stamp.get("files"):
+        raise StageError(f"{product_dir} is not as its stage wrote it: {'; '.join(damage)}. {fix}")
 
 
 def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:
@@ -155,7 +180,8 @@ def _holder(path: Path) -> dict | None:
     """Who holds a run lock, as it wrote itself into the file; None when the file is unreadable or gone."""
     try:
         holder = json.loads(path.read_text())
-        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+        ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and 0 < holder["pid"] < 2**31
+        return holder if ok else None
     except (OSError, ValueError):
         return None
 

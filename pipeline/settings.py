@@ -10,9 +10,11 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from geosteer.models.gaga import ACTIVATIONS
 from geosteer.models.lm import DTYPES
 from geosteer.pipeline.common import StageError
 
@@ -71,6 +73,9 @@ def one_of(*choices: Any) -> Rule:
     return lambda v: None if v in choices else f"must be one of {list(choices)}"
 
 
+# Lightning's precision settings (lightning.fabric.connector); the first four are the common ones.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64",
+              32, 16, 64)  # fmt: skip
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
@@ -120,6 +125,7 @@ RULES: dict[str, Rule] = {
     "lm.min_swap_rate": number(0, 1),
     "lm.check_every": integer(0),
     "geometry.*.target": one_of("hellinger", "phate"),
+    "geometry.*.activation": one_of(*ACTIVATIONS),
     "geometry.*.latent_dim": integer(1, null=True),
     "geometry.*.hidden": each(SIZE),
     "geometry.*.pca_dim": integer(2, null=True),
@@ -171,6 +177,8 @@ RULES: dict[str, Rule] = {
         else "must be an integer ≥ 1, -1 (every device), a list of device indices or auto"
     ),
     "trainer.num_nodes": SIZE,
+    "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"),
+    "trainer.precision": one_of(*PRECISIONS),
     "trainer.log_every_n_steps": SIZE,
     "method.*.pca": integer(2),
     "method.*.spline_pca": integer(2),
@@ -222,14 +230,7 @@ def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
         if (rule := rule_of(key)) is not None and (fault := rule(value)) is not None:
             example = f"; the default is {key}={_show(known[key])}" if key in known else ""
             faults.append(f"{key}={_show(value)} {fault}{example}")
-    lm = plain.get("lm") or {}
-    if (
-        _is_int(lm.get("hidden_size"))
-        and _is_int(lm.get("num_heads"))
-        and lm["num_heads"] >= 1
-        and lm["hidden_size"] % lm["num_heads"]
-    ):
-        faults.append(f"lm.num_heads={lm['num_heads']} must divide lm.hidden_size={lm['hidden_size']}")
+    faults += cross_faults(plain)
     if faults:
         raise StageError("settings out of range: " + "; ".join(faults) + ".")
 
@@ -242,6 +243,12 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
         faults.append(f"lm.num_heads={heads} must divide lm.hidden_size={width}")
     if model.get("embedded") and _is_int(blocks) and _is_int(layer) and layer >= blocks:
         faults.append(f"model.layer={layer} must be below lm.num_layers={blocks}, the embedded LM's block count")
+    wants_gpu = {"trainer.accelerator": (plain.get("trainer") or {}).get("accelerator") in ("gpu", "cuda"),
+                 "extract.device": (plain.get("extract") or {}).get("device") == "cuda"}  # fmt: skip
+    for key, wants in wants_gpu.items():
+        if wants and not torch.cuda.is_available():
+            faults.append(f"{key} asks for a CUDA GPU, but none is visible to torch (use trainer=cpu and "
+                          f"extract.device=auto on this machine)")  # fmt: skip
     return faults
 
 

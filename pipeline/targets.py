@@ -38,8 +38,16 @@ from geosteer.data.targets import (
 )
 from geosteer.models.metrics import OutputPullback
 from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.common import close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
-from geosteer.pipeline.products import RunLayout, fingerprint, write_stamp
+from geosteer.pipeline.common import StageError, close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.products import (
+    STAMP,
+    RunLayout,
+    check_product,
+    file_record,
+    fingerprint,
+    read_stamp,
+    write_stamp,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -193,6 +201,21 @@ def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path, max_
     os.replace(tmp, path)
 
 
+def forget_damaged(out: Path) -> None:
+    """Delete targets files that differ from what the last targets run recorded, so that they are computed again
+    rather than trusted by their cache keys (a torn or unreadable record is simply written anew)."""
+    try:
+        stamp = read_stamp(out) or {}
+    except StageError:
+        (out / STAMP).unlink()
+        return
+    for name, record in (stamp.get("files") or {}).items():
+        path = out / name
+        if path.is_file() and file_record(path) != record:
+            log.warning("%s is not as the targets stage wrote it: computing it again", path)
+            path.unlink()
+
+
 def run(cfg: DictConfig) -> dict:
     """Write `<run_dir>/targets/<task>.h5` for every task, recomputing only what changed."""
     tasks = load_tasks(cfg)
@@ -201,6 +224,8 @@ def run(cfg: DictConfig) -> dict:
     tcfg = to_plain(cfg.targets)
     summary, figures = {}, {}
     start = time.perf_counter()
+    check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
+    forget_damaged(out)
     with ActivationStore(store_path) as store:
         file_attrs = {
             "activations": os.path.relpath(store_path, out),

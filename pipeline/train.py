@@ -51,6 +51,7 @@ from geosteer.pipeline.common import (
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
     RunLayout,
+    check_product,
     check_provenance,
     current_result,
     fingerprint,
@@ -133,6 +134,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
     for folder in needs.values():
+        check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
         check_provenance(folder, read_config(folder).get("meta") or {}, task.to_dict(), **store)
     needed = {role: export_facts(folder, RunLayout.of(cfg).root) for role, folder in needs.items()}
     facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg,
@@ -141,7 +143,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
         facts["pullback"] = attrs["pullback_key"]
     if needed:  # retrain when what it trained against changes
         facts["needs"] = {role: f["fingerprint"] for role, f in needed.items()}
-    fp = fingerprint(facts)
+    fp = fingerprint(facts, run_dir=cfg.paths.run_dir)
     g = {**g, "needs": needs} if needs else g
     out = RunLayout.of(cfg).geometry(task.name, name)
     if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
@@ -244,6 +246,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     tasks = load_tasks(cfg)
     geometries = selected_geometries(cfg)
     run = RunLayout.of(cfg)
+    check_product(run.targets, "Re-run `pipeline stage=targets`: it computes them again.")
     missing = [t.name for t in tasks if not run.targets_file(t.name).is_file()]
     if missing:
         raise StageError(f"no targets for {missing} under {run.targets}; run `pipeline stage=targets` first.")

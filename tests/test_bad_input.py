@@ -314,11 +314,13 @@ def bad_tasks(run: Path, scratch: Path, _args: list[str]):
         "strings": {"values": "Monday Tuesday"},
         "separator": {"run_separator": None},
         "fractional": {"numbers": [1.5, 2]},
+        "far": {"numbers": [1, 99999999999999999999999], "number_words": None},
     }.items():
         task_file(scratch, **{**week, "name": name, **changes})
     spec = {k: v for k, v in week.items() if k != "templates"} | {"name": "notemplates"}
     (scratch / "notemplates.yaml").write_text(yaml.safe_dump(spec))
     (scratch / "slash.yaml").write_text(yaml.safe_dump({**week, "name": "../escape"}))
+    (scratch / "long.yaml").write_text(yaml.safe_dump({**week, "name": "a" * 300}))
     bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]"
                                                    for p, c in zip("abcdefgh", "bcdefghi")]  # fmt: skip
     (scratch / "bomb.yaml").write_text("\n".join(bomb) + "\n")
@@ -327,6 +329,63 @@ def bad_tasks(run: Path, scratch: Path, _args: list[str]):
     (scratch / "renamed.yaml").write_text((TASK_DIR / "weekdays.yaml").read_text() + "name: months\n")
     (scratch / "binary.yaml").write_bytes(b"\xff\xfe\x00\x80" * 64)
     (scratch / "large.yaml").write_text(yaml.safe_dump(week) + "#" * (2 << 20) + "\n")
+
+
+def lying_stamp(run: Path, scratch: Path, _args: list[str]):
+    """A stage.json whose file list names a file outside its folder: nothing may delete it."""
+    (scratch / "victim").write_text("keep me")
+    path = run / EXPORT / "stage.json"
+    stamp = json.loads(path.read_text())
+    stamp["files"] |= {str(scratch / "victim"): {"size": 1, "sha256_ends": "0"}, "../../../victim": {"size": 1}}
+    path.write_text(json.dumps(stamp))
+
+
+def edited_weights(run: Path, _scratch: Path, _args: list[str]):
+    """Weights swapped for others of the same shapes (the last byte of a tensor changed)."""
+    path = run / EXPORT / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def edited_targets(run: Path, _scratch: Path, _args: list[str]):
+    with h5py.File(_targets(run), "r+") as f:
+        f["split/train"][0] = 10**6
+
+
+def edited_store_attribute(run: Path, _scratch: Path, _args: list[str]):
+    with h5py.File(run / STORE, "r+") as f:
+        f.attrs["config"] = "{not json"
+
+
+def store_without_task_definition(run: Path, _scratch: Path, _args: list[str]):
+    with h5py.File(run / STORE, "r+") as f:
+        del f["weekdays"].attrs["task"]
+
+
+def overflowing_lock(run: Path, _scratch: Path, _args: list[str]):
+    lock(run, 10**20, socket.gethostname())
+
+
+def lm_with_torn_tokenizer(run: Path, scratch: Path, args: list[str]):
+    (_lm_copy(scratch, args) / "tokenizer.json").write_text("{")
+
+
+def lm_with_torn_weights(run: Path, scratch: Path, args: list[str]):
+    path = _lm_copy(scratch, args) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def unrecorded(spoil):
+    """`spoil`, on a run whose products carry no `stage.json` (shipped or copied without it): the readers' own
+    checks must then find the damage, not the comparison with the record."""
+
+    def spoil_unrecorded(run: Path, scratch: Path, args: list[str]):
+        spoil(run, scratch, args)
+        for stamp in (run / "extract" / "stage.json", run / "targets" / "stage.json", run / EXPORT / "stage.json"):
+            stamp.unlink(missing_ok=True)
+
+    return spoil_unrecorded
 
 
 # (id, how to spoil the run, overrides, what the message must say)
@@ -380,28 +439,33 @@ CASES = [
         ["stage=targets", "targets.val_fraction=1.5"],
         r"targets.val_fraction=1.5 must be a number > 0 and < 1",
     ),
-    ("corrupted store", corrupt, ["stage=targets"], r"not a readable HDF5 file.*re-run `pipeline stage=extract`"),
-    ("truncated store", truncate, ["stage=targets"], r"not a readable HDF5 file.*truncated"),
-    ("store of another schema version", old_schema, ["stage=targets"], r"schema_version 99.*overwrite=true"),
-    ("NaN activations", nan_rows, ["stage=targets"], r"1 of \d+ rows .* hold NaN or Inf \(first at row 3\)"),
-    ("missing shard", drop_shard, ["stage=targets"], r"rank-0-of-1.h5, which is missing.*beside it"),
+    ("corrupted store", unrecorded(corrupt), ["stage=targets"], r"not a readable HDF5 file.*re-run `pipeline stage=extract`"),
+    ("truncated store", unrecorded(truncate), ["stage=targets"], r"not a readable HDF5 file.*truncated"),
+    ("store of another schema version", unrecorded(old_schema), ["stage=targets"], r"schema_version 99.*overwrite=true"),
+    ("NaN activations", unrecorded(nan_rows), ["stage=targets"], r"1 of \d+ rows .* hold NaN or Inf \(first at row 3\)"),
+    ("missing shard", unrecorded(drop_shard), ["stage=targets"], r"rank-0-of-1.h5, which is missing.*beside it"),
     ("train before targets", no_targets, ["stage=train"], r"no targets for \['weekdays'\].*stage=targets"),
-    ("checkpoint of another width", wrong_width, ["stage=eval", "method=[gaga_out]"], r"trained on d=64 .* store holds d=32"),
+    (
+        "checkpoint of another width",
+        unrecorded(wrong_width),
+        ["stage=eval", "method=[gaga_out]"],
+        r"trained on d=64 .* store holds d=32",
+    ),
     (
         "checkpoint of another layer",
-        wrong_layer,
+        unrecorded(wrong_layer),
         ["stage=eval", "method=[gaga_out]"],
         r"trained on d=32 activations of layer 0, but the store holds d=32 at layer 1",
     ),
     (
         "checkpoint that is a pickle",
-        pickled_export,
+        unrecorded(pickled_export),
         ["stage=eval", "method=[gaga_out]"],
         r"not a GAGA checkpoint that loads safely.*never a pickle",
     ),
     (
         "torn checkpoint config",
-        torn_config,
+        unrecorded(torn_config),
         ["stage=eval", "method=[gaga_out]"],
         r"config.json cannot be read \(JSONDecodeError.*Re-export it",
     ),
@@ -461,11 +525,28 @@ CASES = [
             ("model.layer=-1", r"model.layer=-1 must be an integer ≥ 0; the default is model.layer=1"),
             ("max_epochs_cap=0", r"max_epochs_cap=0 must be an integer ≥ 1 or null"),
             ("lm.num_heads=3", r"lm.num_heads=3 must divide lm.hidden_size=128"),
+            ("extract.device=cuda", r"extract.device asks for a CUDA GPU, but none is visible to torch"),
+            ("trainer.accelerator=gpu", r"trainer.accelerator asks for a CUDA GPU, but none is visible"),
+            ("trainer.precision=foo", r"trainer.precision=foo must be one of \['32-true', 'bf16-mixed'"),
+            ("geometry.gaga_out.activation=foo", r"geometry.gaga_out.activation=foo must be one of \['relu', 'silu'\]"),
             ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=0", r"targets.phate.t_max=0 must be an integer ≥ 2"),
         ]
     ],
+    ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
+    (
+        "outputs that are a file",
+        None,
+        ["stage=eval", "paths.outputs=/dev/null"],
+        r"cannot make the run folder /dev/null/run \(Not a directory\); point paths.outputs",
+    ),
+    (
+        "bridge without its encoder",
+        None,
+        ["stage=train", "geometry=[gaga_out,bridge]", "geometry.bridge.encoder=nosuch"],
+        r"encoder 'nosuch', but .* holds no exported geometry. Set geometry.bridge.encoder to a GAGA geometry of this run",
+    ),
     (
         "several settings out of range at once",
         None,
@@ -538,6 +619,8 @@ CASES = [
             ("strings", r"values must be a list, got 'Monday Tuesday'"),
             ("separator", r"run_separator must be a string, got None"),
             ("fractional", r"every item of numbers must be an integer, but it holds 1.5 \(float\)"),
+            ("far", r"numbers must lie within ±10,000, got 99999999999999999999999"),
+            ("long", r"a task name becomes a folder.*at most 64 of them"),
             ("renamed", r"renamed.yaml gives the key\(s\) \['name'\] more than once"),
             ("notemplates", r"missing keys \['templates'\]"),
             ("slash", r"a task name becomes a folder"),
@@ -567,37 +650,47 @@ CASES = [
         r"holds task 'weekdays' extracted from another definition",
     ),
     # ---- damaged or foreign products ----
-    ("zero-byte store", zero_byte_store, ["stage=targets"], r"not a readable HDF5 file.*re-run `pipeline stage=extract`"),
-    ("shard that is not HDF5", garbage_shard, ["stage=targets"], r"rank-0-of-1.h5, which is missing or unreadable"),
+    (
+        "zero-byte store",
+        unrecorded(zero_byte_store),
+        ["stage=targets"],
+        r"not a readable HDF5 file.*re-run `pipeline stage=extract`",
+    ),
+    ("shard that is not HDF5", unrecorded(garbage_shard), ["stage=targets"], r"rank-0-of-1.h5, which is missing or unreadable"),
     (
         "corrupt targets",
-        corrupt_targets,
+        unrecorded(corrupt_targets),
         ["stage=train"],
         r"weekdays.h5 is not a readable targets file.*re-run `pipeline stage=targets`",
     ),
-    ("truncated targets", truncated_targets, ["stage=train"], r"weekdays.h5 is not a readable targets file"),
+    ("truncated targets", unrecorded(truncated_targets), ["stage=train"], r"weekdays.h5 is not a readable targets file"),
     (
         "targets of another task",
-        targets_of_another_task,
+        unrecorded(targets_of_another_task),
         ["stage=train"],
         r"weekdays.h5 holds the targets of task 'months', but task 'weekdays' as configured was asked for",
     ),
     (
         "targets of another task definition",
-        targets_of_another_definition,
+        unrecorded(targets_of_another_definition),
         ["stage=train"],
         r"holds targets of another definition of task 'weekdays'",
     ),
     (
         "export of another task",
-        export_of_another_task,
+        unrecorded(export_of_another_task),
         ["stage=eval", "method=[gaga_out]"],
         r"gaga_out was not trained for this use: task 'months' \(asked: 'weekdays'\).*stage=train",
     ),
-    ("export of another LM", export_of_another_lm, ["stage=eval", "method=[gaga_out]"], r"not trained for this use: lm 'gpt2'"),
+    (
+        "export of another LM",
+        unrecorded(export_of_another_lm),
+        ["stage=eval", "method=[gaga_out]"],
+        r"not trained for this use: lm 'gpt2'",
+    ),
     (
         "export of another task definition",
-        export_of_another_definition,
+        unrecorded(export_of_another_definition),
         ["stage=eval", "method=[gaga_out]"],
         r"the definition of task 'weekdays' \(it differs in \['values'\]\)",
     ),
@@ -607,9 +700,44 @@ CASES = [
         ["stage=eval", "method=[gaga_out]", "targets.val_fraction=0.3"],
         r"not trained for this use: split '[0-9a-f]+' \(asked: '[0-9a-f]+'\).*targets.val_fraction or seed",
     ),
-    ("export without meta", export_without_meta, ["stage=eval", "method=[gaga_out]"], r"records no meta.family"),
-    ("zero-byte weights", zero_byte_weights, ["stage=eval", "method=[gaga_out]"], r"not a GAGA checkpoint that loads safely"),
-    ("torn weights", torn_weights, ["stage=eval", "method=[gaga_out]"], r"not a GAGA checkpoint that loads safely"),
+    (
+        "stage.json naming files outside its folder",
+        lying_stamp,
+        ["stage=train"],
+        r"gaga_out/stage.json is damaged \(ValueError: its file list names files outside its folder\)",
+    ),
+    (
+        "export edited after training",
+        edited_weights,
+        ["stage=eval", "method=[gaga_out]"],
+        r"gaga_out is not as its stage wrote it: model.safetensors has another content than the one written. Train it again",
+    ),
+    (
+        "targets edited after the targets stage",
+        edited_targets,
+        ["stage=train", "overwrite=true"],
+        r"targets is not as its stage wrote it: weekdays.h5 has another content.*Re-run `pipeline stage=targets`",
+    ),
+    (
+        "store attribute edited",
+        edited_store_attribute,
+        ["stage=eval", "method=[linear]"],
+        r"extract is not as its stage wrote it: activations.h5 has another (size|content).*Re-run `pipeline stage=extract`",
+    ),
+    (
+        "store without a task's definition",
+        store_without_task_definition,
+        ["stage=targets"],
+        r"extract is not as its stage wrote it",
+    ),
+    ("export without meta", unrecorded(export_without_meta), ["stage=eval", "method=[gaga_out]"], r"records no meta.family"),
+    (
+        "zero-byte weights",
+        unrecorded(zero_byte_weights),
+        ["stage=eval", "method=[gaga_out]"],
+        r"not a GAGA checkpoint that loads safely",
+    ),
+    ("torn weights", unrecorded(torn_weights), ["stage=eval", "method=[gaga_out]"], r"not a GAGA checkpoint that loads safely"),
     (
         "torn stage.json",
         torn_extract_stamp,
@@ -636,6 +764,18 @@ CASES = [
         r"are a pickle that holds more than tensors, and geosteer never unpickles code",
     ),
     (
+        "LM with a torn tokenizer",
+        lm_with_torn_tokenizer,
+        ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
+        r"could not load the tokenizer of .*train it again with `pipeline stage=lm overwrite=true`",
+    ),
+    (
+        "LM with torn weights",
+        lm_with_torn_weights,
+        ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
+        r"could not load the weights of .*train it again with `pipeline stage=lm overwrite=true`",
+    ),
+    (
         "LM folder without config.json",
         lm_without_config,
         ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
@@ -653,6 +793,12 @@ CASES = [
         live_lock,
         ["stage=extract"],
         r"run folder .* is in use by process 1 on host .* since 2026-01-01 00:00:00 \(`pipeline stage=extract`\).*delete .*\.lock",
+    ),
+    (
+        "lock with an impossible process id",
+        overflowing_lock,
+        ["stage=extract"],
+        r"in use by a process that left no readable record.*delete .*\.lock",
     ),
     ("run in use from another host", foreign_lock, ["stage=targets"], r"in use by process 4242 on host another-host"),
 ]
@@ -801,7 +947,7 @@ def test_a_missing_store_is_made_again_by_the_command_the_message_gives(finished
     first = h5py.File(run / STORE, "r")["weekdays/h"][:]
     (run / STORE).unlink()
     code, printed = pipeline_command([*argv, "stage=targets"], capsys)
-    assert code == 1 and "run `pipeline stage=extract` first" in printed, printed
+    assert code == 1 and "activations.h5 is missing. Re-run `pipeline stage=extract`" in printed, printed
     code, printed = pipeline_command([*argv, "stage=extract"], capsys)
     assert code == 0 and "is current" not in printed, printed
     with h5py.File(run / STORE, "r") as f:
