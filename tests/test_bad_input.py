@@ -971,6 +971,18 @@ def test_a_damaged_shard_or_stamp_is_made_again(finished, tmp_path, capsys, monk
     assert pipeline_command([*argv, "stage=extract"], capsys)[0] == 0
 
 
+def test_edited_targets_are_computed_again(finished, tmp_path, capsys, monkeypatch):
+    """A targets file edited in place is not trusted by its cache keys: the targets stage computes it again."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    edited_targets(run, tmp_path, [])
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 0 and "weekdays.h5 is not as the targets stage wrote it: computing it again" in printed, printed
+    with h5py.File(_targets(run), "r") as now, h5py.File(finished[0] / "targets" / "weekdays.h5", "r") as then:
+        np.testing.assert_array_equal(now["split/train"][:], then["split/train"][:])
+    assert pipeline_command([*argv, "stage=train"], capsys)[0] == 0
+
+
 def test_an_edited_export_is_trained_again(finished, tmp_path, capsys, monkeypatch):
     run, argv = _copy(finished, tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv)
@@ -990,6 +1002,8 @@ def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch
     assert pipeline_command([f"paths.outputs={tmp_path}", "run_name=first", *argv, "stage=extract"], capsys)[0] == 0
     shutil.copytree(first, tmp_path / "second")
     shutil.rmtree(first)
+    code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=second", *argv, "stage=extract"], capsys)
+    assert code == 0 and "is current" in printed, "a moved run's store is its own: " + printed
     code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=second", *argv, "stage=targets"], capsys)
     assert code == 0 and "uses the LM the store was extracted with" not in printed, printed
 
@@ -1022,6 +1036,7 @@ def test_two_commands_on_one_run_one_is_refused(finished, tmp_path):
     assert "stage=train" in printed and "Traceback" not in printed, printed
     assert not (run / ".lock").exists(), "the first command left its lock"
     assert (run / EXPORT / "model.safetensors").is_file()
+    assert len(list((run / "hydra").iterdir())) == 2, "each command keeps its own Hydra log folder"
 
 
 def test_a_stale_lock_is_named_and_taken_over(finished, tmp_path, capsys, monkeypatch):
