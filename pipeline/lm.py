@@ -105,12 +105,12 @@ def encode_prompts(tokenizer, prompts: list[tuple[Task, Prompt]], smoothing: flo
 
     The soft target spreads a mass m over the neighbouring values (`Task.neighbourhood`,
     std `width` value steps) and puts 1 − m on the answer. m grows with the step
-    count, `smoothing · number / max(numbers)`: the further the count, the less sure.
+    count, `smoothing · |number| / max |numbers|`: the further the count (either way), the less sure.
     """
     enc = tokenizer([p.text for _, p in prompts], padding=True, return_tensors="pt")
     tokens = {t.name: [value_token(tokenizer, v) for v in t.values] for t in {t.name: t for t, _ in prompts}.values()}
     answer = torch.tensor([tokens[t.name][t.values.index(p.answer)] for t, p in prompts])
-    mass = torch.tensor([smoothing * p.number / max(t.numbers) for t, p in prompts])
+    mass = torch.tensor([smoothing * abs(p.number) / (max(map(abs, t.numbers)) or 1) for t, p in prompts])
     soft = (1 - mass[:, None]) * F.one_hot(answer, len(tokenizer)).float()  # (N, V)
     for i, (task, p) in enumerate(prompts):
         for k, w in task.neighbourhood(task.values.index(p.answer), width).items():
