@@ -48,6 +48,16 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def put_in_place(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`; if that fails, `tmp` is removed and the error names `path` and the fix."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        what = "a folder is in its place: move or delete it" if Path(path).is_dir() else "check that you can write it"
+        raise StoreError(f"cannot write {path} ({e.strerror}); {what}, then re-run the same command.") from e
+
+
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
@@ -56,7 +66,7 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     tmp = temp_path(path)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
+    put_in_place(tmp, path)
 
 
 class ChunkDir:
@@ -126,7 +136,7 @@ def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], compression:
             g = f.create_group(task)
             for name, arr in arrays.items():
                 g.create_dataset(name, data=arr, chunks=(min(len(arr), 1024), *arr.shape[1:]), **_filters(compression))
-    os.replace(tmp, path)
+    put_in_place(tmp, path)
 
 
 def virtual_rows(store: Path, shards: Sequence[Path], task: str) -> dict[str, h5py.VirtualLayout]:
@@ -213,7 +223,7 @@ def write_store(path: Path, file_attrs: dict[str, Any], write_groups) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. a task refused while its group was written: no half-written file stays
         raise
-    os.replace(tmp, path)
+    put_in_place(tmp, path)
 
 
 class ActivationStore:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.utils.data import Sampler
 
-from geosteer.data.store import ActivationStore, ensure_space, temp_path
+from geosteer.data.store import ActivationStore, ensure_space, put_in_place, temp_path
 
 log = logging.getLogger("geosteer")
 
@@ -159,6 +158,12 @@ def pullback_factors(J: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(sv[:, :r, None] * Vh[:, :r]).to(J.dtype), torch.from_numpy(kept)
 
 
+def _split_sizes(counts: np.ndarray, val_fraction: float) -> tuple[int, int]:
+    """(train, val) row counts of a stratified split of classes of `counts` rows each; every class keeps a train row."""
+    val = int(sum(min(round(val_fraction * n), n - 1) for n in counts))
+    return int(counts.sum()) - val, val
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/val row indices, the same fraction of every class in val. Both sorted."""
     if not 0 < val_fraction < 1:
@@ -171,9 +176,14 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
     if min(len(train), len(val)) < 2:
+        counts = np.unique(labels, return_counts=True)[1]
+        fits = [f for f in np.arange(0.05, 1, 0.05).round(2) if min(_split_sizes(counts, f)) >= 2]
+        fix = (f"Use a fraction near {min(fits, key=lambda f: abs(f - 0.2))} (the default is 0.2)." if fits else
+               f"No fraction gives both: the task has {len(labels)} rows (prompts x values); add prompts to its task "
+               f"file.")  # fmt: skip
         raise TargetError(
             f"targets.val_fraction={val_fraction} leaves {len(train)} training and {len(val)} validation rows of "
-            f"{len(labels)}; each split needs at least 2. Use a fraction near 0.2 (the default)."
+            f"{len(labels)}; each split needs at least 2. {fix}"
         )
     return train, val
 
@@ -246,7 +256,7 @@ def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict
                     g.create_dataset(k, data=v, dtype=np.float32, chunks=(min(len(v), 256), v.shape[1]))
                 else:
                     g.create_dataset(k, data=v)
-    os.replace(tmp, path)
+    put_in_place(tmp, path)
 
 
 def target_distances(coords: torch.Tensor, scale: float) -> torch.Tensor:

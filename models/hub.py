@@ -32,7 +32,10 @@ class CheckpointError(ValueError):
 def read_config(folder: Path) -> dict:
     """An exported geometry's `config.json`, or CheckpointError naming the folder and the fix."""
     try:
-        return json.loads((Path(folder) / "config.json").read_text())
+        config = json.loads((Path(folder) / "config.json").read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("meta", {}), dict):
+            raise ValueError("it holds no settings object with a meta object in it")
+        return config
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{folder}/config.json cannot be read ({type(e).__name__}: {e}); the export is incomplete or damaged. "

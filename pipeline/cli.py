@@ -163,32 +163,70 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
+# Hydra's flags that only print (help, the config, the version): they run nothing, so there is nothing to check.
+PRINT_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p", "--package", "-i",
+               "--info", "-sc", "--shell-completion"}  # fmt: skip
+SWEEP_FLAGS = {"-m", "--multirun"}
+RUN_FLAGS = {"-r", "--run"}
+# The Hydra settings a command may change. The others (hydra.run.dir, hydra.job.chdir, hydra.output_subdir, the log
+# handlers' files...) would move Hydra's files or the working folder out of the run, where the lock and resume fail.
+HYDRA_SETTINGS = ("hydra.verbose=", "hydra/launcher=", "hydra.launcher.", "hydra/sweeper=", "hydra.sweeper.",
+                  "hydra.sweep.dir=", "hydra/job_logging=", "hydra/hydra_logging=")  # fmt: skip
+
+
+def flag_errors(argv: list[str]) -> list[str]:
+    """Flags and Hydra settings that geosteer refuses, each with what to do instead."""
+    errors = []
+    for arg in argv:
+        if arg.startswith("-") and arg.split("=")[0] not in PRINT_FLAGS | SWEEP_FLAGS | RUN_FLAGS:
+            errors.append(f"{arg.split('=')[0]} is not a flag of `pipeline` (configs come from configs/; choose them "
+                          f"with overrides such as model=smollm2 or tasks=[path/to/task.yaml]); `pipeline --help` "
+                          f"lists the flags")  # fmt: skip
+        elif arg.lstrip("+~").startswith("hydra") and not arg.lstrip("+~").startswith(HYDRA_SETTINGS):
+            errors.append(f"{arg} is not a setting geosteer takes: Hydra's own files stay in <run>/hydra/, inside the "
+                          f"run folder. Move a run with paths.outputs=... or run_name=...; the Hydra settings a "
+                          f"command may change are hydra.verbose, hydra/launcher, hydra.launcher.*, hydra.sweeper.*, "
+                          f"hydra.sweep.dir and hydra/job_logging")  # fmt: skip
+    return errors
+
+
+def makeable(folder: Path, key: str, value: str) -> list[str]:
+    """Make `folder` (Hydra would next), or say why it cannot be made and which setting to change."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return [f"cannot make the folder {folder} ({e.strerror}); point {key}=... at a folder you can write (it is "
+                f"{value})"]  # fmt: skip
+    return []
+
+
 def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
     """Problems of the config a command asks for, found before Hydra writes its logs (under the run folder).
 
-    Other flags than `-m` (`--help`, `--cfg`, ...) are Hydra's own; a `-m` sweep is checked job by job.
+    Flags that only print (`--help`, `--cfg job`) are left to Hydra; a `-m` sweep is checked job by job.
     """
-    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
+    if any(arg.split("=")[0] in PRINT_FLAGS for arg in argv):
         return []
+    if errors := flag_errors(argv):
+        return errors
     overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra") and not arg.startswith("-")]
-    if "-m" in argv or "--multirun" in argv:
+    if any(arg in SWEEP_FLAGS for arg in argv):
         try:
             jobs = sweep_jobs(overrides)
         except HydraException as e:
             return [" ".join(str(e).split())]
-        return next((errors for job in jobs if (errors := precheck(job, sweeping=True))), [])
+        logs = [makeable(Path(a.split("=", 1)[1].split("${")[0]), "hydra.sweep.dir", a.split("=", 1)[1])
+                for a in argv if a.startswith("hydra.sweep.dir=")]  # fmt: skip
+        return next((errors for errors in logs if errors), []) or next(
+            (errors for job in jobs if (errors := precheck(job, sweeping=True))), []
+        )
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
             check_config(cfg, overrides)
-        if sweeping:  # a sweep's Hydra logs go under paths.outputs/multirun; each job makes its own run folder
-            return []
-        run_dir = Path(cfg.paths.run_dir)
-        try:  # Hydra makes its log folder there next: a file in the way or a forbidden place would fail with a traceback
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return [f"cannot make the run folder {run_dir} ({e.strerror}); point paths.outputs=... at a folder you can "
-                    f"write (it is {cfg.paths.outputs})"]  # fmt: skip
+        # Hydra makes its log folder there next (a sweep's under paths.outputs/multirun; each job makes its run
+        # folder): a file in the way or a forbidden place would fail with a traceback.
+        return makeable(Path(cfg.paths.outputs if sweeping else cfg.paths.run_dir), "paths.outputs", cfg.paths.outputs)
     except StageError as e:
         return [str(e).removesuffix(".")]
     except (HydraException, OmegaConfBaseException) as e:

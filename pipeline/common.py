@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from geosteer.data.store import put_in_place
 from geosteer.data.tasks import Task, load_task
 from geosteer.models.gguf import locate_gguf
 from geosteer.models.lm import load_causal_lm
@@ -52,7 +53,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    put_in_place(Path(tmp), path)
 
 
 def timed(fn, repeats: int = 1) -> tuple[Any, float]:
@@ -92,18 +93,25 @@ def load_tasks(cfg: DictConfig) -> list[Task]:
     return tasks
 
 
-def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
-    """The LM and tokenizer the store's activations came from, as its extraction recorded them.
-
-    Only where the model is placed (`model.device_map`) comes from the config; a config that names another
-    model or layer is noted and not used: after extraction the store is the one source of both. An LM inside the
-    run folder it was extracted in (the embedded one) is read from this run's folder, so a copied run is whole.
-    """
+def store_lm(cfg: DictConfig, store_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The model settings the store's activations were extracted with. An LM inside the run folder it was extracted
+    in (the embedded one) is this run's own, so a copied or moved run is whole; only `model.device_map` (where the
+    model is placed) comes from the config."""
     recorded = json.loads(store_attrs["config"])
     m = dict(recorded["model"], device_map=cfg.model.device_map)
     old_run = Path(recorded["paths"]["run_dir"])
     if Path(m["pretrained"]).is_relative_to(old_run):  # the run's own LM (the embedded one) moves with the run
         m["pretrained"] = str(Path(cfg.paths.run_dir) / Path(m["pretrained"]).relative_to(old_run))
+    return m
+
+
+def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
+    """The LM and tokenizer the store's activations came from (`store_lm`).
+
+    A config that names another model or layer is noted and not used: after extraction the store is the one
+    source of both.
+    """
+    m = store_lm(cfg, store_attrs)
     differ = {k: (m.get(k), v) for k, v in to_plain(cfg.model).items() if m.get(k) != v}
     if differ:
         log.warning("%s uses the LM the store was extracted with, %s at layer %d; the config differs in %s "

@@ -18,6 +18,7 @@ crashed stage resumes with the next task; `pipeline.report` writes the report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -72,12 +73,14 @@ from geosteer.pipeline.common import (
     load_tasks,
     log,
     make_logger,
+    store_lm,
     to_plain,
 )
 from geosteer.pipeline.figures import task_figures
 from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
 from geosteer.pipeline.products import (
     RunLayout,
+    check_inside,
     check_product,
     check_provenance,
     current_result,
@@ -457,10 +460,40 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
         for name, method in methods.items():
             config = Path(cfg.eval.geometry_dir) / task.name / str(getattr(method, "geometry", None)) / "config.json"
             if method.family is not None and config.is_file():
+                check_product(config.parent, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`).")
                 used[f"{task.name}/{name}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
     return fingerprint({"eval": to_plain(cfg.eval), "method": to_plain(cfg.method), "store": store_fp, "geometries": used,
                         "tasks": [t.name for t in tasks], "seed": cfg.seed,
                         "val_fraction": cfg.targets.val_fraction}, run_dir=cfg.paths.run_dir)  # fmt: skip
+
+
+FINISHED = "finished.json"  # in an unfinished evaluation's folder: each evaluated task → the SHA-256 of its results
+
+
+def read_finished(work: Path) -> dict[str, str]:
+    try:
+        finished = json.loads((work / FINISHED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return finished if isinstance(finished, dict) else {}
+
+
+def resumed(work: Path, task: Task, finished: dict[str, str]) -> dict | None:
+    """`task`'s results as an evaluation that crashed wrote them, or None: none saved, or not those it wrote (edited,
+    torn or another task's), which are then evaluated again."""
+    done_file = work / f"{task.name}.json"
+    if not done_file.is_file():
+        return None
+    try:
+        text = done_file.read_bytes()
+        results = json.loads(text) if finished.get(task.name) == hashlib.sha256(text).hexdigest() else None
+    except (OSError, ValueError):
+        results = None
+    if not isinstance(results, dict) or results.get("task") != task.name:
+        log.warning("%s is not as the crashed evaluation wrote it: evaluating %s again", done_file, task.name)
+        return None
+    log.info("%s: evaluated before the crash, kept", task.name)
+    return results
 
 
 def run(cfg: DictConfig) -> dict:
@@ -481,9 +514,10 @@ def run(cfg: DictConfig) -> dict:
         for task in tasks:
             store.check_task(task.to_dict())
         lm, tokenizer = lm_of_store(cfg, store.attrs, "evaluation")
-        source = f"{store.attrs['model_pretrained']}` at block {layer}"
+        source = f"{store_lm(cfg, store.attrs)['pretrained']}` at block {layer}"
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
         out = run.eval
+        check_inside(run.root, out)
         if (done := current_result(out, fp, "the evaluation", cfg.overwrite)) is not None:
             return done
         work = out.with_name(f".eval.partial-{fp}")
@@ -492,22 +526,19 @@ def run(cfg: DictConfig) -> dict:
         torch.manual_seed(cfg.seed)
         logger = make_logger(cfg, "eval", run_id_file=work / "run_id")
         per_task = {}
+        finished = read_finished(work)
         for task in tasks:
-            done_file = work / f"{task.name}.json"
-            if done_file.is_file():
-                try:
-                    per_task[task.name] = json.loads(done_file.read_text())
-                    if not isinstance(per_task[task.name], dict) or "methods" not in per_task[task.name]:
-                        raise ValueError("no methods in it")
-                    log.info("%s: evaluated before the crash, kept", task.name)
-                    continue
-                except ValueError as e:
-                    log.warning("%s is damaged (%s): evaluating %s again", done_file, e, task.name)
+            if (saved := resumed(work, task, finished)) is not None:
+                per_task[task.name] = saved
+                continue
             data = read_task(store, task, cfg.targets.val_fraction, cfg.seed)
             results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, store.attrs)
             if cfg.eval.figures:
                 results["figures"] = task_figures(data, results, figures, work)
-            atomic_write_text(done_file, json.dumps(results, indent=1))
+            text = json.dumps(results, indent=1)
+            atomic_write_text(work / f"{task.name}.json", text)
+            finished[task.name] = hashlib.sha256(text.encode()).hexdigest()
+            atomic_write_text(work / FINISHED, json.dumps(finished, indent=1))
             per_task[task.name] = results
     summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), methods, source)
     report.log_to(logger, work, summary)

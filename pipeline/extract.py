@@ -23,7 +23,7 @@ from geosteer.data.store import ChunkDir, virtual_rows, write_shard, write_store
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, read_last_token, replace_last_token
 from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
-from geosteer.pipeline.products import RunLayout, current_result, fingerprint, read_stamp, write_stamp
+from geosteer.pipeline.products import RunLayout, check_inside, current_result, fingerprint, read_stamp, write_stamp
 
 POSITION_RULE = "last non-pad token (left padding)"
 
@@ -164,6 +164,7 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     tasks = load_tasks(cfg)
     run = RunLayout.of(cfg)
     out = run.extract
+    check_inside(run.root, out)
     fp = extract_fingerprint(cfg, tasks)
     if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
         return done

@@ -27,7 +27,7 @@ from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import StageError, adamw_warmup_cosine, close_logger, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
-from geosteer.pipeline.products import current_result, fingerprint, replace_dir, resume_checkpoint, write_stamp
+from geosteer.pipeline.products import check_inside, current_result, fingerprint, replace_dir, resume_checkpoint, write_stamp
 
 
 class TaskLMSystem(L.LightningModule):
@@ -184,6 +184,8 @@ def run(cfg: DictConfig) -> dict:
         )
     tasks = load_tasks(cfg)
     out = Path(cfg.model.pretrained)
+    check_inside(cfg.paths.run_dir, out, "stage=lm writes the embedded LM to model.pretrained: leave it at its default "
+                 "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
     fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed})
     if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
         return done

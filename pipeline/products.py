@@ -98,6 +98,8 @@ def read_stamp(product_dir: Path) -> dict | None:
         files = stamp.get("files") or {}
         if not isinstance(files, dict) or any(not _inside(name) for name in files):
             raise ValueError("its file list names files outside its folder")
+        if stamp.get("check") != _stamp_check(stamp):
+            raise ValueError("it was changed after its stage wrote it")
         return stamp
     except (OSError, ValueError) as e:
         stage = Path(product_dir).name if Path(product_dir).name in ("lm", "extract", "targets", "eval") else "train"
@@ -112,9 +114,17 @@ def _inside(name: Any) -> bool:
     return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
+def _stamp_check(stamp: dict) -> str:
+    """A hash of a stamp's content, kept in it: a stamp edited by hand (its result, its file list) is not trusted."""
+    content = {k: v for k, v in stamp.items() if k != "check"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
     """Record the config that made a finished product, and every file of it (`product_files`)."""
     stamp = {"stage": stage, "fingerprint": fp, "files": product_files(product_dir), "result": result}
+    stamp = json.loads(json.dumps(stamp, default=str))  # as it reads back, which is what the check is compared with
+    stamp["check"] = _stamp_check(stamp)
     atomic_write_text(Path(product_dir) / STAMP, json.dumps(stamp, indent=2, default=str))
 
 
@@ -142,6 +152,19 @@ def check_product(product_dir: Path, fix: str) -> None:
     stamp = read_stamp(product_dir)
     if stamp is not None and (damage := product_damage(product_dir, stamp)) and stamp.get("files"):
         raise StageError(f"{product_dir} is not as its stage wrote it: {'; '.join(damage)}. {fix}")
+
+
+def check_inside(run_dir: Path | str, product_dir: Path, hint: str = "") -> None:
+    """Refuse to write a product that would land outside the run folder: through a link placed in the run (on the
+    product's path or inside it) or a path setting pointing elsewhere. Other runs' products may still be read."""
+    root, product_dir = Path(run_dir).resolve(), Path(product_dir)
+    links = [Path(d) / n for d, dirs, files in os.walk(product_dir) for n in dirs + files if (Path(d) / n).is_symlink()]
+    for path in [product_dir, *links]:
+        if not path.resolve().is_relative_to(root):
+            raise StageError(
+                f"{path} leads outside the run folder {run_dir} (to {path.resolve()}), and geosteer writes products "
+                f"only inside it. {hint or 'Replace the link with a copy of what it points to (cp -rL), or delete it.'}"
+            )
 
 
 def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from geosteer.data.store import ActivationStore
+from geosteer.data.store import ActivationStore, put_in_place
 from geosteer.data.targets import (
     TARGET_NAMES,
     TargetError,
@@ -42,6 +42,7 @@ from geosteer.pipeline.common import StageError, close_logger, lm_of_store, load
 from geosteer.pipeline.products import (
     STAMP,
     RunLayout,
+    check_inside,
     check_product,
     file_record,
     fingerprint,
@@ -198,7 +199,7 @@ def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path, max_
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    put_in_place(tmp, path)
 
 
 def forget_damaged(out: Path) -> None:
@@ -225,6 +226,7 @@ def run(cfg: DictConfig) -> dict:
     summary, figures = {}, {}
     start = time.perf_counter()
     check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
+    check_inside(run.root, out)
     forget_damaged(out)
     with ActivationStore(store_path) as store:
         file_attrs = {

@@ -51,6 +51,7 @@ from geosteer.pipeline.common import (
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
     RunLayout,
+    check_inside,
     check_product,
     check_provenance,
     current_result,
@@ -146,6 +147,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     fp = fingerprint(facts, run_dir=cfg.paths.run_dir)
     g = {**g, "needs": needs} if needs else g
     out = RunLayout.of(cfg).geometry(task.name, name)
+    check_inside(cfg.paths.run_dir, out)
     if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
         return done
     work = out.with_name(f".{name}.partial-{fp}")

@@ -35,6 +35,7 @@ from geosteer.data.store import temp_path
 from geosteer.models.gaga import GAGA
 from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
+from geosteer.pipeline.common import store_lm
 from geosteer.pipeline.products import RunLayout
 from tests.conftest import TASK_DIR, make_cfg
 
@@ -376,6 +377,33 @@ def lm_with_torn_weights(run: Path, scratch: Path, args: list[str]):
     path.write_bytes(path.read_bytes()[:1000])
 
 
+def lying_result(run: Path, _scratch: Path, _args: list[str]):
+    """A stage.json whose recorded result was edited (its fingerprint and file list as written)."""
+    path = run / EXPORT / "stage.json"
+    stamp = json.loads(path.read_text())
+    stamp["result"] = {"dir": "elsewhere"}
+    path.write_text(json.dumps(stamp))
+
+
+def targets_file_is_a_folder(run: Path, _scratch: Path, _args: list[str]):
+    _targets(run).unlink()
+    (_targets(run) / "keep").mkdir(parents=True)
+
+
+def export_config_not_an_object(run: Path, _scratch: Path, _args: list[str]):
+    (run / EXPORT / "config.json").write_text("[]")
+
+
+def geometry_linked_outside(run: Path, scratch: Path, _args: list[str]):
+    """The task's geometry folder moved outside the run and a link left in its place."""
+    shutil.move(run / "geometry" / "weekdays", scratch / "weekdays")
+    (run / "geometry" / "weekdays").symlink_to(scratch / "weekdays")
+
+
+def outputs_file(_run: Path, scratch: Path, _args: list[str]):
+    (scratch / "file").write_text("a file where the outputs folder should be")
+
+
 def unrecorded(spoil):
     """`spoil`, on a run whose products carry no `stage.json` (shipped or copied without it): the readers' own
     checks must then find the damage, not the comparison with the record."""
@@ -539,7 +567,7 @@ CASES = [
         "outputs that are a file",
         None,
         ["stage=eval", "paths.outputs=/dev/null"],
-        r"cannot make the run folder /dev/null/run \(Not a directory\); point paths.outputs",
+        r"cannot make the folder /dev/null/run \(Not a directory\); point paths.outputs",
     ),
     (
         "bridge without its encoder",
@@ -750,6 +778,57 @@ CASES = [
         ["stage=train"],
         r"gaga_out/stage.json is damaged.*`pipeline stage=train overwrite=true`",
     ),
+    (
+        "stage.json whose result was edited",
+        lying_result,
+        ["stage=train"],
+        r"gaga_out/stage.json is damaged \(ValueError: it was changed after its stage wrote it\).*stage=train overwrite=true",
+    ),
+    (
+        "a folder in place of a targets file",
+        targets_file_is_a_folder,
+        ["stage=targets"],
+        r"cannot write \S*targets/weekdays.h5 \(Is a directory\); a folder is in its place: move or delete it",
+    ),
+    (
+        "export config.json that is not an object",
+        export_config_not_an_object,
+        ["stage=eval", "method=[gaga_out]"],
+        r"gaga_out is not as its stage wrote it: config.json has another (size|content).*Train it again",
+    ),
+    (
+        "export config.json that is not an object, unrecorded",
+        unrecorded(export_config_not_an_object),
+        ["stage=eval", "method=[gaga_out]"],
+        r"gaga_out/config.json cannot be read \(ValueError: it holds no settings object.*Re-export it",
+    ),
+    (
+        "geometry folder linked outside the run",
+        geometry_linked_outside,
+        ["stage=train", "overwrite=true"],
+        r"geometry/weekdays/gaga_out leads outside the run folder .* writes products only inside it. Replace the link",
+    ),
+    (
+        "embedded LM written outside the run",
+        None,
+        ["stage=lm", "model.embedded=true", "model.pretrained={scratch}/lm"],
+        r"scratch/lm leads outside the run folder.*leave it at its default \(\$\{paths.run_dir\}/lm\)",
+    ),
+    ("-r with outputs under a file", outputs_file, ["-r", "paths.outputs={scratch}/file/x"], r"cannot make the folder"),
+    (
+        "--multirun with outputs under a file",
+        outputs_file,
+        ["--multirun", "stage=extract", "paths.outputs={scratch}/file/x"],
+        r"cannot make the folder \S*scratch/file/x \(Not a directory\); point paths.outputs",
+    ),
+    (
+        "Hydra's run folder moved outside",
+        None,
+        ["stage=targets", "hydra.run.dir={scratch}/logs"],
+        r"hydra.run.dir=\S* is not a setting geosteer takes: Hydra's own files stay in <run>/hydra/.*paths.outputs",
+    ),
+    ("Hydra changing folder", None, ["stage=targets", "hydra.job.chdir=true"], r"hydra.job.chdir=true is not a setting"),
+    ("an unknown flag", None, ["--config-dir=/tmp", "stage=targets"], r"--config-dir is not a flag of `pipeline`"),
     # ---- models ----
     (
         "LM whose config has more layers than its weights",
@@ -842,6 +921,7 @@ def test_bad_input_is_refused_with_the_fix_and_damages_nothing(case, spoil, over
     assert not (scratch / "pwned").exists(), "a pickled checkpoint ran code"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "scratch"], "a write outside the run folder"
     assert not Path("/geosteer-outside").exists(), "a write outside the outputs"
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name], "a refused command left a temporary file"
 
 
 def test_the_console_script_exits_non_zero_with_one_paragraph(tmp_path):
@@ -1006,6 +1086,9 @@ def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch
     assert code == 0 and "is current" in printed, "a moved run's store is its own: " + printed
     code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=second", *argv, "stage=targets"], capsys)
     assert code == 0 and "uses the LM the store was extracted with" not in printed, printed
+    with h5py.File(tmp_path / "second" / STORE, "r") as f:
+        recorded = store_lm(make_cfg(tmp_path, "run_name=second", *argv), dict(f.attrs))
+    assert recorded["pretrained"] == str(tmp_path / "second" / "lm"), "the report names the copy's LM, not the gone one"
 
 
 def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):

@@ -166,6 +166,31 @@ def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, 
     assert not list(run_dir.glob(".eval.partial-*"))
 
 
+def test_a_crashed_eval_evaluates_again_a_task_file_it_did_not_write(prepared, evaluated, monkeypatch):
+    """An unfinished evaluation's task file changed after it was written (edited, or another task's copied over it)."""
+    cfg = prepared("evaluated", *SMALL_EVAL, SMALL_SPLINE, "paths.run_dir=${paths.outputs}/eval_edited")
+    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
+    run_dir.mkdir()
+    for product in ("extract", "geometry"):
+        (run_dir / product).symlink_to(src / product)
+    monkeypatch.setattr(report, "write", lambda *a, **k: pytest.fail("stop before the report"))
+    with pytest.raises(pytest.fail.Exception):
+        evaluate.run(cfg)
+    (saved,) = run_dir.glob(".eval.partial-*/weekdays.json")
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "methods": []}))
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: calls.append(1) or original_evaluate(*a, **k))
+    result = evaluate.run(cfg)
+    assert calls == [1], "the task whose saved results were changed is evaluated again"
+    resumed = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    original = json.loads((evaluate.Path(evaluated[1]["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    assert all(resumed["methods"][m]["per_pair"] == e["per_pair"] for m, e in original["methods"].items())
+
+
+original_evaluate = evaluate.evaluate_task
+
+
 def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
     """A method YAML whose name no class registered is refused before any work, naming the choices."""
     cfg = prepared("evaluated", *SMALL_EVAL, "method=[linear]", "paths.run_dir=${paths.outputs}/eval_unknown")

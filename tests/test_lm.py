@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from torch import nn
+from torch.nn import functional as F
 
 from geosteer.data.tasks import concept_schema, load_task
 from geosteer.models.lm import (
@@ -185,6 +187,25 @@ def test_soft_answers_keep_the_answer_on_top_and_spread_the_rest_over_its_neighb
         m = 0.3 * p.number / max(task.numbers)  # more uncertainty for longer counts
         expected = {value_ids[k]: m * w + (1 - m if k == j else 0.0) for k, w in task.neighbourhood(j, 1.0).items()}
         assert all(soft[i, t].item() == pytest.approx(v) for t, v in expected.items())
+
+
+@pytest.mark.parametrize("numbers", [[0], [-3, 0, 2]])
+def test_soft_answers_of_zero_and_negative_steps_are_distributions(tmp_path, numbers):
+    """A cyclic task may count 0 steps or backwards: the mass grows with |number|, and 0 steps is the one-hot answer."""
+    spec = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text())
+    spec["numbers"], spec["number_words"] = numbers, {n: str(n) for n in numbers}
+    (tmp_path / "weekdays.yaml").write_text(yaml.safe_dump(spec))
+    task = load_task("weekdays", tmp_path)
+    prompts = task.prompts()
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    _, _, answer, soft = encode_prompts(tokenizer, [(task, p) for p in prompts], smoothing=0.3, width=1.0).tensors
+    assert torch.isfinite(soft).all() and soft.min() >= 0 and soft.max() <= 1
+    torch.testing.assert_close(soft.sum(1), torch.ones(len(prompts)))
+    zero = torch.tensor([p.number == 0 for p in prompts])
+    assert torch.equal(soft[zero], F.one_hot(answer[zero], soft.shape[1]).float()), "no count, no doubt"
+    if len(numbers) > 1:
+        top = soft.max(1).values
+        assert top[torch.tensor([p.number == -3 for p in prompts])].max() < top[zero].min(), "|−3| doubts more than 0"
 
 
 def test_interchange_on_the_cached_prefix_equals_a_whole_second_forward_in_value_and_gradient(lm):

@@ -237,6 +237,10 @@ def test_missing_or_foreign_store_is_refused_with_the_fix(tiny_cfg):
 def test_bad_target_settings_are_refused():
     with pytest.raises(TargetError, match="val_fraction=1.5"):
         stratified_split(np.zeros(10), 1.5, 0)
+    with pytest.raises(TargetError, match="the task has 7 rows .*add prompts to its task file"):
+        stratified_split(np.arange(7), 0.2, 0)  # one row per class: no fraction leaves 2 rows in each split
+    with pytest.raises(TargetError, match="leaves 294 training and 0 validation rows.*Use a fraction near 0.2"):
+        stratified_split(np.repeat(np.arange(7), 42), 0.001, 0)
     with pytest.raises(TargetError, match="t='soon'"):
         phate_coords(noisy_circle(20)[0], t="soon")
     with pytest.raises(TargetError, match="target 'cosine' is unknown"):
