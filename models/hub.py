@@ -33,7 +33,7 @@ def read_config(folder: Path) -> dict:
     """An exported geometry's `config.json`, or CheckpointError naming the folder and the fix."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
-        if not isinstance(config, dict) or not isinstance(config.get("meta", {}), dict):
+        if not isinstance(config, dict) or not isinstance(config.get("meta") or {}, dict):
             raise ValueError("it holds no settings object with a meta object in it")
         return config
     except (OSError, ValueError) as e:
