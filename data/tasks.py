@@ -30,6 +30,8 @@ MAX_ITEMS = 1000  # values, numbers, templates, contexts, variants
 MAX_TEXT = 1000  # characters of one value, template, context or variant
 MAX_PROMPTS = 1_000_000
 MAX_NUMBER = 10_000  # |step| or run length (the store keeps numbers as int16)
+MAX_PROMPT = 2000  # characters of one prompt: every stage runs the LM on every prompt, and a run of 10,000 values is
+# tens of thousands of tokens
 MAX_NAME = 64  # characters of a task name (a folder, a file and an HDF5 group)
 # key: (kind of value, kind of its items), for the schema check of a task definition
 SCHEMA: dict[str, tuple[type, type | None]] = {
@@ -186,11 +188,28 @@ class Task:
         missing = [n for n in self.numbers if self.number_words is not None and n not in self.number_words]
         if missing:
             raise TaskError(f"{where}: number_words has no word for {missing}; add them or drop number_words.")
+        longest, i = self.longest_prompt()
+        if longest > MAX_PROMPT:
+            raise TaskError(
+                f"{where}: template {i} {self.templates[i][:60]!r} makes prompts of up to {longest:,} characters "
+                f"(with the longest context, value, number{' and run' if self.answer_rule == 'next' else ''}); a "
+                f"prompt may have at most {MAX_PROMPT:,}. Shorten the template or the values, or lower the numbers."
+            )
         n = len(self.contexts) * len(self.templates) * len(self.values) * len(self.numbers)
         if n > MAX_PROMPTS:
             raise TaskError(f"{where}: contexts × templates × values × numbers = {n:,} prompts; at most {MAX_PROMPTS:,}.")
         if not self.prompts():
             raise TaskError(f"{where}: no (entity, number) pair has an answer; check values, numbers and topology.")
+
+    def longest_prompt(self) -> tuple[int, int]:
+        """An upper bound on the length of this task's prompts, in characters, and the template that reaches it;
+        found without making the prompts."""
+        value = max(map(len, self.values))
+        size = {"entity": value, "number": max(len(self.render_number(n)) for n in self.numbers),
+                "run": max(self.numbers) * (value + len(self.run_separator))}  # fmt: skip
+        lengths = [len(t) + sum(size.get(f, 0) for _, f, _, _ in string.Formatter().parse(t) if f) for t in self.templates]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        return max(map(len, self.contexts)) + lengths[i], i
 
     def answer_index(self, entity_index: int, number: int) -> int | None:
         """Index into `values` of the answer, or None when a sequential task runs off either end."""

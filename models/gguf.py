@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from geosteer.models.lm import ModelLoadError
@@ -88,6 +88,12 @@ def locate_gguf(spec) -> Path:
     several for chunks joined in order, each holding one `<file>.partNN`); `sha256`; `install`
     (the command that installs the packages, for the error message).
     """
+    fits = isinstance(spec, Mapping) and isinstance(spec.get("file"), str) and isinstance(spec.get("install"), str)
+    if not fits or isinstance(spec.get("packages"), str) or not isinstance(spec.get("packages"), Sequence):
+        raise ModelLoadError(
+            f"model.gguf={spec!r} does not say where a GGUF file is: it must be a mapping with `packages` (a list), "
+            f"`file`, `sha256` and `install`, as in configs/model/smollm2.yaml; or null for a Hugging Face folder or id."
+        )
     packages, name, install = list(spec["packages"]), str(spec["file"]), str(spec["install"])
     if len(packages) == 1:
         path = packaged_file(packages[0], name, install)

@@ -132,6 +132,9 @@ def load_geometry(folder: str | Path, d: int | None = None, layer: int | None = 
             f"that defines that family first."
         )
     model = ShippedGeometry.families[family].from_pretrained(folder).eval()
+    if broken := [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]:
+        raise CheckpointError(f"{folder}/model.safetensors holds NaN or Inf in {broken[:5]}: the export is damaged. "
+                              f"Re-export it with `pipeline stage=train` (delete the folder first), or copy it again.")  # fmt: skip
     if d is not None:
         try:
             model.check_compatible(d=d, layer=layer)

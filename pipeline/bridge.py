@@ -180,16 +180,18 @@ class BridgeFamily(Family):
 
     def needs(self, cfg: DictConfig, task: Task, name: str, g: dict[str, Any]) -> dict[str, Path]:
         """The exported GAGA encoder the bridge trains against: a geometry of this run, or an export folder."""
-        given = Path(g["encoder"])
-        folder = given if (given / "config.json").is_file() else RunLayout.of(cfg).geometry(task.name, g["encoder"])
+        # A plain name is a geometry of this run; anything with a folder in it (`/x/y`, `./y`, `~/y`) is an export folder.
+        given = str(g["encoder"])
+        plain = len(Path(given).parts) == 1 and not given.startswith((".", "~", "/"))
+        folder = RunLayout.of(cfg).geometry(task.name, given) if plain else Path(given).expanduser()
         if not (folder / "config.json").is_file():
             known = (CONFIG_DIR / "geometry" / f"{g['encoder']}.yaml").is_file()
             first = (f"Train it first (pipeline stage=train geometry=[{g['encoder']},{name}]), or set"
                      if known else "Set")  # fmt: skip
             raise StageError(
                 f"geometry '{name}' trains against the encoder '{g['encoder']}', but {folder} holds no exported geometry. "
-                f"{first} geometry.{name}.encoder to a GAGA geometry of this run (e.g. gaga_out) or the folder of an "
-                f"exported GAGA."
+                f"{first} geometry.{name}.encoder to a GAGA geometry of this run (e.g. gaga_out) or the path of an "
+                f"exported GAGA (with a folder in it: /abs/dir or ./dir)."
             )
         meta = read_config(folder).get("meta", {})
         if meta.get("family") != "gaga" or meta.get("task", {}).get("name") != task.name:

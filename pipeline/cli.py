@@ -168,10 +168,11 @@ PRINT_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--re
                "--info", "-sc", "--shell-completion"}  # fmt: skip
 SWEEP_FLAGS = {"-m", "--multirun"}
 RUN_FLAGS = {"-r", "--run"}
-# The Hydra settings a command may change. The others (hydra.run.dir, hydra.job.chdir, hydra.output_subdir, the log
-# handlers' files...) would move Hydra's files or the working folder out of the run, where the lock and resume fail.
+# The Hydra settings a command may change. The others would move Hydra's files or the working folder out of the run,
+# where the lock and resume fail (hydra.run.dir, hydra.job.chdir, hydra.output_subdir, the log handlers' files), or
+# silence the error messages (hydra/job_logging=disabled).
 HYDRA_SETTINGS = ("hydra.verbose=", "hydra/launcher=", "hydra.launcher.", "hydra/sweeper=", "hydra.sweeper.",
-                  "hydra.sweep.dir=", "hydra/job_logging=", "hydra/hydra_logging=")  # fmt: skip
+                  "hydra.sweep.dir=")  # fmt: skip
 
 
 def flag_errors(argv: list[str]) -> list[str]:
@@ -185,8 +186,8 @@ def flag_errors(argv: list[str]) -> list[str]:
         elif arg.lstrip("+~").startswith("hydra") and not arg.lstrip("+~").startswith(HYDRA_SETTINGS):
             errors.append(f"{arg} is not a setting geosteer takes: Hydra's own files stay in <run>/hydra/, inside the "
                           f"run folder. Move a run with paths.outputs=... or run_name=...; the Hydra settings a "
-                          f"command may change are hydra.verbose, hydra/launcher, hydra.launcher.*, hydra.sweeper.*, "
-                          f"hydra.sweep.dir and hydra/job_logging")  # fmt: skip
+                          f"command may change are hydra.verbose, hydra/launcher, hydra.launcher.*, hydra.sweeper.* "
+                          f"and hydra.sweep.dir")  # fmt: skip
     return errors
 
 

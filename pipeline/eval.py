@@ -107,6 +107,9 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
     check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), int(store["layer"]),
                      str(store["fingerprint"]), split)  # fmt: skip
+    if model.meta.get("geometry") != method.geometry:
+        log.warning("%s holds the geometry trained as '%s' (its config.json), evaluated as %s's '%s'", folder,
+                    model.meta.get("geometry"), method.label, method.geometry)  # fmt: skip
     if model.family != method.family:
         raise StageError(f"eval: {folder} holds a {model.family} geometry; {method.label} steers with a {method.family} one. "
                          f"Point its method YAML's `geometry` at a {method.family} export.")  # fmt: skip

@@ -272,8 +272,12 @@ class GagaPhate(PathMethod):
     geometry: str
 
     def paths(self, ctx, pairs, geometry):
-        """Its geodesic lives on its PCA; off the subspace G_E is λI, so the rest follows the chord."""
+        """Its geodesic lives on its PCA; off the subspace G_E is λI, so the rest follows the chord. A GAGA without a
+        PCA (`pca_dim: null`) steers in h itself, as GAGA-Out does."""
         x_a, x_b = ctx.data.ends(pairs)
+        if geometry.pca_dim is None:
+            path = encoder_paths(ctx, pullback_of(geometry), x_a, x_b, fit_on(ctx))
+            return Paths(path, path)
         pca = PCA(geometry.pca_components, geometry.pca_mean)
         metric = EncoderPullback(lambda w: geometry.encoder(geometry.standardise(w)))  # PCA coordinates → latent
         w = encoder_paths(ctx, metric, pca.project(x_a), pca.project(x_b), pca.project(fit_on(ctx)))

@@ -26,7 +26,7 @@ from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, l
 
 STAMP = "stage.json"
 LOCK = ".lock"
-DIGEST_BYTES = 1 << 20  # a product file's cheap content check hashes its first and last MiB
+DIGEST_BLOCK = 1 << 22  # bytes read at a time when a product file is hashed
 
 
 def check_run_dir(cfg: DictConfig) -> None:
@@ -68,15 +68,12 @@ def fingerprint(obj: Any, run_dir: Path | str | None = None) -> str:
 
 
 def file_record(path: Path) -> dict[str, Any]:
-    """A file's size and a hash of its first and last MiB: enough to notice one truncated, replaced or rewritten."""
-    size = path.stat().st_size
+    """A file's size and the SHA-256 of its bytes: any truncation, replacement or edit changes it."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        digest.update(f.read(DIGEST_BYTES))
-        if size > DIGEST_BYTES:
-            f.seek(max(DIGEST_BYTES, size - DIGEST_BYTES))
-            digest.update(f.read())
-    return {"size": size, "sha256_ends": digest.hexdigest()[:16]}
+        while block := f.read(DIGEST_BLOCK):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def product_files(product_dir: Path) -> dict[str, dict[str, Any]]:

@@ -73,9 +73,10 @@ def one_of(*choices: Any) -> Rule:
     return lambda v: None if v in choices else f"must be one of {list(choices)}"
 
 
-# Lightning's precision settings (lightning.fabric.connector); the first four are the common ones.
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64",
-              32, 16, 64)  # fmt: skip
+# The Lightning precisions geosteer trains in: full float32, or mixed precision on a GPU (half-precision weights
+# ("16-true") break the distance losses, whose pdist has no float16 kernel on the CPU).
+PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "16-mixed")
+GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
@@ -177,7 +178,7 @@ RULES: dict[str, Rule] = {
         else "must be an integer ≥ 1, -1 (every device), a list of device indices or auto"
     ),
     "trainer.num_nodes": SIZE,
-    "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"),
+    "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda"),
     "trainer.precision": one_of(*PRECISIONS),
     "trainer.log_every_n_steps": SIZE,
     "method.*.pca": integer(2),
@@ -225,12 +226,18 @@ def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     """Refuse every setting outside its range, all at once, each with the default as an example."""
     plain = resolve(cfg)
     known = flatten(OmegaConf.to_container(defaults, resolve=False)) if defaults is not None else {}
-    faults = []
-    for key, value in flatten(plain).items():
+    faults, flat = [], flatten(plain)
+    for key, value in flat.items():
         if (rule := rule_of(key)) is not None and (fault := rule(value)) is not None:
             example = f"; the default is {key}={_show(known[key])}" if key in known else ""
             faults.append(f"{key}={_show(value)} {fault}{example}")
     faults += cross_faults(plain)
+    for key, family in known.items():  # a geometry's settings are its family's: the family comes with its file
+        if fnmatch.fnmatchcase(key, "geometry.*.family") and (now := flat.get(key, family)) != family:
+            name = key.split(".")[1]
+            faults.append(f"{key}={_show(now)} cannot change: geometry '{name}' is a {family} geometry, whose settings "
+                          f"come from configs/geometry/{name}.yaml; pick a geometry of family {_show(now)} "
+                          f"(geometry=[...]), or add a YAML for a new one")  # fmt: skip
     if faults:
         raise StageError("settings out of range: " + "; ".join(faults) + ".")
 
@@ -243,7 +250,9 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
         faults.append(f"lm.num_heads={heads} must divide lm.hidden_size={width}")
     if model.get("embedded") and _is_int(blocks) and _is_int(layer) and layer >= blocks:
         faults.append(f"model.layer={layer} must be below lm.num_layers={blocks}, the embedded LM's block count")
-    wants_gpu = {"trainer.accelerator": (plain.get("trainer") or {}).get("accelerator") in ("gpu", "cuda"),
+    trainer = plain.get("trainer") or {}
+    wants_gpu = {"trainer.accelerator": trainer.get("accelerator") in ("gpu", "cuda"),
+                 "trainer.precision": trainer.get("precision") in GPU_PRECISIONS,
                  "extract.device": (plain.get("extract") or {}).get("device") == "cuda"}  # fmt: skip
     for key, wants in wants_gpu.items():
         if wants and not torch.cuda.is_available():

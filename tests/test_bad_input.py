@@ -30,12 +30,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from geosteer.data.store import temp_path
 from geosteer.models.gaga import GAGA
 from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
 from geosteer.pipeline.common import store_lm
+from geosteer.pipeline.family import FAMILIES
 from geosteer.pipeline.products import RunLayout
 from tests.conftest import TASK_DIR, make_cfg
 
@@ -316,6 +319,7 @@ def bad_tasks(run: Path, scratch: Path, _args: list[str]):
         "separator": {"run_separator": None},
         "fractional": {"numbers": [1.5, 2]},
         "far": {"numbers": [1, 99999999999999999999999], "number_words": None},
+        "longrun": {"answer_rule": "next", "numbers": [10000], "number_words": None, "templates": ["Days: {run},"]},
     }.items():
         task_file(scratch, **{**week, "name": name, **changes})
     spec = {k: v for k, v in week.items() if k != "templates"} | {"name": "notemplates"}
@@ -337,7 +341,7 @@ def lying_stamp(run: Path, scratch: Path, _args: list[str]):
     (scratch / "victim").write_text("keep me")
     path = run / EXPORT / "stage.json"
     stamp = json.loads(path.read_text())
-    stamp["files"] |= {str(scratch / "victim"): {"size": 1, "sha256_ends": "0"}, "../../../victim": {"size": 1}}
+    stamp["files"] |= {str(scratch / "victim"): {"size": 1, "sha256": "0"}, "../../../victim": {"size": 1}}
     path.write_text(json.dumps(stamp))
 
 
@@ -402,6 +406,22 @@ def geometry_linked_outside(run: Path, scratch: Path, _args: list[str]):
 
 def outputs_file(_run: Path, scratch: Path, _args: list[str]):
     (scratch / "file").write_text("a file where the outputs folder should be")
+
+
+def targets_edited_in_the_middle(run: Path, _scratch: Path, _args: list[str]):
+    """One byte changed half-way through the targets file (no size change)."""
+    data = bytearray(_targets(run).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    _targets(run).write_bytes(bytes(data))
+
+
+def nan_weights(run: Path, _scratch: Path, _args: list[str]):
+    """A NaN in the export's weights, in a file that still loads."""
+    path = run / EXPORT / "model.safetensors"
+    tensors = load_file(path)
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+    tensors[name].view(-1)[1] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def unrecorded(spoil):
@@ -555,7 +575,10 @@ CASES = [
             ("lm.num_heads=3", r"lm.num_heads=3 must divide lm.hidden_size=128"),
             ("extract.device=cuda", r"extract.device asks for a CUDA GPU, but none is visible to torch"),
             ("trainer.accelerator=gpu", r"trainer.accelerator asks for a CUDA GPU, but none is visible"),
-            ("trainer.precision=foo", r"trainer.precision=foo must be one of \['32-true', 'bf16-mixed'"),
+            ("trainer.precision=foo", r"trainer.precision=foo must be one of \['32-true', '32', 32, 'bf16-mixed'"),
+            ("trainer.precision=16-true", r"trainer.precision=16-true must be one of \['32-true'"),
+            ("trainer.precision=16-mixed", r"trainer.precision asks for a CUDA GPU, but none is visible"),
+            ("trainer.accelerator=mps", r"trainer.accelerator=mps must be one of \['auto', 'cpu', 'gpu', 'cuda'\]"),
             ("geometry.gaga_out.activation=foo", r"geometry.gaga_out.activation=foo must be one of \['relu', 'silu'\]"),
             ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
@@ -625,6 +648,7 @@ CASES = [
         (f"task file: {name}", bad_tasks, ["stage=extract", f"tasks=[{{scratch}}/{name}.yaml]", "overwrite=true"], message)
         for name, message in [
             ("backwards", r"a sequential task counts forward, so its numbers must be ≥ 1, got \[-3, 1\]"),
+            ("longrun", r"template 0 'Days: \{run\},' makes prompts of up to [\d,]{6,} characters .* at most 2,000"),
             ("attribute", r"has the field \{entity.__class__\}; only plain \{entity\} and \{number\} are allowed"),
             ("positional", r"has the field \{0\}; only plain"),
             ("padded", r"has the field \{entity:>99999999\}; only plain"),
@@ -829,6 +853,36 @@ CASES = [
     ),
     ("Hydra changing folder", None, ["stage=targets", "hydra.job.chdir=true"], r"hydra.job.chdir=true is not a setting"),
     ("an unknown flag", None, ["--config-dir=/tmp", "stage=targets"], r"--config-dir is not a flag of `pipeline`"),
+    (
+        "targets edited in the middle",
+        targets_edited_in_the_middle,
+        ["stage=train", "overwrite=true"],
+        r"targets is not as its stage wrote it: weekdays.h5 has another content.*Re-run `pipeline stage=targets`",
+    ),
+    (
+        "NaN in an export's weights, unrecorded",
+        unrecorded(nan_weights),
+        ["stage=eval", "method=[gaga_out]"],
+        r"gaga_out/model.safetensors holds NaN or Inf in \[.*\]: the export is damaged. Re-export it",
+    ),
+    (
+        "a geometry's family changed",
+        None,
+        ["stage=train", "geometry.gaga_out.family=innsteer", "overwrite=true"],
+        r"geometry.gaga_out.family=innsteer cannot change: geometry 'gaga_out' is a gaga geometry.*add a YAML",
+    ),
+    (
+        "GGUF spec that is not a mapping",
+        None,
+        ["stage=extract", "+model.gguf=nothere.gguf", "overwrite=true"],
+        r"model.gguf='nothere.gguf' does not say where a GGUF file is: it must be a mapping with `packages`",
+    ),
+    (
+        "Hydra logging switched off",
+        None,
+        ["stage=targets", "hydra/job_logging=disabled"],
+        r"hydra/job_logging=disabled is not a setting geosteer takes",
+    ),
     # ---- models ----
     (
         "LM whose config has more layers than its weights",
@@ -1089,6 +1143,21 @@ def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch
     with h5py.File(tmp_path / "second" / STORE, "r") as f:
         recorded = store_lm(make_cfg(tmp_path, "run_name=second", *argv), dict(f.attrs))
     assert recorded["pretrained"] == str(tmp_path / "second" / "lm"), "the report names the copy's LM, not the gone one"
+
+
+def test_a_bridge_encoder_named_plainly_is_this_runs_own(tmp_path, monkeypatch):
+    """`geometry.bridge.encoder=gaga_out` is the run's geometry, even where the working folder holds a `gaga_out`."""
+    decoy = tmp_path / "cwd" / "gaga_out"
+    decoy.mkdir(parents=True)
+    (decoy / "config.json").write_text(json.dumps({"meta": {"family": "gaga", "task": {"name": "weekdays"}}}))
+    monkeypatch.chdir(decoy.parent)
+    cfg = make_cfg(tmp_path, "tasks=[weekdays]", "geometry=[gaga_out,bridge]")
+    g = OmegaConf.to_container(cfg.geometry.bridge, resolve=True)
+    task = extract.load_tasks(cfg)[0]
+    with pytest.raises(Exception, match=r"holds no exported geometry"):
+        FAMILIES["bridge"].needs(cfg, task, "bridge", g)
+    g["encoder"] = "./gaga_out"  # with a folder in it, it is a path
+    assert FAMILIES["bridge"].needs(cfg, task, "bridge", g) == {"encoder": Path("gaga_out")}
 
 
 def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):

@@ -191,6 +191,19 @@ def test_a_crashed_eval_evaluates_again_a_task_file_it_did_not_write(prepared, e
 original_evaluate = evaluate.evaluate_task
 
 
+def test_gaga_phate_steering_with_a_gaga_without_pca_is_gaga_outs(prepared, evaluated):
+    """GAGA-PHATE's method on an export with no PCA (`pca_dim: null`) steers in h itself: GAGA-Out's geodesics."""
+    cfg = prepared("evaluated", *SMALL_EVAL, "method=[gaga_out,gaga_phate]", "method.gaga_phate.geometry=gaga_out",
+                   "eval.all_pairs_max_k=0", "eval.max_pairs=4", "paths.run_dir=${paths.outputs}/eval_nopca")  # fmt: skip
+    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
+    run_dir.mkdir()
+    for product in ("extract", "geometry"):
+        (run_dir / product).symlink_to(src / product)
+    methods = json.loads((evaluate.Path(evaluate.run(cfg)["dir"]) / "results.json").read_text())["tasks"]["weekdays"]["methods"]
+    assert methods["gaga_phate"]["per_pair"] == methods["gaga_out"]["per_pair"]
+    assert all(v is not None for v in methods["gaga_phate"]["per_pair"]["top1_at_end"])
+
+
 def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
     """A method YAML whose name no class registered is refused before any work, naming the choices."""
     cfg = prepared("evaluated", *SMALL_EVAL, "method=[linear]", "paths.run_dir=${paths.outputs}/eval_unknown")
