@@ -7,10 +7,14 @@ Keys without a rule are left to the stage that reads them (names of files, model
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -232,6 +236,11 @@ def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
             example = f"; the default is {key}={_show(known[key])}" if key in known else ""
             faults.append(f"{key}={_show(value)} {fault}{example}")
     faults += cross_faults(plain)
+    for key in ("trainer._target_", "logger._target_"):  # the class Hydra builds: only the config groups pick it
+        if key in known and flat.get(key) != known[key]:
+            group = key.split(".")[0]
+            faults.append(f"{key}={_show(flat.get(key))} cannot change; pick a {group} config instead ({group}=..., "
+                          f"configs/{group}/)")  # fmt: skip
     for key, family in known.items():  # a geometry's settings are its family's: the family comes with its file
         if fnmatch.fnmatchcase(key, "geometry.*.family") and (now := flat.get(key, family)) != family:
             name = key.split(".")[1]
@@ -258,7 +267,20 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
         if wants and not torch.cuda.is_available():
             faults.append(f"{key} asks for a CUDA GPU, but none is visible to torch (use trainer=cpu and "
                           f"extract.device=auto on this machine)")  # fmt: skip
+    if unknown := sorted(set(trainer) - {"_target_"} - TRAINER_ARGUMENTS):
+        faults.append(f"{', '.join('trainer.' + k for k in unknown)}: not arguments of Lightning's Trainer; remove them")
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if "strategy" in trainer and trainer["strategy"] not in strategies:
+        faults.append(f"trainer.strategy={_show(trainer['strategy'])} must be one of Lightning's strategies, e.g. "
+                      f"auto, ddp or ddp_spawn")  # fmt: skip
+    logger, run_dir = plain.get("logger") or {}, Path(str((plain.get("paths") or {}).get("run_dir")))
+    save_dir = logger.get("save_dir")
+    if logger.get("_target_") and save_dir is not None and not Path(str(save_dir)).resolve().is_relative_to(run_dir.resolve()):
+        faults.append(f"logger.save_dir={save_dir} must be inside the run folder {run_dir}, like the default")
     return faults
+
+
+TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
 
 
 def _show(v: Any) -> str:

@@ -187,6 +187,14 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
             close_logger(logger)
         raise StageError(f"training {task.name}/{name} failed: {e}\nIts checkpoints are kept in {work}; "
                          f"the next run resumes from the last one.") from e  # fmt: skip
+    except Exception as e:  # Lightning's callbacks refuse a monitor that names no logged metric
+        if logger:
+            close_logger(logger)
+        if monitor in str(e) and "metric" in str(e):
+            raise StageError(f"geometry.{name}.monitor={monitor} names no metric that {task.name}/{name} logs "
+                             f"({' '.join(str(e).split())[:300]}); use one of its val/ metrics, or null for "
+                             f"{family.monitor}.") from e  # fmt: skip
+        raise
     if launched_rank()[0] != 0:  # launched DDP: rank 0 evaluates and exports alone
         wait_for_rank_zero()
         return {"path": str(out), "rank": launched_rank()[0]}

@@ -579,6 +579,9 @@ CASES = [
             ("trainer.precision=16-true", r"trainer.precision=16-true must be one of \['32-true'"),
             ("trainer.precision=16-mixed", r"trainer.precision asks for a CUDA GPU, but none is visible"),
             ("trainer.accelerator=mps", r"trainer.accelerator=mps must be one of \['auto', 'cpu', 'gpu', 'cuda'\]"),
+            ("+trainer.max_epoch=3", r"trainer.max_epoch: not arguments of Lightning's Trainer; remove them"),
+            ("trainer._target_=builtins.print", r"trainer._target_=builtins.print cannot change; pick a trainer config"),
+            ("+trainer.strategy=dpp", r"trainer.strategy=dpp must be one of Lightning's strategies"),
             ("geometry.gaga_out.activation=foo", r"geometry.gaga_out.activation=foo must be one of \['relu', 'silu'\]"),
             ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
@@ -864,6 +867,18 @@ CASES = [
         unrecorded(nan_weights),
         ["stage=eval", "method=[gaga_out]"],
         r"gaga_out/model.safetensors holds NaN or Inf in \[.*\]: the export is damaged. Re-export it",
+    ),
+    (
+        "W&B files outside the run",
+        None,
+        ["stage=targets", "logger=csv", "logger.save_dir={scratch}/csv"],
+        r"logger.save_dir=\S*scratch/csv must be inside the run folder",
+    ),
+    (
+        "a monitor that names no metric",
+        None,
+        ["stage=train", "+geometry.gaga_out.monitor=val/nothing", "overwrite=true"],
+        r"geometry.gaga_out.monitor=val/nothing names no metric that weekdays/gaga_out logs.*val/ metrics",
     ),
     (
         "a geometry's family changed",
