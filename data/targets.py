@@ -158,6 +158,9 @@ def pullback_factors(J: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(sv[:, :r, None] * Vh[:, :r]).to(J.dtype), torch.from_numpy(kept)
 
 
+MIN_SPLIT_ROWS = 3  # rows of each split: 3 pairs, the fewest a rank correlation of distances is defined on
+
+
 def _split_sizes(counts: np.ndarray, val_fraction: float) -> tuple[int, int]:
     """(train, val) row counts of a stratified split of classes of `counts` rows each; every class keeps a train row."""
     val = int(sum(min(round(val_fraction * n), n - 1) for n in counts))
@@ -175,15 +178,15 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         val.append(rows[: min(round(val_fraction * len(rows)), len(rows) - 1)])
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
-    if min(len(train), len(val)) < 2:
+    if min(len(train), len(val)) < MIN_SPLIT_ROWS:
         counts = np.unique(labels, return_counts=True)[1]
-        fits = [f for f in np.arange(0.05, 1, 0.05).round(2) if min(_split_sizes(counts, f)) >= 2]
+        fits = [f for f in np.arange(0.05, 1, 0.05).round(2) if min(_split_sizes(counts, f)) >= MIN_SPLIT_ROWS]
         fix = (f"Use a fraction near {min(fits, key=lambda f: abs(f - 0.2))} (the default is 0.2)." if fits else
                f"No fraction gives both: the task has {len(labels)} rows (prompts x values); add prompts to its task "
                f"file.")  # fmt: skip
         raise TargetError(
             f"targets.val_fraction={val_fraction} leaves {len(train)} training and {len(val)} validation rows of "
-            f"{len(labels)}; each split needs at least 2. {fix}"
+            f"{len(labels)}; each split needs at least {MIN_SPLIT_ROWS}. {fix}"
         )
     return train, val
 

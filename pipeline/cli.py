@@ -192,12 +192,29 @@ def flag_errors(argv: list[str]) -> list[str]:
 
 
 def makeable(folder: Path, key: str, value: str) -> list[str]:
-    """Make `folder` (Hydra would next), or say why it cannot be made and which setting to change."""
+    """Why `folder` cannot be made (Hydra makes it next), naming the setting to change; nothing is left behind."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        for made in missing:  # deepest first; a time-based run_name would otherwise leave an empty twin
+            made.rmdir()
     except OSError as e:
         return [f"cannot make the folder {folder} ({e.strerror}); point {key}=... at a folder you can write (it is "
                 f"{value})"]  # fmt: skip
+    return []
+
+
+def shared_run_folders(jobs: list[list[str]]) -> list[str]:
+    """Sweep jobs that would write one run folder with different settings (only `stage` may differ between them)."""
+    seen: dict[str, list[str]] = {}
+    for job in jobs:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            run_dir = str(compose(config_name="config", overrides=job).paths.run_dir)
+        settings = [arg for arg in job if not arg.startswith("stage=")]
+        if seen.setdefault(run_dir, settings) != settings:
+            return [f"jobs of this sweep with different settings ({' '.join(seen[run_dir])} and {' '.join(settings)}) "
+                    f"would write one run folder, {run_dir}; give each its own, e.g. 'run_name=${{task.name}}' or "
+                    f"'run_name=seed${{seed}}'"]  # fmt: skip
     return []
 
 
@@ -218,9 +235,9 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
             return [" ".join(str(e).split())]
         logs = [makeable(Path(a.split("=", 1)[1].split("${")[0]), "hydra.sweep.dir", a.split("=", 1)[1])
                 for a in argv if a.startswith("hydra.sweep.dir=")]  # fmt: skip
-        return next((errors for errors in logs if errors), []) or next(
-            (errors for job in jobs if (errors := precheck(job, sweeping=True))), []
-        )
+        return (next((errors for errors in logs if errors), [])
+                or next((errors for job in jobs if (errors := precheck(job, sweeping=True))), [])
+                or shared_run_folders(jobs))  # fmt: skip
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)

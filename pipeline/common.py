@@ -111,7 +111,18 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
     A config that names another model or layer is noted and not used: after extraction the store is the one
     source of both.
     """
+    from geosteer.pipeline.products import check_product, read_stamp  # products builds on this module
+
     m = store_lm(cfg, store_attrs)
+    if recorded := store_attrs.get("lm_fingerprint"):  # the embedded LM: it must be the one the store came from
+        check_product(Path(m["pretrained"]), "Train it again with `pipeline stage=lm overwrite=true`.")
+        now = (read_stamp(Path(m["pretrained"])) or {}).get("fingerprint")
+        if now != recorded:
+            raise StageError(
+                f"the LM at {m['pretrained']} is not the one the activation store was extracted from (LM {now}, "
+                f"store's {recorded}): it was trained again since. Make the store and what follows again with "
+                f"`pipeline stage=all overwrite=true`, or put that LM back."
+            )
     differ = {k: (m.get(k), v) for k, v in to_plain(cfg.model).items() if m.get(k) != v}
     if differ:
         log.warning("%s uses the LM the store was extracted with, %s at layer %d; the config differs in %s "

@@ -23,7 +23,15 @@ from geosteer.data.store import ChunkDir, virtual_rows, write_shard, write_store
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, read_last_token, replace_last_token
 from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
-from geosteer.pipeline.products import RunLayout, check_inside, current_result, fingerprint, read_stamp, write_stamp
+from geosteer.pipeline.products import (
+    RunLayout,
+    check_inside,
+    check_product,
+    current_result,
+    fingerprint,
+    read_stamp,
+    write_stamp,
+)
 
 POSITION_RULE = "last non-pad token (left padding)"
 
@@ -128,12 +136,17 @@ def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: Di
                 on_chunk(task.name, c)
 
 
+def lm_fingerprint(m) -> str | None:
+    """The fingerprint of the embedded LM's stage=lm product (None for other LMs): a retrained LM changes it."""
+    stamp = read_stamp(Path(m["pretrained"])) if m["embedded"] else None
+    return stamp and stamp["fingerprint"]
+
+
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
-    lm_stamp = read_stamp(Path(cfg.model.pretrained)) if cfg.model.embedded else None
     return fingerprint(
         {
             "model": cfg.model,
-            "lm": lm_stamp and lm_stamp["fingerprint"],
+            "lm": lm_fingerprint(cfg.model),
             "tasks": [t.to_dict() for t in tasks],
             "extract": {k: v for k, v in to_plain(cfg.extract).items() if k != "device"},
         },
@@ -190,6 +203,8 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     run = RunLayout.of(cfg)
     out = run.extract
     m = cfg.model
+    if m.embedded:
+        check_product(Path(m.pretrained), "Train it again with `pipeline stage=lm overwrite=true`.")
     model, tokenizer = load_lm(m)
     check_layer(model, m.layer)
     if m.device_map is None:
@@ -258,6 +273,7 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         "model_name": m.name,
         "model_pretrained": m.pretrained,
         "model_revision": m.revision or "",
+        "lm_fingerprint": lm_fingerprint(m) or "",  # the embedded LM's, which eval checks it still has
         "layer": m.layer,
         "position_rule": POSITION_RULE,
         "dtype": m.dtype,

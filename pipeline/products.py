@@ -186,8 +186,7 @@ def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> di
             path = Path(product_dir) / name
             if path.is_file() and file_record(path) != stamp["files"][name]:
                 path.unlink()
-        (Path(product_dir) / STAMP).unlink()
-        return None
+        return None  # the stamp stays until the new one replaces it: the product reads as damaged until then
     if stamp is not None and not overwrite:
         raise StageError(
             f"{what} at {product_dir} was made by a different config ({stamp['fingerprint']}, now {fp}). "

@@ -44,6 +44,7 @@ from geosteer.pipeline.products import (
     RunLayout,
     check_inside,
     check_product,
+    current_result,
     file_record,
     fingerprint,
     read_stamp,
@@ -227,7 +228,6 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
     check_inside(run.root, out)
-    forget_damaged(out)
     with ActivationStore(store_path) as store:
         file_attrs = {
             "activations": os.path.relpath(store_path, out),
@@ -235,6 +235,19 @@ def run(cfg: DictConfig) -> dict:
             "layer": store.attrs["layer"],
             "model_name": store.attrs["model_name"],
         }
+        for task in tasks:
+            store.check_task(task.to_dict())
+        fp = fingerprint({"tasks": [t.to_dict() for t in tasks], "targets": tcfg, "seed": cfg.seed,
+                          "store": str(store.attrs["fingerprint"])})  # fmt: skip
+        if (done := current_result(out, fp, "the distance targets", cfg.overwrite)) is not None:
+            return done
+        forget_damaged(out)  # with overwrite=true, another config's files are reused only where they are as written
+        for task in tasks:  # what the data can refuse is refused before any targets file is written
+            labels = store.read(task.name, ["label"])["label"]
+            stratified_split(labels, tcfg["val_fraction"], cfg.seed)
+            if len(labels) < (knn := tcfg["phate"]["knn"]) + 1:
+                raise TargetError(f"task '{task.name}': {len(labels)} points, but PHATE with knn={knn} needs at least "
+                                  f"{knn + 1}; add prompts (templates or values) or lower targets.phate.knn.")  # fmt: skip
         with tqdm(total=(len(TARGET_NAMES) + bool(tcfg["pullback"]["rank"])) * len(tasks), unit="target", desc="targets") as bar:
             for task in tasks:
                 store.check_task(task.to_dict())
@@ -279,5 +292,5 @@ def run(cfg: DictConfig) -> dict:
         if hasattr(logger, "log_image") and figures:
             logger.log_image("targets/figures", [str(p) for p in figures.values()], caption=list(figures))
         close_logger(logger)
-    write_stamp(out, "targets", fingerprint({"tasks": list(summary), "targets": tcfg, "seed": cfg.seed}), result)
+    write_stamp(out, "targets", fp, result)
     return result

@@ -164,6 +164,10 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     if getattr(type(model), "family", None) != g["family"]:  # load_geometry finds the class by this name
         raise StageError(f"geometry '{name}': family {g['family']!r} builds a {type(model).__name__}, registered as "
                          f"{getattr(type(model), 'family', None)!r}; subclass ShippedGeometry with family={g['family']!r}.")  # fmt: skip
+    if (pca_dim := getattr(model, "pca_dim", None)) is not None and pca_dim > len(x_train):
+        raise StageError(f"geometry '{name}': pca_dim={pca_dim} needs at least as many training rows, but task "
+                         f"{task.name} has {len(x_train)}; lower geometry.{name}.pca_dim (e.g. to {len(x_train) // 2}) "
+                         f"or add prompts to the task.")  # fmt: skip
     model.fit_normalisation(x_train)
     system = family.system(model, g, train, len(task.concepts))
     data = PointCloudData(train, val, g["batch_size"], g["min_steps_per_epoch"], cfg.seed, g["num_workers"])

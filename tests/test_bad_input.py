@@ -39,7 +39,7 @@ from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
 from geosteer.pipeline.common import store_lm
 from geosteer.pipeline.family import FAMILIES
-from geosteer.pipeline.products import RunLayout
+from geosteer.pipeline.products import RunLayout, write_stamp
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
@@ -422,6 +422,13 @@ def nan_weights(run: Path, _scratch: Path, _args: list[str]):
     name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
     tensors[name].view(-1)[1] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def small_task(_run: Path, scratch: Path, _args: list[str]):
+    """A task of 18 prompts: three values, three numbers, two templates."""
+    week = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text())
+    task_file(scratch, **{**week, "name": "small", "values": ["Monday", "Tuesday", "Wednesday"], "numbers": [1, 2, 3],
+                          "number_words": None, "templates": week["templates"][:2]})  # fmt: skip
 
 
 def unrecorded(spoil):
@@ -881,6 +888,32 @@ CASES = [
         r"geometry.gaga_out.monitor=val/nothing names no metric that weekdays/gaga_out logs.*val/ metrics",
     ),
     (
+        "a PCA wider than the training rows",
+        small_task,
+        [
+            "paths.outputs={scratch}",
+            "tasks=[{scratch}/small.yaml]",
+            "geometry=[gaga_out,gaga_phate]",
+            "geometry.gaga_phate.pca_dim=16",
+            "stage=all",
+            "max_epochs_cap=1",
+        ],
+        r"geometry 'gaga_phate': pca_dim=16 needs at least as many training rows, but task small has \d+; lower",
+    ),
+    (
+        "targets settings the data refuses",
+        None,
+        ["stage=targets", "targets.phate.knn=300", "overwrite=true"],
+        r"task 'weekdays': 294 points, but PHATE with knn=300 needs at least 301",
+    ),
+    (
+        "targets of another config",
+        None,
+        ["stage=targets", "targets.pair_samples=100"],
+        r"the distance targets at \S+ was made by a different config .* Pass overwrite=true",
+    ),
+    ("a sweep whose jobs share a run folder", None, ["-m", "stage=extract", "seed=1,2"], r"would write one run folder"),
+    (
         "a geometry's family changed",
         None,
         ["stage=train", "geometry.gaga_out.family=innsteer", "overwrite=true"],
@@ -1126,7 +1159,7 @@ def test_edited_targets_are_computed_again(finished, tmp_path, capsys, monkeypat
     monkeypatch.setattr(sys, "argv", sys.argv)
     edited_targets(run, tmp_path, [])
     code, printed = pipeline_command([*argv, "stage=targets"], capsys)
-    assert code == 0 and "weekdays.h5 is not as the targets stage wrote it: computing it again" in printed, printed
+    assert code == 0 and "weekdays.h5 has another content than the one written: making it again" in printed, printed
     with h5py.File(_targets(run), "r") as now, h5py.File(finished[0] / "targets" / "weekdays.h5", "r") as then:
         np.testing.assert_array_equal(now["split/train"][:], then["split/train"][:])
     assert pipeline_command([*argv, "stage=train"], capsys)[0] == 0
@@ -1139,6 +1172,25 @@ def test_an_edited_export_is_trained_again(finished, tmp_path, capsys, monkeypat
     code, printed = pipeline_command([*argv, "stage=train"], capsys)
     assert code == 0 and re.search(r"config.json has another (size|content) than the one written: making it again", printed)
     assert json.loads((run / EXPORT / "config.json").read_text())["meta"]["layer"] == 1
+
+
+def test_an_lm_trained_again_after_extraction_is_refused(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """The embedded LM retrained after its store was extracted: eval refuses to steer the new LM with the old store's
+    activations and geometries, and extraction sees another config."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_lm_dir, run / "lm")
+    write_stamp(run / "lm", "lm", "first", {})  # as stage=lm leaves its product
+    argv = [f"paths.outputs={tmp_path}", "run_name=run", "logger=none", "model.embedded=true", "model.layer=1",
+            "tasks=[weekdays]"]  # fmt: skip
+    assert pipeline_command([*argv, "stage=extract"], capsys)[0] == 0
+    write_stamp(run / "lm", "lm", "second", {})  # stage=lm ran again with other settings
+    before = snapshot(run)
+    code, printed = pipeline_command([*argv, "stage=eval", "method=[linear]"], capsys)
+    assert code == 1 and "is not the one the activation store was extracted from (LM second, store's first)" in printed
+    assert "Traceback" not in printed and snapshot(run) == before, printed
+    code, printed = pipeline_command([*argv, "stage=extract"], capsys)
+    assert code == 1 and "made by a different config" in printed, printed
 
 
 def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch):

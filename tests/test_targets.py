@@ -25,6 +25,7 @@ from geosteer.data.targets import (
     stratified_split,
 )
 from geosteer.pipeline import cli, extract, targets
+from geosteer.pipeline.common import StageError
 from geosteer.pipeline.products import RunLayout
 from tests.conftest import make_cfg
 
@@ -186,13 +187,16 @@ def test_rerun_is_a_no_op_and_a_changed_parameter_recomputes_only_its_group(targ
     before = path.read_bytes()
     again = targets.run(cfg())
     assert path.read_bytes() == before
-    assert all(s[g]["cached"] for s in again["tasks"].values() for g in ("hellinger", "phate"))
-    changed = targets.run(cfg("targets.phate.knn=6"))
+    assert again["seconds"] == result["seconds"], "the recorded result of the same config, nothing computed"
+    with pytest.raises(StageError, match="made by a different config"):
+        targets.run(cfg("targets.phate.knn=6"))
+    assert path.read_bytes() == before
+    changed = targets.run(cfg("targets.phate.knn=6", "overwrite=true"))
     s = changed["tasks"]["months"]
     assert s["hellinger"]["cached"] and not s["phate"]["cached"]
     with h5py.File(path, "r") as f:
         assert f["phate"].attrs["knn"] == 6
-    targets.run(cfg())  # back to the defaults for the other tests
+    targets.run(cfg("overwrite=true"))  # back to the defaults for the other tests
 
 
 def test_identical_config_gives_identical_coordinates(targets_run, tmp_path):
