@@ -1241,7 +1241,7 @@ def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):
 def test_two_commands_on_one_run_one_is_refused(finished, tmp_path):
     """Two real processes on one run: the second, started while the first trains, is refused naming the first."""
     run, _ = _copy(finished, tmp_path)
-    longer = ["geometry.gaga_out.max_epochs=60", "geometry.gaga_out.patience=100", "overwrite=true"]
+    longer = ["geometry.gaga_out.max_epochs=300", "geometry.gaga_out.patience=1000", "overwrite=true"]
     first = subprocess.Popen(_command(run, finished[1], "stage=train", *longer), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
