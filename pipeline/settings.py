@@ -81,6 +81,7 @@ def one_of(*choices: Any) -> Rule:
 # ("16-true") break the distance losses, whose pdist has no float16 kernel on the CPU).
 PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "16-mixed")
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
+TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self"}  # what a trainer config may set
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
@@ -278,9 +279,6 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     if logger.get("_target_") and save_dir is not None and not Path(str(save_dir)).resolve().is_relative_to(run_dir.resolve()):
         faults.append(f"logger.save_dir={save_dir} must be inside the run folder {run_dir}, like the default")
     return faults
-
-
-TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
 
 
 def _show(v: Any) -> str:

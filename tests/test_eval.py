@@ -38,6 +38,19 @@ def evaluated(prepared):
     return cfg, evaluate.run(cfg)
 
 
+def beside(evaluated, cfg, products=("extract", "geometry")) -> evaluate.Path:
+    """A fresh run folder for `cfg` whose `products` are links to the evaluated run's."""
+    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
+    run_dir.mkdir()
+    for product in products:
+        (run_dir / product).symlink_to(src / product)
+    return run_dir
+
+
+def weekdays_results(result: dict) -> dict:
+    return json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+
+
 def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated):
     cfg, result = evaluated
     out = evaluate.Path(result["dir"])
@@ -133,10 +146,7 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
     cfg = prepared("evaluated", *SMALL_INNSTEER, *SMALL_EVAL, "method=[linear,bridge]",
                    "method.bridge.geometry=no_such_bridge", "paths.run_dir=${paths.outputs}/eval_missing",
                    geometries=GEOMETRIES)  # fmt: skip
-    src = evaluate.Path(evaluated[0].paths.run_dir)
-    run_dir = evaluate.Path(cfg.paths.run_dir)
-    run_dir.mkdir()
-    (run_dir / "extract").symlink_to(src / "extract")
+    beside(evaluated, cfg, ("extract",))
     result = evaluate.run(cfg)
     md = evaluate.Path(result["report"]).read_text()
     assert "| GeodesicBridge | n/a¹ |" in md and "no_such_bridge" in md and "stage=train" in md
@@ -144,10 +154,7 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
 
 def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, monkeypatch):
     cfg = prepared("evaluated", *SMALL_EVAL, SMALL_SPLINE, "paths.run_dir=${paths.outputs}/eval_crashed")
-    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
-    run_dir.mkdir()
-    for product in ("extract", "geometry"):
-        (run_dir / product).symlink_to(src / product)
+    run_dir = beside(evaluated, cfg)
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed while writing the report")
@@ -160,8 +167,7 @@ def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, 
     monkeypatch.undo()
     monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: pytest.fail("a finished task was evaluated again"))
     result = evaluate.run(cfg)
-    resumed = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
-    original = json.loads((evaluate.Path(evaluated[1]["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    resumed, original = weekdays_results(result), weekdays_results(evaluated[1])
     assert all(resumed["methods"][m]["per_pair"] == e["per_pair"] for m, e in original["methods"].items())
     assert not list(run_dir.glob(".eval.partial-*"))
 
@@ -169,10 +175,7 @@ def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, 
 def test_a_crashed_eval_evaluates_again_a_task_file_it_did_not_write(prepared, evaluated, monkeypatch):
     """An unfinished evaluation's task file changed after it was written (edited, or another task's copied over it)."""
     cfg = prepared("evaluated", *SMALL_EVAL, SMALL_SPLINE, "paths.run_dir=${paths.outputs}/eval_edited")
-    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
-    run_dir.mkdir()
-    for product in ("extract", "geometry"):
-        (run_dir / product).symlink_to(src / product)
+    run_dir = beside(evaluated, cfg)
     monkeypatch.setattr(report, "write", lambda *a, **k: pytest.fail("stop before the report"))
     with pytest.raises(pytest.fail.Exception):
         evaluate.run(cfg)
@@ -183,8 +186,7 @@ def test_a_crashed_eval_evaluates_again_a_task_file_it_did_not_write(prepared, e
     monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: calls.append(1) or original_evaluate(*a, **k))
     result = evaluate.run(cfg)
     assert calls == [1], "the task whose saved results were changed is evaluated again"
-    resumed = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
-    original = json.loads((evaluate.Path(evaluated[1]["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+    resumed, original = weekdays_results(result), weekdays_results(evaluated[1])
     assert all(resumed["methods"][m]["per_pair"] == e["per_pair"] for m, e in original["methods"].items())
 
 
@@ -195,11 +197,8 @@ def test_gaga_phate_steering_with_a_gaga_without_pca_is_gaga_outs(prepared, eval
     """GAGA-PHATE's method on an export with no PCA (`pca_dim: null`) steers in h itself: GAGA-Out's geodesics."""
     cfg = prepared("evaluated", *SMALL_EVAL, "method=[gaga_out,gaga_phate]", "method.gaga_phate.geometry=gaga_out",
                    "eval.all_pairs_max_k=0", "eval.max_pairs=4", "paths.run_dir=${paths.outputs}/eval_nopca")  # fmt: skip
-    src, run_dir = evaluate.Path(evaluated[0].paths.run_dir), evaluate.Path(cfg.paths.run_dir)
-    run_dir.mkdir()
-    for product in ("extract", "geometry"):
-        (run_dir / product).symlink_to(src / product)
-    methods = json.loads((evaluate.Path(evaluate.run(cfg)["dir"]) / "results.json").read_text())["tasks"]["weekdays"]["methods"]
+    beside(evaluated, cfg)
+    methods = weekdays_results(evaluate.run(cfg))["methods"]
     assert methods["gaga_phate"]["per_pair"] == methods["gaga_out"]["per_pair"]
     assert all(v is not None for v in methods["gaga_phate"]["per_pair"]["top1_at_end"])
 
@@ -209,9 +208,7 @@ def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
     cfg = prepared("evaluated", *SMALL_EVAL, "method=[linear]", "paths.run_dir=${paths.outputs}/eval_unknown")
     with open_dict(cfg):
         cfg.method.geodesic_magic = {}
-    run_dir = evaluate.Path(cfg.paths.run_dir)
-    run_dir.mkdir()
-    (run_dir / "extract").symlink_to(evaluate.Path(evaluated[0].paths.run_dir) / "extract")
+    run_dir = beside(evaluated, cfg, ("extract",))
     with pytest.raises(evaluate.StageError, match="geodesic_magic.*linear"):
         evaluate.run(cfg)
     assert not (run_dir / "eval").exists() and not list(run_dir.glob(".eval.partial-*")), "refused before any work"
