@@ -73,11 +73,12 @@ def extraction(model, tokenizer, prompts, schemas, tasks, layer: int, root: Path
         texts = [p.text for p in prompts[task.name]]
         for c in range(0, len(texts), CHUNK):
             rows = extract_rows(model, tokenizer, texts[c : c + CHUNK], layer, schemas[task.name].variant_ids, BATCH, "float32")
-            chunks.write(task.name, c // CHUNK, rows)
+            chunks.write(task.name, c // CHUNK, rows, texts[c : c + CHUNK])
 
     def groups(f):
         for task in tasks:
-            rows = chunks.read_task(task.name)
+            texts = [p.text for p in prompts[task.name]]
+            rows = chunks.read_task(task.name, {c // CHUNK: texts[c : c + CHUNK] for c in range(0, len(texts), CHUNK)})
             write_task_group(f, schemas[task.name], task.to_dict(), prompts[task.name], rows, compression)
 
     write_store(root / "activations.h5", {}, groups)

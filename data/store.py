@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -69,8 +70,13 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     put_in_place(tmp, path)
 
 
+def prompts_digest(task: str, texts: Sequence[str]) -> str:
+    """A record of which prompts a chunk or shard holds: rows moved between chunks, shards or tasks are caught."""
+    return hashlib.sha256(json.dumps([task, list(texts)]).encode()).hexdigest()
+
+
 class ChunkDir:
-    """Finished extraction chunks of one store-in-progress, `<task>/chunk_00000.npz`."""
+    """Finished extraction chunks of one store-in-progress, `<task>/chunk_00000.npz`, each recording its prompts."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -81,26 +87,36 @@ class ChunkDir:
     def done(self, task: str, index: int) -> bool:
         return self.path(task, index).is_file()
 
-    def write(self, task: str, index: int, rows: dict[str, np.ndarray]) -> None:
+    def write(self, task: str, index: int, rows: dict[str, np.ndarray], texts: Sequence[str]) -> None:
+        """Write the rows of `texts`, chunk `index` of `task`."""
         self.path(task, index).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_savez(self.path(task, index), **rows)
+        _atomic_savez(self.path(task, index), digest=np.array(prompts_digest(task, texts)), **rows)
 
-    def read_task(self, task: str, indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """The rows of chunks `indices`, in order; by default every chunk written, which must run 0, 1, 2, ..."""
-        if indices is None:
-            files = sorted((self.root / task).glob("chunk_*.npz"))
-            indices = [int(re.findall(r"\d+", f.stem)[0]) for f in files]
-            if indices != list(range(len(files))):
-                raise StoreError(f"chunks of task '{task}' in {self.root} are not contiguous: {indices}.")
-        if missing := [i for i in indices if not self.done(task, i)]:
-            raise StoreError(f"chunks {missing} of task '{task}' are missing from {self.root}.")
+    def read_task(self, task: str, texts: dict[int, Sequence[str]]) -> dict[str, np.ndarray]:
+        """The rows of the chunks `texts` names ({chunk index: its prompt texts}), in order.
+
+        Raises StoreError for a missing or damaged chunk, or one that holds rows of other prompts
+        (copied from another task, chunk or config), naming the chunk and the fix.
+        """
+        if missing := [i for i in texts if not self.done(task, i)]:
+            raise StoreError(f"chunks {missing} of task '{task}' are missing from {self.root}; re-run the same "
+                             f"command: they are extracted again.")  # fmt: skip
         parts = []
-        for i in indices:
+        for i, want in texts.items():
+            path = self.path(task, i)
+            fix = "delete it and re-run the same command: that chunk is extracted again."
             try:
-                parts.append(dict(np.load(self.path(task, i), allow_pickle=False)))
+                part = dict(np.load(path, allow_pickle=False))
             except (OSError, ValueError, zipfile.BadZipFile) as e:
-                raise StoreError(f"the extraction chunk {self.path(task, i)} is damaged ({type(e).__name__}); delete it "
-                                 f"and re-run the same command: that chunk is extracted again.") from None  # fmt: skip
+                raise StoreError(f"the extraction chunk {path} is damaged ({type(e).__name__}); {fix}") from None
+            if (
+                set(part) != {"digest", *ROW_ARRAYS}
+                or str(part["digest"]) != prompts_digest(task, want)
+                or any(len(part[k]) != len(want) for k in ROW_ARRAYS)
+            ):
+                raise StoreError(f"the extraction chunk {path} does not hold the rows of chunk {i} of task "
+                                 f"'{task}' ({len(want)} prompts): it was changed or copied; {fix}")  # fmt: skip
+            parts.append(part)
         return {k: np.concatenate([p[k] for p in parts]) for k in ROW_ARRAYS}
 
 
@@ -125,8 +141,9 @@ def ensure_space(folder: Path, nbytes: int) -> None:
                                     f"{free / 2**20:.1f} MiB free", str(folder))  # fmt: skip
 
 
-def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], compression: str) -> None:
-    """One extraction rank's rows, `<task>/{h,q,top1}` for every task it has rows of, written atomically."""
+def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], texts: dict[str, Sequence[str]],
+                compression: str) -> None:  # fmt: skip
+    """One extraction rank's rows, `<task>/{h,q,top1}` for every task it has rows of (of prompts `texts[task]`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ensure_space(path.parent, sum(a.nbytes for arrays in rows.values() for a in arrays.values()))
@@ -134,9 +151,36 @@ def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], compression:
     with h5py.File(tmp, "w") as f:
         for task, arrays in rows.items():
             g = f.create_group(task)
+            g.attrs["prompts_digest"] = prompts_digest(task, texts[task])
             for name, arr in arrays.items():
                 g.create_dataset(name, data=arr, chunks=(min(len(arr), 1024), *arr.shape[1:]), **_filters(compression))
     put_in_place(tmp, path)
+
+
+def read_shards(shards: dict[Path, Sequence[str]], task: str) -> dict[str, np.ndarray]:
+    """`task`'s rows stacked over the shards ({shard: the prompt texts it holds of `task`, in order}).
+
+    Raises StoreError for a shard that is missing, unreadable or holds other prompts' rows, with the fix.
+    """
+    parts = []
+    for shard, want in shards.items():
+        if not want:  # this rank had no rows of the task
+            continue
+        fix = "delete it and re-run the same command: it is gathered again from its chunks"
+        try:
+            with h5py.File(shard, "r") as f:
+                g = f.get(task)
+                if g is None or g.attrs.get("prompts_digest") != prompts_digest(task, want):
+                    raise StoreError(f"the extraction shard {shard} does not hold the rows of task '{task}' it "
+                                     f"should ({len(want)} prompts): it was changed or copied; {fix}.")  # fmt: skip
+                part = {k: g[k][()] for k in ROW_ARRAYS}
+        except (OSError, KeyError) as e:
+            raise StoreError(f"the extraction shard {shard} is missing or damaged ({type(e).__name__}); {fix}.") from None
+        if any(len(a) != len(want) for a in part.values()):
+            raise StoreError(f"the extraction shard {shard} holds {len(part['h'])} rows of task '{task}', not "
+                             f"{len(want)}; {fix}.")  # fmt: skip
+        parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in ROW_ARRAYS}
 
 
 def virtual_rows(store: Path, shards: Sequence[Path], task: str) -> dict[str, h5py.VirtualLayout]:

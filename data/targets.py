@@ -224,22 +224,49 @@ def pair_distance_std(coords: np.ndarray, rows: np.ndarray, n_pairs: int, seed: 
     return float(np.concatenate(d).std(ddof=1))
 
 
-def read_groups(path: Path, keys: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The groups of an existing targets file whose cache key matches `keys`: {name: {arrays..., "attrs": ...}}."""
+def _as_stored(name: str, value: Any) -> np.ndarray:
+    """A group's array as the targets file stores it (coordinates as float32)."""
+    return np.asarray(value, dtype=np.float32 if name == "coords" else None)
+
+
+def group_digest(group: dict[str, Any]) -> str:
+    """The SHA-256 of a group's arrays and attributes (but its own `content`): a group changed after it was written,
+    or left half-made by a killed run, does not match it."""
+    plain = lambda v: v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v  # noqa: E731
+    attrs = {k: plain(v) for k, v in group.get("attrs", {}).items() if k != "content"}
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode())
+    for name in sorted(k for k in group if k != "attrs"):
+        a = np.ascontiguousarray(_as_stored(name, group[name]))
+        digest.update(f"{name} {a.dtype.str} {a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def read_groups(path: Path, keys: dict[str, str], file_attrs: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The groups of an existing targets file that can be reused: cache key as `keys` asks, content as written.
+
+    Returns {name: {arrays..., "attrs": ...}} and whether the file is already exactly what
+    `keys` and `file_attrs` ask for (nothing to write).
+    """
     if not Path(path).is_file():
-        return {}
+        return {}, False
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema_version") != TARGETS_SCHEMA_VERSION:
-                return {}
-            return {
-                name: {**{k: v[:] for k, v in f[name].items()}, "attrs": dict(f[name].attrs)}
-                for name, key in keys.items()
-                if name in f and f[name].attrs.get("key") == key
-            }
+                return {}, False
+            groups = {}
+            for name, key in keys.items():
+                if name in f and f[name].attrs.get("key") == key:
+                    group = {**{k: v[:] for k, v in f[name].items()}, "attrs": dict(f[name].attrs)}
+                    if group["attrs"].get("content") == group_digest(group):
+                        groups[name] = group
+                    else:
+                        log.warning("%s: group %s is not as it was written; computing it again", path, name)
+            same_attrs = {k: str(f.attrs.get(k)) for k in file_attrs} == {k: str(v) for k, v in file_attrs.items()}
+            return groups, same_attrs and set(groups) == set(keys) == set(f)
     except OSError:
         log.warning("%s is unreadable; recomputing it", path)
-        return {}
+        return {}, False
 
 
 def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict[str, Any]]) -> None:
@@ -252,12 +279,11 @@ def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict
         f.attrs.update({"schema_version": TARGETS_SCHEMA_VERSION, **file_attrs})
         for name, content in groups.items():
             g = f.create_group(name)
+            g.attrs.update({**content["attrs"], "content": group_digest(content)})
             for k, v in content.items():
-                if k == "attrs":
-                    g.attrs.update(v)
-                elif k == "coords":  # float32 halves the largest array; distances keep ~1e-7 relative precision
-                    g.create_dataset(k, data=v, dtype=np.float32, chunks=(min(len(v), 256), v.shape[1]))
-                else:
+                if k == "coords":  # float32 halves the largest array; distances keep ~1e-7 relative precision
+                    g.create_dataset(k, data=_as_stored(k, v), chunks=(min(len(v), 256), v.shape[1]))
+                elif k != "attrs":
                     g.create_dataset(k, data=v)
     put_in_place(tmp, path)
 

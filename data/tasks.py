@@ -148,6 +148,15 @@ class Task:
             raise TaskError(f"{where}: concepts '{self.concept_set}' is unknown; use one of {CONCEPT_SETS}.")
         if len(self.values) < 2 or len(set(self.values)) != len(self.values):
             raise TaskError(f"{where}: values must be at least two distinct strings, got {list(self.values)}.")
+        if padded := [v for v in self.values if not v or v != v.strip()]:
+            raise TaskError(f"{where}: values {padded} are empty or start or end with whitespace; a value is a word "
+                            f"(the variant patterns add the space before it, e.g. ' {{value}}'). Strip them.")  # fmt: skip
+        if any("lower" in plain_fields(p, VARIANT_FIELDS, where) for p in self.variants):
+            lowered = {}
+            for v in self.values:
+                if (twin := lowered.setdefault(v.lower(), v)) != v:
+                    raise TaskError(f"{where}: values {twin!r} and {v!r} are the same word in lower case, which the "
+                                    f"variant patterns' {{lower}} makes one token; drop {{lower}} from variants.")  # fmt: skip
         if not self.numbers:
             raise TaskError(f"{where}: the numbers list is empty; give at least one step size.")
         if max(map(abs, self.numbers)) > MAX_NUMBER:
@@ -405,8 +414,9 @@ def concept_schema(task: Task, tokenizer: Any, tokenizer_name: str) -> ConceptSc
         for i in ids:
             if i in owner:
                 raise TaskError(
-                    f"task '{task.name}': values {owner[i]!r} and {value!r} share token id {i} in tokenizer "
-                    f"'{tokenizer_name}'; make the variant patterns case-sensitive (drop {{lower}})."
+                    f"task '{task.name}': values {owner[i]!r} and {value!r} share token id {i} "
+                    f"({tokenizer.decode([i])!r}) in tokenizer '{tokenizer_name}'; use values that are different "
+                    f"words to it, or variant patterns that keep them apart."
                 )
             owner[i] = value
         variant_ids.append(tuple(ids))

@@ -105,8 +105,8 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
         return None, f"no exported geometry at {folder}; train it (pipeline stage=train geometry={method.geometry})"
     check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`), or copy it again.")
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
-    check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), int(store["layer"]),
-                     str(store["fingerprint"]), split)  # fmt: skip
+    check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), str(store.get("lm_fingerprint", "")),
+                     int(store["layer"]), str(store["fingerprint"]), split)  # fmt: skip
     if model.meta.get("geometry") != method.geometry:
         log.warning("%s holds the geometry trained as '%s' (its config.json), evaluated as %s's '%s'", folder,
                     model.meta.get("geometry"), method.label, method.geometry)  # fmt: skip
@@ -470,7 +470,7 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
                         "val_fraction": cfg.targets.val_fraction}, run_dir=cfg.paths.run_dir)  # fmt: skip
 
 
-FINISHED = "finished.json"  # in an unfinished evaluation's folder: each evaluated task → the SHA-256 of its results
+FINISHED = "finished.json"  # in an unfinished evaluation's folder: each evaluated task → the SHA-256 of its files
 
 
 def read_finished(work: Path) -> dict[str, str]:
@@ -481,22 +481,31 @@ def read_finished(work: Path) -> dict[str, str]:
     return finished if isinstance(finished, dict) else {}
 
 
+def task_digest(work: Path, task: str) -> str | None:
+    """The SHA-256 of `task`'s results in `work` and of every figure they list; None when one is missing or unreadable."""
+    try:
+        text = (work / f"{task}.json").read_bytes()
+        figures = json.loads(text).get("figures", {})
+        digest = hashlib.sha256(text)
+        for name in sorted(figures.values()):
+            digest.update(hashlib.sha256((work / name).read_bytes()).digest())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return digest.hexdigest()
+
+
 def resumed(work: Path, task: Task, finished: dict[str, str]) -> dict | None:
-    """`task`'s results as an evaluation that crashed wrote them, or None: none saved, or not those it wrote (edited,
-    torn or another task's), which are then evaluated again."""
+    """`task`'s results as an evaluation that crashed wrote them, or None: none saved, or not those it wrote (its
+    results or figures edited, torn, missing or another task's), which are then evaluated again."""
     done_file = work / f"{task.name}.json"
     if not done_file.is_file():
         return None
-    try:
-        text = done_file.read_bytes()
-        results = json.loads(text) if finished.get(task.name) == hashlib.sha256(text).hexdigest() else None
-    except (OSError, ValueError):
-        results = None
-    if not isinstance(results, dict) or results.get("task") != task.name:
-        log.warning("%s is not as the crashed evaluation wrote it: evaluating %s again", done_file, task.name)
+    if (digest := task_digest(work, task.name)) is None or finished.get(task.name) != digest:
+        log.warning("%s or its figures are not as the crashed evaluation wrote them: evaluating %s again",
+                    done_file, task.name)  # fmt: skip
         return None
     log.info("%s: evaluated before the crash, kept", task.name)
-    return results
+    return json.loads(done_file.read_text())
 
 
 def run(cfg: DictConfig) -> dict:
@@ -538,9 +547,8 @@ def run(cfg: DictConfig) -> dict:
             results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, store.attrs)
             if cfg.eval.figures:
                 results["figures"] = task_figures(data, results, figures, work)
-            text = json.dumps(results, indent=1)
-            atomic_write_text(work / f"{task.name}.json", text)
-            finished[task.name] = hashlib.sha256(text.encode()).hexdigest()
+            atomic_write_text(work / f"{task.name}.json", json.dumps(results, indent=1))
+            finished[task.name] = task_digest(work, task.name)
             atomic_write_text(work / FINISHED, json.dumps(finished, indent=1))
             per_task[task.name] = results
     summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), methods, source)

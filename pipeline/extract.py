@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch.multiprocessing import ProcessRaisedException
 from tqdm.auto import tqdm
 
-from geosteer.data.store import ChunkDir, virtual_rows, write_shard, write_store, write_task_group
+from geosteer.data.store import ChunkDir, read_shards, virtual_rows, write_shard, write_store, write_task_group
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, read_last_token, replace_last_token
 from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
@@ -111,6 +111,12 @@ def chunk_plan(sizes: dict[str, int], chunk_size: int, rank: int, world: int) ->
     return plan
 
 
+def chunk_texts(task: Task, size: int, block: list[int]) -> dict[int, list[str]]:
+    """The prompt texts of each chunk of `block`: chunk c holds prompts [c·size, (c+1)·size) of `task`."""
+    texts = [p.text for p in task.prompts()]
+    return {c: texts[c * size : (c + 1) * size] for c in block}
+
+
 def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: DictConfig, block: list[int],
                  desc: str, on_chunk=None) -> None:  # fmt: skip
     """Write every missing chunk of `block` (this rank's chunk indices of one task); finished ones are kept (resume).
@@ -118,20 +124,17 @@ def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: Di
     Chunks are the unit of work whatever the number of ranks, so each prompt is
     batched with the same neighbours and a sharded run computes the same rows as one process.
     """
-    texts = [p.text for p in task.prompts()]
-    size = cfg.extract.chunk_size
-    rows_of = lambda c: texts[c * size : (c + 1) * size]  # noqa: E731
+    texts = chunk_texts(task, cfg.extract.chunk_size, block)
     todo = [c for c in block if not chunks.done(task.name, c)]
-    total = sum(len(rows_of(c)) for c in block)
-    with tqdm(total=total, initial=total - sum(len(rows_of(c)) for c in todo), unit="prompt",
-              desc=desc) as bar:  # fmt: skip
+    total = sum(len(t) for t in texts.values())
+    with tqdm(total=total, initial=total - sum(len(texts[c]) for c in todo), unit="prompt", desc=desc) as bar:
         for c in todo:
             rows = extract_rows(
-                model, tokenizer, rows_of(c), cfg.model.layer, schema.variant_ids, cfg.extract.batch_size,
+                model, tokenizer, texts[c], cfg.model.layer, schema.variant_ids, cfg.extract.batch_size,
                 cfg.extract.h_dtype,
             )  # fmt: skip
-            chunks.write(task.name, c, rows)
-            bar.update(len(rows_of(c)))
+            chunks.write(task.name, c, rows, texts[c])
+            bar.update(len(texts[c]))
             if on_chunk is not None:
                 on_chunk(task.name, c)
 
@@ -221,23 +224,33 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     shards = out / f"shards-{fp}"
     shard = shards / f"rank-{rank}-of-{world}.h5"
     start = time.perf_counter()
+    sizes, size = {t.name: len(t.prompts()) for t in tasks}, cfg.extract.chunk_size
+    # {rank's shard: {task: the texts of its rows}}
+    held = {
+        shards / f"rank-{r}-of-{world}.h5": {
+            t.name: [x for xs in chunk_texts(t, size, chunk_plan(sizes, size, r, world)[t.name]).values() for x in xs]
+            for t in tasks
+        }
+        for r in range(world)
+    }
     if not shard.is_file():  # a finished shard survives a crash of the others
-        plan = chunk_plan({t.name: len(t.prompts()) for t in tasks}, cfg.extract.chunk_size, rank, world)
+        plan = chunk_plan(sizes, size, rank, world)
         for t in tasks:
             desc = f"extract {t.name}" + (f" (rank {rank} of {world})" if world > 1 else "")
             extract_task(model, tokenizer, t, schemas[t.name], chunks, cfg, plan[t.name], desc, on_chunk)
-        write_shard(shard, {t: chunks.read_task(t, b) for t, b in plan.items() if b}, cfg.extract.compression)
+        rows = {t.name: chunks.read_task(t.name, chunk_texts(t, size, plan[t.name])) for t in tasks if plan[t.name]}
+        write_shard(shard, rows, held[shard], cfg.extract.compression)
     fabric.barrier()
     seconds = time.perf_counter() - start
     if rank != 0:
         return None
 
     summary = {}
-    ranks = [shards / f"rank-{r}-of-{world}.h5" for r in range(world)]
+    ranks = list(held)
 
     def write_groups(f) -> None:
         for task in tasks:
-            rows = chunks.read_task(task.name)
+            rows = read_shards({s: texts[task.name] for s, texts in held.items()}, task.name)
             prompts = task.prompts()
             layouts = virtual_rows(run.store, ranks, task.name)
             answers = np.array([p.label for p in prompts])

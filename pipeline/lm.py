@@ -194,6 +194,8 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     prompts = {t.name: t.prompts() for t in tasks}
     tokenizer = build_word_tokenizer(p.text + " " + p.answer for ps in prompts.values() for p in ps)
+    for t in tasks:  # a value the vocabulary cannot tell apart is refused before training, not after
+        concept_schema(t, tokenizer, "the task LM")
     a = cfg.lm
     model = build_task_lm(tokenizer, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size)
     data = encode_prompts(tokenizer, [(t, p) for t in tasks for p in prompts[t.name]], a.smoothing, a.smoothing_width)
@@ -217,7 +219,7 @@ def run(cfg: DictConfig) -> dict:
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
-    resume = resume_checkpoint(work / "checkpoints" / "last.ckpt", "the task LM")
+    resume = resume_checkpoint(work / "checkpoints" / "last.ckpt", "the task LM", system)
     start = time.perf_counter()
     trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
     train_seconds = time.perf_counter() - start

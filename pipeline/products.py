@@ -257,16 +257,18 @@ def as_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], lm: str, layer: int, store: str,
-                     split: str) -> None:  # fmt: skip
+def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], lm: str, lm_fingerprint: str,
+                     layer: int, store: str, split: str) -> None:  # fmt: skip
     """Refuse an exported geometry made for another task (or task definition), LM, layer or train/val split.
 
-    `task` is the task definition asked for; `lm`, `layer`, `store` (fingerprint) and `split` (its key: labels,
-    val fraction, seed) those of the activations used, so that held-out points are the ones it never trained on.
-    Another store of the same LM, layer and task (a shipped geometry, a re-extraction) is named in a warning.
+    `task` is the task definition asked for; `lm`, `lm_fingerprint` (the embedded LM's training, "" for
+    other LMs), `layer`, `store` (fingerprint) and `split` (its key: labels, val fraction, seed) those of the
+    activations used, so that held-out points are the ones it never trained on. Another store of the same
+    LM, layer and task (a shipped geometry, a re-extraction) is named in a warning.
     """
-    wanted = {"task": task["name"], "lm": lm, "layer": layer, "split": split}
+    wanted = {"task": task["name"], "lm": lm, "lm_fingerprint": lm_fingerprint, "layer": layer, "split": split}
     found = {k: meta.get(k) for k in wanted} | {"task": (meta.get("task") or {}).get("name")}
+    found["lm_fingerprint"] = meta.get("lm_fingerprint", "")
     differ = [f"{k} {found[k]!r} (asked: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
     if not differ and as_json(meta.get("task")) != as_json(task):
         keys = sorted(k for k in {*task, *(meta.get("task") or {})} if as_json(meta["task"].get(k)) != as_json(task.get(k)))
@@ -292,16 +294,18 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_checkpoint(last: Path, what: str) -> Path | None:
-    """`last` when it is a checkpoint to resume `what` from, None when there is none.
+def resume_checkpoint(last: Path, what: str, system: torch.nn.Module) -> Path | None:
+    """`last` when it is a checkpoint of `system` to resume `what` from, None when there is none.
 
     Raises StageError for a checkpoint that holds more than tensors (loading it would run
-    pickled code: refused, as `weights_only=True` loads always are) or that is torn.
+    pickled code: refused, as `weights_only=True` loads always are), that is torn, or whose
+    weights are not `system`'s (other names or shapes: another model's checkpoint).
     """
     if not last.is_file():
         return None
+    fix = f"delete it to train {what} from scratch"
     try:
-        torch.load(last, map_location="cpu", weights_only=True)
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         raise StageError(
@@ -310,7 +314,15 @@ def resume_checkpoint(last: Path, what: str) -> Path | None:
             f"this run wrote."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise StageError(f"{last} is damaged ({type(e).__name__}: {e}); delete it to train {what} from scratch.") from e
+        raise StageError(f"{last} is damaged ({type(e).__name__}: {e}); {fix}.") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise StageError(f"{last} is not a Lightning checkpoint (it has no state_dict); {fix}.")
+    ours = {k: tuple(v.shape) for k, v in system.state_dict().items()}
+    theirs = {k: tuple(getattr(v, "shape", ())) for k, v in ckpt["state_dict"].items()}
+    if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise StageError(f"{last} holds the weights of another model than {what} (first differences, name and "
+                         f"shape: {diff}); {fix}, or put back the checkpoint this run wrote.")  # fmt: skip
     log.info("resuming %s from %s", what, last)
     return last
 

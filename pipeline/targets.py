@@ -2,8 +2,9 @@
 pullback J_s = ∂√q/∂h at every row in its own prompt (§6), which geometries trained on G_out fit (GAGA-Jac).
 
 Each group of a task's targets file carries a cache key, a hash of its input
-arrays and parameters: a re-run recomputes only the groups whose key changed,
-and a task whose keys all match is left untouched. A task's file is written
+arrays and parameters, and a digest of its own content: a re-run recomputes
+only the groups whose key changed or whose content is not as written, and a
+task whose groups all match is left untouched. A task's file is written
 atomically once all its groups are done, so a crash loses at most that task.
 """
 
@@ -38,16 +39,13 @@ from geosteer.data.targets import (
 )
 from geosteer.models.metrics import OutputPullback
 from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.common import StageError, close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.common import close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.products import (
-    STAMP,
     RunLayout,
     check_inside,
     check_product,
     current_result,
-    file_record,
     fingerprint,
-    read_stamp,
     write_stamp,
 )
 
@@ -139,7 +137,7 @@ def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, f
     """Bring one task's targets file up to date; returns its summary and its groups. `pullback()` computes the
     output-pullback group when it is due."""
     keys = cache_keys(rows, tcfg, seed, file_attrs["activations_fingerprint"])
-    groups = read_groups(path, keys)
+    groups, current = read_groups(path, keys, file_attrs)
     cached = set(groups)
     if "split" not in groups:
         train, val = stratified_split(rows["label"], tcfg["val_fraction"], seed)
@@ -157,7 +155,7 @@ def task_targets(task: str, rows, path: Path, tcfg: dict[str, Any], seed: int, f
         bar.update()
     for name, key in keys.items():
         groups[name]["attrs"]["key"] = key
-    if cached != set(keys):
+    if not current:
         write_targets(path, file_attrs, groups)
     summary = {"n": len(rows["h"]), "n_train": len(groups["split"]["train"]), "n_val": len(groups["split"]["val"])}
     for name in TARGET_NAMES:
@@ -203,21 +201,6 @@ def figure(task: str, labels: np.ndarray, groups, cyclic: bool, path: Path, max_
     put_in_place(tmp, path)
 
 
-def forget_damaged(out: Path) -> None:
-    """Delete targets files that differ from what the last targets run recorded, so that they are computed again
-    rather than trusted by their cache keys (a torn or unreadable record is simply written anew)."""
-    try:
-        stamp = read_stamp(out) or {}
-    except StageError:
-        (out / STAMP).unlink()
-        return
-    for name, record in (stamp.get("files") or {}).items():
-        path = out / name
-        if path.is_file() and file_record(path) != record:
-            log.warning("%s is not as the targets stage wrote it: computing it again", path)
-            path.unlink()
-
-
 def run(cfg: DictConfig) -> dict:
     """Write `<run_dir>/targets/<task>.h5` for every task, recomputing only what changed."""
     tasks = load_tasks(cfg)
@@ -234,6 +217,7 @@ def run(cfg: DictConfig) -> dict:
             "activations_fingerprint": store.attrs["fingerprint"],
             "layer": store.attrs["layer"],
             "model_name": store.attrs["model_name"],
+            "lm_fingerprint": store.attrs.get("lm_fingerprint", ""),  # the embedded LM's training
         }
         for task in tasks:
             store.check_task(task.to_dict())
@@ -241,7 +225,6 @@ def run(cfg: DictConfig) -> dict:
                           "store": str(store.attrs["fingerprint"])})  # fmt: skip
         if (done := current_result(out, fp, "the distance targets", cfg.overwrite)) is not None:
             return done
-        forget_damaged(out)  # with overwrite=true, another config's files are reused only where they are as written
         for task in tasks:  # what the data can refuse is refused before any targets file is written
             labels = store.read(task.name, ["label"])["label"]
             stratified_split(labels, tcfg["val_fraction"], cfg.seed)
@@ -282,8 +265,7 @@ def run(cfg: DictConfig) -> dict:
                     )  # fmt: skip
                 if cfg.targets.figures:
                     figures[task.name] = out / f"{task.name}.png"
-                    if not (s["phate"]["cached"] and s["hellinger"]["cached"] and figures[task.name].is_file()):
-                        figure(task.name, rows["label"], groups, task.topology == "cyclic", figures[task.name])
+                    figure(task.name, rows["label"], groups, task.topology == "cyclic", figures[task.name])
     result = {"dir": str(out), "tasks": summary, "seconds": round(time.perf_counter() - start, 2)}
     result["figures"] = {k: str(v) for k, v in figures.items()}
     if logger := make_logger(cfg, "targets"):

@@ -130,8 +130,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     train = PairwiseTargets(targets_file, g["target"], "train", pullback=pullback, task=task.to_dict())
     val = PairwiseTargets(targets_file, g["target"], "val", pullback=pullback, task=task.to_dict())
     attrs = train.attrs
-    store = {"lm": str(attrs["model_name"]), "layer": int(attrs["layer"]), "store": str(attrs["activations_fingerprint"]),
-             "split": str(attrs["split_key"])}  # fmt: skip
+    store = {"lm": str(attrs["model_name"]), "lm_fingerprint": str(attrs.get("lm_fingerprint", "")),
+             "layer": int(attrs["layer"]), "store": str(attrs["activations_fingerprint"]), "split": str(attrs["split_key"])}  # fmt: skip
     trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
     for folder in needs.values():
@@ -183,7 +183,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
                           use_distributed_sampler=False,
                           default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
-    resume = resume_checkpoint(last, f"{task.name}/{name}")
+    resume = resume_checkpoint(last, f"{task.name}/{name}", system)
     try:
         trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)
     except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped

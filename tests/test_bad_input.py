@@ -153,6 +153,44 @@ def pickled_last_ckpt(run: Path, scratch: Path, args: list[str]):
     torch.save({"state_dict": Evil(scratch / "pwned")}, last)
 
 
+def other_model_last_ckpt(run: Path, scratch: Path, args: list[str]):
+    """A crashed retraining's last.ckpt swapped for one that loads safely but holds another model's weights."""
+    pickled_last_ckpt(run, scratch, args)
+    (last,) = (run / "geometry" / "weekdays").glob(".gaga_out.partial-*/checkpoints/last.ckpt")
+    torch.save({"state_dict": {"model.encoder.0.weight": torch.zeros(3, 5)}}, last)
+
+
+class Crash(Exception):
+    """A simulated kill."""
+
+
+def crashed_extraction(run: Path, args: list[str], chunks: int) -> Path:
+    """The run's extraction made again and killed after `chunks` chunks are on disk; its chunk folder."""
+    cfg = make_cfg(run.parent, f"run_name={run.name}", *args, "extract.chunk_size=64", "overwrite=true")
+
+    def stop(_task, index):
+        if index + 1 == chunks:
+            raise Crash
+
+    with pytest.raises(Crash):
+        extract.run(cfg, on_chunk=stop)
+    (partial,) = (run / "extract").glob(".partial-*")
+    return partial / "weekdays"
+
+
+def swapped_chunks(run: Path, _scratch: Path, args: list[str]):
+    folder = crashed_extraction(run, args, 3)
+    first, second = folder / "chunk_00000.npz", folder / "chunk_00001.npz"
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+
+
+def truncated_chunk(run: Path, _scratch: Path, args: list[str]):
+    chunk = crashed_extraction(run, args, 3) / "chunk_00001.npz"
+    chunk.write_bytes(chunk.read_bytes()[:500])
+
+
 def no_targets(run: Path, _scratch: Path, _args: list[str]):
     shutil.rmtree(run / "targets")
 
@@ -529,6 +567,24 @@ CASES = [
         pickled_last_ckpt,
         ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
         r"last.ckpt holds pickled objects other than tensors.*never unpickles code.*Delete it",
+    ),
+    (
+        "resume checkpoint of another model",
+        other_model_last_ckpt,
+        ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
+        r"last.ckpt holds the weights of another model than weekdays/gaga_out.*delete it to train",
+    ),
+    (
+        "extraction chunks swapped after a crash",
+        swapped_chunks,
+        ["stage=extract", "extract.chunk_size=64", "overwrite=true"],
+        r"chunk_00000.npz does not hold the rows of chunk 0 of task 'weekdays'.*delete it and re-run",
+    ),
+    (
+        "extraction chunk truncated after a crash",
+        truncated_chunk,
+        ["stage=extract", "extract.chunk_size=64", "overwrite=true"],
+        r"chunk_00001.npz is damaged.*delete it and re-run",
     ),
     (
         "empty task",
@@ -1153,6 +1209,49 @@ def test_a_damaged_shard_or_stamp_is_made_again(finished, tmp_path, capsys, monk
     assert pipeline_command([*argv, "stage=extract"], capsys)[0] == 0
 
 
+def test_swapped_chunks_are_extracted_again_once_deleted_as_told(finished, tmp_path, capsys, monkeypatch):
+    """The fix the chunk messages give works: deleting each chunk named makes the store an uninterrupted run makes."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    swapped_chunks(run, tmp_path, finished[1])
+    refused = []
+    while (done := pipeline_command([*argv, "stage=extract", "extract.chunk_size=64", "overwrite=true"], capsys))[0]:
+        (named,) = re.findall(r"the extraction chunk (\S+\.npz)", done[1])
+        assert named not in refused, done[1]
+        refused.append(named)
+        Path(named).unlink()
+    assert [Path(n).name for n in refused] == ["chunk_00000.npz", "chunk_00001.npz"]
+    with h5py.File(run / STORE, "r") as now, h5py.File(finished[0] / STORE, "r") as then:
+        for name in ("h", "q", "top1", "prompt"):
+            np.testing.assert_array_equal(now[f"weekdays/{name}"][()], then[f"weekdays/{name}"][()])
+
+
+def test_chunks_damaged_after_their_shard_is_written_are_not_needed(finished, tmp_path, capsys, monkeypatch):
+    """Killed between its shard and its store: the store and its summary come from the shard, whatever the chunks."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+
+    def killed(*_a, **_k):
+        raise Crash
+
+    monkeypatch.setattr(extract, "write_store", killed)
+    with pytest.raises(Crash):
+        extract.run(make_cfg(tmp_path, "run_name=run", *finished[1], "overwrite=true", "extract.chunk_size=64"))
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    (folder,) = (run / "extract").glob(".partial-*/weekdays")
+    chunks = sorted(folder.iterdir())
+    chunks[0].write_bytes(chunks[0].read_bytes()[:300])
+    chunks[-1].unlink()
+    code, printed = pipeline_command([*argv, "stage=extract", "overwrite=true", "extract.chunk_size=64"], capsys)
+    assert code == 0, printed
+    stamp = json.loads((run / "extract" / "stage.json").read_text())["result"]["tasks"]["weekdays"]
+    then = json.loads((finished[0] / "extract" / "stage.json").read_text())["result"]["tasks"]["weekdays"]
+    assert stamp["answer_accuracy"] == then["answer_accuracy"] and stamp["n"] == then["n"]
+    with h5py.File(run / STORE, "r") as now, h5py.File(finished[0] / STORE, "r") as before:
+        np.testing.assert_array_equal(now["weekdays/h"][()], before["weekdays/h"][()])
+
+
 def test_edited_targets_are_computed_again(finished, tmp_path, capsys, monkeypatch):
     """A targets file edited in place is not trusted by its cache keys: the targets stage computes it again."""
     run, argv = _copy(finished, tmp_path)
@@ -1163,6 +1262,19 @@ def test_edited_targets_are_computed_again(finished, tmp_path, capsys, monkeypat
     with h5py.File(_targets(run), "r") as now, h5py.File(finished[0] / "targets" / "weekdays.h5", "r") as then:
         np.testing.assert_array_equal(now["split/train"][:], then["split/train"][:])
     assert pipeline_command([*argv, "stage=train"], capsys)[0] == 0
+
+
+def test_targets_a_killed_stage_left_unrecorded_are_trusted_only_as_written(finished, tmp_path, capsys, monkeypatch):
+    """Without a stage.json (a targets stage killed after writing a task's file), a changed group is computed again."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    (run / "targets" / "stage.json").unlink()
+    with h5py.File(_targets(run), "r+") as f:
+        f["phate/coords"][...] = 0
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 0 and "group phate is not as it was written; computing it again" in printed, printed
+    with h5py.File(_targets(run), "r") as now, h5py.File(finished[0] / "targets" / "weekdays.h5", "r") as then:
+        np.testing.assert_array_equal(now["phate/coords"][:], then["phate/coords"][:])
 
 
 def test_an_edited_export_is_trained_again(finished, tmp_path, capsys, monkeypatch):
@@ -1191,6 +1303,25 @@ def test_an_lm_trained_again_after_extraction_is_refused(tiny_lm_dir, tmp_path, 
     assert "Traceback" not in printed and snapshot(run) == before, printed
     code, printed = pipeline_command([*argv, "stage=extract"], capsys)
     assert code == 1 and "made by a different config" in printed, printed
+
+
+def test_geometries_of_another_training_of_the_embedded_lm_are_refused(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """eval.geometry_dir at a run whose embedded LM was trained apart (same name, other weights) is refused."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    argv = ["logger=none", "model.embedded=true", "model.layer=1", "tasks=[weekdays]", *GEOMETRY]
+    for name, training in (("first", "one training"), ("second", "another training")):
+        shutil.copytree(tiny_lm_dir, tmp_path / name / "lm")
+        write_stamp(tmp_path / name / "lm", "lm", training, {})  # as stage=lm leaves its product
+        runs = [f"paths.outputs={tmp_path}", f"run_name={name}", *argv]
+        assert pipeline_command([*runs, "stage=extract"], capsys)[0] == 0
+    for stage in ("targets", "train"):
+        assert pipeline_command([f"paths.outputs={tmp_path}", "run_name=first", *argv, f"stage={stage}"], capsys)[0] == 0
+    before = snapshot(tmp_path)
+    code, printed = pipeline_command([*runs, "stage=eval", "method=[gaga_out]",
+                                      f"eval.geometry_dir={tmp_path / 'first' / 'geometry'}"], capsys)  # fmt: skip
+    assert code == 1 and "Traceback" not in printed, printed
+    assert "lm_fingerprint 'one training' (asked: 'another training')" in printed, printed
+    assert snapshot(tmp_path) == before
 
 
 def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch):

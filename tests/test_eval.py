@@ -172,15 +172,29 @@ def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, 
     assert not list(run_dir.glob(".eval.partial-*"))
 
 
-def test_a_crashed_eval_evaluates_again_a_task_file_it_did_not_write(prepared, evaluated, monkeypatch):
-    """An unfinished evaluation's task file changed after it was written (edited, or another task's copied over it)."""
-    cfg = prepared("evaluated", *SMALL_EVAL, SMALL_SPLINE, "paths.run_dir=${paths.outputs}/eval_edited")
+def edit_results(saved: evaluate.Path) -> None:
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "methods": []}))
+
+
+def delete_a_figure(saved: evaluate.Path) -> None:
+    saved.with_name(min(json.loads(saved.read_text())["figures"].values())).unlink()
+
+
+def empty_a_figure(saved: evaluate.Path) -> None:
+    saved.with_name(max(json.loads(saved.read_text())["figures"].values())).write_bytes(b"")
+
+
+@pytest.mark.parametrize("spoil", [edit_results, delete_a_figure, empty_a_figure])
+def test_a_crashed_eval_evaluates_again_a_task_it_did_not_leave_whole(prepared, evaluated, monkeypatch, spoil):
+    """An unfinished evaluation's task file or one of its figures changed after it was written (edited, deleted,
+    emptied, or another task's copied over it): the task is evaluated again and its figures drawn again."""
+    cfg = prepared("evaluated", *SMALL_EVAL, SMALL_SPLINE, f"paths.run_dir=${{paths.outputs}}/eval_{spoil.__name__}")
     run_dir = beside(evaluated, cfg)
     monkeypatch.setattr(report, "write", lambda *a, **k: pytest.fail("stop before the report"))
     with pytest.raises(pytest.fail.Exception):
         evaluate.run(cfg)
     (saved,) = run_dir.glob(".eval.partial-*/weekdays.json")
-    saved.write_text(json.dumps({**json.loads(saved.read_text()), "methods": []}))
+    spoil(saved)
     monkeypatch.undo()
     calls = []
     monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: calls.append(1) or original_evaluate(*a, **k))
@@ -188,6 +202,8 @@ def test_a_crashed_eval_evaluates_again_a_task_file_it_did_not_write(prepared, e
     assert calls == [1], "the task whose saved results were changed is evaluated again"
     resumed, original = weekdays_results(result), weekdays_results(evaluated[1])
     assert all(resumed["methods"][m]["per_pair"] == e["per_pair"] for m, e in original["methods"].items())
+    figures = [run_dir / "eval" / f for f in resumed["figures"].values()]
+    assert figures and all(f.stat().st_size > 0 for f in figures)
 
 
 original_evaluate = evaluate.evaluate_task

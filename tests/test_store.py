@@ -13,6 +13,7 @@ from geosteer.data.store import (
     ActivationStore,
     ChunkDir,
     StoreError,
+    read_shards,
     virtual_rows,
     write_shard,
     write_store,
@@ -81,13 +82,28 @@ def test_missing_store_says_which_stage_makes_it(tmp_path):
         ActivationStore(tmp_path / "activations.h5")
 
 
-def test_chunks_must_be_contiguous(tmp_path):
+def test_chunks_refuse_rows_of_other_prompts(tmp_path):
     chunks = ChunkDir(tmp_path)
     rows = {"h": np.zeros((2, 3)), "q": np.zeros((2, 4)), "top1": np.zeros(2)}
-    chunks.write("t", 0, rows)
-    chunks.write("t", 2, rows)
-    with pytest.raises(StoreError, match="not contiguous"):
-        chunks.read_task("t")
+    chunks.write("t", 0, rows, ["a", "b"])
+    chunks.write("t", 1, rows, ["c", "d"])
+    assert len(chunks.read_task("t", {0: ["a", "b"], 1: ["c", "d"]})["h"]) == 4
+    for wrong in ({0: ["c", "d"]}, {0: ["a", "b", "x"]}):  # another chunk's prompts; more prompts than rows
+        with pytest.raises(StoreError, match="chunk_00000.npz does not hold the rows.*delete it"):
+            chunks.read_task("t", wrong)
+    with pytest.raises(StoreError, match=r"chunks \[2\] of task 't' are missing"):
+        chunks.read_task("t", {2: ["e"]})
+
+
+def test_shards_refuse_rows_of_other_prompts(tmp_path):
+    rows = {"h": np.zeros((2, 3)), "q": np.zeros((2, 4)), "top1": np.zeros(2)}
+    shard = tmp_path / "rank-0-of-1.h5"
+    write_shard(shard, {"t": rows}, {"t": ["a", "b"]}, "none")
+    np.testing.assert_array_equal(read_shards({shard: ["a", "b"]}, "t")["q"], rows["q"])
+    with pytest.raises(StoreError, match="rank-0-of-1.h5 does not hold the rows of task 't'"):
+        read_shards({shard: ["b", "a"]}, "t")
+    with pytest.raises(StoreError, match="rank-0-of-1.h5 does not hold the rows of task 'u'"):
+        read_shards({shard: ["a", "b"]}, "u")
 
 
 def test_virtual_rows_stack_shards_and_move_with_the_store(tmp_path):
@@ -101,7 +117,8 @@ def test_virtual_rows_stack_shards_and_move_with_the_store(tmp_path):
     shards = [tmp_path / "run" / "shards" / f"rank-{r}-of-3.h5" for r in range(3)]
     for r, shard in enumerate(shards):
         part = {k: v[cut[r] : cut[r + 1]] for k, v in rows.items()}
-        write_shard(shard, {"weekdays": part} if cut[r + 1] > cut[r] else {}, "gzip")
+        texts = {"weekdays": [p.text for p in prompts[cut[r] : cut[r + 1]]]}
+        write_shard(shard, {"weekdays": part} if cut[r + 1] > cut[r] else {}, texts, "gzip")
     store = tmp_path / "run" / "activations.h5"
     schema = ConceptSchema("weekdays", task.concepts, tuple((i,) for i in range(7)))
     layouts = virtual_rows(store, shards, "weekdays")

@@ -136,6 +136,26 @@ def test_concept_schema_has_single_token_variants_and_rejects_unknown_values():
         concept_schema(months, tok, "word-tokenizer")
 
 
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (["Monday ", "Tuesday"], r"values \['Monday '\] are empty or start or end with whitespace"),
+        (["Monday", "monday"], r"'Monday' and 'monday' are the same word in lower case.*drop \{lower\}"),
+    ],
+)
+def test_values_that_tokenise_alike_are_refused_when_the_task_loads(tmp_path, values, message):
+    """Refused with the task, before any stage (stage=lm would otherwise train first and fail after)."""
+    spec = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text()) | {"values": values, "number_words": None}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(TaskError, match=message):
+        load_task(str(path), TASK_DIR)
+    spec["variants"] = ["{value}", " {value}"]  # without {lower}, case tells the two apart
+    path.write_text(yaml.safe_dump(spec))
+    if values[0].strip() == values[0]:
+        assert load_task(str(path), TASK_DIR).values == tuple(values)
+
+
 def test_neighbourhood_is_a_topology_aware_discrete_gaussian():
     weekdays, letters = load_task("weekdays", TASK_DIR), load_task("letters", TASK_DIR)
     ring = weekdays.neighbourhood(0, width=1.0)
