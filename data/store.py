@@ -70,9 +70,10 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     put_in_place(tmp, path)
 
 
-def prompts_digest(task: str, texts: Sequence[str]) -> str:
-    """A record of which prompts a chunk or shard holds: rows moved between chunks, shards or tasks are caught."""
-    return hashlib.sha256(json.dumps([task, list(texts)]).encode()).hexdigest()
+def prompts_digest(folder: Path, task: str, texts: Sequence[str]) -> str:
+    """A record of which prompts a chunk or shard in `folder` holds: as the folder's name carries the extraction's
+    fingerprint, rows moved between chunks, shards, tasks or configs are caught."""
+    return hashlib.sha256(json.dumps([Path(folder).name, task, list(texts)]).encode()).hexdigest()
 
 
 class ChunkDir:
@@ -90,7 +91,7 @@ class ChunkDir:
     def write(self, task: str, index: int, rows: dict[str, np.ndarray], texts: Sequence[str]) -> None:
         """Write the rows of `texts`, chunk `index` of `task`."""
         self.path(task, index).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_savez(self.path(task, index), digest=np.array(prompts_digest(task, texts)), **rows)
+        _atomic_savez(self.path(task, index), digest=np.array(prompts_digest(self.root, task, texts)), **rows)
 
     def read_task(self, task: str, texts: dict[int, Sequence[str]]) -> dict[str, np.ndarray]:
         """The rows of the chunks `texts` names ({chunk index: its prompt texts}), in order.
@@ -111,7 +112,7 @@ class ChunkDir:
                 raise StoreError(f"the extraction chunk {path} is damaged ({type(e).__name__}); {fix}") from None
             if (
                 set(part) != {"digest", *ROW_ARRAYS}
-                or str(part["digest"]) != prompts_digest(task, want)
+                or str(part["digest"]) != prompts_digest(self.root, task, want)
                 or any(len(part[k]) != len(want) for k in ROW_ARRAYS)
             ):
                 raise StoreError(f"the extraction chunk {path} does not hold the rows of chunk {i} of task "
@@ -151,7 +152,7 @@ def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], texts: dict[
     with h5py.File(tmp, "w") as f:
         for task, arrays in rows.items():
             g = f.create_group(task)
-            g.attrs["prompts_digest"] = prompts_digest(task, texts[task])
+            g.attrs["prompts_digest"] = prompts_digest(path.parent, task, texts[task])
             for name, arr in arrays.items():
                 g.create_dataset(name, data=arr, chunks=(min(len(arr), 1024), *arr.shape[1:]), **_filters(compression))
     put_in_place(tmp, path)
@@ -170,7 +171,7 @@ def read_shards(shards: dict[Path, Sequence[str]], task: str) -> dict[str, np.nd
         try:
             with h5py.File(shard, "r") as f:
                 g = f.get(task)
-                if g is None or g.attrs.get("prompts_digest") != prompts_digest(task, want):
+                if g is None or g.attrs.get("prompts_digest") != prompts_digest(shard.parent, task, want):
                     raise StoreError(f"the extraction shard {shard} does not hold the rows of task '{task}' it "
                                      f"should ({len(want)} prompts): it was changed or copied; {fix}.")  # fmt: skip
                 part = {k: g[k][()] for k in ROW_ARRAYS}

@@ -33,6 +33,7 @@ MAX_NUMBER = 10_000  # |step| or run length (the store keeps numbers as int16)
 MAX_PROMPT = 2000  # characters of one prompt: every stage runs the LM on every prompt, and a run of 10,000 values is
 # tens of thousands of tokens
 MAX_NAME = 64  # characters of a task name (a folder, a file and an HDF5 group)
+RESERVED_NAMES = ("finished", "report", "results", "stage")  # files beside a stage's per-task files
 # key: (kind of value, kind of its items), for the schema check of a task definition
 SCHEMA: dict[str, tuple[type, type | None]] = {
     "name": (str, None),
@@ -140,6 +141,9 @@ class Task:
         if not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_NAME - 1}}}", self.name):
             raise TaskError(f"{where}: a task name becomes a folder and an HDF5 group, so it takes letters, digits, "
                             f"'_' and '-' only (no '/', no leading '.'), at most {MAX_NAME} of them; rename it, e.g. name: my_task.")  # fmt: skip
+        if self.name in RESERVED_NAMES:
+            raise TaskError(f"{where}: a task's files sit beside the run's own {RESERVED_NAMES} (.json), so it cannot "
+                            f"be called {self.name!r}; rename it.")  # fmt: skip
         if self.topology not in TOPOLOGIES:
             raise TaskError(f"{where}: topology '{self.topology}' is unknown; use one of {TOPOLOGIES}.")
         if self.answer_rule not in ANSWER_RULES:
@@ -207,6 +211,19 @@ class Task:
         n = len(self.contexts) * len(self.templates) * len(self.values) * len(self.numbers)
         if n > MAX_PROMPTS:
             raise TaskError(f"{where}: contexts × templates × values × numbers = {n:,} prompts; at most {MAX_PROMPTS:,}.")
+        for field in ("numbers", "templates", "contexts"):
+            items = getattr(self, field)
+            if twice := sorted({x for x in items if items.count(x) > 1}, key=str):
+                raise TaskError(f"{where}: {field} lists {twice} more than once; list each once (a repeat counts "
+                                f"its prompts twice).")  # fmt: skip
+        answers: dict[str, str] = {}
+        for p in self.prompts():
+            if answers.setdefault(p.text, p.answer) != p.answer:
+                raise TaskError(
+                    f"{where}: the prompt {p.text!r} has two answers, {answers[p.text]!r} and {p.answer!r} (two "
+                    f"numbers with one word in number_words, or templates that read alike); make every prompt say "
+                    f"which answer it asks for."
+                )
         if not self.prompts():
             raise TaskError(f"{where}: no (entity, number) pair has an answer; check values, numbers and topology.")
 

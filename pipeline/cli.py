@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -195,9 +196,16 @@ def makeable(folder: Path, key: str, value: str) -> list[str]:
     """Why `folder` cannot be made (Hydra makes it next), naming the setting to change; nothing is left behind."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):  # ranks started together each check and remove: one may remove a parent meanwhile
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         for made in missing:  # deepest first; a time-based run_name would otherwise leave an empty twin
-            made.rmdir()
+            with contextlib.suppress(OSError):  # unless another process has put something in it
+                made.rmdir()
     except OSError as e:
         return [f"cannot make the folder {folder} ({e.strerror}); point {key}=... at a folder you can write (it is "
                 f"{value})"]  # fmt: skip

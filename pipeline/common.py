@@ -115,6 +115,11 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
 
     m = store_lm(cfg, store_attrs)
     if recorded := store_attrs.get("lm_fingerprint"):  # the embedded LM: it must be the one the store came from
+        if not Path(m["pretrained"]).is_dir():
+            raise StageError(
+                f"the LM the activation store was extracted from, {m['pretrained']}, is missing (moved, renamed or "
+                f"deleted). Put it back, or make it and what follows again with `pipeline stage=all overwrite=true`."
+            )
         check_product(Path(m["pretrained"]), "Train it again with `pipeline stage=lm overwrite=true`.")
         now = (read_stamp(Path(m["pretrained"])) or {}).get("fingerprint")
         if now != recorded:

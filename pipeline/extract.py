@@ -139,6 +139,19 @@ def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: Di
                 on_chunk(task.name, c)
 
 
+def check_vocabulary(tokenizer, task: Task, lm: str) -> None:
+    """Refuse a task whose prompts have words the embedded LM has no token for: it was trained for other tasks."""
+    texts = [p.text for p in task.prompts()]
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False).input_ids):
+        if tokenizer.unk_token_id in ids:
+            words = [w for w in text.split() if tokenizer.unk_token_id in tokenizer.encode(w, add_special_tokens=False)]
+            raise StageError(
+                f"task '{task.name}': the embedded LM at {lm} has no token for {words[:3]} (in {text!r}): it was "
+                f"trained for other tasks. Train it for these ones with `pipeline stage=lm overwrite=true` and the "
+                f"same tasks=..., or extract with the tasks it was trained for."
+            )
+
+
 def lm_fingerprint(m) -> str | None:
     """The fingerprint of the embedded LM's stage=lm product (None for other LMs): a retrained LM changes it."""
     stamp = read_stamp(Path(m["pretrained"])) if m["embedded"] else None
@@ -213,6 +226,9 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     if m.device_map is None:
         model.to(resolve_device(cfg.extract.device) if world == 1 else fabric.device)
     schemas = {t.name: concept_schema(t, tokenizer, m.pretrained) for t in tasks}
+    if m.embedded:
+        for t in tasks:
+            check_vocabulary(tokenizer, t, m.pretrained)
 
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:

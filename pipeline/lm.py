@@ -27,7 +27,16 @@ from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import StageError, adamw_warmup_cosine, close_logger, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
-from geosteer.pipeline.products import check_inside, current_result, fingerprint, replace_dir, resume_checkpoint, write_stamp
+from geosteer.pipeline.products import (
+    FingerprintCheckpoints,
+    check_inside,
+    current_result,
+    fingerprint,
+    replace_dir,
+    resume_checkpoint,
+    trainer_facts,
+    write_stamp,
+)
 
 
 class TaskLMSystem(L.LightningModule):
@@ -186,7 +195,8 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.model.pretrained)
     check_inside(cfg.paths.run_dir, out, "stage=lm writes the embedded LM to model.pretrained: leave it at its default "
                  "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
-    fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed})
+    fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,
+                      "trainer": trainer_facts(cfg)})  # fmt: skip
     if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
         return done
     work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
@@ -215,11 +225,11 @@ def run(cfg: DictConfig) -> dict:
     )
     measure = functools.partial(the_bar, tokenizer=tokenizer, tasks=tasks, prompts=prompts, layer=cfg.model.layer,
                                 seed=cfg.seed)  # fmt: skip
-    callbacks = [checkpoint]
+    callbacks = [checkpoint, FingerprintCheckpoints(fp)]
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
-    resume = resume_checkpoint(work / "checkpoints" / "last.ckpt", "the task LM", system)
+    resume = resume_checkpoint(work / "checkpoints", "the task LM", system, fp)
     start = time.perf_counter()
     trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
     train_seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -164,6 +165,11 @@ def check_inside(run_dir: Path | str, product_dir: Path, hint: str = "") -> None
             )
 
 
+def trainer_facts(cfg: DictConfig) -> dict[str, Any]:
+    """The trainer settings a trained product depends on (all but how often it logs), for its fingerprint."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "log_every_n_steps"}
+
+
 def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:
     """The stored result if `product_dir` was made by this config and its files are as written; refuses another
     config's output.
@@ -294,35 +300,51 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_checkpoint(last: Path, what: str, system: torch.nn.Module) -> Path | None:
-    """`last` when it is a checkpoint of `system` to resume `what` from, None when there is none.
+class FingerprintCheckpoints(L.Callback):
+    """Writes the fingerprint of the product in training into every checkpoint; `resume_checkpoint` requires it."""
 
-    Raises StageError for a checkpoint that holds more than tensors (loading it would run
-    pickled code: refused, as `weights_only=True` loads always are), that is torn, or whose
-    weights are not `system`'s (other names or shapes: another model's checkpoint).
+    def __init__(self, fp: str):
+        self.fp = fp
+
+    def on_save_checkpoint(self, _trainer, _module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["geosteer_fingerprint"] = self.fp
+
+
+def resume_checkpoint(folder: Path, what: str, system: torch.nn.Module, fp: str, best: bool = False) -> Path | None:
+    """`folder/last.ckpt` when it is a checkpoint of `system` written for fingerprint `fp`; None when there is none.
+
+    With `best`, `folder/best.ckpt` (the best epoch so far, read at the end) must be one too. Raises StageError for
+    a checkpoint that holds more than tensors (loading it would run pickled code: refused, as `weights_only=True`
+    loads always are), that is torn or missing, that another config wrote, or whose weights are not `system`'s.
     """
+    last = folder / "last.ckpt"
     if not last.is_file():
         return None
-    fix = f"delete it to train {what} from scratch"
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise StageError(
-            f"{last} holds pickled objects other than tensors (it asks for {found[1] if found else 'a global'}), "
-            f"and geosteer never unpickles code. Delete it to train {what} from scratch, or put back the checkpoint "
-            f"this run wrote."
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise StageError(f"{last} is damaged ({type(e).__name__}: {e}); {fix}.") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise StageError(f"{last} is not a Lightning checkpoint (it has no state_dict); {fix}.")
-    ours = {k: tuple(v.shape) for k, v in system.state_dict().items()}
-    theirs = {k: tuple(getattr(v, "shape", ())) for k, v in ckpt["state_dict"].items()}
-    if ours != theirs:
-        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
-        raise StageError(f"{last} holds the weights of another model than {what} (first differences, name and "
-                         f"shape: {diff}); {fix}, or put back the checkpoint this run wrote.")  # fmt: skip
+    fix = f"delete the folder {folder.parent} to train {what} from scratch"
+    for path in (last, folder / "best.ckpt") if best else (last,):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise StageError(f"{path} is missing beside {last}; {fix}.") from None
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise StageError(
+                f"{path} holds pickled objects other than tensors (it asks for {found[1] if found else 'a global'}), "
+                f"and geosteer never unpickles code. Put back the checkpoint this run wrote, or {fix}."
+            ) from e
+        except (RuntimeError, EOFError, OSError) as e:
+            raise StageError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}.") from e
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise StageError(f"{path} is not a Lightning checkpoint (it has no state_dict); {fix}.")
+        if ckpt.get("geosteer_fingerprint") != fp:
+            raise StageError(f"{path} was written for another config ({ckpt.get('geosteer_fingerprint')}, this one "
+                             f"is {fp}): it was copied there; {fix}.")  # fmt: skip
+        ours = {k: tuple(v.shape) for k, v in system.state_dict().items()}
+        theirs = {k: tuple(getattr(v, "shape", ())) for k, v in ckpt["state_dict"].items()}
+        if ours != theirs:
+            diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+            raise StageError(f"{path} holds the weights of another model than {what} (first differences, name and "
+                             f"shape: {diff}); {fix}.")  # fmt: skip
     log.info("resuming %s from %s", what, last)
     return last
 

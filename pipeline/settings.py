@@ -81,7 +81,12 @@ def one_of(*choices: Any) -> Rule:
 # ("16-true") break the distance losses, whose pdist has no float16 kernel on the CPU).
 PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "16-mixed")
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
-TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self"}  # what a trainer config may set
+# What a trainer config may set: Lightning's Trainer arguments, but those that skip or cut training or validation
+# (every stage validates each epoch, checkpoints it, and reads back what it saved).
+TRAINER_FIXED = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                 "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
+                 "barebones", "callbacks", "max_epochs", "max_steps", "logger")  # fmt: skip
+TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_FIXED}
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
@@ -268,7 +273,11 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
         if wants and not torch.cuda.is_available():
             faults.append(f"{key} asks for a CUDA GPU, but none is visible to torch (use trainer=cpu and "
                           f"extract.device=auto on this machine)")  # fmt: skip
-    if unknown := sorted(set(trainer) - {"_target_"} - TRAINER_ARGUMENTS):
+    if fixed := sorted(set(trainer) & set(TRAINER_FIXED)):
+        faults.append(f"{', '.join('trainer.' + k for k in fixed)}: set by the stages themselves (each trains its full "
+                      f"schedule, validates and checkpoints every epoch); remove them, and shorten training with "
+                      f"max_epochs_cap=N or the geometry's max_epochs")  # fmt: skip
+    if unknown := sorted(set(trainer) - {"_target_"} - TRAINER_ARGUMENTS - set(TRAINER_FIXED)):
         faults.append(f"{', '.join('trainer.' + k for k in unknown)}: not arguments of Lightning's Trainer; remove them")
     strategies = ["auto", *StrategyRegistry.available_strategies()]
     if "strategy" in trainer and trainer["strategy"] not in strategies:

@@ -50,6 +50,7 @@ from geosteer.pipeline.common import (
 )
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
+    FingerprintCheckpoints,
     RunLayout,
     check_inside,
     check_product,
@@ -58,6 +59,7 @@ from geosteer.pipeline.products import (
     fingerprint,
     replace_dir,
     resume_checkpoint,
+    trainer_facts,
     write_stamp,
 )
 
@@ -132,14 +134,13 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     attrs = train.attrs
     store = {"lm": str(attrs["model_name"]), "lm_fingerprint": str(attrs.get("lm_fingerprint", "")),
              "layer": int(attrs["layer"]), "store": str(attrs["activations_fingerprint"]), "split": str(attrs["split_key"])}  # fmt: skip
-    trainer_cfg = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("log_every_n_steps",)}
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
     for folder in needs.values():
         check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
         check_provenance(folder, read_config(folder).get("meta") or {}, task.to_dict(), **store)
     needed = {role: export_facts(folder, RunLayout.of(cfg).root) for role, folder in needs.items()}
-    facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_cfg,
-             "store": store["store"], "task": task.to_dict()}  # fmt: skip
+    facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_facts(cfg),
+             "store": store["store"], "task": task.to_dict(), "schema_version": GEOMETRY_SCHEMA_VERSION}  # fmt: skip
     if pullback:
         facts["pullback"] = attrs["pullback_key"]
     if needed:  # retrain when what it trained against changes
@@ -157,7 +158,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     L.seed_everything(cfg.seed, workers=True)
     x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
     meta = {"geometry": name, "family": g["family"], "target": g["target"], "target_scale": train.scale,
-            "task": task.to_dict(), **store, "schema_version": GEOMETRY_SCHEMA_VERSION, "fingerprint": fp}  # fmt: skip
+            "task": task.to_dict(), **store, "schema_version": GEOMETRY_SCHEMA_VERSION,
+            "fingerprint": fp}  # fmt: skip
     if needed:
         meta["needs"] = needed
     model, ctor = family.build(g, x_train.shape[1], len(task.concepts), meta, cfg.seed)
@@ -179,11 +181,12 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     stop = EarlyStopping(monitor=monitor, patience=g["patience"])
     logger = make_logger(cfg, f"train-{task.name}-{name}", run_id_file=work / "run_id")
     trainer = instantiate(cfg.trainer, max_epochs=g["max_epochs"], logger=logger,
-                          callbacks=[best, latest, stop, EpochLog(f"{task.name}/{name}", monitor), *callbacks],
+                          callbacks=[best, latest, stop, EpochLog(f"{task.name}/{name}", monitor),
+                                     FingerprintCheckpoints(fp), *callbacks],
                           use_distributed_sampler=False,
                           default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
-    resume = resume_checkpoint(last, f"{task.name}/{name}", system)
+    resume = resume_checkpoint(checkpoints, f"{task.name}/{name}", system, fp, best=True)
     try:
         trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)
     except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
@@ -205,7 +208,9 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
 
     # Read back from the checkpoints, not the callbacks: spawned DDP workers keep their callbacks' state.
     final = torch.load(last, map_location="cpu", weights_only=True)
-    kept = torch.load(best.best_model_path or checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
+    kept = torch.load(
+        checkpoints / "best.ckpt", map_location="cpu", weights_only=True
+    )  # not best_model_path: the run may have moved
     system.load_state_dict(kept["state_dict"])
     model.eval()
     staging = work / "export"
@@ -260,6 +265,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     tasks = load_tasks(cfg)
     geometries = selected_geometries(cfg)
     run = RunLayout.of(cfg)
+    check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
     check_product(run.targets, "Re-run `pipeline stage=targets`: it computes them again.")
     missing = [t.name for t in tasks if not run.targets_file(t.name).is_file()]
     if missing:

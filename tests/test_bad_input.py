@@ -146,18 +146,45 @@ class CrashAfterSecondEpoch(L.Callback):
 
 def pickled_last_ckpt(run: Path, scratch: Path, args: list[str]):
     """A crashed retraining leaves its work folder; its last.ckpt is then swapped for a pickle that runs code."""
+    torch.save({"state_dict": Evil(scratch / "pwned")}, crashed_training(run, args) / "last.ckpt")
+
+
+def crashed_training(run: Path, args: list[str]) -> Path:
+    """A retraining that crashed after its second epoch; its checkpoint folder."""
     cfg = make_cfg(run.parent, f"run_name={run.name}", *args, "geometry.gaga_out.max_epochs=3", "overwrite=true")
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.run(cfg, callbacks=[CrashAfterSecondEpoch()])
-    (last,) = (run / "geometry" / "weekdays").glob(".gaga_out.partial-*/checkpoints/last.ckpt")
-    torch.save({"state_dict": Evil(scratch / "pwned")}, last)
+    (folder,) = (run / "geometry" / "weekdays").glob(".gaga_out.partial-*/checkpoints")
+    return folder
 
 
-def other_model_last_ckpt(run: Path, scratch: Path, args: list[str]):
+def other_model_last_ckpt(run: Path, _scratch: Path, args: list[str]):
     """A crashed retraining's last.ckpt swapped for one that loads safely but holds another model's weights."""
-    pickled_last_ckpt(run, scratch, args)
-    (last,) = (run / "geometry" / "weekdays").glob(".gaga_out.partial-*/checkpoints/last.ckpt")
-    torch.save({"state_dict": {"model.encoder.0.weight": torch.zeros(3, 5)}}, last)
+    last = crashed_training(run, args) / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, "state_dict": {"model.encoder.0.weight": torch.zeros(3, 5)}}, last)
+
+
+def other_config_last_ckpt(run: Path, _scratch: Path, args: list[str]):
+    """A crashed retraining's last.ckpt, of the same model, written for another config (copied from its folder)."""
+    last = crashed_training(run, args) / "last.ckpt"
+    torch.save({**torch.load(last, weights_only=True), "geosteer_fingerprint": "0123456789abcdef"}, last)
+
+
+def no_best_ckpt(run: Path, _scratch: Path, args: list[str]):
+    (crashed_training(run, args) / "best.ckpt").unlink()
+
+
+def torn_best_ckpt(run: Path, _scratch: Path, args: list[str]):
+    best = crashed_training(run, args) / "best.ckpt"
+    best.write_bytes(best.read_bytes()[:1000])
+
+
+def edited_shard(run: Path, _scratch: Path, _args: list[str]):
+    """The store's rows changed in place (same size): reversed."""
+    (shard,) = (run / "extract").glob("shards-*/rank-0-of-1.h5")
+    with h5py.File(shard, "r+") as f:
+        f["weekdays/h"][...] = f["weekdays/h"][()][::-1]
 
 
 class Crash(Exception):
@@ -566,13 +593,61 @@ CASES = [
         "resume checkpoint that is a pickle",
         pickled_last_ckpt,
         ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
-        r"last.ckpt holds pickled objects other than tensors.*never unpickles code.*Delete it",
+        r"last.ckpt holds pickled objects other than tensors.*never unpickles code.*delete the folder .*gaga_out.partial",
     ),
     (
         "resume checkpoint of another model",
         other_model_last_ckpt,
         ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
-        r"last.ckpt holds the weights of another model than weekdays/gaga_out.*delete it to train",
+        r"last.ckpt holds the weights of another model than weekdays/gaga_out.*delete the folder",
+    ),
+    (
+        "resume checkpoint of another config",
+        other_config_last_ckpt,
+        ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
+        r"last.ckpt was written for another config \(0123456789abcdef.*delete the folder",
+    ),
+    (
+        "resume without its best checkpoint",
+        no_best_ckpt,
+        ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
+        r"best.ckpt is missing beside .*last.ckpt; delete the folder",
+    ),
+    (
+        "torn best checkpoint",
+        torn_best_ckpt,
+        ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
+        r"best.ckpt is damaged .*delete the folder",
+    ),
+    (
+        "training on a store changed in place",
+        edited_shard,
+        ["stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"],
+        r"rank-0-of-1.h5 has another content than the one written.*stage=extract",
+    ),
+    (
+        "trainer option that skips validation",
+        None,
+        ["stage=train", "+trainer.limit_val_batches=0", "+trainer.fast_dev_run=true"],
+        r"trainer.fast_dev_run, trainer.limit_val_batches: set by the stages themselves.*max_epochs_cap",
+    ),
+    (
+        "task named like a run file",
+        lambda run, scratch, args: task_file(scratch, name="results"),
+        ["stage=extract", "tasks=[{scratch}/results.yaml]", "overwrite=true"],
+        r"task 'results': .* cannot be called 'results'; rename it",
+    ),
+    (
+        "two numbers with one word",
+        lambda run, scratch, args: task_file(scratch, name="twoone", number_words={n: "one" for n in range(1, 8)}),
+        ["stage=extract", "tasks=[{scratch}/twoone.yaml]", "overwrite=true"],
+        r"task 'twoone': the prompt '.*one days.*' has two answers",
+    ),
+    (
+        "a number listed twice",
+        lambda run, scratch, args: task_file(scratch, name="twice", numbers=[1, 2, 2]),
+        ["stage=extract", "tasks=[{scratch}/twice.yaml]", "overwrite=true"],
+        r"task 'twice': numbers lists \[2\] more than once",
     ),
     (
         "extraction chunks swapped after a crash",
@@ -1322,6 +1397,45 @@ def test_geometries_of_another_training_of_the_embedded_lm_are_refused(tiny_lm_d
     assert code == 1 and "Traceback" not in printed, printed
     assert "lm_fingerprint 'one training' (asked: 'another training')" in printed, printed
     assert snapshot(tmp_path) == before
+
+
+def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, monkeypatch):
+    """Checkpoints are found where the run is now: a crashed training, its run moved, finishes where it stopped."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    crashed_training(run, finished[1])
+    moved = run.rename(tmp_path / "moved")
+    code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=moved", "logger=none", *finished[1],
+                                      "stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"], capsys)  # fmt: skip
+    assert code == 0 and "resuming weekdays/gaga_out from" in printed, printed
+    assert (moved / EXPORT / "model.safetensors").is_file()
+
+
+def test_the_embedded_lm_is_checked_before_extraction_and_eval(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """Prompts with words the embedded LM has no token for are refused; so is eval when the LM has gone."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_lm_dir, run / "lm")
+    write_stamp(run / "lm", "lm", "first", {})
+    argv = [f"paths.outputs={tmp_path}", "run_name=run", "logger=none", "model.embedded=true", "model.layer=1"]
+    new_words = task_file(tmp_path, name="newwords", templates=["Q: Which weekday is {number} sunrises past {entity}?\nA:"])
+    code, printed = pipeline_command([*argv, f"tasks=[weekdays,{new_words}]", "stage=extract"], capsys)
+    assert code == 1 and re.search(r"task 'newwords': the embedded LM at .* has no token for \['", printed), printed
+    assert not (run / STORE).exists(), printed
+    assert pipeline_command([*argv, "tasks=[weekdays]", "stage=extract"], capsys)[0] == 0
+    (run / "lm").rename(run / "lm.old")
+    code, printed = pipeline_command([*argv, "tasks=[weekdays]", "stage=eval", "method=[linear]"], capsys)
+    assert code == 1 and "lm, is missing (moved, renamed or deleted)" in printed, printed
+
+
+def test_the_task_lm_is_another_product_under_other_trainer_settings(tmp_path, capsys, monkeypatch):
+    """Gradient clipping changes the LM it trains, so its record must tell the two apart."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    argv = [f"paths.outputs={tmp_path}", "run_name=run", "logger=none", "model.embedded=true", "tasks=[weekdays]",
+            "lm.max_steps=2", "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0", "stage=lm"]  # fmt: skip
+    assert pipeline_command(argv, capsys)[0] == 0
+    code, printed = pipeline_command([*argv, "+trainer.gradient_clip_val=0.5"], capsys)
+    assert code == 1 and "the task LM at" in printed and "made by a different config" in printed, printed
 
 
 def test_a_copied_run_uses_its_own_lm(tiny_lm_dir, tmp_path, capsys, monkeypatch):

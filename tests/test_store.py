@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -93,6 +94,11 @@ def test_chunks_refuse_rows_of_other_prompts(tmp_path):
             chunks.read_task("t", wrong)
     with pytest.raises(StoreError, match=r"chunks \[2\] of task 't' are missing"):
         chunks.read_task("t", {2: ["e"]})
+    other = ChunkDir(tmp_path / ".partial-another-config")  # the same prompts' rows, copied from another extraction
+    other.path("t", 0).parent.mkdir(parents=True)
+    shutil.copy(chunks.path("t", 0), other.path("t", 0))
+    with pytest.raises(StoreError, match="does not hold the rows of chunk 0"):
+        other.read_task("t", {0: ["a", "b"]})
 
 
 def test_shards_refuse_rows_of_other_prompts(tmp_path):
