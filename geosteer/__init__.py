@@ -13,6 +13,7 @@ from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linea
 from geosteer.models.hub import CheckpointError, GeometryMismatch, load_geometry
 from geosteer.models.innsteer import InnSteer
 from geosteer.models.metrics import EncoderPullback, FisherPullback, Metric, OutputPullback, pullback_of
+from geosteer.models.steer import Steering
 from geosteer.models.steering import intervene, steer
 from geosteer.models.tail import CarrierTail
 
@@ -29,6 +30,7 @@ __all__ = [
     "Metric",
     "OutputPullback",
     "PCA",
+    "Steering",
     "intervene",
     "lbfgs_geodesic",
     "linear_path",

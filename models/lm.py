@@ -134,6 +134,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ModelLoadError(f"cannot find the decoder blocks of {type(model).__name__}; it is not a supported causal LM.")
 
 
+def lm_shape(model: nn.Module) -> dict[str, int]:
+    """What a geometry trained on this LM's residual stream depends on: its width, depth and vocabulary."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return {"model_type": str(config.model_type), "hidden_size": int(config.hidden_size),
+            "num_layers": len(decoder_layers(model)), "vocab_size": int(model.get_output_embeddings().weight.shape[0])}  # fmt: skip
+
+
 def check_layer(model: nn.Module, layer: int) -> int:
     n = len(decoder_layers(model))
     if not 0 <= layer < n:

@@ -28,7 +28,7 @@ from geosteer.data.tasks import TaskError
 from geosteer.models.hub import CheckpointError, GeometryMismatch
 from geosteer.models.lm import ModelLoadError
 from geosteer.pipeline import eval as evaluate
-from geosteer.pipeline import extract, lm, targets, train
+from geosteer.pipeline import extract, lm, steer, targets, train
 from geosteer.pipeline.common import CONFIG_DIR, StageError, launched_rank, log
 from geosteer.pipeline.methods import build_methods
 from geosteer.pipeline.products import RunLayout, check_run_dir, run_lock
@@ -48,6 +48,7 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
     "targets": targets.run,
     "train": train.run,
     "eval": evaluate.run,
+    "steer": steer.run,  # not part of stage=all: it uses what the others made
 }
 
 
@@ -72,7 +73,7 @@ def _run(cfg: DictConfig) -> dict:
     if cfg.stage in ("all", "eval"):
         build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run
     if cfg.stage == "all":
-        names = [s for s in STAGES if s != "lm" or cfg.model.embedded]
+        names = [s for s in STAGES if s != "steer" and (s != "lm" or cfg.model.embedded)]
         return {name: STAGES[name](cfg) for name in names}
     if cfg.stage not in STAGES:
         raise StageError(f"stage '{cfg.stage}' is unknown; use one of {[*STAGES, 'all']}.")

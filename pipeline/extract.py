@@ -8,6 +8,7 @@ shard); finished chunks and shards survive a crash; the store appears atomically
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from geosteer.data.store import ChunkDir, read_shards, virtual_rows, write_shard, write_store, write_task_group
 from geosteer.data.tasks import Task, concept_schema
-from geosteer.models.lm import check_layer, read_last_token, replace_last_token
+from geosteer.models.lm import check_layer, lm_shape, read_last_token, replace_last_token
 from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.products import (
     RunLayout,
@@ -303,6 +304,7 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         "model_pretrained": m.pretrained,
         "model_revision": m.revision or "",
         "lm_fingerprint": lm_fingerprint(m) or "",  # the embedded LM's, which eval checks it still has
+        "lm_shape": json.dumps(lm_shape(model)),  # which steering checks a model against
         "layer": m.layer,
         "position_rule": POSITION_RULE,
         "dtype": m.dtype,

@@ -94,6 +94,11 @@ SIZE = integer(1)
 RULES: dict[str, Rule] = {
     "seed": integer(0, 2**32 - 1),
     "overwrite": one_of(True, False),
+    "steer.alpha": number(0, 1),
+    "steer.method": one_of("geometry", "linear", "caa"),
+    "steer.every_token": one_of(True, False),
+    "steer.max_new_tokens": SIZE,
+    "steer.figure_points": integer(2, 101),
     "max_epochs_cap": integer(1, null=True),
     "model.layer": integer(0),
     "model.dtype": one_of(*DTYPES),

@@ -30,6 +30,7 @@ from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader
 
+from geosteer.data.store import ActivationStore
 from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError
 from geosteer.data.tasks import Task
 from geosteer.models.hub import model_card, read_config
@@ -63,7 +64,7 @@ from geosteer.pipeline.products import (
     write_stamp,
 )
 
-GEOMETRY_SCHEMA_VERSION = 1
+GEOMETRY_SCHEMA_VERSION = 2  # 2: meta carries what steering needs (lm_pretrained, lm_revision, lm_shape, concepts)
 
 
 class PointCloudData(L.LightningDataModule):
@@ -124,6 +125,20 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
     return geometries
 
 
+def steering_facts(store_path: Path, task: Task) -> dict[str, Any]:
+    """What steering with an export needs besides its weights, from the store it was trained on: the LM (id, revision
+    and shape, checked against a model at load), and the concept schema with each class's centroid in h."""
+    with ActivationStore(store_path) as store:
+        rows, schema, attrs = store.read(task.name, ["h", "label"]), store.schema(task.name), store.attrs
+        lm = json.loads(attrs["config"])["model"]
+        shape = json.loads(attrs.get("lm_shape", "null"))
+    h = torch.from_numpy(rows["h"]).float()
+    centroids = [h[rows["label"] == k].mean(0).tolist() if (rows["label"] == k).any() else None
+                 for k in range(len(task.concepts))]  # fmt: skip
+    concepts = {"values": list(schema.values), "variant_ids": [list(v) for v in schema.variant_ids], "centroids": centroids}
+    return {"lm_pretrained": lm["pretrained"], "lm_revision": lm.get("revision") or "", "lm_shape": shape, "concepts": concepts}
+
+
 def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], targets_file: Path,
                    callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:  # fmt: skip
     """Train one geometry on one task, export it, and return its summary."""
@@ -158,7 +173,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     L.seed_everything(cfg.seed, workers=True)
     x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
     meta = {"geometry": name, "family": g["family"], "target": g["target"], "target_scale": train.scale,
-            "task": task.to_dict(), **store, "schema_version": GEOMETRY_SCHEMA_VERSION,
+            "task": task.to_dict(), **store, **steering_facts(train.store_path, task), "schema_version": GEOMETRY_SCHEMA_VERSION,
             "fingerprint": fp}  # fmt: skip
     if needed:
         meta["needs"] = needed

@@ -1,0 +1,117 @@
+"""stage=steer: steer one prompt's generation with a trained geometry, and show what it changes.
+
+    pipeline stage=steer steer.prompt="Q: What day is two days after Monday?\nA:" steer.target=Thursday \
+        steer.geometry=gaga_out steer.alpha=1
+
+prints the unsteered and steered generations and the concept distribution q before and after,
+and writes `<run>/steer/<task>-<geometry>-<target>.png`: q along α ∈ [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from geosteer.data.store import put_in_place
+from geosteer.models.hub import load_geometry
+from geosteer.models.lm import read_last_token
+from geosteer.models.steer import Steering
+from geosteer.pipeline.common import StageError, atomic_write_text, load_lm, log
+from geosteer.pipeline.products import RunLayout, check_inside, check_product
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+def geometry_folder(cfg: DictConfig) -> Path:
+    """`steer.geometry` as an export folder: a folder as given, or a name under this run's `geometry/<task>/`
+    (the task whose values hold `steer.target`)."""
+    s = cfg.steer
+    given = Path(str(s.geometry))
+    if (given / "config.json").is_file():
+        return given
+    geometries = RunLayout.of(cfg).geometries
+    found = sorted(p.parent for p in geometries.glob(f"*/{given.name}/config.json"))
+    holding = [f for f in found if s.target in (json.loads((f / "config.json").read_text()).get("meta", {})
+                                                .get("concepts", {}).get("values", []))]  # fmt: skip
+    if len(holding) != 1:
+        where = f"{len(holding)} of {[str(f) for f in found]}" if found else f"none under {geometries}"
+        raise StageError(
+            f"steer.geometry={s.geometry} is not an export folder, and as a geometry name of this run it names "
+            f"{where} with the concept {s.target!r}. Give an export's folder, or train it (`pipeline stage=train`)."
+        )
+    return holding[0]
+
+
+def run(cfg: DictConfig) -> dict:
+    """Steer `steer.prompt` toward `steer.target`; print and return the generations and q before and after."""
+    s = cfg.steer
+    folder = geometry_folder(cfg)
+    check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
+    geometry = load_geometry(folder)
+    if cfg.model.embedded:
+        check_product(Path(cfg.model.pretrained), "Train it again with `pipeline stage=lm overwrite=true`.")
+    lm, tokenizer = load_lm(cfg.model)
+    enc = tokenizer([str(s.prompt)], return_tensors="pt")
+
+    def generate() -> str:
+        out = lm.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+    def steering(alpha: float) -> Steering:
+        return Steering(lm, geometry, str(s.target), alpha, s.method, s.every_token)
+
+    with torch.no_grad():
+        plain = generate()
+        with steering(float(s.alpha)) as steered:
+            moved = generate()
+        variant_ids = steered.concepts.variant_ids
+        alphas = np.linspace(0.0, 1.0, s.figure_points)
+        q = []
+        for a in alphas:
+            with steering(float(a)):
+                q.append(read_last_token(lm, enc.input_ids, enc.attention_mask, steered.layer, variant_ids).q[0])
+    q = torch.stack(q).numpy()  # (A, K+1)
+    values = [*steered.concepts.values, "other"]
+    at = int(np.abs(alphas - float(s.alpha)).argmin())
+    task = geometry.meta["task"]["name"]
+    out = RunLayout.of(cfg).root / "steer"
+    check_inside(RunLayout.of(cfg).root, out)
+    name = f"{task}-{geometry.meta.get('geometry', folder.name)}-{s.method}-{s.target}"
+    figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {folder.name} toward {s.target}",
+           out / f"{name}.png")  # fmt: skip
+    result = {
+        "geometry": str(folder), "method": s.method, "target": str(s.target), "alpha": float(s.alpha),
+        "prompt": str(s.prompt), "unsteered": plain, "steered": moved,
+        "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
+        "figure": str(out / f"{name}.png"),
+    }  # fmt: skip
+    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1))
+    top = lambda row: f"{values[int(row.argmax())]} {row.max():.2f}"  # noqa: E731
+    log.info("steer %s toward %s with %s (α = %g):\n  unsteered: %r   q top %s\n  steered:   %r   q top %s, q[%s] %.2f → %.2f",
+             folder, s.target, s.method, s.alpha, plain, top(q[0]), moved, top(q[at]), s.target,
+             q[0][steered.target], q[at][steered.target])  # fmt: skip
+    return result
+
+
+def figure(q: np.ndarray, alphas: np.ndarray, values: list[str], target: int, title: str, path: Path) -> None:
+    """q of every concept (and "other") along α; the target's line is drawn bold."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = plt.get_cmap("tab10" if len(values) <= 10 else "tab20")
+    for k, v in enumerate(values):
+        ax.plot(alphas, q[:, k], lw=2.5 if k == target else 1, color="0.5" if v == "other" and k != target
+                else colours(k % colours.N), label=v)  # fmt: skip
+    ax.set(xlabel="α (fraction of the path)", ylabel="q", ylim=(0, 1), title=title)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    put_in_place(tmp, path)

@@ -1,0 +1,148 @@
+"""Steering generation with a shipped geometry: the context manager, its checks, and stage=steer."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from geosteer.models.hub import GeometryMismatch, load_geometry
+from geosteer.models.lm import decoder_layers, load_causal_lm, read_last_token, replace_last_token
+from geosteer.models.steer import Concepts, Steering, control_vector, write_control_vector
+from geosteer.models.task_lm import build_task_lm
+from geosteer.pipeline import train
+
+GEOMETRIES = ("gaga_out", "innsteer", "bridge")
+PROMPTS = ["Q: What day is two days after Monday?\nA:", "Q: What day is five days after Friday?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def shipped(prepared, tiny_lm_dir):
+    """GAGA-Out, INNSteer and a bridge trained on weekdays of the tiny LM; the LM and its tokenizer."""
+    cfg = prepared("steered", "geometry.innsteer.num_blocks=2", "geometry.innsteer.hidden=16", geometries=GEOMETRIES,
+                   epochs=2)  # fmt: skip
+    train.run(cfg)
+    lm, tokenizer = load_causal_lm(str(tiny_lm_dir), "float32")
+    folders = {g: train.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / g for g in GEOMETRIES}
+    return {g: load_geometry(f) for g, f in folders.items()}, lm, tokenizer, cfg
+
+
+def logits(lm, tokenizer, prompts=PROMPTS) -> torch.Tensor:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return lm(**enc).logits[:, -1]
+
+
+def test_logits_after_the_block_equal_the_unsteered_ones_bit_for_bit(shipped):
+    geometries, lm, tokenizer, _ = shipped
+    before = logits(lm, tokenizer)
+    with Steering(lm, geometries["gaga_out"], "Thursday", alpha=1.0):
+        during = logits(lm, tokenizer)
+    assert not torch.equal(during, before)
+    assert torch.equal(logits(lm, tokenizer), before)
+
+
+def test_the_hook_is_removed_when_the_block_raises(shipped):
+    geometries, lm, tokenizer, _ = shipped
+    block = decoder_layers(lm)[int(geometries["gaga_out"].meta["layer"])]
+    with pytest.raises(KeyboardInterrupt), Steering(lm, geometries["gaga_out"], "Thursday"):
+        assert len(block._forward_hooks) == 1
+        raise KeyboardInterrupt
+    assert len(block._forward_hooks) == 0
+
+
+@pytest.mark.parametrize("name, method", [("gaga_out", "geometry"), ("bridge", "geometry"), ("gaga_out", "linear")])
+def test_paths_that_end_on_the_target_centroid_inject_it_at_alpha_one(shipped, name, method):
+    """At α = 1 the geodesic, the bridge and the chord all end on c_b: the LM sees exactly what eval injects there."""
+    geometries, lm, tokenizer, _ = shipped
+    with Steering(lm, geometries[name], "Thursday", alpha=1.0, method=method) as s:
+        steered = logits(lm, tokenizer)
+    c_b = s.concepts.centroids[s.target].expand(len(PROMPTS), -1)
+    assert torch.equal(s.last[1], c_b)
+    with replace_last_token(lm, s.layer, c_b):
+        assert torch.equal(steered, logits(lm, tokenizer))
+
+
+@pytest.mark.parametrize("name", ["gaga_out", "bridge"])
+def test_alpha_zero_leaves_the_model_as_it_was(shipped, name):
+    geometries, lm, tokenizer, _ = shipped
+    with Steering(lm, geometries[name], "Thursday", alpha=0.0) as s:
+        steered = logits(lm, tokenizer)
+    torch.testing.assert_close(s.last[1], s.last[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(steered, logits(lm, tokenizer), rtol=0, atol=1e-4)
+
+
+def test_innsteer_moves_h_by_its_closed_form(shipped):
+    geometries, lm, tokenizer, _ = shipped
+    flow = geometries["innsteer"]
+    with Steering(lm, flow, "Thursday", alpha=0.5) as s:
+        logits(lm, tokenizer)
+    h = s.last[0]
+    target = s.concepts.values.index("Thursday")
+    expected = flow.steer(h, flow.classify(flow.encode(h)), target, 0.5)
+    torch.testing.assert_close(s.last[1], expected)
+
+
+def test_generation_is_steered_at_the_prompt_and_with_every_token_at_each_new_token(shipped):
+    geometries, lm, tokenizer, _ = shipped
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt")
+    new = 3
+    for every_token, steered_forwards in ((False, 1), (True, new)):
+        with Steering(lm, geometries["gaga_out"], "Thursday", method="linear", every_token=every_token) as s:
+            out = lm.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        assert s.calls == steered_forwards and out.shape[1] == enc.input_ids.shape[1] + new
+    first = tokenizer.decode(out[0, enc.input_ids.shape[1]]).strip()
+    c = s.concepts
+    with replace_last_token(lm, s.layer, c.centroids[s.target][None]):
+        q = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, c.variant_ids).q[0]
+    assert (first == "Thursday") == (int(q.argmax()) == s.target), "greedy generation follows the injected point"
+
+
+def test_a_geometry_is_refused_on_a_model_it_was_not_trained_on(shipped):
+    geometries, lm, tokenizer, _ = shipped
+    other = build_task_lm(tokenizer, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32)
+    with pytest.raises(GeometryMismatch, match=r"hidden_size 16 \(geometry's: 32\)"):
+        Steering(other, geometries["gaga_out"], "Thursday")
+    with pytest.raises(ValueError, match=r"target 'Caturday' is not a concept.*'Monday'"):
+        Steering(lm, geometries["gaga_out"], "Caturday")
+    with pytest.raises(ValueError, match=r"alpha=1.5 must lie in \[0, 1\]"):
+        Steering(lm, geometries["gaga_out"], "Thursday", alpha=1.5)
+
+
+def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, capsys, monkeypatch):
+    from tests.test_bad_input import pipeline_command
+
+    _, _, _, cfg = shipped
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    run_dir = train.Path(cfg.paths.run_dir)
+    argv = [f"paths.outputs={run_dir.parent}", f"run_name={run_dir.name}", "logger=none",
+            f"model.pretrained={cfg.model.pretrained}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]",
+            "stage=steer", "steer.geometry=gaga_out", "steer.target=Thursday", "steer.method=linear",
+            f"steer.prompt={json.dumps(PROMPTS[0])}"]  # fmt: skip
+    code, printed = pipeline_command(argv, capsys)
+    assert code == 0 and "unsteered:" in printed and "steered:" in printed, printed
+    (result,) = (run_dir / "steer").glob("weekdays-gaga_out-linear-Thursday.json")
+    saved = json.loads(result.read_text())
+    assert train.Path(saved["figure"]).stat().st_size > 0
+    assert saved["q_after"]["Thursday"] >= saved["q_before"]["Thursday"]
+
+
+def test_the_caa_direction_exports_as_a_llama_cpp_control_vector_read_back_by_gguf(shipped, tmp_path):
+    import gguf
+
+    geometry = shipped[0]["gaga_out"]
+    concepts = Concepts.of(geometry.meta)
+    b, a = concepts.index("Thursday"), concepts.index("Monday")
+    direction = control_vector(concepts, b, a)
+    torch.testing.assert_close(direction, concepts.centroids[b] - concepts.centroids[a], rtol=0, atol=0)
+    write_control_vector(tmp_path / "thursday.gguf", geometry.meta, direction)
+    reader = gguf.GGUFReader(tmp_path / "thursday.gguf")
+    text = lambda key: bytes(reader.fields[key].parts[-1]).decode()  # noqa: E731
+    assert text("general.architecture") == "controlvector" and text("controlvector.model_hint") == "llama"
+    assert int(reader.fields["controlvector.layer_count"].parts[-1][0]) == 1
+    (tensor,) = reader.tensors
+    assert tensor.name == f"direction.{geometry.meta['layer']}"
+    assert torch.equal(torch.from_numpy(tensor.data.copy()).float(), direction)
