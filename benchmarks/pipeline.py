@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from geosteer.pipeline.cli import STAGES
+from geosteer.pipeline.cli import PIPELINE, STAGES
 from geosteer.pipeline.common import CONFIG_DIR, git_sha, to_plain
 from geosteer.pipeline.products import check_run_dir
 
@@ -39,11 +39,11 @@ def main(overrides: list[str]) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)  # fresh: nothing is "current"
     stages, results = {}, {}
     start = time.perf_counter()
-    for name, stage in STAGES.items():
+    for name in PIPELINE:
         if name == "lm" and not cfg.model.embedded:
             continue
         t0 = time.perf_counter()
-        results[name] = stage(cfg)
+        results[name] = STAGES[name](cfg)
         stages[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {stages[name]:.1f} s", flush=True)
     total = round(time.perf_counter() - start, 1)

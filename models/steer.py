@@ -18,6 +18,7 @@ generates are steered too. The hook is removed when the block exits, error or no
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ from geosteer.models.metrics import pullback_of, regularisation
 METHODS = ("geometry", "linear", "caa")
 
 
+class SteeringError(ValueError):
+    """Steering asked for something the geometry or the model cannot give; the message names it and the fix."""
+
+
 @dataclass(frozen=True)
 class Concepts:
     """The concept schema a geometry was trained with, and each class's centroid in h."""
@@ -44,21 +49,39 @@ class Concepts:
 
     @classmethod
     def of(cls, meta: dict[str, Any]) -> Concepts:
-        c = meta.get("concepts")
+        """The schema in an export's `meta.concepts`, checked to be whole: K values, K token-id lists, K centroids
+        of the LM's width (None for a class that had no rows)."""
+        c, d = meta.get("concepts"), (meta.get("lm_shape") or {}).get("hidden_size")
         if not isinstance(c, dict) or not {"values", "variant_ids", "centroids"} <= set(c):
             raise GeometryMismatch(
                 "this geometry records no concept schema and centroids (meta.concepts), which steering needs; "
                 "export it again with `pipeline stage=train overwrite=true`."
             )
-        return cls(tuple(c["values"]), tuple(tuple(v) for v in c["variant_ids"]),
-                   torch.tensor(c["centroids"], dtype=torch.float32))  # fmt: skip
+        values, ids, rows = c["values"], c["variant_ids"], c["centroids"]
+        whole = (
+            isinstance(values, list) and all(isinstance(v, str) for v in values) and len(set(values)) == len(values) > 1
+            and isinstance(ids, list) and len(ids) == len(values)
+            and all(isinstance(v, list) and v and all(isinstance(i, int) and i >= 0 for i in v) for v in ids)
+            and isinstance(rows, list) and len(rows) == len(values)
+            and all(r is None or (isinstance(r, list) and len(r) == d and all(_finite(x) for x in r)) for r in rows)
+        )  # fmt: skip
+        if not whole:
+            raise GeometryMismatch(
+                f"this geometry's meta.concepts (config.json) is not whole: it needs K distinct values, K lists of "
+                f"token ids and K centroids of {d} finite numbers (null for a class without rows). Export it again "
+                f"with `pipeline stage=train overwrite=true`."
+            )
+        centroids = torch.tensor([[math.nan] * d if r is None else r for r in rows], dtype=torch.float32)
+        return cls(tuple(values), tuple(tuple(v) for v in ids), centroids)
 
     def index(self, value: str) -> int:
+        value = str(value)
         if value not in self.values:
-            raise ValueError(f"target {value!r} is not a concept of this geometry; use one of {list(self.values)}.")
+            raise SteeringError(f"target {value!r} is not a concept of this geometry; use one of {list(self.values)}.")
         k = self.values.index(value)
         if torch.isnan(self.centroids[k]).any():
-            raise ValueError(f"concept {value!r} had no rows when the geometry was trained, so it has no centroid.")
+            raise SteeringError(f"concept {value!r} had no rows when the geometry was trained, so it has no centroid "
+                                f"to steer toward; pick another target.")  # fmt: skip
         return k
 
     def nearest(self, h: torch.Tensor) -> torch.Tensor:
@@ -67,8 +90,13 @@ class Concepts:
         return torch.cdist(h, c).argmin(1)
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
-    """Refuse a model that the geometry was not trained on: another hidden size, layer count or vocabulary."""
+    """Refuse a model that the geometry was not trained on (another width, depth, vocabulary or architecture), and
+    a layer or token ids the model does not have."""
     shape = meta.get("lm_shape")
     if not isinstance(shape, dict):
         raise GeometryMismatch("this geometry records no LM shape (meta.lm_shape); export it again with "
@@ -80,6 +108,14 @@ def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
             f"this geometry was trained on {meta.get('lm')!r}, and this model differs: {'; '.join(differ)}. "
             f"Load the LM it was trained on, or train a geometry for this one (`pipeline stage=all model=...`)."
         )
+    layer = meta.get("layer")
+    if not isinstance(layer, int) or not 0 <= layer < found["num_layers"]:
+        raise GeometryMismatch(f"this geometry's meta.layer={layer!r} is not a block of the model (0 ... "
+                               f"{found['num_layers'] - 1}); export it again.")  # fmt: skip
+    ids = [i for v in (meta.get("concepts") or {}).get("variant_ids", []) if isinstance(v, list) for i in v]
+    if any(not isinstance(i, int) or not 0 <= i < found["vocab_size"] for i in ids):
+        raise GeometryMismatch(f"this geometry's concept token ids are not all in the model's vocabulary of "
+                               f"{found['vocab_size']}; export it again.")  # fmt: skip
 
 
 def steering_point(geometry: nn.Module, concepts: Concepts, h: torch.Tensor, target: int, alpha: float,
@@ -104,7 +140,7 @@ def steering_point(geometry: nn.Module, concepts: Concepts, h: torch.Tensor, tar
         metric.lam = regularisation(metric, torch.cat([known, h]), lam_rel)
         path = lbfgs_geodesic(h, x_b, metric, steps, max_iter, history_size)  # (B, T+1, d)
         return point_at(path, alpha)
-    raise ValueError(f"method={method!r} with a {family!r} geometry: use one of {METHODS}.")
+    raise SteeringError(f"method={method!r} with a {family!r} geometry: use one of {METHODS}.")
 
 
 def point_at(path: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -117,19 +153,20 @@ def point_at(path: torch.Tensor, alpha: float) -> torch.Tensor:
 class Steering:
     """Steer `model` toward `target` with `geometry` (an export: a folder through `load_geometry`, or the module).
 
-    A context manager: inside it, every forward pass (and so `model.generate()`) has block ℓ's output at the
-    last prompt token replaced by its steered point; `every_token=True` also steers each generated token.
-    Prompts are left-padded (the last position is every row's last token). `last` holds the most recent
-    (h, steered h) pair, and `calls` how many forward passes it steered. Refuses a model the geometry was not
+    A context manager: inside it, every forward pass (and so `model.generate()`, with or without its cache)
+    has block ℓ's output at the prompt's last token replaced by its steered point; `every_token=True` also
+    steers each generated token. Prompts are left-padded (the last position is every row's last token). A
+    pass whose input ids do not continue the last prompt is a new prompt. `last` holds the most recent
+    (h, steered h) rows, and `calls` how many forward passes it steered. Refuses a model the geometry was not
     trained on.
     """
 
     def __init__(self, model: nn.Module, geometry: nn.Module, target: str, alpha: float = 1.0,
                  method: str = "geometry", every_token: bool = False, **solver: Any):  # fmt: skip
         if method not in METHODS:
-            raise ValueError(f"method={method!r} is unknown; use one of {METHODS}.")
+            raise SteeringError(f"method={method!r} is unknown; use one of {METHODS}.")
         if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha={alpha} must lie in [0, 1] (0: unsteered, 1: the whole path).")
+            raise SteeringError(f"alpha={alpha} must lie in [0, 1] (0: unsteered, 1: the whole path).")
         check_model(model, geometry.meta)
         self.model, self.geometry, self.alpha, self.method, self.every_token = model, geometry, alpha, method, every_token
         self.concepts = Concepts.of(geometry.meta)
@@ -138,35 +175,62 @@ class Steering:
         self.solver = solver
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
         self.calls = 0
-        self._handle = None
+        self._prompt: torch.Tensor | None = None  # (B, P) the input ids of the prompt being generated from
+        self._length: int | None = None  # P
+        self._handles: list = []
 
     def point(self, h: torch.Tensor) -> torch.Tensor:
         """The steered point of each row of h. (B, d) → (B, d)"""
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # the geodesic solver differentiates the encoder
+            h = h.clone()  # a plain tensor, also when the forward pass runs in inference mode
             return steering_point(self.geometry, self.concepts, h, self.target, self.alpha, self.method, **self.solver)
 
-    def _hook(self, _module, args, kwargs, output):
+    def _see_input(self, _module, args, kwargs):
+        """Before each forward pass: remember the prompt, unless the pass continues it (a generation step)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return  # the next token of the cached prompt
+        P = None if self._prompt is None else self._prompt.shape[1]
+        continues = ids is not None and P is not None and ids.shape[1] > P and torch.equal(ids[:, :P], self._prompt)
+        if not continues:
+            self._prompt, self._length = ids, None if ids is None else ids.shape[1]
+
+    def _hook(self, _module, _args, kwargs, output):
         hidden = _hidden(output)  # (B, T, d)
+        T = hidden.shape[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # holds this block's keys, these tokens included
-        prompt = cache is None or cache.get_seq_length(self.layer) <= hidden.shape[1]
-        if not (prompt or self.every_token):
+        past = cache.get_seq_length(self.layer) - T if cache is not None else 0  # positions before this pass
+        if self._length is None:  # a prompt given as embeddings: this pass is its first
+            self._length = T + past
+        P = self._length
+        positions = [p - past for p in ([P - 1] + (list(range(P, past + T)) if self.every_token else []))]
+        positions = [p for p in positions if 0 <= p < T]
+        if not positions:
             return None
-        h = hidden[:, -1]
+        h = hidden[:, positions].flatten(0, 1)  # (B·n, d)
         moved = self.point(h)
         self.last = (h.detach().float(), moved)
         self.calls += 1
         hidden = hidden.clone()
-        hidden[:, -1] = moved.to(hidden)
+        hidden[:, positions] = moved.view(hidden.shape[0], len(positions), -1).to(hidden)
         return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
     def __enter__(self) -> Steering:
-        self.calls = 0
-        self._handle = decoder_layers(self.model)[self.layer].register_forward_hook(self._hook, with_kwargs=True)
+        if self._handles:
+            raise SteeringError("this Steering is already in use; enter it once at a time (make another for a "
+                                "second model or target).")  # fmt: skip
+        self.calls, self._prompt, self._length = 0, None, None
+        self._handles = [
+            self.model.register_forward_pre_hook(self._see_input, with_kwargs=True),
+            decoder_layers(self.model)[self.layer].register_forward_hook(self._hook, with_kwargs=True),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def control_vector(concepts: Concepts, target: int, source: int | None = None) -> torch.Tensor:
@@ -180,12 +244,13 @@ def control_vector(concepts: Concepts, target: int, source: int | None = None) -
 
 def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tensor) -> None:
     """`direction` (d,) as a llama.cpp control vector (GGUF): tensor `direction.<ℓ>` added to the output of block ℓ,
-    with the model hint llama.cpp checks. llama.cpp numbers the blocks it steers from 1, so block 0 is refused."""
+    and the model hint (`controlvector.model_hint`). llama.cpp numbers the blocks it steers from 1, so block 0 is
+    refused."""
     import gguf
 
     layer = int(meta["layer"])
     if layer < 1:
-        raise ValueError(f"this geometry was trained at block {layer}; llama.cpp's control vectors steer blocks 1 and "
+        raise SteeringError(f"this geometry was trained at block {layer}; llama.cpp's control vectors steer blocks 1 and "
                          f"up, so it cannot be exported as one. Train at a later model.layer.")  # fmt: skip
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

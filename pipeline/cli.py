@@ -27,6 +27,7 @@ from geosteer.data.targets import TargetError
 from geosteer.data.tasks import TaskError
 from geosteer.models.hub import CheckpointError, GeometryMismatch
 from geosteer.models.lm import ModelLoadError
+from geosteer.models.steer import SteeringError
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import extract, lm, steer, targets, train
 from geosteer.pipeline.common import CONFIG_DIR, StageError, launched_rank, log
@@ -36,7 +37,8 @@ from geosteer.pipeline.settings import check_settings, resolve
 from geosteer.pipeline.summary import quiet_third_parties, summary
 
 # Errors whose message already names the bad value and the fix: shown without a traceback.
-USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError, CheckpointError, GeometryMismatch)
+USER_ERRORS = (StageError, TaskError, StoreError, TargetError, ModelLoadError, CheckpointError, GeometryMismatch,
+               SteeringError)  # fmt: skip
 # A full disk, a quota, a size limit, a read-only or forbidden folder: the machine's fault, not the code's.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -50,6 +52,7 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
     "eval": evaluate.run,
     "steer": steer.run,  # not part of stage=all: it uses what the others made
 }
+PIPELINE = ("lm", "extract", "targets", "train", "eval")  # what stage=all runs, in order
 
 
 def run(cfg: DictConfig) -> dict:
@@ -73,7 +76,7 @@ def _run(cfg: DictConfig) -> dict:
     if cfg.stage in ("all", "eval"):
         build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run
     if cfg.stage == "all":
-        names = [s for s in STAGES if s != "steer" and (s != "lm" or cfg.model.embedded)]
+        names = [s for s in PIPELINE if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}
     if cfg.stage not in STAGES:
         raise StageError(f"stage '{cfg.stage}' is unknown; use one of {[*STAGES, 'all']}.")
@@ -214,12 +217,12 @@ def makeable(folder: Path, key: str, value: str) -> list[str]:
 
 
 def shared_run_folders(jobs: list[list[str]]) -> list[str]:
-    """Sweep jobs that would write one run folder with different settings (only `stage` may differ between them)."""
+    """Sweep jobs that would write one run folder with different settings (only `stage` and `steer.*` may differ)."""
     seen: dict[str, list[str]] = {}
     for job in jobs:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             run_dir = str(compose(config_name="config", overrides=job).paths.run_dir)
-        settings = [arg for arg in job if not arg.startswith("stage=")]
+        settings = [arg for arg in job if not arg.startswith(("stage=", "steer."))]  # neither changes a product
         if seen.setdefault(run_dir, settings) != settings:
             return [f"jobs of this sweep with different settings ({' '.join(seen[run_dir])} and {' '.join(settings)}) "
                     f"would write one run folder, {run_dir}; give each its own, e.g. 'run_name=${{task.name}}' or "

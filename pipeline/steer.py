@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -19,10 +21,11 @@ import torch
 from omegaconf import DictConfig
 
 from geosteer.data.store import put_in_place
-from geosteer.models.hub import load_geometry
+from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.lm import read_last_token
 from geosteer.models.steer import Steering
-from geosteer.pipeline.common import StageError, atomic_write_text, load_lm, log
+from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
+from geosteer.pipeline.extract import lm_fingerprint
 from geosteer.pipeline.products import RunLayout, check_inside, check_product
 
 matplotlib.use("Agg")
@@ -30,72 +33,96 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def geometry_folder(cfg: DictConfig) -> Path:
-    """`steer.geometry` as an export folder: a folder as given, or a name under this run's `geometry/<task>/`
+    """`steer.geometry` as an export folder: a path as given, or a plain name under this run's `geometry/<task>/`
     (the task whose values hold `steer.target`)."""
-    s = cfg.steer
+    s, target = cfg.steer, str(cfg.steer.target)
     given = Path(str(s.geometry))
-    if (given / "config.json").is_file():
+    if len(given.parts) != 1 or given.name in (".", "..") or not SAFE_NAME.fullmatch(given.name):  # a path
+        if not (given / "config.json").is_file():
+            raise StageError(f"steer.geometry={given} holds no exported geometry (no config.json); give an export's "
+                             f"folder, or the name of one of this run's geometries (e.g. gaga_out).")  # fmt: skip
         return given
     geometries = RunLayout.of(cfg).geometries
     found = sorted(p.parent for p in geometries.glob(f"*/{given.name}/config.json"))
-    holding = [f for f in found if s.target in (json.loads((f / "config.json").read_text()).get("meta", {})
-                                                .get("concepts", {}).get("values", []))]  # fmt: skip
+    holding = [f for f in found if target in (((read_config(f).get("meta") or {}).get("concepts") or {})
+                                              .get("values") or [])]  # fmt: skip
     if len(holding) != 1:
         where = f"{len(holding)} of {[str(f) for f in found]}" if found else f"none under {geometries}"
         raise StageError(
-            f"steer.geometry={s.geometry} is not an export folder, and as a geometry name of this run it names "
-            f"{where} with the concept {s.target!r}. Give an export's folder, or train it (`pipeline stage=train`)."
+            f"steer.geometry={given.name}, a geometry name of this run, names {where} with the concept {target!r}. "
+            f"Give an export's folder, a target of one of its tasks, or train it (`pipeline stage=train`)."
         )
     return holding[0]
 
 
+def safe(part: Any) -> str:
+    """A piece of a file name: what a folder name may hold, anything else replaced."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", str(part)).lstrip(".") or "_"
+
+
 def run(cfg: DictConfig) -> dict:
     """Steer `steer.prompt` toward `steer.target`; print and return the generations and q before and after."""
-    s = cfg.steer
+    s, target = cfg.steer, str(cfg.steer.target)
+    prompt = str(s.prompt).replace("\\n", "\n")  # a typed \n is a newline: the task prompts end "?\nA:"
+    if not prompt.strip():
+        raise StageError('steer.prompt is empty; give the prompt to steer, e.g. steer.prompt="Q: What day is two '
+                         'days after Monday?\\nA:".')  # fmt: skip
     folder = geometry_folder(cfg)
     check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
     geometry = load_geometry(folder)
     if cfg.model.embedded:
         check_product(Path(cfg.model.pretrained), "Train it again with `pipeline stage=lm overwrite=true`.")
+    recorded, now = geometry.meta.get("lm_fingerprint") or "", lm_fingerprint(cfg.model) or ""
+    if recorded != now:
+        raise StageError(
+            f"{folder} was trained on another training of the LM (its fingerprint {recorded or 'none'}, the LM at "
+            f"{cfg.model.pretrained} is {now or 'none'}): steering this LM with it would use another LM's geometry. "
+            f"Train the geometry on this LM (`pipeline stage=all`), or point model.pretrained at the LM it was trained on."
+        )
+    if geometry.meta.get("lm") != cfg.model.name:
+        log.warning("%s was trained on %r; steering %r (of the same shape)", folder, geometry.meta.get("lm"),
+                    cfg.model.name)  # fmt: skip
     lm, tokenizer = load_lm(cfg.model)
-    enc = tokenizer([str(s.prompt)], return_tensors="pt")
+    enc = tokenizer([prompt], return_tensors="pt")
 
     def generate() -> str:
         out = lm.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
     def steering(alpha: float) -> Steering:
-        return Steering(lm, geometry, str(s.target), alpha, s.method, s.every_token)
+        return Steering(lm, geometry, target, alpha, s.method, s.every_token)
 
+    alpha = float(s.alpha)
+    alphas = np.union1d(np.linspace(0.0, 1.0, s.figure_points), [alpha])  # the figure's grid, with α itself
     with torch.no_grad():
         plain = generate()
-        with steering(float(s.alpha)) as steered:
+        with steering(alpha) as steered:
             moved = generate()
-        variant_ids = steered.concepts.variant_ids
-        alphas = np.linspace(0.0, 1.0, s.figure_points)
         q = []
         for a in alphas:
             with steering(float(a)):
-                q.append(read_last_token(lm, enc.input_ids, enc.attention_mask, steered.layer, variant_ids).q[0])
+                q.append(read_last_token(lm, enc.input_ids, enc.attention_mask, steered.layer,
+                                         steered.concepts.variant_ids).q[0])  # fmt: skip
     q = torch.stack(q).numpy()  # (A, K+1)
     values = [*steered.concepts.values, "other"]
-    at = int(np.abs(alphas - float(s.alpha)).argmin())
-    task = geometry.meta["task"]["name"]
-    out = RunLayout.of(cfg).root / "steer"
-    check_inside(RunLayout.of(cfg).root, out)
-    name = f"{task}-{geometry.meta.get('geometry', folder.name)}-{s.method}-{s.target}"
-    figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {folder.name} toward {s.target}",
+    at = int(np.flatnonzero(alphas == alpha)[0])
+    task = (geometry.meta.get("task") or {}).get("name", folder.parent.name)
+    root = RunLayout.of(cfg).root
+    name = "-".join(safe(p) for p in (task, folder.name, s.method, target, f"a{alpha:g}"))
+    out = root / "steer"
+    check_inside(root, out)
+    figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {folder.name} toward {target}",
            out / f"{name}.png")  # fmt: skip
     result = {
-        "geometry": str(folder), "method": s.method, "target": str(s.target), "alpha": float(s.alpha),
-        "prompt": str(s.prompt), "unsteered": plain, "steered": moved,
+        "geometry": str(folder), "method": s.method, "target": target, "alpha": alpha,
+        "prompt": prompt, "unsteered": plain, "steered": moved,
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),
     }  # fmt: skip
     atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1))
     top = lambda row: f"{values[int(row.argmax())]} {row.max():.2f}"  # noqa: E731
     log.info("steer %s toward %s with %s (α = %g):\n  unsteered: %r   q top %s\n  steered:   %r   q top %s, q[%s] %.2f → %.2f",
-             folder, s.target, s.method, s.alpha, plain, top(q[0]), moved, top(q[at]), s.target,
+             folder, target, s.method, alpha, plain, top(q[0]), moved, top(q[at]), target,
              q[0][steered.target], q[at][steered.target])  # fmt: skip
     return result
 

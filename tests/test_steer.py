@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 import sys
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from geosteer.models.hub import GeometryMismatch, load_geometry
 from geosteer.models.lm import decoder_layers, load_causal_lm, read_last_token, replace_last_token
-from geosteer.models.steer import Concepts, Steering, control_vector, write_control_vector
+from geosteer.models.steer import Concepts, Steering, SteeringError, control_vector, write_control_vector
 from geosteer.models.task_lm import build_task_lm
 from geosteer.pipeline import train
 
@@ -101,6 +104,47 @@ def test_generation_is_steered_at_the_prompt_and_with_every_token_at_each_new_to
     assert (first == "Thursday") == (int(q.argmax()) == s.target), "greedy generation follows the injected point"
 
 
+@pytest.mark.parametrize("every_token", [False, True])
+def test_generation_without_the_cache_is_steered_as_with_it(shipped, every_token):
+    """Without a KV cache each pass recomputes the prompt: its last token is steered in every pass (and, with
+    every_token, each generated one), so the tokens equal those of a cached generation."""
+    geometries, lm, tokenizer, _ = shipped
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    outs = []
+    for cache in (True, False):
+        with Steering(lm, geometries["bridge"], "Thursday", alpha=0.7, every_token=every_token):
+            outs.append(lm.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=cache,
+                                    pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    assert torch.equal(*outs)
+
+
+def test_steering_works_inside_inference_mode_and_cannot_be_entered_twice(shipped):
+    geometries, lm, tokenizer, _ = shipped
+    steering = Steering(lm, geometries["gaga_out"], "Thursday", alpha=0.5)  # the L-BFGS geodesic needs gradients
+    with torch.inference_mode(), steering:
+        logits(lm, tokenizer)
+    assert steering.calls == 1 and not torch.equal(steering.last[0], steering.last[1])
+    block = decoder_layers(lm)[steering.layer]
+    with pytest.raises(SteeringError, match="already in use"), steering, steering:
+        pass
+    assert len(block._forward_hooks) == 0 and len(lm._forward_pre_hooks) == 0
+
+
+def test_an_export_whose_concepts_are_not_whole_is_refused(shipped):
+    geometries, lm, _, _ = shipped
+    geometry = geometries["gaga_out"]
+    concepts = geometry.meta["concepts"]
+    for broken in ({"centroids": [row[:-1] if row else row for row in concepts["centroids"]]},
+                   {"centroids": [[math.nan] * 32] + concepts["centroids"][1:]},
+                   {"variant_ids": concepts["variant_ids"][:-1]}, {"values": ["Monday"] * 7}):  # fmt: skip
+        geometry.meta["concepts"] = {**concepts, **broken}
+        try:
+            with pytest.raises(GeometryMismatch, match="meta.concepts .* is not whole"):
+                Steering(lm, geometry, "Thursday")
+        finally:
+            geometry.meta["concepts"] = concepts
+
+
 def test_a_geometry_is_refused_on_a_model_it_was_not_trained_on(shipped):
     geometries, lm, tokenizer, _ = shipped
     other = build_task_lm(tokenizer, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32)
@@ -112,22 +156,52 @@ def test_a_geometry_is_refused_on_a_model_it_was_not_trained_on(shipped):
         Steering(lm, geometries["gaga_out"], "Thursday", alpha=1.5)
 
 
+def steer_command(cfg, *overrides) -> list[str]:
+    run_dir = train.Path(cfg.paths.run_dir)
+    return [f"paths.outputs={run_dir.parent}", f"run_name={run_dir.name}", "logger=none",
+            f"model.pretrained={cfg.model.pretrained}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]",
+            "stage=steer", "steer.target=Thursday", f"steer.prompt={json.dumps(PROMPTS[0])}", *overrides]  # fmt: skip
+
+
 def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, capsys, monkeypatch):
     from tests.test_bad_input import pipeline_command
 
-    _, _, _, cfg = shipped
+    geometries, lm, tokenizer, cfg = shipped
     monkeypatch.setattr(sys, "argv", sys.argv)
-    run_dir = train.Path(cfg.paths.run_dir)
-    argv = [f"paths.outputs={run_dir.parent}", f"run_name={run_dir.name}", "logger=none",
-            f"model.pretrained={cfg.model.pretrained}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]",
-            "stage=steer", "steer.geometry=gaga_out", "steer.target=Thursday", "steer.method=linear",
-            f"steer.prompt={json.dumps(PROMPTS[0])}"]  # fmt: skip
-    code, printed = pipeline_command(argv, capsys)
+    code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "steer.alpha=0.45"), capsys)
     assert code == 0 and "unsteered:" in printed and "steered:" in printed, printed
-    (result,) = (run_dir / "steer").glob("weekdays-gaga_out-linear-Thursday.json")
+    (result,) = (train.Path(cfg.paths.run_dir) / "steer").glob("weekdays-gaga_out-geometry-Thursday-a0.45.json")
     saved = json.loads(result.read_text())
     assert train.Path(saved["figure"]).stat().st_size > 0
-    assert saved["q_after"]["Thursday"] >= saved["q_before"]["Thursday"]
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt")
+    with Steering(lm, geometries["gaga_out"], "Thursday", alpha=0.45) as s:
+        q = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, s.concepts.variant_ids).q[0]
+    assert saved["prompt"] == PROMPTS[0], "a typed \\n is a newline"
+    assert saved["q_after"]["Thursday"] == pytest.approx(float(q[s.target]), abs=1e-4), "q after is read at α itself"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["steer.geometry=/nowhere/weekdays/gaga_out"], r"steer.geometry=/nowhere/weekdays/gaga_out holds no exported"),
+        (["steer.geometry=gaga_out", "steer.target=Caturday"], r"names 0 of .* with the concept 'Caturday'"),
+        (["steer.geometry=gaga_out", "steer.prompt=' '"], r"steer.prompt is empty"),
+        (["steer.geometry={other}"], r"was trained on another training of the LM \(its fingerprint elsewhere"),
+    ],
+)
+def test_stage_steer_refuses_with_the_fix(shipped, capsys, monkeypatch, tmp_path, overrides, message):
+    from tests.test_bad_input import pipeline_command
+
+    geometries, _, _, cfg = shipped
+    other = tmp_path / "weekdays" / "gaga_out"  # an export of another training of the LM, without its record
+    shutil.copytree(train.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "gaga_out", other)
+    (other / "stage.json").unlink()
+    config = json.loads((other / "config.json").read_text())
+    config["meta"]["lm_fingerprint"] = "elsewhere"
+    (other / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, printed = pipeline_command(steer_command(cfg, *[o.format(other=other) for o in overrides]), capsys)
+    assert code == 1 and "Traceback" not in printed and re.search(message, printed), printed
 
 
 def test_the_caa_direction_exports_as_a_llama_cpp_control_vector_read_back_by_gguf(shipped, tmp_path):

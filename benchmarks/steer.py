@@ -1,0 +1,118 @@
+"""Steering generation with the shipped geometries of an evaluated run: how often it works, and what it costs.
+
+For every task, family and pair (a, b) the evaluation scored, the carriers it used (class a's
+seeded rows) are steered toward b with `Steering` at α = 1, and the model generates one token
+greedily: a hit when that token is one of b's tokens. Beside each rate stands what `stage=eval`
+reports for the same pairs and carriers: top-1@end of the path methods (whose paths end on c_b,
+as the steered point does at α = 1) and, for INNSteer and CAA, which steer each carrier from its
+own h, their own-point top-1 at α = 1. The overhead is the throughput of a plain forward pass over
+that of a steered one, on one batch of prompts (≥ 0.9 is the target of the closed-form families).
+
+    python -m benchmarks.steer [run folder]        # default outputs/default; figures to results/steer.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geosteer.data.store import ActivationStore
+from geosteer.models.hub import load_geometry
+from geosteer.models.lm import load_causal_lm
+from geosteer.models.steer import Steering
+from geosteer.models.steering import carrier_rows
+
+RESULTS = Path(__file__).parent / "results"
+FAMILIES = {"linear": ("gaga_out", "linear"), "gaga_out": ("gaga_out", "geometry"), "gaga_jac": ("gaga_jac", "geometry"),
+            "gaga_phate": ("gaga_phate", "geometry"), "bridge": ("bridge", "geometry"),
+            "innsteer": ("innsteer", "geometry"), "caa": ("gaga_out", "caa")}  # method: (export, Steering method)  # fmt: skip
+
+
+def hit_rate(lm, tokenizer, geometry, method: str, prompts: list[str], target: str, variant_ids) -> float:
+    """The share of `prompts` whose first greedy token under steering toward `target` is one of its tokens."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with Steering(lm, geometry, target, 1.0, method), torch.no_grad():
+        out = lm.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return float(np.isin(out[:, -1].numpy(), variant_ids).mean())
+
+
+def eval_rate(task: dict, method: str, p: int) -> float | None:
+    """What stage=eval reports for pair p: top-1@end (path methods) or own-point top-1 at α = 1 (INNSteer, CAA)."""
+    if method in ("innsteer", "caa"):
+        own = task["own_point"]["methods"].get(method)
+        if own is None:
+            return None
+        i = task["own_point"]["alphas"].index(1.0)
+        return own["top1"][p][i] / own["carriers"][p]
+    scores = task["methods"].get(method, {}).get("per_pair", {}).get("top1_at_end")
+    return None if scores is None else scores[p]
+
+
+def overhead(lm, tokenizer, geometry, method: str, prompts: list[str], target: str, repeats: int = 5) -> float:
+    """Throughput of a steered forward pass relative to a plain one (best of `repeats` each; 1.0: free)."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+
+    def best(context) -> float:
+        times = []
+        for _ in range(repeats):
+            with context(), torch.no_grad():
+                start = time.perf_counter()
+                lm(**enc)
+                times.append(time.perf_counter() - start)
+        return min(times)
+
+    plain = best(lambda: torch.no_grad())
+    steered = best(lambda: Steering(lm, geometry, target, 1.0, method))
+    return plain / steered
+
+
+def main(run: Path) -> None:
+    evaluated = json.loads((run / "eval" / "results.json").read_text())
+    config = json.loads((run / "eval" / "stage.json").read_text())
+    lm, tokenizer = load_causal_lm(str(run / "lm"), "float32")
+    out: dict = {"run": run.name, "tasks": {}, "overhead": {}}
+    with ActivationStore(run / "extract" / "activations.h5") as store:
+        seed = json.loads(store.attrs["config"])["seed"]  # eval's carriers are seeded rows of each source class
+        for name, task in evaluated["tasks"].items():
+            rows = store.read(name, ["label", "prompt"])
+            schema = store.schema(name)
+            carriers = task["carriers"]
+            rates = {}
+            for method, (export, how) in FAMILIES.items():
+                folder = run / "geometry" / name / export
+                if not (folder / "config.json").is_file():
+                    continue
+                geometry = load_geometry(folder)
+                n = carriers if method not in ("innsteer", "caa") else 64
+                ours, theirs = [], []
+                for p, (a, b) in enumerate(task["pairs"]):
+                    prompts = list(rows["prompt"][carrier_rows(rows["label"], a, n, seed)])
+                    ours.append(hit_rate(lm, tokenizer, geometry, how, prompts, schema.values[b], schema.variant_ids[b]))
+                    theirs.append(eval_rate(task, method, p))
+                known = [t for t in theirs if t is not None]
+                rates[method] = {"generation_top1": float(np.mean(ours)),
+                                 "eval_top1": float(np.mean(known)) if known else None}  # fmt: skip
+                print(f"{name}/{method}: generation {rates[method]['generation_top1']:.3f}, eval "
+                      f"{rates[method]['eval_top1']}", flush=True)  # fmt: skip
+            out["tasks"][name] = rates
+        first = next(iter(evaluated["tasks"]))
+        prompts = list(store.read(first, ["prompt"])["prompt"][:64])
+        target = store.schema(first).values[0]
+    for method, (export, how) in FAMILIES.items():
+        folder = run / "geometry" / first / export
+        if (folder / "config.json").is_file():
+            out["overhead"][method] = overhead(lm, tokenizer, load_geometry(folder), how, prompts, target)
+            print(f"overhead {method}: {out['overhead'][method]:.2f}× a plain forward's throughput", flush=True)
+    out["eval_fingerprint"] = config.get("fingerprint")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "steer.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RESULTS / 'steer.json'}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/default"))
