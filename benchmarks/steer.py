@@ -5,7 +5,8 @@ seeded rows) are steered toward b with `Steering` at α = 1, and the model gener
 greedily: a hit when that token is one of b's tokens. Beside each rate stands what `stage=eval`
 reports for the same pairs and carriers: top-1@end of the path methods (whose paths end on c_b,
 as the steered point does at α = 1) and, for INNSteer and CAA, which steer each carrier from its
-own h, their own-point top-1 at α = 1. The overhead is the throughput of a plain forward pass over
+own h, their own-point top-1 at α = 1 (eval knows each carrier's class; steering is measured both
+without it, from the flow's or the nearest centroid's class, and told it). The overhead is the throughput of a plain forward pass over
 that of a steered one, on one batch of prompts (≥ 0.9 is the target of the closed-form families).
 
     python -m benchmarks.steer [run folder]        # default outputs/default; figures to results/steer.json
@@ -33,10 +34,11 @@ FAMILIES = {"linear": ("gaga_out", "linear"), "gaga_out": ("gaga_out", "geometry
             "innsteer": ("innsteer", "geometry"), "caa": ("gaga_out", "caa")}  # method: (export, Steering method)  # fmt: skip
 
 
-def hit_rate(lm, tokenizer, geometry, method: str, prompts: list[str], target: str, variant_ids) -> float:
+def hit_rate(lm, tokenizer, geometry, method: str, prompts: list[str], target: str, variant_ids,
+             source: str | None = None) -> float:  # fmt: skip
     """The share of `prompts` whose first greedy token under steering toward `target` is one of its tokens."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    with Steering(lm, geometry, target, 1.0, method), torch.no_grad():
+    with Steering(lm, geometry, target, 1.0, method, source=source), torch.no_grad():
         out = lm.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return float(np.isin(out[:, -1].numpy(), variant_ids).mean())
 
@@ -89,16 +91,18 @@ def main(run: Path) -> None:
                     continue
                 geometry = load_geometry(folder)
                 n = carriers if method not in ("innsteer", "caa") else 64
-                ours, theirs = [], []
+                ours, told, theirs = [], [], []
                 for p, (a, b) in enumerate(task["pairs"]):
                     prompts = list(rows["prompt"][carrier_rows(rows["label"], a, n, seed)])
-                    ours.append(hit_rate(lm, tokenizer, geometry, how, prompts, schema.values[b], schema.variant_ids[b]))
+                    args = (lm, tokenizer, geometry, how, prompts, schema.values[b], schema.variant_ids[b])
+                    ours.append(hit_rate(*args))
+                    told.append(hit_rate(*args, source=schema.values[a]) if method in ("innsteer", "caa") else ours[-1])
                     theirs.append(eval_rate(task, method, p))
                 known = [t for t in theirs if t is not None]
-                rates[method] = {"generation_top1": float(np.mean(ours)),
+                rates[method] = {"generation_top1": float(np.mean(ours)), "with_source_top1": float(np.mean(told)),
                                  "eval_top1": float(np.mean(known)) if known else None}  # fmt: skip
-                print(f"{name}/{method}: generation {rates[method]['generation_top1']:.3f}, eval "
-                      f"{rates[method]['eval_top1']}", flush=True)  # fmt: skip
+                print(f"{name}/{method}: generation {rates[method]['generation_top1']:.4f} (told the source class "
+                      f"{rates[method]['with_source_top1']:.4f}), eval {rates[method]['eval_top1']}", flush=True)  # fmt: skip
             out["tasks"][name] = rates
         first = next(iter(evaluated["tasks"]))
         prompts = list(store.read(first, ["prompt"])["prompt"][:64])

@@ -86,8 +86,8 @@ class Concepts:
 
     def nearest(self, h: torch.Tensor) -> torch.Tensor:
         """The class of the nearest centroid of each row. (B, d) → (B,)"""
-        c = self.centroids.to(h).nan_to_num(float("inf"))
-        return torch.cdist(h, c).argmin(1)
+        known = torch.nonzero(~torch.isnan(self.centroids).any(1)).flatten().to(h.device)  # classes that had rows
+        return known[torch.cdist(h, self.centroids.to(h)[known]).argmin(1)]
 
 
 def _finite(x: Any) -> bool:
@@ -119,19 +119,20 @@ def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def steering_point(geometry: nn.Module, concepts: Concepts, h: torch.Tensor, target: int, alpha: float,
-                   method: str = "geometry", steps: int = 16, lam_rel: float = 1e-3, max_iter: int = 200,
-                   history_size: int = 20) -> torch.Tensor:  # fmt: skip
-    """Each row of h moved by α along its path to the target class. (B, d) → (B, d)"""
+                   method: str = "geometry", source: int | None = None, steps: int = 16, lam_rel: float = 1e-3,
+                   max_iter: int = 200, history_size: int = 20) -> torch.Tensor:  # fmt: skip
+    """Each row of h moved by α along its path to the target class; `source`, the rows' class where INNSteer and
+    CAA need one (None: the flow's own class of each row, or its nearest centroid). (B, d) → (B, d)"""
     h = h.float()
     c = concepts.centroids.to(h)
     x_b = c[target].expand_as(h)
     if method == "linear":
         return torch.lerp(h, x_b, float(alpha))  # exactly x_b at α = 1
     if method == "caa":
-        return h + alpha * (x_b - c[concepts.nearest(h)])
+        return h + alpha * (x_b - c[concepts.nearest(h) if source is None else source])
     family = getattr(geometry, "family", None)
     if family == "innsteer":
-        return geometry.steer(h, geometry.classify(geometry.encode(h)), target, alpha)
+        return geometry.steer(h, geometry.classify(geometry.encode(h)) if source is None else source, target, alpha)
     if family == "bridge":
         return geometry(h, x_b, torch.tensor([float(alpha)]))[:, 0]
     if family == "gaga":
@@ -155,14 +156,16 @@ class Steering:
 
     A context manager: inside it, every forward pass (and so `model.generate()`, with or without its cache)
     has block ℓ's output at the prompt's last token replaced by its steered point; `every_token=True` also
-    steers each generated token. Prompts are left-padded (the last position is every row's last token). A
+    steers each generated token. INNSteer and CAA move h by a class difference: from `source` when the
+    prompts' class is known, else from the class the flow (or the nearest centroid) gives. Prompts are left-padded (the last position is every row's last token). A
     pass whose input ids do not continue the last prompt is a new prompt. `last` holds the most recent
     (h, steered h) rows, and `calls` how many forward passes it steered. Refuses a model the geometry was not
     trained on.
     """
 
     def __init__(self, model: nn.Module, geometry: nn.Module, target: str, alpha: float = 1.0,
-                 method: str = "geometry", every_token: bool = False, **solver: Any):  # fmt: skip
+                 method: str = "geometry", every_token: bool = False, source: str | None = None,
+                 **solver: Any):  # fmt: skip
         if method not in METHODS:
             raise SteeringError(f"method={method!r} is unknown; use one of {METHODS}.")
         if not 0.0 <= float(alpha) <= 1.0:
@@ -171,6 +174,7 @@ class Steering:
         self.model, self.geometry, self.alpha, self.method, self.every_token = model, geometry, alpha, method, every_token
         self.concepts = Concepts.of(geometry.meta)
         self.target = self.concepts.index(target)
+        self.source = None if source is None else self.concepts.index(source)
         self.layer = int(geometry.meta["layer"])
         self.solver = solver
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -183,7 +187,8 @@ class Steering:
         """The steered point of each row of h. (B, d) → (B, d)"""
         with torch.inference_mode(False), torch.no_grad():  # the geodesic solver differentiates the encoder
             h = h.clone()  # a plain tensor, also when the forward pass runs in inference mode
-            return steering_point(self.geometry, self.concepts, h, self.target, self.alpha, self.method, **self.solver)
+            return steering_point(self.geometry, self.concepts, h, self.target, self.alpha, self.method, self.source,
+                                  **self.solver)  # fmt: skip
 
     def _see_input(self, _module, args, kwargs):
         """Before each forward pass: remember the prompt, unless the pass continues it (a generation step)."""

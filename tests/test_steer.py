@@ -13,7 +13,14 @@ import torch
 
 from geosteer.models.hub import GeometryMismatch, load_geometry
 from geosteer.models.lm import decoder_layers, load_causal_lm, read_last_token, replace_last_token
-from geosteer.models.steer import Concepts, Steering, SteeringError, control_vector, write_control_vector
+from geosteer.models.steer import (
+    Concepts,
+    Steering,
+    SteeringError,
+    control_vector,
+    steering_point,
+    write_control_vector,
+)
 from geosteer.models.task_lm import build_task_lm
 from geosteer.pipeline import train
 
@@ -220,3 +227,16 @@ def test_the_caa_direction_exports_as_a_llama_cpp_control_vector_read_back_by_gg
     (tensor,) = reader.tensors
     assert tensor.name == f"direction.{geometry.meta['layer']}"
     assert torch.equal(torch.from_numpy(tensor.data.copy()).float(), direction)
+
+
+def test_caa_moves_by_the_class_difference_and_skips_classes_without_rows():
+    """CAA's source is the nearest centroid among the classes that had rows (a NaN centroid is never picked), or the
+    class it is told."""
+    centroids = torch.tensor([[0.0, 0.0], [math.nan, math.nan], [10.0, 0.0], [0.0, 10.0]])
+    concepts = Concepts(("a", "b", "c", "d"), ((1,), (2,), (3,), (4,)), centroids)
+    h = torch.tensor([[1.0, 1.0], [9.0, 1.0]])  # nearest: a, c
+    assert concepts.nearest(h).tolist() == [0, 2]
+    moved = steering_point(None, concepts, h, 3, 0.5, "caa")
+    torch.testing.assert_close(moved, h + 0.5 * (centroids[3] - centroids[[0, 2]]))
+    told = steering_point(None, concepts, h, 3, 1.0, "caa", source=2)
+    torch.testing.assert_close(told, h + centroids[3] - centroids[2])
