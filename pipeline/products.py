@@ -345,8 +345,29 @@ def resume_checkpoint(folder: Path, what: str, system: torch.nn.Module, fp: str,
             diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
             raise StageError(f"{path} holds the weights of another model than {what} (first differences, name and "
                              f"shape: {diff}); {fix}.")  # fmt: skip
+    rehome_checkpoint(last, folder)
     log.info("resuming %s from %s", what, last)
     return last
+
+
+def rehome_checkpoint(last: Path, folder: Path) -> None:
+    """Point the checkpoint callbacks' state in `last` at `folder`, where the run now is. Lightning restores a
+    ModelCheckpoint's best score only from a checkpoint of the same folder: in a moved or copied run the first epoch
+    after the resume would otherwise become "best" whatever its loss."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    here = os.path.realpath(folder)
+    states = [s for s in (ckpt.get("callbacks") or {}).values() if isinstance(s, dict) and "dirpath" in s]
+    if all(s["dirpath"] == here for s in states):
+        return
+    moved = lambda p: str(Path(here) / Path(p).name) if p else p  # noqa: E731
+    for s in states:
+        s["dirpath"] = here
+        for key in ("best_model_path", "last_model_path", "kth_best_model_path"):
+            s[key] = moved(s.get(key))
+        s["best_k_models"] = {moved(k): v for k, v in (s.get("best_k_models") or {}).items()}
+    tmp = last.with_name(f".{last.name}.{os.getpid()}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, last)
 
 
 @dataclass(frozen=True)

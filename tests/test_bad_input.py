@@ -1399,8 +1399,9 @@ def test_geometries_of_another_training_of_the_embedded_lm_are_refused(tiny_lm_d
     assert snapshot(tmp_path) == before
 
 
-def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, monkeypatch):
-    """Checkpoints are found where the run is now: a crashed training, its run moved, finishes where it stopped."""
+def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, monkeypatch, recwarn):
+    """Checkpoints are found where the run is now: a crashed training, its run moved, finishes where it stopped, with
+    its best epoch so far still the one to beat (Lightning drops the best score of a checkpoint from another folder)."""
     run, argv = _copy(finished, tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv)
     crashed_training(run, finished[1])
@@ -1409,6 +1410,7 @@ def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, m
                                       "stage=train", "geometry.gaga_out.max_epochs=3", "overwrite=true"], capsys)  # fmt: skip
     assert code == 0 and "resuming weekdays/gaga_out from" in printed, printed
     assert (moved / EXPORT / "model.safetensors").is_file()
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)], "the best score was dropped"
 
 
 def test_the_embedded_lm_is_checked_before_extraction_and_eval(tiny_lm_dir, tmp_path, capsys, monkeypatch):
