@@ -321,6 +321,7 @@ def resume_checkpoint(folder: Path, what: str, system: torch.nn.Module, fp: str,
     if not last.is_file():
         return None
     fix = f"delete the folder {folder.parent} to train {what} from scratch"
+    loaded = {}
     for path in (last, folder / "best.ckpt") if best else (last,):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -345,16 +346,16 @@ def resume_checkpoint(folder: Path, what: str, system: torch.nn.Module, fp: str,
             diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
             raise StageError(f"{path} holds the weights of another model than {what} (first differences, name and "
                              f"shape: {diff}); {fix}.")  # fmt: skip
-    rehome_checkpoint(last, folder)
+        loaded[path] = ckpt
+    rehome_checkpoint(last, loaded[last], folder)
     log.info("resuming %s from %s", what, last)
     return last
 
 
-def rehome_checkpoint(last: Path, folder: Path) -> None:
-    """Point the checkpoint callbacks' state in `last` at `folder`, where the run now is. Lightning restores a
+def rehome_checkpoint(last: Path, ckpt: dict[str, Any], folder: Path) -> None:
+    """Point the checkpoint callbacks' state in `last` (loaded: `ckpt`) at `folder`, where the run now is. Lightning restores a
     ModelCheckpoint's best score only from a checkpoint of the same folder: in a moved or copied run the first epoch
     after the resume would otherwise become "best" whatever its loss."""
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     here = os.path.realpath(folder)
     states = [s for s in (ckpt.get("callbacks") or {}).values() if isinstance(s, dict) and "dirpath" in s]
     if all(s["dirpath"] == here for s in states):
