@@ -43,6 +43,23 @@ def check_run_dir(cfg: DictConfig) -> None:
             f"paths.run_dir={cfg.paths.run_dir} is not inside paths.outputs={cfg.paths.outputs}; stages write only "
             f"under the run folder. Set paths.outputs to the parent folder you want and choose run_name instead."
         )
+    if outer := [p for p in run_dir.parents if holds_products(p)]:
+        outer = outer[-1]  # the outermost: the other run's own folder
+        raise StageError(
+            f"paths.run_dir={cfg.paths.run_dir} is inside {outer}, which holds another run's products: that run's "
+            f"stages would count this run's files as theirs, and could remake them. Set paths.outputs to a folder "
+            f"outside any run (e.g. the parent of {outer})."
+        )
+
+
+PRODUCT_DIRS = ("lm", "extract", "targets", "eval")  # a run's product folders with one stage.json each
+
+
+def holds_products(folder: Path) -> bool:
+    """Whether `folder` is a product (it holds a `stage.json`) or a run folder (one of its products does)."""
+    folder = Path(folder)
+    return ((folder / STAMP).is_file() or any((folder / d / STAMP).is_file() for d in PRODUCT_DIRS)
+            or any(folder.glob(f"geometry/*/*/{STAMP}")))  # fmt: skip
 
 
 def resolved(obj: Any) -> Any:
@@ -78,10 +95,16 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def product_files(product_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every finished file of a product folder (hidden work files and the stamp aside), with its record."""
-    root = Path(product_dir)
-    return {str(p.relative_to(root)): file_record(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != STAMP and not any(part.startswith(".") for part in p.relative_to(root).parts)}  # fmt: skip
+    """Every finished file of a product folder, with its record: hidden work files, the stamp, and any folder
+    holding products of its own (a run or product placed inside this one) aside."""
+    root, files = Path(product_dir), {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not holds_products(Path(folder) / d))
+        for name in sorted(names):
+            path = Path(folder) / name
+            if not name.startswith(".") and name != STAMP and path.is_file():
+                files[str(path.relative_to(root))] = file_record(path)
+    return files
 
 
 def read_stamp(product_dir: Path) -> dict | None:
@@ -170,12 +193,13 @@ def trainer_facts(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "log_every_n_steps"}
 
 
-def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> dict | None:
+def current_result(product_dir: Path, fp: str, what: str, overwrite: bool, remove_damaged: bool = True) -> dict | None:
     """The stored result if `product_dir` was made by this config and its files are as written; refuses another
     config's output.
 
-    Returns None when the product must be (re)made: there is none, or this config's is damaged (then its damaged
-    files are removed, so that nothing reuses them).
+    Returns None when the product must be (re)made: there is none, or this config's is damaged (then, with
+    `remove_damaged`, its damaged files are removed, so that nothing reuses them; a stage whose reader checks each
+    file's content itself passes False, and a damaged file stays until it is replaced).
     """
     try:
         stamp = read_stamp(product_dir)
@@ -188,7 +212,7 @@ def current_result(product_dir: Path, fp: str, what: str, overwrite: bool) -> di
             log.info("%s is current (config %s): skipping", what, fp)
             return stamp["result"]
         log.warning("%s was made by this config, but %s: making it again", what, "; ".join(damage))
-        for name in stamp.get("files") or ():
+        for name in (stamp.get("files") or ()) if remove_damaged else ():
             path = Path(product_dir) / name
             if path.is_file() and file_record(path) != stamp["files"][name]:
                 path.unlink()

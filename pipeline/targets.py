@@ -223,7 +223,8 @@ def run(cfg: DictConfig) -> dict:
             store.check_task(task.to_dict())
         fp = fingerprint({"tasks": [t.to_dict() for t in tasks], "targets": tcfg, "seed": cfg.seed,
                           "store": str(store.attrs["fingerprint"])})  # fmt: skip
-        if (done := current_result(out, fp, "the distance targets", cfg.overwrite)) is not None:
+        if (done := current_result(out, fp, "the distance targets", cfg.overwrite, remove_damaged=False)) is not None:
+            # each group's content digest is checked as it is read: a damaged one is computed again
             return done
         for task in tasks:  # what the data can refuse is refused before any targets file is written
             labels = store.read(task.name, ["label"])["label"]

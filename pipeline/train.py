@@ -63,6 +63,7 @@ from geosteer.pipeline.products import (
     trainer_facts,
     write_stamp,
 )
+from geosteer.pipeline.targets import cache_keys
 
 GEOMETRY_SCHEMA_VERSION = 2  # 2: meta carries what steering needs (lm_pretrained, lm_revision, lm_shape, concepts)
 
@@ -139,6 +140,24 @@ def steering_facts(store_path: Path, task: Task) -> dict[str, Any]:
     return {"lm_pretrained": lm["pretrained"], "lm_revision": lm.get("revision") or "", "lm_shape": shape, "concepts": concepts}
 
 
+def check_targets_config(cfg: DictConfig, task: Task, targets: PairwiseTargets, pullback: bool) -> None:
+    """Refuse targets computed under other settings (`seed`, `targets.*`) than this config's: the geometry would
+    train on another split or other distances than the config says, and eval, which makes the split from the
+    config, would refuse it."""
+    with ActivationStore(targets.store_path) as store:
+        rows, store_fp = store.read(task.name, ["h", "q", "label"]), str(store.attrs["fingerprint"])
+    keys = cache_keys(rows, to_plain(cfg.targets), cfg.seed, store_fp)
+    attrs = targets.attrs
+    have = {"split": attrs["split_key"], targets.target: attrs["key"]} | ({"pullback": attrs["pullback_key"]} if pullback else {})
+    if stale := [name for name, key in have.items() if keys.get(name) != key]:
+        raise StageError(
+            f"{targets.path} holds {', '.join(stale)} computed under other settings than this config's (seed={cfg.seed}, "
+            f"targets.*): a geometry trained on them would not be this config's. Make the targets for this config with "
+            f"`pipeline stage=targets overwrite=true` (with the same overrides), or train with the settings they were "
+            f"made with."
+        )
+
+
 def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], targets_file: Path,
                    callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:  # fmt: skip
     """Train one geometry on one task, export it, and return its summary."""
@@ -146,6 +165,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     pullback = family.uses_pullback(g)
     train = PairwiseTargets(targets_file, g["target"], "train", pullback=pullback, task=task.to_dict())
     val = PairwiseTargets(targets_file, g["target"], "val", pullback=pullback, task=task.to_dict())
+    check_targets_config(cfg, task, train, pullback)
     attrs = train.attrs
     store = {"lm": str(attrs["model_name"]), "lm_fingerprint": str(attrs.get("lm_fingerprint", "")),
              "layer": int(attrs["layer"]), "store": str(attrs["activations_fingerprint"]), "split": str(attrs["split_key"])}  # fmt: skip

@@ -981,6 +981,25 @@ CASES = [
     ),
     ("-r with outputs under a file", outputs_file, ["-r", "paths.outputs={scratch}/file/x"], r"cannot make the folder"),
     (
+        "a run inside another run's products",
+        None,
+        ["stage=extract", "paths.outputs={scratch}/../run/targets"],
+        r"paths.run_dir=\S*/run/targets/run is inside \S*/run, which holds another run's products.*outside any run",
+    ),
+    (
+        "training under another seed than its targets'",
+        None,
+        ["stage=train", "seed=1"],
+        r"weekdays.h5 holds split, \w+ computed under other settings than this config's \(seed=1.*"
+        r"`pipeline stage=targets overwrite=true`",
+    ),
+    (
+        "training under another validation fraction than its targets'",
+        None,
+        ["stage=train", "targets.val_fraction=0.3"],
+        r"weekdays.h5 holds split, \w+ computed under other settings.*stage=targets overwrite=true",
+    ),
+    (
         "--multirun with outputs under a file",
         outputs_file,
         ["--multirun", "stage=extract", "paths.outputs={scratch}/file/x"],
@@ -1339,6 +1358,25 @@ def test_edited_targets_are_computed_again(finished, tmp_path, capsys, monkeypat
     assert pipeline_command([*argv, "stage=train"], capsys)[0] == 0
 
 
+def test_a_run_placed_inside_another_runs_product_is_not_part_of_it(finished, tmp_path, capsys, monkeypatch):
+    """A run folder moved by hand into another run's targets folder is left out of that product's record: the outer
+    stage neither counts its files nor deletes them when they change."""
+    run, argv = _copy(finished, tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    inner = run / "targets" / "inner"
+    shutil.copytree(finished[0], inner, symlinks=True)
+    edited_targets(run, tmp_path, [])
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 0 and "making it again" in printed, printed
+    recorded = json.loads((run / "targets" / "stage.json").read_text())["files"]
+    assert recorded and not [name for name in recorded if name.startswith("inner")], recorded
+    edited_targets(inner, tmp_path, [])  # the inner run's own file changes: not the outer product's business
+    inner_before = snapshot(inner)
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 0 and "is current" in printed, printed
+    assert snapshot(inner) == inner_before
+
+
 def test_targets_a_killed_stage_left_unrecorded_are_trusted_only_as_written(finished, tmp_path, capsys, monkeypatch):
     """Without a stage.json (a targets stage killed after writing a task's file), a changed group is computed again."""
     run, argv = _copy(finished, tmp_path)
@@ -1350,6 +1388,33 @@ def test_targets_a_killed_stage_left_unrecorded_are_trusted_only_as_written(fini
     assert code == 0 and "group phate is not as it was written; computing it again" in printed, printed
     with h5py.File(_targets(run), "r") as now, h5py.File(finished[0] / "targets" / "weekdays.h5", "r") as then:
         np.testing.assert_array_equal(now["phate/coords"][:], then["phate/coords"][:])
+
+
+def test_a_targets_stage_that_fails_keeps_a_damaged_file_until_it_is_replaced(tiny_lm_dir, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    """A targets file that differs from its record stays as it is when the stage fails before replacing it (here the
+    LM the pullback needs has gone), and is computed again once the stage can run."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_lm_dir, run / "lm")
+    write_stamp(run / "lm", "lm", "trained", {})  # as stage=lm leaves its product
+    argv = [f"paths.outputs={tmp_path}", "run_name=run", "logger=none", "model.embedded=true", "model.layer=1",
+            "tasks=[weekdays]"]  # fmt: skip
+    for stage in ("extract", "targets"):
+        code, printed = pipeline_command([*argv, f"stage={stage}"], capsys)
+        assert code == 0, printed
+    written = h5py.File(_targets(run), "r")["pullback/factor"][:]
+    with h5py.File(_targets(run), "r+") as f:
+        f["pullback/factor"][0] = 0
+    (run / "lm").rename(tmp_path / "gone")
+    before = snapshot(run)
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 1 and "is missing (moved, renamed or deleted). Put it back" in printed, printed
+    assert snapshot(run) == before, "the failed stage deleted or changed a file"
+    (tmp_path / "gone").rename(run / "lm")
+    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
+    assert code == 0 and "group pullback is not as it was written; computing it again" in printed, printed
+    np.testing.assert_array_equal(h5py.File(_targets(run), "r")["pullback/factor"][:], written)
 
 
 def test_an_edited_export_is_trained_again(finished, tmp_path, capsys, monkeypatch):
