@@ -9,13 +9,17 @@ metrics) in `self.meta`; `from_pretrained` never unpickles.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import re
+import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import HfApi, PyTorchModelHubMixin, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 
 from geosteer.models.geodesics import PCA
@@ -41,6 +45,78 @@ def read_config(folder: Path) -> dict:
             f"{folder}/config.json cannot be read ({type(e).__name__}: {e}); the export is incomplete or damaged. "
             f"Re-export it with `pipeline stage=train` (delete the folder first), or copy it again."
         ) from e
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hub
+HUB_OPTIONS = ("endpoint", "token", "cache_dir", "local_files_only", "force_download")  # snapshot_download's
+SHIPPED = ["config.json", "model.safetensors", "README.md", "training.png"]  # what an export ships (not its stage.json)
+
+
+def content_digest(folder: Path) -> str:
+    """A SHA-256 of an export's config.json (its `meta.digest` aside) and weights: an export checks itself with it."""
+    config = read_config(folder)
+    config["meta"] = {k: v for k, v in (config.get("meta") or {}).items() if k != "digest"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal(folder: Path) -> None:
+    """Record `content_digest` in the export's `meta.digest`: a config.json or weights changed afterwards (by hand,
+    or on the way from the Hub) is refused by `load_geometry`, with or without the run's stage.json beside it."""
+    config = read_config(folder)
+    config["meta"]["digest"] = content_digest(folder)
+    tmp = Path(folder) / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.replace(Path(folder) / "config.json")
+
+
+def geometry_source(source: str | Path, revision: str | None = None, **hub: Any) -> Path:
+    """An export folder: `source` itself when it is one, else the snapshot of the Hub repo `source` (owner/name)
+    in the Hugging Face cache, downloaded when it is not there (`HF_HUB_OFFLINE=1` reads the cache only).
+
+    `hub` goes to `snapshot_download` (endpoint, token, cache_dir, local_files_only, ...).
+    """
+    folder = Path(source)
+    if (folder / "config.json").is_file() or not REPO_ID.fullmatch(str(source)):
+        return folder
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=SHIPPED, **hub))
+    except (HfHubHTTPError, OSError, ValueError) as e:  # no such repo or revision, no access, offline, a bad id
+        if isinstance(e, LocalEntryNotFoundError):
+            why = ("it is not in the Hugging Face cache and the Hub cannot be reached (or HF_HUB_OFFLINE=1)",
+                   "download it once with the Hub in reach (or copy the export folder here and give its path)")  # fmt: skip
+        elif isinstance(e, EntryNotFoundError):
+            why = ("it holds no geometry export", "push one with `push_geometry`")
+        else:
+            why = (f"the Hub answered {type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                   "check the repo id and revision, and log in (`hf auth login` or HF_TOKEN) for a private repo")  # fmt: skip
+        raise CheckpointError(
+            f"{source} is not an export folder here, and as a Hub repo (revision {revision or 'main'}) {why[0]}. "
+            f"Give an export folder's path, or {why[1]}."
+        ) from e
+
+
+def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                  revision: str | None = None, **hub: Any) -> str:  # fmt: skip
+    """Upload an exported geometry folder, as it is (weights, config.json, model card, training figure), to the Hub
+    repo `repo_id`, creating the repo if needed; returns the commit's id. The folder is checked first: only an
+    export that `load_geometry` accepts is shipped.
+
+    `hub` goes to `HfApi` (endpoint, token). Load it back with `load_geometry(repo_id)`.
+    """
+    folder = Path(folder)
+    model = load_geometry(folder)
+    api = HfApi(**hub)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, allow_patterns=SHIPPED, revision=revision,
+        commit_message=commit_message or f"geosteer: {model.meta.get('geometry')} ({model.family}) on "
+                                         f"{(model.meta.get('task') or {}).get('name')}, layer {model.meta.get('layer')}",
+    )  # fmt: skip
+    return info.oid
 
 
 class ShippedGeometry(PyTorchModelHubMixin):
@@ -88,18 +164,39 @@ class ShippedGeometry(PyTorchModelHubMixin):
             )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load `config.json` + `model.safetensors`; anything else (a pickle, a torn file) raises CheckpointError."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, **kwargs):
+        """Load `config.json` + `model.safetensors` from an export folder or a Hub repo id (`geometry_source`; the
+        Hub options endpoint, token, cache_dir, local_files_only and force_download go to the download). Anything
+        else (a pickle, a torn file, content that differs from its `meta.digest`) raises CheckpointError."""
+        hub = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+        folder = geometry_source(pretrained_model_name_or_path, revision, **hub)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            model = super().from_pretrained(folder, **kwargs)
         except CheckpointError:
             raise
         except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
             raise CheckpointError(
-                f"{pretrained_model_name_or_path} is not a {cls.__name__} checkpoint that loads safely: "
+                f"{folder} is not a {cls.__name__} checkpoint that loads safely: "
                 f"{type(e).__name__}: {' '.join(str(e).split())[:400]}. A geometry is "
                 f"config.json + model.safetensors (never a pickle); re-export it with `pipeline stage=train`."
             ) from e
+        if (recorded := model.meta.get("digest")) is not None and recorded != content_digest(folder):
+            raise CheckpointError(
+                f"{folder}: config.json or model.safetensors changed after the export was written (meta.digest does "
+                f"not match their content). Re-export it with `pipeline stage=train` (delete the folder first) or "
+                f"download it again; a geometry changed on purpose loads once meta.digest is removed from config.json."
+            )
+        return model
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    revision: str | None = None, **hub: Any) -> str:  # fmt: skip
+        """Upload this geometry as it is now (config.json with its meta, model.safetensors, sealed with a new
+        `meta.digest`) to the Hub repo `repo_id`; returns the commit id. `hub` goes to `HfApi` (endpoint, token).
+        `push_geometry(folder, repo_id)` ships a whole export folder instead, with its model card and figure."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            seal(Path(tmp))
+            return push_geometry(tmp, repo_id, commit_message=commit_message, private=private, revision=revision, **hub)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
@@ -111,14 +208,18 @@ class ShippedGeometry(PyTorchModelHubMixin):
         raise CheckpointError(f"{model_file} is a pickle; geosteer loads geometries only from model.safetensors.")
 
 
-def load_geometry(folder: str | Path, d: int | None = None, layer: int | None = None) -> ShippedGeometry:
+def load_geometry(source: str | Path, d: int | None = None, layer: int | None = None, *, revision: str | None = None,
+                  **hub: Any) -> ShippedGeometry:  # fmt: skip
     """An exported geometry, as the class its `meta.family` names, in eval mode and frozen.
 
+    `source` is an export folder or a Hub repo id (owner/name, at `revision`; `hub` goes to `snapshot_download`).
     With `d` (and `layer`), it is checked against activations of that width (at that block): GeometryMismatch
-    names both sides. Anything but safetensors + config.json raises CheckpointError.
+    names both sides. Anything but safetensors + config.json, or an export whose content differs from the digest it
+    was sealed with, raises CheckpointError.
     """
     from geosteer.models import gaga, geodesic_bridge, innsteer  # noqa: F401  the built-in families register
 
+    folder = geometry_source(source, revision, **hub)
     family = (read_config(Path(folder)).get("meta") or {}).get("family")
     if family is None:
         raise CheckpointError(

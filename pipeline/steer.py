@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from geosteer.data.store import put_in_place
-from geosteer.models.hub import load_geometry, read_config
+from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_config
 from geosteer.models.lm import read_last_token
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
@@ -37,11 +37,14 @@ def geometry_folder(cfg: DictConfig) -> Path:
     (the task whose values hold `steer.target`)."""
     s, target = cfg.steer, str(cfg.steer.target)
     given = Path(str(s.geometry))
-    if len(given.parts) != 1 or given.name in (".", "..") or not SAFE_NAME.fullmatch(given.name):  # a path
-        if not (given / "config.json").is_file():
-            raise StageError(f"steer.geometry={given} holds no exported geometry (no config.json); give an export's "
-                             f"folder, or the name of one of this run's geometries (e.g. gaga_out).")  # fmt: skip
-        return given
+    if len(given.parts) != 1 or given.name in (".", "..") or not SAFE_NAME.fullmatch(given.name):  # a path, a repo
+        if (given / "config.json").is_file():
+            return given
+        if REPO_ID.fullmatch(str(s.geometry)):  # owner/name on the Hub: the cached snapshot, downloaded if need be
+            return geometry_source(str(s.geometry))
+        raise StageError(f"steer.geometry={given} holds no exported geometry (no config.json); give an export's "
+                         f"folder, a Hub repo id (owner/name), or the name of one of this run's geometries (e.g. "
+                         f"gaga_out).")  # fmt: skip
     geometries = RunLayout.of(cfg).geometries
     found = sorted(p.parent for p in geometries.glob(f"*/{given.name}/config.json"))
     holding = [f for f in found if target in (((read_config(f).get("meta") or {}).get("concepts") or {})

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from geosteer.data.store import ActivationStore
 from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError
 from geosteer.data.tasks import Task
-from geosteer.models.hub import model_card, read_config
+from geosteer.models.hub import model_card, read_config, seal
 from geosteer.pipeline import bridge, gaga, innsteer  # noqa: F401  the built-in families register on import
 from geosteer.pipeline.common import (
     SAFE_NAME,
@@ -293,6 +293,7 @@ def export(model: nn.Module, ctor: dict[str, Any], meta: dict[str, Any], family:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "README.md", model_card(ctor, meta, **family.card(ctor, meta)))  # first: save_pretrained keeps it
     shipped.save_pretrained(folder)
+    seal(folder)
 
 
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:

@@ -34,7 +34,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,6 +69,13 @@ class FakeHub:
     url: str = ""
     repos: dict[str, list[Commit]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_stop: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        """Stop serving now, as when the Hub is out of reach (the state stays readable; a second call does nothing)."""
+        if self.on_stop is not None:
+            self.on_stop()
+            self.on_stop = None
 
     def commits(self, repo_id: str) -> list[Commit]:
         if repo_id not in self.repos:
@@ -123,9 +130,7 @@ def _tree_entries(commit: Commit, prefix: str, recursive: bool) -> list[dict[str
         parts = path[len(base) :].split("/")
         folders = [base + "/".join(parts[:i]) for i in range(1, len(parts))]
         for folder in folders if recursive else folders[:1]:
-            entries.setdefault(
-                folder, {"type": "directory", "oid": git_blob_sha(folder.encode()), "size": 0, "path": folder}
-            )
+            entries.setdefault(folder, {"type": "directory", "oid": git_blob_sha(folder.encode()), "size": 0, "path": folder})
         if recursive or len(parts) == 1:
             entries[path] = {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
     if base and not entries:
@@ -231,9 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, repo: str, rev: str, path: str, **_: Any) -> None:
         commit = self.server.hub.resolve(repo, rev)
         if path not in commit.files:
-            raise HubError(
-                404, "EntryNotFound", f"{path} does not exist on {commit.sha}", {"X-Repo-Commit": commit.sha}
-            )
+            raise HubError(404, "EntryNotFound", f"{path} does not exist on {commit.sha}", {"X-Repo-Commit": commit.sha})
         data = commit.files[path]
         self._send(200, None, {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(data)}"'}, raw=data)
 
@@ -249,9 +252,14 @@ def local_hub() -> Iterator[FakeHub]:
     server.hub = FakeHub(url=f"http://127.0.0.1:{server.server_port}")
     thread = threading.Thread(target=server.serve_forever, name="fake-hf-hub", daemon=True)
     thread.start()
-    try:
-        yield server.hub
-    finally:
+
+    def stop() -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+    server.hub.on_stop = stop
+    try:
+        yield server.hub
+    finally:
+        server.hub.stop()

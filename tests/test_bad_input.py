@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from geosteer.data.store import temp_path
 from geosteer.models.gaga import GAGA
+from geosteer.models.hub import seal
 from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
 from geosteer.pipeline.common import store_lm
@@ -120,9 +121,19 @@ def wrong_width(run: Path, _scratch: Path, _args: list[str]):
     ctor = {k: v for k, v in config.items() if k != "meta"} | {"input_dim": 64}
     shutil.rmtree(run / EXPORT)
     GAGA(**ctor, meta=config["meta"]).save_pretrained(run / EXPORT)
+    seal(run / EXPORT)  # as an export of that width is written
 
 
 def wrong_layer(run: Path, _scratch: Path, _args: list[str]):
+    path = run / EXPORT / "config.json"
+    config = json.loads(path.read_text())
+    config["meta"]["layer"] = 0
+    path.write_text(json.dumps(config))
+    seal(run / EXPORT)  # as an export of that layer is written
+
+
+def edited_layer(run: Path, _scratch: Path, _args: list[str]):
+    """meta.layer changed by hand to another block the LM has: only the export's own digest tells."""
     path = run / EXPORT / "config.json"
     config = json.loads(path.read_text())
     config["meta"]["layer"] = 0
@@ -269,6 +280,7 @@ def _edit_meta(run: Path, **changes):
     config = json.loads(path.read_text())
     config["meta"] = {k: v for k, v in {**config["meta"], **changes}.items() if v is not None}
     path.write_text(json.dumps(config))
+    seal(run / EXPORT)  # as an export made for what the changed facts say is written
 
 
 def export_of_another_task(run: Path, _scratch: Path, _args: list[str]):
@@ -487,6 +499,7 @@ def nan_weights(run: Path, _scratch: Path, _args: list[str]):
     name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
     tensors[name].view(-1)[1] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
+    seal(run / EXPORT)  # as a training that diverged would export it
 
 
 def small_task(_run: Path, scratch: Path, _args: list[str]):
@@ -576,6 +589,12 @@ CASES = [
         unrecorded(wrong_layer),
         ["stage=eval", "method=[gaga_out]"],
         r"trained on d=32 activations of layer 0, but the store holds d=32 at layer 1",
+    ),
+    (
+        "export whose layer was edited by hand, unrecorded",
+        unrecorded(edited_layer),
+        ["stage=eval", "method=[gaga_out]"],
+        r"gaga_out: config.json or model.safetensors changed after the export was written \(meta.digest.*Re-export it",
     ),
     (
         "checkpoint that is a pickle",

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from geosteer.models.hub import GeometryMismatch, load_geometry
+from geosteer.models.hub import SHIPPED, CheckpointError, GeometryMismatch, load_geometry, push_geometry, seal
 from geosteer.models.lm import decoder_layers, load_causal_lm, read_last_token, replace_last_token
 from geosteer.models.steer import (
     Concepts,
@@ -23,6 +23,7 @@ from geosteer.models.steer import (
 )
 from geosteer.models.task_lm import build_task_lm
 from geosteer.pipeline import train
+from tests.hub_server import local_hub
 
 GEOMETRIES = ("gaga_out", "innsteer", "bridge")
 PROMPTS = ["Q: What day is two days after Monday?\nA:", "Q: What day is five days after Friday?\nA:"]
@@ -206,6 +207,7 @@ def test_stage_steer_refuses_with_the_fix(shipped, capsys, monkeypatch, tmp_path
     config = json.loads((other / "config.json").read_text())
     config["meta"]["lm_fingerprint"] = "elsewhere"
     (other / "config.json").write_text(json.dumps(config))
+    seal(other)  # as that training exported it
     monkeypatch.setattr(sys, "argv", sys.argv)
     code, printed = pipeline_command(steer_command(cfg, *[o.format(other=other) for o in overrides]), capsys)
     assert code == 1 and "Traceback" not in printed and re.search(message, printed), printed
@@ -240,3 +242,99 @@ def test_caa_moves_by_the_class_difference_and_skips_classes_without_rows():
     torch.testing.assert_close(moved, h + 0.5 * (centroids[3] - centroids[[0, 2]]))
     told = steering_point(None, concepts, h, 3, 1.0, "caa", source=2)
     torch.testing.assert_close(told, h + centroids[3] - centroids[2])
+
+
+# ---- the Hub round trip, against a local Hub server (tests/hub_server.py) and an offline cache ----------------------
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local Hub (the real huggingface_hub client talks HTTP to it) and an empty Hugging Face cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the local Hub speaks plain commits
+    with local_hub() as server:
+        yield server, tmp_path / "hf-cache"
+
+
+def export_folder(cfg, name: str) -> train.Path:
+    return train.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / name
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_family_goes_to_the_hub_and_back_and_steers_from_the_offline_cache(shipped, hub, monkeypatch):
+    """push_geometry ships each export folder byte for byte; load_geometry(repo id) and the class's own
+    from_pretrained read it back; with the Hub gone and HF_HUB_OFFLINE set, the cache alone serves it, and it steers
+    exactly as the local export does. The geometry's own push_to_hub round-trips its weights and meta too."""
+    import huggingface_hub.constants
+
+    (server, cache), (geometries, lm, tokenizer, cfg) = hub, shipped
+    for name, local in geometries.items():
+        folder = export_folder(cfg, name)
+        commit = push_geometry(folder, f"lab/{name}", endpoint=server.url, token="secret")
+        pushed = server.repos[f"lab/{name}"][-1]
+        assert pushed.sha == commit and "stage.json" not in pushed.files, "the run's own record stays home"
+        assert pushed.files == {f: (folder / f).read_bytes() for f in SHIPPED if (folder / f).is_file()}
+        for pulled in (load_geometry(f"lab/{name}", endpoint=server.url, cache_dir=cache),
+                       type(local).from_pretrained(f"lab/{name}", endpoint=server.url, cache_dir=cache)):  # fmt: skip
+            assert type(pulled) is type(local) and pulled.meta == local.meta and same_weights(pulled, local)
+        local.push_to_hub(f"lab/{name}-object", endpoint=server.url, token="secret")
+        again = load_geometry(f"lab/{name}-object", endpoint=server.url, cache_dir=cache)
+        assert again.meta == local.meta | {"digest": again.meta["digest"]} and same_weights(again, local)
+    server.stop()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    for name, local in geometries.items():
+        cached = load_geometry(f"lab/{name}", cache_dir=cache)
+        steered = []
+        for geometry in (local, cached):
+            with Steering(lm, geometry, "Thursday", alpha=0.6), torch.no_grad():
+                steered.append(lm(**enc).logits[:, -1])
+        assert torch.equal(*steered), name
+
+
+def test_a_revision_pins_the_commit_it_names(shipped, hub):
+    (server, cache), (geometries, _, _, cfg) = hub, shipped
+    first = push_geometry(export_folder(cfg, "gaga_out"), "lab/geo", endpoint=server.url)
+    push_geometry(export_folder(cfg, "innsteer"), "lab/geo", endpoint=server.url)
+    assert type(load_geometry("lab/geo", endpoint=server.url, cache_dir=cache)) is type(geometries["innsteer"])
+    pinned = load_geometry("lab/geo", revision=first, endpoint=server.url, cache_dir=cache)
+    assert type(pinned) is type(geometries["gaga_out"]) and same_weights(pinned, geometries["gaga_out"])
+
+
+def test_hub_failures_name_the_repo_and_the_fix(shipped, hub, tmp_path):
+    (server, cache), (_, _, _, cfg) = hub, shipped
+    with pytest.raises(CheckpointError, match=r"lab/none is not an export folder here, and as a Hub repo.*Repository"):
+        load_geometry("lab/none", endpoint=server.url, cache_dir=cache)
+    with pytest.raises(CheckpointError, match=r"not in the Hugging Face cache.*download it once"):
+        load_geometry("lab/none", cache_dir=cache, local_files_only=True)
+    edited = tmp_path / "edited"
+    shutil.copytree(export_folder(cfg, "gaga_out"), edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["meta"]["layer"] = 0  # another valid block: only the export's own digest can tell
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"changed after the export was written \(meta.digest"):
+        push_geometry(edited, "lab/edited", endpoint=server.url)
+    assert "lab/edited" not in server.repos, "a damaged export was shipped"
+
+
+def test_stage_steer_takes_a_hub_repo_id_from_the_offline_cache(shipped, hub, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    from tests.test_bad_input import pipeline_command
+
+    (server, cache), (_, _, _, cfg) = hub, shipped
+    push_geometry(export_folder(cfg, "gaga_out"), "lab/weekdays-gaga", endpoint=server.url)
+    load_geometry("lab/weekdays-gaga", endpoint=server.url, cache_dir=cache)  # fills the cache
+    server.stop()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, printed = pipeline_command(steer_command(cfg, "steer.geometry=lab/weekdays-gaga"), capsys)
+    assert code == 0 and "steered:" in printed, printed
+    code, printed = pipeline_command(steer_command(cfg, "steer.geometry=lab/elsewhere"), capsys)
+    assert code == 1 and "Traceback" not in printed and "not in the Hugging Face cache" in printed, printed
