@@ -7,7 +7,10 @@ reports for the same pairs and carriers: top-1@end of the path methods (whose pa
 as the steered point does at α = 1) and, for INNSteer and CAA, which steer each carrier from its
 own h, their own-point top-1 at α = 1 (eval knows each carrier's class; steering is measured both
 without it, from the flow's or the nearest centroid's class, and told it). The overhead is the throughput of a plain forward pass over
-that of a steered one, on one batch of prompts (≥ 0.9 is the target of the closed-form families).
+that of a steered one, on one batch of prompts (≥ 0.9 is the target of the closed-form families), on the
+embedded LM and on SmolLM2-135M (30 blocks, d = 576). The embedded LM is so small (3 blocks, d = 128)
+that an 8-block flow costs about as much as its forward pass; on SmolLM2 each shipped architecture is
+rebuilt at its width with untrained weights (what a pass costs does not depend on them).
 
     python -m benchmarks.steer [run folder]        # default outputs/default; figures to results/steer.json
 """
@@ -21,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from geosteer.data.store import ActivationStore
-from geosteer.models.hub import load_geometry
-from geosteer.models.lm import load_causal_lm
+from geosteer.models.hub import ShippedGeometry, load_geometry, read_config
+from geosteer.models.lm import lm_shape, load_causal_lm
 from geosteer.models.steer import Steering
 from geosteer.models.steering import carrier_rows
+from geosteer.pipeline.common import load_lm
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = {"linear": ("gaga_out", "linear"), "gaga_out": ("gaga_out", "geometry"), "gaga_jac": ("gaga_jac", "geometry"),
@@ -73,6 +78,29 @@ def overhead(lm, tokenizer, geometry, method: str, prompts: list[str], target: s
     return plain / steered
 
 
+def pretrained_overhead(run: Path, task: str, prompts: list[str]) -> dict[str, float]:
+    """`overhead` on SmolLM2-135M at its config's layer, for the closed-form methods, each export of `run` rebuilt
+    at SmolLM2's width with the same settings (untrained), with concept centroids drawn at random."""
+    model = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / "smollm2.yaml").model
+    lm, tokenizer = load_lm(model)
+    shape, d = lm_shape(lm), lm_shape(lm)["hidden_size"]
+    values = read_config(run / "geometry" / task / "gaga_out")["meta"]["concepts"]["values"]
+    concepts = {"values": values, "variant_ids": [tokenizer(" " + v, add_special_tokens=False).input_ids[:1] for v in values],
+                "centroids": torch.randn(len(values), d, generator=torch.Generator().manual_seed(0)).tolist()}  # fmt: skip
+    out = {}
+    for method, (export, how) in FAMILIES.items():
+        config = read_config(run / "geometry" / task / export)
+        family = config["meta"]["family"]
+        if how == "geometry" and family == "gaga":  # an L-BFGS solve per prompt, not a closed form
+            continue
+        ctor = {k: v for k, v in config.items() if k != "meta"} | {"input_dim": d}
+        meta = {"family": family, "layer": int(model.layer), "lm_shape": shape, "concepts": concepts}
+        geometry = ShippedGeometry.families[family](**ctor, meta=meta).eval().requires_grad_(False)
+        out[method] = overhead(lm, tokenizer, geometry, how, prompts, values[0])
+        print(f"overhead on SmolLM2-135M {method}: {out[method]:.2f}× a plain forward's throughput", flush=True)
+    return out
+
+
 def main(run: Path) -> None:
     evaluated = json.loads((run / "eval" / "results.json").read_text())
     config = json.loads((run / "eval" / "stage.json").read_text())
@@ -112,6 +140,7 @@ def main(run: Path) -> None:
         if (folder / "config.json").is_file():
             out["overhead"][method] = overhead(lm, tokenizer, load_geometry(folder), how, prompts, target)
             print(f"overhead {method}: {out['overhead'][method]:.2f}× a plain forward's throughput", flush=True)
+    out["overhead_smollm2"] = pretrained_overhead(run, first, prompts)
     out["eval_fingerprint"] = config.get("fingerprint")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "steer.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -162,19 +162,19 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         """The class whose latent mean is nearest: the flow's own Gaussian classifier, linear in z. (B, D) → (B,)"""
         return torch.cdist(z, self.means).argmin(1)
 
-    def steer(self, h: torch.Tensor, source: int | torch.Tensor, target: int | torch.Tensor,
+    def steer(self, h: torch.Tensor, source: int | torch.Tensor | None, target: int | torch.Tensor,
               alpha: float | torch.Tensor = 1.0) -> torch.Tensor:  # fmt: skip
         """φ⁻¹(φ(h) + α(μ_target − μ_source)) for every α.
 
-        h (B, d); source/target: class indices, one each or one per row (B,); alpha:
-        a number → (B, d), or a 1-D tensor of A values → (A, B, d). With a PCA
+        h (B, d); source/target: class indices, one each or one per row (B,); source None: each row's class by
+        `classify` of the same φ(h); alpha: a number → (B, d), or a 1-D tensor of A values → (A, B, d). With a PCA
         ambient space only the subspace part of h moves.
         """
         alphas = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
         batched = alphas.dim() == 1
         alphas = alphas.reshape(-1, 1, 1)  # (A, 1, 1)
-        delta = self.means[target] - self.means[source]  # (D,) or (B, D)
         z = self.encode(h)  # (B, D)
+        delta = self.means[target] - self.means[self.classify(z) if source is None else source]  # (D,) or (B, D)
         a_new = self.inverse((z + alphas * delta).flatten(0, 1))[0].view(len(alphas), *z.shape)  # (A, B, D)
         if self.pca_dim is None:
             out = a_new

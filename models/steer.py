@@ -132,7 +132,7 @@ def steering_point(geometry: nn.Module, concepts: Concepts, h: torch.Tensor, tar
         return h + alpha * (x_b - c[concepts.nearest(h) if source is None else source])
     family = getattr(geometry, "family", None)
     if family == "innsteer":
-        return geometry.steer(h, geometry.classify(geometry.encode(h)) if source is None else source, target, alpha)
+        return geometry.steer(h, source, target, alpha)  # source None: the flow's class of h, from the same φ(h)
     if family == "bridge":
         return geometry(h, x_b, torch.tensor([float(alpha)]))[:, 0]
     if family == "gaga":

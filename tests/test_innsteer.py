@@ -77,6 +77,9 @@ def test_steer_moves_the_latent_by_the_mean_difference_and_nothing_else(pca_dim)
         torch.testing.assert_close(moved - (moved @ P.T) @ P, torch.zeros_like(h), atol=1e-10, rtol=0)
     per_row = model.steer(h[:4], torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2]), 1.0)
     torch.testing.assert_close(per_row[3], model.steer(h[3:4], 0, 2, 1.0)[0])
+    own = model.classify(model.encode(h))  # source None: each row from the class the flow gives it
+    assert own.unique().numel() > 1, "the rows must fall in several classes to test anything"
+    torch.testing.assert_close(model.steer(h, None, 1, 0.5), model.steer(h, own, 1, 0.5), atol=0, rtol=0)
 
 
 def test_the_picklable_activations_equal_freias_and_the_flow_pickles():
