@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -68,7 +69,7 @@ def seal(folder: Path) -> None:
     or on the way from the Hub) is refused by `load_geometry`, with or without the run's stage.json beside it."""
     config = read_config(folder)
     config["meta"]["digest"] = content_digest(folder)
-    tmp = Path(folder) / ".config.json.tmp"
+    tmp = Path(folder) / f".config.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     tmp.replace(Path(folder) / "config.json")
 
