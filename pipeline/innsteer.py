@@ -68,18 +68,22 @@ class InnSteerSystem(GeometrySystem):
             regulariser against memorising the few points per class; 0 turns it off.
         centres: "argmax", each point's Gaussian at its arg-max class's mean (docs/method.md §8), or
             "soft", at the q-weighted mean of the class means (`soft_centres`).
+        seed: seeds each step's noise together with the step number and rank, so a resumed run draws the same
+            noise as an uninterrupted one (None: torch's current seed, which `pipeline.train` sets).
     """
 
     def __init__(self, model: InnSteer, num_classes: int, lr: float, weight_decay: float, warmup_fraction: float,
-                 grad_clip: float, noise: float = 0.0, centres: str = "argmax"):  # fmt: skip
+                 grad_clip: float, noise: float = 0.0, centres: str = "argmax", seed: int | None = None):  # fmt: skip
         super().__init__()
         self.model = model
+        seed = torch.initial_seed() if seed is None else seed
         self.save_hyperparameters(ignore=["model"])
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s = self.model.standardise(batch["x"])  # (B, D)
         if self.training and self.hparams.noise:
-            s = s + self.hparams.noise * torch.randn_like(s)
+            step = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
+            s = s + self.hparams.noise * torch.randn(s.shape, generator=step).to(s)
         z, log_det = self.model.latent(s)  # (B, D), (B,)
         classes = classes_of(batch["coords"], self.hparams.num_classes)
         soft = self.hparams.centres == "soft"

@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from geosteer.models.innsteer import BLOCKS, InnSteer
 from geosteer.models.metrics import metric_matrix, pullback_of
@@ -170,6 +171,24 @@ def test_innsteer_trains_exports_and_reloads_bit_identically(prepared, tmp_path)
     assert (folder / "training.png").is_file()
     steered = run_model_card(folder, h=h, a=0, b=3)["h_steered"]
     torch.testing.assert_close(steered, flow.steer(h, 0, 3, torch.linspace(0, 1, 9)), msg="the model card's example runs")
+
+
+def test_a_crashed_innsteer_training_resumes_to_the_same_weights(prepared):
+    """The training noise is drawn per step from the seed, so a resume after a crash draws what an uninterrupted
+    run does, and the exports are equal bit for bit."""
+    from tests.test_bad_input import CrashAfterSecondEpoch
+
+    exports = []
+    for name, crash in (("inn-whole", False), ("inn-crashed", True)):
+        cfg = prepared(name, *INN, "geometry.innsteer.patience=100", geometries=("innsteer",), epochs=3)
+        assert cfg.geometry.innsteer.noise > 0, "the noise is what a resume must draw again"
+        if crash:
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                train.run(cfg, callbacks=[CrashAfterSecondEpoch()])
+        train.run(cfg)
+        exports.append(load_file(Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "innsteer" / "model.safetensors"))
+    whole, resumed = exports
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_innsteer_wandb_run_holds_the_objective_the_round_trip_and_the_steering_success(prepared):
