@@ -111,7 +111,7 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
     A config that names another model or layer is noted and not used: after extraction the store is the one
     source of both.
     """
-    from geosteer.pipeline.products import check_product, read_stamp  # products builds on this module
+    from geosteer.pipeline.products import check_product, lm_fingerprint  # products builds on this module
 
     m = store_lm(cfg, store_attrs)
     if recorded := store_attrs.get("lm_fingerprint"):  # the embedded LM: it must be the one the store came from
@@ -121,7 +121,7 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
                 f"deleted). Put it back, or make it and what follows again with `pipeline stage=all overwrite=true`."
             )
         check_product(Path(m["pretrained"]), "Train it again with `pipeline stage=lm overwrite=true`.")
-        now = (read_stamp(Path(m["pretrained"])) or {}).get("fingerprint")
+        now = lm_fingerprint({"pretrained": m["pretrained"], "embedded": True})
         if now != recorded:
             raise StageError(
                 f"the LM at {m['pretrained']} is not the one the activation store was extracted from (LM {now}, "

@@ -30,7 +30,7 @@ from geosteer.pipeline.products import (
     check_product,
     current_result,
     fingerprint,
-    read_stamp,
+    lm_fingerprint,
     write_stamp,
 )
 
@@ -151,12 +151,6 @@ def check_vocabulary(tokenizer, task: Task, lm: str) -> None:
                 f"trained for other tasks. Train it for these ones with `pipeline stage=lm overwrite=true` and the "
                 f"same tasks=..., or extract with the tasks it was trained for."
             )
-
-
-def lm_fingerprint(m) -> str | None:
-    """The fingerprint of the embedded LM's stage=lm product (None for other LMs): a retrained LM changes it."""
-    stamp = read_stamp(Path(m["pretrained"])) if m["embedded"] else None
-    return stamp and stamp["fingerprint"]
 
 
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:

@@ -107,6 +107,17 @@ def product_files(product_dir: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def lm_fingerprint(m) -> str | None:
+    """What identifies the embedded LM (None for other LMs): its stage=lm product's fingerprint and the SHA-256 of its
+    weights, so an LM trained again changes it even under the same config (a resumed training need not end on the
+    same weights)."""
+    stamp = read_stamp(Path(m["pretrained"])) if m["embedded"] else None
+    if stamp is None:
+        return None
+    weights = ((stamp.get("files") or {}).get("model.safetensors") or {}).get("sha256")
+    return f"{stamp['fingerprint']}-{weights[:16]}" if weights else stamp["fingerprint"]
+
+
 def read_stamp(product_dir: Path) -> dict | None:
     """The record of the config that made a product, None when there is none; StageError when it is damaged."""
     path = Path(product_dir) / STAMP

@@ -25,8 +25,7 @@ from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_co
 from geosteer.models.lm import read_last_token
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
-from geosteer.pipeline.extract import lm_fingerprint
-from geosteer.pipeline.products import RunLayout, check_inside, check_product
+from geosteer.pipeline.products import RunLayout, check_inside, check_product, lm_fingerprint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
