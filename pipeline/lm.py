@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import shutil
 import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers import DynamicCache
 
 from geosteer.data.tasks import Prompt, Task, concept_schema
@@ -51,9 +53,10 @@ class TaskLMSystem(L.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 layer: int = 0, interchange: float = 0.0):  # fmt: skip
+                 layer: int = 0, interchange: float = 0.0, seed: int | None = None):  # fmt: skip
         super().__init__()
         self.model = model
+        seed = torch.initial_seed() if seed is None else seed
         self.save_hyperparameters(ignore=["model"])
 
     def training_step(self, batch, _batch_idx):
@@ -61,7 +64,9 @@ class TaskLMSystem(L.LightningModule):
         keep = attention_mask.any(0)  # drop columns that are padding in every row
         input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
         hp = self.hparams
-        donor = torch.randperm(len(input_ids), device=input_ids.device) if hp.interchange else None  # seeded
+        # The donors are drawn per step from the seed, so a resumed training draws what an uninterrupted one does.
+        step = torch.Generator().manual_seed(hp.seed * 1_000_003 + self.global_step)
+        donor = torch.randperm(len(input_ids), generator=step).to(input_ids.device) if hp.interchange else None
         logits, swapped = answer_logits(self.model, hp.layer, input_ids, attention_mask, donor)  # (B, V) each
         loss = F.cross_entropy(logits, soft)
         if hp.interchange:
@@ -185,7 +190,25 @@ class StopAtTheBar(L.Callback):
             trainer.should_stop = True
 
 
-def run(cfg: DictConfig) -> dict:
+class StepSeededSampler(Sampler[int]):
+    """`batch_size` rows per step, drawn with replacement in proportion to `weights` from a generator seeded by the
+    seed and the step, for steps `start` … `steps` − 1: the rows of a step do not depend on the steps before it, so a
+    training resumed at step `start` draws what an uninterrupted one does. One pass is the whole training."""
+
+    def __init__(self, weights: torch.Tensor, batch_size: int, steps: int, seed: int, start: int = 0):
+        self.weights, self.batch_size, self.steps, self.seed, self.start = weights, batch_size, steps, seed, start
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start, self.steps):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            yield from torch.multinomial(self.weights, self.batch_size, replacement=True, generator=generator).tolist()
+
+    def __len__(self) -> int:  # the whole pass: Lightning counts a resumed epoch's batches on from `start`
+        return self.steps * self.batch_size
+
+
+def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
+    """Train the embedded task LM and save it to `model.pretrained`; `callbacks` join the Lightning trainer."""
     if not cfg.model.embedded:
         raise StageError(
             f"stage=lm trains the embedded task LM, but model={cfg.model.name} is a pretrained model. "
@@ -215,24 +238,25 @@ def run(cfg: DictConfig) -> dict:
     # starved by ages (4,725 prompts), which still gets the most.
     counts = torch.tensor([len(ps) for ps in prompts.values()], dtype=torch.float64)
     weights = torch.repeat_interleave(counts ** (a.task_share_power - 1), counts.long())
-    sampler = WeightedRandomSampler(weights, num_samples=len(data), generator=torch.Generator().manual_seed(cfg.seed))
-    loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
-
     system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps, cfg.model.layer, a.interchange)
-    # The latest state every 250 steps, always as last.ckpt (no monitor, top-1 by recency).
-    checkpoint = ModelCheckpoint(
-        dirpath=work / "checkpoints", filename="last", every_n_train_steps=250, enable_version_counter=False
-    )
+    resume = resume_checkpoint(work / "checkpoints", "the task LM", system, fp)
+    start = torch.load(resume, map_location="cpu", weights_only=True)["global_step"] if resume else 0
+    sampler = StepSeededSampler(weights, a.batch_size, a.max_steps, cfg.seed, start)
+    loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
+    # The latest state every lm.checkpoint_every steps, always as last.ckpt (no monitor, top-1 by recency).
+    checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", every_n_train_steps=a.checkpoint_every,
+                                 enable_version_counter=False)  # fmt: skip
     measure = functools.partial(the_bar, tokenizer=tokenizer, tasks=tasks, prompts=prompts, layer=cfg.model.layer,
                                 seed=cfg.seed)  # fmt: skip
-    callbacks = [checkpoint, FingerprintCheckpoints(fp)]
+    callbacks = [checkpoint, FingerprintCheckpoints(fp), *callbacks]
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
-    resume = resume_checkpoint(work / "checkpoints", "the task LM", system, fp)
-    start = time.perf_counter()
-    trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
-    train_seconds = time.perf_counter() - start
+    begin = time.perf_counter()
+    with warnings.catch_warnings():  # the sampler starts at the resumed step: the epoch's restart is exact here
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
+    train_seconds = time.perf_counter() - begin
 
     final = work / "model"
     model.save_pretrained(final)

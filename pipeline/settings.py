@@ -130,6 +130,7 @@ RULES: dict[str, Rule] = {
     "lm.intermediate_size": SIZE,
     "lm.max_steps": SIZE,
     "lm.batch_size": SIZE,
+    "lm.checkpoint_every": SIZE,
     "lm.task_share_power": NON_NEGATIVE,
     "lm.lr": POSITIVE,
     "lm.weight_decay": NON_NEGATIVE,

@@ -145,3 +145,28 @@ def test_train_killed_mid_way_continues_from_last_ckpt_to_the_same_weights(clean
             load_file(r / "geometry" / task / "gaga_out" / "model.safetensors") for r in (root / "clean", root / "faulty-train")
         )
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), task
+
+
+def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
+    """The task LM draws each step's rows and donors from the seed and the step alone, so a training that crashed
+    resumes from its last checkpoint and ends on the uninterrupted weights."""
+    import lightning as L
+
+    from geosteer.pipeline import lm
+
+    class CrashAtStep5(L.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step == 5:  # step 3's last.ckpt is on disk by now
+                raise RuntimeError("simulated crash")
+
+    small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "lm.hidden_size=32", "lm.num_layers=2",
+             "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=16", "lm.max_steps=9", "lm.checkpoint_every=3",
+             "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0"]  # fmt: skip
+    whole, crashed = (make_cfg(tmp_path, f"run_name={name}", *small) for name in ("whole", "crashed"))
+    lm.run(whole)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        lm.run(crashed, callbacks=[CrashAtStep5()])
+    assert list((tmp_path / "crashed").glob(".lm.partial-*/checkpoints/last.ckpt")), "nothing to resume from"
+    lm.run(crashed)
+    a, b = (load_file(tmp_path / name / "lm" / "model.safetensors") for name in ("whole", "crashed"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
