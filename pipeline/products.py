@@ -50,6 +50,13 @@ def check_run_dir(cfg: DictConfig) -> None:
             f"stages would count this run's files as theirs, and could remake them. Set paths.outputs to a folder "
             f"outside any run (e.g. the parent of {outer})."
         )
+    for product in [*(run_dir / d for d in PRODUCT_DIRS), run_dir / "geometry"]:
+        own = {product} if product.name != "geometry" else set(product.glob("*/*"))
+        if nested := next((s.parent for s in sorted(product.rglob(STAMP)) if s.parent not in own), None):
+            raise StageError(
+                f"{nested} holds products of another run (a {STAMP} of its own) inside {product}, which this run's "
+                f"stages replace whole. Move that folder out of the run (or pick another run_name=... for this one)."
+            )
 
 
 PRODUCT_DIRS = ("lm", "extract", "targets", "eval")  # a run's product folders with one stage.json each
@@ -95,16 +102,10 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def product_files(product_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every finished file of a product folder, with its record: hidden work files, the stamp, and any folder
-    holding products of its own (a run or product placed inside this one) aside."""
-    root, files = Path(product_dir), {}
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not holds_products(Path(folder) / d))
-        for name in sorted(names):
-            path = Path(folder) / name
-            if not name.startswith(".") and name != STAMP and path.is_file():
-                files[str(path.relative_to(root))] = file_record(path)
-    return files
+    """Every finished file of a product folder (hidden work files and the stamp aside), with its record."""
+    root = Path(product_dir)
+    return {str(p.relative_to(root)): file_record(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != STAMP and not any(part.startswith(".") for part in p.relative_to(root).parts)}  # fmt: skip
 
 
 def lm_fingerprint(m) -> str | None:

@@ -132,6 +132,12 @@ def wrong_layer(run: Path, _scratch: Path, _args: list[str]):
     seal(run / EXPORT)  # as an export of that layer is written
 
 
+def run_inside_targets(run: Path, scratch: Path, _args: list[str]):
+    """A finished run moved by hand into this run's targets folder."""
+    shutil.copytree(run, scratch / "inner", symlinks=True, ignore=shutil.ignore_patterns("geometry"))
+    shutil.move(scratch / "inner", run / "targets" / "inner")
+
+
 def edited_layer(run: Path, _scratch: Path, _args: list[str]):
     """meta.layer changed by hand to another block the LM has: only the export's own digest tells."""
     path = run / EXPORT / "config.json"
@@ -1006,6 +1012,13 @@ CASES = [
         r"paths.run_dir=\S*/run/targets/run is inside \S*/run, which holds another run's products.*outside any run",
     ),
     (
+        "another run placed inside this run's products",
+        run_inside_targets,
+        ["stage=targets"],
+        r"targets/inner/extract holds products of another run \(a stage.json of its own\) inside \S*/targets, which "
+        r"this run's stages replace whole. Move that folder out",
+    ),
+    (
         "training under another seed than its targets'",
         None,
         ["stage=train", "seed=1"],
@@ -1375,25 +1388,6 @@ def test_edited_targets_are_computed_again(finished, tmp_path, capsys, monkeypat
     with h5py.File(_targets(run), "r") as now, h5py.File(finished[0] / "targets" / "weekdays.h5", "r") as then:
         np.testing.assert_array_equal(now["split/train"][:], then["split/train"][:])
     assert pipeline_command([*argv, "stage=train"], capsys)[0] == 0
-
-
-def test_a_run_placed_inside_another_runs_product_is_not_part_of_it(finished, tmp_path, capsys, monkeypatch):
-    """A run folder moved by hand into another run's targets folder is left out of that product's record: the outer
-    stage neither counts its files nor deletes them when they change."""
-    run, argv = _copy(finished, tmp_path)
-    monkeypatch.setattr(sys, "argv", sys.argv)
-    inner = run / "targets" / "inner"
-    shutil.copytree(finished[0], inner, symlinks=True)
-    edited_targets(run, tmp_path, [])
-    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
-    assert code == 0 and "making it again" in printed, printed
-    recorded = json.loads((run / "targets" / "stage.json").read_text())["files"]
-    assert recorded and not [name for name in recorded if name.startswith("inner")], recorded
-    edited_targets(inner, tmp_path, [])  # the inner run's own file changes: not the outer product's business
-    inner_before = snapshot(inner)
-    code, printed = pipeline_command([*argv, "stage=targets"], capsys)
-    assert code == 0 and "is current" in printed, printed
-    assert snapshot(inner) == inner_before
 
 
 def test_targets_a_killed_stage_left_unrecorded_are_trusted_only_as_written(finished, tmp_path, capsys, monkeypatch):
