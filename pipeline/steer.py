@@ -25,7 +25,7 @@ from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_co
 from geosteer.models.lm import read_last_token
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
-from geosteer.pipeline.products import RunLayout, check_inside, check_product, lm_fingerprint
+from geosteer.pipeline.products import RunLayout, check_inside, check_product, fingerprint, lm_fingerprint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -86,6 +86,13 @@ def run(cfg: DictConfig) -> dict:
                     cfg.model.name)  # fmt: skip
     lm, tokenizer = load_lm(cfg.model)
     enc = tokenizer([prompt], return_tensors="pt")
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in enc.input_ids[0].tolist():
+        words = [w for w in prompt.split() if tokenizer.unk_token_id in tokenizer.encode(w, add_special_tokens=False)]
+        raise StageError(
+            f"steer.prompt={prompt!r} has words the LM ({cfg.model.name}) has no token for ({words[:3]}): it would read them "
+            f'all as one unknown token. Use the words of the tasks it was trained on (e.g. steer.prompt="Q: What '
+            f'day is two days after Monday?\\nA:").'
+        )
 
     def generate() -> str:
         out = lm.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -110,7 +117,10 @@ def run(cfg: DictConfig) -> dict:
     at = int(np.flatnonzero(alphas == alpha)[0])
     task = (geometry.meta.get("task") or {}).get("name", folder.parent.name)
     root = RunLayout.of(cfg).root
-    name = "-".join(safe(p) for p in (task, folder.name, s.method, target, f"a{alpha:g}"))
+    # what else makes the result: the prompt, the export and the generation settings (a short hash, so names stay short)
+    made_of = fingerprint({"prompt": prompt, "geometry": str(folder.resolve()), "every_token": s.every_token,
+                           "max_new_tokens": s.max_new_tokens, "figure_points": s.figure_points})[:8]  # fmt: skip
+    name = "-".join(safe(p) for p in (task, folder.name, s.method, target, f"a{alpha:g}", made_of))
     out = root / "steer"
     check_inside(root, out)
     figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {folder.name} toward {target}",

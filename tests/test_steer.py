@@ -178,7 +178,7 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     monkeypatch.setattr(sys, "argv", sys.argv)
     code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "steer.alpha=0.45"), capsys)
     assert code == 0 and "unsteered:" in printed and "steered:" in printed, printed
-    (result,) = (train.Path(cfg.paths.run_dir) / "steer").glob("weekdays-gaga_out-geometry-Thursday-a0.45.json")
+    (result,) = (train.Path(cfg.paths.run_dir) / "steer").glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json")
     saved = json.loads(result.read_text())
     assert train.Path(saved["figure"]).stat().st_size > 0
     enc = tokenizer(PROMPTS[:1], return_tensors="pt")
@@ -186,6 +186,10 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
         q = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, s.concepts.variant_ids).q[0]
     assert saved["prompt"] == PROMPTS[0], "a typed \\n is a newline"
     assert saved["q_after"]["Thursday"] == pytest.approx(float(q[s.target]), abs=1e-4), "q after is read at α itself"
+    code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "steer.alpha=0.45",
+                                                   f"steer.prompt={json.dumps(PROMPTS[1])}"), capsys)  # fmt: skip
+    assert code == 0 and result.read_text() == json.dumps(saved, indent=1), "another prompt's result is written beside"
+    assert len(list(result.parent.glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json"))) == 2
 
 
 @pytest.mark.parametrize(
@@ -194,6 +198,10 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
         (["steer.geometry=/nowhere/weekdays/gaga_out"], r"steer.geometry=/nowhere/weekdays/gaga_out holds no exported"),
         (["steer.geometry=gaga_out", "steer.target=Caturday"], r"names 0 of .* with the concept 'Caturday'"),
         (["steer.geometry=gaga_out", "steer.prompt=' '"], r"steer.prompt is empty"),
+        (
+            ["steer.geometry=gaga_out", "steer.prompt='Bonjour, quel jour?'"],
+            r"has words the LM .* has no token for \(\['Bonjour,",
+        ),
         (["steer.geometry={other}"], r"was trained on another training of the LM \(its fingerprint elsewhere"),
     ],
 )
