@@ -517,7 +517,10 @@ def run(cfg: DictConfig) -> dict:
     if not store_path.is_file():
         log.info("no activation store at %s: extracting it from the model first", store_path)
         extract.run(cfg)
-    check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
+    check_product(
+        run.extract,
+        "Re-run `pipeline stage=extract` with the overrides that made it (the same tasks=..., model=...): it makes the store again.",
+    )
     with ActivationStore(store_path) as store:
         store_fp, layer = str(store.attrs["fingerprint"]), int(store.attrs["layer"])
         missing = [t.name for t in tasks if t.name not in store.tasks]

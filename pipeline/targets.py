@@ -209,7 +209,10 @@ def run(cfg: DictConfig) -> dict:
     tcfg = to_plain(cfg.targets)
     summary, figures = {}, {}
     start = time.perf_counter()
-    check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
+    check_product(
+        run.extract,
+        "Re-run `pipeline stage=extract` with the overrides that made it (the same tasks=..., model=...): it makes the store again.",
+    )
     check_inside(run.root, out)
     with ActivationStore(store_path) as store:
         file_attrs = {

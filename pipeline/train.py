@@ -301,8 +301,11 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     tasks = load_tasks(cfg)
     geometries = selected_geometries(cfg)
     run = RunLayout.of(cfg)
-    check_product(run.extract, "Re-run `pipeline stage=extract`: it makes the store again.")
-    check_product(run.targets, "Re-run `pipeline stage=targets`: it computes them again.")
+    check_product(
+        run.extract,
+        "Re-run `pipeline stage=extract` with the overrides that made it (the same tasks=..., model=...): it makes the store again.",
+    )
+    check_product(run.targets, "Re-run `pipeline stage=targets` with the overrides that made them: it computes them again.")
     missing = [t.name for t in tasks if not run.targets_file(t.name).is_file()]
     if missing:
         raise StageError(f"no targets for {missing} under {run.targets}; run `pipeline stage=targets` first.")
