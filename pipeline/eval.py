@@ -102,14 +102,20 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
     """The exported geometry a method steers with (checked against the task and the store), or why it is absent."""
     folder = Path(cfg.eval.geometry_dir) / task.name / method.geometry  # a method with a family names its export
     if not (folder / "config.json").is_file():
-        return None, f"no exported geometry at {folder}; train it (pipeline stage=train geometry={method.geometry})"
+        own = Path(cfg.eval.geometry_dir).resolve() == RunLayout.of(cfg).geometries.resolve()
+        fix = (f"train it (pipeline stage=train geometry=[{method.geometry}])" if own else
+               f"train it in the run eval.geometry_dir={cfg.eval.geometry_dir} belongs to, or copy an export there")  # fmt: skip
+        return None, f"no exported geometry at {folder}; {fix}"
     check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`), or copy it again.")
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
     check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), str(store.get("lm_fingerprint", "")),
                      int(store["layer"]), str(store["fingerprint"]), split)  # fmt: skip
     if model.meta.get("geometry") != method.geometry:
-        log.warning("%s holds the geometry trained as '%s' (its config.json), evaluated as %s's '%s'", folder,
-                    model.meta.get("geometry"), method.label, method.geometry)  # fmt: skip
+        raise StageError(
+            f"eval: {folder} holds the geometry trained as '{model.meta.get('geometry')}' (its config.json), but "
+            f"{method.label} steers with '{method.geometry}': export folders were renamed or swapped. Move each export "
+            f"to the folder of the name it was trained as, or train '{method.geometry}' (`pipeline stage=train`)."
+        )
     if model.family != method.family:
         raise StageError(f"eval: {folder} holds a {model.family} geometry; {method.label} steers with a {method.family} one. "
                          f"Point its method YAML's `geometry` at a {method.family} export.")  # fmt: skip
@@ -513,6 +519,11 @@ def run(cfg: DictConfig) -> dict:
     tasks = load_tasks(cfg)
     methods = build_methods(cfg.get("method"))  # an unknown method is refused before any work
     run = RunLayout.of(cfg)
+    if not Path(cfg.eval.geometry_dir).is_dir() and Path(cfg.eval.geometry_dir).resolve() != run.geometries.resolve():
+        raise StageError(
+            f"eval.geometry_dir={cfg.eval.geometry_dir} is not a folder. Point it at a run's geometry folder "
+            f"(<run>/geometry, holding <task>/<name>/ exports), or leave it at its default, this run's."
+        )
     store_path = run.store
     if not store_path.is_file():
         log.info("no activation store at %s: extracting it from the model first", store_path)

@@ -54,6 +54,13 @@ def geometry_folder(cfg: DictConfig) -> Path:
             f"steer.geometry={given.name}, a geometry name of this run, names {where} with the concept {target!r}. "
             f"Give an export's folder, a target of one of its tasks, or train it (`pipeline stage=train`)."
         )
+    trained_as = (read_config(holding[0]).get("meta") or {}).get("geometry")
+    if trained_as != given.name:
+        raise StageError(
+            f"steer.geometry={given.name}: {holding[0]} holds the geometry trained as '{trained_as}' (its config.json): "
+            f"export folders were renamed or swapped. Move each export to the folder of the name it was trained as, or "
+            f"give the export's folder as steer.geometry."
+        )
     return holding[0]
 
 
@@ -120,10 +127,11 @@ def run(cfg: DictConfig) -> dict:
     # what else makes the result: the prompt, the export and the generation settings (a short hash, so names stay short)
     made_of = fingerprint({"prompt": prompt, "geometry": str(folder.resolve()), "every_token": s.every_token,
                            "max_new_tokens": s.max_new_tokens, "figure_points": s.figure_points})[:8]  # fmt: skip
-    name = "-".join(safe(p) for p in (task, folder.name, s.method, target, f"a{alpha:g}", made_of))
+    trained_as = str(geometry.meta.get("geometry") or folder.name)
+    name = "-".join(safe(p) for p in (task, trained_as, s.method, target, f"a{alpha:g}", made_of))
     out = root / "steer"
     check_inside(root, out)
-    figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {folder.name} toward {target}",
+    figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {trained_as} toward {target}",
            out / f"{name}.png")  # fmt: skip
     result = {
         "geometry": str(folder), "method": s.method, "target": target, "alpha": alpha,

@@ -132,6 +132,10 @@ def wrong_layer(run: Path, _scratch: Path, _args: list[str]):
     seal(run / EXPORT)  # as an export of that layer is written
 
 
+def renamed_export(run: Path, _scratch: Path, _args: list[str]):
+    (run / EXPORT).rename(run / EXPORT.parent / "gaga_phate")
+
+
 def run_inside_targets(run: Path, scratch: Path, _args: list[str]):
     """A finished run moved by hand into this run's targets folder."""
     shutil.copytree(run, scratch / "inner", symlinks=True, ignore=shutil.ignore_patterns("geometry"))
@@ -1010,6 +1014,18 @@ CASES = [
         None,
         ["stage=extract", "paths.outputs={scratch}/../run/targets"],
         r"paths.run_dir=\S*/run/targets/run is inside \S*/run, which holds another run's products.*outside any run",
+    ),
+    (
+        "an export renamed to another geometry's folder",
+        renamed_export,
+        ["stage=eval", "method=[gaga_phate]"],
+        r"gaga_phate holds the geometry trained as 'gaga_out' \(its config.json\).*renamed or swapped. Move each",
+    ),
+    (
+        "an eval.geometry_dir that does not exist",
+        None,
+        ["stage=eval", "eval.geometry_dir={scratch}/nowhere"],
+        r"eval.geometry_dir=\S*/nowhere is not a folder. Point it at a run's geometry folder",
     ),
     (
         "another run placed inside this run's products",
