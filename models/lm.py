@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import pickle
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,12 @@ def load_causal_lm(
             f"the weights of '{pretrained}' do not cover its config: {len(missing)} tensors are missing (e.g. "
             f"{missing[:3]}), and transformers would fill them at random. Make config.json match the weights (e.g. its "
             f"num_hidden_layers), or save the model again with save_pretrained."
+        )
+    if unused := sorted(k for k in info.get("unexpected_keys") or () if re.search(r"\blayers?\.\d+\.", k)):
+        raise ModelLoadError(
+            f"the weights of '{pretrained}' hold blocks its config leaves out: {len(unused)} tensors of decoder blocks "
+            f"go unused (e.g. {unused[:3]}), so the model that runs is not the one that was saved. Make config.json "
+            f"match the weights (e.g. its num_hidden_layers), or save the model again with save_pretrained."
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)

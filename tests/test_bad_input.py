@@ -358,6 +358,11 @@ def lm_with_more_layers(run: Path, scratch: Path, args: list[str]):
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 5}))
 
 
+def lm_with_fewer_layers(run: Path, scratch: Path, args: list[str]):
+    config = _lm_copy(scratch, args) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 2}))
+
+
 def pickled_lm(run: Path, scratch: Path, args: list[str]):
     lm = _lm_copy(scratch, args)
     (lm / "model.safetensors").unlink()
@@ -1135,6 +1140,12 @@ CASES = [
         lm_with_more_layers,
         ["stage=extract", "model.pretrained={scratch}/lm", "overwrite=true"],
         r"do not cover its config: \d+ tensors are missing",
+    ),
+    (
+        "LM whose config has fewer layers than its weights",
+        lm_with_fewer_layers,
+        ["stage=extract", "model.pretrained={scratch}/lm", "model.layer=0", "overwrite=true"],
+        r"hold blocks its config leaves out: \d+ tensors of decoder blocks go unused \(e.g. \['model.layers.2.",
     ),
     (
         "LM weights that are a pickle",
