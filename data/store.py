@@ -76,6 +76,17 @@ def prompts_digest(folder: Path, task: str, texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps([Path(folder).name, task, list(texts)]).encode()).hexdigest()
 
 
+def rows_digest(folder: Path, task: str, texts: Sequence[str], rows: dict[str, np.ndarray]) -> str:
+    """`prompts_digest` extended over the rows' bytes (`ROW_ARRAYS`): rows edited, reordered or swapped after they were
+    written are caught too."""
+    digest = hashlib.sha256(prompts_digest(folder, task, texts).encode())
+    for name in ROW_ARRAYS:
+        array = np.ascontiguousarray(rows[name])
+        digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 class ChunkDir:
     """Finished extraction chunks of one store-in-progress, `<task>/chunk_00000.npz`, each recording its prompts."""
 
@@ -91,7 +102,7 @@ class ChunkDir:
     def write(self, task: str, index: int, rows: dict[str, np.ndarray], texts: Sequence[str]) -> None:
         """Write the rows of `texts`, chunk `index` of `task`."""
         self.path(task, index).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_savez(self.path(task, index), digest=np.array(prompts_digest(self.root, task, texts)), **rows)
+        _atomic_savez(self.path(task, index), digest=np.array(rows_digest(self.root, task, texts, rows)), **rows)
 
     def read_task(self, task: str, texts: dict[int, Sequence[str]]) -> dict[str, np.ndarray]:
         """The rows of the chunks `texts` names ({chunk index: its prompt texts}), in order.
@@ -112,8 +123,8 @@ class ChunkDir:
                 raise StoreError(f"the extraction chunk {path} is damaged ({type(e).__name__}); {fix}") from None
             if (
                 set(part) != {"digest", *ROW_ARRAYS}
-                or str(part["digest"]) != prompts_digest(self.root, task, want)
                 or any(len(part[k]) != len(want) for k in ROW_ARRAYS)
+                or str(part["digest"]) != rows_digest(self.root, task, want, part)
             ):
                 raise StoreError(f"the extraction chunk {path} does not hold the rows of chunk {i} of task "
                                  f"'{task}' ({len(want)} prompts): it was changed or copied; {fix}")  # fmt: skip
@@ -153,6 +164,7 @@ def write_shard(path: Path, rows: dict[str, dict[str, np.ndarray]], texts: dict[
         for task, arrays in rows.items():
             g = f.create_group(task)
             g.attrs["prompts_digest"] = prompts_digest(path.parent, task, texts[task])
+            g.attrs["rows_digest"] = rows_digest(path.parent, task, texts[task], arrays)
             for name, arr in arrays.items():
                 g.create_dataset(name, data=arr, chunks=(min(len(arr), 1024), *arr.shape[1:]), **_filters(compression))
     put_in_place(tmp, path)
@@ -174,12 +186,15 @@ def read_shards(shards: dict[Path, Sequence[str]], task: str) -> dict[str, np.nd
                 if g is None or g.attrs.get("prompts_digest") != prompts_digest(shard.parent, task, want):
                     raise StoreError(f"the extraction shard {shard} does not hold the rows of task '{task}' it "
                                      f"should ({len(want)} prompts): it was changed or copied; {fix}.")  # fmt: skip
-                part = {k: g[k][()] for k in ROW_ARRAYS}
+                part, recorded = {k: g[k][()] for k in ROW_ARRAYS}, g.attrs.get("rows_digest")
         except (OSError, KeyError) as e:
             raise StoreError(f"the extraction shard {shard} is missing or damaged ({type(e).__name__}); {fix}.") from None
         if any(len(a) != len(want) for a in part.values()):
             raise StoreError(f"the extraction shard {shard} holds {len(part['h'])} rows of task '{task}', not "
                              f"{len(want)}; {fix}.")  # fmt: skip
+        if recorded != rows_digest(shard.parent, task, want, part):
+            raise StoreError(f"the extraction shard {shard} holds rows of task '{task}' other than those written "
+                             f"(edited or reordered); {fix}.")  # fmt: skip
         parts.append(part)
     return {k: np.concatenate([p[k] for p in parts]) for k in ROW_ARRAYS}
 

@@ -101,6 +101,23 @@ def test_chunks_refuse_rows_of_other_prompts(tmp_path):
         other.read_task("t", {0: ["a", "b"]})
 
 
+def test_chunks_and_shards_refuse_rows_edited_after_they_were_written(tmp_path):
+    """Rows reordered in place, the prompt record kept: only a digest of the rows themselves tells."""
+    rows = {"h": np.arange(6.0).reshape(2, 3), "q": np.eye(2, 4), "top1": np.arange(2)}
+    chunks = ChunkDir(tmp_path / "chunks")
+    chunks.write("t", 0, rows, ["a", "b"])
+    kept = dict(np.load(chunks.path("t", 0)))
+    np.savez(chunks.path("t", 0), **{**kept, "h": kept["h"][::-1]})
+    with pytest.raises(StoreError, match="chunk_00000.npz does not hold the rows of chunk 0.*changed or copied"):
+        chunks.read_task("t", {0: ["a", "b"]})
+    shard = tmp_path / "rank-0-of-1.h5"
+    write_shard(shard, {"t": rows}, {"t": ["a", "b"]}, "none")
+    with h5py.File(shard, "r+") as f:
+        f["t/h"][0, 0] += 1
+    with pytest.raises(StoreError, match="rank-0-of-1.h5 holds rows of task 't' other than those written"):
+        read_shards({shard: ["a", "b"]}, "t")
+
+
 def test_shards_refuse_rows_of_other_prompts(tmp_path):
     rows = {"h": np.zeros((2, 3)), "q": np.zeros((2, 4)), "top1": np.zeros(2)}
     shard = tmp_path / "rank-0-of-1.h5"
