@@ -111,9 +111,10 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
     A config that names another model or layer is noted and not used: after extraction the store is the one
     source of both.
     """
-    from geosteer.pipeline.products import check_product, lm_fingerprint  # products builds on this module
+    from geosteer.pipeline.products import check_product, lm_fingerprint, warn_lm_config  # products builds on this
 
     m = store_lm(cfg, store_attrs)
+    warn_lm_config(cfg, why)
     if recorded := store_attrs.get("lm_fingerprint"):  # the embedded LM: it must be the one the store came from
         if not Path(m["pretrained"]).is_dir():
             raise StageError(

@@ -31,6 +31,7 @@ from geosteer.pipeline.products import (
     current_result,
     fingerprint,
     lm_fingerprint,
+    warn_lm_config,
     write_stamp,
 )
 
@@ -190,6 +191,7 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     out = run.extract
     check_inside(run.root, out)
     fp = extract_fingerprint(cfg, tasks)
+    warn_lm_config(cfg, "the extraction")
     if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
         return done
     if not (out / f".partial-{fp}").is_dir():  # shards of a finished store, whose chunks are gone: extract again

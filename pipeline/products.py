@@ -119,6 +119,17 @@ def lm_fingerprint(m) -> str | None:
     return f"{stamp['fingerprint']}-{weights[:16]}" if weights else stamp["fingerprint"]
 
 
+def warn_lm_config(cfg: DictConfig, what: str) -> None:
+    """Warn when the config's `lm.*` differ from the settings the embedded LM was trained with: `what` uses the LM as
+    it is (only stage=lm trains it)."""
+    stamp = read_stamp(Path(cfg.model.pretrained)) if cfg.model.embedded else None
+    trained, now = ((stamp or {}).get("result") or {}).get("config"), OmegaConf.to_container(cfg.lm, resolve=True)
+    if isinstance(trained, dict) and (differ := {k: (v, now.get(k)) for k, v in trained.items() if now.get(k) != v}):
+        log.warning("%s uses the embedded LM at %s as it was trained; the config's lm.* differ in %s (trained, config). "
+                    "To train it with this config: `pipeline stage=all overwrite=true`.", what, cfg.model.pretrained,
+                    differ)  # fmt: skip
+
+
 def read_stamp(product_dir: Path) -> dict | None:
     """The record of the config that made a product, None when there is none; StageError when it is damaged."""
     path = Path(product_dir) / STAMP

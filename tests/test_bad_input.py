@@ -1559,6 +1559,16 @@ def test_the_embedded_lm_is_checked_before_extraction_and_eval(tiny_lm_dir, tmp_
     assert code == 1 and "lm, is missing (moved, renamed or deleted)" in printed, printed
 
 
+def test_lm_settings_other_than_the_trained_lms_are_named(tmp_path, capsys, monkeypatch):
+    """stage=extract uses the embedded LM as it was trained; lm.* overrides that differ are named with the fix."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    argv = [f"paths.outputs={tmp_path}", "run_name=run", "logger=none", "model.embedded=true", "model.layer=1",
+            "tasks=[weekdays]", "lm.max_steps=2", "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0"]  # fmt: skip
+    assert pipeline_command([*argv, "stage=lm"], capsys)[0] == 0
+    code, printed = pipeline_command([*argv, "stage=extract", "lm.hidden_size=64"], capsys)
+    assert code == 0 and "the config's lm.* differ in {'hidden_size': (128, 64)}" in printed, printed
+
+
 def test_the_task_lm_is_another_product_under_other_trainer_settings(tmp_path, capsys, monkeypatch):
     """Gradient clipping changes the LM it trains, so its record must tell the two apart."""
     monkeypatch.setattr(sys, "argv", sys.argv)
