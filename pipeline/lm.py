@@ -53,10 +53,9 @@ class TaskLMSystem(L.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 layer: int = 0, interchange: float = 0.0, seed: int | None = None):  # fmt: skip
+                 layer: int = 0, interchange: float = 0.0):  # fmt: skip
         super().__init__()
         self.model = model
-        seed = torch.initial_seed() if seed is None else seed
         self.save_hyperparameters(ignore=["model"])
 
     def training_step(self, batch, _batch_idx):
@@ -64,9 +63,8 @@ class TaskLMSystem(L.LightningModule):
         keep = attention_mask.any(0)  # drop columns that are padding in every row
         input_ids, attention_mask = input_ids[:, keep], attention_mask[:, keep]
         hp = self.hparams
-        # The donors are drawn per step from the seed, so a resumed training draws what an uninterrupted one does.
-        step = torch.Generator().manual_seed(hp.seed * 1_000_003 + self.global_step)
-        donor = torch.randperm(len(input_ids), generator=step).to(input_ids.device) if hp.interchange else None
+        # torch's global stream, seeded; a resume restores it (ResumableDraws)
+        donor = torch.randperm(len(input_ids), device=input_ids.device) if hp.interchange else None
         logits, swapped = answer_logits(self.model, hp.layer, input_ids, attention_mask, donor)  # (B, V) each
         loss = F.cross_entropy(logits, soft)
         if hp.interchange:
@@ -190,21 +188,51 @@ class StopAtTheBar(L.Callback):
             trainer.should_stop = True
 
 
-class StepSeededSampler(Sampler[int]):
-    """`batch_size` rows per step, drawn with replacement in proportion to `weights` from a generator seeded by the
-    seed and the step, for steps `start` … `steps` − 1: the rows of a step do not depend on the steps before it, so a
-    training resumed at step `start` draws what an uninterrupted one does. One pass is the whole training."""
+class ResumableSampler(Sampler[int]):
+    """`num_samples` rows per epoch, drawn with replacement in proportion to `weights` from one seeded generator that
+    runs on across epochs (as `WeightedRandomSampler` draws), and able to start an epoch part-way: a resume sets the
+    generator to the epoch's start and skips the rows already trained on (`ResumableDraws`)."""
 
-    def __init__(self, weights: torch.Tensor, batch_size: int, steps: int, seed: int, start: int = 0):
-        self.weights, self.batch_size, self.steps, self.seed, self.start = weights, batch_size, steps, seed, start
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int):
+        self.weights, self.num_samples = weights, num_samples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start, self.skip = self.generator.get_state(), 0
 
     def __iter__(self) -> Iterator[int]:
-        for step in range(self.start, self.steps):
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            yield from torch.multinomial(self.weights, self.batch_size, replacement=True, generator=generator).tolist()
+        self.epoch_start, skip, self.skip = self.generator.get_state(), self.skip, 0
+        rows = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
+        yield from rows[skip:].tolist()
 
-    def __len__(self) -> int:  # the whole pass: Lightning counts a resumed epoch's batches on from `start`
-        return self.steps * self.batch_size
+    def __len__(self) -> int:  # the whole epoch: Lightning counts a resumed epoch's batches on from where it stopped
+        return self.num_samples
+
+
+class ResumableDraws(L.Callback):
+    """Keeps in each checkpoint what a resume needs to draw what an uninterrupted training would: the sampler's
+    generator at the epoch's start, the batches of the epoch done, and torch's global generator (the interchange
+    donors). Lightning restarts an interrupted epoch's data from its first batch and restores no generator."""
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int):
+        self.sampler, self.batch_size, self.done, self.pending = sampler, batch_size, 0, None
+
+    def on_train_epoch_start(self, *_) -> None:
+        self.done = 0 if self.pending is None else self.done
+
+    def on_train_batch_start(self, *_) -> None:
+        if self.pending is not None:  # after the data loader's own draw at the epoch's start, as uninterrupted
+            torch.set_rng_state(self.pending)
+            self.pending = None
+
+    def on_train_batch_end(self, *_) -> None:  # runs before ModelCheckpoint's save of this step
+        self.done += 1
+
+    def on_save_checkpoint(self, _trainer, _module, checkpoint: dict) -> None:
+        checkpoint["draws"] = {"epoch_start": self.sampler.epoch_start, "done": self.done, "rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, _trainer, _module, checkpoint: dict) -> None:
+        draws = checkpoint["draws"]
+        self.sampler.generator.set_state(draws["epoch_start"])
+        self.sampler.skip, self.done, self.pending = draws["done"] * self.batch_size, draws["done"], draws["rng"]
 
 
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
@@ -240,20 +268,19 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     weights = torch.repeat_interleave(counts ** (a.task_share_power - 1), counts.long())
     system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps, cfg.model.layer, a.interchange)
     resume = resume_checkpoint(work / "checkpoints", "the task LM", system, fp)
-    start = torch.load(resume, map_location="cpu", weights_only=True)["global_step"] if resume else 0
-    sampler = StepSeededSampler(weights, a.batch_size, a.max_steps, cfg.seed, start)
+    sampler = ResumableSampler(weights, len(data), cfg.seed)
     loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
     # The latest state every lm.checkpoint_every steps, always as last.ckpt (no monitor, top-1 by recency).
     checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", every_n_train_steps=a.checkpoint_every,
                                  enable_version_counter=False)  # fmt: skip
     measure = functools.partial(the_bar, tokenizer=tokenizer, tasks=tasks, prompts=prompts, layer=cfg.model.layer,
                                 seed=cfg.seed)  # fmt: skip
-    callbacks = [checkpoint, FingerprintCheckpoints(fp), *callbacks]
+    callbacks = [checkpoint, FingerprintCheckpoints(fp), ResumableDraws(sampler, a.batch_size), *callbacks]
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
     begin = time.perf_counter()
-    with warnings.catch_warnings():  # the sampler starts at the resumed step: the epoch's restart is exact here
+    with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
     train_seconds = time.perf_counter() - begin

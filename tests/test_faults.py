@@ -148,19 +148,20 @@ def test_train_killed_mid_way_continues_from_last_ckpt_to_the_same_weights(clean
 
 
 def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
-    """The task LM draws each step's rows and donors from the seed and the step alone, so a training that crashed
-    resumes from its last checkpoint and ends on the uninterrupted weights."""
+    """The task LM's checkpoints keep where its draws stand (the sampler's epoch, the batches done, torch's
+    generator), so a training that crashed mid-epoch resumes from its last checkpoint, crosses into the next epoch,
+    and ends on the uninterrupted weights."""
     import lightning as L
 
     from geosteer.pipeline import lm
 
     class CrashAtStep5(L.Callback):
         def on_train_batch_end(self, trainer, *_):
-            if trainer.global_step == 5:  # step 3's last.ckpt is on disk by now
+            if trainer.global_step == 5:  # step 3's last.ckpt is on disk by now; an epoch is 5 steps
                 raise RuntimeError("simulated crash")
 
     small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "lm.hidden_size=32", "lm.num_layers=2",
-             "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=16", "lm.max_steps=9", "lm.checkpoint_every=3",
+             "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=64", "lm.max_steps=9", "lm.checkpoint_every=3",
              "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0"]  # fmt: skip
     whole, crashed = (make_cfg(tmp_path, f"run_name={name}", *small) for name in ("whole", "crashed"))
     lm.run(whole)
