@@ -230,7 +230,8 @@ class ResumableDraws(L.Callback):
         checkpoint["draws"] = {"epoch_start": self.sampler.epoch_start, "done": self.done, "rng": torch.get_rng_state()}
 
     def on_load_checkpoint(self, _trainer, _module, checkpoint: dict) -> None:
-        draws = checkpoint["draws"]
+        if (draws := checkpoint.get("draws")) is None:  # written before checkpoints kept them: resumed as Lightning does
+            return
         self.sampler.generator.set_state(draws["epoch_start"])
         self.sampler.skip, self.done, self.pending = draws["done"] * self.batch_size, draws["done"], draws["rng"]
 
