@@ -81,7 +81,7 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
     `hub` goes to `snapshot_download` (endpoint, token, cache_dir, local_files_only, ...).
     """
     folder = Path(source)
-    if (folder / "config.json").is_file() or not REPO_ID.fullmatch(str(source)):
+    if folder.exists() or not REPO_ID.fullmatch(str(source)):  # a folder here, whole or not, is never a repo id
         return folder
     try:
         return Path(snapshot_download(str(source), revision=revision, allow_patterns=SHIPPED, **hub))

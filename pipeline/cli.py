@@ -57,8 +57,8 @@ PIPELINE = ("lm", "extract", "targets", "train", "eval")  # what stage=all runs,
 
 def run(cfg: DictConfig) -> dict:
     """Run one stage, or every stage in order for stage=all, holding the run's lock; returns each stage's result."""
-    check_run_dir(cfg)
     check_settings(cfg)
+    check_run_dir(cfg)
     if launched_rank()[0] != 0:  # rank 0 of a launched DDP run holds the lock for all its ranks
         return _run(cfg)
     with run_lock(cfg.paths.run_dir):
@@ -130,8 +130,8 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
     """Every check of a composed config that needs no stage: kinds of value, interpolations, the run folder, ranges."""
     defaults = check_override_types(cfg, overrides)
     resolve(cfg)
+    check_settings(cfg, defaults)  # first: the run folder's check needs paths that are strings
     check_run_dir(cfg)
-    check_settings(cfg, defaults)
 
 
 def storage_errno(e: BaseException) -> int | None:

@@ -90,8 +90,14 @@ TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
+PATH: Rule = lambda v: None if isinstance(v, str) and v.strip() else "must be a path (a non-empty string)"  # noqa: E731
 
 RULES: dict[str, Rule] = {
+    "paths.outputs": PATH,
+    "paths.run_dir": PATH,
+    "model.pretrained": PATH,
+    "eval.geometry_dir": PATH,
+    "steer.geometry": PATH,
     "seed": integer(0, 2**32 - 1),
     "overwrite": one_of(True, False),
     "steer.alpha": number(0, 1),

@@ -39,7 +39,7 @@ def geometry_folder(cfg: DictConfig) -> Path:
     if len(given.parts) != 1 or given.name in (".", "..") or not SAFE_NAME.fullmatch(given.name):  # a path, a repo
         if (given / "config.json").is_file():
             return given
-        if REPO_ID.fullmatch(str(s.geometry)):  # owner/name on the Hub: the cached snapshot, downloaded if need be
+        if REPO_ID.fullmatch(str(s.geometry)) and not given.exists():  # owner/name on the Hub: cached, or downloaded
             return geometry_source(str(s.geometry))
         raise StageError(f"steer.geometry={given} holds no exported geometry (no config.json); give an export's "
                          f"folder, a Hub repo id (owner/name), or the name of one of this run's geometries (e.g. "
@@ -126,15 +126,16 @@ def run(cfg: DictConfig) -> dict:
     root = RunLayout.of(cfg).root
     # what else makes the result: the prompt, the export and the generation settings (a short hash, so names stay short)
     made_of = fingerprint({"prompt": prompt, "geometry": str(folder.resolve()), "every_token": s.every_token,
-                           "max_new_tokens": s.max_new_tokens, "figure_points": s.figure_points})[:8]  # fmt: skip
+                           "max_new_tokens": s.max_new_tokens, "figure_points": s.figure_points,
+                           "model": cfg.model})[:8]  # fmt: skip
     trained_as = str(geometry.meta.get("geometry") or folder.name)
-    name = "-".join(safe(p) for p in (task, trained_as, s.method, target, f"a{alpha:g}", made_of))
+    name = "-".join(safe(p) for p in (task, trained_as, s.method, target, f"a{alpha!r}", made_of))
     out = root / "steer"
     check_inside(root, out)
     figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {trained_as} toward {target}",
            out / f"{name}.png")  # fmt: skip
     result = {
-        "geometry": str(folder), "method": s.method, "target": target, "alpha": alpha,
+        "geometry": str(folder), "method": s.method, "target": target, "alpha": alpha, "dtype": str(cfg.model.dtype),
         "prompt": prompt, "unsteered": plain, "steered": moved,
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),

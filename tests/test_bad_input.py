@@ -1026,6 +1026,8 @@ CASES = [
         ["stage=eval", "method=[gaga_phate]"],
         r"gaga_phate holds the geometry trained as 'gaga_out' \(its config.json\).*renamed or swapped. Move each",
     ),
+    ("paths.outputs that is a number", None, ["stage=extract", "paths.outputs=123"], r"paths.outputs=123 must be a path"),
+    ("eval.geometry_dir that is null", None, ["stage=eval", "eval.geometry_dir=null"], r"eval.geometry_dir=null must be a"),
     (
         "an eval.geometry_dir that does not exist",
         None,
