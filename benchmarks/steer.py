@@ -83,7 +83,8 @@ def pretrained_overhead(run: Path, task: str, prompts: list[str]) -> dict[str, f
     at SmolLM2's width with the same settings (untrained), with concept centroids drawn at random."""
     model = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / "smollm2.yaml").model
     lm, tokenizer = load_lm(model)
-    shape, d = lm_shape(lm), lm_shape(lm)["hidden_size"]
+    shape = lm_shape(lm)
+    d = shape["hidden_size"]
     values = read_config(run / "geometry" / task / "gaga_out")["meta"]["concepts"]["values"]
     concepts = {"values": values, "variant_ids": [tokenizer(" " + v, add_special_tokens=False).input_ids[:1] for v in values],
                 "centroids": torch.randn(len(values), d, generator=torch.Generator().manual_seed(0)).tolist()}  # fmt: skip
