@@ -48,7 +48,7 @@ from geosteer.models.behaviour import (
     visit_intermediates,
 )
 from geosteer.models.geodesics import linear_path, secant_energy, sphere_angle, subdivide
-from geosteer.models.hub import load_geometry, read_config
+from geosteer.models.hub import content_digest, load_geometry
 from geosteer.models.metrics import (
     FisherPullback,
     OutputPullback,
@@ -110,16 +110,52 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
     check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), str(store.get("lm_fingerprint", "")),
                      int(store["layer"]), str(store["fingerprint"]), split)  # fmt: skip
-    if model.meta.get("geometry") != method.geometry:
-        raise StageError(
-            f"eval: {folder} holds the geometry trained as '{model.meta.get('geometry')}' (its config.json), but "
-            f"{method.label} steers with '{method.geometry}': export folders were renamed or swapped. Move each export "
-            f"to the folder of the name it was trained as, or train '{method.geometry}' (`pipeline stage=train`)."
-        )
+    check_export_name(folder, model.meta, method)
     if model.family != method.family:
         raise StageError(f"eval: {folder} holds a {model.family} geometry; {method.label} steers with a {method.family} one. "
                          f"Point its method YAML's `geometry` at a {method.family} export.")  # fmt: skip
     return model, str(folder)
+
+
+def check_export_name(folder: Path, meta: dict[str, Any], method: SteeringMethod) -> None:
+    """Refuse an export in the folder of another name than the one it was trained as (folders renamed or swapped)."""
+    if meta.get("geometry") != method.geometry:
+        raise StageError(
+            f"eval: {folder} holds the geometry trained as '{meta.get('geometry')}' (its config.json), but "
+            f"{method.label} steers with '{method.geometry}': export folders were renamed or swapped. Move each export "
+            f"to the folder of the name it was trained as, or train '{method.geometry}' (`pipeline stage=train`)."
+        )
+
+
+HOW_IT_WENT = ("digest", "metrics", "git_sha")  # an export's facts that steering does not depend on (timings vary)
+
+
+def exports_used(cfg: DictConfig, tasks: list[Task], methods: dict[str, SteeringMethod]) -> dict[str, str]:
+    """`<task>/<method>` → the digest of the export it steers with (its weights and config.json, less HOW_IT_WENT:
+    the same config trained again is the same export), for every export present in
+    `eval.geometry_dir`; each is loaded and checked against its record and its folder's name first. Refuses a geometry_dir
+    that holds none of them while learned methods are asked for and it is not this run's own (a run folder given
+    for its geometry folder, say): the report would silently hold the baselines alone."""
+    root, used, learned = Path(cfg.eval.geometry_dir), {}, []
+    for task in tasks:
+        for name, method in methods.items():
+            if method.family is None:
+                continue
+            folder = root / task.name / method.geometry
+            learned.append(f"{task.name}/{method.geometry}")
+            if (folder / "config.json").is_file():
+                check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`).")
+                check_export_name(folder, load_geometry(folder).meta, method)  # loads: a damaged one is named first
+                used[f"{task.name}/{name}"] = content_digest(folder, leave_out=HOW_IT_WENT)
+    if learned and not used and root.resolve() != RunLayout.of(cfg).geometries.resolve():
+        inner = root / "geometry"
+        hint = f"eval.geometry_dir={inner} (its geometry folder)" if inner.is_dir() else "a run's geometry folder"
+        raise StageError(
+            f"eval.geometry_dir={cfg.eval.geometry_dir} holds none of the exports the learned methods steer with "
+            f"({', '.join(learned[:4])}{', ...' if len(learned) > 4 else ''}: <task>/<name>/config.json). Point it at "
+            f"{hint}, or choose only baselines with method=[...]."
+        )
+    return used
 
 
 # ---- steering and scoring ------------------------------------------------------------------------
@@ -462,18 +498,12 @@ def tangent_directions(data: TaskData, rows: np.ndarray, neighbours: int) -> tor
 
 
 def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods: dict[str, SteeringMethod]) -> str:
-    """What the results depend on: the eval and method configs, the store (and so the LM and layer), the geometries'
-    fingerprints and the seed."""
-    used = {}
-    for task in tasks:
-        for name, method in methods.items():
-            config = Path(cfg.eval.geometry_dir) / task.name / str(getattr(method, "geometry", None)) / "config.json"
-            if method.family is not None and config.is_file():
-                check_product(config.parent, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`).")
-                used[f"{task.name}/{name}"] = read_config(config.parent).get("meta", {}).get("fingerprint")
-    return fingerprint({"eval": to_plain(cfg.eval), "method": to_plain(cfg.method), "store": store_fp, "geometries": used,
-                        "tasks": [t.name for t in tasks], "seed": cfg.seed,
-                        "val_fraction": cfg.targets.val_fraction}, run_dir=cfg.paths.run_dir)  # fmt: skip
+    """What the results depend on: the eval and method configs, the store (and so the LM and layer), the content of
+    every export used (not where it lies: `eval.geometry_dir` itself is left out) and the seed."""
+    evaluation = {k: v for k, v in to_plain(cfg.eval).items() if k != "geometry_dir"}
+    return fingerprint({"eval": evaluation, "method": to_plain(cfg.method), "store": store_fp,
+                        "geometries": exports_used(cfg, tasks, methods), "tasks": [t.name for t in tasks],
+                        "seed": cfg.seed, "val_fraction": cfg.targets.val_fraction}, run_dir=cfg.paths.run_dir)  # fmt: skip
 
 
 FINISHED = "finished.json"  # in an unfinished evaluation's folder: each evaluated task → the SHA-256 of its files
@@ -569,8 +599,8 @@ def run(cfg: DictConfig) -> dict:
     report.log_to(logger, work, summary)
     if logger:
         close_logger(logger)
-    replace_dir(work, out)
     result = {"dir": str(out), "report": str(out / "report.md"), **summary["headline"], "seconds": summary["seconds"]}
-    write_stamp(out, "eval", fp, result)
+    write_stamp(work, "eval", fp, result)  # before the move: the report never lies in place without its record
+    replace_dir(work, out)
     log.info("evaluation written to %s", out / "report.md")
     return result

@@ -316,7 +316,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         "vocab_size": len(tokenizer),
         "config": to_plain(a),
     }
+    write_stamp(final, "lm", fp, result)  # before the move: the product never lies in place without its record
     replace_dir(final, out)
-    write_stamp(out, "lm", fp, result)
     shutil.rmtree(work, ignore_errors=True)
     return result

@@ -45,18 +45,27 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
     if outer := [p for p in run_dir.parents if holds_products(p)]:
         outer = outer[-1]  # the outermost: the other run's own folder
+        fix = (f"Move this run's folder out of it (e.g. `mv {run_dir} {outer.parent}/`) and set "
+               f"paths.outputs={outer.parent}" if holds_products(run_dir) else
+               f"Set paths.outputs to a folder outside any run (e.g. paths.outputs={outer.parent})")  # fmt: skip
         raise StageError(
             f"paths.run_dir={cfg.paths.run_dir} is inside {outer}, which holds another run's products: that run's "
-            f"stages would count this run's files as theirs, and could remake them. Set paths.outputs to a folder "
-            f"outside any run (e.g. the parent of {outer})."
+            f"stages would count this run's files as theirs, and could remake them. {fix}."
         )
-    for product in [*(run_dir / d for d in PRODUCT_DIRS), run_dir / "geometry"]:
-        own = {product} if product.name != "geometry" else set(product.glob("*/*"))
-        if nested := next((s.parent for s in sorted(product.rglob(STAMP)) if s.parent not in own), None):
-            raise StageError(
-                f"{nested} holds products of another run (a {STAMP} of its own) inside {product}, which this run's "
-                f"stages replace whole. Move that folder out of the run (or pick another run_name=... for this one)."
-            )
+    own = {run_dir / d / STAMP for d in PRODUCT_DIRS} | set(run_dir.glob(f"geometry/*/*/{STAMP}"))
+    if nested := next((s.parent for s in sorted(run_dir.rglob(STAMP)) if s not in own and not _at_work(s, run_dir)), None):
+        product = next((run_dir / d for d in (*PRODUCT_DIRS, "geometry") if nested.is_relative_to(run_dir / d)), None)
+        where = (f"{product}, which this run's stages replace whole" if product else
+                 f"this run's folder {run_dir}, whose stages would count them as theirs")  # fmt: skip
+        raise StageError(
+            f"{nested} holds products of another run (a {STAMP} of its own) inside {where}. Move that folder out of "
+            f"the run (or pick another run_name=... for this one)."
+        )
+
+
+def _at_work(stamp: Path, run_dir: Path) -> bool:
+    """Whether a stamp lies in a stage's work folder (hidden), or in a product being replaced (`replace_dir`'s .old)."""
+    return any(p.startswith(".") or p.endswith(".old") for p in stamp.relative_to(run_dir).parts)
 
 
 PRODUCT_DIRS = ("lm", "extract", "targets", "eval")  # a run's product folders with one stage.json each

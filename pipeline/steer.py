@@ -45,16 +45,15 @@ def geometry_folder(cfg: DictConfig) -> Path:
                          f"folder, a Hub repo id (owner/name), or the name of one of this run's geometries (e.g. "
                          f"gaga_out).")  # fmt: skip
     geometries = RunLayout.of(cfg).geometries
-    found = sorted(p.parent for p in geometries.glob(f"*/{given.name}/config.json"))
-    holding = [f for f in found if target in (((read_config(f).get("meta") or {}).get("concepts") or {})
-                                              .get("values") or [])]  # fmt: skip
+    found = {p.parent: read_config(p.parent).get("meta") or {} for p in sorted(geometries.glob(f"*/{given.name}/config.json"))}
+    holding = [f for f, meta in found.items() if target in ((meta.get("concepts") or {}).get("values") or [])]
     if len(holding) != 1:
         where = f"{len(holding)} of {[str(f) for f in found]}" if found else f"none under {geometries}"
         raise StageError(
             f"steer.geometry={given.name}, a geometry name of this run, names {where} with the concept {target!r}. "
             f"Give an export's folder, a target of one of its tasks, or train it (`pipeline stage=train`)."
         )
-    trained_as = (read_config(holding[0]).get("meta") or {}).get("geometry")
+    trained_as = found[holding[0]].get("geometry")
     if trained_as != given.name:
         raise StageError(
             f"steer.geometry={given.name}: {holding[0]} holds the geometry trained as '{trained_as}' (its config.json): "

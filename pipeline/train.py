@@ -51,6 +51,7 @@ from geosteer.pipeline.common import (
 )
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
+    STAMP,
     FingerprintCheckpoints,
     RunLayout,
     check_inside,
@@ -121,6 +122,12 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
         if g.get("family") not in FAMILIES:
             raise StageError(f"geometry '{name}' has family {g.get('family')!r}; this geosteer trains {sorted(FAMILIES)}.")
         FAMILIES[g["family"]].check(name, g)
+        if FAMILIES[g["family"]].uses_pullback(g) and not cfg.targets.pullback.rank:
+            raise StageError(
+                f"geometry '{name}' trains against G_out's pullback factors, but targets.pullback.rank=0 computes "
+                f"none. Keep targets.pullback.rank at its default (16) or another value ≥ 1, or drop '{name}' from "
+                f"geometry=[...]."
+            )
         if cfg.max_epochs_cap is not None:
             g["max_epochs"] = min(g["max_epochs"], cfg.max_epochs_cap)
     return geometries
@@ -184,6 +191,12 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     g = {**g, "needs": needs} if needs else g
     out = RunLayout.of(cfg).geometry(task.name, name)
     check_inside(cfg.paths.run_dir, out)
+    if (out / "config.json").is_file() and not (out / STAMP).is_file() and not cfg.overwrite:
+        raise StageError(
+            f"{out} holds an export without the {STAMP} a training writes beside it (shipped or copied there), so "
+            f"which config made it is unknown, and training {task.name}/{name} would replace it. Move it elsewhere "
+            f"(eval.geometry_dir=... evaluates it where it lies), or pass overwrite=true to replace it."
+        )
     if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
         return done
     work = out.with_name(f".{name}.partial-{fp}")
@@ -268,8 +281,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
             logger.log_image("figures/training", [str(staging / "training.png")])
         close_logger(logger, artifact=staging, artifact_name=f"{task.name}-{name}")
     result = {"path": str(out), **metrics, "trainer": cfg.trainer.get("strategy", "auto")}
+    write_stamp(staging, "train", fp, result)  # before the move: the export never lies in place without its record
     replace_dir(staging, out)
-    write_stamp(out, "train", fp, result)
     shutil.rmtree(work, ignore_errors=True)
     wait_for_rank_zero()
     log.info("%s/%s: %s after %d epochs (%.0f s)", task.name, name, family.headline(metrics), metrics["epochs"],

@@ -142,6 +142,25 @@ def run_inside_targets(run: Path, scratch: Path, _args: list[str]):
     shutil.move(scratch / "inner", run / "targets" / "inner")
 
 
+def run_inside_run(run: Path, scratch: Path, _args: list[str]):
+    """A finished run moved by hand into this run's folder, beside its products."""
+    shutil.copytree(run, scratch / "inner", symlinks=True, ignore=shutil.ignore_patterns("geometry"))
+    shutil.move(scratch / "inner", run / "inner")
+
+
+def unstamped_export(run: Path, _scratch: Path, _args: list[str]):
+    """The export without its stage.json, as one shipped or copied into the run is."""
+    (run / EXPORT / "stage.json").unlink()
+
+
+def swapped_after_eval(run: Path, _scratch: Path, _args: list[str]):
+    """An evaluation of the run on record, then its export moved to another geometry's folder."""
+    (run / "eval").mkdir()
+    (run / "eval" / "report.md").write_text("# evaluation\n")
+    write_stamp(run / "eval", "eval", "0123456789abcdef", {})
+    renamed_export(run, _scratch, _args)
+
+
 def edited_layer(run: Path, _scratch: Path, _args: list[str]):
     """meta.layer changed by hand to another block the LM has: only the export's own digest tells."""
     path = run / EXPORT / "config.json"
@@ -1035,6 +1054,44 @@ CASES = [
         r"eval.geometry_dir=\S*/nowhere is not a folder. Point it at a run's geometry folder",
     ),
     (
+        "a run folder given as eval.geometry_dir",
+        None,
+        ["stage=eval", "method=[linear,gaga_out]", "eval.geometry_dir={scratch}/../run"],
+        r"eval.geometry_dir=\S*/run holds none of the exports the learned methods steer with \(weekdays/gaga_out.*"
+        r"Point it at eval.geometry_dir=\S*/run/geometry \(its geometry folder\)",
+    ),
+    (
+        "swapped exports beside an evaluation of another config",
+        swapped_after_eval,
+        ["stage=eval", "method=[gaga_phate]"],
+        r"gaga_phate holds the geometry trained as 'gaga_out' \(its config.json\).*renamed or swapped",
+    ),
+    (
+        "an export without its stage.json, trained over",
+        unstamped_export,
+        ["stage=train"],
+        r"gaga_out holds an export without the stage.json a training writes.*Move it elsewhere.*overwrite=true",
+    ),
+    (
+        "a pullback geometry with no pullback targets",
+        None,
+        ["stage=all", "geometry=[gaga_out,gaga_jac]", "targets.pullback.rank=0"],
+        r"geometry 'gaga_jac' trains against G_out's pullback factors, but targets.pullback.rank=0 computes none",
+    ),
+    (
+        "another run moved into this run's folder",
+        run_inside_run,
+        ["stage=targets"],
+        r"\S*/run/inner/extract holds products of another run .* inside this run's folder \S*/run,.*Move that folder out",
+    ),
+    (
+        "a run inside a run made around it",
+        run_inside_run,
+        ["stage=targets", "paths.outputs={scratch}/../run", "run_name=inner"],
+        r"paths.run_dir=\S*/run/inner is inside \S*/run, which holds another run's products.*Move this run's folder "
+        r"out of it \(e.g. `mv \S*/run/inner \S*/`\)",
+    ),
+    (
         "another run placed inside this run's products",
         run_inside_targets,
         ["stage=targets"],
@@ -1528,6 +1585,41 @@ def test_geometries_of_another_training_of_the_embedded_lm_are_refused(tiny_lm_d
     assert code == 1 and "Traceback" not in printed, printed
     assert re.search(r"lm_fingerprint 'one training-\w{16}' \(asked: 'another training-\w{16}'\)", printed), printed
     assert snapshot(tmp_path) == before
+
+
+def test_the_evaluation_is_named_by_what_its_exports_hold_not_where_they_lie(finished, tmp_path):
+    """eval's fingerprint stays for the geometry folder given with a trailing slash or copied elsewhere, and for the
+    same config trained again (other timings in its meta); it changes with an export's weights, edited on purpose
+    (its seal and record removed), which the export's own config fingerprint does not show."""
+    from geosteer.pipeline.common import load_tasks
+    from geosteer.pipeline.eval import eval_fingerprint
+    from geosteer.pipeline.methods import build_methods
+
+    source, args = finished
+    run = tmp_path / "run"
+    shutil.copytree(source, run, symlinks=True)
+
+    def fp(*overrides: str) -> str:
+        cfg = make_cfg(tmp_path, "run_name=run", *args, "method=[linear,gaga_out]", *overrides)
+        return eval_fingerprint(cfg, "store", load_tasks(cfg), build_methods(cfg.method))
+
+    base = fp()
+    shutil.copytree(run / "geometry", tmp_path / "elsewhere")
+    assert fp(f"eval.geometry_dir={run}/geometry/") == fp(f"eval.geometry_dir={tmp_path}/elsewhere") == base
+    trained = (run / EXPORT / "model.safetensors").read_bytes()
+    (run / EXPORT / "stage.json").unlink()  # trained again, as overwrite=true does without a current record
+    train.run(make_cfg(tmp_path, "run_name=run", *args, "overwrite=true"))
+    after = json.loads((run / EXPORT / "config.json").read_text())["meta"]
+    assert (run / EXPORT / "model.safetensors").read_bytes() == trained and fp() == base
+    weights = load_file(run / EXPORT / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, run / EXPORT / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((run / EXPORT / "config.json").read_text())
+    del config["meta"]["digest"]
+    (run / EXPORT / "config.json").write_text(json.dumps(config))
+    (run / EXPORT / "stage.json").unlink()
+    assert config["meta"]["fingerprint"] == after["fingerprint"] and fp() != base
 
 
 def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, monkeypatch, recwarn):
