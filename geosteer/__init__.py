@@ -10,7 +10,7 @@ The public API. The subpackages are `geosteer.models` (networks, metrics, solver
 from geosteer.models.gaga import GAGA
 from geosteer.models.geodesic_bridge import GeodesicBridge
 from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, path_energy
-from geosteer.models.hub import CheckpointError, GeometryMismatch, load_geometry, push_geometry
+from geosteer.models.hub import CheckpointError, GeometryMismatch, PushError, load_geometry, push_geometry
 from geosteer.models.innsteer import InnSteer
 from geosteer.models.metrics import EncoderPullback, FisherPullback, Metric, OutputPullback, pullback_of
 from geosteer.models.steer import Steering
@@ -30,6 +30,7 @@ __all__ = [
     "Metric",
     "OutputPullback",
     "PCA",
+    "PushError",
     "Steering",
     "intervene",
     "lbfgs_geodesic",

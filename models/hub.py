@@ -34,6 +34,10 @@ class CheckpointError(ValueError):
     """A geometry folder that cannot be loaded as safetensors + JSON (corrupt, incomplete, or a pickle)."""
 
 
+class PushError(RuntimeError):
+    """A push to the Hub that failed (no connection, no write access); the message names the repo and the fix."""
+
+
 def read_config(folder: Path) -> dict:
     """An exported geometry's `config.json`, or CheckpointError naming the folder and the fix."""
     try:
@@ -44,7 +48,7 @@ def read_config(folder: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{folder}/config.json cannot be read ({type(e).__name__}: {e}); the export is incomplete or damaged. "
-            f"Re-export it with `pipeline stage=train` (delete the folder first), or copy it again."
+            f"{remedy(folder)}"
         ) from e
 
 
@@ -53,10 +57,25 @@ HUB_OPTIONS = ("endpoint", "token", "cache_dir", "local_files_only", "force_down
 SHIPPED = ["config.json", "model.safetensors", "README.md", "training.png"]  # what an export ships (not its stage.json)
 
 
-def content_digest(folder: Path) -> str:
-    """A SHA-256 of an export's config.json (its `meta.digest` aside) and weights: an export checks itself with it."""
+def remedy(folder: Path) -> str:
+    """What to do about a damaged export: download it again when it is a Hub snapshot in the Hugging Face cache
+    (`<cache>/models--owner--name/snapshots/<commit>/`), else export or copy it again."""
+    folder = Path(folder)
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        repo_id = repo.removeprefix("models--").replace("--", "/")
+        return (
+            f"It is the Hugging Face cache's copy of the Hub repo {repo_id}: download it again with "
+            f"load_geometry({repo_id!r}, force_download=True), or delete {folder.parent.parent}."
+        )
+    return "Re-export it with `pipeline stage=train` (delete the folder first), or copy it again."
+
+
+def content_digest(folder: Path, leave_out: tuple[str, ...] = ("digest",)) -> str:
+    """A SHA-256 of an export's config.json (the `meta` keys in `leave_out` aside) and weights: an export checks
+    itself with it."""
     config = read_config(folder)
-    config["meta"] = {k: v for k, v in (config.get("meta") or {}).items() if k != "digest"}
+    config["meta"] = {k: v for k, v in (config.get("meta") or {}).items() if k not in leave_out}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     with open(Path(folder) / "model.safetensors", "rb") as f:
         while block := f.read(1 << 22):
@@ -80,6 +99,10 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
 
     `hub` goes to `snapshot_download` (endpoint, token, cache_dir, local_files_only, ...).
     """
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise TypeError(f"a geometry's source is an export folder's path or a Hub repo id ('owner/name'), not {source!r}.")
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision={revision!r} must be a branch, tag or commit id (a string), or None for main.")
     folder = Path(source)
     if folder.exists() or not REPO_ID.fullmatch(str(source)):  # a folder here, whole or not, is never a repo id
         return folder
@@ -108,15 +131,27 @@ def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | Non
 
     `hub` goes to `HfApi` (endpoint, token). Load it back with `load_geometry(repo_id)`.
     """
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
+        raise PushError(f"repo_id={repo_id!r} is not a Hub repo id; give one as 'owner/name'.")
     folder = Path(folder)
     model = load_geometry(folder)
-    api = HfApi(**hub)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=SHIPPED, revision=revision,
-        commit_message=commit_message or f"geosteer: {model.meta.get('geometry')} ({model.family}) on "
-                                         f"{(model.meta.get('task') or {}).get('name')}, layer {model.meta.get('layer')}",
-    )  # fmt: skip
+    try:
+        api = HfApi(**hub)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, allow_patterns=SHIPPED, revision=revision,
+            commit_message=commit_message or f"geosteer: {model.meta.get('geometry')} ({model.family}) on "
+                                             f"{(model.meta.get('task') or {}).get('name')}, layer {model.meta.get('layer')}",
+        )  # fmt: skip
+    except Exception as e:
+        # huggingface_hub's own errors, and its HTTP client's (httpx or httpx2) when the Hub cannot be reached
+        if not isinstance(e, (HfHubHTTPError, OSError)) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2"):
+            raise
+        raise PushError(
+            f"pushing {folder} to the Hub repo {repo_id} failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
+            f"Check that the Hub is in reach (and HF_HUB_OFFLINE is not set), and log in with write access "
+            f"(`hf auth login` or HF_TOKEN), then push again: a push that failed half-way is safe to repeat."
+        ) from e
     return info.oid
 
 
@@ -179,13 +214,13 @@ class ShippedGeometry(PyTorchModelHubMixin):
             raise CheckpointError(
                 f"{folder} is not a {cls.__name__} checkpoint that loads safely: "
                 f"{type(e).__name__}: {' '.join(str(e).split())[:400]}. A geometry is "
-                f"config.json + model.safetensors (never a pickle); re-export it with `pipeline stage=train`."
+                f"config.json + model.safetensors (never a pickle). {remedy(folder)}"
             ) from e
         if (recorded := model.meta.get("digest")) is not None and recorded != content_digest(folder):
             raise CheckpointError(
                 f"{folder}: config.json or model.safetensors changed after the export was written (meta.digest does "
-                f"not match their content). Re-export it with `pipeline stage=train` (delete the folder first) or "
-                f"download it again; a geometry changed on purpose loads once meta.digest is removed from config.json."
+                f"not match their content). {remedy(folder)} A geometry changed on purpose loads once meta.digest is "
+                f"removed from config.json."
             )
         return model
 
@@ -220,6 +255,11 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
     """
     from geosteer.models import gaga, geodesic_bridge, innsteer  # noqa: F401  the built-in families register
 
+    for key, value in (("d", d), ("layer", layer)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise TypeError(
+                f"{key}={value!r} must be a whole number ≥ 0 (the activations' {'width' if key == 'd' else 'block'}), or None."
+            )
     folder = geometry_source(source, revision, **hub)
     family = (read_config(Path(folder)).get("meta") or {}).get("family")
     if family is None:
@@ -236,7 +276,7 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
     model = ShippedGeometry.families[family].from_pretrained(folder).eval()
     if broken := [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]:
         raise CheckpointError(f"{folder}/model.safetensors holds NaN or Inf in {broken[:5]}: the export is damaged. "
-                              f"Re-export it with `pipeline stage=train` (delete the folder first), or copy it again.")  # fmt: skip
+                              f"{remedy(folder)}")  # fmt: skip
     if d is not None:
         try:
             model.check_compatible(d=d, layer=layer)

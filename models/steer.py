@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from geosteer.models.geodesics import lbfgs_geodesic
-from geosteer.models.hub import GeometryMismatch
+from geosteer.models.hub import GeometryMismatch, load_geometry
 from geosteer.models.lm import _hidden, decoder_layers, lm_shape
 from geosteer.models.metrics import pullback_of, regularisation
 
@@ -92,6 +92,14 @@ class Concepts:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+# The solver settings of `steering_point` that `Steering(**solver)` passes on, each with what it accepts.
+SOLVER = {"steps": _count, "max_iter": _count, "history_size": _count, "lam_rel": lambda x: _finite(x) and x >= 0}
 
 
 def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -163,13 +171,25 @@ class Steering:
     trained on.
     """
 
-    def __init__(self, model: nn.Module, geometry: nn.Module, target: str, alpha: float = 1.0,
+    def __init__(self, model: nn.Module, geometry: nn.Module | str | os.PathLike, target: str, alpha: float = 1.0,
                  method: str = "geometry", every_token: bool = False, source: str | None = None,
                  **solver: Any):  # fmt: skip
         if method not in METHODS:
             raise SteeringError(f"method={method!r} is unknown; use one of {METHODS}.")
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise SteeringError(f"alpha={alpha} must lie in [0, 1] (0: unsteered, 1: the whole path).")
+        if not _finite(alpha) or not 0.0 <= alpha <= 1.0:
+            raise SteeringError(f"alpha={alpha!r} must be a number in [0, 1] (0: unsteered, 1: the whole path).")
+        if unknown := sorted(set(solver) - set(SOLVER)):
+            raise SteeringError(
+                f"{', '.join(unknown)}: not settings of the steering; the geodesic solver takes {sorted(SOLVER)}."
+            )
+        if bad := [f"{k}={v!r}" for k, v in solver.items() if not SOLVER[k](v)]:
+            raise SteeringError(f"{', '.join(bad)}: steps, max_iter and history_size are whole numbers ≥ 1, and "
+                                f"lam_rel a number ≥ 0.")  # fmt: skip
+        if isinstance(geometry, (str, os.PathLike)):
+            geometry = load_geometry(geometry)
+        if not isinstance(getattr(geometry, "meta", None), dict):
+            raise SteeringError(f"geometry={type(geometry).__name__} is not a geosteer geometry; give an export "
+                                f"(its folder, a Hub repo id, or load_geometry's result).")  # fmt: skip
         check_model(model, geometry.meta)
         self.model, self.geometry, self.alpha, self.method, self.every_token = model, geometry, alpha, method, every_token
         self.concepts = Concepts.of(geometry.meta)

@@ -11,7 +11,15 @@ import sys
 import pytest
 import torch
 
-from geosteer.models.hub import SHIPPED, CheckpointError, GeometryMismatch, load_geometry, push_geometry, seal
+from geosteer.models.hub import (
+    SHIPPED,
+    CheckpointError,
+    GeometryMismatch,
+    PushError,
+    load_geometry,
+    push_geometry,
+    seal,
+)
 from geosteer.models.lm import decoder_layers, load_causal_lm, read_last_token, replace_last_token
 from geosteer.models.steer import (
     Concepts,
@@ -160,8 +168,38 @@ def test_a_geometry_is_refused_on_a_model_it_was_not_trained_on(shipped):
         Steering(other, geometries["gaga_out"], "Thursday")
     with pytest.raises(ValueError, match=r"target 'Caturday' is not a concept.*'Monday'"):
         Steering(lm, geometries["gaga_out"], "Caturday")
-    with pytest.raises(ValueError, match=r"alpha=1.5 must lie in \[0, 1\]"):
-        Steering(lm, geometries["gaga_out"], "Thursday", alpha=1.5)
+    for alpha in (1.5, -0.1, "0.5", None, [0.5], math.nan, True):
+        with pytest.raises(SteeringError, match=r"alpha=.* must be a number in \[0, 1\]"):
+            Steering(lm, geometries["gaga_out"], "Thursday", alpha=alpha)
+
+
+def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
+    """Each wrong argument is named with what it takes, when the object is made, not inside the model's hook."""
+    geometries, lm, _, cfg = shipped
+    for source in (None, 5, ""):
+        with pytest.raises(TypeError, match=r"an export folder's path or a Hub repo id \('owner/name'\)"):
+            load_geometry(source)
+    with pytest.raises(TypeError, match=r"revision=5 must be a branch, tag or commit id"):
+        load_geometry("lab/geo", revision=5)
+    for bad in ({"d": 32, "layer": "1"}, {"d": 32.0}, {"d": -1}):
+        with pytest.raises(TypeError, match=r"must be a whole number ≥ 0"):
+            load_geometry(export_folder(cfg, "gaga_out"), **bad)
+    with pytest.raises(SteeringError, match=r"stepz: not settings of the steering; the geodesic solver takes"):
+        Steering(lm, geometries["gaga_out"], "Thursday", stepz=4)
+    for solver in ({"steps": 0}, {"max_iter": 2.5}, {"lam_rel": -1.0}, {"history_size": "20"}):
+        with pytest.raises(SteeringError, match=rf"{next(iter(solver))}=.*: steps, max_iter and history_size are"):
+            Steering(lm, geometries["gaga_out"], "Thursday", **solver)
+    with pytest.raises(SteeringError, match=r"geometry=object is not a geosteer geometry"):
+        Steering(lm, object(), "Thursday")
+
+
+def test_a_geometry_given_by_its_folder_steers_as_the_loaded_one(shipped):
+    geometries, lm, tokenizer, cfg = shipped
+    steered = []
+    for geometry in (geometries["innsteer"], export_folder(cfg, "innsteer"), str(export_folder(cfg, "innsteer"))):
+        with Steering(lm, geometry, "Thursday", alpha=0.6):
+            steered.append(logits(lm, tokenizer))
+    assert torch.equal(steered[0], steered[1]) and torch.equal(steered[0], steered[2])
 
 
 def steer_command(cfg, *overrides) -> list[str]:
@@ -328,6 +366,31 @@ def test_hub_failures_name_the_repo_and_the_fix(shipped, hub, tmp_path):
     with pytest.raises(CheckpointError, match=r"changed after the export was written \(meta.digest"):
         push_geometry(edited, "lab/edited", endpoint=server.url)
     assert "lab/edited" not in server.repos, "a damaged export was shipped"
+
+
+def test_a_damaged_copy_in_the_hub_cache_is_downloaded_again_as_told(shipped, hub):
+    (server, cache), (geometries, _, _, cfg) = hub, shipped
+    push_geometry(export_folder(cfg, "gaga_out"), "lab/damaged", endpoint=server.url)
+    load_geometry("lab/damaged", endpoint=server.url, cache_dir=cache)
+    (weights,) = cache.glob("models--lab--damaged/snapshots/*/model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # through the snapshot's link: the cached blob itself
+    with pytest.raises(CheckpointError, match=r"cache's copy of the Hub repo lab/damaged: download it again with "
+                                              r"load_geometry\('lab/damaged', force_download=True\), or delete"):  # fmt: skip
+        load_geometry("lab/damaged", endpoint=server.url, cache_dir=cache)
+    again = load_geometry("lab/damaged", endpoint=server.url, cache_dir=cache, force_download=True)
+    assert same_weights(again, geometries["gaga_out"])
+
+
+def test_a_push_that_cannot_reach_the_hub_names_the_repo_and_the_fix(shipped, hub):
+    (server, _), (_, _, _, cfg) = hub, shipped
+    server.stop()
+    with pytest.raises(PushError, match=r"pushing \S*gaga_out to the Hub repo lab/away failed \(\w*Connect\w*: .*"
+                                        r"Check that the Hub is in reach"):  # fmt: skip
+        push_geometry(export_folder(cfg, "gaga_out"), "lab/away", endpoint=server.url)
+    with pytest.raises(PushError, match=r"repo_id='away' is not a Hub repo id; give one as 'owner/name'"):
+        push_geometry(export_folder(cfg, "gaga_out"), "away", endpoint=server.url)
 
 
 def test_stage_steer_takes_a_hub_repo_id_from_the_offline_cache(shipped, hub, capsys, monkeypatch):
