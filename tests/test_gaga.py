@@ -82,7 +82,7 @@ def test_loading_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):
     weights = load_file(tmp_path / "gaga" / "model.safetensors")
     del weights["encoder.0.weight"]
     save_file(weights, tmp_path / "gaga" / "model.safetensors")
-    with pytest.raises(CheckpointError, match="Missing key.*encoder.0.weight.*re-export it"):
+    with pytest.raises(CheckpointError, match="Missing key.*encoder.0.weight.*Re-export it"):
         GAGA.from_pretrained(tmp_path / "gaga")
 
 
