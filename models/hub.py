@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import numbers
 import os
 import re
 import tempfile
@@ -256,7 +257,7 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
     from geosteer.models import gaga, geodesic_bridge, innsteer  # noqa: F401  the built-in families register
 
     for key, value in (("d", d), ("layer", layer)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0):
             raise TypeError(
                 f"{key}={value!r} must be a whole number ≥ 0 (the activations' {'width' if key == 'd' else 'block'}), or None."
             )

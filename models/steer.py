@@ -19,11 +19,13 @@ generates are steered too. The hook is removed when the block exits, error or no
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,11 +93,12 @@ class Concepts:
 
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number (numpy's scalars too), not a boolean."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
 
 
 def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x >= 1
 
 
 # The solver settings of `steering_point` that `Steering(**solver)` passes on, each with what it accepts.
@@ -191,7 +194,7 @@ class Steering:
             raise SteeringError(f"geometry={type(geometry).__name__} is not a geosteer geometry; give an export "
                                 f"(its folder, a Hub repo id, or load_geometry's result).")  # fmt: skip
         check_model(model, geometry.meta)
-        self.model, self.geometry, self.alpha, self.method, self.every_token = model, geometry, alpha, method, every_token
+        self.model, self.geometry, self.alpha, self.method, self.every_token = model, geometry, float(alpha), method, every_token
         self.concepts = Concepts.of(geometry.meta)
         self.target = self.concepts.index(target)
         self.source = None if source is None else self.concepts.index(source)

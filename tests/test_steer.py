@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,7 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
             Steering(lm, geometries["gaga_out"], "Thursday", **solver)
     with pytest.raises(SteeringError, match=r"geometry=object is not a geosteer geometry"):
         Steering(lm, object(), "Thursday")
+    assert Steering(lm, geometries["gaga_out"], "Thursday", alpha=np.float32(0.5), steps=np.int64(4)).alpha == 0.5
 
 
 def test_a_geometry_given_by_its_folder_steers_as_the_loaded_one(shipped):
