@@ -268,7 +268,7 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
             f"{folder}/config.json records no meta.family, so which network it holds is unknown; load it with its class "
             f"(e.g. GAGA.from_pretrained), or re-export it with `pipeline stage=train`."
         )
-    if family not in ShippedGeometry.families:
+    if not isinstance(family, str) or family not in ShippedGeometry.families:
         raise CheckpointError(
             f"{folder}/config.json names the geometry family {family!r}; this geosteer loads "
             f"{sorted(ShippedGeometry.families)}. Re-export it with `pipeline stage=train`, or import the module "

@@ -31,7 +31,7 @@ from torch import nn
 
 from geosteer.models.geodesics import lbfgs_geodesic
 from geosteer.models.hub import GeometryMismatch, load_geometry
-from geosteer.models.lm import _hidden, decoder_layers, lm_shape
+from geosteer.models.lm import ModelLoadError, _hidden, decoder_layers, lm_shape
 from geosteer.models.metrics import pullback_of, regularisation
 
 METHODS = ("geometry", "linear", "caa")
@@ -112,7 +112,11 @@ def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
     if not isinstance(shape, dict):
         raise GeometryMismatch("this geometry records no LM shape (meta.lm_shape); export it again with "
                                "`pipeline stage=train overwrite=true`.")  # fmt: skip
-    found = lm_shape(model)
+    try:
+        found = lm_shape(model)
+    except (AttributeError, TypeError, ModelLoadError) as e:
+        raise SteeringError(f"model={type(model).__name__} is not a Hugging Face causal LM ({e}); give the LM the "
+                            f"geometry was trained on, loaded with AutoModelForCausalLM or load_causal_lm.") from e  # fmt: skip
     differ = [f"{k} {found[k]} (geometry's: {shape.get(k)})" for k in found if found[k] != shape.get(k)]
     if differ:
         raise GeometryMismatch(
@@ -179,6 +183,8 @@ class Steering:
                  **solver: Any):  # fmt: skip
         if method not in METHODS:
             raise SteeringError(f"method={method!r} is unknown; use one of {METHODS}.")
+        if not isinstance(every_token, (bool, np.bool_)):
+            raise SteeringError(f"every_token={every_token!r} must be True or False.")
         if not _finite(alpha) or not 0.0 <= alpha <= 1.0:
             raise SteeringError(f"alpha={alpha!r} must be a number in [0, 1] (0: unsteered, 1: the whole path).")
         if unknown := sorted(set(solver) - set(SOLVER)):

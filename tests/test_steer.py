@@ -192,6 +192,10 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
             Steering(lm, geometries["gaga_out"], "Thursday", **solver)
     with pytest.raises(SteeringError, match=r"geometry=object is not a geosteer geometry"):
         Steering(lm, object(), "Thursday")
+    with pytest.raises(SteeringError, match=r"model=Linear is not a Hugging Face causal LM"):
+        Steering(torch.nn.Linear(2, 2), geometries["gaga_out"], "Thursday")
+    with pytest.raises(SteeringError, match=r"every_token='no' must be True or False"):
+        Steering(lm, geometries["gaga_out"], "Thursday", every_token="no")
     assert Steering(lm, geometries["gaga_out"], "Thursday", alpha=np.float32(0.5), steps=np.int64(4)).alpha == 0.5
 
 
@@ -368,6 +372,18 @@ def test_hub_failures_name_the_repo_and_the_fix(shipped, hub, tmp_path):
     with pytest.raises(CheckpointError, match=r"changed after the export was written \(meta.digest"):
         push_geometry(edited, "lab/edited", endpoint=server.url)
     assert "lab/edited" not in server.repos, "a damaged export was shipped"
+
+
+def test_an_export_whose_family_is_not_a_name_is_refused(shipped, tmp_path):
+    (_, _, _, cfg) = shipped
+    for family in (["gaga"], {"a": 1}, 5):
+        folder = tmp_path / type(family).__name__
+        shutil.copytree(export_folder(cfg, "gaga_out"), folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["meta"]["family"] = family
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=r"names the geometry family .*; this geosteer loads \['bridge'"):
+            load_geometry(folder)
 
 
 def test_a_damaged_copy_in_the_hub_cache_is_downloaded_again_as_told(shipped, hub):
