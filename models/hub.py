@@ -45,12 +45,13 @@ def read_config(folder: Path) -> dict:
         config = json.loads((Path(folder) / "config.json").read_text())
         if not isinstance(config, dict) or not isinstance(config.get("meta") or {}, dict):
             raise ValueError("it holds no settings object with a meta object in it")
-        return config
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{folder}/config.json cannot be read ({type(e).__name__}: {e}); the export is incomplete or damaged. "
             f"{remedy(folder)}"
         ) from e
+    check_meta(Path(folder), config.get("meta") or {})
+    return config
 
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hub
@@ -134,6 +135,9 @@ def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | Non
     """
     if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
         raise PushError(f"repo_id={repo_id!r} is not a Hub repo id; give one as 'owner/name'.")
+    if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
+        raise PushError(f"folder={folder!r} is not an export folder here; give the path of one (e.g. "
+                        f"outputs/default/geometry/weekdays/gaga_out).")  # fmt: skip
     folder = Path(folder)
     model = load_geometry(folder)
     try:
@@ -245,6 +249,21 @@ class ShippedGeometry(PyTorchModelHubMixin):
         raise CheckpointError(f"{model_file} is a pickle; geosteer loads geometries only from model.safetensors.")
 
 
+# The kind of each fact an export's `meta` records, where it records it (a hand edit can change it).
+META_KINDS = {"geometry": str, "family": str, "target": str, "lm": str, "lm_fingerprint": (str, type(None)),
+              "fingerprint": str, "store": str, "split": str, "layer": int, "task": dict, "concepts": dict,
+              "lm_shape": (dict, type(None)), "needs": dict, "metrics": dict}  # fmt: skip
+
+
+def check_meta(folder: Path, meta: dict) -> None:
+    """Refuse a `meta` fact of another kind than an export writes (`"layer": "1"`, a task given by its name)."""
+    wrong = [f"meta.{k}={meta[k]!r}" for k, kind in META_KINDS.items()
+             if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]  # fmt: skip
+    if wrong:
+        raise CheckpointError(f"{folder}/config.json holds {', '.join(wrong)}: not of the kind an export writes. "
+                              f"{remedy(folder)}")  # fmt: skip
+
+
 def load_geometry(source: str | Path, d: int | None = None, layer: int | None = None, *, revision: str | None = None,
                   **hub: Any) -> ShippedGeometry:  # fmt: skip
     """An exported geometry, as the class its `meta.family` names, in eval mode and frozen.
@@ -278,9 +297,9 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
     if broken := [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]:
         raise CheckpointError(f"{folder}/model.safetensors holds NaN or Inf in {broken[:5]}: the export is damaged. "
                               f"{remedy(folder)}")  # fmt: skip
-    if d is not None:
+    if d is not None or layer is not None:
         try:
-            model.check_compatible(d=d, layer=layer)
+            model.check_compatible(d=model.input_dim if d is None else d, layer=layer)
         except GeometryMismatch as e:
             raise GeometryMismatch(f"{folder}: {e}") from e
     return model.requires_grad_(False)

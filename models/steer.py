@@ -76,10 +76,10 @@ class Concepts:
         centroids = torch.tensor([[math.nan] * d if r is None else r for r in rows], dtype=torch.float32)
         return cls(tuple(values), tuple(tuple(v) for v in ids), centroids)
 
-    def index(self, value: str) -> int:
+    def index(self, value: str, role: str = "target") -> int:
         value = str(value)
         if value not in self.values:
-            raise SteeringError(f"target {value!r} is not a concept of this geometry; use one of {list(self.values)}.")
+            raise SteeringError(f"{role} {value!r} is not a concept of this geometry; use one of {list(self.values)}.")
         k = self.values.index(value)
         if torch.isnan(self.centroids[k]).any():
             raise SteeringError(f"concept {value!r} had no rows when the geometry was trained, so it has no centroid "
@@ -97,12 +97,13 @@ def _finite(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
 
 
-def _count(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x >= 1
+def _count(x: Any, least: int = 1) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x >= least
 
 
 # The solver settings of `steering_point` that `Steering(**solver)` passes on, each with what it accepts.
-SOLVER = {"steps": _count, "max_iter": _count, "history_size": _count, "lam_rel": lambda x: _finite(x) and x >= 0}
+SOLVER = {"steps": lambda x: _count(x, 2), "max_iter": _count, "history_size": _count,  # a path: ≥ 1 inner waypoint
+          "lam_rel": lambda x: _finite(x) and x >= 0}  # fmt: skip
 
 
 def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -192,7 +193,7 @@ class Steering:
                 f"{', '.join(unknown)}: not settings of the steering; the geodesic solver takes {sorted(SOLVER)}."
             )
         if bad := [f"{k}={v!r}" for k, v in solver.items() if not SOLVER[k](v)]:
-            raise SteeringError(f"{', '.join(bad)}: steps, max_iter and history_size are whole numbers ≥ 1, and "
+            raise SteeringError(f"{', '.join(bad)}: steps is a whole number ≥ 2, max_iter and history_size ≥ 1, and "
                                 f"lam_rel a number ≥ 0.")  # fmt: skip
         if isinstance(geometry, (str, os.PathLike)):
             geometry = load_geometry(geometry)
@@ -203,7 +204,7 @@ class Steering:
         self.model, self.geometry, self.alpha, self.method, self.every_token = model, geometry, float(alpha), method, every_token
         self.concepts = Concepts.of(geometry.meta)
         self.target = self.concepts.index(target)
-        self.source = None if source is None else self.concepts.index(source)
+        self.source = None if source is None else self.concepts.index(source, "source")
         self.layer = int(geometry.meta["layer"])
         self.solver = solver
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -84,7 +84,9 @@ from geosteer.pipeline.products import (
     check_product,
     check_provenance,
     current_result,
+    drop_leftovers,
     fingerprint,
+    refuse_unrecorded,
     replace_dir,
     write_stamp,
 )
@@ -574,9 +576,11 @@ def run(cfg: DictConfig) -> dict:
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
         out = run.eval
         check_inside(run.root, out)
-        if (done := current_result(out, fp, "the evaluation", cfg.overwrite)) is not None:
-            return done
         work = out.with_name(f".eval.partial-{fp}")
+        refuse_unrecorded(out, "the evaluation", cfg.overwrite, "any folder outside the run's eval/")
+        if (done := current_result(out, fp, "the evaluation", cfg.overwrite)) is not None:
+            drop_leftovers(out, work)
+            return done
         work.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)

@@ -33,7 +33,9 @@ from geosteer.pipeline.products import (
     FingerprintCheckpoints,
     check_inside,
     current_result,
+    drop_leftovers,
     fingerprint,
+    refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
     trainer_facts,
@@ -249,9 +251,11 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                  "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
     fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,
                       "trainer": trainer_facts(cfg)})  # fmt: skip
-    if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
-        return done
     work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
+    refuse_unrecorded(out, "the task LM", cfg.overwrite, "model.pretrained=... with model.embedded=false reads it")
+    if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
+        drop_leftovers(out, work)
+        return done
 
     L.seed_everything(cfg.seed, workers=True)
     prompts = {t.name: t.prompts() for t in tasks}

@@ -45,9 +45,11 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
     if outer := [p for p in run_dir.parents if holds_products(p)]:
         outer = outer[-1]  # the outermost: the other run's own folder
-        fix = (f"Move this run's folder out of it (e.g. `mv {run_dir} {outer.parent}/`) and set "
-               f"paths.outputs={outer.parent}" if holds_products(run_dir) else
-               f"Set paths.outputs to a folder outside any run (e.g. paths.outputs={outer.parent})")  # fmt: skip
+        fix = f"Set paths.outputs to a folder outside any run (e.g. paths.outputs={outer.parent})"
+        if is_run(run_dir):  # this run's own products are in there: move them out, to a free name
+            free = next(d for n in range(1, 1000) if not (d := outer.parent / f"{run_dir.name}-{n}").exists())
+            fix = (f"Move this run's folder out of it (`mv {run_dir} {free}`) and run it with "
+                   f"paths.outputs={free.parent} run_name={free.name}")  # fmt: skip
         raise StageError(
             f"paths.run_dir={cfg.paths.run_dir} is inside {outer}, which holds another run's products: that run's "
             f"stages would count this run's files as theirs, and could remake them. {fix}."
@@ -58,14 +60,20 @@ def check_run_dir(cfg: DictConfig) -> None:
         where = (f"{product}, which this run's stages replace whole" if product else
                  f"this run's folder {run_dir}, whose stages would count them as theirs")  # fmt: skip
         raise StageError(
-            f"{nested} holds products of another run (a {STAMP} of its own) inside {where}. Move that folder out of "
-            f"the run (or pick another run_name=... for this one)."
+            f"{nested} holds a product that is not one of this run's own (a {STAMP} of its own, of another run or "
+            f"moved there by hand) inside {where}. Move that folder out of the run (or pick another run_name=... for "
+            f"this one)."
         )
 
 
 def _at_work(stamp: Path, run_dir: Path) -> bool:
-    """Whether a stamp lies in a stage's work folder (hidden), or in a product being replaced (`replace_dir`'s .old)."""
-    return any(p.startswith(".") or p.endswith(".old") for p in stamp.relative_to(run_dir).parts)
+    """Whether a stamp lies in a stage's work folder, or in a product being replaced (`replace_dir`'s): both hidden."""
+    return any(p.startswith(".") for p in stamp.relative_to(run_dir).parts)
+
+
+def is_run(folder: Path) -> bool:
+    """Whether `folder` is a run folder holding products (not itself a product)."""
+    return not (folder / STAMP).is_file() and holds_products(folder)
 
 
 PRODUCT_DIRS = ("lm", "extract", "targets", "eval")  # a run's product folders with one stage.json each
@@ -156,10 +164,13 @@ def read_stamp(product_dir: Path) -> dict | None:
         return stamp
     except (OSError, ValueError) as e:
         stage = Path(product_dir).name if Path(product_dir).name in ("lm", "extract", "targets", "eval") else "train"
-        raise StageError(
-            f"{path} is damaged ({type(e).__name__}: {e}), so which config made {product_dir} is unknown. Make that "
-            f"product again with `pipeline stage={stage} overwrite=true` (and the same overrides), or delete {product_dir}."
-        ) from e
+        fix = (f"Make that product again with `pipeline stage={stage} overwrite=true` (and the same overrides), or "
+               f"delete {product_dir}.")  # fmt: skip
+        if (Path(product_dir) / "config.json").is_file():  # an export: valid without its record
+            fix = (f"Delete {path} alone: an export without it is checked by its own digest as it loads (or train "
+                   f"it again with `pipeline stage=train overwrite=true` in its run).")  # fmt: skip
+        raise StageError(f"{path} is damaged ({type(e).__name__}: {e}), so which config made {product_dir} is "
+                         f"unknown. {fix}") from e  # fmt: skip
 
 
 def _inside(name: Any) -> bool:
@@ -195,6 +206,18 @@ def product_damage(product_dir: Path, stamp: dict) -> list[str]:
             what = "size" if now["size"] != record["size"] else "content"
             damage.append(f"{name} has another {what} than the one written")
     return damage
+
+
+def refuse_unrecorded(product_dir: Path, what: str, overwrite: bool, keep: str) -> None:
+    """Refuse to replace a folder that holds files but no `stage.json` (copied, shipped or kept there by hand):
+    its stage would replace it whole. `keep` says how to keep using it elsewhere."""
+    if overwrite or (product_dir / STAMP).is_file() or not product_dir.is_dir() or not any(product_dir.iterdir()):
+        return
+    raise StageError(
+        f"{product_dir} holds files but no {STAMP}, the record its stage writes (copied, shipped or kept there by "
+        f"hand), and making {what} would replace it whole. Move it elsewhere ({keep}), or pass overwrite=true to "
+        f"replace it."
+    )
 
 
 def check_product(product_dir: Path, fix: str) -> None:
@@ -251,7 +274,8 @@ def current_result(product_dir: Path, fp: str, what: str, overwrite: bool, remov
         return None  # the stamp stays until the new one replaces it: the product reads as damaged until then
     if stamp is not None and not overwrite:
         raise StageError(
-            f"{what} at {product_dir} was made by a different config ({stamp['fingerprint']}, now {fp}). "
+            f"{what} at {product_dir} was made by a different config or from other inputs ({stamp['fingerprint']}, "
+            f"now {fp}). "
             f"Pass overwrite=true to replace it, or pick another run_name=... to keep both."
         )
     return None
@@ -346,9 +370,16 @@ def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], l
                     folder, meta.get("store"), store)  # fmt: skip
 
 
+def drop_leftovers(out: Path, work: Path) -> None:
+    """For a current product: remove its own work folder and the copy it replaced, which a crash between the
+    product's move into place and the clean-up leaves behind."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out.with_name(f".{out.name}.replaced"), ignore_errors=True)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place, replacing an old one only once the new one is complete."""
-    old = dst.with_name(dst.name + ".old")
+    old = dst.with_name(f".{dst.name}.replaced")  # hidden: a work folder, never a user's own `<name>.old`
     if dst.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)

@@ -256,7 +256,8 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
         lines.append(
             f"{task} {metric}: GAGA-Out − {base} = {diff:+.4f} (p = {p:.2g}, Holm {q:.2g}, n = {n}){' ✓' if ok else ' ✗'}"
         )
-    verdict = _verdict(holds) if holds else "not testable: every comparison is a tie"
+    verdict = (_verdict(holds) if holds else "not testable: every comparison is a tie" if ties else
+               "not tested (a method it needs is off)")  # fmt: skip
     if ties:
         verdict += f"; {ties} of {ties + len(holds)} comparisons are exact ties"
     if tests:

@@ -79,6 +79,11 @@ def run(cfg: DictConfig) -> dict:
     check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
     geometry = load_geometry(folder)
     if cfg.model.embedded:
+        if not Path(cfg.model.pretrained).is_dir():
+            raise StageError(
+                f"the embedded LM {cfg.model.pretrained} is missing (moved, renamed or deleted), and {folder} was "
+                f"trained on it. Put it back, or point model.pretrained at it."
+            )
         check_product(Path(cfg.model.pretrained), "Train it again with `pipeline stage=lm overwrite=true`.")
     recorded, now = geometry.meta.get("lm_fingerprint") or "", lm_fingerprint(cfg.model) or ""
     if recorded != now:

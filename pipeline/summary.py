@@ -33,7 +33,7 @@ def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
         lines += [f"  {task}/{name}: " + ", ".join(f"{k} {v}" for k, v in headline.items())
                   for task, geometries in results["train"]["summary"].items() for name, headline in geometries.items()]  # fmt: skip
     if "eval" in results and (run.eval / "results.json").is_file():
-        lines += [f"report: {results['eval']['report']}", *headline_table(run), "verdicts:"]
+        lines += [f"report: {run.eval / 'report.md'}", *headline_table(run), "verdicts:"]  # where the run is now
         lines += [f"  {claim}: {verdict}" for claim, verdict in results["eval"].get("verdicts", {}).items()]
     return "\n".join(lines)
 

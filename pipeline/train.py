@@ -36,6 +36,7 @@ from geosteer.data.tasks import Task
 from geosteer.models.hub import model_card, read_config, seal
 from geosteer.pipeline import bridge, gaga, innsteer  # noqa: F401  the built-in families register on import
 from geosteer.pipeline.common import (
+    CONFIG_DIR,
     SAFE_NAME,
     NonFiniteTraining,
     StageError,
@@ -51,14 +52,15 @@ from geosteer.pipeline.common import (
 )
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
-    STAMP,
     FingerprintCheckpoints,
     RunLayout,
     check_inside,
     check_product,
     check_provenance,
     current_result,
+    drop_leftovers,
     fingerprint,
+    refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
     trainer_facts,
@@ -130,6 +132,18 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
             )
         if cfg.max_epochs_cap is not None:
             g["max_epochs"] = min(g["max_epochs"], cfg.max_epochs_cap)
+    for name, g in geometries.items():  # what a geometry trains against is trained first, or is there already
+        for role in FAMILIES[g["family"]].trains_against:
+            other = str(g.get(role))
+            exported = any(RunLayout.of(cfg).geometries.glob(f"*/{other}/config.json"))
+            if SAFE_NAME.fullmatch(other) and other not in geometries and not exported:
+                known = (CONFIG_DIR / "geometry" / f"{other}.yaml").is_file()
+                raise StageError(
+                    f"geometry '{name}' trains against the {role} '{other}', which is neither selected nor exported in "
+                    f"this run. {f'Select both (geometry=[{other},{name}]), or set' if known else 'Set'} "
+                    f"geometry.{name}.{role} to a geometry of this run (e.g. gaga_out) or an export's folder (with a "
+                    f"folder in it: /abs/dir or ./dir)."
+                )
     return geometries
 
 
@@ -191,15 +205,13 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     g = {**g, "needs": needs} if needs else g
     out = RunLayout.of(cfg).geometry(task.name, name)
     check_inside(cfg.paths.run_dir, out)
-    if (out / "config.json").is_file() and not (out / STAMP).is_file() and not cfg.overwrite:
-        raise StageError(
-            f"{out} holds an export without the {STAMP} a training writes beside it (shipped or copied there), so "
-            f"which config made it is unknown, and training {task.name}/{name} would replace it. Move it elsewhere "
-            f"(eval.geometry_dir=... evaluates it where it lies), or pass overwrite=true to replace it."
-        )
-    if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
-        return done
     work = out.with_name(f".{name}.partial-{fp}")
+    refuse_unrecorded(
+        out, f"geometry {task.name}/{name}", cfg.overwrite, "eval.geometry_dir=... evaluates an export where it lies"
+    )
+    if (done := current_result(out, fp, f"geometry {task.name}/{name}", cfg.overwrite)) is not None:
+        drop_leftovers(out, work)
+        return done
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 

@@ -161,6 +161,19 @@ def swapped_after_eval(run: Path, _scratch: Path, _args: list[str]):
     renamed_export(run, _scratch, _args)
 
 
+def eval_without_record(run: Path, _scratch: Path, _args: list[str]):
+    """A report kept in the run's eval/ folder without its stage.json."""
+    (run / "eval").mkdir()
+    (run / "eval" / "report.md").write_text("# my notes on the evaluation\n")
+
+
+def backup_named_old(run: Path, _scratch: Path, _args: list[str]):
+    """An earlier evaluation kept by hand as eval.old, with its record."""
+    (run / "eval.old").mkdir()
+    (run / "eval.old" / "report.md").write_text("# evaluation\n")
+    write_stamp(run / "eval.old", "eval", "0123456789abcdef", {})
+
+
 def edited_layer(run: Path, _scratch: Path, _args: list[str]):
     """meta.layer changed by hand to another block the LM has: only the export's own digest tells."""
     path = run / EXPORT / "config.json"
@@ -790,7 +803,8 @@ CASES = [
         "bridge without its encoder",
         None,
         ["stage=train", "geometry=[gaga_out,bridge]", "geometry.bridge.encoder=nosuch"],
-        r"encoder 'nosuch', but .* holds no exported geometry. Set geometry.bridge.encoder to a GAGA geometry of this run",
+        r"trains against the encoder 'nosuch', which is neither selected nor exported in this run. Set "
+        r"geometry.bridge.encoder to a geometry of this run",
     ),
     (
         "several settings out of range at once",
@@ -1070,7 +1084,28 @@ CASES = [
         "an export without its stage.json, trained over",
         unstamped_export,
         ["stage=train"],
-        r"gaga_out holds an export without the stage.json a training writes.*Move it elsewhere.*overwrite=true",
+        r"gaga_out holds files but no stage.json, the record its stage writes.*Move it elsewhere \(eval.geometry_dir"
+        r".*overwrite=true",
+    ),
+    (
+        "an evaluation kept without its stage.json",
+        eval_without_record,
+        ["stage=eval", "method=[linear]"],
+        r"run/eval holds files but no stage.json.*making the evaluation would replace it whole.*overwrite=true",
+    ),
+    (
+        "an evaluation kept by hand as eval.old",
+        backup_named_old,
+        ["stage=eval", "method=[linear]"],
+        r"run/eval.old holds a product that is not one of this run's own \(a stage.json of its own.*inside this run's "
+        r"folder",
+    ),
+    (
+        "a bridge whose encoder is neither selected nor exported",
+        None,
+        ["stage=all", "geometry=[gaga_out,bridge]", "geometry.bridge.encoder=gaga_phate"],
+        r"'bridge' trains against the encoder 'gaga_phate', which is neither selected nor exported in this run. Select "
+        r"both \(geometry=\[gaga_phate,bridge\]\)",
     ),
     (
         "a pullback geometry with no pullback targets",
@@ -1082,20 +1117,22 @@ CASES = [
         "another run moved into this run's folder",
         run_inside_run,
         ["stage=targets"],
-        r"\S*/run/inner/extract holds products of another run .* inside this run's folder \S*/run,.*Move that folder out",
+        r"\S*/run/inner/extract holds a product that is not one of this run's own .* inside this run's folder \S*/run,"
+        r".*Move that folder out",
     ),
     (
         "a run inside a run made around it",
         run_inside_run,
         ["stage=targets", "paths.outputs={scratch}/../run", "run_name=inner"],
         r"paths.run_dir=\S*/run/inner is inside \S*/run, which holds another run's products.*Move this run's folder "
-        r"out of it \(e.g. `mv \S*/run/inner \S*/`\)",
+        r"out of it \(`mv \S*/run/inner (\S*)/inner-1`\) and run it with paths.outputs=\1 run_name=inner-1",
     ),
     (
         "another run placed inside this run's products",
         run_inside_targets,
         ["stage=targets"],
-        r"targets/inner/extract holds products of another run \(a stage.json of its own\) inside \S*/targets, which "
+        r"targets/inner/extract holds a product that is not one of this run's own \(a stage.json of its own, of another "
+        r"run or moved there by hand\) inside \S*/targets, which "
         r"this run's stages replace whole. Move that folder out",
     ),
     (
@@ -1648,7 +1685,7 @@ def test_the_embedded_lm_is_checked_before_extraction_and_eval(tiny_lm_dir, tmp_
     assert code == 1 and re.search(r"task 'newwords': the embedded LM at .* has no token for \['", printed), printed
     assert not (run / STORE).exists(), printed
     assert pipeline_command([*argv, "tasks=[weekdays]", "stage=extract"], capsys)[0] == 0
-    (run / "lm").rename(run / "lm.old")
+    (run / "lm").rename(tmp_path / "lm-moved")
     code, printed = pipeline_command([*argv, "tasks=[weekdays]", "stage=eval", "method=[linear]"], capsys)
     assert code == 1 and "lm, is missing (moved, renamed or deleted)" in printed, printed
 

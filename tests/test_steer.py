@@ -187,13 +187,17 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
             load_geometry(export_folder(cfg, "gaga_out"), **bad)
     with pytest.raises(SteeringError, match=r"stepz: not settings of the steering; the geodesic solver takes"):
         Steering(lm, geometries["gaga_out"], "Thursday", stepz=4)
-    for solver in ({"steps": 0}, {"max_iter": 2.5}, {"lam_rel": -1.0}, {"history_size": "20"}):
-        with pytest.raises(SteeringError, match=rf"{next(iter(solver))}=.*: steps, max_iter and history_size are"):
+    for solver in ({"steps": 1}, {"max_iter": 2.5}, {"lam_rel": -1.0}, {"history_size": "20"}):
+        with pytest.raises(SteeringError, match=rf"{next(iter(solver))}=.*: steps is a whole number ≥ 2, max_iter"):
             Steering(lm, geometries["gaga_out"], "Thursday", **solver)
     with pytest.raises(SteeringError, match=r"geometry=object is not a geosteer geometry"):
         Steering(lm, object(), "Thursday")
     with pytest.raises(SteeringError, match=r"model=Linear is not a Hugging Face causal LM"):
         Steering(torch.nn.Linear(2, 2), geometries["gaga_out"], "Thursday")
+    with pytest.raises(SteeringError, match=r"source 'March' is not a concept of this geometry"):
+        Steering(lm, geometries["gaga_out"], "Thursday", source="March")
+    with pytest.raises(PushError, match=r"folder=3 is not an export folder here"):
+        push_geometry(3, "lab/geo")
     with pytest.raises(SteeringError, match=r"every_token='no' must be True or False"):
         Steering(lm, geometries["gaga_out"], "Thursday", every_token="no")
     assert Steering(lm, geometries["gaga_out"], "Thursday", alpha=np.float32(0.5), steps=np.int64(4)).alpha == 0.5
@@ -374,16 +378,36 @@ def test_hub_failures_name_the_repo_and_the_fix(shipped, hub, tmp_path):
     assert "lab/edited" not in server.repos, "a damaged export was shipped"
 
 
-def test_an_export_whose_family_is_not_a_name_is_refused(shipped, tmp_path):
-    (_, _, _, cfg) = shipped
-    for family in (["gaga"], {"a": 1}, 5):
-        folder = tmp_path / type(family).__name__
+def test_an_export_whose_facts_are_of_another_kind_is_refused(shipped, tmp_path):
+    """Hand edits with the digest removed, as the docs allow for an export changed on purpose."""
+    (_, lm, _, cfg) = shipped
+    edits = [("family", ["gaga"]), ("family", {"a": 1}), ("task", "weekdays"), ("concepts", "x"), ("layer", "1"),
+             ("layer", True), ("lm_shape", [32])]  # fmt: skip
+    for n, (key, value) in enumerate(edits):
+        folder = tmp_path / str(n)
         shutil.copytree(export_folder(cfg, "gaga_out"), folder)
         config = json.loads((folder / "config.json").read_text())
-        config["meta"]["family"] = family
+        config["meta"][key] = value
+        del config["meta"]["digest"]
         (folder / "config.json").write_text(json.dumps(config))
-        with pytest.raises(CheckpointError, match=r"names the geometry family .*; this geosteer loads \['bridge'"):
-            load_geometry(folder)
+        for load in (lambda: load_geometry(folder), lambda: Steering(lm, folder, "Thursday")):
+            with pytest.raises(CheckpointError, match=rf"holds meta.{key}=.*: not of the kind an export writes"):
+                load()
+    folder = tmp_path / "unknown"
+    shutil.copytree(export_folder(cfg, "gaga_out"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["meta"]["family"] = "nosuch"
+    del config["meta"]["digest"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"names the geometry family 'nosuch'; this geosteer loads \['bridge'"):
+        load_geometry(folder)
+
+
+def test_the_layer_is_checked_without_the_width(shipped):
+    (_, _, _, cfg) = shipped
+    with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 1, but the store holds d=32 at "
+                                               r"layer 2"):  # fmt: skip
+        load_geometry(export_folder(cfg, "gaga_out"), layer=2)
 
 
 def test_a_damaged_copy_in_the_hub_cache_is_downloaded_again_as_told(shipped, hub):
