@@ -76,7 +76,7 @@ def _run(cfg: DictConfig) -> dict:
     if cfg.stage in ("all", "eval"):
         build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run
     if cfg.stage == "all":
-        train.selected_geometries(cfg)  # as is a bad geometry choice, before the stages before train
+        train.check_trained_against(cfg, train.selected_geometries(cfg))  # and a bad geometry choice, before them
         names = [s for s in PIPELINE if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}
     if cfg.stage not in STAGES:

@@ -132,7 +132,13 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
             )
         if cfg.max_epochs_cap is not None:
             g["max_epochs"] = min(g["max_epochs"], cfg.max_epochs_cap)
-    for name, g in geometries.items():  # what a geometry trains against is trained first, or is there already
+    return geometries
+
+
+def check_trained_against(cfg: DictConfig, geometries: dict[str, Any]) -> None:
+    """Refuse a geometry whose encoder (what it trains against) is neither selected, to be trained first, nor
+    exported in this run already: before any stage runs."""
+    for name, g in geometries.items():
         for role in FAMILIES[g["family"]].trains_against:
             other = str(g.get(role))
             exported = any(RunLayout.of(cfg).geometries.glob(f"*/{other}/config.json"))
@@ -144,7 +150,6 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
                     f"geometry.{name}.{role} to a geometry of this run (e.g. gaga_out) or an export's folder (with a "
                     f"folder in it: /abs/dir or ./dir)."
                 )
-    return geometries
 
 
 def steering_facts(store_path: Path, task: Task) -> dict[str, Any]:
@@ -325,6 +330,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train and export every selected geometry on every task; `callbacks` join each Lightning trainer."""
     tasks = load_tasks(cfg)
     geometries = selected_geometries(cfg)
+    check_trained_against(cfg, geometries)
     run = RunLayout.of(cfg)
     check_product(
         run.extract,

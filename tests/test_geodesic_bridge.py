@@ -281,7 +281,8 @@ def test_bridge_trains_after_its_encoder_exports_reloads_and_logs(prepared, tmp_
 
 def test_a_bridge_without_its_trained_encoder_is_refused_naming_the_fix(prepared):
     cfg = prepared("bridge_alone", geometries=("bridge",))
-    with pytest.raises(StageError, match=r"trains against the encoder 'gaga_out'.*Train it first"):
+    with pytest.raises(StageError, match=r"trains against the encoder 'gaga_out', which is neither selected nor "
+                                         r"exported in this run. Select both \(geometry=\[gaga_out,bridge\]\)"):  # fmt: skip
         train.run(cfg)
     assert not (Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "bridge").exists()
 
