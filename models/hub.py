@@ -149,8 +149,11 @@ def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | Non
                                              f"{(model.meta.get('task') or {}).get('name')}, layer {model.meta.get('layer')}",
         )  # fmt: skip
     except Exception as e:
-        # huggingface_hub's own errors, and its HTTP client's (httpx or httpx2) when the Hub cannot be reached
-        if not isinstance(e, (HfHubHTTPError, OSError)) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2"):
+        # huggingface_hub's own errors (a repo id it refuses among them), and its HTTP client's (httpx or httpx2)
+        if not isinstance(e, (HfHubHTTPError, OSError, ValueError)) and type(e).__module__.split(".")[0] not in (
+            "httpx",
+            "httpx2",
+        ):
             raise
         raise PushError(
             f"pushing {folder} to the Hub repo {repo_id} failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
@@ -259,6 +262,11 @@ def check_meta(folder: Path, meta: dict) -> None:
     """Refuse a `meta` fact of another kind than an export writes (`"layer": "1"`, a task given by its name)."""
     wrong = [f"meta.{k}={meta[k]!r}" for k, kind in META_KINDS.items()
              if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]  # fmt: skip
+    if isinstance(meta.get("task"), dict) and not isinstance(meta["task"].get("name"), str):
+        wrong.append(f"meta.task.name={meta['task'].get('name')!r}")
+    for k, v in (meta.get("lm_shape") or {}).items() if isinstance(meta.get("lm_shape"), dict) else ():
+        if not isinstance(v, str if k == "model_type" else int) or isinstance(v, bool):
+            wrong.append(f"meta.lm_shape.{k}={v!r}")
     if wrong:
         raise CheckpointError(f"{folder}/config.json holds {', '.join(wrong)}: not of the kind an export writes. "
                               f"{remedy(folder)}")  # fmt: skip

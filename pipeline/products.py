@@ -45,9 +45,9 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
     if outer := [p for p in run_dir.parents if holds_products(p)]:
         outer = outer[-1]  # the outermost: the other run's own folder
-        fix = f"Set paths.outputs to a folder outside any run (e.g. paths.outputs={outer.parent})"
+        free = next(d for n in range(1, 1000) if not (d := outer.parent / f"{run_dir.name}-{n}").exists())
+        fix = f"Run it outside any run, under a name not taken there (e.g. paths.outputs={free.parent} run_name={free.name})"
         if is_run(run_dir):  # this run's own products are in there: move them out, to a free name
-            free = next(d for n in range(1, 1000) if not (d := outer.parent / f"{run_dir.name}-{n}").exists())
             fix = (f"Move this run's folder out of it (`mv {run_dir} {free}`) and run it with "
                    f"paths.outputs={free.parent} run_name={free.name}")  # fmt: skip
         raise StageError(
@@ -55,7 +55,11 @@ def check_run_dir(cfg: DictConfig) -> None:
             f"stages would count this run's files as theirs, and could remake them. {fix}."
         )
     own = {run_dir / d / STAMP for d in PRODUCT_DIRS} | set(run_dir.glob(f"geometry/*/*/{STAMP}"))
+    if cfg.model.get("embedded"):  # the embedded LM, wherever inside the run model.pretrained puts it
+        own.add(Path(str(cfg.model.pretrained)).resolve() / STAMP)
     if nested := next((s.parent for s in sorted(run_dir.rglob(STAMP)) if s not in own and not _at_work(s, run_dir)), None):
+        nested = next((p for p in reversed(nested.parents) if p.is_relative_to(run_dir) and p != run_dir and is_run(p)),
+                      nested)  # the other run's folder, not one of its products  # fmt: skip
         product = next((run_dir / d for d in (*PRODUCT_DIRS, "geometry") if nested.is_relative_to(run_dir / d)), None)
         where = (f"{product}, which this run's stages replace whole" if product else
                  f"this run's folder {run_dir}, whose stages would count them as theirs")  # fmt: skip

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from geosteer.data.store import ActivationStore
 from geosteer.data.targets import PairwiseTargets, PointClouds, TargetError
 from geosteer.data.tasks import Task
-from geosteer.models.hub import model_card, read_config, seal
+from geosteer.models.hub import load_geometry, model_card, read_config, seal
 from geosteer.pipeline import bridge, gaga, innsteer  # noqa: F401  the built-in families register on import
 from geosteer.pipeline.common import (
     CONFIG_DIR,
@@ -52,6 +52,7 @@ from geosteer.pipeline.common import (
 )
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
+    STAMP,
     FingerprintCheckpoints,
     RunLayout,
     check_inside,
@@ -141,8 +142,13 @@ def check_trained_against(cfg: DictConfig, geometries: dict[str, Any]) -> None:
     for name, g in geometries.items():
         for role in FAMILIES[g["family"]].trains_against:
             other = str(g.get(role))
+            if not SAFE_NAME.fullmatch(other):  # an export's folder: it must be there
+                if not (Path(other).expanduser() / "config.json").is_file():
+                    raise StageError(f"geometry.{name}.{role}={other} holds no exported geometry (no config.json); "
+                                     f"give the folder of an export, or a geometry of this run (e.g. gaga_out).")  # fmt: skip
+                continue
             exported = any(RunLayout.of(cfg).geometries.glob(f"*/{other}/config.json"))
-            if SAFE_NAME.fullmatch(other) and other not in geometries and not exported:
+            if other not in geometries and not exported:
                 known = (CONFIG_DIR / "geometry" / f"{other}.yaml").is_file()
                 raise StageError(
                     f"geometry '{name}' trains against the {role} '{other}', which is neither selected nor exported in "
@@ -211,6 +217,16 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     out = RunLayout.of(cfg).geometry(task.name, name)
     check_inside(cfg.paths.run_dir, out)
     work = out.with_name(f".{name}.partial-{fp}")
+    if not cfg.overwrite and not (out / STAMP).is_file() and (out / "config.json").is_file():
+        meta = read_config(out).get("meta") or {}
+        if meta.get("fingerprint") == fp:  # this config's export, its record gone: sealed, so its digest decides
+            load_geometry(out)
+            result = {"path": str(out), **(meta.get("metrics") or {}), "trainer": cfg.trainer.get("strategy", "auto")}
+            if launched_rank()[0] == 0:
+                write_stamp(out, "train", fp, result)
+            log.info("geometry %s/%s: an export of this config without its record, whole by its digest: kept",
+                     task.name, name)  # fmt: skip
+            return result
     refuse_unrecorded(
         out, f"geometry {task.name}/{name}", cfg.overwrite, "eval.geometry_dir=... evaluates an export where it lies"
     )

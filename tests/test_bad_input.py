@@ -149,7 +149,7 @@ def run_inside_run(run: Path, scratch: Path, _args: list[str]):
 
 
 def unstamped_export(run: Path, _scratch: Path, _args: list[str]):
-    """The export without its stage.json, as one shipped or copied into the run is."""
+    """The export without its stage.json, as one shipped or copied into the run is (trained over by another config)."""
     (run / EXPORT / "stage.json").unlink()
 
 
@@ -1083,7 +1083,7 @@ CASES = [
     (
         "an export without its stage.json, trained over",
         unstamped_export,
-        ["stage=train"],
+        ["stage=train", "geometry.gaga_out.max_epochs=3"],
         r"gaga_out holds files but no stage.json, the record its stage writes.*Move it elsewhere \(eval.geometry_dir"
         r".*overwrite=true",
     ),
@@ -1117,7 +1117,7 @@ CASES = [
         "another run moved into this run's folder",
         run_inside_run,
         ["stage=targets"],
-        r"\S*/run/inner/extract holds a product that is not one of this run's own .* inside this run's folder \S*/run,"
+        r"\S*/run/inner holds a product that is not one of this run's own .* inside this run's folder \S*/run,"
         r".*Move that folder out",
     ),
     (
@@ -1131,7 +1131,7 @@ CASES = [
         "another run placed inside this run's products",
         run_inside_targets,
         ["stage=targets"],
-        r"targets/inner/extract holds a product that is not one of this run's own \(a stage.json of its own, of another "
+        r"targets/inner holds a product that is not one of this run's own \(a stage.json of its own, of another "
         r"run or moved there by hand\) inside \S*/targets, which "
         r"this run's stages replace whole. Move that folder out",
     ),
@@ -1657,6 +1657,20 @@ def test_the_evaluation_is_named_by_what_its_exports_hold_not_where_they_lie(fin
     (run / EXPORT / "config.json").write_text(json.dumps(config))
     (run / EXPORT / "stage.json").unlink()
     assert config["meta"]["fingerprint"] == after["fingerprint"] and fp() != base
+
+
+def test_an_export_of_this_config_without_its_record_is_kept_and_recorded_again(finished, tmp_path, capsys, monkeypatch):
+    """The fix for a damaged stage.json of an export (delete it alone) leaves an export that stage=train keeps."""
+    source, args = finished
+    run = tmp_path / "run"
+    shutil.copytree(source, run, symlinks=True)
+    (run / EXPORT / "stage.json").unlink()
+    weights = (run / EXPORT / "model.safetensors").read_bytes()
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=run", "logger=none", *args, "stage=train"],
+                                     capsys)  # fmt: skip
+    assert code == 0 and "an export of this config without its record, whole by its digest: kept" in printed, printed
+    assert (run / EXPORT / "model.safetensors").read_bytes() == weights and (run / EXPORT / "stage.json").is_file()
 
 
 def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, monkeypatch, recwarn):

@@ -198,6 +198,8 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
         Steering(lm, geometries["gaga_out"], "Thursday", source="March")
     with pytest.raises(PushError, match=r"folder=3 is not an export folder here"):
         push_geometry(3, "lab/geo")
+    with pytest.raises(PushError, match=r"pushing \S*gaga_out to the Hub repo a/b--c failed \(HFValidationError"):
+        push_geometry(export_folder(cfg, "gaga_out"), "a/b--c")
     with pytest.raises(SteeringError, match=r"every_token='no' must be True or False"):
         Steering(lm, geometries["gaga_out"], "Thursday", every_token="no")
     assert Steering(lm, geometries["gaga_out"], "Thursday", alpha=np.float32(0.5), steps=np.int64(4)).alpha == 0.5
@@ -382,7 +384,8 @@ def test_an_export_whose_facts_are_of_another_kind_is_refused(shipped, tmp_path)
     """Hand edits with the digest removed, as the docs allow for an export changed on purpose."""
     (_, lm, _, cfg) = shipped
     edits = [("family", ["gaga"]), ("family", {"a": 1}), ("task", "weekdays"), ("concepts", "x"), ("layer", "1"),
-             ("layer", True), ("lm_shape", [32])]  # fmt: skip
+             ("layer", True), ("lm_shape", [32]), ("task", {"name": ["weekdays"]}),
+             ("lm_shape", {"model_type": "llama", "hidden_size": "32", "num_layers": 3, "vocab_size": 40})]  # fmt: skip
     for n, (key, value) in enumerate(edits):
         folder = tmp_path / str(n)
         shutil.copytree(export_folder(cfg, "gaga_out"), folder)
@@ -391,7 +394,7 @@ def test_an_export_whose_facts_are_of_another_kind_is_refused(shipped, tmp_path)
         del config["meta"]["digest"]
         (folder / "config.json").write_text(json.dumps(config))
         for load in (lambda: load_geometry(folder), lambda: Steering(lm, folder, "Thursday")):
-            with pytest.raises(CheckpointError, match=rf"holds meta.{key}=.*: not of the kind an export writes"):
+            with pytest.raises(CheckpointError, match=rf"holds meta.{key}(\.\w+)?=.*: not of the kind an export writes"):
                 load()
     folder = tmp_path / "unknown"
     shutil.copytree(export_folder(cfg, "gaga_out"), folder)
