@@ -57,7 +57,11 @@ def check_run_dir(cfg: DictConfig) -> None:
     own = {run_dir / d / STAMP for d in PRODUCT_DIRS} | set(run_dir.glob(f"geometry/*/*/{STAMP}"))
     if cfg.model.get("embedded"):  # the embedded LM, wherever inside the run model.pretrained puts it
         own.add(Path(str(cfg.model.pretrained)).resolve() / STAMP)
-    if nested := next((s.parent for s in sorted(run_dir.rglob(STAMP)) if s not in own and not _at_work(s, run_dir)), None):
+    try:
+        stamps = sorted(run_dir.rglob(STAMP))
+    except FileNotFoundError:  # ranks started together: another one's check made and removed the folder meanwhile
+        stamps = []
+    if nested := next((s.parent for s in stamps if s not in own and not _at_work(s, run_dir)), None):
         nested = next((p for p in reversed(nested.parents) if p.is_relative_to(run_dir) and p != run_dir and is_run(p)),
                       nested)  # the other run's folder, not one of its products  # fmt: skip
         product = next((run_dir / d for d in (*PRODUCT_DIRS, "geometry") if nested.is_relative_to(run_dir / d)), None)
