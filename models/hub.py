@@ -203,7 +203,8 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if d != self.input_dim or (layer is not None and layer != trained_layer):
             raise GeometryMismatch(
                 f"this geometry was trained on d={self.input_dim} activations of layer {trained_layer}, "
-                f"but the store holds d={d} at layer {layer}. Use the store it was trained on, "
+                f"but {'the store holds ' if layer is not None else 'it was given '}d={d}"
+                f"{f' at layer {layer}' if layer is not None else ''}. Use the activations it was trained on, "
                 f"or train a geometry for this one (pipeline stage=train)."
             )
 

@@ -91,6 +91,9 @@ def _finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+SEVERAL_KINDS = {"trainer.devices"}  # a count, a list of indices or "auto": its range check alone judges it
+
+
 def override_type_errors(cfg: Any, defaults: Any, key: str = "") -> list[str]:
     """Where `cfg` holds a value of another kind than the default config at the same key (unresolved trees).
 
@@ -101,7 +104,7 @@ def override_type_errors(cfg: Any, defaults: Any, key: str = "") -> list[str]:
             return [f"{key}={cfg!r} replaces a section; set its keys instead, e.g. {key}.{next(iter(defaults), 'x')}=..."]
         return [e for k in defaults if k in cfg for e in override_type_errors(cfg[k], defaults[k], f"{key}.{k}".lstrip("."))]
     interpolated = any(isinstance(v, str) and "${" in v for v in (cfg, defaults))
-    if defaults is None or isinstance(defaults, str) or interpolated or cfg is None:
+    if key in SEVERAL_KINDS or defaults is None or isinstance(defaults, str) or interpolated or cfg is None:
         return []
     kind = {bool: "a boolean", int: "an integer", float: "a number", list: "a list"}[type(defaults)]
     fits = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -86,6 +86,7 @@ from geosteer.pipeline.products import (
     current_result,
     drop_leftovers,
     fingerprint,
+    finish_replace,
     refuse_unrecorded,
     replace_dir,
     write_stamp,
@@ -577,6 +578,7 @@ def run(cfg: DictConfig) -> dict:
         out = run.eval
         check_inside(run.root, out)
         work = out.with_name(f".eval.partial-{fp}")
+        finish_replace(out, work, fp)
         refuse_unrecorded(out, "the evaluation", cfg.overwrite, "any folder outside the run's eval/")
         if (done := current_result(out, fp, "the evaluation", cfg.overwrite)) is not None:
             drop_leftovers(out, work)

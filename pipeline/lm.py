@@ -35,6 +35,7 @@ from geosteer.pipeline.products import (
     current_result,
     drop_leftovers,
     fingerprint,
+    finish_replace,
     refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
@@ -252,6 +253,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,
                       "trainer": trainer_facts(cfg)})  # fmt: skip
     work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
+    finish_replace(out, work / "model", fp)
     refuse_unrecorded(out, "the task LM", cfg.overwrite, "model.pretrained=... with model.embedded=false reads it")
     if (done := current_result(out, fp, "the task LM", cfg.overwrite)) is not None:
         drop_leftovers(out, work)

@@ -252,8 +252,13 @@ def check_inside(run_dir: Path | str, product_dir: Path, hint: str = "") -> None
 
 
 def trainer_facts(cfg: DictConfig) -> dict[str, Any]:
-    """The trainer settings a trained product depends on (all but how often it logs), for its fingerprint."""
-    return {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "log_every_n_steps"}
+    """The trainer settings a trained product depends on, for its fingerprint: all but what it shows while it
+    trains (how often it logs, the progress bar, the model summary)."""
+    facts = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+             if k not in ("log_every_n_steps", "enable_progress_bar")}  # fmt: skip
+    if "enable_model_summary" in facts:  # held at its config value, so that fingerprints made before stay
+        facts["enable_model_summary"] = False
+    return facts
 
 
 def current_result(product_dir: Path, fp: str, what: str, overwrite: bool, remove_damaged: bool = True) -> dict | None:
@@ -383,6 +388,31 @@ def drop_leftovers(out: Path, work: Path) -> None:
     product's move into place and the clean-up leaves behind."""
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out.with_name(f".{out.name}.replaced"), ignore_errors=True)
+
+
+def finish_replace(out: Path, new: Path, fp: str) -> None:
+    """Finish a `replace_dir` cut between its two moves (a kill), which leaves no product in place: move in the new
+    product when it lies complete in its work folder `new`, made by this config (`fp`); else put back the one it
+    was replacing, as it was before the command."""
+    old = out.with_name(f".{out.name}.replaced")
+    if out.exists() or not (new.is_dir() or old.is_dir()):
+        return
+    try:
+        stamp = read_stamp(new)
+    except StageError:
+        stamp = None
+    whole = stamp is not None and stamp["fingerprint"] == fp and not product_damage(new, stamp)
+    src = new if whole else old
+    if not src.is_dir():
+        return
+    try:
+        os.replace(src, out)
+    except OSError:  # launched DDP: another rank moved it first
+        if not out.exists():
+            raise
+        return
+    log.warning("%s was missing, its replacement cut short: %s", out,
+                "moved in the finished one from its work folder" if whole else "put back the one it replaced")  # fmt: skip
 
 
 def replace_dir(src: Path, dst: Path) -> None:

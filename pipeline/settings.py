@@ -25,6 +25,15 @@ from geosteer.pipeline.common import StageError
 Rule = Callable[[Any], str | None]  # the value's fault, as "must be ...", or None when it is fine
 
 
+def _device_list(v: list) -> str | None:
+    """Why a list of GPU indices cannot be used here; None when every index names a GPU of this machine."""
+    n = torch.cuda.device_count()
+    if v and all(_is_int(i) and 0 <= i < n for i in v) and len(set(v)) == len(v):
+        return None
+    return (f"names GPU indices, but this machine has {n} GPU{'s' * (n != 1)}"
+            f"{f' (0 ... {n - 1})' if n else ''}: list each once, or give a count (trainer.devices=1)")  # fmt: skip
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -195,8 +204,10 @@ RULES: dict[str, Rule] = {
     "eval.own_point.max_carriers": integer(2),
     "eval.figures": one_of(True, False),
     "trainer.devices": lambda v: (
-        None
-        if v == "auto" or (_is_int(v) and (v >= 1 or v == -1)) or (isinstance(v, list) and v)
+        _device_list(v)
+        if isinstance(v, list)
+        else None
+        if v == "auto" or (_is_int(v) and (v >= 1 or v == -1))
         else "must be an integer ≥ 1, -1 (every device), a list of device indices or auto"
     ),
     "trainer.num_nodes": SIZE,

@@ -61,6 +61,7 @@ from geosteer.pipeline.products import (
     current_result,
     drop_leftovers,
     fingerprint,
+    finish_replace,
     refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
@@ -217,6 +218,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     out = RunLayout.of(cfg).geometry(task.name, name)
     check_inside(cfg.paths.run_dir, out)
     work = out.with_name(f".{name}.partial-{fp}")
+    finish_replace(out, work / "export", fp)
     if not cfg.overwrite and not (out / STAMP).is_file() and (out / "config.json").is_file():
         meta = read_config(out).get("meta") or {}
         if meta.get("fingerprint") == fp:  # this config's export, its record gone: sealed, so its digest decides

@@ -40,7 +40,7 @@ from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
 from geosteer.pipeline.common import store_lm
 from geosteer.pipeline.family import FAMILIES
-from geosteer.pipeline.products import RunLayout, write_stamp
+from geosteer.pipeline.products import RunLayout, trainer_facts, write_stamp
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
@@ -788,6 +788,7 @@ CASES = [
             ("+trainer.strategy=dpp", r"trainer.strategy=dpp must be one of Lightning's strategies"),
             ("geometry.gaga_out.activation=foo", r"geometry.gaga_out.activation=foo must be one of \['relu', 'silu'\]"),
             ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
+            ("trainer.devices=[5]", r"trainer.devices=\[5\] names GPU indices, but this machine has 0 GPUs"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=0", r"targets.phate.t_max=0 must be an integer ≥ 2"),
         ]
@@ -1764,6 +1765,16 @@ def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):
     fp = lambda *o: extract.extract_fingerprint(make_cfg(tmp_path, "model.embedded=false", *o), tasks)  # noqa: E731
     assert fp("model.layer=${seed}", "seed=0") != fp("model.layer=${seed}", "seed=1")
     assert fp("model.layer=${seed}", "seed=0") == fp("model.layer=0", "seed=1")
+
+
+def test_what_a_training_shows_is_not_what_it_trains(tmp_path):
+    """The progress bar, the model summary and the logging interval leave a trained product's fingerprint as it was
+    (a run made without them stays current); what the training does changes it."""
+    facts = lambda *o: trainer_facts(make_cfg(tmp_path, *o))  # noqa: E731
+    shown = ["+trainer.enable_progress_bar=false", "trainer.enable_model_summary=true", "trainer.log_every_n_steps=1"]
+    assert facts(*shown) == facts() and "enable_model_summary" in facts()
+    for other in ("trainer.precision=bf16-mixed", "trainer.deterministic=false", "+trainer.gradient_clip_val=1.0"):
+        assert facts(other) != facts(), other
 
 
 # ---- one writer per run ----------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ may be readable as complete unless it is.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -171,3 +173,30 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
     lm.run(crashed)
     a, b = (load_file(tmp_path / name / "lm" / "model.safetensors") for name in ("whole", "crashed"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["new-one-finished", "new-one-unfinished"])
+def test_a_replacement_cut_between_its_two_moves_is_finished_by_the_next_run(clean, caplog, finished):
+    """A kill inside `replace_dir`, after the old product moved aside and before the new one moved in, leaves no
+    product in place. The next run moves in the new one when it lies complete in its work folder, else puts the old
+    one back; either way nothing is trained again. (The state is built by hand: the window is two renames wide.)"""
+    root, args = clean
+    run = f"cut-{finished}"
+    copy_products(root, run, "extract", "targets", "geometry")
+    out = root / run / "geometry" / "weekdays" / "gaga_out"
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    fp = json.loads((out / "stage.json").read_text())["fingerprint"]
+    old, work = out.with_name(".gaga_out.replaced"), out.with_name(f".gaga_out.partial-{fp}")
+    os.replace(out, old)
+    work.mkdir()
+    if finished:  # the new product whole in its work folder; the one it replaced was another
+        shutil.copytree(old, work / "export")
+        (old / "config.json").write_text("{}")
+    else:  # the new one cut short before its record was written
+        shutil.copytree(old, work / "export", ignore=shutil.ignore_patterns("stage.json"))
+    caplog.set_level(logging.INFO)
+    train.run(make_cfg(root, f"run_name={run}", *args))
+    assert ("moved in the finished one" if finished else "put back the one it replaced") in caplog.text
+    assert "geometry weekdays/gaga_out is current" in caplog.text, "trained again"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+    assert not old.exists() and not work.exists(), "the leftovers of the cut stay"

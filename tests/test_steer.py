@@ -406,11 +406,13 @@ def test_an_export_whose_facts_are_of_another_kind_is_refused(shipped, tmp_path)
         load_geometry(folder)
 
 
-def test_the_layer_is_checked_without_the_width(shipped):
+def test_the_layer_and_the_width_are_each_checked_alone(shipped):
     (_, _, _, cfg) = shipped
     with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 1, but the store holds d=32 at "
                                                r"layer 2"):  # fmt: skip
         load_geometry(export_folder(cfg, "gaga_out"), layer=2)
+    with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 1, but it was given d=3\. Use"):
+        load_geometry(export_folder(cfg, "gaga_out"), d=3)  # the width alone: no layer to name
 
 
 def test_a_damaged_copy_in_the_hub_cache_is_downloaded_again_as_told(shipped, hub):
