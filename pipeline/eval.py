@@ -85,10 +85,10 @@ from geosteer.pipeline.products import (
     check_provenance,
     current_result,
     drop_leftovers,
-    fingerprint,
     finish_replace,
     refuse_unrecorded,
     replace_dir,
+    stage_fingerprint,
     write_stamp,
 )
 from geosteer.pipeline.targets import split_key
@@ -504,7 +504,7 @@ def eval_fingerprint(cfg: DictConfig, store_fp: str, tasks: list[Task], methods:
     """What the results depend on: the eval and method configs, the store (and so the LM and layer), the content of
     every export used (not where it lies: `eval.geometry_dir` itself is left out) and the seed."""
     evaluation = {k: v for k, v in to_plain(cfg.eval).items() if k != "geometry_dir"}
-    return fingerprint({"eval": evaluation, "method": to_plain(cfg.method), "store": store_fp,
+    return stage_fingerprint({"eval": evaluation, "method": to_plain(cfg.method), "store": store_fp,
                         "geometries": exports_used(cfg, tasks, methods), "tasks": [t.name for t in tasks],
                         "seed": cfg.seed, "val_fraction": cfg.targets.val_fraction}, run_dir=cfg.paths.run_dir)  # fmt: skip
 

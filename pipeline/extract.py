@@ -29,8 +29,8 @@ from geosteer.pipeline.products import (
     check_inside,
     check_product,
     current_result,
-    fingerprint,
     lm_fingerprint,
+    stage_fingerprint,
     warn_lm_config,
     write_stamp,
 )
@@ -155,7 +155,7 @@ def check_vocabulary(tokenizer, task: Task, lm: str) -> None:
 
 
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
-    return fingerprint(
+    return stage_fingerprint(
         {
             "model": cfg.model,
             "lm": lm_fingerprint(cfg.model),
@@ -305,7 +305,7 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         "position_rule": POSITION_RULE,
         "dtype": m.dtype,
         "h_dtype": cfg.extract.h_dtype,
-        "fingerprint": fp,
+        "fingerprint": str(fp),
         "ranks": world,
         "git_sha": git_sha() or "",
         "config": to_plain(cfg),

@@ -34,11 +34,11 @@ from geosteer.pipeline.products import (
     check_inside,
     current_result,
     drop_leftovers,
-    fingerprint,
     finish_replace,
     refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
+    stage_fingerprint,
     trainer_facts,
     write_stamp,
 )
@@ -250,7 +250,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     out = Path(cfg.model.pretrained)
     check_inside(cfg.paths.run_dir, out, "stage=lm writes the embedded LM to model.pretrained: leave it at its default "
                  "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
-    fp = fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,
+    fp = stage_fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,
                       "trainer": trainer_facts(cfg)})  # fmt: skip
     work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
     finish_replace(out, work / "model", fp)

@@ -105,6 +105,13 @@ def resolved(obj: Any) -> Any:
     return obj
 
 
+class Fingerprint(str):
+    """A fingerprint (a str) that also keeps a digest of each setting it hashes, by dotted key, so that a product
+    made by another config can name the settings that differ."""
+
+    parts: dict[str, str]
+
+
 def fingerprint(obj: Any, run_dir: Path | str | None = None) -> str:
     """A short, stable hash of a JSON-able object (the resolved config that makes a product).
 
@@ -115,6 +122,34 @@ def fingerprint(obj: Any, run_dir: Path | str | None = None) -> str:
         for form in {str(Path(run_dir).resolve()), str(run_dir)}:
             text = text.replace(json.dumps(form)[1:-1], "<run_dir>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_fingerprint(facts: dict[str, Any], run_dir: Path | str | None = None) -> Fingerprint:
+    """The fingerprint of what a stage's product depends on, keeping a digest of each of its settings (dotted keys)
+    for `write_stamp`, so that another config can be told what differs. Write `str(fp)` into HDF5 or checkpoints."""
+    plain = resolved(facts)
+    fp = Fingerprint(fingerprint(plain, run_dir))
+    fp.parts = {key: fingerprint(leaf, run_dir) for key, leaf in _leaves(plain)}
+    return fp
+
+
+def _leaves(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every value of nested dicts that is not itself a non-empty dict."""
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            yield from _leaves(v, f"{key}.{k}" if key else str(k))
+    elif key:
+        yield key, obj
+
+
+def differing(recorded: Any, now: Fingerprint) -> str:
+    """The settings in which two fingerprints differ, as a clause for a message; "" when a record keeps none."""
+    parts = getattr(now, "parts", None)
+    if not isinstance(recorded, dict) or not recorded or not parts:
+        return ""
+    keys = sorted(k for k in {*recorded, *parts} if recorded.get(k) != parts.get(k))
+    shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    return f"; it differs in {shown}" if keys else ""
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -195,6 +230,8 @@ def _stamp_check(stamp: dict) -> str:
 def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
     """Record the config that made a finished product, and every file of it (`product_files`)."""
     stamp = {"stage": stage, "fingerprint": fp, "files": product_files(product_dir), "result": result}
+    if parts := getattr(fp, "parts", None):  # to name what differs when another config meets this product
+        stamp["parts"] = parts
     stamp = json.loads(json.dumps(stamp, default=str))  # as it reads back, which is what the check is compared with
     stamp["check"] = _stamp_check(stamp)
     atomic_write_text(Path(product_dir) / STAMP, json.dumps(stamp, indent=2, default=str))
@@ -288,7 +325,7 @@ def current_result(product_dir: Path, fp: str, what: str, overwrite: bool, remov
     if stamp is not None and not overwrite:
         raise StageError(
             f"{what} at {product_dir} was made by a different config or from other inputs ({stamp['fingerprint']}, "
-            f"now {fp}). "
+            f"now {fp}{differing(stamp.get('parts'), fp)}). "
             f"Pass overwrite=true to replace it, or pick another run_name=... to keep both."
         )
     return None
@@ -429,7 +466,7 @@ class FingerprintCheckpoints(L.Callback):
     """Writes the fingerprint of the product in training into every checkpoint; `resume_checkpoint` requires it."""
 
     def __init__(self, fp: str):
-        self.fp = fp
+        self.fp = str(fp)  # a plain str: checkpoints load with weights_only=True
 
     def on_save_checkpoint(self, _trainer, _module, checkpoint: dict[str, Any]) -> None:
         checkpoint["geosteer_fingerprint"] = self.fp

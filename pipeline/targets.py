@@ -46,6 +46,7 @@ from geosteer.pipeline.products import (
     check_product,
     current_result,
     fingerprint,
+    stage_fingerprint,
     write_stamp,
 )
 
@@ -224,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
         }
         for task in tasks:
             store.check_task(task.to_dict())
-        fp = fingerprint({"tasks": [t.to_dict() for t in tasks], "targets": tcfg, "seed": cfg.seed,
+        fp = stage_fingerprint({"tasks": [t.to_dict() for t in tasks], "targets": tcfg, "seed": cfg.seed,
                           "store": str(store.attrs["fingerprint"])})  # fmt: skip
         if (done := current_result(out, fp, "the distance targets", cfg.overwrite, remove_damaged=False)) is not None:
             # each group's content digest is checked as it is read: a damaged one is computed again

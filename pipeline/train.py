@@ -60,11 +60,11 @@ from geosteer.pipeline.products import (
     check_provenance,
     current_result,
     drop_leftovers,
-    fingerprint,
     finish_replace,
     refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
+    stage_fingerprint,
     trainer_facts,
     write_stamp,
 )
@@ -213,7 +213,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
         facts["pullback"] = attrs["pullback_key"]
     if needed:  # retrain when what it trained against changes
         facts["needs"] = {role: f["fingerprint"] for role, f in needed.items()}
-    fp = fingerprint(facts, run_dir=cfg.paths.run_dir)
+    fp = stage_fingerprint(facts, run_dir=cfg.paths.run_dir)
     g = {**g, "needs": needs} if needs else g
     out = RunLayout.of(cfg).geometry(task.name, name)
     check_inside(cfg.paths.run_dir, out)
@@ -242,7 +242,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     x_train = train[torch.as_tensor(train.rows)]["x"]  # (N_train, d)
     meta = {"geometry": name, "family": g["family"], "target": g["target"], "target_scale": train.scale,
             "task": task.to_dict(), **store, **steering_facts(train.store_path, task), "schema_version": GEOMETRY_SCHEMA_VERSION,
-            "fingerprint": fp}  # fmt: skip
+            "fingerprint": str(fp)}  # fmt: skip
     if needed:
         meta["needs"] = needed
     model, ctor = family.build(g, x_train.shape[1], len(task.concepts), meta, cfg.seed)

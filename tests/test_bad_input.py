@@ -40,7 +40,7 @@ from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
 from geosteer.pipeline.common import store_lm
 from geosteer.pipeline.family import FAMILIES
-from geosteer.pipeline.products import RunLayout, trainer_facts, write_stamp
+from geosteer.pipeline.products import RunLayout, differing, fingerprint, stage_fingerprint, trainer_facts, write_stamp
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
@@ -599,7 +599,12 @@ CASES = [
         ["stage=extract", "model.pretrained=/nonexistent/lm", "overwrite=true"],
         r"model path '/nonexistent/lm' does not exist.*save_pretrained",
     ),
-    ("another config's store", None, ["stage=extract", "extract.batch_size=16"], r"made by a different config.*overwrite=true"),
+    (
+        "another config's store",
+        None,
+        ["stage=extract", "extract.batch_size=16"],
+        r"made by a different config .*, now \w{16}; it differs in extract.batch_size\)\. Pass overwrite=true",
+    ),
     (
         "override of the wrong type",
         None,
@@ -1210,7 +1215,8 @@ CASES = [
         "targets of another config",
         None,
         ["stage=targets", "targets.pair_samples=100"],
-        r"the distance targets at \S+ was made by a different config .* Pass overwrite=true",
+        r"the distance targets at \S+ was made by a different config .*; it differs in targets.pair_samples\)\. Pass "
+        r"overwrite=true",
     ),
     ("a sweep whose jobs share a run folder", None, ["-m", "stage=extract", "seed=1,2"], r"would write one run folder"),
     (
@@ -1658,6 +1664,7 @@ def test_the_evaluation_is_named_by_what_its_exports_hold_not_where_they_lie(fin
     (run / EXPORT / "config.json").write_text(json.dumps(config))
     (run / EXPORT / "stage.json").unlink()
     assert config["meta"]["fingerprint"] == after["fingerprint"] and fp() != base
+    assert differing(base.parts, fp()) == "; it differs in geometries.weekdays/gaga_out", "the refusal names the export"
 
 
 def test_an_export_of_this_config_without_its_record_is_kept_and_recorded_again(finished, tmp_path, capsys, monkeypatch):
@@ -1765,6 +1772,10 @@ def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):
     fp = lambda *o: extract.extract_fingerprint(make_cfg(tmp_path, "model.embedded=false", *o), tasks)  # noqa: E731
     assert fp("model.layer=${seed}", "seed=0") != fp("model.layer=${seed}", "seed=1")
     assert fp("model.layer=${seed}", "seed=0") == fp("model.layer=0", "seed=1")
+    a, b = ({"extract": {"batch_size": n, "dtype": "float32"}, "tasks": [{"name": "weekdays"}]} for n in (8, 16))
+    assert stage_fingerprint(a) == fingerprint(a), "a stage's fingerprint is the hash of its facts, as before"
+    assert set(stage_fingerprint(a).parts) == {"extract.batch_size", "extract.dtype", "tasks"}
+    assert differing(stage_fingerprint(a).parts, stage_fingerprint(b)) == "; it differs in extract.batch_size"
 
 
 def test_what_a_training_shows_is_not_what_it_trains(tmp_path):
