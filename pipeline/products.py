@@ -4,6 +4,7 @@ replaces, refuses or resumes one."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -362,6 +363,29 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(["pipeline", *sys.argv[1:]])}  # fmt: skip
+    with _held(path.parent):  # one process at a time judges the lock: two taking over a stale one would both hold it
+        with os.fdopen(_take(path, run_dir, me), "w") as f:
+            json.dump(me, f)
+    try:
+        yield
+    finally:
+        if (_holder(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """An exclusive flock on a folder for a moment (the kernel drops it if the process dies)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _take(path: Path, run_dir: Path, me: dict) -> int:
+    """Create the lock file `path` (its fd), taking over a stale one; StageError naming a live holder."""
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -379,13 +403,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 f"the run folder {run_dir} is in use by {who}: two commands must not write one run. Wait for it to "
                 f"end, or pick another run_name=...; if no command is using that run any more, delete {path}."
             ) from None
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-    try:
-        yield
-    finally:
-        if (_holder(path) or {}).get("pid") == me["pid"]:
-            path.unlink(missing_ok=True)
+    return fd
 
 
 def as_json(obj: Any) -> Any:

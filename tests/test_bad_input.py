@@ -9,6 +9,7 @@ existed before byte for byte intact.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import inspect
 import json
@@ -38,9 +39,9 @@ from geosteer.models.gaga import GAGA
 from geosteer.models.hub import seal
 from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
-from geosteer.pipeline.common import store_lm
+from geosteer.pipeline.common import StageError, store_lm
 from geosteer.pipeline.family import FAMILIES
-from geosteer.pipeline.products import RunLayout, differing, fingerprint, stage_fingerprint, trainer_facts, write_stamp
+from geosteer.pipeline.products import RunLayout, differing, fingerprint, run_lock, stage_fingerprint, trainer_facts, write_stamp
 from tests.conftest import TASK_DIR, make_cfg
 
 GEOMETRY = ["geometry=[gaga_out]", "geometry.gaga_out.max_epochs=2", "geometry.gaga_out.hidden=[16]",
@@ -1829,3 +1830,39 @@ def test_temporary_files_are_per_process_and_debris_is_removed(tmp_path):
     debris.write_bytes(b"half")
     tmp = temp_path(target)
     assert tmp.name == f".activations.h5.{os.getpid()}.tmp" and not debris.exists()
+
+
+def _hold_the_lock(run: Path, start, spans) -> None:
+    start.wait()
+    with contextlib.suppress(StageError), run_lock(run):
+        began = time.monotonic()
+        time.sleep(0.2)
+        spans.put((began, time.monotonic()))
+
+
+def test_a_stale_lock_taken_over_by_several_commands_at_once_lets_one_in(tmp_path):
+    """Three commands started together on a run whose lock's process is gone: one takes it over, and no other holds
+    it until that one is done (none removes the lock another has just taken)."""
+    import multiprocessing
+    import queue
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ctx = multiprocessing.get_context("fork")  # the children only open, read and remove files
+    for trial in range(8):
+        run = tmp_path / f"run-{trial}"
+        run.mkdir()
+        lock(run, gone.pid, socket.gethostname())
+        start, spans = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_hold_the_lock, args=(run, start, spans)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        held = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                held.append(spans.get(timeout=1))
+        held.sort()
+        assert held and all(a[1] <= b[0] for a, b in zip(held, held[1:])), f"trial {trial}: two held it at once"
