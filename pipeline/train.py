@@ -221,7 +221,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     finish_replace(out, work / "export", fp)
     if not cfg.overwrite and not (out / STAMP).is_file() and (out / "config.json").is_file():
         meta = read_config(out).get("meta") or {}
-        if meta.get("fingerprint") == fp:  # this config's export, its record gone: sealed, so its digest decides
+        if meta.get("fingerprint") == fp and meta.get("digest"):  # this config's export, its record gone: its digest decides
             load_geometry(out)
             result = {"path": str(out), **(meta.get("metrics") or {}), "trainer": cfg.trainer.get("strategy", "auto")}
             if launched_rank()[0] == 0:

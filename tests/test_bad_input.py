@@ -1680,6 +1680,18 @@ def test_an_export_of_this_config_without_its_record_is_kept_and_recorded_again(
                                      capsys)  # fmt: skip
     assert code == 0 and "an export of this config without its record, whole by its digest: kept" in printed, printed
     assert (run / EXPORT / "model.safetensors").read_bytes() == weights and (run / EXPORT / "stage.json").is_file()
+    # Unsealed (meta.digest removed, weights edited): nothing vouches for its weights, so it is not recorded again.
+    (run / EXPORT / "stage.json").unlink()
+    config = json.loads((run / EXPORT / "config.json").read_text())
+    del config["meta"]["digest"]
+    (run / EXPORT / "config.json").write_text(json.dumps(config))
+    save_file({k: v * 0 + 0.01 for k, v in load_file(run / EXPORT / "model.safetensors").items()},
+              run / EXPORT / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    before = snapshot(run)
+    code, printed = pipeline_command([f"paths.outputs={tmp_path}", "run_name=run", "logger=none", *args, "stage=train"],
+                                     capsys)  # fmt: skip
+    assert code == 1 and "holds files but no stage.json" in printed and "overwrite=true" in printed, printed
+    assert snapshot(run) == before
 
 
 def test_a_crashed_training_resumes_in_a_moved_run(finished, tmp_path, capsys, monkeypatch, recwarn):
