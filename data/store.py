@@ -286,6 +286,16 @@ def write_store(path: Path, file_attrs: dict[str, Any], write_groups) -> None:
     put_in_place(tmp, path)
 
 
+def made_by(path: Path) -> str | None:
+    """The fingerprint a store file records of the config that made it; None when it is unreadable or records none."""
+    try:
+        with h5py.File(path, "r") as f:
+            fp = f.attrs.get("fingerprint")
+            return fp.decode() if isinstance(fp, bytes) else (str(fp) if fp is not None else None)
+    except OSError:
+        return None
+
+
 class ActivationStore:
     """Read access to `activations.h5`. Use as a context manager, or call `close()`."""
 

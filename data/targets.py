@@ -269,6 +269,16 @@ def read_groups(path: Path, keys: dict[str, str], file_attrs: dict[str, Any]) ->
         return {}, False
 
 
+def replaced_groups(path: Path, keys: dict[str, str]) -> list[str]:
+    """The groups an existing targets file holds under another cache key than `keys` asks: made from other inputs
+    or settings, a rewrite would replace them. [] when the file is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return [name for name in keys if name in f and f[name].attrs.get("key") != keys[name]]
+    except OSError:
+        return []
+
+
 def write_targets(path: Path, file_attrs: dict[str, Any], groups: dict[str, dict[str, Any]]) -> None:
     """Write a targets file atomically: `groups` maps a group name to its arrays plus an "attrs" dict."""
     path = Path(path)

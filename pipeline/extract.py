@@ -20,11 +20,12 @@ from omegaconf import DictConfig
 from torch.multiprocessing import ProcessRaisedException
 from tqdm.auto import tqdm
 
-from geosteer.data.store import ChunkDir, read_shards, virtual_rows, write_shard, write_store, write_task_group
+from geosteer.data.store import ChunkDir, made_by, read_shards, virtual_rows, write_shard, write_store, write_task_group
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, lm_shape, read_last_token, replace_last_token
 from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.products import (
+    STAMP,
     RunLayout,
     check_inside,
     check_product,
@@ -194,6 +195,12 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     warn_lm_config(cfg, "the extraction")
     if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
         return done
+    if not cfg.overwrite and not (out / STAMP).is_file() and run.store.is_file() and made_by(run.store) != fp:
+        raise StageError(
+            f"{run.store} is not this config's store ({made_by(run.store) or 'it records no config'}, now {fp}) and "
+            f"{out} has no {STAMP}, the record its stage writes (copied or kept there by hand): extracting would "
+            f"replace it. Move it elsewhere, or pass overwrite=true to replace it."
+        )
     if not (out / f".partial-{fp}").is_dir():  # shards of a finished store, whose chunks are gone: extract again
         shutil.rmtree(out / f"shards-{fp}", ignore_errors=True)
     fabric = launcher(cfg.trainer)

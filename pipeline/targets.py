@@ -34,6 +34,7 @@ from geosteer.data.targets import (
     phate_coords,
     pullback_factors,
     read_groups,
+    replaced_groups,
     stratified_split,
     write_targets,
 )
@@ -41,6 +42,7 @@ from geosteer.models.metrics import OutputPullback
 from geosteer.models.tail import CarrierTail
 from geosteer.pipeline.common import close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.products import (
+    STAMP,
     RunLayout,
     check_inside,
     check_product,
@@ -230,8 +232,20 @@ def run(cfg: DictConfig) -> dict:
         if (done := current_result(out, fp, "the distance targets", cfg.overwrite, remove_damaged=False)) is not None:
             # each group's content digest is checked as it is read: a damaged one is computed again
             return done
+        unrecorded = not cfg.overwrite and not (out / STAMP).is_file()  # files copied or kept there by hand
         for task in tasks:  # what the data can refuse is refused before any targets file is written
             labels = store.read(task.name, ["label"])["label"]
+            path = run.targets_file(task.name)
+            if unrecorded and path.is_file():
+                keys = cache_keys(
+                    store.read(task.name, ["h", "q", "label"]), tcfg, cfg.seed, file_attrs["activations_fingerprint"]
+                )
+                if stale := replaced_groups(path, keys):
+                    raise TargetError(
+                        f"{path} holds targets ({', '.join(stale)}) made from other inputs or settings, and {out} has "
+                        f"no {STAMP}, the record its stage writes (copied or kept there by hand): this command would "
+                        f"replace them. Move the file elsewhere, or pass overwrite=true to replace them."
+                    )
             stratified_split(labels, tcfg["val_fraction"], cfg.seed)
             if len(labels) < (knn := tcfg["phate"]["knn"]) + 1:
                 raise TargetError(f"task '{task.name}': {len(labels)} points, but PHATE with knn={knn} needs at least "

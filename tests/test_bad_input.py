@@ -367,6 +367,13 @@ def torn_geometry_stamp(run: Path, _scratch: Path, _args: list[str]):
     (run / EXPORT / "stage.json").write_text("")
 
 
+def record_removed(product: str):
+    def remove_record(run: Path, _scratch: Path, _args: list[str]):
+        (run / product / "stage.json").unlink()
+
+    return remove_record
+
+
 def lock(run: Path, pid: int, host: str):
     (run / ".lock").write_text(json.dumps({"pid": pid, "host": host, "since": "2026-01-01 00:00:00",
                                            "command": "pipeline stage=extract"}))  # fmt: skip
@@ -1295,6 +1302,21 @@ CASES = [
         r"in use by a process that left no readable record.*delete .*\.lock",
     ),
     ("run in use from another host", foreign_lock, ["stage=targets"], r"in use by process 4242 on host another-host"),
+    # ---- products without their record are not replaced unasked ----
+    (
+        "a store without its record, another config extracting over it",
+        record_removed("extract"),
+        ["stage=extract", "extract.h_dtype=float16"],
+        r"activations.h5 is not this config's store \(\w{16}, now \w{16}\) and \S+ has no stage.json.*Move it "
+        r"elsewhere, or pass overwrite=true",
+    ),
+    (
+        "targets without their record, other settings computing over them",
+        record_removed("targets"),
+        ["stage=targets", "targets.pair_samples=5000"],
+        r"weekdays.h5 holds targets \(hellinger, phate\) made from other inputs or settings, and \S+ has no "
+        r"stage.json.*pass overwrite=true",
+    ),
 ]
 
 
