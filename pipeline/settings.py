@@ -132,7 +132,7 @@ RULES: dict[str, Rule] = {
     "targets.phate.knn": SIZE,
     "targets.phate.decay": POSITIVE,
     "targets.phate.t": integer(1, words=("auto",)),
-    "targets.phate.t_max": integer(2),
+    "targets.phate.t_max": integer(3),  # the knee of the entropy needs 4 values (t = 0 … t_max)
     "targets.phate.n_pca": integer(2, null=True),
     "targets.phate.exact_max": SIZE,
     "targets.phate.n_landmark": integer(2),

@@ -253,6 +253,9 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
         raise StageError(f"geometry '{name}': pca_dim={pca_dim} needs at least as many training rows, but task "
                          f"{task.name} has {len(x_train)}; lower geometry.{name}.pca_dim (e.g. to {len(x_train) // 2}) "
                          f"or add prompts to the task.")  # fmt: skip
+    if (knn := g.get("knn")) is not None and knn >= len(x_train):  # the bridge's density hinge
+        raise StageError(f"geometry.{name}.knn={knn} needs more training rows than neighbours, but task {task.name} "
+                         f"has {len(x_train)}; lower it (e.g. geometry.{name}.knn=5).")  # fmt: skip
     model.fit_normalisation(x_train)
     system = family.system(model, g, train, len(task.concepts))
     data = PointCloudData(train, val, g["batch_size"], g["min_steps_per_epoch"], cfg.seed, g["num_workers"])

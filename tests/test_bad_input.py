@@ -803,7 +803,7 @@ CASES = [
             ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
             ("trainer.devices=[5]", r"trainer.devices=\[5\] names GPU indices, but this machine has 0 GPUs"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
-            ("targets.phate.t_max=0", r"targets.phate.t_max=0 must be an integer ≥ 2"),
+            ("targets.phate.t_max=2", r"targets.phate.t_max=2 must be an integer ≥ 3"),
         ]
     ],
     ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
@@ -1302,6 +1302,12 @@ CASES = [
         r"in use by a process that left no readable record.*delete .*\.lock",
     ),
     ("run in use from another host", foreign_lock, ["stage=targets"], r"in use by process 4242 on host another-host"),
+    (
+        "more bridge neighbours than training rows",
+        None,
+        ["stage=train", "geometry=[gaga_out,bridge]", "geometry.bridge.knn=1000"],
+        r"geometry.bridge.knn=1000 needs more training rows than neighbours, but task weekdays has \d+; lower it",
+    ),
     # ---- products without their record are not replaced unasked ----
     (
         "a store without its record, another config extracting over it",
