@@ -90,6 +90,8 @@ def arc_energy(q: torch.Tensor, manifold: BehaviourManifold, mask: torch.Tensor 
     path is scored by where it goes, not by how its waypoints are spread: one that jumps off the manifold between
     two waypoints pays for the jump, and a slow start counts no more than a fast one.
     """
+    if len(q) < 2:  # a path that starts where it stops (a carrier already past the threshold) travels no arc
+        return q.new_zeros(())
     valid = _valid(q, mask)
     order = torch.argsort((~valid).to(torch.uint8), dim=0, stable=True)  # valid waypoints first, in order
     s = q.gather(0, order.unsqueeze(-1).expand_as(q)).clamp_min(0).sqrt().double()

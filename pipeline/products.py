@@ -173,7 +173,14 @@ def lm_fingerprint(m) -> str | None:
     """What identifies the embedded LM (None for other LMs): its stage=lm product's fingerprint and the SHA-256 of its
     weights, so an LM trained again changes it even under the same config (a resumed training need not end on the
     same weights)."""
-    stamp = read_stamp(Path(m["pretrained"])) if m["embedded"] else None
+    stamp = read_stamp(folder := Path(m["pretrained"])) if m["embedded"] else None
+    if stamp is None and m["embedded"] and (folder / "model.safetensors").is_file():
+        raise StageError(
+            f"the embedded LM at {folder} has no {STAMP}, the record stage=lm writes (deleted, or the LM copied there "
+            f"without it), so it cannot be checked against the products made with it. Put its {STAMP} back, or train "
+            f"it and make what follows again with `pipeline stage=all overwrite=true` (an LM used as it is: "
+            f"model.embedded=false model.pretrained=<its folder outside the run>)."
+        )
     if stamp is None:
         return None
     weights = ((stamp.get("files") or {}).get("model.safetensors") or {}).get("sha256")

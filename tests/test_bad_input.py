@@ -1748,6 +1748,13 @@ def test_the_embedded_lm_is_checked_before_extraction_and_eval(tiny_lm_dir, tmp_
     assert code == 1 and re.search(r"task 'newwords': the embedded LM at .* has no token for \['", printed), printed
     assert not (run / STORE).exists(), printed
     assert pipeline_command([*argv, "tasks=[weekdays]", "stage=extract"], capsys)[0] == 0
+    record = (run / "lm" / "stage.json").read_bytes()
+    (run / "lm" / "stage.json").unlink()  # its record lost: the LM is not called "trained again"
+    for stage in ("extract", "eval"):
+        code, printed = pipeline_command([*argv, "tasks=[weekdays]", f"stage={stage}", "method=[linear]"], capsys)
+        assert code == 1 and "lm has no stage.json, the record stage=lm writes" in printed, printed
+        assert "Put its stage.json back" in printed and "trained again" not in printed, printed
+    (run / "lm" / "stage.json").write_bytes(record)
     (run / "lm").rename(tmp_path / "lm-moved")
     code, printed = pipeline_command([*argv, "tasks=[weekdays]", "stage=eval", "method=[linear]"], capsys)
     assert code == 1 and "lm, is missing (moved, renamed or deleted)" in printed, printed

@@ -97,6 +97,14 @@ def test_a_jump_pays_for_the_arc_it_skips_where_the_waypoint_sum_sees_nothing():
     assert arc_energy(along, B) < 0.01 * arc_energy(jump, B)
 
 
+def test_a_path_of_one_waypoint_has_no_arc_energy_as_one_that_stands_still():
+    """A carrier that starts past the threshold stops at its first waypoint: no arc, as a path that stays put."""
+    c = centroids(6)
+    B = BehaviourManifold(c, cyclic=True)
+    off = (0.5 * c[0] + 0.5 * c[3]).expand(1, 2, -1)  # off the manifold, where standing still still costs nothing
+    assert arc_energy(off, B) == arc_energy(off.expand(5, -1, -1), B) == 0
+
+
 def test_distance_and_energy():
     c = centroids(4)
     B = BehaviourManifold(c, cyclic=True)
