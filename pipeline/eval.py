@@ -86,6 +86,7 @@ from geosteer.pipeline.products import (
     current_result,
     drop_leftovers,
     finish_replace,
+    lm_source,
     refuse_unrecorded,
     replace_dir,
     stage_fingerprint,
@@ -112,7 +113,8 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
     check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`), or copy it again.")
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
     check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), str(store.get("lm_fingerprint", "")),
-                     int(store["layer"]), str(store["fingerprint"]), split)  # fmt: skip
+                     int(store["layer"]), str(store["fingerprint"]), split,
+                     lm_source(store.get("model_pretrained", ""), store.get("model_revision")))  # fmt: skip
     check_export_name(folder, model.meta, method)
     if model.family != method.family:
         raise StageError(f"eval: {folder} holds a {model.family} geometry; {method.label} steers with a {method.family} one. "

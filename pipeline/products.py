@@ -418,18 +418,29 @@ def as_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def lm_source(pretrained: Any, revision: Any) -> str:
+    """Where an LM's weights come from, to compare: a local folder as its absolute path, a Hub id at its revision."""
+    if not pretrained:
+        return ""  # a store written before it recorded its LM's source
+    where = str(Path(pretrained).resolve()) if Path(str(pretrained)).exists() else str(pretrained)
+    return f"{where}@{revision}" if revision else where
+
+
 def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], lm: str, lm_fingerprint: str,
-                     layer: int, store: str, split: str) -> None:  # fmt: skip
+                     layer: int, store: str, split: str, source: str | None = None) -> None:  # fmt: skip
     """Refuse an exported geometry made for another task (or task definition), LM, layer or train/val split.
 
     `task` is the task definition asked for; `lm`, `lm_fingerprint` (the embedded LM's training, "" for
     other LMs), `layer`, `store` (fingerprint) and `split` (its key: labels, val fraction, seed) those of the
-    activations used, so that held-out points are the ones it never trained on. Another store of the same
-    LM, layer and task (a shipped geometry, a re-extraction) is named in a warning.
+    activations used, so that held-out points are the ones it never trained on; `source` (`lm_source`) where
+    another LM's weights come from, which tells two LMs of one name apart. Another store of the same LM, layer
+    and task (a shipped geometry, a re-extraction) is named in a warning.
     """
     wanted = {"task": task["name"], "lm": lm, "lm_fingerprint": lm_fingerprint, "layer": layer, "split": split}
     found = {k: meta.get(k) for k in wanted} | {"task": (meta.get("task") or {}).get("name")}
     found["lm_fingerprint"] = meta.get("lm_fingerprint", "")
+    if source and not lm_fingerprint and meta.get("lm_pretrained"):  # the embedded LM is told by its fingerprint
+        wanted["lm weights"], found["lm weights"] = source, lm_source(meta["lm_pretrained"], meta.get("lm_revision"))
     differ = [f"{k} {found[k]!r} (asked: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
     if not differ and as_json(meta.get("task")) != as_json(task):
         keys = sorted(k for k in {*task, *(meta.get("task") or {})} if as_json(meta["task"].get(k)) != as_json(task.get(k)))

@@ -25,7 +25,7 @@ from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_co
 from geosteer.models.lm import read_last_token
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
-from geosteer.pipeline.products import RunLayout, check_inside, check_product, fingerprint, lm_fingerprint
+from geosteer.pipeline.products import RunLayout, check_inside, check_product, fingerprint, lm_fingerprint, lm_source
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -95,6 +95,11 @@ def run(cfg: DictConfig) -> dict:
     if geometry.meta.get("lm") != cfg.model.name:
         log.warning("%s was trained on %r; steering %r (of the same shape)", folder, geometry.meta.get("lm"),
                     cfg.model.name)  # fmt: skip
+    elif not now and (trained := lm_source(geometry.meta.get("lm_pretrained"), geometry.meta.get("lm_revision"))) != (
+        used := lm_source(cfg.model.pretrained, cfg.model.revision)
+    ):
+        log.warning("%s was trained on the LM from %s; steering the one from %s (same name and shape: check that they "
+                    "are one model)", folder, trained, used)  # fmt: skip
     lm, tokenizer = load_lm(cfg.model)
     enc = tokenizer([prompt], return_tensors="pt")
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in enc.input_ids[0].tolist():

@@ -61,6 +61,7 @@ from geosteer.pipeline.products import (
     current_result,
     drop_leftovers,
     finish_replace,
+    lm_source,
     refuse_unrecorded,
     replace_dir,
     resume_checkpoint,
@@ -203,9 +204,11 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     store = {"lm": str(attrs["model_name"]), "lm_fingerprint": str(attrs.get("lm_fingerprint", "")),
              "layer": int(attrs["layer"]), "store": str(attrs["activations_fingerprint"]), "split": str(attrs["split_key"])}  # fmt: skip
     needs = family.needs(cfg, task, name, g)  # {role: export folder}
+    with ActivationStore(train.store_path) as st:  # where its LM's weights came from
+        source = lm_source(st.attrs.get("model_pretrained"), st.attrs.get("model_revision"))
     for folder in needs.values():
         check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
-        check_provenance(folder, read_config(folder).get("meta") or {}, task.to_dict(), **store)
+        check_provenance(folder, read_config(folder).get("meta") or {}, task.to_dict(), **store, source=source)
     needed = {role: export_facts(folder, RunLayout.of(cfg).root) for role, folder in needs.items()}
     facts = {"geometry": g, "target": attrs["key"], "split": attrs["split_key"], "seed": cfg.seed, "trainer": trainer_facts(cfg),
              "store": store["store"], "task": task.to_dict(), "schema_version": GEOMETRY_SCHEMA_VERSION}  # fmt: skip

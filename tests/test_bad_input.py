@@ -1913,3 +1913,19 @@ def test_a_stale_lock_taken_over_by_several_commands_at_once_lets_one_in(tmp_pat
                 held.append(spans.get(timeout=1))
         held.sort()
         assert held and all(a[1] <= b[0] for a, b in zip(held, held[1:])), f"trial {trial}: two held it at once"
+
+
+def test_a_geometry_of_another_lm_of_the_same_name_is_refused(finished, tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """Two LMs outside the run share a model name: the one whose weights a store came from tells them apart, so
+    another's geometry is refused by eval, not taken with a warning about another store of the same LM."""
+    source, args = finished
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    other = tmp_path / "other-lm"
+    shutil.copytree(tiny_lm_dir, other)  # as the repro's second LM: another folder, the same model.name
+    argv = [f"paths.outputs={tmp_path}", "run_name=b", "logger=none",
+            *[a for a in args if not a.startswith("model.pretrained=")], f"model.pretrained={other}"]  # fmt: skip
+    assert pipeline_command([*argv, "stage=extract"], capsys)[0] == 0
+    code, printed = pipeline_command([*argv, "stage=eval", "method=[linear,gaga_out]",
+                                      f"eval.geometry_dir={source / 'geometry'}"], capsys)  # fmt: skip
+    assert code == 1 and "was not trained for this use: lm weights" in printed, printed
+    assert f"{tiny_lm_dir.resolve()}" in printed and f"{other.resolve()}" in printed, "both sides are named"
