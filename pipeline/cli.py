@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -243,6 +244,11 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
         return []
     if errors := flag_errors(argv):
         return errors
+    if "hydra/launcher=slurm" in argv and any(arg in SWEEP_FLAGS for arg in argv) and not shutil.which("srun"):
+        return [
+            "hydra/launcher=slurm submits the jobs to SLURM, but this machine has no srun on its PATH; run the "
+            "command on a SLURM login node, or leave hydra/launcher=slurm out to run the jobs here"
+        ]
     overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra") and not arg.startswith("-")]
     if any(arg in SWEEP_FLAGS for arg in argv):
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ TRAINER_FIXED = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "li
                  "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
                  "barebones", "callbacks", "max_epochs", "max_steps", "logger")  # fmt: skip
 TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_FIXED}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")  # Accelerate's, and one device
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
@@ -119,6 +121,11 @@ RULES: dict[str, Rule] = {
     "model.dtype": one_of(*DTYPES),
     "model.embedded": one_of(True, False),
     "model.trust_remote_code": one_of(True, False),
+    "model.device_map": lambda v: (
+        None
+        if v is None or isinstance(v, dict) or v in DEVICE_MAPS or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v))
+        else f"must be null (one device), one of {list(DEVICE_MAPS)}, cuda:<index> or a dict of module → device"
+    ),
     "extract.batch_size": SIZE,
     "extract.chunk_size": SIZE,
     "extract.h_dtype": one_of("float32", "float16"),
@@ -211,6 +218,9 @@ RULES: dict[str, Rule] = {
         else "must be an integer ≥ 1, -1 (every device), a list of device indices or auto"
     ),
     "trainer.num_nodes": SIZE,
+    "trainer.enable_checkpointing": lambda v: (
+        None if v is True else "must be true: every training stage checkpoints, to resume after a crash"
+    ),
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda"),
     "trainer.precision": one_of(*PRECISIONS),
     "trainer.log_every_n_steps": SIZE,

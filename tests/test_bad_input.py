@@ -801,6 +801,8 @@ CASES = [
             ("+trainer.strategy=dpp", r"trainer.strategy=dpp must be one of Lightning's strategies"),
             ("geometry.gaga_out.activation=foo", r"geometry.gaga_out.activation=foo must be one of \['relu', 'silu'\]"),
             ("trainer.devices=0", r"trainer.devices=0 must be an integer ≥ 1, -1 \(every device\)"),
+            ("model.device_map=cpux", r"model.device_map=cpux must be null \(one device\), one of \['auto'"),
+            ("trainer.enable_checkpointing=false", r"must be true: every training stage checkpoints, to resume"),
             ("trainer.devices=[5]", r"trainer.devices=\[5\] names GPU indices, but this machine has 0 GPUs"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=2", r"targets.phate.t_max=2 must be an integer ≥ 3"),
@@ -1307,6 +1309,12 @@ CASES = [
         None,
         ["stage=train", "geometry=[gaga_out,bridge]", "geometry.bridge.knn=1000"],
         r"geometry.bridge.knn=1000 needs more training rows than neighbours, but task weekdays has \d+; lower it",
+    ),
+    (
+        "the SLURM launcher without SLURM",
+        None,
+        ["-m", "hydra/launcher=slurm", "stage=eval"],
+        r"hydra/launcher=slurm submits the jobs to SLURM, but this machine has no srun on its PATH",
     ),
     # ---- products without their record are not replaced unasked ----
     (
