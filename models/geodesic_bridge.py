@@ -69,7 +69,9 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
         self.scale.copy_(h.std(0).clamp_min(1e-6 * h.std(0).max()))
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """γ at every time of every pair. x_a, x_b (P, d), t (T,) in [0, 1] → (P, T, d)"""
+        """γ at every time of every pair. x_a, x_b (P, d), t (T,) in [0, 1] (a tensor or a list) → (P, T, d)"""
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, dtype=x_a.dtype, device=x_a.device)
         P, T = len(x_a), len(t)
         ends = torch.cat([(x_a - self.shift) / self.scale, (x_b - self.shift) / self.scale], 1)  # (P, 2d)
         inputs = torch.cat([ends.unsqueeze(1).expand(P, T, -1), t.view(1, T, 1).expand(P, T, 1).to(ends)], 2)

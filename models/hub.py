@@ -195,6 +195,12 @@ class ShippedGeometry(PyTorchModelHubMixin):
 
     def ambient(self, h: torch.Tensor) -> torch.Tensor:
         """Raw activations to the ambient space: h itself, or its PCA coordinates. (B, d) → (B, D)"""
+        if not isinstance(h, torch.Tensor) or h.shape[-1:] != (self.input_dim,):
+            raise GeometryMismatch(
+                f"this geometry takes activations of width {self.input_dim} (layer {self.meta.get('layer')}) as a "
+                f"tensor (B, {self.input_dim}), but was given "
+                f"{f'one of shape {tuple(h.shape)}' if isinstance(h, torch.Tensor) else type(h).__name__}."
+            )
         return h if self.pca_dim is None else (h - self.pca_mean) @ self.pca_components.T
 
     def check_compatible(self, d: int, layer: int) -> None:
@@ -214,7 +220,16 @@ class ShippedGeometry(PyTorchModelHubMixin):
         Hub options endpoint, token, cache_dir, local_files_only and force_download go to the download). Anything
         else (a pickle, a torn file, content that differs from its `meta.digest`) raises CheckpointError."""
         hub = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unknown keyword(s) {sorted(kwargs)}; it takes "
+                            f"revision and the Hub options {list(HUB_OPTIONS)}.")  # fmt: skip
         folder = geometry_source(pretrained_model_name_or_path, revision, **hub)
+        family = (read_config(Path(folder)).get("meta") or {}).get("family")
+        if getattr(cls, "family", None) and isinstance(family, str) and family != cls.family:
+            raise CheckpointError(
+                f"{folder} holds a geometry of family {family!r}, not {cls.family!r} ({cls.__name__}). Load it with "
+                f"load_geometry('{pretrained_model_name_or_path}'), which picks the class its meta.family names."
+            )
         try:
             model = super().from_pretrained(folder, **kwargs)
         except CheckpointError:
@@ -284,6 +299,9 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
     """
     from geosteer.models import gaga, geodesic_bridge, innsteer  # noqa: F401  the built-in families register
 
+    if unknown := sorted(set(hub) - set(HUB_OPTIONS)):
+        raise TypeError(f"load_geometry() got unknown keyword(s) {unknown}; it takes d, layer, revision and the Hub "
+                        f"options {list(HUB_OPTIONS)}.")  # fmt: skip
     for key, value in (("d", d), ("layer", layer)):
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0):
             raise TypeError(

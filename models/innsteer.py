@@ -170,7 +170,13 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         `classify` of the same φ(h); alpha: a number → (B, d), or a 1-D tensor of A values → (A, B, d). With a PCA
         ambient space only the subspace part of h moves.
         """
-        alphas = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
+        try:
+            alphas = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
+        except (TypeError, ValueError, RuntimeError):
+            alphas = None
+        if alphas is None or alphas.dim() > 1 or isinstance(alpha, bool):
+            raise TypeError(f"alpha={alpha!r} must be a number, or a 1-D tensor of numbers (one path per value).")
+        source, target = self._class(h, "source", source, none=True), self._class(h, "target", target)
         batched = alphas.dim() == 1
         alphas = alphas.reshape(-1, 1, 1)  # (A, 1, 1)
         z = self.encode(h)  # (B, D)
@@ -181,6 +187,23 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         else:
             out = h + (a_new - self.ambient(h)) @ self.pca_components  # (A, B, d)
         return out if batched else out[0]
+
+    def _class(self, h: torch.Tensor, name: str, value, none: bool = False):
+        """A class index, or one per row of h, checked against the classes this flow knows."""
+        K, values = len(self.means), (self.meta.get("concepts") or {}).get("values")
+        if value is None and none:
+            return None
+        try:
+            index = torch.as_tensor(value, device=self.means.device)
+        except (TypeError, ValueError, RuntimeError):
+            index = None
+        if (index is None or isinstance(value, bool) or index.is_floating_point() or index.dtype == torch.bool
+                or index.dim() > 1 or (index.dim() == 1 and len(index) != len(h)) or ((index < 0) | (index >= K)).any()):  # fmt: skip
+            raise ValueError(
+                f"{name}={value!r} must be a class index in 0 … {K - 1}, one or one per row of h"
+                f"{f' (the classes: {values})' if values else ''}{'; or None for each row its own class' if none else ''}."
+            )
+        return index
 
     @torch.no_grad()
     def geodesic(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torch.Tensor:

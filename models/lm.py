@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pickle
 import re
 from collections.abc import Iterator, Sequence
@@ -55,6 +56,14 @@ def load_causal_lm(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
+    if not isinstance(pretrained, str) or not pretrained:
+        raise TypeError(f"pretrained={pretrained!r} must be a model folder or a Hub model id (a str or a path).")
+    if isinstance(dtype, torch.dtype):  # torch.float32 as well as "float32"
+        dtype = next((name for name, t in DTYPES.items() if t == dtype), str(dtype))
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype={dtype!r} must be one of {list(DTYPES)} (or the torch dtype of one).")
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).exists()
     if looks_local and not Path(pretrained).expanduser().is_dir():
         raise ModelLoadError(

@@ -272,6 +272,10 @@ def control_vector(concepts: Concepts, target: int, source: int | None = None) -
     """The mean-difference direction c_b − c_a (CAA; the linear chord's direction between centroids), with `source`
     None: from the mean of the other classes' centroids. → (d,)"""
     c = concepts.centroids
+    for name, k in (("target", target), ("source", source)):
+        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k < len(c)):
+            raise SteeringError(f"{name}={k!r} must be a class index in 0 … {len(c) - 1} (the classes: {concepts.values})"
+                                f"{', or None for the mean of the others' if name == 'source' else ''}.")  # fmt: skip
     known = [k for k in range(len(c)) if k != target and not torch.isnan(c[k]).any()]
     start = c[known].mean(0) if source is None else c[source]
     return c[target] - start
@@ -283,6 +287,12 @@ def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tens
     refused."""
     import gguf
 
+    if not isinstance(meta, dict) or not isinstance(meta.get("layer"), int):
+        raise SteeringError("meta must be a geometry's meta (geometry.meta), with the block it was trained at as "
+                            "meta['layer'].")  # fmt: skip
+    if not Path(path).parent.is_dir():
+        raise SteeringError(f"cannot write {path}: the folder {Path(path).parent} does not exist. Make it, or pick "
+                            f"another path.")  # fmt: skip
     layer = int(meta["layer"])
     if layer < 1:
         raise SteeringError(f"this geometry was trained at block {layer}; llama.cpp's control vectors steer blocks 1 and "

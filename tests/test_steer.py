@@ -456,3 +456,47 @@ def test_stage_steer_takes_a_hub_repo_id_from_the_offline_cache(shipped, hub, ca
     assert code == 0 and "steered:" in printed, printed
     code, printed = pipeline_command(steer_command(cfg, "steer.geometry=lab/elsewhere"), capsys)
     assert code == 1 and "Traceback" not in printed and "not in the Hugging Face cache" in printed, printed
+
+
+def test_the_python_api_refuses_bad_arguments_by_name(shipped, tiny_lm_dir, tmp_path):
+    """Each public call names the argument it cannot use and what it takes, never blames a good export, and takes
+    the forms a user reaches for (a Path for a model folder, torch.float32 for a dtype, a list of times)."""
+    from geosteer.models.gaga import GAGA
+    from geosteer.models.innsteer import InnSteer
+
+    geometries, _, _, cfg = shipped
+    load_causal_lm(tiny_lm_dir, torch.float32)  # a Path and a torch dtype
+    with pytest.raises(TypeError, match=r"dtype='half' must be one of \['float32', 'bfloat16', 'float16'\]"):
+        load_causal_lm(str(tiny_lm_dir), "half")
+    with pytest.raises(TypeError, match=r"load_geometry\(\) got unknown keyword\(s\) \['devcie'\]"):
+        load_geometry(export_folder(cfg, "gaga_out"), devcie="cpu")
+    with pytest.raises(TypeError, match=r"GAGA.from_pretrained\(\) got unknown keyword\(s\) \['foo'\]"):
+        GAGA.from_pretrained(export_folder(cfg, "gaga_out"), foo=1)
+    with pytest.raises(CheckpointError, match=r"holds a geometry of family 'innsteer', not 'gaga' \(GAGA\)\. Load it with "):
+        GAGA.from_pretrained(export_folder(cfg, "innsteer"))
+    assert isinstance(InnSteer.from_pretrained(export_folder(cfg, "innsteer")), InnSteer)
+    gaga, flow, bridge = (geometries[g] for g in GEOMETRIES)
+    h = torch.randn(3, gaga.input_dim)
+    with pytest.raises(GeometryMismatch, match=rf"takes activations of width {gaga.input_dim} \(layer 1\) as a tensor "
+                                               rf"\(B, {gaga.input_dim}\), but was given one of shape \(3, 5\)"):  # fmt: skip
+        gaga.encode(torch.randn(3, 5))
+    for bad in (99, -1, "Monday", 1.5, True, torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match=r"target=.* must be a class index in 0 … 6, one or one per row of h "
+                                             r"\(the classes: \['Monday'"):  # fmt: skip
+            flow.steer(h, source=0, target=bad)
+    with pytest.raises(ValueError, match=r"source=.* or None for each row its own class"):
+        flow.steer(h, source=7, target=1)
+    with pytest.raises(TypeError, match=r"alpha='a' must be a number, or a 1-D tensor"):
+        flow.steer(h, source=0, target=1, alpha="a")
+    torch.testing.assert_close(
+        flow.steer(h, 0, torch.tensor([1, 2, 3])), flow.steer(h, torch.zeros(3, dtype=torch.long), torch.tensor([1, 2, 3]))
+    )
+    times = [0.0, 0.5, 1.0]
+    torch.testing.assert_close(bridge(h[:2], h[1:], times), bridge(h[:2], h[1:], torch.tensor(times)))
+    concepts = Concepts.of(flow.meta)
+    with pytest.raises(SteeringError, match=r"target=99 must be a class index in 0 … 6 \(the classes: \("):
+        control_vector(concepts, 99)
+    with pytest.raises(SteeringError, match=r"the folder .*nowhere does not exist"):
+        write_control_vector(tmp_path / "nowhere" / "c.gguf", flow.meta, control_vector(concepts, 1))
+    with pytest.raises(SteeringError, match=r"meta must be a geometry's meta \(geometry.meta\)"):
+        write_control_vector(tmp_path / "c.gguf", {}, control_vector(concepts, 1))
