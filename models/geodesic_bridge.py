@@ -72,6 +72,11 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
         """γ at every time of every pair. x_a, x_b (P, d), t (T,) in [0, 1] (a tensor or a list) → (P, T, d)"""
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t, dtype=x_a.dtype, device=x_a.device)
+        if t.dim() == 0:
+            t = t.reshape(1)
+        if t.dim() != 1 or x_a.shape != x_b.shape or x_a.dim() != 2 or x_a.shape[1] != self.input_dim:
+            raise ValueError(f"the bridge takes x_a, x_b of one shape (P, {self.input_dim}) and times t (T,) in [0, 1]; "
+                             f"got {tuple(x_a.shape)}, {tuple(x_b.shape)} and {tuple(t.shape)}.")  # fmt: skip
         P, T = len(x_a), len(t)
         ends = torch.cat([(x_a - self.shift) / self.scale, (x_b - self.shift) / self.scale], 1)  # (P, 2d)
         inputs = torch.cat([ends.unsqueeze(1).expand(P, T, -1), t.view(1, T, 1).expand(P, T, 1).to(ends)], 2)

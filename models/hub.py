@@ -201,6 +201,9 @@ class ShippedGeometry(PyTorchModelHubMixin):
                 f"tensor (B, {self.input_dim}), but was given "
                 f"{f'one of shape {tuple(h.shape)}' if isinstance(h, torch.Tensor) else type(h).__name__}."
             )
+        want = next((b.dtype for b in self.buffers() if b.is_floating_point()), h.dtype)
+        if h.dtype != want:
+            raise TypeError(f"this geometry computes in {want}, but was given {h.dtype} activations: pass h.to({want}).")
         return h if self.pca_dim is None else (h - self.pca_mean) @ self.pca_components.T
 
     def check_compatible(self, d: int, layer: int) -> None:

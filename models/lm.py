@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")  # Accelerate's, and one device
 
 
 # The fix for a damaged local model folder (the embedded LM is remade by its stage).
@@ -64,6 +65,15 @@ def load_causal_lm(
         dtype = next((name for name, t in DTYPES.items() if t == dtype), str(dtype))
     if dtype not in DTYPES:
         raise TypeError(f"dtype={dtype!r} must be one of {list(DTYPES)} (or the torch dtype of one).")
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"trust_remote_code={trust_remote_code!r} must be True or False (False unless you trust the "
+                        f"model's own code).")  # fmt: skip
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision={revision!r} must be a branch, tag or commit id (a str), or None.")
+    if not (device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAPS
+            or (isinstance(device_map, str) and re.fullmatch(r"cuda:\d+", device_map))):  # fmt: skip
+        raise TypeError(f"device_map={device_map!r} must be None (one device), one of {list(DEVICE_MAPS)}, "
+                        f"'cuda:<index>' or a dict of module → device.")  # fmt: skip
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).exists()
     if looks_local and not Path(pretrained).expanduser().is_dir():
         raise ModelLoadError(

@@ -290,9 +290,14 @@ def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tens
     if not isinstance(meta, dict) or not isinstance(meta.get("layer"), int):
         raise SteeringError("meta must be a geometry's meta (geometry.meta), with the block it was trained at as "
                             "meta['layer'].")  # fmt: skip
-    if not Path(path).parent.is_dir():
-        raise SteeringError(f"cannot write {path}: the folder {Path(path).parent} does not exist. Make it, or pick "
-                            f"another path.")  # fmt: skip
+    if not Path(path).parent.is_dir() or Path(path).is_dir():
+        raise SteeringError(f"cannot write {path}: {'it is a folder' if Path(path).is_dir() else 'its folder does not exist'}"
+                            f". Give the path of a .gguf file in an existing folder.")  # fmt: skip
+    width = (meta.get("lm_shape") or {}).get("hidden_size")
+    direction = torch.as_tensor(direction, dtype=torch.float32)
+    if direction.dim() != 1 or (width is not None and len(direction) != width):
+        raise SteeringError(f"direction has shape {tuple(direction.shape)}; this geometry's LM takes a vector of its "
+                            f"hidden size ({width}), e.g. control_vector(Concepts.of(meta), target).")  # fmt: skip
     layer = int(meta["layer"])
     if layer < 1:
         raise SteeringError(f"this geometry was trained at block {layer}; llama.cpp's control vectors steer blocks 1 and "

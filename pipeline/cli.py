@@ -244,11 +244,14 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
         return []
     if errors := flag_errors(argv):
         return errors
-    if "hydra/launcher=slurm" in argv and any(arg in SWEEP_FLAGS for arg in argv) and not shutil.which("srun"):
-        return [
-            "hydra/launcher=slurm submits the jobs to SLURM, but this machine has no srun on its PATH; run the "
-            "command on a SLURM login node, or leave hydra/launcher=slurm out to run the jobs here"
-        ]
+    launcher = next((arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith("hydra/launcher=")), "")
+    if "slurm" in launcher and any(arg in SWEEP_FLAGS for arg in argv) and not shutil.which("srun"):
+        return [f"hydra/launcher={launcher} submits the jobs to SLURM, but this machine has no srun on its PATH; run "
+                f"the command on a SLURM login node, or leave hydra/launcher=... out to run the jobs here"]  # fmt: skip
+    if deleted := [arg for arg in argv if arg.startswith("~")]:
+        return [f"{arg} deletes a setting geosteer reads; set it instead ({arg[1:].split('=')[0]}=<value>)" for arg in deleted]
+    if nulls := [k for arg in argv if (k := arg.split("=")[0]) and arg.endswith("=null") and (CONFIG_DIR / k).is_dir()]:
+        return [f"{k}=null: a config group takes one of its options (configs/{k}/*.yaml), not null" for k in nulls]
     overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra") and not arg.startswith("-")]
     if any(arg in SWEEP_FLAGS for arg in argv):
         try:

@@ -48,9 +48,14 @@ def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+UMASK = os.umask(0o022)  # read once (umask can only be read by setting it) and put back at once
+os.umask(UMASK)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's owner-only mode
     with os.fdopen(fd, "w") as f:
         f.write(text)
     put_in_place(Path(tmp), path)

@@ -31,6 +31,7 @@ from geosteer.pipeline.common import StageError, adamw_warmup_cosine, close_logg
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
 from geosteer.pipeline.products import (
     FingerprintCheckpoints,
+    RunLayout,
     check_inside,
     current_result,
     drop_leftovers,
@@ -248,6 +249,19 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         )
     tasks = load_tasks(cfg)
     out = Path(cfg.model.pretrained)
+    run = RunLayout.of(cfg)
+    others = {"the run folder": run.root, "the store's folder": run.extract, "the targets' folder": run.targets,
+              "the geometries' folder": run.geometries, "the evaluation's folder": run.eval}  # fmt: skip
+    for what, folder in others.items():
+        if (
+            out.resolve() == folder.resolve()
+            or folder.resolve().is_relative_to(out.resolve())
+            or (folder != run.root and out.resolve().is_relative_to(folder.resolve()))
+        ):
+            raise StageError(
+                f"model.pretrained={cfg.model.pretrained} is {what} or holds it, or lies in it, and stage=lm writes the "
+                f"LM there, replacing that folder whole. Leave model.pretrained at its default (${{paths.run_dir}}/lm)."
+            )
     check_inside(cfg.paths.run_dir, out, "stage=lm writes the embedded LM to model.pretrained: leave it at its default "
                  "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
     fp = stage_fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,

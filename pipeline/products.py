@@ -432,15 +432,13 @@ def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], l
 
     `task` is the task definition asked for; `lm`, `lm_fingerprint` (the embedded LM's training, "" for
     other LMs), `layer`, `store` (fingerprint) and `split` (its key: labels, val fraction, seed) those of the
-    activations used, so that held-out points are the ones it never trained on; `source` (`lm_source`) where
-    another LM's weights come from, which tells two LMs of one name apart. Another store of the same LM, layer
-    and task (a shipped geometry, a re-extraction) is named in a warning.
+    activations used, so that held-out points are the ones it never trained on. Another store of the same LM, layer
+    and task (a shipped geometry, a re-extraction), or an LM outside the run read from elsewhere (`source`,
+    `lm_source`: a copy, or another model of the same name), is named in a warning.
     """
     wanted = {"task": task["name"], "lm": lm, "lm_fingerprint": lm_fingerprint, "layer": layer, "split": split}
     found = {k: meta.get(k) for k in wanted} | {"task": (meta.get("task") or {}).get("name")}
     found["lm_fingerprint"] = meta.get("lm_fingerprint", "")
-    if source and not lm_fingerprint and meta.get("lm_pretrained"):  # the embedded LM is told by its fingerprint
-        wanted["lm weights"], found["lm weights"] = source, lm_source(meta["lm_pretrained"], meta.get("lm_revision"))
     differ = [f"{k} {found[k]!r} (asked: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
     if not differ and as_json(meta.get("task")) != as_json(task):
         keys = sorted(k for k in {*task, *(meta.get("task") or {})} if as_json(meta["task"].get(k)) != as_json(task.get(k)))
@@ -451,6 +449,11 @@ def check_provenance(folder: Path, meta: dict[str, Any], task: dict[str, Any], l
             f"with overwrite=true if asked; a split differs with targets.val_fraction or seed), or point "
             f"eval.geometry_dir at the run whose store it was trained on."
         )
+    trained = lm_source(meta.get("lm_pretrained"), meta.get("lm_revision"))
+    if source and trained and not lm_fingerprint and trained != source:  # the embedded LM is told by its fingerprint
+        log.warning("%s was trained on the LM from %s, and these activations come from the LM at %s (both named %r): "
+                    "a copy of one model gives the same results; another model would make them wrong", folder,
+                    trained, source, lm)  # fmt: skip
     if meta.get("store") != store:
         log.warning("%s was trained on another activation store (%s) of the same LM, layer and task as this one (%s)",
                     folder, meta.get("store"), store)  # fmt: skip

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from geosteer.models.gaga import ACTIVATIONS
-from geosteer.models.lm import DTYPES
+from geosteer.models.lm import DEVICE_MAPS, DTYPES
 from geosteer.pipeline.common import StageError
 
 Rule = Callable[[Any], str | None]  # the value's fault, as "must be ...", or None when it is fine
@@ -97,7 +97,6 @@ TRAINER_FIXED = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "li
                  "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
                  "barebones", "callbacks", "max_epochs", "max_steps", "logger")  # fmt: skip
 TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_FIXED}
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")  # Accelerate's, and one device
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)

@@ -496,7 +496,22 @@ def test_the_python_api_refuses_bad_arguments_by_name(shipped, tiny_lm_dir, tmp_
     concepts = Concepts.of(flow.meta)
     with pytest.raises(SteeringError, match=r"target=99 must be a class index in 0 … 6 \(the classes: \("):
         control_vector(concepts, 99)
-    with pytest.raises(SteeringError, match=r"the folder .*nowhere does not exist"):
+    with pytest.raises(SteeringError, match=r"cannot write .*nowhere/c.gguf: its folder does not exist"):
         write_control_vector(tmp_path / "nowhere" / "c.gguf", flow.meta, control_vector(concepts, 1))
     with pytest.raises(SteeringError, match=r"meta must be a geometry's meta \(geometry.meta\)"):
         write_control_vector(tmp_path / "c.gguf", {}, control_vector(concepts, 1))
+    with pytest.raises(SteeringError, match=r"cannot write .*: it is a folder"):
+        write_control_vector(tmp_path, flow.meta, control_vector(concepts, 1))
+    with pytest.raises(
+        SteeringError,
+        match=rf"direction has shape \(3,\); this geometry's LM takes a vector of its hidden size \({gaga.input_dim}\)",
+    ):
+        write_control_vector(tmp_path / "c.gguf", flow.meta, torch.ones(3))
+    with pytest.raises(TypeError, match=r"this geometry computes in torch.float32, but was given torch.float64"):
+        gaga.encode(h.double())
+    with pytest.raises(ValueError, match=rf"the bridge takes x_a, x_b of one shape \(P, {gaga.input_dim}\)"):
+        bridge(h[:2], h, times)
+    torch.testing.assert_close(bridge(h[:2], h[1:], 0.5), bridge(h[:2], h[1:], [0.5]))
+    for bad in ({"trust_remote_code": "yes"}, {"revision": 3}, {"device_map": "bogus"}):
+        with pytest.raises(TypeError, match=rf"{next(iter(bad))}=.* must be"):
+            load_causal_lm(tiny_lm_dir, **bad)
