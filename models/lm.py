@@ -23,6 +23,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")  # Accelerate's, and one device
 
 
+def device_map_fault(v) -> str | None:
+    """Why `v` is no device map transformers takes ("must be ..."); None when it is one."""
+    if v is None or isinstance(v, dict) or v in DEVICE_MAPS or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v)):
+        return None
+    return f"must be null (one device), one of {list(DEVICE_MAPS)}, cuda:<index> or a dict of module → device"
+
+
 # The fix for a damaged local model folder (the embedded LM is remade by its stage).
 REMAKE = ("If it is the embedded task LM, train it again with `pipeline stage=lm overwrite=true`; otherwise copy or "
           "download the model folder again.")  # fmt: skip
@@ -70,10 +77,8 @@ def load_causal_lm(
                         f"model's own code).")  # fmt: skip
     if revision is not None and not isinstance(revision, str):
         raise TypeError(f"revision={revision!r} must be a branch, tag or commit id (a str), or None.")
-    if not (device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAPS
-            or (isinstance(device_map, str) and re.fullmatch(r"cuda:\d+", device_map))):  # fmt: skip
-        raise TypeError(f"device_map={device_map!r} must be None (one device), one of {list(DEVICE_MAPS)}, "
-                        f"'cuda:<index>' or a dict of module → device.")  # fmt: skip
+    if fault := device_map_fault(device_map):
+        raise TypeError(f"device_map={device_map!r} {fault}.")
     looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).exists()
     if looks_local and not Path(pretrained).expanduser().is_dir():
         raise ModelLoadError(

@@ -249,14 +249,14 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         )
     tasks = load_tasks(cfg)
     out = Path(cfg.model.pretrained)
-    run = RunLayout.of(cfg)
-    others = {"the run folder": run.root, "the store's folder": run.extract, "the targets' folder": run.targets,
-              "the geometries' folder": run.geometries, "the evaluation's folder": run.eval}  # fmt: skip
+    layout = RunLayout.of(cfg)
+    others = {"the run folder": layout.root, "the store's folder": layout.extract, "the targets' folder": layout.targets,
+              "the geometries' folder": layout.geometries, "the evaluation's folder": layout.eval}  # fmt: skip
     for what, folder in others.items():
         if (
             out.resolve() == folder.resolve()
             or folder.resolve().is_relative_to(out.resolve())
-            or (folder != run.root and out.resolve().is_relative_to(folder.resolve()))
+            or (folder != layout.root and out.resolve().is_relative_to(folder.resolve()))
         ):
             raise StageError(
                 f"model.pretrained={cfg.model.pretrained} is {what} or holds it, or lies in it, and stage=lm writes the "

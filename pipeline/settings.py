@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from geosteer.models.gaga import ACTIVATIONS
-from geosteer.models.lm import DEVICE_MAPS, DTYPES
+from geosteer.models.lm import DTYPES, device_map_fault
 from geosteer.pipeline.common import StageError
 
 Rule = Callable[[Any], str | None]  # the value's fault, as "must be ...", or None when it is fine
@@ -120,11 +119,7 @@ RULES: dict[str, Rule] = {
     "model.dtype": one_of(*DTYPES),
     "model.embedded": one_of(True, False),
     "model.trust_remote_code": one_of(True, False),
-    "model.device_map": lambda v: (
-        None
-        if v is None or isinstance(v, dict) or v in DEVICE_MAPS or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v))
-        else f"must be null (one device), one of {list(DEVICE_MAPS)}, cuda:<index> or a dict of module → device"
-    ),
+    "model.device_map": device_map_fault,
     "extract.batch_size": SIZE,
     "extract.chunk_size": SIZE,
     "extract.h_dtype": one_of("float32", "float16"),
