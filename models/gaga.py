@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from geosteer.models.hub import ShippedGeometry
+from geosteer.models import arguments
+from geosteer.models.hub import GeometryMismatch, ShippedGeometry
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -60,6 +61,10 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
         meta: dict[str, Any] | None = None,
     ):
         super().__init__()
+        arguments.counts("GAGA", optional=("pca_dim", "readout_dim"), input_dim=input_dim, latent_dim=latent_dim, pca_dim=pca_dim,
+                         readout_dim=readout_dim)  # fmt: skip
+        arguments.ambient_width("GAGA", input_dim, pca_dim)
+        hidden = arguments.widths("GAGA", "hidden", hidden)
         self.input_dim, self.latent_dim, self.pca_dim, self.meta = input_dim, latent_dim, pca_dim, meta or {}
         ambient = pca_dim or input_dim
         self.register_buffer("shift", torch.zeros(ambient))  # μ of the ambient inputs
@@ -92,6 +97,9 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent to ambient activations (PCA coordinates for GAGA-PHATE). (B, k) → (B, D)"""
+        if not isinstance(z, torch.Tensor) or z.shape[-1:] != (self.latent_dim,):
+            raise GeometryMismatch(f"GAGA.decode takes latents (B, {self.latent_dim}); got "
+                                   f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}.")  # fmt: skip
         return self.unstandardise(self.decoder(z))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

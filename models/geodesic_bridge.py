@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import jvp
 
+from geosteer.models import arguments
 from geosteer.models.hub import ShippedGeometry
 
 
@@ -49,6 +50,8 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
 
     def __init__(self, input_dim: int, hidden: list[int] | tuple[int, ...] = (256, 256), meta: dict[str, Any] | None = None):
         super().__init__()
+        arguments.counts("GeodesicBridge", input_dim=input_dim)
+        hidden = arguments.widths("GeodesicBridge", "hidden", hidden)
         self.input_dim, self.pca_dim, self.meta = input_dim, None, meta or {}
         self.register_buffer("shift", torch.zeros(input_dim))
         self.register_buffer("scale", torch.ones(input_dim))
@@ -77,6 +80,10 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
         if t.dim() != 1 or x_a.shape != x_b.shape or x_a.dim() != 2 or x_a.shape[1] != self.input_dim:
             raise ValueError(f"the bridge takes x_a, x_b of one shape (P, {self.input_dim}) and times t (T,) in [0, 1]; "
                              f"got {tuple(x_a.shape)}, {tuple(x_b.shape)} and {tuple(t.shape)}.")  # fmt: skip
+        if not ((t >= 0) & (t <= 1)).all():
+            raise ValueError(
+                f"the bridge's times t must lie in [0, 1] (0: x_a, 1: x_b); got {t.flatten()[:8].tolist()}{' …' * (len(t) > 8)}."
+            )
         P, T = len(x_a), len(t)
         ends = torch.cat([(x_a - self.shift) / self.scale, (x_b - self.shift) / self.scale], 1)  # (P, 2d)
         inputs = torch.cat([ends.unsqueeze(1).expand(P, T, -1), t.view(1, T, 1).expand(P, T, 1).to(ends)], 2)

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
+from geosteer.models import arguments
 from geosteer.models.metrics import Metric
 
 
 def linear_path(x_a: torch.Tensor, x_b: torch.Tensor, n_steps: int) -> torch.Tensor:
     """x_t = (1 − t/T) x_a + (t/T) x_b. x_a, x_b (..., D) → (..., T+1, D)"""
+    arguments.pair("linear_path", x_a, x_b, dims=None)
+    arguments.counts("linear_path", n_steps=n_steps)
     t = torch.linspace(0, 1, n_steps + 1, dtype=x_a.dtype, device=x_a.device).unsqueeze(-1)  # (T+1, 1)
     return (1 - t) * x_a.unsqueeze(-2) + t * x_b.unsqueeze(-2)
 
@@ -36,6 +39,8 @@ def subdivide(path: torch.Tensor, pieces: int) -> torch.Tensor:
 
 def path_energy(path: torch.Tensor, metric: Metric) -> torch.Tensor:
     """Σ_t ‖J(x̄_t) Δ_t‖² + λ‖Δ_t‖², J at the segment midpoints. (P, T+1, D) → (P,)"""
+    arguments.tensor("path_energy", "path", path, 3)
+    arguments.metric("path_energy", metric)
     P, T1, D = path.shape
     delta = path.diff(dim=1)  # (P, T, D)
     mid = 0.5 * (path[:, 1:] + path[:, :-1])
@@ -147,8 +152,19 @@ def lbfgs_geodesic(
     through J·Δ and JᵀJ·Δ alone, never forming J; the gradient is taken in closed form from ∂e/∂Δ.
     x_a, x_b (P, D) → (P, T+1, D), starting on the chord (or `init`, whose endpoints are ignored).
     """
+    call = "lbfgs_geodesic"
+    arguments.pair(call, x_a, x_b)
+    arguments.metric(call, metric)
+    arguments.counts(call, n_steps=n_steps, max_iter=max_iter, history_size=history_size)
+    arguments.number(call, "tolerance", tolerance, " ≥ 0", lambda x: x >= 0)
     P, D = x_a.shape
     chord = linear_path(x_a.detach(), x_b.detach(), n_steps)  # (P, T+1, D)
+    if init is not None:
+        arguments.tensor(call, "init", init, 3, D)
+        if init.shape != chord.shape:
+            raise ValueError(f"{call}: init must be one path per pair, of shape {tuple(chord.shape)}; got {tuple(init.shape)}.")
+    if n_steps == 1:  # no inner waypoint to move
+        return chord
     x = (chord if init is None else init.detach())[:, 1:-1].reshape(P, -1)  # (P, n) interior waypoints
 
     @torch.no_grad()
@@ -300,6 +316,10 @@ class PCA:
     @classmethod
     def fit(cls, x: torch.Tensor, k: int) -> PCA:
         """Top-k principal directions of x (N, d), signs fixed so that each row's largest entry is positive."""
+        arguments.tensor("PCA.fit", "x", x, 2)
+        arguments.counts("PCA.fit", k=k)
+        if len(x) < 2:
+            raise ValueError(f"PCA.fit: x holds {len(x)} row(s); principal directions need at least 2.")
         mean = x.mean(0)
         _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
         comps = vh[: min(k, *x.shape)]

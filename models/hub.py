@@ -26,6 +26,10 @@ from safetensors import SafetensorError
 
 from geosteer.models.geodesics import PCA
 
+UMASK = os.umask(0o022)  # read once (umask can only be read by setting it) and put back at once
+os.umask(UMASK)
+FILE_MODE = 0o666 & ~UMASK  # the mode open() gives a new file
+
 
 class GeometryMismatch(ValueError):
     """A checkpoint used with activations it was not trained on; the message names both."""
@@ -89,7 +93,7 @@ def seal(folder: Path) -> None:
     """Record `content_digest` in the export's `meta.digest`: a config.json or weights changed afterwards (by hand,
     or on the way from the Hub) is refused by `load_geometry`, with or without the run's stage.json beside it."""
     config = read_config(folder)
-    config["meta"]["digest"] = content_digest(folder)
+    config["meta"] = {**(config.get("meta") or {}), "digest": content_digest(folder)}  # a user's network may have none
     tmp = Path(folder) / f".config.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     tmp.replace(Path(folder) / "config.json")
@@ -260,6 +264,10 @@ class ShippedGeometry(PyTorchModelHubMixin):
             self.save_pretrained(tmp)
             seal(Path(tmp))
             return push_geometry(tmp, repo_id, commit_message=commit_message, private=private, revision=revision, **hub)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        os.chmod(Path(save_directory) / "model.safetensors", FILE_MODE)  # safetensors writes it owner-only
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):

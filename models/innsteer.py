@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geosteer.models import arguments
 from geosteer.models.geodesics import linear_path
-from geosteer.models.hub import ShippedGeometry
+from geosteer.models.hub import GeometryMismatch, ShippedGeometry
 
 
 def atan_clamp(u: torch.Tensor) -> torch.Tensor:
@@ -104,6 +105,11 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         meta: dict[str, Any] | None = None,
     ):
         super().__init__()
+        arguments.counts("InnSteer", optional=("pca_dim",), input_dim=input_dim, num_classes=num_classes, pca_dim=pca_dim,
+                         num_blocks=num_blocks, hidden=hidden)  # fmt: skip
+        arguments.counts("InnSteer", 0, depth=depth, seed=seed)
+        arguments.number("InnSteer", "clamp", clamp, " > 0", lambda x: x > 0)
+        arguments.ambient_width("InnSteer", input_dim, pca_dim)
         if block not in BLOCKS:
             raise ValueError(f"block '{block}' is not supported; use one of {sorted(BLOCKS)}.")
         self.input_dim, self.num_classes, self.pca_dim, self.meta = input_dim, num_classes, pca_dim, meta or {}
@@ -155,6 +161,9 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
 
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a = φ⁻¹(z) in the ambient space and log|det ∂a/∂z|. (B, D) → (B, D), (B,)"""
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != len(self.shift):
+            raise GeometryMismatch(f"InnSteer.inverse takes latents (B, {len(self.shift)}); got "
+                                   f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}.")  # fmt: skip
         s, log_det = self.flow(z, rev=True)
         return s * self.scale + self.shift, log_det + self.scale.log().sum()
 
@@ -174,8 +183,8 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
             alphas = torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
         except (TypeError, ValueError, RuntimeError):
             alphas = None
-        if alphas is None or alphas.dim() > 1 or isinstance(alpha, bool):
-            raise TypeError(f"alpha={alpha!r} must be a number, or a 1-D tensor of numbers (one path per value).")
+        if alphas is None or alphas.dim() > 1 or isinstance(alpha, bool) or not alphas.isfinite().all():
+            raise TypeError(f"alpha={alpha!r} must be a finite number, or a 1-D tensor of them (one path per value).")
         source, target = self._class(h, "source", source, none=True), self._class(h, "target", target)
         batched = alphas.dim() == 1
         alphas = alphas.reshape(-1, 1, 1)  # (A, 1, 1)
@@ -211,6 +220,8 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
 
         With a PCA ambient space the rest of h follows the chord. x_a, x_b (P, d) → (P, steps+1, d)
         """
+        arguments.counts("InnSteer.geodesic", steps=steps)
+        arguments.pair("InnSteer.geodesic", x_a, x_b, width=self.input_dim)
         z = linear_path(self.encode(x_a), self.encode(x_b), steps)  # (P, W, D)
         a = self.inverse(z.flatten(0, 1))[0].view(z.shape)
         if self.pca_dim is None:

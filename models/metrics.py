@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from geosteer.models import arguments
 from geosteer.models.lm import concept_probs, replace_last_token
 from geosteer.models.tail import CarrierTail, log_concept_probs, sqrt_q_head_jacobian
 
@@ -67,7 +68,7 @@ class EncoderPullback:
     """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any module or function of (B, D) rows; eval mode)."""
 
     def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], lam: float = 0.0):
-        self.encoder, self.lam = encoder, lam
+        self.encoder, self.lam = encoder, arguments.number("EncoderPullback", "lam", lam, " ≥ 0", lambda x: x >= 0)
 
     @torch.enable_grad()
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,9 @@ def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:
     For INNSteer, J_φ is square (or D × d with PCA) and its latent is flat, so the
     G_φ-geodesics are exactly φ⁻¹ of straight latent lines: the steering paths.
     """
+    if not callable(getattr(geometry, "encode", None)) or not isinstance(geometry, torch.nn.Module):
+        raise TypeError(f"pullback_of takes a geometry with an encoder (GAGA or InnSteer, e.g. from load_geometry); "
+                        f"got {type(geometry).__name__}, which has no encode().")  # fmt: skip
     geometry.eval()
     return EncoderPullback(geometry.encode, lam)
 

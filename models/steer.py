@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geosteer.models.arguments import is_count, is_finite
 from geosteer.models.geodesics import lbfgs_geodesic
 from geosteer.models.hub import GeometryMismatch, load_geometry
 from geosteer.models.lm import ModelLoadError, _hidden, decoder_layers, lm_shape
@@ -65,7 +66,7 @@ class Concepts:
             and isinstance(ids, list) and len(ids) == len(values)
             and all(isinstance(v, list) and v and all(isinstance(i, int) and i >= 0 for i in v) for v in ids)
             and isinstance(rows, list) and len(rows) == len(values)
-            and all(r is None or (isinstance(r, list) and len(r) == d and all(_finite(x) for x in r)) for r in rows)
+            and all(r is None or (isinstance(r, list) and len(r) == d and all(is_finite(x) for x in r)) for r in rows)
         )  # fmt: skip
         if not whole:
             raise GeometryMismatch(
@@ -92,18 +93,9 @@ class Concepts:
         return known[torch.cdist(h, self.centroids.to(h)[known]).argmin(1)]
 
 
-def _finite(x: Any) -> bool:
-    """A finite real number (numpy's scalars too), not a boolean."""
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
-
-
-def _count(x: Any, least: int = 1) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x >= least
-
-
 # The solver settings of `steering_point` that `Steering(**solver)` passes on, each with what it accepts.
-SOLVER = {"steps": lambda x: _count(x, 2), "max_iter": _count, "history_size": _count,  # a path: ≥ 1 inner waypoint
-          "lam_rel": lambda x: _finite(x) and x >= 0}  # fmt: skip
+SOLVER = {"steps": lambda x: is_count(x, 2), "max_iter": is_count, "history_size": is_count,  # a path: ≥ 1 inner waypoint
+          "lam_rel": lambda x: is_finite(x) and x >= 0}  # fmt: skip
 
 
 def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -186,7 +178,7 @@ class Steering:
             raise SteeringError(f"method={method!r} is unknown; use one of {METHODS}.")
         if not isinstance(every_token, (bool, np.bool_)):
             raise SteeringError(f"every_token={every_token!r} must be True or False.")
-        if not _finite(alpha) or not 0.0 <= alpha <= 1.0:
+        if not is_finite(alpha) or not 0.0 <= alpha <= 1.0:
             raise SteeringError(f"alpha={alpha!r} must be a number in [0, 1] (0: unsteered, 1: the whole path).")
         if unknown := sorted(set(solver) - set(SOLVER)):
             raise SteeringError(

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from geosteer.data.store import put_in_place
 from geosteer.data.tasks import Task, load_task
 from geosteer.models.gguf import locate_gguf
+from geosteer.models.hub import FILE_MODE
 from geosteer.models.lm import load_causal_lm
 
 log = logging.getLogger("geosteer")
@@ -48,14 +49,10 @@ def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-UMASK = os.umask(0o022)  # read once (umask can only be read by setting it) and put back at once
-os.umask(UMASK)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's owner-only mode
+    os.fchmod(fd, FILE_MODE)  # as open() would make it, not mkstemp's owner-only mode
     with os.fdopen(fd, "w") as f:
         f.write(text)
     put_in_place(Path(tmp), path)

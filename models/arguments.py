@@ -1,0 +1,81 @@
+"""Argument checks of the public Python API: a refusal names the call, the value and what it takes.
+
+The pipeline checks its settings where the config is read (`pipeline.settings`); these guard the
+same networks and solvers when a user calls them directly, where torch would otherwise fail deep
+inside (or, worse, accept a zero width or a NaN and return garbage).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def is_finite(x: Any) -> bool:
+    """A finite real number (numpy's scalars too), not a boolean."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+
+
+def is_count(x: Any, least: int = 1) -> bool:
+    """An integer (numpy's too, not a boolean) of at least `least`."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x >= least
+
+
+def counts(call: str, least: int = 1, optional: tuple[str, ...] = (), **values: Any) -> None:
+    """Refuse any of `values` that is not an integer ≥ `least` (None passes for the names in `optional`)."""
+    bad = [k for k, v in values.items() if not (v is None and k in optional) and not is_count(v, least)]
+    if bad:
+        raise ValueError(f"{call}: {', '.join(f'{k}={values[k]!r}' for k in bad)} must be an integer ≥ {least}"
+                         f"{' (or None)' if any(k in optional for k in bad) else ''}.")  # fmt: skip
+
+
+def ambient_width(call: str, input_dim: int, pca_dim: int | None) -> None:
+    """A PCA ambient space of at most the input's width."""
+    if pca_dim is not None and pca_dim > input_dim:
+        raise ValueError(f"{call}: pca_dim={pca_dim} exceeds input_dim={input_dim}; a PCA keeps at most the input's "
+                         f"width: lower pca_dim, or pass None for the raw activations.")  # fmt: skip
+
+
+def widths(call: str, name: str, value: Any) -> list[int]:
+    """A list (or tuple) of layer widths, each an integer ≥ 1."""
+    if not isinstance(value, (list, tuple)) or not all(is_count(v) for v in value):
+        raise ValueError(f"{call}: {name}={value!r} must be a list of layer widths, each an integer ≥ 1.")
+    return [int(v) for v in value]
+
+
+def number(call: str, name: str, value: Any, rule: str = "", test: Callable[[float], bool] = lambda x: True) -> float:
+    """A finite real number for which `test` holds (`rule` says which, e.g. " > 0")."""
+    if not is_finite(value) or not test(value):
+        raise ValueError(f"{call}: {name}={value!r} must be a finite number{rule}.")
+    return float(value)
+
+
+def metric(call: str, value: Any) -> None:
+    """A metric: `jacobian` and a finite λ ≥ 0 (`models.metrics.Metric`)."""
+    if not callable(getattr(value, "jacobian", None)) or not is_finite(getattr(value, "lam", None)) or value.lam < 0:
+        raise TypeError(f"{call}: metric must be a models.metrics.Metric (jacobian() and a finite lam ≥ 0), e.g. "
+                        f"pullback_of(geometry); got {type(value).__name__}.")  # fmt: skip
+
+
+def tensor(call: str, name: str, value: Any, dims: int | None, width: int | None = None) -> torch.Tensor:
+    """A floating tensor of `dims` dimensions (None: at least one) and last dimension `width` (None: any)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 1 or (
+            dims is not None and value.dim() != dims) or (width is not None and value.shape[-1] != width):  # fmt: skip
+        shape = ", ".join({None: ["…"], 2: ["N"], 3: ["P", "T"]}.get(dims, ["…"]) + [str(width or "D")])
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{call}: {name} must be a floating tensor ({shape}); got {got}.")
+    return value
+
+
+def pair(call: str, x_a: Any, x_b: Any, dims: int | None = 2, width: int | None = None) -> None:
+    """Two endpoint tensors of one shape."""
+    tensor(call, "x_a", x_a, dims, width)
+    tensor(call, "x_b", x_b, dims, width)
+    if x_a.shape != x_b.shape or x_a.dtype != x_b.dtype:
+        raise ValueError(f"{call}: x_a and x_b must be of one shape and dtype, one row per path; got "
+                         f"{tuple(x_a.shape)} {x_a.dtype} and {tuple(x_b.shape)} {x_b.dtype}.")  # fmt: skip
