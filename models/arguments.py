@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,8 @@ def ambient_width(call: str, input_dim: int, pca_dim: int | None) -> None:
 
 
 def widths(call: str, name: str, value: Any) -> list[int]:
-    """A list (or tuple) of layer widths, each an integer ≥ 1."""
-    if not isinstance(value, (list, tuple)) or not all(is_count(v) for v in value):
+    """A sequence (list, tuple, ListConfig) of layer widths, each an integer ≥ 1."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(is_count(v) for v in value):
         raise ValueError(f"{call}: {name}={value!r} must be a list of layer widths, each an integer ≥ 1.")
     return [int(v) for v in value]
 

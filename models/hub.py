@@ -25,6 +25,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from safetensors import SafetensorError
 
 from geosteer.models.geodesics import PCA
+from geosteer.models.lm import SKETCH_DIM
 
 UMASK = os.umask(0o022)  # read once (umask can only be read by setting it) and put back at once
 os.umask(UMASK)
@@ -282,7 +283,7 @@ class ShippedGeometry(PyTorchModelHubMixin):
 # The kind of each fact an export's `meta` records, where it records it (a hand edit can change it).
 META_KINDS = {"geometry": str, "family": str, "target": str, "lm": str, "lm_fingerprint": (str, type(None)),
               "fingerprint": str, "store": str, "split": str, "layer": int, "task": dict, "concepts": dict,
-              "lm_shape": (dict, type(None)), "needs": dict, "metrics": dict}  # fmt: skip
+              "lm_shape": (dict, type(None)), "lm_sketch": (list, type(None)), "needs": dict, "metrics": dict}  # fmt: skip
 
 
 def check_meta(folder: Path, meta: dict) -> None:
@@ -294,6 +295,10 @@ def check_meta(folder: Path, meta: dict) -> None:
     for k, v in (meta.get("lm_shape") or {}).items() if isinstance(meta.get("lm_shape"), dict) else ():
         if not isinstance(v, str if k == "model_type" else int) or isinstance(v, bool):
             wrong.append(f"meta.lm_shape.{k}={v!r}")
+    sketch = meta.get("lm_sketch")
+    if isinstance(sketch, list) and (len(sketch) != SKETCH_DIM or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                                  for x in sketch)):  # fmt: skip
+        wrong.append(f"meta.lm_sketch (a list of {len(sketch)}, not {SKETCH_DIM} numbers)")
     if wrong:
         raise CheckpointError(f"{folder}/config.json holds {', '.join(wrong)}: not of the kind an export writes. "
                               f"{remedy(folder)}")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import pickle
 import re
@@ -170,6 +171,47 @@ def lm_shape(model: nn.Module) -> dict[str, int]:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return {"model_type": str(config.model_type), "hidden_size": int(config.hidden_size),
             "num_layers": len(decoder_layers(model)), "vocab_size": int(model.get_output_embeddings().weight.shape[0])}  # fmt: skip
+
+
+SKETCH_DIM = 64  # numbers in a weight sketch
+SKETCH_TOLERANCE = 0.05  # relative distance of two sketches of one model: float32 against bfloat16 weights give ~0.003
+
+
+@torch.no_grad()
+def weight_sketch(model: nn.Module, per_tensor: int = 8) -> list[float] | None:
+    """A cheap content check of an LM's weights that holds across the dtype they are loaded in.
+
+    `per_tensor` evenly spaced entries of every parameter (in name order), each tensor's scaled to unit length, then
+    one fixed Gaussian projection to SKETCH_DIM numbers. Another model, or one of its tensors replaced, moves the
+    sketch by ~√(2/tensors) of its length or more; a model loaded in another dtype by its rounding (< 1%). A light
+    fine-tune that moves every weight by well under 5% may pass unseen. None when a device_map left some
+    weights offloaded (not in memory).
+    """
+    parts = []
+    for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):  # tied weights come once
+        if p.device.type == "meta":
+            return None
+        flat = p.detach().reshape(-1)
+        at = torch.linspace(0, len(flat) - 1, min(per_tensor, len(flat)), dtype=torch.float64).round().long()
+        picks = flat[at.to(flat.device)]
+        v = picks.double().cpu()
+        parts.append(v / v.norm().clamp_min(1e-30))
+    v = torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64)
+    projection = torch.randn(SKETCH_DIM, len(v), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (projection @ v / SKETCH_DIM**0.5).tolist()
+
+
+def sketch_distance(a: Sequence[float] | None, b: Sequence[float]) -> float:
+    """‖a − b‖ / ‖b‖ of two weight sketches (inf when they are not both sketches; 0 when `a` could not be taken)."""
+    if a is None:
+        return 0.0
+    try:
+        x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return math.inf
+    if x.shape != (SKETCH_DIM,) or y.shape != (SKETCH_DIM,) or not (x.isfinite().all() and y.isfinite().all()):
+        return math.inf
+    return float((x - y).norm() / y.norm().clamp_min(1e-30))
 
 
 def check_layer(model: nn.Module, layer: int) -> int:

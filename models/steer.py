@@ -32,7 +32,7 @@ from torch import nn
 from geosteer.models.arguments import is_count, is_finite
 from geosteer.models.geodesics import lbfgs_geodesic
 from geosteer.models.hub import GeometryMismatch, load_geometry
-from geosteer.models.lm import ModelLoadError, _hidden, decoder_layers, lm_shape
+from geosteer.models.lm import SKETCH_TOLERANCE, ModelLoadError, _hidden, decoder_layers, lm_shape, sketch_distance, weight_sketch
 from geosteer.models.metrics import pullback_of, regularisation
 
 METHODS = ("geometry", "linear", "caa")
@@ -120,6 +120,14 @@ def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
     if not isinstance(layer, int) or not 0 <= layer < found["num_layers"]:
         raise GeometryMismatch(f"this geometry's meta.layer={layer!r} is not a block of the model (0 ... "
                                f"{found['num_layers'] - 1}); export it again.")  # fmt: skip
+    recorded = meta.get("lm_sketch")  # exports made before it was recorded carry none
+    if recorded is not None and (distance := sketch_distance(weight_sketch(model), recorded)) > SKETCH_TOLERANCE:
+        raise GeometryMismatch(
+            f"this geometry was trained on {meta.get('lm')!r}, and this model's weights differ from that LM's (weight "
+            f"sketch {distance:.2f} apart; the same weights in another dtype are within {SKETCH_TOLERANCE}): another "
+            f"model of the same shape, or one trained again. Load the LM it was trained on, or train a geometry for "
+            f"this one (`pipeline stage=all model=...`)."
+        )
     ids = [i for v in (meta.get("concepts") or {}).get("variant_ids", []) if isinstance(v, list) for i in v]
     if any(not isinstance(i, int) or not 0 <= i < found["vocab_size"] for i in ids):
         raise GeometryMismatch(f"this geometry's concept token ids are not all in the model's vocabulary of "

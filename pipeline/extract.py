@@ -20,9 +20,18 @@ from omegaconf import DictConfig
 from torch.multiprocessing import ProcessRaisedException
 from tqdm.auto import tqdm
 
-from geosteer.data.store import ChunkDir, made_by, read_shards, virtual_rows, write_shard, write_store, write_task_group
+from geosteer.data.store import (
+    ActivationStore,
+    ChunkDir,
+    made_by,
+    read_shards,
+    virtual_rows,
+    write_shard,
+    write_store,
+    write_task_group,
+)
 from geosteer.data.tasks import Task, concept_schema
-from geosteer.models.lm import check_layer, lm_shape, read_last_token, replace_last_token
+from geosteer.models.lm import check_layer, lm_shape, read_last_token, replace_last_token, weight_sketch
 from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.products import (
     STAMP,
@@ -30,6 +39,8 @@ from geosteer.pipeline.products import (
     check_inside,
     check_product,
     current_result,
+    lm_change,
+    lm_files,
     lm_fingerprint,
     stage_fingerprint,
     warn_lm_config,
@@ -194,6 +205,13 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     fp = extract_fingerprint(cfg, tasks)
     warn_lm_config(cfg, "the extraction")
     if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
+        with ActivationStore(run.store) as store:
+            change = lm_change(cfg.model, store.attrs)
+        if change:
+            raise StageError(
+                f"the LM at {cfg.model.pretrained} changed since {run.store} was extracted from it: {change}. Extract "
+                f"again and make what follows with `pipeline stage=all overwrite=true`, or put that LM back."
+            )
         return done
     if not cfg.overwrite and not (out / STAMP).is_file() and run.store.is_file() and made_by(run.store) != fp:
         raise StageError(
@@ -308,6 +326,8 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
         "model_revision": m.revision or "",
         "lm_fingerprint": lm_fingerprint(m) or "",  # the embedded LM's, which eval checks it still has
         "lm_shape": json.dumps(lm_shape(model)),  # which steering checks a model against
+        "lm_sketch": json.dumps(weight_sketch(model)),  # and a content check of its weights (`lm_change`)
+        "lm_files": json.dumps(lm_files(m)),  # an LM outside the run: its files, checked before the store is reused
         "layer": m.layer,
         "position_rule": POSITION_RULE,
         "dtype": m.dtype,

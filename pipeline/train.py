@@ -166,12 +166,13 @@ def steering_facts(store_path: Path, task: Task) -> dict[str, Any]:
     with ActivationStore(store_path) as store:
         rows, schema, attrs = store.read(task.name, ["h", "label"]), store.schema(task.name), store.attrs
         lm = json.loads(attrs["config"])["model"]
-        shape = json.loads(attrs.get("lm_shape", "null"))
+        shape, sketch = json.loads(attrs.get("lm_shape", "null")), json.loads(attrs.get("lm_sketch", "null"))
     h = torch.from_numpy(rows["h"]).float()
     centroids = [h[rows["label"] == k].mean(0).tolist() if (rows["label"] == k).any() else None
                  for k in range(len(task.concepts))]  # fmt: skip
     concepts = {"values": list(schema.values), "variant_ids": [list(v) for v in schema.variant_ids], "centroids": centroids}
-    return {"lm_pretrained": lm["pretrained"], "lm_revision": lm.get("revision") or "", "lm_shape": shape, "concepts": concepts}
+    return {"lm_pretrained": lm["pretrained"], "lm_revision": lm.get("revision") or "", "lm_shape": shape,
+            "lm_sketch": sketch, "concepts": concepts}  # fmt: skip
 
 
 def check_targets_config(cfg: DictConfig, task: Task, targets: PairwiseTargets, pullback: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -167,6 +168,11 @@ def test_a_geometry_is_refused_on_a_model_it_was_not_trained_on(shipped):
     other = build_task_lm(tokenizer, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32)
     with pytest.raises(GeometryMismatch, match=r"hidden_size 16 \(geometry's: 32\)"):
         Steering(other, geometries["gaga_out"], "Thursday")
+    torch.manual_seed(1)
+    twin = build_task_lm(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)  # the shape alone
+    with pytest.raises(GeometryMismatch, match=r"this model's weights differ from that LM's \(weight sketch .* apart"):
+        Steering(twin, geometries["gaga_out"], "Thursday")
+    Steering(copy.deepcopy(lm).to(torch.bfloat16), geometries["gaga_out"], "Thursday")  # its own weights, rounded
     with pytest.raises(ValueError, match=r"target 'Caturday' is not a concept.*'Monday'"):
         Steering(lm, geometries["gaga_out"], "Caturday")
     for alpha in (1.5, -0.1, "0.5", None, [0.5], math.nan, True):
