@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -162,10 +164,17 @@ def unknown_choices(argv: list[str]) -> list[str]:
     return errors
 
 
+SWEEP_CHECK_MAX = 64  # a sweep of up to this many jobs is checked job by job, a larger one each value once
+
+
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """The override lists of a `-m` sweep's jobs, each swept value once (the others at their first value)."""
+    """The override lists of a `-m` sweep's jobs to check: all of them, or for a sweep of more than SWEEP_CHECK_MAX
+    jobs each swept value once (the others at their first value)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
+    if math.prod(len(v) for v in values) <= SWEEP_CHECK_MAX:
+        return [[arg if x is None else f"{o.get_key_element()}={x}" for arg, o, x in zip(overrides, parsed, job)]
+                for job in itertools.product(*values)]  # fmt: skip
     first = [arg if v[0] is None else f"{o.get_key_element()}={v[0]}" for arg, o, v in zip(overrides, parsed, values)]
     jobs = [first]
     for i, (o, v) in enumerate(zip(parsed, values)):

@@ -810,6 +810,12 @@ CASES = [
     ],
     ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
     (
+        "a sweep whose last job alone is bad",  # each value is good with the others' first ones
+        None,
+        ["-m", "stage=eval", "lm.hidden_size=32,30", "lm.num_heads=2,4", "run_name=w${{lm.hidden_size}}h${{lm.num_heads}}"],
+        r"lm.num_heads=4 must divide lm.hidden_size=30",
+    ),
+    (
         "outputs that are a file",
         None,
         ["stage=eval", "paths.outputs=/dev/null"],
