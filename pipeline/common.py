@@ -200,6 +200,8 @@ def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
         run_id = run_id_file.read_text().strip() if run_id_file.is_file() else secrets.token_hex(4)
         atomic_write_text(run_id_file, run_id)
         kwargs |= {"id": run_id, "resume": "allow"} if wandb else {"version": run_id}
+    if wandb:  # W&B's service keeps its debug logs (and its artifact cache) here, in the run, not in ~/.cache
+        os.environ.setdefault("WANDB_CACHE_DIR", str(Path(cfg.logger.save_dir) / "wandb" / "cache"))
     if wandb and not cfg.logger.offline:
         kwargs["log_model"] = True  # checkpoints go up as artifacts
     logger = instantiate(cfg.logger, **kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -129,6 +131,18 @@ def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_
     with pytest.raises(StageError, match=r"its files \['config.json'\] differ .*Extract again .*overwrite=true"):
         extract.run(hashed)
     assert RunLayout.of(hashed).store.read_bytes() == before, "a refused run must not touch the existing store"
+
+
+def test_wandb_keeps_its_debug_logs_in_the_run_folder(tmp_path, tiny_lm_dir):
+    """W&B's service writes its debug logs under the run's wandb folder, not under the user's ~/.cache."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_CACHE_DIR", "XDG_CACHE_HOME")} | {"HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "geosteer.pipeline", f"paths.outputs={tmp_path}", "stage=extract",
+                           f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "default" / "wandb" / "cache").rglob("core-debug-*.log"))
+    assert not list(home.rglob("*.log")), sorted(map(str, home.rglob("*")))
 
 
 def test_layer_out_of_range_is_refused_before_any_work(tiny_cfg):
