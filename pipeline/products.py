@@ -187,15 +187,26 @@ def lm_fingerprint(m) -> str | None:
     return f"{stamp['fingerprint']}-{weights[:16]}" if weights else stamp["fingerprint"]
 
 
-SMALL_FILE = 1 << 25  # an outside LM's files up to 32 MiB (config, tokenizer) are hashed; larger ones (weights) sketched
+SMALL_FILE = 1 << 25  # an outside LM's files up to 32 MiB (config, tokenizer) are hashed whole, larger ones sampled
 LM_FILE_TYPES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model", ".txt", ".tiktoken", ".py")
+
+
+def sampled_digest(path: Path, blocks: int = 64, block: int = 1 << 16) -> str:
+    """A SHA-256 of a large file's size and `blocks` blocks spread evenly over it: a few MiB read, whatever its size."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    digest.update(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(max(size - block, 0) * i // (blocks - 1))
+            digest.update(f.read(block))
+    return f"sampled:{digest.hexdigest()}"
 
 
 def lm_files(m) -> dict[str, list]:
     """What identifies the files of an LM read from a folder outside the run, as the store records it: each file's
-    size, with its SHA-256 when small (config, tokenizer) or its modification time when large (weights, whose content
-    `lm_change` checks by `weight_sketch` when the time moved). Empty for the embedded LM (told by `lm_fingerprint`),
-    a GGUF file (checked against its SHA-256 on every load) and a Hub id (pinned by its revision)."""
+    size and SHA-256, of the whole file when small (config, tokenizer) or of blocks spread over it (weights). Empty for
+    the embedded LM (told by `lm_fingerprint`), a GGUF file (checked against its SHA-256 on every load) and a Hub id
+    (pinned by its revision)."""
     folder = Path(str(m["pretrained"]))
     if m["embedded"] or m.get("gguf") is not None or not folder.is_dir():
         return {}
@@ -203,28 +214,21 @@ def lm_files(m) -> dict[str, list]:
     for p in sorted(folder.iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.suffix in LM_FILE_TYPES:
             size = p.stat().st_size
-            files[p.name] = [size, file_record(p)["sha256"] if size <= SMALL_FILE else p.stat().st_mtime_ns]
+            files[p.name] = [size, file_record(p)["sha256"] if size <= SMALL_FILE else sampled_digest(p)]
     return files
 
 
 def lm_change(m, store_attrs: dict[str, Any], model: torch.nn.Module | None = None) -> str | None:
-    """How the LM of the model config `m` differs from the one the store records it was extracted from, or None.
-
-    Its files are compared first; a large file whose time alone moved (a copy, a touch) is judged by the weights'
-    sketch (`weight_sketch`), of `model` or of the LM loaded for it. A store written before it recorded these is
-    taken as it is."""
+    """How the LM of the model config `m` differs from the one the store records it was extracted from, or None:
+    its files (`lm_files`), and with `model` (the LM loaded) a sketch of its weights (`weight_sketch`). A store
+    written before it recorded these is taken as it is."""
     from geosteer.models.lm import SKETCH_TOLERANCE, sketch_distance, weight_sketch
-    from geosteer.pipeline.common import load_lm
 
     recorded_files, recorded_sketch = (json.loads(store_attrs.get(k) or "null") for k in ("lm_files", "lm_sketch"))
     if isinstance(recorded_files, dict) and (now := lm_files(m)) != recorded_files:
         if not Path(str(m["pretrained"])).is_dir():
             return "its folder is missing (moved, renamed or deleted)"
-        changed = sorted(k for k in {*now, *recorded_files} if (now.get(k) or [None])[0] != (recorded_files.get(k) or [None])[0]
-                         or (now[k][1] != recorded_files[k][1] and now[k][0] <= SMALL_FILE))  # fmt: skip
-        if changed:
-            return f"its files {changed} differ from the ones the store records"
-        model = model if model is not None else load_lm(m)[0]  # only a large file's time moved: look at the weights
+        return f"its files {sorted(k for k in {*now, *recorded_files} if now.get(k) != recorded_files.get(k))} differ"
     if model is not None and recorded_sketch is not None:
         distance = sketch_distance(weight_sketch(model), recorded_sketch)
         if distance > SKETCH_TOLERANCE:

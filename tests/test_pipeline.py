@@ -86,51 +86,44 @@ def test_rerun_is_a_no_op_and_another_config_is_refused(tiny_cfg):
         assert store.attrs["layer"] == 0
 
 
-def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_path, tiny_lm_dir, monkeypatch):
-    """The store records an outside LM's files (small ones by their SHA-256, large ones by their time, then by a
-    sketch of the weights): extract (when its store is current) and every stage that loads the LM for the store
-    refuse weights or a config changed in place; a touch that leaves the weights alone passes."""
+@pytest.mark.parametrize("small_file", [products.SMALL_FILE, 0])  # the tiny LM's weights hashed whole, or sampled
+def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_path, tiny_lm_dir, monkeypatch, small_file):
+    """The store records an outside LM's files (by their SHA-256, of the whole file or of blocks spread over a large
+    one) and a sketch of its weights: extract (when its store is current) and every stage that loads the LM for the
+    store refuse weights or a config changed in place; a touch that leaves the content alone passes."""
+    monkeypatch.setattr(products, "SMALL_FILE", small_file)
     folder, weights = tmp_path / "my_lm", tmp_path / "my_lm" / "model.safetensors"
     shutil.copytree(tiny_lm_dir, folder)
     with safe_open(weights, "pt") as f:  # the same file of other weights: same names, shapes, size and metadata
         metadata, generator = f.metadata(), torch.Generator().manual_seed(1)
         twin = {k: torch.randn(f.get_tensor(k).shape, generator=generator) * f.get_tensor(k).std() for k in f.keys()}
-
-    def cfg(name):
-        return make_cfg(tmp_path, f"run_name={name}", "tasks=[weekdays]", f"model.pretrained={folder}",
-                        "model.embedded=false", "model.layer=1")  # fmt: skip
-
-    monkeypatch.setattr(products, "SMALL_FILE", 0)  # the tiny LM's weights judged as a large model's are
-    sketched = cfg("sketched")
-    extract.run(sketched)
-    with ActivationStore(RunLayout.of(sketched).store) as store:
+    cfg = make_cfg(tmp_path, "tasks=[weekdays]", f"model.pretrained={folder}", "model.embedded=false", "model.layer=1")
+    extract.run(cfg)
+    store_path = RunLayout.of(cfg).store
+    before = store_path.read_bytes()
+    with ActivationStore(store_path) as store:
         attrs = store.attrs
-    assert json.loads(attrs["lm_files"])["model.safetensors"] == [weights.stat().st_size, weights.stat().st_mtime_ns]
+    assert json.loads(attrs["lm_files"])["model.safetensors"][0] == weights.stat().st_size
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # touched, not changed
-    extract.run(sketched)
-    lm_of_store(sketched, attrs, "a test")
+    extract.run(cfg)
+    lm_of_store(cfg, attrs, "a test")
+
     save_file(twin, weights, metadata=metadata)
-    for refused in (lambda: extract.run(sketched), lambda: lm_of_store(sketched, attrs, "a test")):
-        _shared_lm.cache_clear()
-        with pytest.raises(StageError, match=r"weights differ from the ones the store was extracted with .*overwrite=true"):
+    for refused in (lambda: extract.run(cfg), lambda: lm_of_store(cfg, attrs, "a test")):
+        with pytest.raises(StageError, match=r"its files \['model.safetensors'\] differ.*overwrite=true"):
             refused()
+    _shared_lm.cache_clear()  # an LM of the Hub (no files recorded) is checked by the sketch of its weights alone
+    with pytest.raises(StageError, match=r"weights differ from the ones the store was extracted with \(weight sketch"):
+        lm_of_store(cfg, {k: v for k, v in attrs.items() if k != "lm_files"}, "a test")
     shutil.copy(tiny_lm_dir / "model.safetensors", weights)  # put back
     _shared_lm.cache_clear()
-    extract.run(sketched)
-
-    monkeypatch.undo()
-    hashed = cfg("hashed")
-    extract.run(hashed)
-    before = RunLayout.of(hashed).store.read_bytes()
-    save_file(twin, weights, metadata=metadata)
-    with pytest.raises(StageError, match=r"its files \['model.safetensors'\] differ from the ones the store records"):
-        extract.run(hashed)
-    shutil.copy(tiny_lm_dir / "model.safetensors", weights)
+    extract.run(cfg)
+    lm_of_store(cfg, attrs, "a test")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.1}))
-    with pytest.raises(StageError, match=r"its files \['config.json'\] differ .*Extract again .*overwrite=true"):
-        extract.run(hashed)
-    assert RunLayout.of(hashed).store.read_bytes() == before, "a refused run must not touch the existing store"
+    with pytest.raises(StageError, match=r"its files \['config.json'\] differ\. Extract again .*overwrite=true"):
+        extract.run(cfg)
+    assert store_path.read_bytes() == before, "a refused run must not touch the existing store"
 
 
 def test_wandb_keeps_its_debug_logs_in_the_run_folder(tmp_path, tiny_lm_dir):
