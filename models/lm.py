@@ -184,12 +184,12 @@ def weight_sketch(model: nn.Module, per_tensor: int = 8) -> list[float] | None:
     `per_tensor` evenly spaced entries of every parameter (in name order), each tensor's scaled to unit length, then
     one fixed Gaussian projection to SKETCH_DIM numbers. Another model, or one of its tensors replaced, moves the
     sketch by ~√(2/tensors) of its length or more; a model loaded in another dtype by its rounding (< 1%). A light
-    fine-tune that moves every weight by well under 5% may pass unseen. None when a device_map left some
-    weights offloaded (not in memory).
+    fine-tune that moves every weight by well under 5% may pass unseen. None when it cannot be taken: weights
+    offloaded by a device_map (not in memory) or quantised to integers (bitsandbytes).
     """
     parts = []
     for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):  # tied weights come once
-        if p.device.type == "meta":
+        if p.device.type == "meta" or not p.is_floating_point():
             return None
         flat = p.detach().reshape(-1)
         at = torch.linspace(0, len(flat) - 1, min(per_tensor, len(flat)), dtype=torch.float64).round().long()
