@@ -244,6 +244,21 @@ def shared_run_folders(jobs: list[list[str]]) -> list[str]:
     return []
 
 
+def sweep_dir_in_a_run(argv: list[str], jobs: list[list[str]]) -> list[str]:
+    """A `hydra.sweep.dir` inside a job's run folder, whose products the jobs replace whole (its logs with them)."""
+    for arg in argv:
+        if arg.startswith("hydra.sweep.dir="):
+            where = Path(arg.split("=", 1)[1].split("${")[0]).resolve()
+            for job in jobs:
+                with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                    run_dir = Path(compose(config_name="config", overrides=job).paths.run_dir).resolve()
+                if where.is_relative_to(run_dir):
+                    return [f"{arg} lies in the run folder {run_dir}, whose products the jobs replace whole (and Hydra's "
+                            f"logs with them); put the sweep's logs outside it, or leave hydra.sweep.dir at its default "
+                            f"(under paths.outputs/multirun)"]  # fmt: skip
+    return []
+
+
 def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
     """Problems of the config a command asks for, found before Hydra writes its logs (under the run folder).
 
@@ -271,7 +286,7 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
                 for a in argv if a.startswith("hydra.sweep.dir=")]  # fmt: skip
         return (next((errors for errors in logs if errors), [])
                 or next((errors for job in jobs if (errors := precheck(job, sweeping=True))), [])
-                or shared_run_folders(jobs))  # fmt: skip
+                or shared_run_folders(jobs) or sweep_dir_in_a_run(argv, jobs))  # fmt: skip
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)

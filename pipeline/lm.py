@@ -240,6 +240,9 @@ class ResumableDraws(L.Callback):
         self.sampler.skip, self.done, self.pending = draws["done"] * self.batch_size, draws["done"], draws["rng"]
 
 
+OTHER_FOLDERS = ("steer", "hydra", "csv", "wandb", "multirun")  # what else a run folder holds besides its products
+
+
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train the embedded task LM and save it to `model.pretrained`; `callbacks` join the Lightning trainer."""
     if not cfg.model.embedded:
@@ -251,17 +254,19 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     out = Path(cfg.model.pretrained)
     layout = RunLayout.of(cfg)
     others = {"the run folder": layout.root, "the store's folder": layout.extract, "the targets' folder": layout.targets,
-              "the geometries' folder": layout.geometries, "the evaluation's folder": layout.eval}  # fmt: skip
+              "the geometries' folder": layout.geometries, "the evaluation's folder": layout.eval,
+              **{f"the run's {name} folder": layout.root / name for name in OTHER_FOLDERS}}  # fmt: skip
+    where, root = out.resolve(), layout.root.resolve()
     for what, folder in others.items():
-        if (
-            out.resolve() == folder.resolve()
-            or folder.resolve().is_relative_to(out.resolve())
-            or (folder != layout.root and out.resolve().is_relative_to(folder.resolve()))
-        ):
+        if where == folder.resolve() or folder.resolve().is_relative_to(where) or (
+                folder != layout.root and where.is_relative_to(folder.resolve())):  # fmt: skip
             raise StageError(
                 f"model.pretrained={cfg.model.pretrained} is {what} or holds it, or lies in it, and stage=lm writes the "
                 f"LM there, replacing that folder whole. Leave model.pretrained at its default (${{paths.run_dir}}/lm)."
             )
+    if where.is_relative_to(root) and where.parent != root:
+        raise StageError(f"model.pretrained={cfg.model.pretrained} lies deeper in the run folder than its own folders; "
+                         f"leave it at its default (${{paths.run_dir}}/lm).")  # fmt: skip
     check_inside(cfg.paths.run_dir, out, "stage=lm writes the embedded LM to model.pretrained: leave it at its default "
                  "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
     fp = stage_fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,

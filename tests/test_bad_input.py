@@ -1324,6 +1324,24 @@ CASES = [
         r"that folder whole. Leave model.pretrained at its default",
     ),
     (
+        "the LM written over the run's steering results",
+        None,
+        ["stage=lm", "model.embedded=true", "model.pretrained=${{paths.run_dir}}/steer", "overwrite=true"],
+        r"is the run's steer folder or holds it, or lies in it, and stage=lm writes the LM there",
+    ),
+    (
+        "the LM written deep inside the run",
+        None,
+        ["stage=lm", "model.embedded=true", "model.pretrained=${{paths.run_dir}}/geometry/weekdays/lm", "overwrite=true"],
+        r"is the geometries' folder or holds it, or lies in it",
+    ),
+    (
+        "a sweep that keeps its logs in a product folder",
+        None,
+        ["-m", "stage=eval,steer", "hydra.sweep.dir={scratch}/../run/eval/sweep"],
+        r"hydra.sweep.dir=\S+ lies in the run folder \S+, whose products the jobs replace whole",
+    ),
+    (
         "the LM written over the store",
         None,
         ["stage=lm", "model.embedded=true", "model.pretrained=${{paths.run_dir}}/extract", "overwrite=true"],
