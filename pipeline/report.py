@@ -33,6 +33,11 @@ def mean_se(values) -> tuple[float, float, int]:
 
 
 BOOTSTRAP_DRAWS = 4000
+MIN_CLASSES = 5  # a class-clustered bootstrap over fewer classes barely varies (2 classes: every usable draw alike)
+
+
+def class_count(pairs) -> int:
+    return len(np.unique(np.asarray(pairs).reshape(-1))) if len(pairs) else 0
 
 
 def cluster_bootstrap(values, pairs, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> np.ndarray:
@@ -55,7 +60,10 @@ def cluster_bootstrap(values, pairs, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
 
 
 def interval(values, pairs, level: float = 0.95) -> tuple[float, float]:
-    """The class-clustered bootstrap percentile interval of the mean over pairs; NaN when no value is finite."""
+    """The class-clustered bootstrap percentile interval of the mean over pairs; NaN when no value is finite, or when
+    the pairs span fewer than MIN_CLASSES classes (no interval the bootstrap gives there would hold its level)."""
+    if class_count(pairs) < MIN_CLASSES:
+        return math.nan, math.nan
     means = cluster_bootstrap(values, pairs)
     means = means[np.isfinite(means)]
     if len(means) == 0:
@@ -67,6 +75,7 @@ def paired_difference(x, y, pairs) -> tuple[float, float, int]:
     """Mean of x − y over the pairs where both are finite, its two-sided class-clustered bootstrap p-value, and the count.
 
     p = 2·min(share of resampled means ≤ 0, share ≥ 0), with the +1 of a Monte-Carlo test: never below 2/(draws + 1).
+    NaN (not tested) when the pairs span fewer than MIN_CLASSES classes.
     """
     d = [a - b if a is not None and b is not None and np.isfinite(a) and np.isfinite(b) else None for a, b in zip(x, y)]
     n = sum(v is not None for v in d)
@@ -75,6 +84,8 @@ def paired_difference(x, y, pairs) -> tuple[float, float, int]:
     mean = float(np.mean([v for v in d if v is not None]))
     if all(v == 0 for v in d if v is not None):
         return 0.0, 1.0, n
+    if class_count(pairs) < MIN_CLASSES:
+        return mean, math.nan, n
     means = cluster_bootstrap(d, pairs)
     means = means[np.isfinite(means)]
     tail = min((means <= 0).sum(), (means >= 0).sum())
@@ -108,13 +119,13 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def pick_alpha(entry: dict[str, Any], pairs: np.ndarray, threshold: float) -> int:
-    """The index of the smallest α whose mean q_b over the carriers of `pairs` reaches `threshold`; the largest q_b's
-    when none does."""
+def pick_alpha(entry: dict[str, Any], pairs: np.ndarray, threshold: float, alphas: list[float]) -> int:
+    """The index (into `alphas`, in any order) of the smallest α whose mean q_b over the carriers of `pairs` reaches
+    `threshold`; the largest q_b's when none does. `pairs` must not be empty."""
     n = np.array(entry["carriers"], dtype=float)[pairs]
     q_b = (np.array(entry["q_b"])[pairs] * n[:, None]).sum(0) / n.sum()  # (A,)
     reached = np.flatnonzero(q_b >= threshold)
-    return int(reached[0]) if len(reached) else int(q_b.argmax())
+    return int(min(reached, key=lambda i: alphas[i])) if len(reached) else int(q_b.argmax())
 
 
 def own_point_rows(res: dict[str, Any], threshold: float, seed: int = 0) -> dict[str, dict[str, Any]]:
@@ -124,9 +135,11 @@ def own_point_rows(res: dict[str, Any], threshold: float, seed: int = 0) -> dict
     and top-1 at α = 1, the rule as written."""
     alphas = res["alphas"]
     one, two = halves(len(res["methods"][next(iter(res["methods"]))]["carriers"]), seed)
+    if not len(one) or not len(two):  # one pair: no half to pick α on that is not also the half it is scored on
+        return {}
     out = {}
     for name, entry in res["methods"].items():
-        chosen = {"first": pick_alpha(entry, one, threshold), "second": pick_alpha(entry, two, threshold)}
+        chosen = {"first": pick_alpha(entry, one, threshold, alphas), "second": pick_alpha(entry, two, threshold, alphas)}
         trials = [(p, chosen["first"]) for p in two] + [(p, chosen["second"]) for p in one]  # (pair, α index)
         n = np.array(entry["carriers"], dtype=float)
         weight = np.array([n[p] for p, _ in trials])
@@ -233,7 +246,7 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
 
     # 1. GAGA-Out lands the target more decisively than linear and spline: the paths share their ends, so each carrier
     # walks its own copy of the path to the same Hellinger budget, and the methods stop apart (`eval.at_budget`).
-    tests, lines, ties = [], [], 0
+    tests, lines, ties, untested = [], [], 0, 0
     for task in per_task:
         pairs = [tuple(p) for p in per_task[task]["pairs"]]
         for metric in ("top1_budget", "q_b_budget"):
@@ -247,7 +260,12 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
                     lines.append(f"{task} {metric}: GAGA-Out = {base} on every pair")
                     continue
                 diff, p, n = paired_difference(g, b, pairs)
-                tests.append((task, metric, base, diff, p, n))
+                if np.isfinite(p):
+                    tests.append((task, metric, base, diff, p, n))
+                else:
+                    untested += 1
+                    lines.append(f"{task} {metric}: GAGA-Out − {base} = {diff:+.4f}, not tested ({n} pairs over "
+                                 f"{class_count(pairs)} classes; a test needs 2 pairs and {MIN_CLASSES} classes)")  # fmt: skip
     adjusted = holm([t[4] for t in tests]) if tests else []
     holds = []
     for (task, metric, base, diff, p, n), q in zip(tests, adjusted):
@@ -256,8 +274,8 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
         lines.append(
             f"{task} {metric}: GAGA-Out − {base} = {diff:+.4f} (p = {p:.2g}, Holm {q:.2g}, n = {n}){' ✓' if ok else ' ✗'}"
         )
-    verdict = (_verdict(holds) if holds else "not testable: every comparison is a tie" if ties else
-               "not tested (a method it needs is off)")  # fmt: skip
+    verdict = (_verdict(holds, untested) if holds else "not testable: every comparison is a tie" if ties and not untested
+               else UNTESTED if untested else "not tested (a method it needs is off)")  # fmt: skip
     if ties:
         verdict += f"; {ties} of {ties + len(holds)} comparisons are exact ties"
     if tests:
@@ -266,19 +284,24 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
                          "each carrier's own copy of the path has gone its Hellinger distance to b)",
                 "verdict": verdict, "evidence": lines})  # fmt: skip
     # 2. GAGA-Out has lower E_B than the best baseline on weekdays and months.
-    lines, holds = [], []
+    lines, holds, untested = [], [], []
     for task in ("weekdays", "months"):
         row = next((r for r in rows if r["task"] == task and r["method"] == "gaga_out" and r["metric"] == "E_B"), None)
         if row is None or row["best_baseline"] is None:
             continue
         base = next(r for r in rows if r["task"] == task and r["method"] == row["best_baseline"] and r["metric"] == "E_B")
+        if not np.isfinite(row["p"]):
+            untested.append(task)
+            lines.append(f"{task}: GAGA-Out − best baseline {base['label']}, not tested (too few pairs on the test "
+                         f"half, or fewer than {MIN_CLASSES} classes)")  # fmt: skip
+            continue
         ok = row["diff"] < 0 and np.isfinite(row["p_holm"]) and row["p_holm"] < ALPHA
         holds.append(ok)
         lines.append(f"{task}: GAGA-Out {_ci(row['mean'], row['lo'], row['hi'])} vs best baseline {base['label']} "
                      f"{_ci(base['mean'], base['lo'], base['hi'])}; on the test half GAGA-Out − it = {row['diff']:+.4f} "
                      f"(p = {row['p']:.2g}, Holm {row['p_holm']:.2g}){' ✓' if ok else ' ✗'}")  # fmt: skip
     out.append({"claim": "GAGA-Out has lower E_B than the best baseline on weekdays and months",
-                "verdict": _verdict(holds), "evidence": lines})  # fmt: skip
+                "verdict": _verdict(holds, len(untested)), "evidence": lines})  # fmt: skip
     # 3. GAGA-Out and G_out geodesics agree.
     tests = []
     for task, res in per_task.items():
@@ -286,8 +309,12 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
         if "gaga_out" in agreement and "linear" in agreement:
             pairs = [tuple(p) for p in res["pairs"]]
             tests.append((task, *paired_difference(agreement["gaga_out"], agreement["linear"], pairs), agreement, pairs))
+    untested = [t[0] for t in tests if not np.isfinite(t[2])]
+    lines = [f"{t[0]}: not tested ({t[3]} pairs over {class_count(t[5])} classes; a test needs 2 pairs and {MIN_CLASSES} "
+             f"classes)" for t in tests if not np.isfinite(t[2])]  # fmt: skip
+    tests = [t for t in tests if np.isfinite(t[2])]
     adjusted = holm([t[2] for t in tests]) if tests else []
-    lines, holds = [], []
+    holds = []
     for (task, diff, p, _n, agreement, pairs), q in zip(tests, adjusted):
         ok = diff < 0 and q < ALPHA
         holds.append(ok)
@@ -296,16 +323,20 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
                      f"(p = {p:.2g}, Holm {q:.2g}){' ✓' if ok else ' ✗'}")  # fmt: skip
     out.append({"claim": "GAGA-Out and G_out geodesics agree (deviation ÷ endpoint distance; ✓ when significantly closer "
                          "to G_out's than the chord is, after Holm's correction)",
-                "verdict": _verdict(holds), "evidence": lines})  # fmt: skip
+                "verdict": _verdict(holds, len(untested)), "evidence": lines})  # fmt: skip
     return out
 
 
-def _verdict(holds: list[bool]) -> str:
+UNTESTED = f"not testable: too few pairs or classes (a test needs 2 pairs and {MIN_CLASSES} classes)"
+
+
+def _verdict(holds: list[bool], untested: int = 0) -> str:
+    """The verdict of the tested comparisons; `untested` more could not be tested (too few pairs or classes)."""
     if not holds:
-        return "not tested (a method it needs is off)"
-    if all(holds):
-        return "reproduced"
-    return "not reproduced" if not any(holds) else f"partly reproduced ({sum(holds)} of {len(holds)} comparisons)"
+        return UNTESTED if untested else "not tested (a method it needs is off)"
+    verdict = ("reproduced" if all(holds) else "not reproduced" if not any(holds) else
+               f"partly reproduced ({sum(holds)} of {len(holds)} comparisons)")  # fmt: skip
+    return verdict + (f"; {untested} more not testable (too few pairs or classes)" if untested else "")
 
 
 def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: dict[str, Any], lm: str) -> dict[str, Any]:
@@ -320,8 +351,8 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(folder / "results.csv", buffer.getvalue())
-    own = {t: own_point_rows(r["own_point"], cfg.eval.threshold) for t, r in per_task.items()
-           if "methods" in r.get("own_point", {})}  # fmt: skip
+    own = {t: rows for t, r in per_task.items()
+           if "methods" in r.get("own_point", {}) and (rows := own_point_rows(r["own_point"], cfg.eval.threshold))}  # fmt: skip
     atomic_write_text(folder / "results.json", json.dumps({"summary": rows, "verdicts": claims, "own_point": own,
                                                             "tasks": per_task, "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
@@ -350,7 +381,8 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
            "Mean over pairs [95 % class-clustered bootstrap interval: classes resampled, since pairs sharing a class are "
            "not independent]. ★ the best baseline (linear, spline, CAA, FishBack, dual) for that metric and task, picked on "
            "a seeded half of the pairs; ▲/▼ better/worse than it on the other half (class-clustered bootstrap test of the "
-           f"paired difference) at p < {ALPHA} after Holm's correction across the table's comparisons. "
+           f"paired difference) at p < {ALPHA} after Holm's correction across the table's comparisons; a task of fewer "
+           f"than {MIN_CLASSES} classes gets neither interval nor test. "
            "¹ no exported geometry (reason below); – no defined value "
            "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold; the Hellinger "
            "budget walks a path method's path, so the iterative methods have none).", ""]  # fmt: skip

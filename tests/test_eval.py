@@ -232,8 +232,8 @@ def test_an_unknown_method_is_refused_by_name(prepared, evaluated):
 
 def test_summary_picks_the_best_baseline_on_one_half_and_tests_on_the_other():
     rng = np.random.default_rng(0)
-    pairs = [(a, b) for a in range(4) for b in range(4) if a != b]  # 12 ordered pairs of 4 classes
-    per_pair = {m: rng.normal(loc, 1, 12).tolist() for m, loc in (("linear", 0.0), ("spline", 1.0), ("gaga_out", 3.0))}
+    pairs = [(a, b) for a in range(5) for b in range(5) if a != b]  # 20 ordered pairs of 5 classes
+    per_pair = {m: rng.normal(loc, 1, 20).tolist() for m, loc in (("linear", 0.0), ("spline", 1.0), ("gaga_out", 3.0))}
     per_pair["gaga_out"][3] = None  # an undefined pair drops out of its own mean and of the paired test
     roles = {"linear": "baseline", "spline": "baseline", "gaga_out": "learned"}
     per_task = {"toy": {"pairs": [list(p) for p in pairs],
@@ -241,14 +241,14 @@ def test_summary_picks_the_best_baseline_on_one_half_and_tests_on_the_other():
                                     for m, v in per_pair.items()}}}  # fmt: skip
     rows = report.summarise(per_task, {"E_B": -1, "top1_at_end": 1})
     row = {(r["metric"], r["method"]): r for r in rows}
-    pick, test = report.halves(12)
-    assert len(pick) == 6 and len(np.intersect1d(pick, test)) == 0 and len(np.union1d(pick, test)) == 12
+    pick, test = report.halves(20)
+    assert len(pick) == 10 and len(np.intersect1d(pick, test)) == 0 and len(np.union1d(pick, test)) == 20
     on_pick = {m: np.mean([per_pair[m][i] for i in pick]) for m in ("linear", "spline")}
     assert row[("E_B", "gaga_out")]["best_baseline"] == min(on_pick, key=on_pick.get), "lower E_B is better"
     assert row[("top1_at_end", "gaga_out")]["best_baseline"] == max(on_pick, key=on_pick.get), "higher is better"
     g = np.array([v for v in per_pair["gaga_out"] if v is not None])
     r = row[("top1_at_end", "gaga_out")]
-    assert r["mean"] == pytest.approx(g.mean()) and r["n"] == 11 and r["se"] == pytest.approx(stats.sem(g))
+    assert r["mean"] == pytest.approx(g.mean()) and r["n"] == 19 and r["se"] == pytest.approx(stats.sem(g))
     assert r["lo"] < r["mean"] < r["hi"]
     best = r["best_baseline"]
     kept = [i for i in test if per_pair["gaga_out"][i] is not None]
@@ -270,6 +270,20 @@ def test_the_class_clustered_bootstrap_resamples_classes_not_pairs():
     assert means.std() > 5 * u.std() / np.sqrt(len(pairs))
     lo, hi = report.interval([2.5] * len(pairs), pairs)
     assert lo == hi == 2.5, "a constant has no spread"
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_fewer_than_five_classes_give_no_interval_no_p_and_an_untestable_verdict(K):
+    """Over 2 classes every usable class draw is the same pair set (and over 3 nearly so): the bootstrap's spread and
+    p-value would be artefacts, so there are none, and a claim resting on them is not testable, not refuted."""
+    pairs = [(a, b) for a in range(K) for b in range(K) if a != b]
+    x = np.random.default_rng(K).normal(0, 1, len(pairs))
+    assert all(math.isnan(v) for v in report.interval(x.tolist(), pairs))
+    diff, p, n = report.paired_difference((x + 0.5).tolist(), x.tolist(), pairs)
+    assert diff == pytest.approx(0.5) and math.isnan(p) and n == len(pairs)
+    agreement = {"gaga_out": (x * 0 + 0.1).tolist(), "linear": (x * 0 + 0.3 + 0.01 * x).tolist()}
+    claims = report.verdicts({"toy": {"pairs": [list(q) for q in pairs], "methods": {}, "agreement": agreement}}, [])
+    assert claims[2]["verdict"].startswith("not testable: too few pairs or classes"), claims[2]
 
 
 def test_a_constant_paired_difference_is_significant_at_the_bootstraps_resolution():
@@ -298,10 +312,21 @@ def test_the_wilson_interval_inverts_the_score_test():
 
 def test_alpha_is_the_smallest_reaching_the_threshold_on_its_half():
     entry = {"carriers": [10, 30], "q_b": [[0.1, 0.4, 0.9], [0.3, 0.6, 0.7]]}  # 2 pairs × 3 α
-    assert report.pick_alpha(entry, np.array([0]), 0.5) == 2
-    assert report.pick_alpha(entry, np.array([1]), 0.5) == 1
-    assert report.pick_alpha(entry, np.array([0, 1]), 0.5) == 1, "carrier-weighted: (0.4·10 + 0.6·30)/40 = 0.55"
-    assert report.pick_alpha(entry, np.array([0]), 0.95) == 2, "none reaches it: the α of the largest q_b"
+    alphas = [0.5, 1.0, 2.0]
+    assert report.pick_alpha(entry, np.array([0]), 0.5, alphas) == 2
+    assert report.pick_alpha(entry, np.array([1]), 0.5, alphas) == 1
+    assert report.pick_alpha(entry, np.array([0, 1]), 0.5, alphas) == 1, "carrier-weighted: (0.4·10 + 0.6·30)/40 = 0.55"
+    assert report.pick_alpha(entry, np.array([0]), 0.95, alphas) == 2, "none reaches it: the α of the largest q_b"
+    backwards = {"carriers": [10, 30], "q_b": [row[::-1] for row in entry["q_b"]]}  # the same α listed from the largest
+    assert report.pick_alpha(backwards, np.array([1]), 0.5, alphas[::-1]) == 1, "the smallest α, not the first listed"
+    assert report.pick_alpha(backwards, np.array([0, 1]), 0.5, alphas[::-1]) == 1
+
+
+def test_one_pair_gives_no_out_of_sample_alpha():
+    """With one pair a half is empty: no α can be picked on pairs it is not scored on, so there is no row."""
+    entry = {"label": "CAA", "carriers": [10], "q_b": [[0.1, 0.9]], "top1": [[0, 1]], "other": [[0.0, 0.0]],
+             "kl": [[0.1, 0.2]], "distance": [[1, 0]], "top1_at_1": 1.0}  # fmt: skip
+    assert report.own_point_rows({"alphas": [0.5, 1.0], "methods": {"caa": entry}}, 0.5) == {}
 
 
 def holm_rejects(p: np.ndarray, alpha: float) -> set[int]:
