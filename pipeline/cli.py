@@ -335,6 +335,13 @@ def hydra_main(cfg: DictConfig) -> None:
         result = run(cfg)
         if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
             log.info("%s", summary(result, RunLayout.of(cfg)))
+    except KeyboardInterrupt:
+        _finish_wandb(exit_code=130)
+        if log.isEnabledFor(logging.DEBUG):
+            raise
+        log.error("interrupted. Products already finished are kept, and the unfinished one is left unreadable rather "
+                  "than half-written; re-run the same command to resume.")  # fmt: skip
+        sys.exit(130)
     except Exception as e:
         _finish_wandb(exit_code=1)
         if log.isEnabledFor(logging.DEBUG):

@@ -200,3 +200,25 @@ def test_a_replacement_cut_between_its_two_moves_is_finished_by_the_next_run(cle
     assert "geometry weekdays/gaga_out is current" in caplog.text, "trained again"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == written
     assert not old.exists() and not work.exists(), "the leftovers of the cut stay"
+
+
+def test_ctrl_c_ends_in_one_paragraph_releases_the_lock_and_the_same_command_resumes(clean):
+    """SIGINT (Ctrl-C) in the middle of extraction: exit status 130, one paragraph that says how to resume, no
+    traceback, the run lock released; the same command then finishes the store that an uninterrupted run makes."""
+    root, args = clean
+    run = root / "faulty-interrupt"
+    partial = RunLayout(run).extract
+    proc = subprocess.Popen(command(root, args, "extract")[:-1] + ["run_name=faulty-interrupt", "stage=extract"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(partial.glob(".partial-*/**/*.npz")):  # inside the stage: its first chunk is on disk
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    printed = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, printed[-3000:]
+    assert "interrupted" in printed and "re-run the same command to resume" in printed, printed[-3000:]
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed[-3000:]
+    assert not (run / ".lock").exists(), "the lock is released"
+    rerun(root, [*args, "run_name=faulty-interrupt"], "extract")
+    same_h5(RunLayout(run).store, RunLayout(root / "clean").store)
