@@ -79,3 +79,32 @@ def pair(call: str, x_a: Any, x_b: Any, dims: int | None = 2, width: int | None 
     if x_a.shape != x_b.shape or x_a.dtype != x_b.dtype:
         raise ValueError(f"{call}: x_a and x_b must be of one shape and dtype, one row per path; got "
                          f"{tuple(x_a.shape)} {x_a.dtype} and {tuple(x_b.shape)} {x_b.dtype}.")  # fmt: skip
+
+
+def index(call: str, name: str, value: Any, n: int, what: str, per_point: bool = True) -> None:
+    """An index among `n` things (`what`, e.g. "the tail's {n} carriers"): an integer in 0 … n−1, or, with
+    `per_point`, a 1-D integer tensor of them (checked by one min and max, no loop over its entries)."""
+    takes = (f"an integer in 0 … {n - 1}{', or a 1-D integer tensor of them' if per_point else ''} "
+             f"(an index among {what.format(n=n)})")  # fmt: skip
+    if isinstance(value, torch.Tensor) and ((value.ndim == 1 and per_point) or value.ndim == 0):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{call}: {name} must be {takes}; got a {value.dtype} tensor.")
+        if value.numel() and not (0 <= int(value.min()) and int(value.max()) < n):
+            bad = int(value.min()) if int(value.min()) < 0 else int(value.max())
+            raise ValueError(f"{call}: {name} holds {bad}; it must be {takes}.")
+        return
+    if not is_count(value, 0) or value >= n:
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise ValueError(f"{call}: {name}={got} must be {takes}.")
+
+
+def token_lists(call: str, name: str, value: Any, V: int) -> None:
+    """A non-empty list of non-empty lists of token ids, each in 0 … V−1 (a concept schema's `variant_ids`)."""
+    listed = lambda v: isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, str) and len(v) > 0  # noqa: E731
+    if not listed(value) or not all(listed(v) for v in value):
+        raise ValueError(f"{call}: {name}={value!r} must be a non-empty list of concepts, each a non-empty list of "
+                         f"token ids (e.g. [[5], [6, 7]]).")  # fmt: skip
+    bad = [t for v in value for t in v if not is_count(t, 0) or t >= V]
+    if bad:
+        raise ValueError(f"{call}: {name} holds token id {bad[0]!r}, outside the vocabulary; "
+                         f"token ids are integers in 0 … {V - 1}.")  # fmt: skip

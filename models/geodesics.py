@@ -341,12 +341,26 @@ class LabelledSpline:
     cyclic tasks, and live in PCA coordinates: inject them by subspace replacement.
 
     Args:
-        h: activations (N, d); labels: answer class per row (N,); cyclic: the task's topology.
+        h: activations (N, d), finite; labels: answer class per row (N,), at least 2 classes; cyclic: the
+            task's topology; n_components: k of PCA(k), at most min(N, d) taken (a larger k keeps every
+            direction, so the default PCA(64) also fits a narrower model).
     """
 
     def __init__(self, h: torch.Tensor, labels: torch.Tensor, cyclic: bool, n_components: int = 64):
+        call = "LabelledSpline"
+        arguments.tensor(call, "h", h, 2)
+        arguments.counts(call, n_components=n_components)
+        if not bool(h.isfinite().all()):
+            raise ValueError(f"{call}: h holds NaN or Inf; the spline needs finite activations (drop those rows).")
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or len(labels) != len(h) or (
+                labels.is_floating_point() or labels.is_complex()):  # fmt: skip
+            got = f"shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"{call}: labels must be an integer tensor ({len(h)},), one class per row of h; got {got}.")
         self.pca = PCA.fit(h.double(), n_components)
         self.classes = torch.unique(labels).tolist()  # label order
+        if len(self.classes) < 2:
+            raise ValueError(f"{call}: labels hold {len(self.classes)} class(es) {self.classes}; a spline runs "
+                             f"through at least 2 class centroids.")  # fmt: skip
         z = self.pca.project(h.double())
         self.centroids = torch.stack([z[labels == c].mean(0) for c in self.classes])  # (C, k)
         knots = self.centroids.numpy()
@@ -356,9 +370,17 @@ class LabelledSpline:
         else:
             self.spline = CubicSpline(np.arange(len(knots)), knots, bc_type="natural")
 
+    def _index(self, name: str, c) -> int:
+        """The knot of class c, refusing a class the spline does not run through."""
+        key = c.item() if isinstance(c, (torch.Tensor, np.ndarray)) and c.ndim == 0 else c
+        if isinstance(key, (bool, np.bool_, str, torch.Tensor, np.ndarray)) or key not in self.classes:
+            raise ValueError(f"LabelledSpline.path: {name}={c!r} is not one of the spline's classes {self.classes}.")
+        return self.classes.index(key)
+
     def path(self, a: int, b: int, n_steps: int) -> torch.Tensor:
         """Waypoints from class a's centroid to class b's, in PCA coordinates. → (T+1, k)"""
-        ia, ib = self.classes.index(a), self.classes.index(b)
+        ia, ib = self._index("a", a), self._index("b", b)
+        arguments.counts("LabelledSpline.path", n_steps=n_steps)
         span = ib - ia
         if self.cyclic:
             C = len(self.classes)

@@ -166,6 +166,16 @@ def _identity_rows(R: int, b: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(R, dtype=like.dtype, device=like.device).unsqueeze(1).expand(R, b, R)  # (R, b, R)
 
 
+def _tail_arguments(call: str, tail, carrier, lam, max_batch) -> None:
+    """The arguments an output or Fisher pullback shares: a `CarrierTail`, a carrier of it, λ ≥ 0, a batch ≥ 1."""
+    if not isinstance(tail, CarrierTail):
+        raise TypeError(f"{call}: tail must be a models.tail.CarrierTail, e.g. CarrierTail.of_prompts(model, "
+                        f"tokenizer, layer, prompts); got {type(tail).__name__}.")  # fmt: skip
+    arguments.index(call, "carrier", carrier, len(tail), "the tail's {n} carriers")
+    arguments.number(call, "lam", lam, " ≥ 0", lambda x: x >= 0)
+    arguments.counts(call, max_batch=max_batch)
+
+
 class OutputPullback:
     """G_out = J_sᵀ J_s + λI with J_s = ∂√q(tail(h))/∂h in a carrier's context (docs/method.md §6). Rows K+1, columns d.
 
@@ -182,6 +192,8 @@ class OutputPullback:
 
     def __init__(self, tail: CarrierTail, variant_ids: Sequence[Sequence[int]], carrier: int | torch.Tensor = 0,
                  lam: float = 0.0, max_batch: int = 64):  # fmt: skip
+        _tail_arguments("OutputPullback", tail, carrier, lam, max_batch)
+        arguments.token_lists("OutputPullback", "variant_ids", variant_ids, tail.logits0.shape[-1])
         self.tail, self.variant_ids, self.carrier, self.lam, self.max_batch = tail, variant_ids, carrier, lam, max_batch
 
     def sqrt_q(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -225,6 +237,8 @@ class FisherPullback:
 
     def __init__(self, tail: CarrierTail, carrier: int | torch.Tensor = 0, lam: float = 0.0, top_k: int | None = None,
                  max_batch: int = 64):  # fmt: skip
+        _tail_arguments("FisherPullback", tail, carrier, lam, max_batch)
+        arguments.counts("FisherPullback", optional=("top_k",), top_k=top_k)
         self.tail, self.carrier, self.lam, self.top_k, self.max_batch = tail, carrier, lam, top_k, max_batch
 
     def logits(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:

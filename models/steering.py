@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from geosteer.models import arguments
 from geosteer.models.geodesics import PCA
 from geosteer.models.metrics import EncoderPullback, FisherPullback
 from geosteer.models.tail import CarrierTail, log_concept_probs
@@ -28,15 +29,36 @@ def subspace_replace(h: torch.Tensor, w: torch.Tensor, pca: PCA) -> torch.Tensor
     return h + (w - pca.project(h)) @ pca.components
 
 
+def _intervention(call: str, tail: CarrierTail, h: torch.Tensor, carrier: torch.Tensor | None) -> None:
+    """Refuse an `intervene` whose h is not (N, d) with carriers (N,), or (W, C, d) with C ≤ the tail's carriers."""
+    if not isinstance(tail, CarrierTail):
+        raise TypeError(f"{call}: tail must be a models.tail.CarrierTail, e.g. CarrierTail.of_prompts(model, "
+                        f"tokenizer, layer, prompts); got {type(tail).__name__}.")  # fmt: skip
+    C, d = tail.h.shape
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.ndim != (3 if carrier is None else 2) or (
+            h.shape[-1] != d or (carrier is None and h.shape[1] > C)):  # fmt: skip
+        got = f"a {h.dtype} tensor of shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ValueError(f"{call}: h must be a floating tensor (N, {d}) with carrier (N,), or (W, C, {d}) with C ≤ {C} "
+                         f"(the tail's carriers) and carrier None; {d} is the LM's width at block {tail.layer}; got "
+                         f"{got} and {'carrier None' if carrier is None else 'a carrier'}.")  # fmt: skip
+    if carrier is not None:
+        if not isinstance(carrier, torch.Tensor) or carrier.ndim != 1 or len(carrier) != len(h):
+            got = f"shape {tuple(carrier.shape)}" if isinstance(carrier, torch.Tensor) else type(carrier).__name__
+            raise ValueError(f"{call}: carrier must be a 1-D integer tensor (N,) = ({len(h)},), one carrier per row "
+                             f"of h (or None with h (W, C, d)); got {got}.")  # fmt: skip
+        arguments.index(call, "carrier", carrier, C, "the tail's {n} carriers")
+
+
 def intervene(tail: CarrierTail, h: torch.Tensor, carrier: torch.Tensor | None = None) -> torch.Tensor:
     """The LM's logits with block ℓ's output at a carrier's last position replaced by h: geosteer's one intervention.
 
     h (N, d) with `carrier` (N,) naming each row's carrier → (N, V); or h (W, C, d), row c on carrier c → (W, C, V).
     """
+    _intervention("intervene", tail, h, carrier)
     if carrier is None:
         W, C, d = h.shape
         carrier = torch.arange(C, device=tail.h.device).repeat(W)  # row w·C + c
-        return intervene(tail, h.reshape(W * C, d), carrier).view(W, C, -1)
+        return tail.logits(h.reshape(W * C, d).to(tail.h), carrier).view(W, C, -1)
     return tail.logits(h.to(tail.h), carrier)
 
 
@@ -128,6 +150,12 @@ def steer(
     to step directions (n, d). All moving carriers step together, one batch per step, so many pairs steer
     as one batch: `target` and `step` are one for all, or one per row of `carrier` (C,).
     """
+    if not isinstance(carrier, torch.Tensor) or carrier.ndim != 1:
+        got = f"shape {tuple(carrier.shape)}" if isinstance(carrier, torch.Tensor) else type(carrier).__name__
+        raise ValueError(f"steer: carrier must be a 1-D integer tensor (C,) of the tail's carriers; got {got}.")
+    arguments.index("steer", "carrier", carrier, len(tail), "the tail's {n} carriers")
+    arguments.number("steer", "threshold", threshold)
+    arguments.counts("steer", 0, max_steps=max_steps)
     h = tail.h[carrier]
     C = len(carrier)
     target = torch.as_tensor(target, device=h.device).expand(C)[:, None]  # (C, 1)
@@ -190,6 +218,8 @@ def fishback_direction(tail: CarrierTail, variant_ids, target: int | torch.Tenso
 
     `top_k` as in `FisherPullback` (None: every token).
     """
+    arguments.number("fishback_direction", "lam", lam, " ≥ 0", lambda x: x >= 0)
+    arguments.counts("fishback_direction", optional=("top_k",), top_k=top_k)
 
     def direction(h: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
         F = FisherPullback(tail, carrier=carrier, top_k=top_k).jacobian(h).detach()  # (n, r, d) factor: G_F = FᵀF
@@ -225,6 +255,9 @@ def dual_direction(
     faster here than one pass batched over the rows by vmap); the products in h's dtype, the d × d system solved
     in float64. unembedding (V, d).
     """
+    arguments.counts("dual_direction", top_k=top_k, chunk=chunk)
+    for name, value in (("alpha", alpha), ("ridge", ridge)):
+        arguments.number("dual_direction", name, value, " ≥ 0", lambda x: x >= 0)
     means = torch.stack([unembedding[list(v)].mean(0) for v in variant_ids])  # (K, d) each concept's mean row
     beta = means[target] - means[source]  # (d,), or (C, d) with a row per carrier
 

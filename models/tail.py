@@ -20,12 +20,13 @@ import contextvars
 import copy
 import functools
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from geosteer.models import arguments
 from geosteer.models.lm import capture_residual, decoder_layers, position_ids_for, replace_last_token
 
 
@@ -209,6 +210,20 @@ class CarrierTail:
     def __init__(self, model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True):
         from transformers import DynamicCache
 
+        blocks = len(decoder_layers(model))
+        arguments.index("CarrierTail", "layer", layer, blocks, "the model's {n} blocks", per_point=False)
+        ids = input_ids
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or not ids.numel():
+            got = f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"CarrierTail: input_ids must be an integer tensor (C, T) of at least one carrier; got {got}.")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"CarrierTail: attention_mask must be a tensor of input_ids' shape {tuple(ids.shape)}; got {got}.")
+        V = getattr(model.get_input_embeddings(), "num_embeddings", None)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (V is not None and high >= V):
+            raise ValueError(f"CarrierTail: input_ids holds token id {low if low < 0 else high}, outside the model's "
+                             f"vocabulary; token ids are integers in 0 … {V - 1}.")  # fmt: skip
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("CarrierTail needs left-padded carriers: set tokenizer.padding_side = 'left'.")
         self.model, self.layer, self.use_cache = model, layer, use_cache
@@ -234,8 +249,16 @@ class CarrierTail:
 
     @classmethod
     def of_prompts(cls, model, tokenizer, layer: int, prompts) -> CarrierTail:
-        """The tail for carrier prompts given as text (the tokenizer pads on the left)."""
-        enc = tokenizer(list(prompts), padding=True, return_tensors="pt").to(model.device)
+        """The tail for carrier prompts given as text (the tokenizer pads on the left): a list (or array) of strings."""
+        listed = not isinstance(prompts, (str, bytes)) and isinstance(prompts, Iterable)
+        prompts = list(prompts) if listed else prompts
+        if not listed or not prompts or not all(isinstance(p, str) for p in prompts):
+            got = f"{len(prompts)} prompt(s)" if listed and not prompts else repr(prompts)[:80]
+            raise ValueError(f"CarrierTail.of_prompts: prompts must be a non-empty list of strings, one carrier prompt "
+                             f"each; got {got}.")  # fmt: skip
+        arguments.index("CarrierTail.of_prompts", "layer", layer, len(decoder_layers(model)), "the model's {n} blocks",
+                        per_point=False)  # fmt: skip
+        enc = tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
         return cls(model, layer, enc.input_ids, enc.attention_mask)
 
     def __len__(self) -> int:

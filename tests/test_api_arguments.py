@@ -9,8 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from geosteer import GAGA, PCA, GeodesicBridge, GeometryMismatch, InnSteer, lbfgs_geodesic, linear_path, path_energy, pullback_of
+from geosteer import (
+    GAGA,
+    PCA,
+    CarrierTail,
+    FisherPullback,
+    GeodesicBridge,
+    GeometryMismatch,
+    InnSteer,
+    LabelledSpline,
+    OutputPullback,
+    intervene,
+    lbfgs_geodesic,
+    linear_path,
+    path_energy,
+    pullback_of,
+    steer,
+)
 from geosteer.models.hub import seal
+from geosteer.models.steering import fishback_direction
 
 D = 6
 
@@ -112,3 +129,102 @@ def test_a_saved_geometry_is_readable_as_open_makes_files_and_seals_without_meta
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ---------------------------------------------------------------- the LM's tail, its metrics and the intervention
+
+
+@pytest.fixture(scope="module")
+def tail():
+    """A random 3-block Llama (width 32) with the weekdays word tokenizer, and the tail of four carriers at block 1."""
+    from geosteer.data.tasks import load_task
+    from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
+    from tests.conftest import TASK_DIR
+
+    prompts = load_task("weekdays", TASK_DIR).prompts()
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = build_task_lm(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64).eval()
+    texts = [p.text for p in prompts[:4]]
+    return model, tokenizer, texts, CarrierTail.of_prompts(model, tokenizer, 1, texts)
+
+
+def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
+    model, tokenizer, texts, ct = tail
+    for layer in (99, 3, -1, 1.0):
+        with pytest.raises(ValueError, match=rf"CarrierTail.of_prompts: layer={layer!r} must be an integer in 0 … 2"):
+            CarrierTail.of_prompts(model, tokenizer, layer, texts)
+    for prompts in (np.array([]), [], texts[0], [1, 2]):
+        with pytest.raises(ValueError, match=r"CarrierTail.of_prompts: prompts must be a non-empty list of strings"):
+            CarrierTail.of_prompts(model, tokenizer, 1, prompts)
+    ids = tokenizer(texts[:2], padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match=r"CarrierTail: input_ids holds token id 1000, outside the model's vocabulary"):
+        CarrierTail(model, 1, torch.full_like(ids.input_ids, 1000), ids.attention_mask)
+    assert len(CarrierTail.of_prompts(model, tokenizer, 2, np.array(texts[:3], dtype=object))) == 3  # arrays work
+    shape = r"intervene: h must be a floating tensor \(N, 32\) with carrier \(N,\), or \(W, C, 32\) with C ≤ 4"
+    for h in (torch.randn(3, 2, 64), torch.randn(3, 5, 128), torch.randn(3, 5, 32), torch.randn(3, 32), [0.0]):
+        with pytest.raises(ValueError, match=shape):
+            intervene(ct, h)
+    with pytest.raises(ValueError, match=shape + r".* got a torch.float32 tensor of shape \(3, 64\) and a carrier"):
+        intervene(ct, torch.randn(3, 64), torch.arange(3))
+    with pytest.raises(ValueError, match=r"intervene: carrier holds 7; it must be an integer in 0 … 3"):
+        intervene(ct, torch.randn(3, 32), torch.tensor([0, 1, 7]))
+    with pytest.raises(ValueError, match=r"intervene: carrier must be a 1-D integer tensor \(N,\) = \(3,\)"):
+        intervene(ct, torch.randn(3, 32), torch.arange(2))
+    h = ct.h.expand(2, -1, -1)  # the carriers' own h: the unsteered logits, in either form
+    torch.testing.assert_close(intervene(ct, h), ct.logits0.expand(2, -1, -1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(intervene(ct, ct.h[[2, 0]], torch.tensor([2, 0])), ct.logits0[[2, 0]], rtol=1e-4, atol=1e-4)
+    assert intervene(ct, h[:, :3]).shape == (2, 3, ct.logits0.shape[1])  # the first C ≤ 4 carriers
+    with pytest.raises(ValueError, match=r"steer: carrier holds 4; it must be an integer in 0 … 3"):
+        steer(ct, torch.arange(5), [[5], [6]], 1, lambda h, c: h, 0.1)
+    with pytest.raises(ValueError, match=r"fishback_direction: top_k=0 must be an integer ≥ 1 \(or None\)"):
+        fishback_direction(ct, [[5], [6]], 1, top_k=0)
+    assert steer(ct, torch.arange(4), [[5], [6]], 1, lambda h, c: h, 0.1, max_steps=0).h.shape == (1, 4, 32)
+
+
+def test_the_output_and_fisher_metrics_and_the_spline_refuse_what_they_cannot_use(tail):
+    _, _, _, ct = tail
+    V = ct.logits0.shape[1]
+    with pytest.raises(ValueError, match=rf"OutputPullback: variant_ids holds token id 1000000000, outside the vocabulary; "
+                                         rf"token ids are integers in 0 … {V - 1}"):  # fmt: skip
+        OutputPullback(ct, [[10**9]], carrier=0)
+    for variants in ([], [[5], []], "ab"):
+        with pytest.raises(ValueError, match=r"OutputPullback: variant_ids=.* must be a non-empty list of concepts"):
+            OutputPullback(ct, variants, carrier=0)
+    with pytest.raises(ValueError, match=r"OutputPullback: carrier=9 must be an integer in 0 … 3, .*the tail's 4 carriers"):
+        OutputPullback(ct, [[5]], carrier=9)
+    with pytest.raises(ValueError, match=r"FisherPullback: carrier holds -1; it must be an integer in 0 … 3"):
+        FisherPullback(ct, carrier=torch.tensor([0, -1]))
+    with pytest.raises(TypeError, match=r"OutputPullback: carrier must be .* got a torch.float32 tensor"):
+        OutputPullback(ct, [[5]], carrier=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"FisherPullback: top_k=0 must be an integer ≥ 1 \(or None\)"):
+        FisherPullback(ct, carrier=0, top_k=0).jacobian(ct.h)
+    with pytest.raises(ValueError, match=r"OutputPullback: lam=-1 must be a finite number ≥ 0"):
+        OutputPullback(ct, [[5]], lam=-1)
+    with pytest.raises(TypeError, match=r"FisherPullback: tail must be a models.tail.CarrierTail"):
+        FisherPullback("tail")
+    assert OutputPullback(ct, [[5], [6, 7]], carrier=torch.arange(4)).jacobian(ct.h).shape == (4, 3, 32)
+    assert FisherPullback(ct, carrier=3, top_k=3).jacobian(ct.h[:2]).shape == (2, 3, 32)
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(4)
+    h = torch.randn(20, D, generator=g, dtype=torch.float64)
+    spline = LabelledSpline(h, labels, cyclic=True, n_components=3)
+    with pytest.raises(ValueError, match=r"LabelledSpline.path: b=7 is not one of the spline's classes \[0, 1, 2, 3, 4\]"):
+        spline.path(0, 7, 4)
+    with pytest.raises(ValueError, match=r"LabelledSpline.path: n_steps=0 must be an integer ≥ 1"):
+        spline.path(0, 3, 0)
+    assert spline.path(0, 3, 4).shape == (5, 3) and spline.path(torch.tensor(4), np.int64(1), 2).shape == (3, 3)
+    broken = h.clone()
+    broken[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"LabelledSpline: h holds NaN or Inf"):
+        LabelledSpline(broken, labels, cyclic=True)
+    with pytest.raises(ValueError, match=r"LabelledSpline: n_components=0 must be an integer ≥ 1"):
+        LabelledSpline(h, labels, cyclic=False, n_components=0)
+    with pytest.raises(ValueError, match=r"LabelledSpline: labels must be an integer tensor \(20,\)"):
+        LabelledSpline(h, labels[:3], cyclic=False)
+    with pytest.raises(ValueError, match=r"LabelledSpline: labels hold 1 class\(es\) \[0\]"):
+        LabelledSpline(h, torch.zeros(20, dtype=torch.long), cyclic=False)
+    # A k above min(N, d) keeps every direction (the pipeline's PCA(64) on a narrower model), as documented.
+    assert LabelledSpline(h, labels, cyclic=False, n_components=64).centroids.shape == (5, D)
