@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 
@@ -128,9 +128,24 @@ def check_override_types(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     picks = [o for o in overrides if (CONFIG_DIR / o.split("=")[0].lstrip("+~").split("@")[0]).is_dir()]
     defaults = compose(config_name="config", overrides=picks)
     plain = lambda c: OmegaConf.to_container(c, resolve=False)  # noqa: E731
-    if errors := override_type_errors(plain(cfg), plain(defaults)):
+    if errors := override_type_errors(plain(cfg), plain(defaults)) + reparsed_strings(cfg, defaults, overrides):
         raise StageError("wrong kind of value: " + "; ".join(errors) + ".")
     return defaults
+
+
+def reparsed_strings(cfg: DictConfig, defaults: DictConfig, overrides: list[str]) -> list[str]:
+    """Text settings (a run name, a path) that Hydra read as another value than their text: `run_name=1e3` is the
+    number 1000.0 (a folder named 1000.0), `true` is True, `null` is None."""
+    errors = []
+    for o in overrides:
+        key, _, raw = o.lstrip("+").partition("=")
+        if o.startswith("~") or (CONFIG_DIR / key.split("@")[0]).is_dir():
+            continue
+        default, now = OmegaConf.select(defaults, key, default=None), OmegaConf.select(cfg, key, default=None)
+        if isinstance(default, str) and not isinstance(now, (str, list, dict, DictConfig, ListConfig)) and str(now) != raw:
+            errors.append(f"{key}={raw} is read as {now!r}, not as the text {raw!r}; quote it ({key}=\"'{raw}'\" in a "
+                          f"shell) or use other text, e.g. {key}=x{raw}")  # fmt: skip
+    return errors
 
 
 def check_config(cfg: DictConfig, overrides: list[str]) -> None:

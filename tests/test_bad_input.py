@@ -810,6 +810,18 @@ CASES = [
     ],
     ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
     (
+        "a run name Hydra reads as a number",  # the run would land in a folder named 1000.0
+        None,
+        ["stage=eval", "run_name=1e3"],
+        r"run_name=1e3 is read as 1000.0, not as the text '1e3'; quote it",
+    ),
+    (
+        "a run name Hydra reads as null",
+        None,
+        ["stage=eval", "run_name=null"],
+        r"run_name=null is read as None",
+    ),
+    (
         "a sweep whose last job alone is bad",  # each value is good with the others' first ones
         None,
         ["-m", "stage=eval", "lm.hidden_size=32,30", "lm.num_heads=2,4", "run_name=w${{lm.hidden_size}}h${{lm.num_heads}}"],
