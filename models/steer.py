@@ -229,6 +229,10 @@ class Steering:
         P = None if self._prompt is None else self._prompt.shape[1]
         continues = ids is not None and P is not None and ids.shape[1] > P and torch.equal(ids[:, :P], self._prompt)
         if not continues:
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all()):
+                raise SteeringError("Steering moves each prompt's last position, so prompts must be left-padded: a row "
+                                    "of this batch ends in padding. Set tokenizer.padding_side = 'left'.")  # fmt: skip
             self._prompt, self._length = ids, None if ids is None else ids.shape[1]
 
     def _hook(self, _module, _args, kwargs, output):

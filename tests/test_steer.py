@@ -122,6 +122,27 @@ def test_generation_is_steered_at_the_prompt_and_with_every_token_at_each_new_to
     assert (first == "Thursday") == (int(q.argmax()) == s.target), "greedy generation follows the injected point"
 
 
+def test_a_right_padded_batch_is_refused_not_steered_at_its_padding(shipped):
+    """Steering moves the last position: a right-padded row's last position is padding, so such a batch is refused;
+    the same prompts left-padded are steered."""
+    geometries, lm, tokenizer, _ = shipped
+    side = tokenizer.padding_side
+    try:
+        tokenizer.padding_side = "right"
+        enc = tokenizer([PROMPTS[0], PROMPTS[0] + " Monday Monday"], return_tensors="pt", padding=True)
+        with Steering(lm, geometries["gaga_out"], "Thursday", method="linear") as s, torch.no_grad():
+            with pytest.raises(SteeringError, match=r"prompts must be left-padded.*padding_side = 'left'"):
+                lm(**enc)
+        assert s.calls == 0
+        tokenizer.padding_side = "left"
+        enc = tokenizer([PROMPTS[0], PROMPTS[0] + " Monday Monday"], return_tensors="pt", padding=True)
+        with Steering(lm, geometries["gaga_out"], "Thursday", method="linear") as s, torch.no_grad():
+            lm(**enc)
+        assert s.calls == 1
+    finally:
+        tokenizer.padding_side = side
+
+
 @pytest.mark.parametrize("every_token", [False, True])
 def test_generation_without_the_cache_is_steered_as_with_it(shipped, every_token):
     """Without a KV cache each pass recomputes the prompt: its last token is steered in every pass (and, with
