@@ -25,7 +25,7 @@ from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_co
 from geosteer.models.lm import read_last_token
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
-from geosteer.pipeline.products import RunLayout, check_inside, check_product, fingerprint, lm_fingerprint, lm_source
+from geosteer.pipeline.products import STAMP, RunLayout, check_inside, check_product, fingerprint, lm_fingerprint, lm_source
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -86,6 +86,13 @@ def run(cfg: DictConfig) -> dict:
             )
         check_product(Path(cfg.model.pretrained), "Train it again with `pipeline stage=lm overwrite=true`.")
     recorded, now = geometry.meta.get("lm_fingerprint") or "", lm_fingerprint(cfg.model) or ""
+    if recorded and not now and (Path(str(cfg.model.pretrained)) / STAMP).is_file():
+        as_embedded = lm_fingerprint({"pretrained": cfg.model.pretrained, "embedded": True})
+        if as_embedded == recorded:
+            raise StageError(
+                f"{folder} was trained on the embedded LM at {cfg.model.pretrained}, which model.embedded=false reads as "
+                f"an outside LM (one without a training record to check). Pass model.embedded=true."
+            )
     if recorded != now:
         raise StageError(
             f"{folder} was trained on another training of the LM (its fingerprint {recorded or 'none'}, the LM at "

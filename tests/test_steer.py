@@ -248,6 +248,29 @@ def steer_command(cfg, *overrides) -> list[str]:
             "stage=steer", "steer.target=Thursday", f"steer.prompt={json.dumps(PROMPTS[0])}", *overrides]  # fmt: skip
 
 
+def test_stage_steer_names_model_embedded_when_the_embedded_lm_is_read_as_an_outside_one(shipped, capsys, monkeypatch,
+                                                                                         tmp_path, tiny_lm_dir):  # fmt: skip
+    from geosteer.pipeline.products import lm_fingerprint, write_stamp
+    from tests.test_bad_input import pipeline_command
+
+    _, _, _, cfg = shipped
+    lm = tmp_path / "run" / "lm"  # an embedded LM, with the record stage=lm leaves
+    shutil.copytree(tiny_lm_dir, lm)
+    write_stamp(lm, "lm", "trained", {})
+    other = tmp_path / "weekdays" / "gaga_out"  # a geometry trained on it
+    shutil.copytree(train.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "gaga_out", other)
+    (other / "stage.json").unlink()
+    config = json.loads((other / "config.json").read_text())
+    config["meta"]["lm_fingerprint"] = lm_fingerprint({"pretrained": str(lm), "embedded": True})
+    (other / "config.json").write_text(json.dumps(config))
+    seal(other)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, printed = pipeline_command(steer_command(cfg, f"steer.geometry={other}", f"model.pretrained={lm}"), capsys)
+    assert code == 1 and "Traceback" not in printed, printed
+    assert re.search(r"trained on the embedded LM at \S+, which model.embedded=false reads as an outside LM.*Pass "
+                     r"model.embedded=true", printed), printed  # fmt: skip
+
+
 def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, capsys, monkeypatch):
     from tests.test_bad_input import pipeline_command
 
