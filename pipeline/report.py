@@ -351,8 +351,8 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(folder / "results.csv", buffer.getvalue())
-    own = {t: rows for t, r in per_task.items()
-           if "methods" in r.get("own_point", {}) and (rows := own_point_rows(r["own_point"], cfg.eval.threshold))}  # fmt: skip
+    own = {t: scored for t, r in per_task.items()
+           if "methods" in r.get("own_point", {}) and (scored := own_point_rows(r["own_point"], cfg.eval.threshold))}  # fmt: skip
     atomic_write_text(folder / "results.json", json.dumps({"summary": rows, "verdicts": claims, "own_point": own,
                                                             "tasks": per_task, "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
