@@ -608,6 +608,7 @@ def run(cfg: DictConfig) -> dict:
     if logger:
         close_logger(logger)
     result = {"dir": str(out), "report": str(out / "report.md"), **summary["headline"], "seconds": summary["seconds"]}
+    (work / FINISHED).unlink(missing_ok=True)  # the resume's bookkeeping: not part of the finished evaluation
     write_stamp(work, "eval", fp, result)  # before the move: the report never lies in place without its record
     replace_dir(work, out)
     log.info("evaluation written to %s", out / "report.md")

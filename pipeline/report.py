@@ -469,10 +469,13 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
            _table(per_task, lambda r: {f"{g} {k}": _fmt(*mean_se(r["alignment"][g][key])[:2], digits=4)
                                        for g in ("G_out", "G_F") for k, key in (("deviation", "spectral_deviation"),
                                                                                  ("eff. dim", "effective_dim"))}, {}), ""]  # fmt: skip
-    md += ["## Figures", "", "- [E_B and target_prob_end per method](bars.png)", ""]
-    for t, r in per_task.items():
-        md += [f"- {t}: " + ", ".join(f"[{name}]({f})" for name, f in r.get("figures", {}).items())]
-    md += ["", "![bars](bars.png)", ""]
+    if cfg.eval.figures:
+        md += ["## Figures", "", "- [E_B and target_prob_end per method](bars.png)", ""]
+        for t, r in per_task.items():
+            md += [f"- {t}: " + ", ".join(f"[{name}]({f})" for name, f in r.get("figures", {}).items())]
+        md += ["", "![bars](bars.png)", ""]
+    else:
+        md += ["## Figures", "", "Not drawn (eval.figures=false).", ""]
     times = lambda r: {**{m: f"{v['seconds']:.1f}" for m, v in r["methods"].items() if "seconds" in v},  # noqa: E731
                        "own h": f"{r.get('own_point', {}).get('seconds', math.nan):.1f}",
                        "against G_out": f"{r['alignment']['seconds']:.1f}"}  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from geosteer.models.geodesics import linear_path
 from geosteer.models.innsteer import InnSteer
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import report, train
-from geosteer.pipeline.methods import SCORES
+from geosteer.pipeline.methods import SCORES, build_methods
 from tests.conftest import wandb_records
 
 GEOMETRIES = ("gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge")
@@ -49,6 +50,20 @@ def beside(evaluated, cfg, products=("extract", "geometry")) -> evaluate.Path:
 
 def weekdays_results(result: dict) -> dict:
     return json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]
+
+
+def test_the_report_links_only_figures_it_drew_and_keeps_no_bookkeeping(evaluated, tmp_path):
+    cfg, result = evaluated
+    out = evaluate.Path(result["dir"])
+    links = re.findall(r"\(([^()\s]+\.png)\)", (out / "report.md").read_text())
+    assert "bars.png" in links and all((out / link).is_file() for link in links), links
+    assert not (out / evaluate.FINISHED).exists(), "the resume's bookkeeping is not part of the finished evaluation"
+    off = cfg.copy()
+    with open_dict(off):
+        off.eval.figures = False
+    per_task = json.loads((out / "results.json").read_text())["tasks"]
+    report.write(per_task, off, tmp_path, 1.0, build_methods(off.method), "tiny")
+    assert ".png" not in (tmp_path / "report.md").read_text() and not list(tmp_path.glob("*.png"))
 
 
 def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated):
