@@ -375,7 +375,8 @@ class ActivationStore:
             keys = sorted(k for k in {*stored, *asked} if stored.get(k) != asked.get(k))
             raise StoreError(
                 f"{self.path} holds task '{name}' extracted from another definition of it (they differ in {keys}). "
-                f"Re-extract it with `pipeline stage=extract overwrite=true`, or put the task's file back as it was."
+                f"Re-extract it with `pipeline stage=extract overwrite=true`, or ask for the task as it was extracted "
+                f"(its file as it was, without task.* overrides that change {keys})."
             )
 
     def schema(self, task: str) -> ConceptSchema:

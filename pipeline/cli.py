@@ -26,14 +26,14 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 
 from geosteer.data.store import StoreError
-from geosteer.data.targets import TargetError
+from geosteer.data.targets import MIN_SPLIT_ROWS, TargetError
 from geosteer.data.tasks import TaskError
 from geosteer.models.hub import CheckpointError, GeometryMismatch
 from geosteer.models.lm import ModelLoadError
 from geosteer.models.steer import SteeringError
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import extract, lm, steer, targets, train
-from geosteer.pipeline.common import CONFIG_DIR, StageError, launched_rank, log
+from geosteer.pipeline.common import CONFIG_DIR, StageError, launched_rank, load_tasks, log
 from geosteer.pipeline.methods import build_methods
 from geosteer.pipeline.products import RunLayout, check_run_dir, run_lock
 from geosteer.pipeline.settings import check_settings, resolve
@@ -80,6 +80,13 @@ def _run(cfg: DictConfig) -> dict:
         build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run
     if cfg.stage == "all":
         train.check_trained_against(cfg, train.selected_geometries(cfg))  # and a bad geometry choice, before them
+        f = cfg.targets.val_fraction  # the most rows a split can give validation: all rows in one class
+        if few := {t.name: n for t in load_tasks(cfg) if (n := len(t.prompts())) < 2 * MIN_SPLIT_ROWS
+                   or min(round(f * n), n - 1) < MIN_SPLIT_ROWS}:  # fmt: skip
+            raise StageError(f"task(s) {few} have too few prompts (rows): stage=targets splits each task's rows into "
+                             f"training and validation rows, at least {MIN_SPLIT_ROWS} each, and with "
+                             f"targets.val_fraction={f} no split of so few does. Add prompts to the task's file (more "
+                             f"templates or numbers), or raise targets.val_fraction.")  # fmt: skip
         names = [s for s in PIPELINE if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}
     if cfg.stage not in STAGES:

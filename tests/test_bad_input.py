@@ -741,6 +741,18 @@ CASES = [
         r"chunk_00001.npz is damaged.*delete it and re-run",
     ),
     (
+        "a task too small to split, on stage=all",  # refused before the LM trains, not at stage=targets
+        lambda run, scratch, args: task_file(
+            scratch,
+            name="duo",
+            numbers=[1],
+            number_words={1: "one"},
+            templates=["Q: What day is {number} days after {entity}?\nA:"],
+        ),
+        ["stage=all", "tasks=[{scratch}/duo.yaml]", "overwrite=true"],
+        r"task\(s\) \{'duo': 7\} have too few prompts .*at least 3 each.*Add prompts to the task's file",
+    ),
+    (
         "empty task",
         empty_task,
         ["stage=extract", "tasks=[{scratch}/empty.yaml]", "overwrite=true"],
