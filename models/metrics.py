@@ -254,8 +254,9 @@ class FisherPullback:
         if head is not None:
             W = head.weight.detach()  # (V, d)
             if k > W.shape[1]:  # the same Gram matrix RᵀR from d rows √λᵢ eᵢ
-                eigenvalues, vectors = torch.linalg.eigh(fisher_gram(W, p, p_top, tokens))  # (B, d), (B, d, d)
-                rows = (vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)).transpose(1, 2)  # (B, d, d)
+                gram = fisher_gram(W, p, p_top, tokens)  # (B, d, d); eigh takes no half precision: float32, then back
+                eigenvalues, vectors = torch.linalg.eigh(gram if gram.dtype in (torch.float32, torch.float64) else gram.float())
+                rows = (vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)).transpose(1, 2).to(gram.dtype)  # (B, d, d)
             else:
                 rows = p_top.sqrt().unsqueeze(-1) * (W[tokens] - (p @ W).unsqueeze(1))  # (B, k, d) cotangents on u
 

@@ -329,6 +329,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         start = time.perf_counter()
         log.info("%s/%s: steering %d pairs", task.name, name, len(pairs))
         per_pair: dict[str, list[float]] = {m: [] for m in SCORES}
+        broken = 0  # pairs whose outputs went non-finite
         each, paths = steered(ctx, method, pairs, carriers, geometry)
         if paths is not None:
             raw_paths[name] = paths.raw
@@ -337,9 +338,12 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         for p, ((a, b), (h, mask, trace)) in enumerate(tqdm(zip(pairs, each), total=len(pairs), desc=f"{task.name}/{name}",
                                                             leave=False)):  # fmt: skip
             q, kl = read_behaviour(carriers.of(p), h, data.variant_ids, b)
-            scores = score(q, kl, mask, a, b, manifold, cyclic, e.threshold)
-            if method.kind == "path":
-                scores |= at_budget(carriers.of(p), trace.float(), data.variant_ids, b, class_q[b], e.budget_between)
+            if bool(q[mask].isfinite().all()):
+                scores = score(q, kl, mask, a, b, manifold, cyclic, e.threshold)
+                if method.kind == "path":
+                    scores |= at_budget(carriers.of(p), trace.float(), data.variant_ids, b, class_q[b], e.budget_between)
+            else:  # an overflow (e.g. in float16): no score, rather than a wrong one
+                broken, scores = broken + 1, {}
             for m in SCORES:
                 per_pair[m].append(scores.get(m, math.nan))
             if p == shown:
@@ -347,6 +351,11 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
                 figures["q"][name] = q.mean(1)  # (W, K+1); a carrier that stopped repeats its last q
         entry["seconds"] = round(time.perf_counter() - start, 2)
         entry["per_pair"] = {m: [None if math.isnan(v) else v for v in vs] for m, vs in per_pair.items()}
+        if broken:
+            entry["non_finite_pairs"] = broken
+            log.warning("%s/%s: %d of %d pairs gave non-finite output probabilities (NaN or Inf) and are left out of its "
+                        "scores; with model.dtype=%s the arithmetic may overflow: use float32 (or bfloat16)", task.name,
+                        name, broken, len(pairs), cfg.model.dtype)  # fmt: skip
         log.info("%s/%s: %.1f s", task.name, name, entry["seconds"])
 
     start = time.perf_counter()

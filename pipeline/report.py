@@ -483,6 +483,9 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
            "", "## Methods", "", "| method | path |", "|---|---|",
            *[f"| {spec.label} | {spec.how} |" for spec in methods.values()], ""]  # fmt: skip
     missing = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["methods"].items() if "reason" in v]
+    missing += [f"- {t}/{m}: {v['non_finite_pairs']} of {len(r['pairs'])} pairs gave non-finite output probabilities "
+                f"(an overflow; with model.dtype={cfg.model.dtype}, use float32 or bfloat16) and are left out"
+                for t, r in per_task.items() for m, v in r["methods"].items() if v.get("non_finite_pairs")]  # fmt: skip
     if missing:
         md += ["## Empty cells", "", *missing, ""]
     md += ["G_out's L-BFGS runs on one pinned carrier per task (the prompt whose activation is nearest the task's mean): "

@@ -384,3 +384,26 @@ def test_the_innsteer_geodesic_is_a_latent_straight_line_between_the_endpoints()
     t = torch.linspace(0, 1, 9, dtype=torch.float64)[:, None]
     torch.testing.assert_close(z, (1 - t) * z[:, :1] + t * z[:, -1:], rtol=0, atol=1e-9)
     assert (path - linear_path(x_a, x_b, 8)).abs().max() > 1e-3, "a curved φ must bend the path"
+
+
+def test_outputs_that_overflow_are_left_out_and_named_not_scored(tmp_path, tiny_lm_dir, caplog):
+    """In float16 FishBack's Fisher solve overflows: its pairs' outputs are NaN. They get no score (not legibility 1.0
+    from an arg-max of NaN), a warning and a line in the report that name the cause."""
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1",
+                   "tasks=[weekdays]", "model.dtype=float16", "method=[linear,fishback]", "eval.max_pairs=3",
+                   "eval.all_pairs_max_k=0", *SMALL_EVAL)  # fmt: skip
+    from geosteer.pipeline import extract, targets
+
+    extract.run(cfg)
+    targets.run(cfg)
+    with caplog.at_level("WARNING"):
+        result = evaluate.run(cfg)
+    saved = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]["weekdays"]["methods"]
+    broken = saved["fishback"].get("non_finite_pairs", 0)
+    scored = [v for v in saved["fishback"]["per_pair"]["legibility"] if v is not None]
+    assert broken + len(scored) == 3 and broken > 0, saved["fishback"]["per_pair"]
+    assert f"{broken} of 3 pairs gave non-finite output probabilities" in caplog.text
+    report_md = (evaluate.Path(result["dir"]) / "report.md").read_text()
+    assert "weekdays/fishback: " in report_md and "model.dtype=float16" in report_md
