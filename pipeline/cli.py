@@ -135,7 +135,7 @@ def check_override_types(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     picks = [o for o in overrides if (CONFIG_DIR / o.split("=")[0].lstrip("+~").split("@")[0]).is_dir()]
     defaults = compose(config_name="config", overrides=picks)
     plain = lambda c: OmegaConf.to_container(c, resolve=False)  # noqa: E731
-    if errors := override_type_errors(plain(cfg), plain(defaults)) + reparsed_strings(cfg, defaults, overrides):
+    if errors := override_type_errors(plain(cfg), plain(defaults)):
         raise StageError("wrong kind of value: " + "; ".join(errors) + ".")
     return defaults
 
@@ -143,11 +143,12 @@ def check_override_types(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 def reparsed_strings(cfg: DictConfig, defaults: DictConfig, overrides: list[str]) -> list[str]:
     """Text settings (a run name, a path) that Hydra read as another value than their text: `run_name=1e3` is the
     number 1000.0 (a folder named 1000.0), `true` is True, `null` is None."""
-    errors = []
-    for o in overrides:
+    errors, seen = [], set()
+    for o in reversed(overrides):  # the last override of a key is the one that counts
         key, _, raw = o.lstrip("+").partition("=")
-        if o.startswith("~") or (CONFIG_DIR / key.split("@")[0]).is_dir():
+        if o.startswith("~") or (CONFIG_DIR / key.split("@")[0]).is_dir() or key in seen or "${" in raw:
             continue
+        seen.add(key)
         default, now = OmegaConf.select(defaults, key, default=None), OmegaConf.select(cfg, key, default=None)
         if isinstance(default, str) and not isinstance(now, (str, list, dict, DictConfig, ListConfig)) and str(now) != raw:
             errors.append(f"{key}={raw} is read as {now!r}, not as the text {raw!r}; quote it ({key}=\"'{raw}'\" in a "
@@ -160,6 +161,8 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
     defaults = check_override_types(cfg, overrides)
     resolve(cfg)
     check_settings(cfg, defaults)  # first: the run folder's check needs paths that are strings
+    if errors := reparsed_strings(cfg, defaults, overrides):  # after the settings' own checks, which name the fix
+        raise StageError("wrong kind of value: " + "; ".join(errors) + ".")
     check_run_dir(cfg)
 
 

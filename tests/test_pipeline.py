@@ -129,7 +129,8 @@ def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_
 def test_wandb_keeps_its_debug_logs_in_the_run_folder(tmp_path, tiny_lm_dir):
     """W&B's service writes its debug logs under the run's wandb folder, not under the user's ~/.cache."""
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_CACHE_DIR", "XDG_CACHE_HOME")} | {"HOME": str(home)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "XDG_CACHE_HOME"}  # WANDB_SERVICE:
+    env["HOME"] = str(home)  # a service this test process started would take the run's logs
     done = subprocess.run([sys.executable, "-m", "geosteer.pipeline", f"paths.outputs={tmp_path}", "stage=extract",
                            f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]"],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
