@@ -211,6 +211,7 @@ class Steering:
         self.calls = 0
         self._prompt: torch.Tensor | None = None  # (B, P) the input ids of the prompt being generated from
         self._length: int | None = None  # P
+        self._seen: int | None = None  # the length of the last pass's input ids
         self._handles: list = []
 
     def point(self, h: torch.Tensor) -> torch.Tensor:
@@ -225,9 +226,13 @@ class Steering:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
-            return  # the next token of the cached prompt
+            if ids is not None and ids.shape[1] > 1:  # a new prompt after a cached prefix: its last token is the prompt's
+                self._prompt, self._length, self._seen = None, None, None
+            return  # else the next token of the cached prompt
         P = None if self._prompt is None else self._prompt.shape[1]
-        continues = ids is not None and P is not None and ids.shape[1] > P and torch.equal(ids[:, :P], self._prompt)
+        continues = (ids is not None and P is not None and ids.shape[1] == self._seen + 1  # one generated token more
+                     and torch.equal(ids[:, :P], self._prompt))  # fmt: skip
+        self._seen = None if ids is None else ids.shape[1]
         if not continues:
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all()):
@@ -259,7 +264,7 @@ class Steering:
         if self._handles:
             raise SteeringError("this Steering is already in use; enter it once at a time (make another for a "
                                 "second model or target).")  # fmt: skip
-        self.calls, self._prompt, self._length = 0, None, None
+        self.calls, self._prompt, self._length, self._seen = 0, None, None, None
         self._handles = [
             self.model.register_forward_pre_hook(self._see_input, with_kwargs=True),
             decoder_layers(self.model)[self.layer].register_forward_hook(self._hook, with_kwargs=True),

@@ -122,6 +122,31 @@ def test_generation_is_steered_at_the_prompt_and_with_every_token_at_each_new_to
     assert (first == "Thursday") == (int(q.argmax()) == s.target), "greedy generation follows the injected point"
 
 
+def test_a_prompt_that_extends_the_last_one_and_a_prompt_after_a_cached_prefix_are_steered(shipped):
+    """A second prompt that starts with the first is a new prompt (a generation step adds one token), and so is a
+    prompt whose prefix is already in the cache: each is steered at its own last token, as when given alone."""
+    from transformers import DynamicCache
+
+    geometries, lm, tokenizer, _ = shipped
+    first, second = PROMPTS[0], PROMPTS[0] + " Wednesday\n" + PROMPTS[1]
+    enc = tokenizer(second, return_tensors="pt")
+    with Steering(lm, geometries["gaga_out"], "Thursday", method="linear") as alone:
+        lm.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with Steering(lm, geometries["gaga_out"], "Thursday", method="linear") as s:
+        lm.generate(**tokenizer(first, return_tensors="pt"), max_new_tokens=2, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        lm.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert s.calls == 2, "each prompt steered once"
+    torch.testing.assert_close(s.last[0], alone.last[0])  # the same h: the second prompt's own last token
+    prefix = tokenizer(first, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cache = lm(prefix, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    with Steering(lm, geometries["gaga_out"], "Thursday", method="linear") as cached:
+        lm.generate(**enc, past_key_values=cache, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert cached.calls == 1
+    torch.testing.assert_close(cached.last[0], alone.last[0], rtol=1e-4, atol=1e-4)
+
+
 def test_a_right_padded_batch_is_refused_not_steered_at_its_padding(shipped):
     """Steering moves the last position: a right-padded row's last position is padding, so such a batch is refused;
     the same prompts left-padded are steered."""
