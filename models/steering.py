@@ -170,7 +170,7 @@ def steer(
             break
         rows = torch.nonzero(moving).flatten()
         h, q = h.clone(), q.clone()
-        h[rows] = h[rows] + step[rows] * direction(h[rows], carrier[rows]).detach()
+        h[rows] = h[rows] + (step[rows] * direction(h[rows], carrier[rows]).detach()).to(h.dtype)  # a bf16 LM's h
         with torch.no_grad():
             q[rows] = concept_q(tail, h[rows], variant_ids, carrier[rows])
         last[rows] = n

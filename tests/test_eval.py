@@ -337,6 +337,22 @@ def test_alpha_is_the_smallest_reaching_the_threshold_on_its_half():
     assert report.pick_alpha(backwards, np.array([0, 1]), 0.5, alphas[::-1]) == 1
 
 
+def test_an_alpha_that_reaches_no_threshold_is_marked_and_a_claim_on_two_tasks_says_which_was_not_run():
+    entry = {"label": "CAA", "carriers": [10, 10], "q_b": [[0.1, 0.2], [0.1, 0.6]], "top1": [[0, 0], [0, 1]],
+             "other": [[0.0, 0.0]] * 2, "kl": [[0.1, 0.2]] * 2, "distance": [[1, 1], [1, 0]], "top1_at_1": 0.5}  # fmt: skip
+    (row,) = report.own_point_rows({"alphas": [0.5, 1.0], "methods": {"caa": entry}}, 0.5).values()
+    one, two = report.halves(2)
+    assert row["reached"] == [bool(entry["q_b"][one[0]][1] >= 0.5), bool(entry["q_b"][two[0]][1] >= 0.5)]
+    assert sorted(row["reached"]) == [False, True], "one pair never reaches 0.5: its α is the largest q_b's, marked"
+    rows = [{"task": "weekdays", "method": m, "label": m, "metric": "E_B", "mean": v, "lo": v, "hi": v,
+             "best_baseline": "linear", "diff": -0.5 if m == "gaga_out" else math.nan,
+             "p": 0.001 if m == "gaga_out" else math.nan, "p_holm": 0.001} for m, v in (("gaga_out", 1.0), ("linear", 1.5))]  # fmt: skip
+    claims = report.verdicts({"weekdays": {"pairs": [], "methods": {}}}, rows)
+    assert claims[1]["verdict"] == "reproduced, on weekdays only: months was not evaluated", claims[1]
+    assert report.verdicts({"toy": {"pairs": [], "methods": {}}}, [])[1]["verdict"].startswith("not tested: this run "
+                                                                                             "evaluated neither")  # fmt: skip
+
+
 def test_one_pair_gives_no_out_of_sample_alpha():
     """With one pair a half is empty: no α can be picked on pairs it is not scored on, so there is no row."""
     entry = {"label": "CAA", "carriers": [10], "q_b": [[0.1, 0.9]], "top1": [[0, 1]], "other": [[0.0, 0.0]],
@@ -392,7 +408,7 @@ def test_outputs_that_overflow_are_left_out_and_named_not_scored(tmp_path, tiny_
     from tests.conftest import make_cfg
 
     cfg = make_cfg(tmp_path, f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1",
-                   "tasks=[weekdays]", "model.dtype=float16", "method=[linear,fishback]", "eval.max_pairs=3",
+                   "tasks=[weekdays]", "model.dtype=float16", "method=[linear,caa,fishback]", "eval.max_pairs=3",
                    "eval.all_pairs_max_k=0", *SMALL_EVAL)  # fmt: skip
     from geosteer.pipeline import extract, targets
 
