@@ -228,7 +228,10 @@ def lm_change(m, store_attrs: dict[str, Any], model: torch.nn.Module | None = No
     if isinstance(recorded_files, dict) and (now := lm_files(m)) != recorded_files:
         if not Path(str(m["pretrained"])).is_dir():
             return "its folder is missing (moved, renamed or deleted)"
-        return f"its files {sorted(k for k in {*now, *recorded_files} if now.get(k) != recorded_files.get(k))} differ"
+        kinds = {"added since": sorted(set(now) - set(recorded_files)), "gone": sorted(set(recorded_files) - set(now)),
+                 "changed": sorted(k for k in set(now) & set(recorded_files) if now[k] != recorded_files[k])}  # fmt: skip
+        hint = "; a file added beside an unchanged LM counts too: move it out" if kinds["added since"] else ""
+        return "its files differ (" + "; ".join(f"{kind}: {names}" for kind, names in kinds.items() if names) + hint + ")"
     if model is not None and recorded_sketch is not None:
         distance = sketch_distance(weight_sketch(model), recorded_sketch)
         if distance > SKETCH_TOLERANCE:

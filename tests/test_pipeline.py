@@ -110,7 +110,7 @@ def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_
 
     save_file(twin, weights, metadata=metadata)
     for refused in (lambda: extract.run(cfg), lambda: lm_of_store(cfg, attrs, "a test")):
-        with pytest.raises(StageError, match=r"its files \['model.safetensors'\] differ.*overwrite=true"):
+        with pytest.raises(StageError, match=r"its files differ \(changed: \['model.safetensors'\]\).*overwrite=true"):
             refused()
     _shared_lm.cache_clear()  # an LM of the Hub (no files recorded) is checked by the sketch of its weights alone
     with pytest.raises(StageError, match=r"weights differ from the ones the store was extracted with \(weight sketch"):
@@ -119,9 +119,14 @@ def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_
     _shared_lm.cache_clear()
     extract.run(cfg)
     lm_of_store(cfg, attrs, "a test")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.1}))
-    with pytest.raises(StageError, match=r"its files \['config.json'\] differ\. Extract again .*overwrite=true"):
+    original = (folder / "config.json").read_bytes()
+    (folder / "config.json").write_text(json.dumps({**json.loads(original), "rms_norm_eps": 0.1}))
+    with pytest.raises(StageError, match=r"its files differ \(changed: \['config.json'\]\)\. Extract again .*overwrite=true"):
+        extract.run(cfg)
+    (folder / "config.json").write_bytes(original)  # put back, and a file added beside the LM
+    (folder / "notes.txt").write_text("tried a new learning rate")
+    with pytest.raises(StageError, match=r"its files differ \(added since: \['notes.txt'\]; a file added beside an "
+                                         r"unchanged LM counts too: move it out\)"):  # fmt: skip
         extract.run(cfg)
     assert store_path.read_bytes() == before, "a refused run must not touch the existing store"
 
