@@ -255,12 +255,16 @@ def makeable(folder: Path, key: str, value: str) -> list[str]:
     return []
 
 
-def shared_run_folders(jobs: list[list[str]]) -> list[str]:
+def job_run_dirs(jobs: list[list[str]]) -> list[Path]:
+    """The run folder of each sweep job, resolved."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return [Path(compose(config_name="config", overrides=job).paths.run_dir).resolve() for job in jobs]
+
+
+def shared_run_folders(jobs: list[list[str]], run_dirs: list[Path]) -> list[str]:
     """Sweep jobs that would write one run folder with different settings (only `stage` and `steer.*` may differ)."""
-    seen: dict[str, list[str]] = {}
-    for job in jobs:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            run_dir = str(compose(config_name="config", overrides=job).paths.run_dir)
+    seen: dict[Path, list[str]] = {}
+    for job, run_dir in zip(jobs, run_dirs):
         settings = [arg for arg in job if not arg.startswith(("stage=", "steer."))]  # neither changes a product
         if seen.setdefault(run_dir, settings) != settings:
             return [f"jobs of this sweep with different settings ({' '.join(seen[run_dir])} and {' '.join(settings)}) "
@@ -269,14 +273,12 @@ def shared_run_folders(jobs: list[list[str]]) -> list[str]:
     return []
 
 
-def sweep_dir_in_a_run(argv: list[str], jobs: list[list[str]]) -> list[str]:
+def sweep_dir_in_a_run(argv: list[str], run_dirs: list[Path]) -> list[str]:
     """A `hydra.sweep.dir` inside a job's run folder, whose products the jobs replace whole (its logs with them)."""
     for arg in argv:
         if arg.startswith("hydra.sweep.dir="):
             where = Path(arg.split("=", 1)[1].split("${")[0]).resolve()
-            for job in jobs:
-                with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                    run_dir = Path(compose(config_name="config", overrides=job).paths.run_dir).resolve()
+            for run_dir in run_dirs:
                 if where.is_relative_to(run_dir):
                     return [f"{arg} lies in the run folder {run_dir}, whose products the jobs replace whole (and Hydra's "
                             f"logs with them); put the sweep's logs outside it, or leave hydra.sweep.dir at its default "
@@ -309,9 +311,11 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
             return [" ".join(str(e).split())]
         logs = [makeable(Path(a.split("=", 1)[1].split("${")[0]), "hydra.sweep.dir", a.split("=", 1)[1])
                 for a in argv if a.startswith("hydra.sweep.dir=")]  # fmt: skip
-        return (next((errors for errors in logs if errors), [])
-                or next((errors for job in jobs if (errors := precheck(job, sweeping=True))), [])
-                or shared_run_folders(jobs) or sweep_dir_in_a_run(argv, jobs))  # fmt: skip
+        if errors := (next((errors for errors in logs if errors), [])
+                      or next((errors for job in jobs if (errors := precheck(job, sweeping=True))), [])):  # fmt: skip
+            return errors
+        run_dirs = job_run_dirs(jobs)
+        return shared_run_folders(jobs, run_dirs) or sweep_dir_in_a_run(argv, run_dirs)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
