@@ -90,9 +90,11 @@ from geosteer.pipeline.products import (
     refuse_unrecorded,
     replace_dir,
     stage_fingerprint,
+    warn_unapplied,
     write_stamp,
 )
 from geosteer.pipeline.targets import split_key
+from geosteer.pipeline.train import capped
 
 
 def read_task(store: ActivationStore, task: Task, val_fraction: float, seed: int) -> TaskData:
@@ -150,6 +152,9 @@ def exports_used(cfg: DictConfig, tasks: list[Task], methods: dict[str, Steering
             learned.append(f"{task.name}/{method.geometry}")
             if (folder / "config.json").is_file():
                 check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`).")
+                if (g := (to_plain(cfg.get("geometry")) or {}).get(method.geometry)) is not None:
+                    warn_unapplied(folder, {"geometry": capped(cfg, g)}, "stage=eval", "To train it with them: "
+                                   "`pipeline stage=train overwrite=true` (then eval).", cfg.paths.run_dir)  # fmt: skip
                 check_export_name(folder, load_geometry(folder).meta, method)  # loads: a damaged one is named first
                 used[f"{task.name}/{name}"] = content_digest(folder, leave_out=HOW_IT_WENT)
     if learned and not used and root.resolve() != RunLayout.of(cfg).geometries.resolve():
@@ -576,6 +581,9 @@ def run(cfg: DictConfig) -> dict:
         run.extract,
         "Re-run `pipeline stage=extract` with the overrides that made it (the same tasks=..., model=...): it makes the store again.",
     )
+    extract.warn_unextracted(cfg, "stage=eval")
+    warn_unapplied(run.targets, {"targets": to_plain(cfg.targets)}, "stage=eval",
+                   "To compute them with these: `pipeline stage=targets overwrite=true` and what follows.")  # fmt: skip
     with ActivationStore(store_path) as store:
         store_fp, layer = str(store.attrs["fingerprint"]), int(store.attrs["layer"])
         missing = [t.name for t in tasks if t.name not in store.tasks]

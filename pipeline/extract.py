@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from geosteer.pipeline.products import (
     lm_fingerprint,
     stage_fingerprint,
     warn_lm_config,
+    warn_unapplied,
     write_stamp,
 )
 
@@ -166,16 +168,28 @@ def check_vocabulary(tokenizer, task: Task, lm: str) -> None:
             )
 
 
+def extract_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The `extract.*` settings the store depends on (all but where it runs)."""
+    return {k: v for k, v in to_plain(cfg.extract).items() if k != "device"}
+
+
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:
     return stage_fingerprint(
         {
             "model": cfg.model,
             "lm": lm_fingerprint(cfg.model),
             "tasks": [t.to_dict() for t in tasks],
-            "extract": {k: v for k, v in to_plain(cfg.extract).items() if k != "device"},
+            "extract": extract_settings(cfg),
         },
         run_dir=cfg.paths.run_dir,
     )
+
+
+def warn_unextracted(cfg: DictConfig, what: str) -> None:
+    """Warn when the config's `extract.*` differ from those the run's store was extracted with: later stages use the
+    store as it is."""
+    fix = "To extract with them: `pipeline stage=all overwrite=true` (it makes what follows again too)."
+    warn_unapplied(RunLayout.of(cfg).extract, {"extract": extract_settings(cfg)}, what, fix, cfg.paths.run_dir)
 
 
 def launcher(trainer: DictConfig) -> Fabric:

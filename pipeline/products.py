@@ -153,6 +153,23 @@ def differing(recorded: Any, now: Fingerprint) -> str:
     return f"; it differs in {shown}" if keys else ""
 
 
+def warn_unapplied(product_dir: Path, facts: dict[str, Any], what: str, fix: str, run_dir: Path | None = None) -> None:
+    """Warn when a product's record says it was made with other settings of the sections in `facts` (e.g.
+    `{"extract": ...}`) than the config's: `what` uses the product as it is, so those settings of the config do
+    nothing here. Silent for a product without a record (copied, shipped) and for the same settings."""
+    try:
+        recorded = (read_stamp(product_dir) or {}).get("parts")
+    except StageError:  # a damaged record: the stage that reads the product names it
+        return
+    if not isinstance(recorded, dict) or not recorded:
+        return
+    now = stage_fingerprint(facts, run_dir).parts
+    keys = sorted(k for k in {*recorded, *now} if k.split(".")[0] in facts and recorded.get(k) != now.get(k))
+    if keys:
+        log.warning("%s uses %s as it was made, so the config's %s (not what it was made with) are not applied. %s",
+                    what, product_dir, ", ".join(keys), fix)  # fmt: skip
+
+
 def file_record(path: Path) -> dict[str, Any]:
     """A file's size and the SHA-256 of its bytes: any truncation, replacement or edit changes it."""
     digest = hashlib.sha256()

@@ -41,6 +41,7 @@ from geosteer.data.targets import (
 from geosteer.models.metrics import OutputPullback
 from geosteer.models.tail import CarrierTail
 from geosteer.pipeline.common import close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.extract import warn_unextracted
 from geosteer.pipeline.products import (
     STAMP,
     RunLayout,
@@ -216,6 +217,7 @@ def run(cfg: DictConfig) -> dict:
         run.extract,
         "Re-run `pipeline stage=extract` with the overrides that made it (the same tasks=..., model=...): it makes the store again.",
     )
+    warn_unextracted(cfg, "stage=targets")
     check_inside(run.root, out)
     with ActivationStore(store_path) as store:
         file_attrs = {

@@ -50,6 +50,7 @@ from geosteer.pipeline.common import (
     to_plain,
     wait_for_rank_zero,
 )
+from geosteer.pipeline.extract import warn_unextracted
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
 from geosteer.pipeline.products import (
     STAMP,
@@ -133,9 +134,12 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
                 f"none. Keep targets.pullback.rank at its default (16) or another value ≥ 1, or drop '{name}' from "
                 f"geometry=[...]."
             )
-        if cfg.max_epochs_cap is not None:
-            g["max_epochs"] = min(g["max_epochs"], cfg.max_epochs_cap)
-    return geometries
+    return {name: capped(cfg, g) for name, g in geometries.items()}
+
+
+def capped(cfg: DictConfig, g: dict[str, Any]) -> dict[str, Any]:
+    """A geometry's settings as it trains: its max_epochs under `max_epochs_cap`."""
+    return {**g, "max_epochs": min(g["max_epochs"], cfg.max_epochs_cap)} if cfg.max_epochs_cap is not None else g
 
 
 def check_trained_against(cfg: DictConfig, geometries: dict[str, Any]) -> None:
@@ -361,6 +365,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         run.extract,
         "Re-run `pipeline stage=extract` with the overrides that made it (the same tasks=..., model=...): it makes the store again.",
     )
+    warn_unextracted(cfg, "stage=train")
     check_product(run.targets, "Re-run `pipeline stage=targets` with the overrides that made them: it computes them again.")
     missing = [t.name for t in tasks if not run.targets_file(t.name).is_file()]
     if missing:

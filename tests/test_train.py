@@ -168,3 +168,28 @@ def test_two_process_ddp_trains_like_a_single_process(prepared):
     assert Path(ddp["path"], "model.safetensors").is_file()
     assert single["val_spearman"] > 0.8
     assert abs(ddp["val_spearman"] - single["val_spearman"]) < 0.05
+
+
+def test_settings_of_earlier_stages_that_a_later_stage_cannot_apply_are_named(prepared, caplog):
+    """A later stage run alone uses the store and the exports as they were made: an `extract.*` or `geometry.*`
+    override there is not applied, and the warning names it (and nothing else)."""
+    from geosteer.pipeline import eval as evaluate
+    from geosteer.pipeline import targets
+    from geosteer.pipeline.methods import build_methods
+
+    base = prepared("unapplied")
+    train.run(base)
+    caplog.set_level("WARNING", logger="geosteer")
+    train.run(prepared("unapplied"))
+    targets.run(prepared("base"))  # the run whose targets these are (the others link to them)
+    assert "are not applied" not in caplog.text, "the config that made them is named as another"
+
+    train.run(prepared("unapplied", "extract.classes=argmax", "extract.min_class_rows=3"))
+    assert "stage=train uses" in caplog.text and "config's extract.classes, extract.min_class_rows (not" in caplog.text
+    caplog.clear()
+    targets.run(prepared("base", "extract.h_dtype=float16"))
+    assert "stage=targets uses" in caplog.text and "config's extract.h_dtype (not" in caplog.text
+    caplog.clear()
+    cfg = prepared("unapplied", "geometry.gaga_out.optim.lr=0.5", "method=[gaga_out]")
+    evaluate.exports_used(cfg, evaluate.load_tasks(cfg), build_methods(cfg.method))
+    assert "stage=eval uses" in caplog.text and "config's geometry.optim.lr (not" in caplog.text, caplog.text
