@@ -79,19 +79,35 @@ def _run(cfg: DictConfig) -> dict:
     if cfg.stage in ("all", "eval"):
         build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run
     if cfg.stage == "all":
-        train.check_trained_against(cfg, train.selected_geometries(cfg))  # and a bad geometry choice, before them
-        f = cfg.targets.val_fraction  # the most rows a split can give validation: all rows in one class
-        if few := {t.name: n for t in load_tasks(cfg) if (n := len(t.prompts())) < 2 * MIN_SPLIT_ROWS
-                   or min(round(f * n), n - 1) < MIN_SPLIT_ROWS}:  # fmt: skip
-            raise StageError(f"task(s) {few} have too few prompts (rows): stage=targets splits each task's rows into "
-                             f"training and validation rows, at least {MIN_SPLIT_ROWS} each, and with "
-                             f"targets.val_fraction={f} no split of so few does. Add prompts to the task's file (more "
-                             f"templates or numbers), or raise targets.val_fraction.")  # fmt: skip
+        geometries = train.selected_geometries(cfg)
+        train.check_trained_against(cfg, geometries)  # and a bad geometry choice, before them
+        check_sizes(cfg, geometries)
         names = [s for s in PIPELINE if s != "lm" or cfg.model.embedded]
         return {name: STAGES[name](cfg) for name in names}
     if cfg.stage not in STAGES:
         raise StageError(f"stage '{cfg.stage}' is unknown; use one of {[*STAGES, 'all']}.")
     return {cfg.stage: STAGES[cfg.stage](cfg)}
+
+
+def check_sizes(cfg: DictConfig, geometries: dict) -> None:
+    """Refuse, before any stage runs, a task too small for the targets' split, or for a geometry setting that needs
+    more training rows than the task can give (a task's rows are its prompts; at least MIN_SPLIT_ROWS of them
+    validate)."""
+    rows = {t.name: len(t.prompts()) for t in load_tasks(cfg)}
+    f = cfg.targets.val_fraction  # the most rows a split can give validation: all rows in one class
+    if few := {name: n for name, n in rows.items() if n < 2 * MIN_SPLIT_ROWS or min(round(f * n), n - 1) < MIN_SPLIT_ROWS}:
+        raise StageError(f"task(s) {few} have too few prompts (rows): stage=targets splits each task's rows into "
+                         f"training and validation rows, at least {MIN_SPLIT_ROWS} each, and with "
+                         f"targets.val_fraction={f} no split of so few does. Add prompts to the task's file (more "
+                         f"templates or numbers), or raise targets.val_fraction.")  # fmt: skip
+    most = {name: n - MIN_SPLIT_ROWS for name, n in rows.items()}  # training rows, at most
+    for name, g in geometries.items():
+        for setting, fits, what in (("pca_dim", lambda v, n: v <= n, "at least as many"), ("knn", lambda v, n: v < n, "more")):
+            if (v := g.get(setting)) is not None and (small := {t: n for t, n in most.items() if not fits(v, n)}):
+                raise StageError(f"geometry.{name}.{setting}={v} needs {what} training rows, but task(s) {small} give "
+                                 f"at most that many (their prompts, less {MIN_SPLIT_ROWS} that validate); lower "
+                                 f"geometry.{name}.{setting} (e.g. to {min(small.values()) // 2}) or add prompts to the "
+                                 f"task.")  # fmt: skip
 
 
 def _finish_wandb(exit_code: int) -> None:

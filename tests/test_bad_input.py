@@ -1243,7 +1243,14 @@ CASES = [
             "stage=all",
             "max_epochs_cap=1",
         ],
-        r"geometry 'gaga_phate': pca_dim=16 needs at least as many training rows, but task small has \d+; lower",
+        r"geometry.gaga_phate.pca_dim=16 needs at least as many training rows, but task\(s\) \{'small': 15\} give at "
+        r"most that many.*lower geometry.gaga_phate.pca_dim \(e.g. to 7\)",
+    ),
+    (
+        "more bridge neighbours than a task can train on",
+        None,
+        ["stage=all", "geometry=[gaga_out,bridge]", "geometry.bridge.knn=1000"],
+        r"geometry.bridge.knn=1000 needs more training rows, but task\(s\) \{'weekdays': \d+\} give at most that many",
     ),
     (
         "targets settings the data refuses",
