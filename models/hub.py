@@ -324,7 +324,13 @@ def load_geometry(source: str | Path, d: int | None = None, layer: int | None = 
                 f"{key}={value!r} must be a whole number ≥ 0 (the activations' {'width' if key == 'd' else 'block'}), or None."
             )
     folder = geometry_source(source, revision, **hub)
-    family = (read_config(Path(folder)).get("meta") or {}).get("family")
+    config = read_config(Path(folder))
+    family = (config.get("meta") or {}).get("family")
+    if family is None and ("model_type" in config or "architectures" in config):
+        raise CheckpointError(
+            f"{folder} holds a language model ({config.get('model_type') or config.get('architectures')}), not an "
+            f"exported geometry; give a geometry export's folder (a run's geometry/<task>/<name>), or a Hub repo of one."
+        )
     if family is None:
         raise CheckpointError(
             f"{folder}/config.json records no meta.family, so which network it holds is unknown; load it with its class "

@@ -32,18 +32,26 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def geometry_folder(cfg: DictConfig) -> Path:
-    """`steer.geometry` as an export folder: a path as given, or a plain name under this run's `geometry/<task>/`
-    (the task whose values hold `steer.target`)."""
+    """`steer.geometry` as an export folder: a path as given, `<task>/<name>` of this run's geometries, a Hub repo
+    id (owner/name), or a plain name under this run's `geometry/<task>/` (the task whose values hold `steer.target`)."""
     s, target = cfg.steer, str(cfg.steer.target)
     given = Path(str(s.geometry))
     if len(given.parts) != 1 or given.name in (".", "..") or not SAFE_NAME.fullmatch(given.name):  # a path, a repo
         if (given / "config.json").is_file():
             return given
+        own = RunLayout.of(cfg).geometries / given
+        if not given.is_absolute() and (own / "config.json").is_file():
+            return own  # <task>/<name> of this run
+        if not given.is_absolute() and len(given.parts) == 2 and own.parent.is_dir():
+            names = sorted(p.parent.name for p in own.parent.glob("*/config.json"))
+            raise StageError(f"steer.geometry={given}: this run has no export {given.name!r} of task "
+                             f"{given.parts[0]!r} ({own} holds no config.json); its exports of that task are {names}. "
+                             f"Give one of them, or train it (`pipeline stage=train`).")  # fmt: skip
         if REPO_ID.fullmatch(str(s.geometry)) and not given.exists():  # owner/name on the Hub: cached, or downloaded
             return geometry_source(str(s.geometry))
         raise StageError(f"steer.geometry={given} holds no exported geometry (no config.json); give an export's "
-                         f"folder, a Hub repo id (owner/name), or the name of one of this run's geometries (e.g. "
-                         f"gaga_out).")  # fmt: skip
+                         f"folder, a Hub repo id (owner/name), or one of this run's geometries by name (e.g. gaga_out) "
+                         f"or by task and name (e.g. weekdays/gaga_out).")  # fmt: skip
     geometries = RunLayout.of(cfg).geometries
     found = {p.parent: read_config(p.parent).get("meta") or {} for p in sorted(geometries.glob(f"*/{given.name}/config.json"))}
     holding = [f for f, meta in found.items() if target in ((meta.get("concepts") or {}).get("values") or [])]

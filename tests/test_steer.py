@@ -311,6 +311,9 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
         q = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, s.concepts.variant_ids).q[0]
     assert saved["prompt"] == PROMPTS[0], "a typed \\n is a newline"
     assert saved["q_after"]["Thursday"] == pytest.approx(float(q[s.target]), abs=1e-4), "q after is read at α itself"
+    by_task = pipeline_command(steer_command(cfg, "steer.geometry=weekdays/gaga_out", "steer.alpha=0.45"), capsys)
+    steered = [line for line in printed.splitlines() if "steered:" in line]
+    assert by_task[0] == 0 and steered == [line for line in by_task[1].splitlines() if "steered:" in line], by_task
     code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "steer.alpha=0.45",
                                                    f"steer.prompt={json.dumps(PROMPTS[1])}"), capsys)  # fmt: skip
     assert code == 0 and result.read_text() == json.dumps(saved, indent=1), "another prompt's result is written beside"
@@ -328,6 +331,11 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
             r"has words the LM .* has no token for \(\['Bonjour,",
         ),
         (["steer.geometry={other}"], r"was trained on another training of the LM \(its fingerprint elsewhere"),
+        (["steer.geometry={lm}"], r"\S+ holds a language model \(llama\), not an exported geometry; give a geometry"),
+        (
+            ["steer.geometry=weekdays/nothing"],
+            r"this run has no export 'nothing' of task 'weekdays'.*exports of that task are \['bridge', 'gaga_out', 'innsteer'\]",
+        ),
     ],
 )
 def test_stage_steer_refuses_with_the_fix(shipped, capsys, monkeypatch, tmp_path, overrides, message):
@@ -342,7 +350,9 @@ def test_stage_steer_refuses_with_the_fix(shipped, capsys, monkeypatch, tmp_path
     (other / "config.json").write_text(json.dumps(config))
     seal(other)  # as that training exported it
     monkeypatch.setattr(sys, "argv", sys.argv)
-    code, printed = pipeline_command(steer_command(cfg, *[o.format(other=other) for o in overrides]), capsys)
+    code, printed = pipeline_command(
+        steer_command(cfg, *[o.format(other=other, lm=cfg.model.pretrained) for o in overrides]), capsys
+    )
     assert code == 1 and "Traceback" not in printed and re.search(message, printed), printed
 
 
