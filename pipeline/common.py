@@ -97,13 +97,22 @@ def load_tasks(cfg: DictConfig) -> list[Task]:
 
 def store_lm(cfg: DictConfig, store_attrs: dict[str, Any]) -> dict[str, Any]:
     """The model settings the store's activations were extracted with. An LM inside the run folder it was extracted
-    in (the embedded one) is this run's own, so a copied or moved run is whole; only `model.device_map` (where the
-    model is placed) comes from the config."""
+    in (the embedded one) is this run's own, so a copied or moved run is whole; an LM outside the run that was
+    moved is read where `model.pretrained` now points when its files are the ones the store recorded (`lm_files`);
+    only `model.device_map` (where the model is placed) comes from the config otherwise."""
+    from geosteer.pipeline.products import lm_files  # products builds on this
+
     recorded = json.loads(store_attrs["config"])
     m = dict(recorded["model"], device_map=cfg.model.device_map)
     old_run = Path(recorded["paths"]["run_dir"])
     if Path(m["pretrained"]).is_relative_to(old_run):  # the run's own LM (the embedded one) moves with the run
         m["pretrained"] = str(Path(cfg.paths.run_dir) / Path(m["pretrained"]).relative_to(old_run))
+    moved = {**m, "pretrained": str(cfg.model.pretrained)}
+    files = json.loads(store_attrs.get("lm_files") or "null")  # an outside LM's folder, as the store recorded it
+    if files and not Path(m["pretrained"]).exists() and moved["pretrained"] != m["pretrained"] and lm_files(moved) == files:
+        log.info("the store's LM is no longer at %s; model.pretrained=%s holds the same files: reading it there",
+                 m["pretrained"], moved["pretrained"])  # fmt: skip
+        return moved
     return m
 
 
@@ -117,6 +126,13 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
 
     m = store_lm(cfg, store_attrs)
     warn_lm_config(cfg, why)
+    if json.loads(store_attrs.get("lm_files") or "null") and not Path(m["pretrained"]).exists():
+        raise StageError(
+            f"the LM the activation store was extracted from, {m['pretrained']}, is missing (moved, renamed or "
+            f"deleted), and model.pretrained={cfg.model.pretrained} does not hold its files. If it was moved, point "
+            f"model.pretrained at its new folder; else put it back, or make the store and what follows again with "
+            f"`pipeline stage=all overwrite=true`."
+        )
     if recorded := store_attrs.get("lm_fingerprint"):  # the embedded LM: it must be the one the store came from
         if not Path(m["pretrained"]).is_dir():
             raise StageError(

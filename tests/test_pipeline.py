@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from geosteer.data.store import ActivationStore
 from geosteer.pipeline import cli, extract, products
 from geosteer.pipeline import lm as lm_stage
-from geosteer.pipeline.common import StageError, _shared_lm, lm_of_store
+from geosteer.pipeline.common import StageError, _shared_lm, lm_of_store, store_lm
 from geosteer.pipeline.products import RunLayout
 from tests.conftest import make_cfg
 
@@ -129,6 +129,29 @@ def test_an_outside_lm_changed_in_place_is_refused_and_a_touched_one_is_not(tmp_
                                          r"unchanged LM counts too: move it out\)"):  # fmt: skip
         extract.run(cfg)
     assert store_path.read_bytes() == before, "a refused run must not touch the existing store"
+
+
+def test_an_outside_lm_moved_after_extraction_is_read_where_model_pretrained_points(tmp_path, tiny_lm_dir):
+    """After extraction the store names its LM; one moved since is read at the new model.pretrained when its files
+    are the ones the store recorded, and refused there when they are not."""
+    folder, moved = tmp_path / "my_lm", tmp_path / "elsewhere" / "my_lm"
+    shutil.copytree(tiny_lm_dir, folder)
+    cfg = make_cfg(tmp_path, "tasks=[weekdays]", f"model.pretrained={folder}", "model.embedded=false", "model.layer=1")
+    extract.run(cfg)
+    with ActivationStore(RunLayout.of(cfg).store) as store:
+        attrs = store.attrs
+    lm, _ = lm_of_store(cfg, attrs, "a test")
+    moved.parent.mkdir()
+    folder.rename(moved)
+    _shared_lm.cache_clear()
+    with pytest.raises(StageError, match=rf"{folder}, is missing.*If it was moved, point model.pretrained at its new"):
+        lm_of_store(cfg, attrs, "a test")
+    there = make_cfg(tmp_path, "tasks=[weekdays]", f"model.pretrained={moved}", "model.embedded=false", "model.layer=1")
+    assert store_lm(there, attrs)["pretrained"] == str(moved)
+    found, _ = lm_of_store(there, attrs, "a test")
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), found.state_dict().values()))
+    (moved / "notes.txt").write_text("another file")  # not the files the store recorded: the recorded path stays
+    assert store_lm(there, attrs)["pretrained"] == str(folder)
 
 
 def test_wandb_keeps_its_debug_logs_in_the_run_folder(tmp_path, tiny_lm_dir):
