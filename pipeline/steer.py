@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from geosteer.data.store import put_in_place
 from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_config
-from geosteer.models.lm import read_last_token
+from geosteer.models.lm import SKETCH_TOLERANCE, read_last_token, sketch_distance, weight_sketch
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
 from geosteer.pipeline.products import STAMP, RunLayout, check_inside, check_product, fingerprint, lm_fingerprint, lm_source
@@ -101,21 +101,32 @@ def run(cfg: DictConfig) -> dict:
                 f"{folder} was trained on the embedded LM at {cfg.model.pretrained}, which model.embedded=false reads as "
                 f"an outside LM (one without a training record to check). Pass model.embedded=true."
             )
-    if recorded != now:
-        raise StageError(
-            f"{folder} was trained on another training of the LM (its fingerprint {recorded or 'none'}, the LM at "
-            f"{cfg.model.pretrained} is {now or 'none'}): steering this LM with it would use another LM's geometry. "
-            f"Train the geometry on this LM (`pipeline stage=all`), or point model.pretrained at the LM it was trained on."
-        )
+    lm, tokenizer = load_lm(cfg.model)
+    sketch = geometry.meta.get("lm_sketch")  # exports made before it was recorded carry none
+    distance = None if sketch is None else sketch_distance(weight_sketch(lm), sketch)
+    if recorded != now:  # another training of the LM, unless its weights are the ones the geometry was trained on
+        if distance is None or distance > SKETCH_TOLERANCE:
+            apart = "" if distance is None else f"; their weight sketches {distance:.2f} apart"
+            raise StageError(
+                f"{folder} was trained on another training of the LM (its fingerprint {recorded or 'none'}, the LM "
+                f"at {cfg.model.pretrained} is {now or 'none'}{apart}): steering this LM with it would use another "
+                f"LM's geometry. Train the geometry on this LM (`pipeline stage=all`), or point model.pretrained at "
+                f"the LM it was trained on."
+            )
+        log.info("%s was trained on the LM of training record %s; the LM at %s (%s) has its weights (weight sketch "
+                 "%.4f apart): steering it", folder, recorded or "none", cfg.model.pretrained,
+                 f"training record {now}" if now else "no training record", distance)  # fmt: skip
     if geometry.meta.get("lm") != cfg.model.name:
         log.warning("%s was trained on %r; steering %r (of the same shape)", folder, geometry.meta.get("lm"),
                     cfg.model.name)  # fmt: skip
-    elif not now and (trained := lm_source(geometry.meta.get("lm_pretrained"), geometry.meta.get("lm_revision"))) != (
-        used := lm_source(cfg.model.pretrained, cfg.model.revision)
-    ):
+    elif (
+        distance is None
+        and not now
+        and (trained := lm_source(geometry.meta.get("lm_pretrained"), geometry.meta.get("lm_revision")))
+        != (used := lm_source(cfg.model.pretrained, cfg.model.revision))
+    ):  # with a sketch, Steering checks the weights
         log.warning("%s was trained on the LM from %s; steering the one from %s (same name and shape: check that they "
                     "are one model)", folder, trained, used)  # fmt: skip
-    lm, tokenizer = load_lm(cfg.model)
     enc = tokenizer([prompt], return_tensors="pt")
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in enc.input_ids[0].tolist():
         words = [w for w in prompt.split() if tokenizer.unk_token_id in tokenizer.encode(w, add_special_tokens=False)]

@@ -294,6 +294,10 @@ def test_stage_steer_names_model_embedded_when_the_embedded_lm_is_read_as_an_out
     assert code == 1 and "Traceback" not in printed, printed
     assert re.search(r"trained on the embedded LM at \S+, which model.embedded=false reads as an outside LM.*Pass "
                      r"model.embedded=true", printed), printed  # fmt: skip
+    copy = tmp_path / "copy"  # the same weights without the record: the weight sketch tells they are the ones
+    shutil.copytree(lm, copy, ignore=shutil.ignore_patterns("stage.json"))
+    code, printed = pipeline_command(steer_command(cfg, f"steer.geometry={other}", f"model.pretrained={copy}"), capsys)
+    assert code == 0 and "has its weights (weight sketch 0.0000 apart): steering it" in printed, printed
 
 
 def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, capsys, monkeypatch):
@@ -330,7 +334,10 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
             ["steer.geometry=gaga_out", "steer.prompt='Bonjour, quel jour?'"],
             r"has words the LM .* has no token for \(\['Bonjour,",
         ),
-        (["steer.geometry={other}"], r"was trained on another training of the LM \(its fingerprint elsewhere"),
+        (
+            ["steer.geometry={other}"],
+            r"was trained on another training of the LM \(its fingerprint elsewhere.*weight sketches \d\.\d\d apart\)",
+        ),
         (["steer.geometry={lm}"], r"\S+ holds a language model \(llama\), not an exported geometry; give a geometry"),
         (
             ["steer.geometry=weekdays/nothing"],
@@ -347,6 +354,7 @@ def test_stage_steer_refuses_with_the_fix(shipped, capsys, monkeypatch, tmp_path
     (other / "stage.json").unlink()
     config = json.loads((other / "config.json").read_text())
     config["meta"]["lm_fingerprint"] = "elsewhere"
+    config["meta"]["lm_sketch"] = [-x for x in config["meta"]["lm_sketch"]]  # and other weights
     (other / "config.json").write_text(json.dumps(config))
     seal(other)  # as that training exported it
     monkeypatch.setattr(sys, "argv", sys.argv)
