@@ -122,7 +122,13 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
     A config that names another model or layer is noted and not used: after extraction the store is the one
     source of both.
     """
-    from geosteer.pipeline.products import check_product, lm_change, lm_fingerprint, warn_lm_config  # products builds on this
+    from geosteer.pipeline.products import (  # products builds on this
+        RunLayout,
+        check_lm_unchanged,
+        check_product,
+        lm_fingerprint,
+        warn_lm_config,
+    )
 
     m = store_lm(cfg, store_attrs)
     warn_lm_config(cfg, why)
@@ -153,11 +159,7 @@ def lm_of_store(cfg: DictConfig, store_attrs: dict[str, Any], why: str):
                     "(store, config). Re-run stage=extract to use the config's.", why, m["pretrained"], m["layer"],
                     differ)  # fmt: skip
     lm, tokenizer = _shared_lm(json.dumps(m, sort_keys=True))
-    if change := lm_change(m, store_attrs, lm):
-        raise StageError(
-            f"the LM at {m['pretrained']} is not the one the activation store was extracted from: {change}. Make the "
-            f"store and what follows again with `pipeline stage=all overwrite=true`, or put that LM back."
-        )
+    check_lm_unchanged(m, RunLayout.of(cfg).store, store_attrs, lm)
     return lm, tokenizer
 
 

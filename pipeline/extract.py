@@ -38,9 +38,9 @@ from geosteer.pipeline.products import (
     STAMP,
     RunLayout,
     check_inside,
+    check_lm_unchanged,
     check_product,
     current_result,
-    lm_change,
     lm_files,
     lm_fingerprint,
     stage_fingerprint,
@@ -220,12 +220,7 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     warn_lm_config(cfg, "the extraction")
     if (done := current_result(out, fp, f"the activation store {run.store}", cfg.overwrite)) is not None:
         with ActivationStore(run.store) as store:
-            change = lm_change(cfg.model, store.attrs)
-        if change:
-            raise StageError(
-                f"the LM at {cfg.model.pretrained} changed since {run.store} was extracted from it: {change}. Extract "
-                f"again and make what follows with `pipeline stage=all overwrite=true`, or put that LM back."
-            )
+            check_lm_unchanged(cfg.model, run.store, store.attrs)
         return done
     if not cfg.overwrite and not (out / STAMP).is_file() and run.store.is_file() and made_by(run.store) != fp:
         raise StageError(

@@ -235,6 +235,15 @@ def lm_files(m) -> dict[str, list]:
     return files
 
 
+def check_lm_unchanged(m, store: Path, store_attrs: dict[str, Any], model: torch.nn.Module | None = None) -> None:
+    """Refuse an LM that is not the one the store at `store` was extracted from (`lm_change`), with the fix."""
+    if change := lm_change(m, store_attrs, model):
+        raise StageError(
+            f"the LM at {m['pretrained']} changed since {store} was extracted from it: {change}. Extract again and "
+            f"make what follows with `pipeline stage=all overwrite=true`, or put that LM back."
+        )
+
+
 def lm_change(m, store_attrs: dict[str, Any], model: torch.nn.Module | None = None) -> str | None:
     """How the LM of the model config `m` differs from the one the store records it was extracted from, or None:
     its files (`lm_files`), and with `model` (the LM loaded) a sketch of its weights (`weight_sketch`). A store
