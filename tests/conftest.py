@@ -81,6 +81,16 @@ def make_cfg(tmp_path: Path, *overrides: str):
         )
 
 
+def random_weekdays_lm(hidden_size: int, intermediate_size: int):
+    """A seeded random 3-block Llama with the weekdays word tokenizer (left padding); its prompts."""
+    prompts = load_task("weekdays", TASK_DIR).prompts()
+    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = build_task_lm(tokenizer, hidden_size=hidden_size, num_layers=3, num_heads=2, intermediate_size=intermediate_size)
+    return model.eval(), tokenizer, prompts
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     """A 2-block Llama with the word tokenizer of weekdays + months, saved with save_pretrained."""

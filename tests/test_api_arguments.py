@@ -137,15 +137,9 @@ def test_a_saved_geometry_is_readable_as_open_makes_files_and_seals_without_meta
 @pytest.fixture(scope="module")
 def tail():
     """A random 3-block Llama (width 32) with the weekdays word tokenizer, and the tail of four carriers at block 1."""
-    from geosteer.data.tasks import load_task
-    from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
-    from tests.conftest import TASK_DIR
+    from tests.conftest import random_weekdays_lm
 
-    prompts = load_task("weekdays", TASK_DIR).prompts()
-    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    model = build_task_lm(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64).eval()
+    model, tokenizer, prompts = random_weekdays_lm(hidden_size=32, intermediate_size=64)
     texts = [p.text for p in prompts[:4]]
     return model, tokenizer, texts, CarrierTail.of_prompts(model, tokenizer, 1, texts)
 

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from geosteer.data.tasks import load_task
 from geosteer.models.geodesics import (
     PCA,
     LabelledSpline,
@@ -43,8 +42,7 @@ from geosteer.models.steering import (
     subspace_replace,
 )
 from geosteer.models.tail import CarrierTail
-from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
-from tests.conftest import TASK_DIR
+from tests.conftest import random_weekdays_lm
 
 VARIANTS = [[5], [6, 7], [9], [11], [12, 13, 14]]  # five concept bins, some with several token variants
 
@@ -52,11 +50,8 @@ VARIANTS = [[5], [6, 7], [9], [11], [12, 13, 14]]  # five concept bins, some wit
 @pytest.fixture(scope="module")
 def lm():
     """A random 3-block Llama in float64 with the weekdays word tokenizer, and four left-padded carriers."""
-    prompts = load_task("weekdays", TASK_DIR).prompts()
-    tokenizer = build_word_tokenizer(p.text + " " + p.answer for p in prompts)
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    model = build_task_lm(tokenizer, hidden_size=24, num_layers=3, num_heads=2, intermediate_size=48).double().eval()
+    model, tokenizer, prompts = random_weekdays_lm(hidden_size=24, intermediate_size=48)
+    model = model.double()
     enc = tokenizer([prompts[i].text for i in (0, 40, 120, 250)], padding=True, return_tensors="pt")
     assert not enc.attention_mask.all(), "the carriers must differ in length, to exercise padding"
     return model, enc
