@@ -173,8 +173,10 @@ class Steering:
     A context manager: inside it, every forward pass (and so `model.generate()`, with or without its cache)
     has block ℓ's output at the prompt's last token replaced by its steered point; `every_token=True` also
     steers each generated token. INNSteer and CAA move h by a class difference: from `source` when the
-    prompts' class is known, else from the class the flow (or the nearest centroid) gives. Prompts are left-padded (the last position is every row's last token). A
-    pass whose input ids do not continue the last prompt is a new prompt. `last` holds the most recent
+    prompts' class is known, else from the class the flow (or the nearest centroid) gives. Prompts are
+    left-padded (the last position is every row's last token). A pass with an empty cache, and a plain forward pass,
+    is a new prompt; `generate(use_cache=False)` passes every id again, so there a pass of the last one's ids plus
+    one token is taken as its next step. `last` holds the most recent
     (h, steered h) rows, and `calls` how many forward passes it steered. Refuses a model the geometry was not
     trained on.
     """
@@ -230,7 +232,8 @@ class Steering:
                 self._prompt, self._length, self._seen = None, None, None
             return  # else the next token of the cached prompt
         P = None if self._prompt is None else self._prompt.shape[1]
-        continues = (ids is not None and P is not None and ids.shape[1] == self._seen + 1  # one generated token more
+        continues = (cache is None and kwargs.get("use_cache") is False  # generate() without its cache: all ids again
+                     and ids is not None and P is not None and ids.shape[1] == self._seen + 1  # one generated token more
                      and torch.equal(ids[:, :P], self._prompt))  # fmt: skip
         self._seen = None if ids is None else ids.shape[1]
         if not continues:

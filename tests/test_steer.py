@@ -147,6 +147,33 @@ def test_a_prompt_that_extends_the_last_one_and_a_prompt_after_a_cached_prefix_a
     torch.testing.assert_close(cached.last[0], alone.last[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("call", ["generate", "forward"])
+def test_a_prompt_one_token_longer_than_the_last_is_a_new_prompt(shipped, call):
+    """The last prompt plus one token, in a new generate() (its cache starts empty) or a plain forward pass, is
+    steered at its own last token, not read as the last prompt's next step."""
+    geometries, lm, tokenizer, _ = shipped
+    first = tokenizer(PROMPTS[0], return_tensors="pt")
+    longer = tokenizer(PROMPTS[0] + " Thursday", return_tensors="pt")
+    assert longer.input_ids.shape[1] == first.input_ids.shape[1] + 1 and torch.equal(longer.input_ids[:, :-1], first.input_ids), (
+        "the second prompt must be the first plus one token"
+    )
+
+    def run(enc):
+        if call == "generate":
+            lm.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        else:
+            lm(**enc)
+
+    with torch.no_grad():
+        with Steering(lm, geometries["gaga_out"], "Saturday", method="linear") as alone:
+            run(longer)
+        with Steering(lm, geometries["gaga_out"], "Saturday", method="linear") as s:
+            run(first)
+            run(longer)
+    assert s.calls == 2, "each prompt steered once"
+    torch.testing.assert_close(s.last[0], alone.last[0])
+
+
 def test_a_right_padded_batch_is_refused_not_steered_at_its_padding(shipped):
     """Steering moves the last position: a right-padded row's last position is padding, so such a batch is refused;
     the same prompts left-padded are steered."""
