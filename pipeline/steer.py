@@ -71,9 +71,11 @@ def geometry_folder(cfg: DictConfig) -> Path:
     return holding[0]
 
 
-def safe(part: Any) -> str:
-    """A piece of a file name: what a folder name may hold, anything else replaced."""
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", str(part)).lstrip(".") or "_"
+def safe(part: Any, most: int = 40) -> str:
+    """A piece of a file name: what a folder name may hold, anything else replaced; one longer than `most` characters
+    is cut, with a short hash of the whole, so that the name stays within the file system's 255 bytes."""
+    text = re.sub(r"[^A-Za-z0-9_.=+-]", "_", str(part)).lstrip(".") or "_"
+    return text if len(text) <= most else f"{text[: most - 9]}~{fingerprint(str(part))[:8]}"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -165,6 +167,10 @@ def run(cfg: DictConfig) -> dict:
                            "model": cfg.model})[:8]  # fmt: skip
     trained_as = str(geometry.meta.get("geometry") or folder.name)
     name = "-".join(safe(p) for p in (task, trained_as, s.method, target, f"a{alpha!r}", made_of))
+    top = lambda row: f"{values[int(row.argmax())]} {row.max():.2f}"  # noqa: E731
+    log.info("steer %s toward %s with %s (α = %g):\n  unsteered: %r   q top %s\n  steered:   %r   q top %s, q[%s] %.2f → %.2f",
+             folder, target, s.method, alpha, plain, top(q[0]), moved, top(q[at]), target,
+             q[0][steered.target], q[at][steered.target])  # fmt: skip
     out = root / "steer"
     check_inside(root, out)
     figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {trained_as} toward {target}",
@@ -176,10 +182,6 @@ def run(cfg: DictConfig) -> dict:
         "figure": str(out / f"{name}.png"),
     }  # fmt: skip
     atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1))
-    top = lambda row: f"{values[int(row.argmax())]} {row.max():.2f}"  # noqa: E731
-    log.info("steer %s toward %s with %s (α = %g):\n  unsteered: %r   q top %s\n  steered:   %r   q top %s, q[%s] %.2f → %.2f",
-             folder, target, s.method, alpha, plain, top(q[0]), moved, top(q[at]), target,
-             q[0][steered.target], q[at][steered.target])  # fmt: skip
     return result
 
 

@@ -635,3 +635,16 @@ def test_the_python_api_refuses_bad_arguments_by_name(shipped, tiny_lm_dir, tmp_
     for bad in ({"trust_remote_code": "yes"}, {"revision": 3}, {"device_map": "bogus"}):
         with pytest.raises(TypeError, match=rf"{next(iter(bad))}=.* must be"):
             load_causal_lm(tiny_lm_dir, **bad)
+
+
+def test_figures_and_file_names_take_any_task_value(tmp_path):
+    """Task values are text in figure labels ("$^$" is no formula) and in file names (cut with a hash of the
+    whole when long, so that two long values stay apart and a name fits the file system)."""
+    from geosteer.pipeline.steer import figure, safe
+
+    values = ["$^$", "%", "&", "$x_{1", "other"]
+    q = np.full((3, len(values)), 1 / len(values))
+    figure(q, np.linspace(0, 1, 3), values, 0, "a $ title", tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 0
+    long_a, long_b = "Z" * 240, "Z" * 239 + "Y"
+    assert len(safe(long_a)) <= 40 and safe(long_a) != safe(long_b) and safe("Thursday") == "Thursday"
