@@ -156,8 +156,9 @@ def extract_task(model, tokenizer, task: Task, schema, chunks: ChunkDir, cfg: Di
 
 
 def check_vocabulary(tokenizer, task: Task, lm: str) -> None:
-    """Refuse a task whose prompts have words the embedded LM has no token for: it was trained for other tasks."""
-    texts = [p.text for p in task.prompts()]
+    """Refuse a task whose prompts or answers have words the embedded LM has no token for: it was trained for other
+    tasks."""
+    texts = [f"{p.text} {p.answer}" for p in task.prompts()]
     for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False).input_ids):
         if tokenizer.unk_token_id in ids:
             words = [w for w in text.split() if tokenizer.unk_token_id in tokenizer.encode(w, add_special_tokens=False)]
@@ -256,10 +257,10 @@ def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> 
     check_layer(model, m.layer)
     if m.device_map is None:
         model.to(resolve_device(cfg.extract.device) if world == 1 else fabric.device)
-    schemas = {t.name: concept_schema(t, tokenizer, m.pretrained) for t in tasks}
-    if m.embedded:
+    if m.embedded:  # its vocabulary is its tasks' words: another task's are named with the fix first
         for t in tasks:
             check_vocabulary(tokenizer, t, m.pretrained)
+    schemas = {t.name: concept_schema(t, tokenizer, m.pretrained) for t in tasks}
 
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:

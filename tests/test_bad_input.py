@@ -1831,6 +1831,11 @@ def test_the_embedded_lm_is_checked_before_extraction_and_eval(tiny_lm_dir, tmp_
     code, printed = pipeline_command([*argv, f"tasks=[weekdays,{new_words}]", "stage=extract"], capsys)
     assert code == 1 and re.search(r"task 'newwords': the embedded LM at .* has no token for \['", printed), printed
     assert not (run / STORE).exists(), printed
+    values = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta", "Eta"]  # new values: named with the same fix
+    new_values = task_file(tmp_path, name="newvalues", values=values, number_words=None)
+    code, printed = pipeline_command([*argv, f"tasks=[weekdays,{new_values}]", "stage=extract"], capsys)
+    assert code == 1 and re.search(r"task 'newvalues': the embedded LM .* no token for \['.*stage=lm overwrite=true",
+                                   printed), printed  # fmt: skip
     assert pipeline_command([*argv, "tasks=[weekdays]", "stage=extract"], capsys)[0] == 0
     record = (run / "lm" / "stage.json").read_bytes()
     (run / "lm" / "stage.json").unlink()  # its record lost: the LM is not called "trained again"
