@@ -111,6 +111,14 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
     if revision is not None and not isinstance(revision, str):
         raise TypeError(f"revision={revision!r} must be a branch, tag or commit id (a string), or None for main.")
     folder = Path(source)
+    if not folder.exists() and not REPO_ID.fullmatch(str(source)):
+        raise CheckpointError(f"{folder} does not exist; give an export's folder (a run's geometry/<task>/<name>) or a "
+                              f"Hub repo id (owner/name).")  # fmt: skip
+    if folder.is_dir() and not (folder / "config.json").exists():  # a folder above the exports (a task's, a run's)
+        inner = sorted(str(p.parent.relative_to(folder)) for depth in ("*", "*/*") for p in folder.glob(f"{depth}/config.json"))
+        if inner:
+            raise CheckpointError(f"{folder} is not an export but holds {len(inner)}: {inner[:8]}; give one of them, "
+                                  f"e.g. {folder / inner[0]}.")  # fmt: skip
     if folder.exists() or not REPO_ID.fullmatch(str(source)):  # a folder here, whole or not, is never a repo id
         return folder
     try:

@@ -648,3 +648,15 @@ def test_figures_and_file_names_take_any_task_value(tmp_path):
     assert (tmp_path / "q.png").stat().st_size > 0
     long_a, long_b = "Z" * 240, "Z" * 239 + "Y"
     assert len(safe(long_a)) <= 40 and safe(long_a) != safe(long_b) and safe("Thursday") == "Thursday"
+
+
+def test_a_folder_that_is_not_an_export_is_named_for_what_it_is(shipped, tmp_path):
+    """A missing folder, and a folder above the exports (a task's, a run's), are not called damaged exports."""
+    _, _, _, cfg = shipped
+    task = export_folder(cfg, "gaga_out").parent
+    with pytest.raises(CheckpointError, match=r"nowhere/weekdays/gaga_out does not exist; give an export's folder"):
+        load_geometry(tmp_path / "nowhere" / "weekdays" / "gaga_out")
+    with pytest.raises(CheckpointError, match=r"is not an export but holds 3: \['bridge', 'gaga_out', 'innsteer'\]"):
+        load_geometry(task)
+    with pytest.raises(CheckpointError, match=r"is not an export but holds 3: \['weekdays/bridge', 'weekdays/gaga_out'"):
+        load_geometry(task.parent)
