@@ -24,7 +24,7 @@ from geosteer.data.store import put_in_place
 from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_config
 from geosteer.models.lm import SKETCH_TOLERANCE, read_last_token, sketch_distance, weight_sketch
 from geosteer.models.steer import Steering
-from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, load_lm, log
+from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, atomic_write_text, load_lm, log
 from geosteer.pipeline.products import STAMP, RunLayout, check_inside, check_product, fingerprint, lm_fingerprint, lm_source
 
 matplotlib.use("Agg")
@@ -108,6 +108,15 @@ def run(cfg: DictConfig) -> dict:
     distance = None if sketch is None else sketch_distance(weight_sketch(lm), sketch)
     if recorded != now:  # another training of the LM, unless its weights are the ones the geometry was trained on
         if distance is None or distance > SKETCH_TOLERANCE:
+            trained = geometry.meta.get("lm")
+            if trained != cfg.model.name:  # another model altogether
+                choice = f"model={trained}" if (CONFIG_DIR / "model" / f"{trained}.yaml").is_file() else "model=..."
+                raise StageError(
+                    f"{folder} was trained on the LM {trained!r} (from "
+                    f"{lm_source(geometry.meta.get('lm_pretrained'), geometry.meta.get('lm_revision'))}), and this "
+                    f"config steers {cfg.model.name!r} (from {lm_source(cfg.model.pretrained, cfg.model.revision)}). "
+                    f"Steer the LM it was trained on ({choice}), or train a geometry on this one (`pipeline stage=all`)."
+                )
             apart = "" if distance is None else f"; their weight sketches {distance:.2f} apart"
             raise StageError(
                 f"{folder} was trained on another training of the LM (its fingerprint {recorded or 'none'}, the LM "
@@ -118,6 +127,9 @@ def run(cfg: DictConfig) -> dict:
         log.info("%s was trained on the LM of training record %s; the LM at %s (%s) has its weights (weight sketch "
                  "%.4f apart): steering it", folder, recorded or "none", cfg.model.pretrained,
                  f"training record {now}" if now else "no training record", distance)  # fmt: skip
+    if (layer := geometry.meta.get("layer")) != cfg.model.layer:
+        log.warning("%s was trained at block %s and steers there; model.layer=%s is not applied (train a geometry at "
+                    "that block to steer it)", folder, layer, cfg.model.layer)  # fmt: skip
     if geometry.meta.get("lm") != cfg.model.name:
         log.warning("%s was trained on %r; steering %r (of the same shape)", folder, geometry.meta.get("lm"),
                     cfg.model.name)  # fmt: skip

@@ -349,6 +349,8 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
                                                    f"steer.prompt={json.dumps(PROMPTS[1])}"), capsys)  # fmt: skip
     assert code == 0 and result.read_text() == json.dumps(saved, indent=1), "another prompt's result is written beside"
     assert len(list(result.parent.glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json"))) == 2
+    code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "model.layer=0"), capsys)
+    assert code == 0 and "was trained at block 1 and steers there; model.layer=0 is not applied" in printed, printed
 
 
 @pytest.mark.parametrize(
@@ -364,6 +366,10 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
         (
             ["steer.geometry={other}"],
             r"was trained on another training of the LM \(its fingerprint elsewhere.*weight sketches \d\.\d\d apart\)",
+        ),
+        (
+            ["steer.geometry={other}", "model.name=gpt2"],
+            r"was trained on the LM 'task_lm' \(from \S+\), and this config steers 'gpt2'.*it was trained on \(model=task_lm\)",
         ),
         (["steer.geometry={lm}"], r"\S+ holds a language model \(llama\), not an exported geometry; give a geometry"),
         (
