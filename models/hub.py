@@ -208,7 +208,7 @@ class ShippedGeometry(PyTorchModelHubMixin):
 
     def ambient(self, h: torch.Tensor) -> torch.Tensor:
         """Raw activations to the ambient space: h itself, or its PCA coordinates. (B, d) → (B, D)"""
-        if not isinstance(h, torch.Tensor) or h.shape[-1:] != (self.input_dim,):
+        if not isinstance(h, torch.Tensor) or h.dim() < 2 or h.shape[-1:] != (self.input_dim,):  # a batch of rows
             raise GeometryMismatch(
                 f"this geometry takes activations of width {self.input_dim} (layer {self.meta.get('layer')}) as a "
                 f"tensor (B, {self.input_dim}), but was given "

@@ -606,6 +606,8 @@ def test_the_python_api_refuses_bad_arguments_by_name(shipped, tiny_lm_dir, tmp_
     with pytest.raises(GeometryMismatch, match=rf"takes activations of width {gaga.input_dim} \(layer 1\) as a tensor "
                                                rf"\(B, {gaga.input_dim}\), but was given one of shape \(3, 5\)"):  # fmt: skip
         gaga.encode(torch.randn(3, 5))
+    with pytest.raises(GeometryMismatch, match=rf"but was given one of shape \({gaga.input_dim},\)"):
+        gaga.encode(torch.randn(gaga.input_dim))  # one row without its batch axis
     for bad in (99, -1, "Monday", 1.5, True, torch.tensor([0, 1])):
         with pytest.raises(ValueError, match=r"target=.* must be a class index in 0 … 6, one or one per row of h "
                                              r"\(the classes: \['Monday'"):  # fmt: skip
