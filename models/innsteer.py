@@ -167,9 +167,18 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         s, log_det = self.flow(z, rev=True)
         return s * self.scale + self.shift, log_det + self.scale.log().sum()
 
+    @property
+    def known_classes(self) -> list[int]:
+        """The classes whose latent mean was learned: those with training points (`meta.metrics.classes_trained`;
+        every class of an export made before it was recorded, and while the flow trains)."""
+        known = (self.meta.get("metrics") or {}).get("classes_trained")
+        return list(range(len(self.means))) if known is None else [int(k) for k in known]
+
     def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """The class whose latent mean is nearest: the flow's own Gaussian classifier, linear in z. (B, D) → (B,)"""
-        return torch.cdist(z, self.means).argmin(1)
+        """The class whose latent mean is nearest, of those learned: the flow's own Gaussian classifier, linear in z.
+        (B, D) → (B,)"""
+        known = torch.tensor(self.known_classes, device=z.device)
+        return known[torch.cdist(z, self.means[known]).argmin(1)]
 
     def steer(self, h: torch.Tensor, source: int | torch.Tensor | None, target: int | torch.Tensor,
               alpha: float | torch.Tensor = 1.0) -> torch.Tensor:  # fmt: skip
@@ -211,6 +220,13 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
             raise ValueError(
                 f"{name}={value!r} must be a class index in 0 … {K - 1}, one or one per row of h"
                 f"{f' (the classes: {values})' if values else ''}{'; or None for each row its own class' if none else ''}."
+            )
+        if unlearned := sorted(set(index.flatten().tolist()) - set(self.known_classes)):
+            named = [values[k] for k in unlearned] if values else unlearned
+            raise ValueError(
+                f"{name}={value!r}: the flow learned no latent mean for class(es) {named} (no training point of "
+                f"theirs: the LM's arg-max q never gave them), so it cannot steer {'from' if none else 'to'} them; use "
+                f"one of the classes {self.known_classes}, or another steering method (CAA, linear)."
             )
         return index
 

@@ -207,6 +207,13 @@ class Steering:
         self.concepts = Concepts.of(geometry.meta)
         self.target = self.concepts.index(target)
         self.source = None if source is None else self.concepts.index(source, "source")
+        known = getattr(geometry, "known_classes", None)  # INNSteer: the classes whose latent mean was learned
+        if method == "geometry" and known is not None and (unlearned := {self.target, self.source} - {None, *known}):
+            raise SteeringError(
+                f"{[self.concepts.values[k] for k in sorted(unlearned)]}: this flow learned no latent mean for it (no "
+                f"training prompt's arg-max q was that class), so it cannot steer to or from it. Pick another class, "
+                f"or method='linear' or 'caa' (they steer by the centroids)."
+            )
         self.layer = int(geometry.meta["layer"])
         self.solver = solver
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None

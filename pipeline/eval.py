@@ -326,6 +326,11 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
             geometry, where = geometry_of(
                 cfg, task, method, data.h.shape[1], store, split_key(data.labels, cfg.targets.val_fraction, cfg.seed)
             )
+            known = getattr(geometry, "known_classes", None)  # INNSteer: the classes whose latent mean was learned
+            if geometry is not None and known is not None and (unlearned := {c for p in pairs for c in p} - set(known)):
+                geometry, where = None, (f"{where} learned no latent mean for {[task.concepts[c] for c in sorted(unlearned)]} "
+                                         f"(no training prompt's arg-max q was one of them), so it cannot steer the pairs "
+                                         f"to or from them")  # fmt: skip
             if geometry is None:
                 entry["reason"] = where
                 log.warning("%s/%s skipped: %s", task.name, name, where)

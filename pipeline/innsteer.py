@@ -231,6 +231,7 @@ class InnSteerFamily(Family):
             "steering_success_min": float(values.min()),
             "steering_pairs_at_least_0.8": float((values >= 0.8).mean()),
             "steering_success": {f"{task.concepts[a]}->{task.concepts[b]}": r for (a, b), r in rates.items()},
+            "classes_trained": np.unique(classes[tr.numpy()]).tolist(),  # the classes whose mean μ_c was learned
         }
         figure(task, z, classes, model.means, rates, metrics, folder / "training.png")
         return metrics

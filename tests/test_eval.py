@@ -167,6 +167,27 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
     assert "| GeodesicBridge | n/a¹ |" in md and "no_such_bridge" in md and "stage=train" in md
 
 
+def test_an_innsteer_flow_without_a_mean_for_a_paired_class_is_an_explained_empty_cell(prepared, evaluated):
+    """A class no training point had has no learned mean in the flow: INNSteer is not scored on a task whose pairs
+    need it (its untrained mean would steer somewhere), and the report says why."""
+    from geosteer.models.hub import seal
+
+    cfg = prepared("evaluated", *SMALL_INNSTEER, *SMALL_EVAL, "method=[linear,innsteer]", "eval.all_pairs_max_k=0",
+                   "eval.max_pairs=4", "paths.run_dir=${paths.outputs}/eval_unlearned", geometries=GEOMETRIES)  # fmt: skip
+    run_dir = beside(evaluated, cfg, ("extract",))
+    folder = run_dir / "geometry" / "weekdays" / "innsteer"
+    shutil.copytree(evaluate.Path(evaluated[0].paths.run_dir) / "geometry" / "weekdays" / "innsteer", folder)
+    (folder / "stage.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["meta"]["metrics"]["classes_trained"] = [0]  # as if every training point had been Monday: no pair is whole
+    (folder / "config.json").write_text(json.dumps(config))
+    seal(folder)
+    result = evaluate.run(cfg)
+    md = evaluate.Path(result["report"]).read_text()
+    assert "| INNSteer | n/a¹ |" in md and re.search(r"learned no latent mean for \['\w+day'.*so it cannot steer", md), md
+    assert weekdays_results(result)["own_point"]["reason"].startswith("no INNSteer geometry is evaluated")
+
+
 def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, monkeypatch):
     cfg = prepared("evaluated", *SMALL_EVAL, SMALL_SPLINE, "paths.run_dir=${paths.outputs}/eval_crashed")
     run_dir = beside(evaluated, cfg)

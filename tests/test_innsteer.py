@@ -83,6 +83,25 @@ def test_steer_moves_the_latent_by_the_mean_difference_and_nothing_else(pca_dim)
     torch.testing.assert_close(model.steer(h, None, 1, 0.5), model.steer(h, own, 1, 0.5), atol=0, rtol=0)
 
 
+def test_a_class_without_training_points_is_neither_classified_nor_steered_to():
+    """A class whose mean the flow never learned (no training point had it) is not any point's class and cannot be
+    a source or target; the learned classes steer as before."""
+    model, h = _flow("glow", None)
+    z = model.encode(h)
+    with torch.no_grad():
+        model.means.copy_(z[:3])  # each of three points sits on a class mean
+    assert model.classify(z[:3]).tolist() == [0, 1, 2]
+    model.meta = {"metrics": {"classes_trained": [0, 2]}, "concepts": {"values": ["Heads", "Edge", "Tails"]}}
+    assert model.known_classes == [0, 2] and 1 not in model.classify(z).tolist()
+    assert model.classify(z[1:2]).item() in (0, 2)
+    for kwargs in ({"source": 0, "target": 1}, {"source": 1, "target": 2}, {"source": torch.tensor([0, 1]), "target": 2}):
+        with pytest.raises(ValueError, match=r"learned no latent mean for class\(es\) \['Edge'\]"):
+            model.steer(h[:2], **kwargs)
+    torch.testing.assert_close(
+        model.encode(model.steer(h[:2], 0, 2)), z[:2] + model.means[2] - model.means[0], atol=1e-4, rtol=1e-4
+    )
+
+
 def test_the_picklable_activations_equal_freias_and_the_flow_pickles():
     import pickle
 

@@ -284,6 +284,22 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
     assert Steering(lm, geometries["gaga_out"], "Thursday", alpha=np.float32(0.5), steps=np.int64(4)).alpha == 0.5
 
 
+def test_a_class_the_flow_learned_no_mean_for_is_refused_as_a_target(shipped):
+    """INNSteer steers to a class's learned latent mean: a class without training points has none (its mean is the
+    untrained start), so the flow's own path to it is refused; the centroid methods still steer to it."""
+    import copy
+
+    geometries, lm, _, _ = shipped
+    flow = copy.deepcopy(geometries["innsteer"])
+    flow.meta["metrics"] = {**flow.meta["metrics"], "classes_trained": [0, 1, 2, 4, 5, 6]}  # no Thursday (3)
+    with pytest.raises(SteeringError, match=r"\['Thursday'\]: this flow learned no latent mean for it.*method='linear'"):
+        Steering(lm, flow, "Thursday")
+    with pytest.raises(SteeringError, match=r"\['Thursday'\]: this flow learned no latent mean"):
+        Steering(lm, flow, "Friday", source="Thursday")
+    Steering(lm, flow, "Thursday", method="linear")
+    Steering(lm, flow, "Friday")
+
+
 def test_a_geometry_given_by_its_folder_steers_as_the_loaded_one(shipped):
     geometries, lm, tokenizer, cfg = shipped
     steered = []
