@@ -393,7 +393,7 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
            "a seeded half of the pairs; ▲/▼ better/worse than it on the other half (class-clustered bootstrap test of the "
            f"paired difference) at p < {ALPHA} after Holm's correction across the table's comparisons; a task of fewer "
            f"than {MIN_CLASSES} classes gets neither interval nor test. "
-           "¹ no exported geometry (reason below); – no defined value "
+           "n/a¹ not evaluated (the reason is under “Empty cells”); –² no defined value "
            "(visit-intermediates needs classes between a and b; the KL needs a carrier to reach the threshold; the Hellinger "
            "budget walks a path method's path, so the iterative methods have none).", ""]  # fmt: skip
     for metric, score in SCORES.items():

@@ -42,3 +42,6 @@ def test_help_lists_stages_and_knobs():
     out = subprocess.run([sys.executable, "-m", "geosteer.pipeline", "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("stage=", "lm", "extract", "train", "model.layer", "tasks=", "geometry=", "Config groups", "trainer:"):
         assert word in out
+    knobs = out.split("Main knobs:")[1]
+    for group in ("model", "geometry", "method"):  # every option of the groups a user picks from is named
+        assert not (missing := [p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if p.stem not in knobs]), missing
