@@ -20,6 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -190,18 +191,39 @@ def storage_errno(e: BaseException) -> int | None:
     return code if code in STORAGE_ERRNOS else None
 
 
+def group_options(key: str) -> list[str] | None:
+    """The options of the config group a command-line key picks from (`model`, `+geometry`), or None for a setting."""
+    group = CONFIG_DIR / key.lstrip("+~").split("@")[0]
+    return sorted(p.stem for p in group.glob("*.yaml")) if group.is_dir() and not key.startswith("hydra") else None
+
+
+def swept(override) -> list[str]:
+    """The values of a sweep override, as Hydra's sweeper gives them: `a,b`, `choice(a,b)`, `range(...)`, and
+    `glob(...)` over its config group's options."""
+    if isinstance(value := override.value(), Glob):
+        return value.filter(group_options(override.get_key_element()) or [])
+    return list(override.sweep_string_iterator())
+
+
 def unknown_choices(argv: list[str]) -> list[str]:
-    """Config-group picks on the command line (`model=x`, `geometry=[a,b]`) that name no file of the group."""
+    """Config-group picks on the command line (`model=x`, `geometry=[a,b]`, `-m task=choice(a,b)`) that name no file
+    of the group."""
     errors = []
     for arg in argv:
         key, _, value = arg.partition("=")
-        group = CONFIG_DIR / key.lstrip("+~").split("@")[0]
-        if not value or not group.is_dir() or key.startswith("hydra"):
+        if not value or (options := group_options(key)) is None:
             continue
-        options = sorted(p.stem for p in group.glob("*.yaml"))
-        for pick in value.strip("[]").split(","):
-            if pick.strip() and pick.strip() != "null" and pick.strip() not in options:
-                errors.append(f"{key}={pick.strip()} is unknown; {key} takes one of {options} (configs/{key}/*.yaml)")
+        try:
+            override = OverridesParser.create().parse_overrides([arg])[0]
+            picks = swept(override) if override.is_sweep_override() else [override.value()]
+        except HydraException:  # not Hydra's syntax: Hydra names it
+            continue
+        if not picks:
+            errors.append(f"{arg} picks none of {options} (configs/{key}/*.yaml); give a pattern that matches one")
+        for pick in picks:
+            for name in pick if isinstance(pick, list) else str(pick).strip("[]").split(",") if pick is not None else []:
+                if str(name).strip() and str(name).strip() != "null" and str(name).strip() not in options:
+                    errors.append(f"{key}={str(name).strip()} is unknown; {key} takes one of {options} (configs/{key}/*.yaml)")
     return errors
 
 
@@ -212,7 +234,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     """The override lists of a `-m` sweep's jobs to check: all of them, or for a sweep of more than SWEEP_CHECK_MAX
     jobs each swept value once (the others at their first value)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
+    values = [swept(o) if o.is_sweep_override() else [None] for o in parsed]
     if math.prod(len(v) for v in values) <= SWEEP_CHECK_MAX:
         return [[arg if x is None else f"{o.get_key_element()}={x}" for arg, o, x in zip(overrides, parsed, job)]
                 for job in itertools.product(*values)]  # fmt: skip

@@ -45,3 +45,24 @@ def test_help_lists_stages_and_knobs():
     knobs = out.split("Main knobs:")[1]
     for group in ("model", "geometry", "method"):  # every option of the groups a user picks from is named
         assert not (missing := [p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if p.stem not in knobs]), missing
+
+
+def test_every_sweep_syntax_of_a_config_group_is_read_as_hydras_sweeper_reads_it():
+    """`a,b`, `choice(a,b)` and `glob(...)` over a group's options pick its files; a name no file has is refused by
+    name, and a glob that matches none is refused."""
+    from geosteer.pipeline.cli import sweep_jobs, unknown_choices
+
+    tasks = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
+    for arg in ("task=weekdays,months", "task=choice(weekdays,months)", "task=glob(week*)", "geometry=[gaga_out,bridge]",
+                "method=choice([linear],[caa,dual])", "model=null"):  # fmt: skip
+        assert unknown_choices([arg]) == [], arg
+    assert sweep_jobs(["task=choice(weekdays,months)", "seed=0,1"]) == [
+        ["task=weekdays", "seed=0"], ["task=weekdays", "seed=1"], ["task=months", "seed=0"], ["task=months", "seed=1"]
+    ]  # fmt: skip
+    assert [job[0] for job in sweep_jobs(["task=glob(*)"])] == [f"task={t}" for t in tasks]
+    assert unknown_choices(["method=choice([linear],[caa,nosuch])"]) == [
+        f"method=nosuch is unknown; method takes one of {sorted(p.stem for p in (CONFIG_DIR / 'method').glob('*.yaml'))} "
+        f"(configs/method/*.yaml)"
+    ]
+    assert unknown_choices(["task=glob(zz*)"]) == [f"task=glob(zz*) picks none of {tasks} (configs/task/*.yaml); give a "
+                                                   f"pattern that matches one"]  # fmt: skip
