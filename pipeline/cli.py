@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
@@ -422,4 +423,7 @@ def hydra_main(cfg: DictConfig) -> None:
             )  # fmt: skip
         else:
             log.error("%s", explain(e))
+        if HydraConfig.initialized() and (hc := HydraConfig.get()).mode == RunMode.MULTIRUN:
+            log.error("The -m sweep stops at this job (#%s): any jobs after it did not run. Once it is mended, the "
+                      "same command runs them; the jobs that finished are current and skip.", hc.job.num)  # fmt: skip
         sys.exit(1)

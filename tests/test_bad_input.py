@@ -2020,3 +2020,13 @@ def test_a_geometry_of_an_lm_read_from_elsewhere_is_named(finished, tiny_lm_dir,
     assert code == 0, printed
     assert re.search(rf"was trained on the LM from {re.escape(str(tiny_lm_dir.resolve()))}, and these activations come "
                      rf"from the LM at {re.escape(str(other.resolve()))}", " ".join(printed.split())), printed  # fmt: skip
+
+
+def test_a_sweep_that_stops_at_a_failed_job_says_the_jobs_after_it_did_not_run(tmp_path, capsys, monkeypatch):
+    """Hydra's launcher stops a -m sweep at a job that fails: the message says so, and how to run the rest."""
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, printed = pipeline_command(["-m", f"paths.outputs={tmp_path}", "run_name=${task.name}", "logger=none",
+                                      "task=weekdays,months", "stage=targets"], capsys)  # fmt: skip
+    assert code == 1 and "no activation store at" in printed and "Traceback" not in printed, printed
+    assert "The -m sweep stops at this job (#0): any jobs after it did not run" in printed, printed
+    assert "#1 :" not in printed, "the second job ran"
