@@ -308,8 +308,10 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
                      f"(p = {row['p']:.2g}, Holm {row['p_holm']:.2g}){' ✓' if ok else ' ✗'}")  # fmt: skip
     verdict = _verdict(holds, len(untested))
     if absent := [t for t in ("weekdays", "months") if t not in per_task]:  # the claim names both tasks
+        other = "months" if absent == ["weekdays"] else "weekdays"
         verdict = ("not tested: this run evaluated neither weekdays nor months" if len(absent) == 2 else
-                   f"{verdict}, on {'months' if absent == ['weekdays'] else 'weekdays'} only: {absent[0]} was not evaluated")  # fmt: skip
+                   f"{verdict[:-1]}; {absent[0]} was not evaluated)" if verdict.endswith(")") and not holds else
+                   f"{verdict}, on {other} only: {absent[0]} was not evaluated")  # fmt: skip
     out.append({"claim": "GAGA-Out has lower E_B than the best baseline on weekdays and months",
                 "verdict": verdict, "evidence": lines})  # fmt: skip
     # 3. GAGA-Out and G_out geodesics agree.

@@ -370,6 +370,8 @@ def test_an_alpha_that_reaches_no_threshold_is_marked_and_a_claim_on_two_tasks_s
              "p": 0.001 if m == "gaga_out" else math.nan, "p_holm": 0.001} for m, v in (("gaga_out", 1.0), ("linear", 1.5))]  # fmt: skip
     claims = report.verdicts({"weekdays": {"pairs": [], "methods": {}}}, rows)
     assert claims[1]["verdict"] == "reproduced, on weekdays only: months was not evaluated", claims[1]
+    off = report.verdicts({"weekdays": {"pairs": [], "methods": {}}}, rows[1:])[1]["verdict"]  # GAGA-Out not evaluated
+    assert off == "not tested (a method it needs is off; months was not evaluated)", off
     assert report.verdicts({"toy": {"pairs": [], "methods": {}}}, [])[1]["verdict"].startswith("not tested: this run "
                                                                                              "evaluated neither")  # fmt: skip
 
