@@ -174,11 +174,10 @@ class Steering:
     has block ℓ's output at the prompt's last token replaced by its steered point; `every_token=True` also
     steers each generated token. INNSteer and CAA move h by a class difference: from `source` when the
     prompts' class is known, else from the class the flow (or the nearest centroid) gives. Prompts are
-    left-padded (the last position is every row's last token). A pass with an empty cache, and a plain forward pass,
-    is a new prompt; `generate(use_cache=False)` passes every id again, so there a pass of the last one's ids plus
-    one token is taken as its next step. `last` holds the most recent
-    (h, steered h) rows, and `calls` how many forward passes it steered. Refuses a model the geometry was not
-    trained on.
+    left-padded (the last position is every row's last token). A pass with an empty cache, and a plain forward
+    pass, is a new prompt; `generate(use_cache=False)` passes every id again, so there a pass of the last one's ids
+    plus one token is taken as its next step. `last` holds the most recent (h, steered h) rows, and `calls` how
+    many forward passes it steered. Refuses a model the geometry was not trained on.
     """
 
     def __init__(self, model: nn.Module, geometry: nn.Module | str | os.PathLike, target: str, alpha: float = 1.0,

@@ -221,10 +221,11 @@ def unknown_choices(argv: list[str]) -> list[str]:
             continue
         if not picks:
             errors.append(f"{arg} picks none of {options} (configs/{key}/*.yaml); give a pattern that matches one")
-        for pick in picks:
-            for name in pick if isinstance(pick, list) else str(pick).strip("[]").split(",") if pick is not None else []:
-                if str(name).strip() and str(name).strip() != "null" and str(name).strip() not in options:
-                    errors.append(f"{key}={str(name).strip()} is unknown; {key} takes one of {options} (configs/{key}/*.yaml)")
+        for pick in picks:  # a name, a list of names, or a sweep value as text ("[a,b]")
+            names = pick if isinstance(pick, list) else [] if pick is None else str(pick).strip("[]").split(",")
+            for name in (str(n).strip() for n in names):
+                if name and name != "null" and name not in options:
+                    errors.append(f"{key}={name} is unknown; {key} takes one of {options} (configs/{key}/*.yaml)")
     return errors
 
 
