@@ -182,6 +182,8 @@ def test_settings_of_earlier_stages_that_a_later_stage_cannot_apply_are_named(pr
     caplog.set_level("WARNING", logger="geosteer")
     train.run(prepared("unapplied"))
     targets.run(prepared("base"))  # the run whose targets these are (the others link to them)
+    same = prepared("unapplied", "method=[gaga_out]")
+    evaluate.exports_used(same, evaluate.load_tasks(same), build_methods(same.method))
     assert "are not applied" not in caplog.text, "the config that made them is named as another"
 
     train.run(prepared("unapplied", "extract.classes=argmax", "extract.min_class_rows=3"))
