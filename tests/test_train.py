@@ -195,3 +195,24 @@ def test_settings_of_earlier_stages_that_a_later_stage_cannot_apply_are_named(pr
     cfg = prepared("unapplied", "geometry.gaga_out.optim.lr=0.5", "method=[gaga_out]")
     evaluate.exports_used(cfg, evaluate.load_tasks(cfg), build_methods(cfg.method))
     assert "stage=eval uses" in caplog.text and "config's geometry.optim.lr (not" in caplog.text, caplog.text
+
+
+def test_a_pca_wider_than_the_training_rows_is_refused_as_that_geometry_trains(tmp_path, tiny_lm_dir):
+    """`stage=all` refuses what no task's rows can hold before any stage; `stage=train` alone meets the exact
+    training count: a PCA of 16 on a task of 15 training rows is refused with a width that fits."""
+    import yaml
+
+    from geosteer.pipeline import extract, targets
+    from geosteer.pipeline.common import StageError
+    from tests.conftest import TASK_DIR, make_cfg
+
+    week = yaml.safe_load((TASK_DIR / "weekdays.yaml").read_text())
+    small = {**week, "name": "small", "values": ["Monday", "Tuesday", "Wednesday"], "numbers": [1, 2, 3],
+             "number_words": None, "templates": week["templates"][:2]}  # fmt: skip
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    cfg = make_cfg(tmp_path, f"tasks=[{tmp_path / 'small.yaml'}]", f"model.pretrained={tiny_lm_dir}", "model.embedded=false",
+                   "model.layer=1", "geometry=[gaga_phate]", "geometry.gaga_phate.pca_dim=16", "targets.pullback.rank=0")  # fmt: skip
+    extract.run(cfg)
+    targets.run(cfg)
+    with pytest.raises(StageError, match=r"pca_dim=16 needs at least as many training rows, but task small has 15; lower"):
+        train.run(cfg)
