@@ -326,11 +326,6 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
             geometry, where = geometry_of(
                 cfg, task, method, data.h.shape[1], store, split_key(data.labels, cfg.targets.val_fraction, cfg.seed)
             )
-            known = getattr(geometry, "known_classes", None)  # INNSteer: the classes whose latent mean was learned
-            if geometry is not None and known is not None and (unlearned := {c for p in pairs for c in p} - set(known)):
-                geometry, where = None, (f"{where} learned no latent mean for {[task.concepts[c] for c in sorted(unlearned)]} "
-                                         f"(no training prompt's arg-max q was one of them), so it cannot steer the pairs "
-                                         f"to or from them")  # fmt: skip
             if geometry is None:
                 entry["reason"] = where
                 log.warning("%s/%s skipped: %s", task.name, name, where)
@@ -339,7 +334,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         start = time.perf_counter()
         log.info("%s/%s: steering %d pairs", task.name, name, len(pairs))
         per_pair: dict[str, list[float]] = {m: [] for m in SCORES}
-        broken = 0  # pairs whose outputs went non-finite
+        broken, no_path = 0, 0  # pairs whose outputs went non-finite; pairs the method has no path for
         each, paths = steered(ctx, method, pairs, carriers, geometry)
         if paths is not None:
             raw_paths[name] = paths.raw
@@ -347,6 +342,11 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
                 entry["solve"] = paths.info
         for p, ((a, b), (h, mask, trace)) in enumerate(tqdm(zip(pairs, each), total=len(pairs), desc=f"{task.name}/{name}",
                                                             leave=False)):  # fmt: skip
+            if paths is not None and not bool(paths.raw[p].isfinite().all()):  # no path: `Paths.info["left_out"]` says why
+                no_path += 1
+                for m in SCORES:
+                    per_pair[m].append(math.nan)
+                continue
             q, kl = read_behaviour(carriers.of(p), h, data.variant_ids, b)
             if bool(q[mask].isfinite().all()):
                 scores = score(q, kl, mask, a, b, manifold, cyclic, e.threshold)
@@ -361,6 +361,10 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
                 figures["q"][name] = q.mean(1)  # (W, K+1); a carrier that stopped repeats its last q
         entry["seconds"] = round(time.perf_counter() - start, 2)
         entry["per_pair"] = {m: [None if math.isnan(v) else v for v in vs] for m, vs in per_pair.items()}
+        if no_path:
+            entry["no_path_pairs"] = no_path
+            log.warning("%s/%s: %d of %d pairs have no path and are left out of its scores: %s", task.name, name,
+                        no_path, len(pairs), paths.info.get("left_out", "the method gave none"))  # fmt: skip
         if broken:
             entry["non_finite_pairs"] = broken
             log.warning("%s/%s: %d of %d pairs gave non-finite output probabilities (NaN or Inf) and are left out of its "
@@ -418,6 +422,10 @@ def own_point(ctx: Context, methods: dict[str, SteeringMethod], geometries, pair
     rule = next((m for m, g in geometries.items() if methods[m].family == "innsteer"), None)
     if rule is None:
         return {"reason": "no INNSteer geometry is evaluated (method=[…] leaves out innsteer, or it is not exported)"}
+    known = set(geometries[rule].known_classes)  # pairs with a class the flow learned no mean for are left out
+    if not (pairs := [(a, b) for a, b in pairs if a in known and b in known]):
+        return {"reason": "the INNSteer flow learned a latent mean for no pair's two classes (no training prompt's "
+                          "arg-max q was one of them): see its row under Empty cells"}  # fmt: skip
     K, cyclic = len(data.task.concepts), data.task.topology == "cyclic"
     alphas = torch.tensor(e.own_point.alphas, dtype=data.h.dtype)
     carriers = pair_carriers(ctx, pairs, e.own_point.max_carriers, ctx.seed)
@@ -426,7 +434,7 @@ def own_point(ctx: Context, methods: dict[str, SteeringMethod], geometries, pair
         "caa": lambda h, a, b: h + alphas.view(-1, 1, 1) * (data.centroids[b] - data.centroids[a]),
     }  # (C, d) → (A, C, d)
     keys = ("top1", "carriers", "q_b", "distance", "other", "kl")
-    out: dict[str, Any] = {"alphas": alphas.tolist(), "methods": {}}
+    out: dict[str, Any] = {"alphas": alphas.tolist(), "pairs": [list(p) for p in pairs], "methods": {}}
     for name, move in steer_by.items():
         per = {k: [] for k in keys}  # per pair: one value per α
         for p, (a, b) in enumerate(pairs):

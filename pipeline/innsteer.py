@@ -257,7 +257,11 @@ class InnSteerFamily(Family):
                 ("best val NLL", f"{m['best_val']:.4g}")]  # fmt: skip
         usage = f"h_steered = geometry.steer(h, source=a, target=b, alpha=torch.linspace(0, 1, 9))  # (9, B, {ctor['input_dim']})"
         values = list(task["values"])
-        note = f"Class indices follow the task's concepts: {values[:12]}{' …' if len(values) > 12 else ''}.\n"
+        learned = [values[k] for k in m.get("classes_trained", range(len(values)))]
+        note = (
+            f"Class indices follow the task's concepts: {values[:12]}{' …' if len(values) > 12 else ''}. a and b "
+            f"must be classes the flow learned a mean for: {learned[:12]}{' …' if len(learned) > 12 else ''}.\n"
+        )
         return {"tags": ["innsteer", "normalizing-flow"], "title": f"invertible latent steering of {meta['lm']} on {task['name']}",
                 "summary": summary, "rows": rows, "usage": usage, "note": note}  # fmt: skip
 

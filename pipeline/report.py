@@ -500,6 +500,11 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
     missing += [f"- {t}/{m}: {v['non_finite_pairs']} of {len(r['pairs'])} pairs gave non-finite output probabilities "
                 f"(an overflow; with model.dtype={cfg.model.dtype}, use float32 or bfloat16) and are left out"
                 for t, r in per_task.items() for m, v in r["methods"].items() if v.get("non_finite_pairs")]  # fmt: skip
+    missing += [f"- {t}/{m}: {v['no_path_pairs']} of {len(r['pairs'])} pairs have no path and are left out: "
+                f"{(v.get('solve') or {}).get('left_out', 'the method gave none')}"
+                for t, r in per_task.items() for m, v in r["methods"].items() if v.get("no_path_pairs")]  # fmt: skip
+    missing += [f"- {t}: INNSteer's protocol (own h): {r['own_point']['reason']}" for t, r in per_task.items()
+                if "reason" in r.get("own_point", {})]  # fmt: skip
     if missing:
         md += ["## Empty cells", "", *missing, ""]
     md += ["G_out's L-BFGS runs on one pinned carrier per task (the prompt whose activation is nearest the task's mean): "

@@ -18,6 +18,7 @@ from scipy import optimize, stats
 
 from geosteer.models.geodesics import linear_path
 from geosteer.models.innsteer import InnSteer
+from geosteer.models.steering import steering_pairs
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import report, train
 from geosteer.pipeline.methods import SCORES, build_methods
@@ -81,7 +82,8 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
         if row["metric"] not in ("visit_intermediates", "offtarget_kl") and (
             not walked or task["methods"][row["method"]]["kind"] == "path"
         ):
-            assert len(values) == 42, f"{row['method']}/{row['metric']} is missing pairs"
+            no_path = task["methods"][row["method"]].get("no_path_pairs", 0)  # INNSteer: a class without a mean
+            assert len(values) == 42 - no_path, f"{row['method']}/{row['metric']} is missing pairs"
         if walked and task["methods"][row["method"]]["kind"] == "iterative":
             assert not values, f"{row['method']} has no path to walk"
         if values:
@@ -91,11 +93,12 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
         per_pair = entry["per_pair"]
         assert all(0 <= v <= 1 for k in ("legibility", "top1_at_end", "target_prob_end", "reached", "q_b_budget",
                                          "top1_budget") for v in per_pair[k] if v is not None)  # fmt: skip
-        assert all(v >= 0 for v in per_pair["E_B"]), m
+        assert all(v >= 0 for v in per_pair["E_B"] if v is not None), m
+        assert entry.get("no_path_pairs", 0) == (sum(v is None for v in per_pair["E_B"]) if m == "innsteer" else 0), m
     md = (out / "report.md").read_text()
     for entry in task["methods"].values():
         assert f"| {entry['label']} |" in md
-    assert "n/a" not in md and "## Verdicts" in md and md.count("reproduced") + md.count("not tested") >= 3
+    assert "| n/a" not in md and "## Verdicts" in md and md.count("reproduced") + md.count("not tested") >= 3
     for figure in ("bars.png", "paths_weekdays.png", "behaviour_weekdays.png", "alignment_weekdays.png"):
         assert (out / figure).stat().st_size > 10_000, figure
         assert f"({figure})" in md, f"the report links {figure}"
@@ -118,8 +121,11 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
     # INNSteer's protocol: every carrier from its own h; α = 0 moves nothing, for either method.
     own = task["own_point"]
     assert set(own["methods"]) == {"innsteer", "caa"} and own["alphas"] == [0.0, 1.0]
+    flow = evaluate.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "innsteer" / "config.json"
+    learned = set(json.loads(flow.read_text())["meta"]["metrics"]["classes_trained"])
+    assert own["pairs"] == [p for p in task["pairs"] if set(p) <= learned], "the pairs the flow has both means for"
     for m, entry in own["methods"].items():
-        assert len(entry["top1"]) == 42 and all(0 < n <= 8 for n in entry["carriers"])
+        assert len(entry["top1"]) == len(own["pairs"]) and all(0 < n <= 8 for n in entry["carriers"])
         assert all(0 <= k <= n for ks, n in zip(entry["top1"], entry["carriers"]) for k in ks)
         assert all(0 <= v <= 1 for k in ("q_b", "other") for vs in entry[k] for v in vs)
         assert all(kl[0] < 1e-5 for kl in entry["kl"]), f"{m}: α = 0 leaves the distribution as it was"
@@ -167,25 +173,34 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
     assert "| GeodesicBridge | n/a¹ |" in md and "no_such_bridge" in md and "stage=train" in md
 
 
-def test_an_innsteer_flow_without_a_mean_for_a_paired_class_is_an_explained_empty_cell(prepared, evaluated):
-    """A class no training point had has no learned mean in the flow: INNSteer is not scored on a task whose pairs
-    need it (its untrained mean would steer somewhere), and the report says why."""
+def test_innsteer_pairs_with_a_class_its_flow_learned_no_mean_for_are_left_out_and_named(prepared, evaluated):
+    """A class no training point had has no learned mean in the flow: INNSteer's pairs to or from it are not scored
+    (its untrained mean would steer somewhere), its other pairs are, and the report says which and why."""
     from geosteer.models.hub import seal
 
     cfg = prepared("evaluated", *SMALL_INNSTEER, *SMALL_EVAL, "method=[linear,innsteer]", "eval.all_pairs_max_k=0",
-                   "eval.max_pairs=4", "paths.run_dir=${paths.outputs}/eval_unlearned", geometries=GEOMETRIES)  # fmt: skip
+                   "eval.max_pairs=6", "paths.run_dir=${paths.outputs}/eval_unlearned", geometries=GEOMETRIES)  # fmt: skip
     run_dir = beside(evaluated, cfg, ("extract",))
     folder = run_dir / "geometry" / "weekdays" / "innsteer"
     shutil.copytree(evaluate.Path(evaluated[0].paths.run_dir) / "geometry" / "weekdays" / "innsteer", folder)
     (folder / "stage.json").unlink()
     config = json.loads((folder / "config.json").read_text())
-    config["meta"]["metrics"]["classes_trained"] = [0]  # as if every training point had been Monday: no pair is whole
+    pairs = steering_pairs(list(range(7)), 6, cfg.seed, 0)
+    lost = pairs[0][1]  # a class of the first pair
+    config["meta"]["metrics"]["classes_trained"] = [k for k in range(7) if k != lost]
     (folder / "config.json").write_text(json.dumps(config))
     seal(folder)
     result = evaluate.run(cfg)
+    res = weekdays_results(result)
+    assert [tuple(p) for p in res["pairs"]] == pairs, "the pairs this test reasons about"
+    scored = [v is not None for v in res["methods"]["innsteer"]["per_pair"]["top1_at_end"]]
+    assert scored == [lost not in p for p in pairs] and any(scored), scored
+    assert res["methods"]["innsteer"]["no_path_pairs"] == sum(not s for s in scored)
+    assert all(lost not in p for p in res["own_point"]["pairs"]), "own h leaves them out too"
     md = evaluate.Path(result["report"]).read_text()
-    assert "| INNSteer | n/a¹ |" in md and re.search(r"learned no latent mean for \['\w+day'.*so it cannot steer", md), md
-    assert weekdays_results(result)["own_point"]["reason"].startswith("no INNSteer geometry is evaluated")
+    day = res["concepts"][lost]
+    assert re.search(rf"weekdays/innsteer: \d of 6 pairs have no path and are left out: the flow learned no latent mean "
+                     rf"for \['{day}'\]", md), md  # fmt: skip
 
 
 def test_a_crashed_eval_resumes_with_the_tasks_it_finished(prepared, evaluated, monkeypatch):

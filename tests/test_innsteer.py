@@ -188,8 +188,10 @@ def test_innsteer_trains_exports_and_reloads_bit_identically(prepared, tmp_path)
     h = torch.randn(5, flow.input_dim)
     assert reloads_alike_in_a_fresh_process(folder, (h,), flow.encode(h), tmp_path)
     assert (folder / "training.png").is_file()
-    steered = run_model_card(folder, h=h, a=0, b=3)["h_steered"]
-    torch.testing.assert_close(steered, flow.steer(h, 0, 3, torch.linspace(0, 1, 9)), msg="the model card's example runs")
+    a, b = flow.known_classes[0], flow.known_classes[-1]  # classes the flow learned a mean for
+    assert a != b and config["meta"]["metrics"]["classes_trained"] == flow.known_classes
+    steered = run_model_card(folder, h=h, a=a, b=b)["h_steered"]
+    torch.testing.assert_close(steered, flow.steer(h, a, b, torch.linspace(0, 1, 9)), msg="the model card's example runs")
 
 
 def test_a_crashed_innsteer_training_resumes_to_the_same_weights(prepared):
