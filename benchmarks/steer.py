@@ -51,11 +51,12 @@ def hit_rate(lm, tokenizer, geometry, method: str, prompts: list[str], target: s
 def eval_rate(task: dict, method: str, p: int) -> float | None:
     """What stage=eval reports for pair p: top-1@end (path methods) or own-point top-1 at α = 1 (INNSteer, CAA)."""
     if method in ("innsteer", "caa"):
-        own = task["own_point"]["methods"].get(method)
-        if own is None:
+        own, pair = task["own_point"].get("methods", {}).get(method), task["pairs"][p]
+        pairs = task["own_point"].get("pairs", task["pairs"])  # own h leaves out pairs INNSteer has no means for
+        if own is None or pair not in pairs:
             return None
-        i = task["own_point"]["alphas"].index(1.0)
-        return own["top1"][p][i] / own["carriers"][p]
+        i, q = task["own_point"]["alphas"].index(1.0), pairs.index(pair)
+        return own["top1"][q][i] / own["carriers"][q]
     scores = task["methods"].get(method, {}).get("per_pair", {}).get("top1_at_end")
     return None if scores is None else scores[p]
 
@@ -121,15 +122,18 @@ def main(run: Path) -> None:
                 geometry = load_geometry(folder)
                 n = carriers if method not in ("innsteer", "caa") else 64
                 ours, told, theirs = [], [], []
+                known = set(getattr(geometry, "known_classes", range(len(schema.values))))
                 for p, (a, b) in enumerate(task["pairs"]):
+                    if how == "geometry" and not {a, b} <= known:  # INNSteer: a class its flow learned no mean for
+                        continue
                     prompts = list(rows["prompt"][carrier_rows(rows["label"], a, n, seed)])
                     args = (lm, tokenizer, geometry, how, prompts, schema.values[b], schema.variant_ids[b])
                     ours.append(hit_rate(*args))
                     told.append(hit_rate(*args, source=schema.values[a]) if method in ("innsteer", "caa") else ours[-1])
                     theirs.append(eval_rate(task, method, p))
-                known = [t for t in theirs if t is not None]
+                reported = [t for t in theirs if t is not None]
                 rates[method] = {"generation_top1": float(np.mean(ours)), "with_source_top1": float(np.mean(told)),
-                                 "eval_top1": float(np.mean(known)) if known else None}  # fmt: skip
+                                 "eval_top1": float(np.mean(reported)) if reported else None}  # fmt: skip
                 print(f"{name}/{method}: generation {rates[method]['generation_top1']:.4f} (told the source class "
                       f"{rates[method]['with_source_top1']:.4f}), eval {rates[method]['eval_top1']}", flush=True)  # fmt: skip
             out["tasks"][name] = rates
