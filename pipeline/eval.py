@@ -364,7 +364,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
         if no_path:
             entry["no_path_pairs"] = no_path
             log.warning("%s/%s: %d of %d pairs have no path and are left out of its scores: %s", task.name, name,
-                        no_path, len(pairs), paths.info.get("left_out", "the method gave none"))  # fmt: skip
+                        no_path, len(pairs), (paths.info or {}).get("left_out", "the method gave none"))  # fmt: skip
         if broken:
             entry["non_finite_pairs"] = broken
             log.warning("%s/%s: %d of %d pairs gave non-finite output probabilities (NaN or Inf) and are left out of its "
