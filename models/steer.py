@@ -18,6 +18,7 @@ generates are steered too. The hook is removed when the block exits, error or no
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -36,6 +37,7 @@ from geosteer.models.lm import SKETCH_TOLERANCE, ModelLoadError, _hidden, decode
 from geosteer.models.metrics import pullback_of, regularisation
 
 METHODS = ("geometry", "linear", "caa")
+DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")  # generate()'s drafting
 
 
 class SteeringError(ValueError):
@@ -174,9 +176,11 @@ class Steering:
     has block ℓ's output at the prompt's last token replaced by its steered point; `every_token=True` also
     steers each generated token. INNSteer and CAA move h by a class difference: from `source` when the
     prompts' class is known, else from the class the flow (or the nearest centroid) gives. Prompts are
-    left-padded (the last position is every row's last token). A pass with an empty cache, and a plain forward
-    pass, is a new prompt; `generate(use_cache=False)` passes every id again, so there a pass of the last one's ids
-    plus one token is taken as its next step. `last` holds the most recent (h, steered h) rows, and `calls` how
+    left-padded (the last position is every row's last token). A pass of several tokens, or one without a cache, is
+    a new prompt, and one token over a cached prefix is the next generated token; `generate(use_cache=False)` passes
+    every id again, so there a pass of the last one's ids plus one token is taken as its next step. Drafting
+    generation (an `assistant_model`, `prompt_lookup_num_tokens`) is refused inside the block: its drafted tokens pass
+    through the model as if they were a prompt. `last` holds the most recent (h, steered h) rows, and `calls` how
     many forward passes it steered. Refuses a model the geometry was not trained on.
     """
 
@@ -221,6 +225,7 @@ class Steering:
         self._length: int | None = None  # P
         self._seen: int | None = None  # the length of the last pass's input ids
         self._handles: list = []
+        self._own_generate = None
 
     def point(self, h: torch.Tensor) -> torch.Tensor:
         """The steered point of each row of h. (B, d) → (B, d)"""
@@ -269,6 +274,20 @@ class Steering:
         hidden[:, positions] = moved.view(hidden.shape[0], len(positions), -1).to(hidden)
         return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
+    def _generate(self, generate, *args, **kwargs):
+        """The model's `generate`, refusing drafting: its drafted and verified tokens cannot be told from a prompt."""
+        config = kwargs.get("generation_config", args[1] if len(args) > 1 else None) or getattr(
+            self.model, "generation_config", None
+        )
+        if drafting := [
+            k for k in DRAFTING if kwargs.get(k) not in (None, False) or getattr(config, k, None) not in (None, False)
+        ]:
+            raise SteeringError(
+                f"generate() with {', '.join(drafting)} drafts tokens and checks them in passes of several tokens, which "
+                f"Steering would take for new prompts and steer. Generate without it inside the Steering block."
+            )
+        return generate(*args, **kwargs)
+
     def __enter__(self) -> Steering:
         if self._handles:
             raise SteeringError("this Steering is already in use; enter it once at a time (make another for a "
@@ -278,12 +297,19 @@ class Steering:
             self.model.register_forward_pre_hook(self._see_input, with_kwargs=True),
             decoder_layers(self.model)[self.layer].register_forward_hook(self._hook, with_kwargs=True),
         ]
+        self._own_generate = self.model.__dict__.get("generate")  # the model's own, when it set one on itself
+        if generate := getattr(self.model, "generate", None):
+            self.model.__dict__["generate"] = functools.partial(self._generate, generate)
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._own_generate is None:
+            self.model.__dict__.pop("generate", None)
+        else:
+            self.model.__dict__["generate"] = self._own_generate
 
 
 def control_vector(concepts: Concepts, target: int, source: int | None = None) -> torch.Tensor:
@@ -294,6 +320,10 @@ def control_vector(concepts: Concepts, target: int, source: int | None = None) -
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k < len(c)):
             raise SteeringError(f"{name}={k!r} must be a class index in 0 … {len(c) - 1} (the classes: {concepts.values})"
                                 f"{', or None for the mean of the others' if name == 'source' else ''}.")  # fmt: skip
+    rowless = [concepts.values[k] for k in (target, source) if k is not None and torch.isnan(c[k]).any()]
+    if rowless:
+        raise SteeringError(f"{rowless}: no training prompt of this geometry was of that class, so it has no centroid "
+                            f"and no direction. Pick a class with rows.")  # fmt: skip
     known = [k for k in range(len(c)) if k != target and not torch.isnan(c[k]).any()]
     start = c[known].mean(0) if source is None else c[source]
     return c[target] - start
@@ -316,6 +346,10 @@ def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tens
     if direction.dim() != 1 or (width is not None and len(direction) != width):
         raise SteeringError(f"direction has shape {tuple(direction.shape)}; this geometry's LM takes a vector of its "
                             f"hidden size ({width}), e.g. control_vector(Concepts.of(meta), target).")  # fmt: skip
+    if not bool(torch.isfinite(direction).all()) or not bool(direction.any()):
+        raise SteeringError("direction holds NaN or Inf, or is all zeros: llama.cpp would add nothing, or NaN, to the "
+                            "residual stream. Give a finite, non-zero vector, e.g. control_vector(Concepts.of(meta), "
+                            "target) of a class with rows.")  # fmt: skip
     layer = int(meta["layer"])
     if layer < 1:
         raise SteeringError(f"this geometry was trained at block {layer}; llama.cpp's control vectors steer blocks 1 and "
