@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import numbers
 import os
 import re
@@ -30,6 +31,23 @@ from geosteer.models.lm import SKETCH_DIM
 UMASK = os.umask(0o022)  # read once (umask can only be read by setting it) and put back at once
 os.umask(UMASK)
 FILE_MODE = 0o666 & ~UMASK  # the mode open() gives a new file
+
+
+def finite(obj: Any) -> Any:
+    """`obj` (JSON-able) with every NaN or ±Inf number as None: JSON has no such numbers, and strict parsers (a
+    browser's, jq's, the Hub's) refuse the bare `NaN` Python's json writes. Readers take None as "no value"."""
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **dumps: Any) -> str:
+    """`obj` as standard JSON: non-finite numbers written as null (`finite`)."""
+    return json.dumps(finite(obj), allow_nan=False, **dumps)
 
 
 class GeometryMismatch(ValueError):
@@ -78,10 +96,10 @@ def remedy(folder: Path) -> str:
     return "Re-export it with `pipeline stage=train` (delete the folder first), or copy it again."
 
 
-def content_digest(folder: Path, leave_out: tuple[str, ...] = ("digest",)) -> str:
-    """A SHA-256 of an export's config.json (the `meta` keys in `leave_out` aside) and weights: an export checks
-    itself with it."""
-    config = read_config(folder)
+def content_digest(folder: Path, leave_out: tuple[str, ...] = ("digest",), config: dict | None = None) -> str:
+    """A SHA-256 of an export's config.json (the `meta` keys in `leave_out` aside; `config`: as it will read back)
+    and weights: an export checks itself with it."""
+    config = read_config(folder) if config is None else json.loads(json.dumps(config))
     config["meta"] = {k: v for k, v in (config.get("meta") or {}).items() if k not in leave_out}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     with open(Path(folder) / "model.safetensors", "rb") as f:
@@ -93,10 +111,11 @@ def content_digest(folder: Path, leave_out: tuple[str, ...] = ("digest",)) -> st
 def seal(folder: Path) -> None:
     """Record `content_digest` in the export's `meta.digest`: a config.json or weights changed afterwards (by hand,
     or on the way from the Hub) is refused by `load_geometry`, with or without the run's stage.json beside it."""
-    config = read_config(folder)
-    config["meta"] = {**(config.get("meta") or {}), "digest": content_digest(folder)}  # a user's network may have none
+    config = finite(read_config(folder))  # standard JSON: a metric that is NaN (no pair to score) is null
+    meta = config.get("meta") or {}  # a user's network may have none
+    config["meta"] = {**meta, "digest": content_digest(folder, config=config)}
     tmp = Path(folder) / f".config.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.write_text(strict_json(config, indent=2, sort_keys=True))
     tmp.replace(Path(folder) / "config.json")
 
 
@@ -225,7 +244,7 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if d != self.input_dim or (layer is not None and layer != trained_layer):
             raise GeometryMismatch(
                 f"this geometry was trained on d={self.input_dim} activations of layer {trained_layer}, "
-                f"but {'the store holds ' if layer is not None else 'it was given '}d={d}"
+                f"but {'its activations here are ' if layer is not None else 'it was given '}d={d}"
                 f"{f' at layer {layer}' if layer is not None else ''}. Use the activations it was trained on, "
                 f"or train a geometry for this one (pipeline stage=train)."
             )

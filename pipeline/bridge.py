@@ -55,7 +55,7 @@ from geosteer.models.geodesics import PCA, lbfgs_geodesic, linear_path, path_ene
 from geosteer.models.hub import load_geometry, read_config
 from geosteer.models.metrics import EncoderPullback, regularisation
 from geosteer.pipeline.common import CONFIG_DIR, StageError, timed
-from geosteer.pipeline.family import Family, GeometrySystem, register_family
+from geosteer.pipeline.family import Family, GeometrySystem, register_family, rounded
 from geosteer.pipeline.products import RunLayout
 
 matplotlib.use("Agg")
@@ -257,7 +257,7 @@ class BridgeFamily(Family):
         return metrics
 
     def headline(self, metrics: dict[str, Any]) -> dict[str, float]:
-        return {k: round(metrics[k], 4) for k in ("energy_vs_lbfgs_median", "drift_vs_lbfgs")}
+        return rounded(metrics, ("energy_vs_lbfgs_median", "drift_vs_lbfgs"))
 
     def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         m, task, enc = meta["metrics"], meta["task"], meta["needs"]["encoder"]

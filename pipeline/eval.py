@@ -48,7 +48,7 @@ from geosteer.models.behaviour import (
     visit_intermediates,
 )
 from geosteer.models.geodesics import linear_path, secant_energy, sphere_angle, subdivide
-from geosteer.models.hub import content_digest, load_geometry
+from geosteer.models.hub import content_digest, load_geometry, strict_json
 from geosteer.models.metrics import (
     FisherPullback,
     OutputPullback,
@@ -90,6 +90,7 @@ from geosteer.pipeline.products import (
     refuse_unrecorded,
     replace_dir,
     stage_fingerprint,
+    warn_stale_needs,
     warn_unapplied,
     write_stamp,
 )
@@ -155,7 +156,9 @@ def exports_used(cfg: DictConfig, tasks: list[Task], methods: dict[str, Steering
                 if (g := (to_plain(cfg.get("geometry")) or {}).get(method.geometry)) is not None:
                     warn_unapplied(folder, {"geometry": capped(cfg, g)}, "stage=eval", "To train it with them: "
                                    "`pipeline stage=train overwrite=true` (then eval).", cfg.paths.run_dir)  # fmt: skip
-                check_export_name(folder, load_geometry(folder).meta, method)  # loads: a damaged one is named first
+                meta = load_geometry(folder).meta  # loads: a damaged one is named first
+                check_export_name(folder, meta, method)
+                warn_stale_needs(folder, meta, "stage=eval")
                 used[f"{task.name}/{name}"] = content_digest(folder, leave_out=HOW_IT_WENT)
     if learned and not used and root.resolve() != RunLayout.of(cfg).geometries.resolve():
         inner = root / "geometry"
@@ -629,10 +632,11 @@ def run(cfg: DictConfig) -> dict:
             results, figures = evaluate_task(cfg, data, methods, lm, tokenizer, store.attrs)
             if cfg.eval.figures:
                 results["figures"] = task_figures(data, results, figures, work)
-            atomic_write_text(work / f"{task.name}.json", json.dumps(results, indent=1))
+            text = strict_json(results, indent=1)  # standard JSON: a score with no value (NaN) is null
+            atomic_write_text(work / f"{task.name}.json", text)
             finished[task.name] = task_digest(work, task.name)
             atomic_write_text(work / FINISHED, json.dumps(finished, indent=1))
-            per_task[task.name] = results
+            per_task[task.name] = json.loads(text)  # as a resumed evaluation reads it
     summary = report.write(per_task, cfg, work, round(time.perf_counter() - start, 1), methods, source)
     report.log_to(logger, work, summary)
     if logger:

@@ -105,6 +105,12 @@ class Family:
         return False
 
 
+def rounded(metrics: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float | None]:
+    """`keys` of `metrics` to 4 decimals, for a headline; a metric with no value (None as an export stores a NaN)
+    stays None."""
+    return {k: None if metrics[k] is None else round(metrics[k], 4) for k in keys if k in metrics}
+
+
 FAMILIES: dict[str, GeometryFamily] = {}
 
 

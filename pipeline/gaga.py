@@ -23,7 +23,7 @@ from geosteer.data.tasks import Task
 from geosteer.models.gaga import GAGA
 from geosteer.models.metrics import centred_gram_cosine, gram_matching_loss
 from geosteer.pipeline.common import StageError
-from geosteer.pipeline.family import Family, GeometrySystem, register_family
+from geosteer.pipeline.family import Family, GeometrySystem, register_family, rounded
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -215,8 +215,7 @@ class GagaFamily(Family):
         return metrics
 
     def headline(self, metrics: dict[str, Any]) -> dict[str, float]:
-        keys = ("val_spearman", "val_gram_cosine")
-        return {k: round(metrics[k], 4) for k in keys if k in metrics}
+        return rounded(metrics, ("val_spearman", "val_gram_cosine"))
 
     def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         m, task = meta["metrics"], meta["task"]

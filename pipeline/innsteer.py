@@ -25,7 +25,7 @@ from geosteer.models.innsteer import BLOCKS, InnSteer
 from geosteer.models.steering import carrier_rows, concept_q, steering_pairs
 from geosteer.models.tail import CarrierTail
 from geosteer.pipeline.common import NonFiniteTraining, StageError, lm_of_store, log
-from geosteer.pipeline.family import Family, GeometrySystem, register_family
+from geosteer.pipeline.family import Family, GeometrySystem, register_family, rounded
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -237,9 +237,7 @@ class InnSteerFamily(Family):
         return metrics
 
     def headline(self, metrics: dict[str, Any]) -> dict[str, float]:
-        return {"val_probe_accuracy": round(metrics["val_probe_accuracy"], 4),
-                "steering_success_mean": round(metrics["steering_success_mean"], 4),
-                "steering_success_min": round(metrics["steering_success_min"], 4)}  # fmt: skip
+        return rounded(metrics, ("val_probe_accuracy", "steering_success_mean", "steering_success_min"))
 
     def card(self, ctor: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         m, task = meta["metrics"], meta["task"]

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from geosteer.models.hub import GeometryMismatch
+from geosteer.models.hub import GeometryMismatch, finite, read_config, strict_json
 from geosteer.pipeline.common import SAFE_NAME, StageError, atomic_write_text, log
 
 STAMP = "stage.json"
@@ -168,6 +168,25 @@ def warn_unapplied(product_dir: Path, facts: dict[str, Any], what: str, fix: str
     if keys:
         log.warning("%s uses %s as it was made, so the config's %s (not what it was made with) are not applied. %s",
                     what, product_dir, ", ".join(keys), fix)  # fmt: skip
+
+
+def warn_stale_needs(folder: Path, meta: dict[str, Any], what: str) -> None:
+    """Warn when an export trained against another (the bridge against its GAGA encoder, `meta.needs`) finds that
+    one trained again since: it approximates the old one's geometry. Silent when the other is not there to compare
+    (a shipped export; a run folder path in `needs` counts from the export's run, `<run>/geometry/<task>/<name>`)."""
+    for role, facts in (meta.get("needs") or {}).items():
+        if not isinstance(facts, dict) or not facts.get("path"):
+            continue
+        other = Path(facts["path"]) if Path(facts["path"]).is_absolute() else Path(folder).resolve().parents[2] / facts["path"]
+        try:
+            now = (read_config(other).get("meta") or {}).get("fingerprint")
+        except ValueError:  # not there, or damaged: a stage that reads it names it
+            continue
+        if now != facts.get("fingerprint"):
+            log.warning("%s uses %s, which was trained against the %s %s of fingerprint %s; that export is now %s (trained "
+                        "again since), so %s follows the old one's geometry. Train it again: `pipeline stage=train "
+                        "geometry=[%s,%s]`", what, folder, role, other, facts.get("fingerprint"), now, Path(folder).name,
+                        facts.get("geometry"), meta.get("geometry"))  # fmt: skip
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -318,9 +337,9 @@ def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
     stamp = {"stage": stage, "fingerprint": fp, "files": product_files(product_dir), "result": result}
     if parts := getattr(fp, "parts", None):  # to name what differs when another config meets this product
         stamp["parts"] = parts
-    stamp = json.loads(json.dumps(stamp, default=str))  # as it reads back, which is what the check is compared with
+    stamp = finite(json.loads(json.dumps(stamp, default=str)))  # as it reads back, which is what the check is compared with
     stamp["check"] = _stamp_check(stamp)
-    atomic_write_text(Path(product_dir) / STAMP, json.dumps(stamp, indent=2, default=str))
+    atomic_write_text(Path(product_dir) / STAMP, strict_json(stamp, indent=2))
 
 
 def product_damage(product_dir: Path, stamp: dict) -> list[str]:
@@ -580,13 +599,24 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 class FingerprintCheckpoints(L.Callback):
-    """Writes the fingerprint of the product in training into every checkpoint; `resume_checkpoint` requires it."""
+    """Writes the fingerprint of the product in training into every checkpoint (`resume_checkpoint` requires it),
+    and the seconds trained so far, those before a resume included (`trained_seconds`)."""
 
     def __init__(self, fp: str):
         self.fp = str(fp)  # a plain str: checkpoints load with weights_only=True
+        self.started, self.before = time.perf_counter(), 0.0
+
+    def on_load_checkpoint(self, _trainer, _module, checkpoint: dict[str, Any]) -> None:
+        self.before = trained_seconds(checkpoint)
 
     def on_save_checkpoint(self, _trainer, _module, checkpoint: dict[str, Any]) -> None:
         checkpoint["geosteer_fingerprint"] = self.fp
+        checkpoint["geosteer_seconds"] = self.before + time.perf_counter() - self.started
+
+
+def trained_seconds(checkpoint: dict[str, Any] | None) -> float:
+    """The seconds of training a checkpoint records (0 for none, or one written before they were recorded)."""
+    return float((checkpoint or {}).get("geosteer_seconds", 0.0))
 
 
 def resume_checkpoint(folder: Path, what: str, system: torch.nn.Module, fp: str, best: bool = False) -> Path | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from geosteer.models.hub import strict_json
 from geosteer.pipeline.common import atomic_write_text
 from geosteer.pipeline.figures import bars_figure
 from geosteer.pipeline.methods import SCORES
@@ -365,8 +365,8 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
     atomic_write_text(folder / "results.csv", buffer.getvalue())
     own = {t: scored for t, r in per_task.items()
            if "methods" in r.get("own_point", {}) and (scored := own_point_rows(r["own_point"], cfg.eval.threshold))}  # fmt: skip
-    atomic_write_text(folder / "results.json", json.dumps({"summary": rows, "verdicts": claims, "own_point": own,
-                                                            "tasks": per_task, "seconds": seconds}, indent=1, default=str))  # fmt: skip
+    atomic_write_text(folder / "results.json", strict_json({"summary": rows, "verdicts": claims, "own_point": own,
+                                                              "tasks": per_task, "seconds": seconds}, indent=1, default=str))  # fmt: skip
     if cfg.eval.figures and rows:
         bars_figure(rows, per_task, folder / "bars.png")
     atomic_write_text(folder / "report.md", markdown(per_task, rows, claims, own, cfg, seconds, methods, lm))

@@ -9,7 +9,6 @@ and writes `<run>/steer/<task>-<geometry>-<target>.png`: q along α ∈ [0, 1].
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -21,11 +20,20 @@ import torch
 from omegaconf import DictConfig
 
 from geosteer.data.store import put_in_place
-from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_config
+from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_config, strict_json
 from geosteer.models.lm import SKETCH_TOLERANCE, read_last_token, sketch_distance, weight_sketch
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, atomic_write_text, load_lm, log
-from geosteer.pipeline.products import STAMP, RunLayout, check_inside, check_product, fingerprint, lm_fingerprint, lm_source
+from geosteer.pipeline.products import (
+    STAMP,
+    RunLayout,
+    check_inside,
+    check_product,
+    fingerprint,
+    lm_fingerprint,
+    lm_source,
+    warn_stale_needs,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -88,6 +96,7 @@ def run(cfg: DictConfig) -> dict:
     folder = geometry_folder(cfg)
     check_product(folder, "Train it again (`pipeline stage=train`), or copy it again.")
     geometry = load_geometry(folder)
+    warn_stale_needs(folder, geometry.meta, "stage=steer")
     if cfg.model.embedded:
         if not Path(cfg.model.pretrained).is_dir():
             raise StageError(
@@ -193,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),
     }  # fmt: skip
-    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1))
+    atomic_write_text(out / f"{name}.json", strict_json(result, indent=1))
     return result
 
 
