@@ -40,6 +40,7 @@ from geosteer.pipeline.products import (
     replace_dir,
     resume_checkpoint,
     stage_fingerprint,
+    trained_seconds,
     trainer_facts,
     write_stamp,
 )
@@ -294,6 +295,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     weights = torch.repeat_interleave(counts ** (a.task_share_power - 1), counts.long())
     system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps, cfg.model.layer, a.interchange)
     resume = resume_checkpoint(work / "checkpoints", "the task LM", system, fp)
+    before = trained_seconds(torch.load(resume, map_location="cpu", weights_only=True) if resume else None)
     sampler = ResumableSampler(weights, len(data), cfg.seed)
     loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
     # The latest state every lm.checkpoint_every steps, always as last.ckpt (no monitor, top-1 by recency).
@@ -309,7 +311,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
-    train_seconds = time.perf_counter() - begin
+    train_seconds = before + time.perf_counter() - begin  # a resumed training's first part included
 
     final = work / "model"
     model.save_pretrained(final)

@@ -67,6 +67,7 @@ from geosteer.pipeline.products import (
     replace_dir,
     resume_checkpoint,
     stage_fingerprint,
+    trained_seconds,
     trainer_facts,
     write_stamp,
 )
@@ -281,6 +282,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
                           default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
     resume = resume_checkpoint(checkpoints, f"{task.name}/{name}", system, fp, best=True)
+    before = trained_seconds(torch.load(resume, map_location="cpu", weights_only=True) if resume else None)
     try:
         trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)
     except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
@@ -318,7 +320,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
         "epochs": final["epoch"] + 1,
         "steps": final["global_step"],
         "stopped_early": final["epoch"] + 1 < g["max_epochs"],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(before + time.perf_counter() - start, 1),  # a resumed training's first part included
     })  # fmt: skip
     export(model, ctor, {**meta, "metrics": metrics, "git_sha": git_sha()}, family, staging)
     if logger:

@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from geosteer.data.store import ActivationStore, StoreError
@@ -159,6 +160,8 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
 
     class CrashAtStep5(L.Callback):
         def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step == 2:
+                time.sleep(3)  # a slow first part, which the training's seconds must count
             if trainer.global_step == 5:  # step 3's last.ckpt is on disk by now; an epoch is 5 steps
                 raise RuntimeError("simulated crash")
 
@@ -169,10 +172,13 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
     lm.run(whole)
     with pytest.raises(RuntimeError, match="simulated crash"):
         lm.run(crashed, callbacks=[CrashAtStep5()])
-    assert list((tmp_path / "crashed").glob(".lm.partial-*/checkpoints/last.ckpt")), "nothing to resume from"
-    lm.run(crashed)
+    (last,) = (tmp_path / "crashed").glob(".lm.partial-*/checkpoints/last.ckpt")
+    first_part = torch.load(last, weights_only=True)["geosteer_seconds"]
+    assert first_part >= 3
+    result = lm.run(crashed)
     a, b = (load_file(tmp_path / name / "lm" / "model.safetensors") for name in ("whole", "crashed"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert result["train_seconds"] >= round(first_part, 1), "the seconds before the crash count"
 
 
 @pytest.mark.parametrize("finished", [True, False], ids=["new-one-finished", "new-one-unfinished"])
