@@ -172,12 +172,13 @@ def main() -> None:
     parser.add_argument("--carriers", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="where the figures go (default: results/facts-<model>.json, cited)")
     args = parser.parse_args()
     result = model_facts(args.run, args.tasks, args.carriers, args.pairs, args.seed)
     for task, f in result["tasks"].items():
         print(summary(task, f))
-    path = RESULTS / f"facts-{result['model']}.json"
-    path.parent.mkdir(exist_ok=True)
+    path = args.out or RESULTS / f"facts-{result['model']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 

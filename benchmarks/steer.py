@@ -12,13 +12,13 @@ embedded LM and on SmolLM2-135M (30 blocks, d = 576). The embedded LM is so smal
 that an 8-block flow costs about as much as its forward pass; on SmolLM2 each shipped architecture is
 rebuilt at its width with untrained weights (what a pass costs does not depend on them).
 
-    python -m benchmarks.steer [run folder]        # default outputs/default; figures to results/steer.json
+    python -m benchmarks.steer [run folder] [--out FILE]  # default outputs/default; figures to results/steer.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -103,7 +103,7 @@ def pretrained_overhead(run: Path, task: str, prompts: list[str]) -> dict[str, f
     return out
 
 
-def main(run: Path) -> None:
+def main(run: Path, path: Path) -> None:
     evaluated = json.loads((run / "eval" / "results.json").read_text())
     config = json.loads((run / "eval" / "stage.json").read_text())
     lm, tokenizer = load_causal_lm(str(run / "lm"), "float32")
@@ -147,10 +147,15 @@ def main(run: Path) -> None:
             print(f"overhead {method}: {out['overhead'][method]:.2f}× a plain forward's throughput", flush=True)
     out["overhead_smollm2"] = pretrained_overhead(run, first, prompts)
     out["eval_fingerprint"] = config.get("fingerprint")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "steer.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {RESULTS / 'steer.json'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/default"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, nargs="?", default=Path("outputs/default"), help="an evaluated run folder")
+    parser.add_argument("--out", type=Path, default=RESULTS / "steer.json",
+                        help="where the figures go (default: the ones docs/benchmarks.md cites)")  # fmt: skip
+    args = parser.parse_args()
+    main(args.run, args.out)
