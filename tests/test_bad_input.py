@@ -642,13 +642,13 @@ CASES = [
         "checkpoint of another width",
         unrecorded(wrong_width),
         ["stage=eval", "method=[gaga_out]"],
-        r"trained on d=64 .* store holds d=32",
+        r"trained on d=64 .* its activations here are d=32",
     ),
     (
         "checkpoint of another layer",
         unrecorded(wrong_layer),
         ["stage=eval", "method=[gaga_out]"],
-        r"trained on d=32 activations of layer 0, but the store holds d=32 at layer 1",
+        r"trained on d=32 activations of layer 0, but its activations here are d=32 at layer 1",
     ),
     (
         "export whose layer was edited by hand, unrecorded",

@@ -144,6 +144,22 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
         assert f"{key}/_type" in logged, key
 
 
+def strict(text: str):
+    """Standard JSON, as a browser or jq reads it: Python's bare NaN and Infinity are refused."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_every_json_the_run_writes_is_standard_json_with_null_for_no_value(evaluated):
+    cfg, result = evaluated
+    run_dir = evaluate.Path(cfg.paths.run_dir)
+    written = [p for p in run_dir.rglob("*.json") if "wandb" not in p.parts]
+    assert {"results.json", "weekdays.json", "config.json", "stage.json"} <= {p.name for p in written}
+    for path in written:
+        strict(path.read_text())
+    rows = strict((run_dir / "eval" / "results.json").read_text())["summary"]
+    assert any(r["p"] is None for r in rows), "the best baseline's p (no test against itself) has no value: null"
+
+
 def test_eval_from_shipped_checkpoints_alone_in_a_fresh_process(evaluated, tmp_path):
     """Copy only the exported geometries and the LM; eval extracts the activations itself and gets the same numbers."""
     cfg, result = evaluated

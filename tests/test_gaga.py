@@ -89,7 +89,9 @@ def test_loading_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):
 def test_a_checkpoint_names_both_shapes_when_used_with_the_wrong_store():
     model, _ = _fitted()
     model.check_compatible(12, 1)
-    with pytest.raises(GeometryMismatch, match=r"trained on d=12 activations of layer 1, but the store holds d=64 at layer 1"):
+    with pytest.raises(
+        GeometryMismatch, match=r"trained on d=12 activations of layer 1, but its activations here are d=64 at layer 1"
+    ):
         model.check_compatible(64, 1)
-    with pytest.raises(GeometryMismatch, match=r"layer 1, but the store holds d=12 at layer 3"):
+    with pytest.raises(GeometryMismatch, match=r"layer 1, but its activations here are d=12 at layer 3"):
         model.check_compatible(12, 3)

@@ -291,9 +291,11 @@ def test_an_encoder_of_another_layer_or_width_is_refused_naming_both(tmp_path):
     GAGA(32, 7, hidden=[16], meta={"layer": 2, "family": "gaga"}).save_pretrained(tmp_path)
     encoder = load_geometry(tmp_path, d=32, layer=2)
     assert isinstance(encoder, GAGA) and encoder.meta["layer"] == 2 and not encoder.training
-    with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 2, but the store holds d=32 at layer 1"):
+    with pytest.raises(
+        GeometryMismatch, match=r"trained on d=32 activations of layer 2, but its activations here are d=32 at layer 1"
+    ):
         load_geometry(tmp_path, d=32, layer=1)
-    with pytest.raises(GeometryMismatch, match=r"the store holds d=64"):
+    with pytest.raises(GeometryMismatch, match=r"its activations here are d=64"):
         load_geometry(tmp_path, d=64, layer=2)
 
 

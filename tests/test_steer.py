@@ -219,6 +219,26 @@ def test_generation_without_the_cache_is_steered_as_with_it(shipped, every_token
     assert torch.equal(*outs)
 
 
+def test_drafting_generation_is_refused_inside_the_block_and_generate_is_the_models_own_after_it(shipped):
+    """Prompt lookup and assistant models pass drafted tokens through the model in passes of several tokens, which
+    the hooks would take for prompts: refused, whether asked in the call or by the generation config."""
+    geometries, lm, tokenizer, _ = shipped
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt")
+    plain = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    config = copy.deepcopy(lm.generation_config)
+    config.prompt_lookup_num_tokens = 2
+    asks = [("prompt_lookup_num_tokens", {"prompt_lookup_num_tokens": 2}), ("assistant_model", {"assistant_model": lm}),
+            ("prompt_lookup_num_tokens", {"generation_config": config})]  # fmt: skip
+    for named, ask in asks:
+        with Steering(lm, geometries["gaga_out"], "Thursday", method="linear") as s:
+            with pytest.raises(SteeringError, match=rf"generate\(\) with {named} drafts tokens"):
+                lm.generate(**enc, **ask, **plain)
+            lm.generate(**enc, **plain)  # the same block still steers plain generation
+        assert s.calls == 1, ask
+        assert "generate" not in vars(lm), "the model's own generate is back after the block"
+    lm.generate(**enc, prompt_lookup_num_tokens=2, **plain)  # outside a Steering block, drafting is the model's business
+
+
 def test_steering_works_inside_inference_mode_and_cannot_be_entered_twice(shipped):
     geometries, lm, tokenizer, _ = shipped
     steering = Steering(lm, geometries["gaga_out"], "Thursday", alpha=0.5)  # the L-BFGS geodesic needs gradients
@@ -379,6 +399,47 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     assert code == 0 and "was trained at block 1 and steers there; model.layer=0 is not applied" in printed, printed
 
 
+def test_a_bridge_whose_encoder_was_trained_again_is_steered_with_a_warning(shipped, capsys, monkeypatch, tmp_path):
+    """The bridge approximates its encoder's geodesics: once that encoder is trained again, the bridge follows the
+    old geometry, and stage=steer says so with the fix (stage=eval shares the check)."""
+    from tests.test_bad_input import pipeline_command
+
+    _, _, _, cfg = shipped
+    run = tmp_path / "run"
+    shutil.copytree(train.Path(cfg.paths.run_dir) / "geometry", run / "geometry")
+    bridge = run / "geometry" / "weekdays" / "bridge"
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, printed = pipeline_command(steer_command(cfg, f"steer.geometry={bridge}"), capsys)
+    assert code == 0 and "trained again since" not in printed, printed
+    encoder = run / "geometry" / "weekdays" / "gaga_out"
+    config = json.loads((encoder / "config.json").read_text())
+    config["meta"]["fingerprint"] = "0123456789abcdef"  # as another config's training exports it
+    (encoder / "config.json").write_text(json.dumps(config))
+    seal(encoder)
+    code, printed = pipeline_command(steer_command(cfg, f"steer.geometry={bridge}"), capsys)
+    assert code == 0 and re.search(r"trained against the encoder \S+gaga_out of fingerprint [0-9a-f]{16}; that export is "
+                                   r"now 0123456789abcdef \(trained again since\).*geometry=\[gaga_out,bridge\]",
+                                   " ".join(printed.split())), printed  # fmt: skip
+
+
+def test_a_metric_with_no_value_is_null_in_the_export_and_loads(shipped, tmp_path):
+    """JSON has no NaN: an export's metric without a value (no pair could be steered) is written as null."""
+    _, _, _, cfg = shipped
+    folder = tmp_path / "innsteer"
+    shutil.copytree(train.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "innsteer", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["meta"]["metrics"]["steering_success_mean"] = math.nan
+    (folder / "config.json").write_text(json.dumps(config))
+    seal(folder)
+    text = (folder / "config.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert saved["meta"]["metrics"]["steering_success_mean"] is None
+    assert load_geometry(folder).meta["metrics"]["steering_success_mean"] is None, "and its digest holds"
+    from geosteer.pipeline.innsteer import InnSteerFamily
+
+    assert InnSteerFamily().headline(saved["meta"]["metrics"])["steering_success_mean"] is None
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -439,6 +500,23 @@ def test_the_caa_direction_exports_as_a_llama_cpp_control_vector_read_back_by_gg
     (tensor,) = reader.tensors
     assert tensor.name == f"direction.{geometry.meta['layer']}"
     assert torch.equal(torch.from_numpy(tensor.data.copy()).float(), direction)
+
+
+def test_a_control_vector_of_a_class_without_rows_or_a_direction_of_nothing_is_refused(shipped, tmp_path):
+    geometry = shipped[0]["gaga_out"]
+    concepts = Concepts.of(geometry.meta)
+    centroids = concepts.centroids.clone()
+    centroids[2] = math.nan  # a class no training prompt had
+    rowless = Concepts(concepts.values, concepts.variant_ids, centroids)
+    for target, source in ((2, None), (0, 2)):
+        with pytest.raises(SteeringError, match=rf"\['{concepts.values[2]}'\]: no training prompt .* Pick a class with rows"):
+            control_vector(rowless, target, source)
+    assert torch.isfinite(control_vector(rowless, 0)).all(), "the mean of the others leaves the class out"
+    d = concepts.centroids.shape[1]
+    for direction in (torch.full((d,), math.nan), torch.zeros(d), torch.full((d,), math.inf)):
+        with pytest.raises(SteeringError, match="holds NaN or Inf, or is all zeros"):
+            write_control_vector(tmp_path / "v.gguf", geometry.meta, direction)
+    assert not list(tmp_path.iterdir()), "nothing written"
 
 
 def test_caa_moves_by_the_class_difference_and_skips_classes_without_rows():
@@ -560,7 +638,7 @@ def test_an_export_whose_facts_are_of_another_kind_is_refused(shipped, tmp_path)
 
 def test_the_layer_and_the_width_are_each_checked_alone(shipped):
     (_, _, _, cfg) = shipped
-    with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 1, but the store holds d=32 at "
+    with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 1, but its activations here are d=32 at "
                                                r"layer 2"):  # fmt: skip
         load_geometry(export_folder(cfg, "gaga_out"), layer=2)
     with pytest.raises(GeometryMismatch, match=r"trained on d=32 activations of layer 1, but it was given d=3\. Use"):
