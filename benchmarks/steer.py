@@ -122,9 +122,8 @@ def main(run: Path, path: Path) -> None:
                 geometry = load_geometry(folder)
                 n = carriers if method not in ("innsteer", "caa") else 64
                 ours, told, theirs = [], [], []
-                known = set(getattr(geometry, "known_classes", range(len(schema.values))))
                 for p, (a, b) in enumerate(task["pairs"]):
-                    if how == "geometry" and not {a, b} <= known:  # INNSteer: a class its flow learned no mean for
+                    if how == "geometry" and not getattr(geometry, "learned", lambda *_: True)(a, b):  # INNSteer
                         continue
                     prompts = list(rows["prompt"][carrier_rows(rows["label"], a, n, seed)])
                     args = (lm, tokenizer, geometry, how, prompts, schema.values[b], schema.variant_ids[b])
@@ -139,11 +138,15 @@ def main(run: Path, path: Path) -> None:
             out["tasks"][name] = rates
         first = next(iter(evaluated["tasks"]))
         prompts = list(store.read(first, ["prompt"])["prompt"][:64])
-        target = store.schema(first).values[0]
+        values = store.schema(first).values
     for method, (export, how) in FAMILIES.items():
         folder = run / "geometry" / first / export
         if (folder / "config.json").is_file():
-            out["overhead"][method] = overhead(lm, tokenizer, load_geometry(folder), how, prompts, target)
+            geometry = load_geometry(folder)
+            learned = getattr(geometry, "known_classes", range(len(values))) if how == "geometry" else range(len(values))
+            if not learned:  # INNSteer: a flow that learned no class's mean steers nowhere
+                continue
+            out["overhead"][method] = overhead(lm, tokenizer, geometry, how, prompts, values[learned[0]])
             print(f"overhead {method}: {out['overhead'][method]:.2f}× a plain forward's throughput", flush=True)
     out["overhead_smollm2"] = pretrained_overhead(run, first, prompts)
     out["eval_fingerprint"] = config.get("fingerprint")

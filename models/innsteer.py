@@ -174,6 +174,10 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         known = (self.meta.get("metrics") or {}).get("classes_trained")
         return list(range(len(self.means))) if known is None else [int(k) for k in known]
 
+    def learned(self, a: int, b: int) -> bool:
+        """Whether the flow learned both classes' means: steering from a to b needs them."""
+        return {int(a), int(b)} <= set(self.known_classes)
+
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """The class whose latent mean is nearest, of those learned: the flow's own Gaussian classifier, linear in z.
         (B, D) → (B,)"""

@@ -425,8 +425,8 @@ def own_point(ctx: Context, methods: dict[str, SteeringMethod], geometries, pair
     rule = next((m for m, g in geometries.items() if methods[m].family == "innsteer"), None)
     if rule is None:
         return {"reason": "no INNSteer geometry is evaluated (method=[…] leaves out innsteer, or it is not exported)"}
-    known = set(geometries[rule].known_classes)  # pairs with a class the flow learned no mean for are left out
-    if not (pairs := [(a, b) for a, b in pairs if a in known and b in known]):
+    # pairs with a class the flow learned no mean for are left out
+    if not (pairs := [(a, b) for a, b in pairs if geometries[rule].learned(a, b)]):
         return {"reason": "the INNSteer flow learned a latent mean for no pair's two classes (no training prompt's "
                           "arg-max q was one of them): see its row under Empty cells"}  # fmt: skip
     K, cyclic = len(data.task.concepts), data.task.topology == "cyclic"

@@ -359,14 +359,13 @@ class InnSteerMethod(PathMethod):
     @torch.no_grad()
     def paths(self, ctx, pairs, geometry):
         """The flow's path of each pair; NaN (no path) for a pair with a class the flow learned no mean for."""
-        known = set(geometry.known_classes)
-        ok = [p for p, (a, b) in enumerate(pairs) if a in known and b in known]
+        ok = [p for p, (a, b) in enumerate(pairs) if geometry.learned(a, b)]
         x_a = ctx.data.ends(pairs)[0]
         path = torch.full((len(pairs), ctx.e.steps + 1, x_a.shape[1]), math.nan, dtype=x_a.dtype)  # (P, W, d)
         if ok:
             a, b = torch.tensor([pairs[p][0] for p in ok]), torch.tensor([pairs[p][1] for p in ok])
             path[ok] = geometry.steer(x_a[ok], a, b, torch.linspace(0, 1, ctx.e.steps + 1)).transpose(0, 1)
-        unlearned = sorted({c for p in pairs for c in p} - known)
+        unlearned = sorted({c for p in pairs for c in p} - set(geometry.known_classes))
         info = {"left_out": f"the flow learned no latent mean for {[ctx.data.task.concepts[c] for c in unlearned]} "
                             f"(no training prompt's arg-max q was one of them)"} if unlearned else {}  # fmt: skip
         return Paths(path, path, info=info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -30,7 +31,7 @@ def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
     lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", f"time per stage: {', '.join(times)}"]
     if "train" in results and "summary" in results["train"]:
         lines += [f"geometries, exported to {run.geometries}:"]
-        lines += [f"  {task}/{name}: " + ", ".join(f"{k} {v}" for k, v in headline.items())
+        lines += [f"  {task}/{name}: " + ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in headline.items())
                   for task, geometries in results["train"]["summary"].items() for name, headline in geometries.items()]  # fmt: skip
     if "eval" in results and (run.eval / "results.json").is_file():
         lines += [f"report: {run.eval / 'report.md'}", *headline_table(run), "verdicts:"]  # where the run is now
@@ -44,7 +45,7 @@ def headline_table(run: RunLayout) -> list[str]:
     if not rows:
         return ["no method was scored (every one was skipped; the report says why)"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    cells = {(r["label"], r["task"], r["metric"]): r["mean"] for r in rows}
+    cells = {(r["label"], r["task"], r["metric"]): math.nan if r["mean"] is None else r["mean"] for r in rows}  # null: none
     labels = list(dict.fromkeys(r["label"] for r in rows))
     width = max(map(len, labels))
     out = [f"{' / '.join(SHOWN)} per method (mean over pairs):", "  " + " " * width + "".join(f"{t:>16}" for t in tasks)]

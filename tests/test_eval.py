@@ -160,6 +160,21 @@ def test_every_json_the_run_writes_is_standard_json_with_null_for_no_value(evalu
     assert any(r["p"] is None for r in rows), "the best baseline's p (no test against itself) has no value: null"
 
 
+def test_the_printed_summary_reads_a_number_with_no_value_as_such(tmp_path):
+    """A method that scored no pair has a null mean in results.json, and a geometry a null headline metric."""
+    from geosteer.pipeline.products import RunLayout
+    from geosteer.pipeline.summary import summary
+
+    (tmp_path / "eval").mkdir()
+    rows = [{"task": "weekdays", "label": label, "metric": metric, "mean": mean}
+            for label, mean in (("linear", 0.5), ("INNSteer", None)) for metric in ("top1_at_end", "E_B")]  # fmt: skip
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"summary": rows}))
+    train_result = {"summary": {"weekdays": {"innsteer": {"steering_success_mean": None}}}, "seconds": 1.0}
+    text = summary({"train": train_result, "eval": {"verdicts": {}, "seconds": 1.0}}, RunLayout(tmp_path))
+    assert "weekdays/innsteer: steering_success_mean n/a" in text
+    assert re.search(r"linear\s+0\.50/0\.50", text) and re.search(r"INNSteer\s+nan/nan", text), text
+
+
 def test_eval_from_shipped_checkpoints_alone_in_a_fresh_process(evaluated, tmp_path):
     """Copy only the exported geometries and the LM; eval extracts the activations itself and gets the same numbers."""
     cfg, result = evaluated
