@@ -175,9 +175,12 @@ def warn_stale_needs(folder: Path, meta: dict[str, Any], what: str) -> None:
     one trained again since: it approximates the old one's geometry. Silent when the other is not there to compare
     (a shipped export; a run folder path in `needs` counts from the export's run, `<run>/geometry/<task>/<name>`)."""
     for role, facts in (meta.get("needs") or {}).items():
-        if not isinstance(facts, dict) or not facts.get("path"):
+        if not isinstance(facts, dict) or not isinstance(facts.get("path"), str) or not facts["path"]:
             continue
-        other = Path(facts["path"]) if Path(facts["path"]).is_absolute() else Path(folder).resolve().parents[2] / facts["path"]
+        run = Path(folder).resolve().parents  # the export's run, when it lies at <run>/geometry/<task>/<name>
+        if not Path(facts["path"]).is_absolute() and len(run) < 3:
+            continue
+        other = Path(facts["path"]) if Path(facts["path"]).is_absolute() else run[2] / facts["path"]
         try:
             now = (read_config(other).get("meta") or {}).get("fingerprint")
         except ValueError:  # not there, or damaged: a stage that reads it names it
