@@ -89,7 +89,7 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
 
     def inputs(self, h: torch.Tensor) -> torch.Tensor:
         """What the encoder sees and the decoder reconstructs: standardised ambient inputs. (B, d) → (B, D)"""
-        return self.standardise(self.ambient(h))
+        return self.standardise(self.ambient(h, rows=True))
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
         """Raw activations to the latent. (B, d) → (B, k)"""
@@ -97,9 +97,10 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent to ambient activations (PCA coordinates for GAGA-PHATE). (B, k) → (B, D)"""
-        if not isinstance(z, torch.Tensor) or z.shape[-1:] != (self.latent_dim,):
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[-1:] != (self.latent_dim,):
             raise GeometryMismatch(f"GAGA.decode takes latents (B, {self.latent_dim}); got "
                                    f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}.")  # fmt: skip
+        self.check_dtype(z, "GAGA.decode", "latents", "z")
         return self.unstandardise(self.decoder(z))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

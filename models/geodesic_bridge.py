@@ -80,6 +80,8 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
         if t.dim() != 1 or x_a.shape != x_b.shape or x_a.dim() != 2 or x_a.shape[1] != self.input_dim:
             raise ValueError(f"the bridge takes x_a, x_b of one shape (P, {self.input_dim}) and times t (T,) in [0, 1]; "
                              f"got {tuple(x_a.shape)}, {tuple(x_b.shape)} and {tuple(t.shape)}.")  # fmt: skip
+        for name, x in (("x_a", x_a), ("x_b", x_b)):
+            self.check_dtype(x, "the bridge", "endpoints", name)
         if not ((t >= 0) & (t <= 1)).all():
             raise ValueError(
                 f"the bridge's times t must lie in [0, 1] (0: x_a, 1: x_b); got {t.flatten()[:8].tolist()}{' …' * (len(t) > 8)}."

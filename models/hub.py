@@ -225,18 +225,23 @@ class ShippedGeometry(PyTorchModelHubMixin):
             self.pca_components.copy_(pca.components)
         return self.ambient(h)
 
-    def ambient(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw activations to the ambient space: h itself, or its PCA coordinates. (B, d) → (B, D)"""
-        if not isinstance(h, torch.Tensor) or h.dim() < 2 or h.shape[-1:] != (self.input_dim,):  # a batch of rows
+    def ambient(self, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        """Raw activations to the ambient space: h itself, or its PCA coordinates. (…, d) → (…, D); `rows`: (B, d)
+        alone (a network with batch norm)."""
+        if not isinstance(h, torch.Tensor) or h.dim() < 2 or (rows and h.dim() != 2) or h.shape[-1:] != (self.input_dim,):
             raise GeometryMismatch(
                 f"this geometry takes activations of width {self.input_dim} (layer {self.meta.get('layer')}) as a "
                 f"tensor (B, {self.input_dim}), but was given "
                 f"{f'one of shape {tuple(h.shape)}' if isinstance(h, torch.Tensor) else type(h).__name__}."
             )
-        want = next((b.dtype for b in self.buffers() if b.is_floating_point()), h.dtype)
-        if h.dtype != want:
-            raise TypeError(f"this geometry computes in {want}, but was given {h.dtype} activations: pass h.to({want}).")
+        self.check_dtype(h, "this geometry", "activations", "h")
         return h if self.pca_dim is None else (h - self.pca_mean) @ self.pca_components.T
+
+    def check_dtype(self, x: torch.Tensor, call: str, what: str, name: str) -> None:
+        """Refuse a tensor of another dtype than the network's (integers included), naming the cast that fixes it."""
+        want = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float32)
+        if x.dtype != want:
+            raise TypeError(f"{call} computes in {want}, but was given {x.dtype} {what}: pass {name}.to({want}).")
 
     def check_compatible(self, d: int, layer: int) -> None:
         """Refuse activations of another width or layer than the ones this geometry was trained on."""

@@ -164,6 +164,7 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != len(self.shift):
             raise GeometryMismatch(f"InnSteer.inverse takes latents (B, {len(self.shift)}); got "
                                    f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}.")  # fmt: skip
+        self.check_dtype(z, "InnSteer.inverse", "latents", "z")
         s, log_det = self.flow(z, rev=True)
         return s * self.scale + self.shift, log_det + self.scale.log().sum()
 

@@ -22,6 +22,7 @@ import functools
 import math
 import numbers
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from geosteer.models.lm import SKETCH_TOLERANCE, ModelLoadError, _hidden, decode
 from geosteer.models.metrics import pullback_of, regularisation
 
 METHODS = ("geometry", "linear", "caa")
+ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → the Steering active on it
 DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")  # generate()'s drafting
 
 
@@ -181,7 +183,8 @@ class Steering:
     every id again, so there a pass of the last one's ids plus one token is taken as its next step. Drafting
     generation (an `assistant_model`, `prompt_lookup_num_tokens`) is refused inside the block: its drafted tokens pass
     through the model as if they were a prompt. `last` holds the most recent (h, steered h) rows, and `calls` how
-    many forward passes it steered. Refuses a model the geometry was not trained on.
+    many forward passes it steered. Refuses a model the geometry was not trained on, and a second Steering on a
+    model that has one active.
     """
 
     def __init__(self, model: nn.Module, geometry: nn.Module | str | os.PathLike, target: str, alpha: float = 1.0,
@@ -210,6 +213,15 @@ class Steering:
         self.concepts = Concepts.of(geometry.meta)
         self.target = self.concepts.index(target)
         self.source = None if source is None else self.concepts.index(source, "source")
+        family = getattr(geometry, "family", None)
+        if source is not None and not (method == "caa" or (method == "geometry" and family == "innsteer")):
+            raise SteeringError(f"source={source!r} is used by method='caa' and by INNSteer geometries (they move h by a "
+                                f"class difference); method={method!r} with a {family} geometry steers toward the target "
+                                f"from h itself. Leave source out.")  # fmt: skip
+        if solver and not (method == "geometry" and family == "gaga"):
+            raise SteeringError(f"{', '.join(sorted(solver))}: settings of the L-BFGS geodesic, which only a GAGA geometry "
+                                f"with method='geometry' solves; method={method!r} with a {family} geometry has none. "
+                                f"Leave them out.")  # fmt: skip
         known = getattr(geometry, "known_classes", None)  # INNSteer: the classes whose latent mean was learned
         if method == "geometry" and known is not None and (unlearned := {self.target, self.source} - {None, *known}):
             raise SteeringError(
@@ -292,6 +304,9 @@ class Steering:
         if self._handles:
             raise SteeringError("this Steering is already in use; enter it once at a time (make another for a "
                                 "second model or target).")  # fmt: skip
+        if (other := ACTIVE.get(self.model)) is not None:
+            raise SteeringError(f"another Steering (toward {other.concepts.values[other.target]!r}) is active on this "
+                                f"model: the second would steer the first one's output again. Exit it first.")  # fmt: skip
         self.calls, self._prompt, self._length, self._seen = 0, None, None, None
         self._handles = [
             self.model.register_forward_pre_hook(self._see_input, with_kwargs=True),
@@ -300,6 +315,7 @@ class Steering:
         self._own_generate = self.model.__dict__.get("generate")  # the model's own, when it set one on itself
         if generate := getattr(self.model, "generate", None):
             self.model.__dict__["generate"] = functools.partial(self._generate, generate)
+        ACTIVE[self.model] = self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -310,6 +326,8 @@ class Steering:
             self.model.__dict__.pop("generate", None)
         else:
             self.model.__dict__["generate"] = self._own_generate
+        if ACTIVE.get(self.model) is self:
+            del ACTIVE[self.model]
 
 
 def control_vector(concepts: Concepts, target: int, source: int | None = None) -> torch.Tensor:

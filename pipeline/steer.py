@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from geosteer.data.store import put_in_place
-from geosteer.models.hub import REPO_ID, geometry_source, load_geometry, read_config, strict_json
+from geosteer.models.hub import REPO_ID, CheckpointError, geometry_source, load_geometry, read_config, strict_json
 from geosteer.models.lm import SKETCH_TOLERANCE, read_last_token, sketch_distance, weight_sketch
 from geosteer.models.steer import Steering
 from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, atomic_write_text, load_lm, log
@@ -42,21 +42,29 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 def geometry_folder(cfg: DictConfig) -> Path:
     """`steer.geometry` as an export folder: a path as given, `<task>/<name>` of this run's geometries, a Hub repo
     id (owner/name), or a plain name under this run's `geometry/<task>/` (the task whose values hold `steer.target`)."""
-    s, target = cfg.steer, str(cfg.steer.target)
-    given = Path(str(s.geometry))
-    if len(given.parts) != 1 or given.name in (".", "..") or not SAFE_NAME.fullmatch(given.name):  # a path, a repo
-        if (given / "config.json").is_file():
-            return given
+    target, text = str(cfg.steer.target), str(cfg.steer.geometry)
+    given = Path(text).expanduser()
+    explicit = text.startswith(("/", "./", "../", "~")) or text in (".", "..")  # written as a path: a path alone
+    if explicit or len(given.parts) != 1 or not SAFE_NAME.fullmatch(given.name):  # a path, <task>/<name>, a repo
         own = RunLayout.of(cfg).geometries / given
-        if not given.is_absolute() and (own / "config.json").is_file():
-            return own  # <task>/<name> of this run
-        if not given.is_absolute() and len(given.parts) == 2 and own.parent.is_dir():
+        if not explicit and (own / "config.json").is_file():  # <task>/<name> of this run, before a folder of the
+            return trained_as(own, given.name)  # working directory
+        if (given / "config.json").is_file():
+            return given.resolve()
+        exports = sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in RunLayout.of(cfg).geometries.glob("*/*/config.json"))
+        if not explicit and len(given.parts) == 2 and own.parent.is_dir():
             names = sorted(p.parent.name for p in own.parent.glob("*/config.json"))
             raise StageError(f"steer.geometry={given}: this run has no export {given.name!r} of task "
                              f"{given.parts[0]!r} ({own} holds no config.json); its exports of that task are {names}. "
                              f"Give one of them, or train it (`pipeline stage=train`).")  # fmt: skip
-        if REPO_ID.fullmatch(str(s.geometry)) and not given.exists():  # owner/name on the Hub: cached, or downloaded
-            return geometry_source(str(s.geometry))
+        if not explicit and REPO_ID.fullmatch(text) and not given.exists():  # owner/name on the Hub: cached, or downloaded
+            try:
+                return geometry_source(text)
+            except CheckpointError as e:
+                if not exports:
+                    raise
+                raise StageError(f"steer.geometry={text} is not one of this run's exports ({exports}: give one as "
+                                 f"<task>/<name>), and as a Hub repo: {e}") from e  # fmt: skip
         raise StageError(f"steer.geometry={given} holds no exported geometry (no config.json); give an export's "
                          f"folder, a Hub repo id (owner/name), or one of this run's geometries by name (e.g. gaga_out) "
                          f"or by task and name (e.g. weekdays/gaga_out).")  # fmt: skip
@@ -69,14 +77,18 @@ def geometry_folder(cfg: DictConfig) -> Path:
             f"steer.geometry={given.name}, a geometry name of this run, names {where} with the concept {target!r}. "
             f"Give an export's folder, a target of one of its tasks, or train it (`pipeline stage=train`)."
         )
-    trained_as = found[holding[0]].get("geometry")
-    if trained_as != given.name:
+    return trained_as(holding[0], given.name)
+
+
+def trained_as(folder: Path, name: str) -> Path:
+    """`folder`, a run's export asked for by its geometry `name`, when it holds the geometry trained as that name."""
+    if (trained := (read_config(folder).get("meta") or {}).get("geometry")) != name:
         raise StageError(
-            f"steer.geometry={given.name}: {holding[0]} holds the geometry trained as '{trained_as}' (its config.json): "
-            f"export folders were renamed or swapped. Move each export to the folder of the name it was trained as, or "
-            f"give the export's folder as steer.geometry."
+            f"steer.geometry={name}: {folder} holds the geometry trained as '{trained}' (its config.json): export "
+            f"folders were renamed or swapped. Move each export to the folder of the name it was trained as, or give "
+            f"the export's folder as steer.geometry."
         )
-    return holding[0]
+    return folder
 
 
 def safe(part: Any, most: int = 40) -> str:
@@ -197,7 +209,7 @@ def run(cfg: DictConfig) -> dict:
     figure(q, alphas, values, steered.target, f"{task}: {s.method} path of {trained_as} toward {target}",
            out / f"{name}.png")  # fmt: skip
     result = {
-        "geometry": str(folder), "method": s.method, "target": target, "alpha": alpha, "dtype": str(cfg.model.dtype),
+        "geometry": str(folder.resolve()), "method": s.method, "target": target, "alpha": alpha, "dtype": str(cfg.model.dtype),
         "prompt": prompt, "unsteered": plain, "steered": moved,
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),

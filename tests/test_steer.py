@@ -249,6 +249,12 @@ def test_steering_works_inside_inference_mode_and_cannot_be_entered_twice(shippe
     with pytest.raises(SteeringError, match="already in use"), steering, steering:
         pass
     assert len(block._forward_hooks) == 0 and len(lm._forward_pre_hooks) == 0
+    other = Steering(lm, geometries["gaga_out"], "Monday", method="linear")
+    with pytest.raises(SteeringError, match=r"another Steering \(toward 'Thursday'\) is active on this model"), steering, other:
+        pass
+    assert len(block._forward_hooks) == 0 and len(lm._forward_pre_hooks) == 0 and "generate" not in vars(lm)
+    with other:  # once the first has exited, the second may enter
+        assert other.calls == 0
 
 
 def test_an_export_whose_concepts_are_not_whole_is_refused(shipped):
@@ -312,6 +318,15 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
     with pytest.raises(SteeringError, match=r"every_token='no' must be True or False"):
         Steering(lm, geometries["gaga_out"], "Thursday", every_token="no")
     assert Steering(lm, geometries["gaga_out"], "Thursday", alpha=np.float32(0.5), steps=np.int64(4)).alpha == 0.5
+    for geometry, method in (("gaga_out", "geometry"), ("gaga_out", "linear"), ("bridge", "geometry")):
+        with pytest.raises(SteeringError, match=rf"source='Monday' is used by method='caa' and by INNSteer geometries.*"
+                                                rf"method='{method}' with a \w+ geometry steers toward the target"):  # fmt: skip
+            Steering(lm, geometries[geometry], "Thursday", method=method, source="Monday")
+    for geometry, method in (("gaga_out", "caa"), ("innsteer", "geometry"), ("bridge", "geometry")):
+        with pytest.raises(SteeringError, match=r"lam_rel: settings of the L-BFGS geodesic, which only a GAGA geometry"):
+            Steering(lm, geometries[geometry], "Thursday", method=method, lam_rel=5.0)
+    Steering(lm, geometries["gaga_out"], "Thursday", method="caa", source="Monday")
+    Steering(lm, geometries["innsteer"], "Thursday", source="Monday")
 
 
 def test_a_class_the_flow_learned_no_mean_for_is_refused_as_a_target(shipped):
@@ -399,6 +414,26 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     assert code == 0 and "was trained at block 1 and steers there; model.layer=0 is not applied" in printed, printed
 
 
+def test_steer_geometry_as_task_and_name_is_the_runs_and_a_path_written_as_one_is_that_path(shipped, capsys,
+                                                                                            monkeypatch, tmp_path):  # fmt: skip
+    """`weekdays/gaga_out` is the run's export even when the working directory holds a folder of that name; `./…`
+    is a path alone; the result records the folder it steered with, whole."""
+    from tests.test_bad_input import pipeline_command
+
+    _, _, _, cfg = shipped
+    run = train.Path(cfg.paths.run_dir)
+    decoy = tmp_path / "weekdays" / "gaga_out"  # another family's export under the name
+    shutil.copytree(run / "geometry" / "weekdays" / "innsteer", decoy)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    for given, used in (("weekdays/gaga_out", run / "geometry" / "weekdays" / "gaga_out"), ("./weekdays/gaga_out", decoy)):
+        code, printed = pipeline_command(steer_command(cfg, f"steer.geometry={given}", "steer.alpha=0.3"), capsys)
+        assert code == 0, printed
+        (result,) = (run / "steer").glob("*-a0.3-*.json")  # removed after each: the one this command wrote
+        assert json.loads(result.read_text())["geometry"] == str(used.resolve()), given
+        result.unlink()
+
+
 def test_a_bridge_whose_encoder_was_trained_again_is_steered_with_a_warning(shipped, capsys, monkeypatch, tmp_path):
     """The bridge approximates its encoder's geodesics: once that encoder is trained again, the bridge follows the
     old geometry, and stage=steer says so with the fix (stage=eval shares the check)."""
@@ -460,14 +495,22 @@ def test_a_metric_with_no_value_is_null_in_the_export_and_loads(shipped, tmp_pat
         ),
         (["steer.geometry={lm}"], r"\S+ holds a language model \(llama\), not an exported geometry; give a geometry"),
         (
+            ["steer.geometry=weekday/gaga_out"],
+            r"steer.geometry=weekday/gaga_out is not one of this run's exports \(\['weekdays/bridge', 'weekdays/gaga_out', "
+            r"'weekdays/innsteer'\]: give one as <task>/<name>\), and as a Hub repo",
+        ),
+        (
             ["steer.geometry=weekdays/nothing"],
             r"this run has no export 'nothing' of task 'weekdays'.*exports of that task are \['bridge', 'gaga_out', 'innsteer'\]",
         ),
     ],
 )
 def test_stage_steer_refuses_with_the_fix(shipped, capsys, monkeypatch, tmp_path, overrides, message):
+    import huggingface_hub
+
     from tests.test_bad_input import pipeline_command
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a name read as a Hub repo: the cache alone
     geometries, _, _, cfg = shipped
     other = tmp_path / "weekdays" / "gaga_out"  # an export of another training of the LM, without its record
     shutil.copytree(train.Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "gaga_out", other)
@@ -741,6 +784,23 @@ def test_the_python_api_refuses_bad_arguments_by_name(shipped, tiny_lm_dir, tmp_
         write_control_vector(tmp_path / "c.gguf", flow.meta, torch.ones(3))
     with pytest.raises(TypeError, match=r"this geometry computes in torch.float32, but was given torch.float64"):
         gaga.encode(h.double())
+    with pytest.raises(GeometryMismatch, match=rf"as a tensor \(B, {gaga.input_dim}\), but was given one of shape \(1, 3, "):
+        gaga.encode(h[None])  # batch norm takes rows alone
+    z = gaga.encode(h)
+    for bad in (z[0], z[None]):
+        with pytest.raises(
+            GeometryMismatch, match=rf"GAGA.decode takes latents \(B, {z.shape[1]}\); got {re.escape(str(tuple(bad.shape)))}"
+        ):
+            gaga.decode(bad)
+    with pytest.raises(TypeError, match=r"GAGA.decode computes in torch.float32, but was given torch.float64 latents: "
+                                        r"pass z.to\(torch.float32\)"):  # fmt: skip
+        gaga.decode(z.double())
+    with pytest.raises(TypeError, match=r"InnSteer.inverse computes in torch.float32, but was given torch.float64"):
+        flow.inverse(flow.encode(h).double())
+    for cast in (torch.float64, torch.long):
+        with pytest.raises(TypeError, match=rf"the bridge computes in torch.float32, but was given {cast} endpoints: pass "
+                                            rf"x_a.to\(torch.float32\)"):  # fmt: skip
+            bridge(h[:2].to(cast), h[1:].to(cast), times)
     with pytest.raises(ValueError, match=rf"the bridge takes x_a, x_b of one shape \(P, {gaga.input_dim}\)"):
         bridge(h[:2], h, times)
     torch.testing.assert_close(bridge(h[:2], h[1:], 0.5), bridge(h[:2], h[1:], [0.5]))
