@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import itertools
 import json
@@ -326,6 +327,29 @@ def sweep_dir_in_a_run(argv: list[str], run_dirs: list[Path]) -> list[str]:
     return []
 
 
+OPEN_SECTIONS = ("trainer", "logger", "hydra")  # keyword arguments of Lightning's Trainer and the logger: open
+
+
+def misspelt_additions(overrides: list[str]) -> list[str]:
+    """`+a.b=v` that adds a key next to one of a close name (`+steer.alpah` beside `alpha`): nothing reads the added
+    key, so the setting meant would silently keep its value. Hydra suggests `+` for a misspelt key. Call within an
+    initialised config dir."""
+    added = [arg.split("=", 1)[0].lstrip("+") for arg in overrides if arg.startswith("+")]
+    added = [k for k in added if k.split(".")[0] not in OPEN_SECTIONS and not (CONFIG_DIR / k.replace(".", "/")).is_dir()]
+    if not added:
+        return []
+    base = compose(config_name="config", overrides=[arg for arg in overrides if not arg.startswith("+")])
+    errors = []
+    for key in added:
+        parent, _, leaf = key.rpartition(".")
+        siblings = OmegaConf.select(base, parent) if parent else base
+        if isinstance(siblings, DictConfig) and leaf not in siblings:
+            if close := difflib.get_close_matches(leaf, [str(k) for k in siblings], n=1, cutoff=0.75):
+                errors.append(f"+{key} adds a setting that nothing reads, beside {parent + '.' if parent else ''}{close[0]}: "
+                              f"did you mean {parent + '.' if parent else ''}{close[0]}=... (without the +)?")  # fmt: skip
+    return errors
+
+
 def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
     """Problems of the config a command asks for, found before Hydra writes its logs (under the run folder).
 
@@ -359,6 +383,8 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
+            if errors := misspelt_additions(overrides):
+                return errors
             check_config(cfg, overrides)
         # Hydra makes its log folder there next (a sweep's under paths.outputs/multirun; each job makes its run
         # folder): a file in the way or a forbidden place would fail with a traceback.

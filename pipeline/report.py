@@ -235,8 +235,8 @@ def metric_table(rows: list[dict[str, Any]], per_task: dict[str, Any], metric: s
             entry = per_task[t]["methods"].get(m, {})
             if (t, m) in index and index[(t, m)]["n"] > 0:
                 cells.append(_cell(index[(t, m)], sign))
-            elif "reason" in entry:
-                cells.append("n/a¹")
+            elif "reason" in entry or (entry.get("no_path_pairs") and entry["no_path_pairs"] == len(per_task[t]["pairs"])):
+                cells.append("n/a¹")  # not evaluated, or no pair had a path (INNSteer without its classes' means)
             else:
                 cells.append("–²")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -28,7 +28,7 @@ def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
     results = {stage: r for stage, r in results.items() if isinstance(r, dict)}  # launched ranks other than 0 return None
     seconds = {stage: r.get("seconds", r.get("train_seconds")) for stage, r in results.items()}  # the LM's: train_seconds
     times = [f"{stage} {s:.0f} s" for stage, s in seconds.items() if isinstance(s, (int, float))]
-    lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", f"time per stage: {', '.join(times)}"]
+    lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", *([f"time per stage: {', '.join(times)}"] if times else [])]
     if "train" in results and "summary" in results["train"]:
         lines += [f"geometries, exported to {run.geometries}:"]
         lines += [f"  {task}/{name}: " + ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in headline.items())

@@ -582,6 +582,12 @@ CASES = [
     ("unknown task", None, ["stage=extract", "tasks=[weekday]"], r"unknown task 'weekday'.*Known tasks: \["),
     ("unknown task group pick", None, ["stage=extract", "task=weekday"], r"task=weekday is unknown; task takes one of"),
     (
+        "misspelt setting added with +",
+        None,
+        ["stage=eval", "+eval.carrier=1"],
+        r"\+eval.carrier adds a setting that nothing reads, beside eval.carriers: did you mean eval.carriers=",
+    ),
+    (
         "unknown model",
         None,
         ["stage=extract", "model=llama"],

@@ -172,7 +172,15 @@ def test_the_printed_summary_reads_a_number_with_no_value_as_such(tmp_path):
     train_result = {"summary": {"weekdays": {"innsteer": {"steering_success_mean": None}}}, "seconds": 1.0}
     text = summary({"train": train_result, "eval": {"verdicts": {}, "seconds": 1.0}}, RunLayout(tmp_path))
     assert "weekdays/innsteer: steering_success_mean n/a" in text
+    assert "time per stage" not in summary({"steer": {"generated": "x"}}, RunLayout(tmp_path)), "no stage timed, no line"
     assert re.search(r"linear\s+0\.50/0\.50", text) and re.search(r"INNSteer\s+nan/nan", text), text
+
+
+def test_a_method_with_no_path_for_any_pair_reads_not_evaluated_and_one_with_some_is_scored():
+    pairs = [[0, 1], [1, 2], [2, 3]]
+    for lost, cell in ((3, "n/a¹"), (2, "–²")):
+        per_task = {"weekdays": {"pairs": pairs, "methods": {"innsteer": {"label": "INNSteer", "no_path_pairs": lost}}}}
+        assert report.metric_table([], per_task, "top1_at_end", 1).splitlines()[-1] == f"| INNSteer | {cell} |", lost
 
 
 def test_eval_from_shipped_checkpoints_alone_in_a_fresh_process(evaluated, tmp_path):
