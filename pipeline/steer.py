@@ -51,7 +51,6 @@ def geometry_folder(cfg: DictConfig) -> Path:
             return trained_as(own, given.name)  # working directory
         if (given / "config.json").is_file():
             return given.resolve()
-        exports = sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in RunLayout.of(cfg).geometries.glob("*/*/config.json"))
         if not explicit and len(given.parts) == 2 and own.parent.is_dir():
             names = sorted(p.parent.name for p in own.parent.glob("*/config.json"))
             raise StageError(f"steer.geometry={given}: this run has no export {given.name!r} of task "
@@ -61,6 +60,8 @@ def geometry_folder(cfg: DictConfig) -> Path:
             try:
                 return geometry_source(text)
             except CheckpointError as e:
+                exports = sorted(f"{p.parent.parent.name}/{p.parent.name}"
+                                 for p in RunLayout.of(cfg).geometries.glob("*/*/config.json"))  # fmt: skip
                 if not exports:
                     raise
                 raise StageError(f"steer.geometry={text} is not one of this run's exports ({exports}: give one as "
