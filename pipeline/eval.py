@@ -86,6 +86,7 @@ from geosteer.pipeline.products import (
     current_result,
     drop_leftovers,
     finish_replace,
+    in_run,
     lm_source,
     refuse_unrecorded,
     replace_dir,
@@ -112,7 +113,7 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
         own = Path(cfg.eval.geometry_dir).resolve() == RunLayout.of(cfg).geometries.resolve()
         fix = (f"train it (pipeline stage=train geometry=[{method.geometry}])" if own else
                f"train it in the run eval.geometry_dir={cfg.eval.geometry_dir} belongs to, or copy an export there")  # fmt: skip
-        return None, f"no exported geometry at {folder}; {fix}"
+        return None, f"no exported geometry at {in_run(folder, RunLayout.of(cfg).root)}; {fix}"
     check_product(folder, f"Train it again (`pipeline stage=train geometry=[{method.geometry}]`), or copy it again.")
     model = load_geometry(folder, d=d, layer=int(store["layer"]))
     check_provenance(folder, model.meta, task.to_dict(), str(store["model_name"]), str(store.get("lm_fingerprint", "")),
@@ -122,7 +123,7 @@ def geometry_of(cfg: DictConfig, task: Task, method: SteeringMethod, d: int, sto
     if model.family != method.family:
         raise StageError(f"eval: {folder} holds a {model.family} geometry; {method.label} steers with a {method.family} one. "
                          f"Point its method YAML's `geometry` at a {method.family} export.")  # fmt: skip
-    return model, str(folder)
+    return model, in_run(folder, RunLayout.of(cfg).root)  # as results.json records it
 
 
 def check_export_name(folder: Path, meta: dict[str, Any], method: SteeringMethod) -> None:
@@ -608,7 +609,7 @@ def run(cfg: DictConfig) -> dict:
         for task in tasks:
             store.check_task(task.to_dict())
         lm, tokenizer = lm_of_store(cfg, store.attrs, "evaluation")
-        source = f"{store_lm(cfg, store.attrs)['pretrained']}` at block {layer}"
+        source = f"{in_run(store_lm(cfg, store.attrs)['pretrained'], run.root)}` at block {layer}"
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
         out = run.eval
         check_inside(run.root, out)
@@ -643,7 +644,7 @@ def run(cfg: DictConfig) -> dict:
         close_logger(logger)
     result = {"dir": str(out), "report": str(out / "report.md"), **summary["headline"], "seconds": summary["seconds"]}
     (work / FINISHED).unlink(missing_ok=True)  # the resume's bookkeeping: not part of the finished evaluation
-    write_stamp(work, "eval", fp, result)  # before the move: the report never lies in place without its record
+    write_stamp(work, "eval", fp, result, home=out)  # before the move: the report never lies in place without its record
     replace_dir(work, out)
     log.info("evaluation written to %s", out / "report.md")
     return result

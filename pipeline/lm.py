@@ -343,7 +343,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         "vocab_size": len(tokenizer),
         "config": to_plain(a),
     }
-    write_stamp(final, "lm", fp, result)  # before the move: the product never lies in place without its record
+    write_stamp(final, "lm", fp, result, home=out)  # before the move: the product never lies in place without its record
     replace_dir(final, out)
     shutil.rmtree(work, ignore_errors=True)
     return result

@@ -335,9 +335,39 @@ def _stamp_check(stamp: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_stamp(product_dir: Path, stage: str, fp: str, result: dict) -> None:
-    """Record the config that made a finished product, and every file of it (`product_files`)."""
-    stamp = {"stage": stage, "fingerprint": fp, "files": product_files(product_dir), "result": result}
+def in_run(path: Path | str, run_root: Path) -> str:
+    """`path` as a run's records name it: `<run>/...` inside the run (true of any copy of it), else as given."""
+    where, root = Path(path).resolve(), Path(run_root).resolve()
+    return f"<run>/{where.relative_to(root)}" if where.is_relative_to(root) else str(path)
+
+
+PATH_KEYS = ("path", "dir", "report", "figures")  # a result's entries that name files or folders (or hold such names)
+
+
+def _paths_mapped(result: Any, move, under: bool = False) -> Any:
+    """`result` with `move` applied to every string under a PATH_KEYS key, at any depth."""
+    if isinstance(result, dict):
+        return {k: _paths_mapped(v, move, under or k in PATH_KEYS) for k, v in result.items()}
+    if isinstance(result, list):
+        return [_paths_mapped(v, move, under) for v in result]
+    return move(result) if under and isinstance(result, str) else result
+
+
+def write_stamp(product_dir: Path, stage: str, fp: str, result: dict, home: Path | None = None) -> None:
+    """Record the config that made a finished product, and every file of it (`product_files`).
+
+    `home`: the folder the product will lie in (default `product_dir`; a product staged elsewhere is moved there).
+    The result's files and folders inside it are recorded relative to it, so that a run folder copied or moved
+    reports its own paths when its products are found current (`current_result`).
+    """
+    home = Path(home or product_dir).resolve()
+
+    def relative(value: str) -> str:
+        where = Path(value).resolve()
+        return str(where.relative_to(home)) if where.is_relative_to(home) else value
+
+    stamp = {"stage": stage, "fingerprint": fp, "files": product_files(product_dir),
+             "result": _paths_mapped(result, relative), "paths": "relative to this folder"}  # fmt: skip
     if parts := getattr(fp, "parts", None):  # to name what differs when another config meets this product
         stamp["parts"] = parts
     stamp = finite(json.loads(json.dumps(stamp, default=str)))  # as it reads back, which is what the check is compared with
@@ -423,7 +453,9 @@ def current_result(product_dir: Path, fp: str, what: str, overwrite: bool, remov
     if stamp is not None and stamp["fingerprint"] == fp:
         if not (damage := product_damage(product_dir, stamp)):
             log.info("%s is current (config %s): skipping", what, fp)
-            return stamp["result"]
+            if stamp.get("paths") != "relative to this folder":  # written by an older geosteer: as recorded
+                return stamp["result"]
+            return _paths_mapped(stamp["result"], lambda value: str(Path(product_dir) / value))
         log.warning("%s was made by this config, but %s: making it again", what, "; ".join(damage))
         for name in (stamp.get("files") or ()) if remove_damaged else ():
             path = Path(product_dir) / name

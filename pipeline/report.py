@@ -378,7 +378,7 @@ def write(per_task: dict[str, Any], cfg, folder: Path, seconds: float, methods: 
 def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, methods: dict[str, Any], lm: str) -> str:
     e = cfg.eval
     tasks = list(per_task)
-    md = [f"# geosteer evaluation: {cfg.run_name}", "",
+    md = ["# geosteer evaluation", "",  # the run is the folder it lies in (named nowhere inside, so that a copy is whole)
           f"LM `{lm}; tasks {', '.join(tasks)}; "
           f"{e.steps + 1} waypoints per path, {e.carriers} seeded carriers of the source class per pair, "
           f"threshold q_b ≥ {e.threshold} for the iterative methods (at most {e.max_steps} steps); seed {cfg.seed}. "

@@ -329,7 +329,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
             logger.log_image("figures/training", [str(staging / "training.png")])
         close_logger(logger, artifact=staging, artifact_name=f"{task.name}-{name}")
     result = {"path": str(out), **metrics, "trainer": cfg.trainer.get("strategy", "auto")}
-    write_stamp(staging, "train", fp, result)  # before the move: the export never lies in place without its record
+    write_stamp(staging, "train", fp, result, home=out)  # before the move: the export never lies in place without its record
     replace_dir(staging, out)
     shutil.rmtree(work, ignore_errors=True)
     wait_for_rank_zero()

@@ -247,6 +247,30 @@ def test_lm_extract_targets_end_to_end(tmp_path):
     assert rerun["lm"] == result["lm"] and rerun["extract"] == result["extract"]
     assert rerun["train"]["geometries"] == result["train"]["geometries"] and rerun["eval"] == result["eval"]
     assert rerun["targets"]["seconds"] == result["targets"]["seconds"], "the targets' recorded result: nothing redone"
+    # The run copied under another name and moved away from: every product is current, and every record it reports
+    # and every text it holds names the copy's files (or none), never the first run's folder.
+    first = Path(cfg.paths.run_dir)
+    shutil.copytree(first, tmp_path / "elsewhere" / "copy")
+    shutil.rmtree(first)
+    copy = make_cfg(tmp_path / "elsewhere", "stage=all", "run_name=copy", *overrides)
+    copied = cli.run(copy)
+    assert copied["train"]["summary"] == result["train"]["summary"] and copied["lm"]["accuracy"] == result["lm"]["accuracy"]
+    named = [v for stage in copied.values() for v in _paths(stage)]
+    assert len(named) > 10 and all(Path(v).resolve().is_relative_to(Path(copy.paths.run_dir).resolve()) for v in named), named
+    # (An export's sealed config.json names the LM's folder as it was when it trained: its provenance, kept.)
+    texts = [f for f in Path(copy.paths.run_dir).rglob("*") if f.suffix in (".md", ".json", ".csv") and f.is_file()
+             and not (f.name == "config.json" and f.parent.parent.parent.name == "geometry")]  # fmt: skip
+    assert len(texts) > 10
+    assert not [f for f in texts if str(first) in f.read_text() or f"{cfg.run_name}/" in f.read_text()]
+
+
+def _paths(result, under: bool = False) -> list[str]:
+    """Every file or folder a stage's result names."""
+    if isinstance(result, dict):
+        return [p for k, v in result.items() for p in _paths(v, under or k in products.PATH_KEYS)]
+    if isinstance(result, list):
+        return [p for v in result for p in _paths(v, under)]
+    return [result] if under and isinstance(result, str) else []
 
 
 def test_sharded_extraction_equals_one_process(tiny_cfg):
