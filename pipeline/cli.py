@@ -328,12 +328,24 @@ def sweep_dir_in_a_run(argv: list[str], run_dirs: list[Path]) -> list[str]:
 
 
 OPEN_SECTIONS = ("trainer", "logger", "hydra")  # keyword arguments of Lightning's Trainer and the logger: open
+# Settings read when present and absent from some YAMLs: the only keys a `+` may add outside the open sections, beside
+# whole new entries of a registry (`+geometry.<new>...`, `+method.<new>...`: checked by their family or method).
+OPTIONAL_SETTINGS = ("model.gguf", "model.revision", "geometry.*.monitor", "geometry.*.knn", "geometry.*.activation",
+                     "geometry.*.batch_norm")  # fmt: skip
 
 
-def misspelt_additions(overrides: list[str]) -> list[str]:
-    """`+a.b=v` that adds a key next to one of a close name (`+steer.alpah` beside `alpha`): nothing reads the added
-    key, so the setting meant would silently keep its value. Hydra suggests `+` for a misspelt key. Call within an
-    initialised config dir."""
+def _optional(key: str, base: DictConfig) -> bool:
+    parts = key.split(".")
+    if parts[0] in ("geometry", "method") and len(parts) >= 2 and parts[1] not in (base.get(parts[0]) or {}):
+        return True
+    return any(len(o := pattern.split(".")) <= len(parts) and all(a in ("*", b) for a, b in zip(o, parts))
+               for pattern in OPTIONAL_SETTINGS)  # fmt: skip
+
+
+def unread_additions(overrides: list[str]) -> list[str]:
+    """`+a.b=v` that adds a key nothing reads (`+steer.alpah=0`: the setting meant silently keeps its value; Hydra
+    suggests `+` for a misspelt key). Open: the Trainer's and the logger's keywords, config groups and
+    OPTIONAL_SETTINGS. Call within an initialised config dir."""
     added = [arg.split("=", 1)[0].lstrip("+") for arg in overrides if arg.startswith("+")]
     added = [k for k in added if k.split(".")[0] not in OPEN_SECTIONS and not (CONFIG_DIR / k.replace(".", "/")).is_dir()]
     if not added:
@@ -341,12 +353,20 @@ def misspelt_additions(overrides: list[str]) -> list[str]:
     base = compose(config_name="config", overrides=[arg for arg in overrides if not arg.startswith("+")])
     errors = []
     for key in added:
+        if _optional(key, base):
+            continue
         parent, _, leaf = key.rpartition(".")
         siblings = OmegaConf.select(base, parent) if parent else base
-        if isinstance(siblings, DictConfig) and leaf not in siblings:
-            if close := difflib.get_close_matches(leaf, [str(k) for k in siblings], n=1, cutoff=0.75):
-                errors.append(f"+{key} adds a setting that nothing reads, beside {parent + '.' if parent else ''}{close[0]}: "
-                              f"did you mean {parent + '.' if parent else ''}{close[0]}=... (without the +)?")  # fmt: skip
+        names = [str(k) for k in siblings] if isinstance(siblings, DictConfig) else []
+        where = f"{parent}." if parent else ""
+        if close := difflib.get_close_matches(leaf, names, n=1, cutoff=0.75):
+            errors.append(f"+{key} adds a setting that nothing reads, beside {where}{close[0]}: did you mean "
+                          f"{where}{close[0]}=... (without the +)?")  # fmt: skip
+        else:
+            holds = (f"{parent or 'the config'} holds {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}; set "
+                     f"one of those without the +" if names else f"there is no section {parent}")  # fmt: skip
+            errors.append(f"+{key} adds a setting that nothing reads ({holds}); `pipeline --cfg job` prints every "
+                          f"setting")  # fmt: skip
     return errors
 
 
@@ -383,7 +403,7 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
-            if errors := misspelt_additions(overrides):
+            if errors := unread_additions(overrides):
                 return errors
             check_config(cfg, overrides)
         # Hydra makes its log folder there next (a sweep's under paths.outputs/multirun; each job makes its run

@@ -588,6 +588,12 @@ CASES = [
         r"\+eval.carrier adds a setting that nothing reads, beside eval.carriers: did you mean eval.carriers=",
     ),
     (
+        "setting added with + that nothing reads",
+        None,
+        ["stage=steer", "+steer.foo=1"],
+        r"\+steer.foo adds a setting that nothing reads \(steer holds prompt, .*alpha.*; set one of those without the \+\)",
+    ),
+    (
         "unknown model",
         None,
         ["stage=extract", "model=llama"],
