@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,17 +62,27 @@ STAGES: dict[str, Callable[[DictConfig], dict]] = {
 PIPELINE = ("lm", "extract", "targets", "train", "eval")  # what stage=all runs, in order
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run one stage, or every stage in order for stage=all, holding the run's lock; returns each stage's result."""
+def run(cfg: DictConfig, seconds: dict[str, float] | None = None) -> dict:
+    """Run one stage, or every stage in order for stage=all, holding the run's lock; returns each stage's result.
+
+    `seconds`, when given, receives each stage's wall time in this call (a stage found current: the time to check it).
+    """
     check_settings(cfg)
     check_run_dir(cfg)
     if launched_rank()[0] != 0:  # rank 0 of a launched DDP run holds the lock for all its ranks
-        return _run(cfg)
+        return _run(cfg, {} if seconds is None else seconds)
     with run_lock(cfg.paths.run_dir):
-        return _run(cfg)
+        return _run(cfg, {} if seconds is None else seconds)
 
 
-def _run(cfg: DictConfig) -> dict:
+def _timed(name: str, cfg: DictConfig, seconds: dict[str, float]) -> dict:
+    start = time.perf_counter()
+    result = STAGES[name](cfg)
+    seconds[name] = time.perf_counter() - start
+    return result
+
+
+def _run(cfg: DictConfig, seconds: dict[str, float]) -> dict:
     rank, world = launched_rank()
     if world > 1 and cfg.stage not in DATA_PARALLEL:
         raise StageError(
@@ -86,10 +97,10 @@ def _run(cfg: DictConfig) -> dict:
         train.check_trained_against(cfg, geometries)  # and a bad geometry choice, before them
         check_sizes(cfg, geometries)
         names = [s for s in PIPELINE if s != "lm" or cfg.model.embedded]
-        return {name: STAGES[name](cfg) for name in names}
+        return {name: _timed(name, cfg, seconds) for name in names}
     if cfg.stage not in STAGES:
         raise StageError(f"stage '{cfg.stage}' is unknown; use one of {[*STAGES, 'all']}.")
-    return {cfg.stage: STAGES[cfg.stage](cfg)}
+    return {cfg.stage: _timed(cfg.stage, cfg, seconds)}
 
 
 def check_sizes(cfg: DictConfig, geometries: dict) -> None:
@@ -447,9 +458,9 @@ def hydra_main(cfg: DictConfig) -> None:
     """One boundary: every error ends as one paragraph and exit status 1; the traceback only with hydra.verbose."""
     try:
         check_config(cfg, list(HydraConfig.get().overrides.task))
-        result = run(cfg)
+        result = run(cfg, seconds := {})
         if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
-            log.info("%s", summary(result, RunLayout.of(cfg)))
+            log.info("%s", summary(result, RunLayout.of(cfg), seconds))
     except KeyboardInterrupt:
         _finish_wandb(exit_code=130)
         if log.isEnabledFor(logging.DEBUG):

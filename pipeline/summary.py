@@ -23,11 +23,11 @@ def quiet_third_parties() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def summary(results: dict[str, dict[str, Any]], run: RunLayout) -> str:
-    """Where the products are, the time per stage, the trained geometries, the headline table and the verdicts."""
+def summary(results: dict[str, dict[str, Any]], run: RunLayout, seconds: dict[str, float] | None = None) -> str:
+    """Where the products are, the time per stage (`seconds`: this command's, a stage found current included), the
+    trained geometries, the headline table and the verdicts."""
     results = {stage: r for stage, r in results.items() if isinstance(r, dict)}  # launched ranks other than 0 return None
-    seconds = {stage: r.get("seconds", r.get("train_seconds")) for stage, r in results.items()}  # the LM's: train_seconds
-    times = [f"{stage} {s:.0f} s" for stage, s in seconds.items() if isinstance(s, (int, float))]
+    times = [f"{stage} {s:.0f} s" for stage, s in (seconds or {}).items()]
     lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", *([f"time per stage: {', '.join(times)}"] if times else [])]
     if "train" in results and "summary" in results["train"]:
         lines += [f"geometries, exported to {run.geometries}:"]

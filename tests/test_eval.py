@@ -173,6 +173,8 @@ def test_the_printed_summary_reads_a_number_with_no_value_as_such(tmp_path):
     text = summary({"train": train_result, "eval": {"verdicts": {}, "seconds": 1.0}}, RunLayout(tmp_path))
     assert "weekdays/innsteer: steering_success_mean n/a" in text
     assert "time per stage" not in summary({"steer": {"generated": "x"}}, RunLayout(tmp_path)), "no stage timed, no line"
+    timed = summary({"train": train_result}, RunLayout(tmp_path), {"train": 0.2})
+    assert "time per stage: train 0 s" in timed, "this command's time, not the one recorded when it was made"
     assert re.search(r"linear\s+0\.50/0\.50", text) and re.search(r"INNSteer\s+nan/nan", text), text
 
 
