@@ -77,6 +77,14 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def _is_export(config: Path) -> bool:
+    """Whether a config.json is a geometry export's (it carries `meta`; an LM's does not)."""
+    try:
+        return isinstance(meta := json.loads(config.read_text()).get("meta"), dict) and "family" in meta
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hub
 HUB_OPTIONS = ("endpoint", "token", "cache_dir", "local_files_only", "force_download")  # snapshot_download's
 SHIPPED = ["config.json", "model.safetensors", "README.md", "training.png"]  # what an export ships (not its stage.json)
@@ -134,10 +142,14 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
         raise CheckpointError(f"{folder} does not exist; give an export's folder (a run's geometry/<task>/<name>) or a "
                               f"Hub repo id (owner/name).")  # fmt: skip
     if folder.is_dir() and not (folder / "config.json").exists():  # a folder above the exports (a task's, a run's)
-        inner = sorted(str(p.parent.relative_to(folder)) for depth in ("*", "*/*") for p in folder.glob(f"{depth}/config.json"))
+        inner = sorted(str(p.parent.relative_to(folder)) for depth in ("*", "*/*", "*/*/*")
+                       for p in folder.glob(f"{depth}/config.json") if _is_export(p))  # fmt: skip
         if inner:
             raise CheckpointError(f"{folder} is not an export but holds {len(inner)}: {inner[:8]}; give one of them, "
                                   f"e.g. {folder / inner[0]}.")  # fmt: skip
+        if not (folder / "model.safetensors").exists():  # else an export without its config.json: named as damaged
+            raise CheckpointError(f"{folder} is not an export (it holds no config.json) and holds none below it; give "
+                                  f"an export's folder (a run's geometry/<task>/<name>) or a Hub repo id (owner/name).")  # fmt: skip
     if folder.exists() or not REPO_ID.fullmatch(str(source)):  # a folder here, whole or not, is never a repo id
         return folder
     try:

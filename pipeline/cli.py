@@ -433,6 +433,9 @@ def explain(e: Exception) -> str:
         return f"{type(e).__name__}: {e}"
     text = " ".join(str(e).split())[:600]
     where = getattr(e, "filename", None) or (m[1] if (m := re.search(r"name = '([^']+)'", text)) else None)
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and where:  # a file where a folder goes (or on its way)
+        return (f"{where}: a file lies where a folder is expected, that path or one above it ({type(e).__name__}: "
+                f"{text}). Move that file away (or delete it) and re-run the command.")  # fmt: skip
     if isinstance(e, (OSError, SafetensorError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError)) and where:
         return (f"could not read {where} ({type(e).__name__}: {text}). If it is a product of this run, it is damaged: "
                 f"delete it and re-run the stage that makes it (`pipeline stage=...` with the same overrides); "

@@ -77,7 +77,7 @@ from geosteer.pipeline.common import (
     to_plain,
 )
 from geosteer.pipeline.figures import task_figures
-from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods
+from geosteer.pipeline.methods import SCORES, Context, SteeringMethod, TaskData, build_methods, described
 from geosteer.pipeline.products import (
     RunLayout,
     check_inside,
@@ -323,7 +323,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
     raw_paths: dict[str, torch.Tensor] = {}
     geometries: dict[str, Any] = {}
     for name, method in methods.items():
-        entry: dict[str, Any] = {"label": method.label, "kind": method.kind, "role": method.role, "how": method.how}
+        entry: dict[str, Any] = {"label": method.label, "kind": method.kind, "role": method.role, "how": described(method)}
         results["methods"][name] = entry
         geometry = None
         if method.family is not None:
@@ -429,7 +429,7 @@ def own_point(ctx: Context, methods: dict[str, SteeringMethod], geometries, pair
     # pairs with a class the flow learned no mean for are left out
     if not (pairs := [(a, b) for a, b in pairs if geometries[rule].learned(a, b)]):
         return {"reason": "the INNSteer flow learned a latent mean for no pair's two classes (no training prompt's "
-                          "arg-max q was one of them): see its row under Empty cells"}  # fmt: skip
+                          "arg-max q was one of them), as for its paths"}  # fmt: skip
     K, cyclic = len(data.task.concepts), data.task.topology == "cyclic"
     alphas = torch.tensor(e.own_point.alphas, dtype=data.h.dtype)
     carriers = pair_carriers(ctx, pairs, e.own_point.max_carriers, ctx.seed)

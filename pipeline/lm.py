@@ -7,6 +7,7 @@ loading it back through `AutoModelForCausalLM`, the path every later stage uses.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import time
 import warnings
@@ -306,7 +307,9 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     callbacks = [checkpoint, FingerprintCheckpoints(fp), ResumableDraws(sampler, a.batch_size), *callbacks]
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
-    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, logger=make_logger(cfg, "lm"), callbacks=callbacks)
+    epochs = math.ceil(a.max_steps / len(loader))  # what max_steps come to, for the progress bar (it stops there)
+    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm"),
+                          callbacks=callbacks)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")

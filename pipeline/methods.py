@@ -15,8 +15,9 @@ direction and title from `SCORES`.
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -121,7 +122,7 @@ class SteeringMethod(Protocol):
     label: ClassVar[str]
     kind: ClassVar[str]  # "path" | "iterative"
     role: ClassVar[str]  # "baseline" | "learned" | "target" (G_out, the analytical metric)
-    how: ClassVar[str]  # how the path is built, for the report
+    how: ClassVar[str]  # how the path is built, for the report: `{field}` stands for the method's setting (`described`)
     family: ClassVar[str | None]  # the geometry family it steers with; then its YAML names the export
     metric_label: ClassVar[str | None]  # its geometry's metric in the metric alignment (None: none of its own)
     compared: ClassVar[bool]  # a path method whose path is set against G_out's geodesic
@@ -153,6 +154,16 @@ class IterativeMethod:
         return (ctx.data.centroids[target] - ctx.data.centroids[source]).norm(dim=1) / ctx.e.steps
 
 
+def described(method: SteeringMethod) -> str:
+    """How `method` builds its path, with its own settings (`how`'s `{field}`s filled in)."""
+
+    def text(value: Any) -> str:
+        return (", ".join(map(str, value)) or "none") if isinstance(value, (list, tuple)) else str(value)
+
+    settings = fields(method) if is_dataclass(method) else ()
+    return method.how.format_map({f.name: text(getattr(method, f.name)) for f in settings})
+
+
 METHODS: dict[str, type] = {}
 ROLES = ("baseline", "learned", "target")  # the report's best baseline is chosen among the baselines
 
@@ -175,6 +186,10 @@ def register_method(name: str, *, label: str, role: str, how: str, family: str |
             raise TypeError(f"method {name!r}: {cls.__qualname__} must subclass PathMethod or IterativeMethod.")
         if family is not None and not issubclass(cls, PathMethod):
             raise TypeError(f"method {name!r}: only a path method steers with a trained geometry (family={family!r}).")
+        settings = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
+        if unknown := {f for _, f, _, _ in string.Formatter().parse(how) if f is not None} - settings:
+            raise ValueError(f"method {name!r}: how={how!r} names {sorted(unknown)}, not settings of {cls.__qualname__} "
+                             f"({sorted(settings)}); a {{field}} stands for a setting (write {{{{ }}}} for a brace).")  # fmt: skip
         cls.label, cls.role, cls.how = label, role, how
         cls.family, cls.metric_label, cls.compared = family, metric_label, compared
         METHODS[name] = cls
@@ -228,7 +243,10 @@ class Linear(PathMethod):
 
 
 @register_method(
-    "spline", label="labelled spline", role="baseline", how="PCA(64) spline through class centroids, subspace injection"
+    "spline",
+    label="labelled spline",
+    role="baseline",
+    how="PCA({pca}) spline through class centroids (k at most min(N, d)), subspace injection",
 )
 @dataclass
 class Spline(PathMethod):
@@ -266,7 +284,7 @@ class GagaJac(GagaOut):
     """GAGA-Out's steering with GAGA-Jac's metric."""
 
 
-@register_method("gaga_phate", label="GAGA-PHATE + L-BFGS", role="learned", how="L-BFGS geodesic of G_E on its PCA(64), subspace injection",
+@register_method("gaga_phate", label="GAGA-PHATE + L-BFGS", role="learned", how="L-BFGS geodesic of G_E in its export's PCA (in h when its pca_dim is null), subspace injection",
                  family="gaga", metric_label="GAGA-PHATE G_E", compared=True)  # fmt: skip
 @dataclass
 class GagaPhate(PathMethod):
@@ -286,7 +304,8 @@ class GagaPhate(PathMethod):
 
 
 @register_method("g_out", label="G_out geodesic", role="target",
-                 how="minimiser of the exact secant energy of √q on a pinned canonical carrier, best of three starts")  # fmt: skip
+                 how="minimiser of the exact secant energy of √q on a pinned canonical carrier, the best of the chord and "
+                     "the starts: {starts}")  # fmt: skip
 @dataclass
 class GOut(PathMethod):
     starts: list[str]  # besides the chord: "spline" (the labelled spline's path) and/or "great circle"

@@ -19,7 +19,7 @@ import numpy as np
 from geosteer.models.hub import strict_json
 from geosteer.pipeline.common import atomic_write_text
 from geosteer.pipeline.figures import bars_figure
-from geosteer.pipeline.methods import SCORES
+from geosteer.pipeline.methods import SCORES, described
 
 ALPHA = 0.05  # significance level of the comparisons, after Holm's correction
 
@@ -283,7 +283,7 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
     verdict = (_verdict(holds, untested) if holds else "not testable: every comparison is a tie" if ties and not untested
                else UNTESTED if untested else "not tested (a method it needs is off)")  # fmt: skip
     if ties:
-        verdict += f"; {ties} of {ties + len(holds)} comparisons are exact ties"
+        verdict += f"; {ties} of {ties + len(holds) + untested} comparisons are exact ties"
     if tests:
         verdict += f"; the largest margin is {max((t[3] for t in tests), key=abs):+.4f}"
     out.append({"claim": "GAGA-Out lands the target more decisively than linear and spline (top-1 = b and q_b where "
@@ -405,7 +405,7 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
            "same L-BFGS except the bridge (its own forward pass) and INNSteer (φ⁻¹ of the latent chord, its exact "
            "geodesic). The chord is the scale: a learned metric helps only where it lands nearer than the chord.", "",
            _table(per_task, lambda r: {m: _pct(v, r["pairs"]) for m, v in r.get("agreement", {}).items() if m != "reason"},
-                  {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}), ""]  # fmt: skip
+                  {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}, "agreement"), ""]  # fmt: skip
     target = next((m for m, method in methods.items() if method.role == "target"), None)
     solves = {t: r["methods"][target]["solve"] | {"pairs": r["pairs"]} for t, r in per_task.items()
               if target and "solve" in r["methods"].get(target, {})}  # fmt: skip
@@ -426,7 +426,7 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
            "Each geodesic's secant energy Σ‖√q(w_{t+1}) − √q(w_t)‖² on the pinned carrier ÷ the G_out geodesic's, mean over "
            "pairs [95 % class-clustered bootstrap interval]: 1 is as low as G_out's own; the chord (linear) is the scale.", "",
            _table(per_task, lambda r: {m: _per_pair(v, r["pairs"]) for m, v in r.get("energy", {}).items() if m != "reason"},
-                  {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}), ""]  # fmt: skip
+                  {"linear": "chord", **{m: spec.label for m, spec in methods.items()}}, "energy"), ""]  # fmt: skip
     if own:
         md += ["## INNSteer's protocol: every carrier steered from its own h", "",
                f"Every carrier of the source class (up to {e.own_point.max_carriers}) moved from its own activation by "
@@ -495,7 +495,7 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
                        "against G_out": f"{r['alignment']['seconds']:.1f}"}  # fmt: skip
     md += ["## Time per method (s)", "", _table(per_task, times, {m: spec.label for m, spec in methods.items()}),
            "", "## Methods", "", "| method | path |", "|---|---|",
-           *[f"| {spec.label} | {spec.how} |" for spec in methods.values()], ""]  # fmt: skip
+           *[f"| {spec.label} | {described(spec)} |" for spec in methods.values()], ""]  # fmt: skip
     missing = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["methods"].items() if "reason" in v]
     missing += [f"- {t}/{m}: {v['non_finite_pairs']} of {len(r['pairs'])} pairs gave non-finite output probabilities "
                 f"(an overflow; with model.dtype={cfg.model.dtype}, use float32 or bfloat16) and are left out"
@@ -522,11 +522,15 @@ def _per_pair(values, pairs, digits: int = 3) -> str:
     return _ci(mean_se(values)[0], *interval(values, [tuple(p) for p in pairs]), digits=digits)
 
 
-def _table(per_task: dict[str, Any], cells, labels: dict[str, str]) -> str:
-    """A methods × tasks table of `cells(task_results) -> {row: text}`."""
+def _table(per_task: dict[str, Any], cells, labels: dict[str, str], part: str | None = None) -> str:
+    """A methods × tasks table of `cells(task_results) -> {row: text}`; with no row, why `part` of the results
+    holds none (its `reason`)."""
     tasks = list(per_task)
     by_task = {t: cells(r) for t, r in per_task.items()}
     keys = list(dict.fromkeys(k for c in by_task.values() for k in c))
+    if not keys and part is not None:
+        reasons = dict.fromkeys(str(r.get(part, {}).get("reason") or "no method to compare") for r in per_task.values())
+        return f"Not computed: {'; '.join(reasons)}."
     lines = ["| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += [f"| {labels.get(k, k)} | " + " | ".join(by_task[t].get(k, "–") for t in tasks) + " |" for k in keys]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from geosteer.data.store import put_in_place
 from geosteer.models.hub import REPO_ID, CheckpointError, geometry_source, load_geometry, read_config, strict_json
 from geosteer.models.lm import SKETCH_TOLERANCE, read_last_token, sketch_distance, weight_sketch
 from geosteer.models.steer import Steering
-from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, atomic_write_text, load_lm, log
+from geosteer.pipeline.common import CONFIG_DIR, SAFE_NAME, StageError, atomic_write_text, load_lm, log, to_plain
 from geosteer.pipeline.products import (
     STAMP,
     RunLayout,
@@ -195,10 +195,10 @@ def run(cfg: DictConfig) -> dict:
     at = int(np.flatnonzero(alphas == alpha)[0])
     task = (geometry.meta.get("task") or {}).get("name", folder.parent.name)
     root = RunLayout.of(cfg).root
-    # what else makes the result: the prompt, the export and the generation settings (a short hash, so names stay short)
-    made_of = fingerprint({"prompt": prompt, "geometry": str(folder.resolve()), "every_token": s.every_token,
-                           "max_new_tokens": s.max_new_tokens, "figure_points": s.figure_points,
-                           "model": cfg.model})[:8]  # fmt: skip
+    # all that makes the result, the parts the name shows too (`safe` maps several texts to one: Grün, Grön), as a
+    # short hash, so names stay short: every steer setting, the export (however named) and the model
+    settings = {k: v for k, v in to_plain(s).items() if k != "geometry"}
+    made_of = fingerprint({"steer": settings, "geometry": str(folder.resolve()), "model": cfg.model})[:8]
     trained_as = str(geometry.meta.get("geometry") or folder.name)
     name = "-".join(safe(p) for p in (task, trained_as, s.method, target, f"a{alpha!r}", made_of))
     top = lambda row: f"{values[int(row.argmax())]} {row.max():.2f}"  # noqa: E731

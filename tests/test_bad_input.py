@@ -521,6 +521,10 @@ def lying_result(run: Path, _scratch: Path, _args: list[str]):
     path.write_text(json.dumps(stamp))
 
 
+def steer_folder_is_a_file(run: Path, _scratch: Path, _args: list[str]):
+    (run / "steer").write_text("kept")
+
+
 def targets_file_is_a_folder(run: Path, _scratch: Path, _args: list[str]):
     _targets(run).unlink()
     (_targets(run) / "keep").mkdir(parents=True)
@@ -1073,6 +1077,12 @@ CASES = [
         lying_result,
         ["stage=train"],
         r"gaga_out/stage.json is damaged \(ValueError: it was changed after its stage wrote it\).*stage=train overwrite=true",
+    ),
+    (
+        "a file in place of the steer folder",
+        steer_folder_is_a_file,
+        ["stage=steer"],
+        r"\S*/steer: a file lies where a folder is expected, that path or one above it \(FileExistsError.*Move that file away",
     ),
     (
         "a folder in place of a targets file",

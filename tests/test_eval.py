@@ -65,6 +65,11 @@ def test_the_report_links_only_figures_it_drew_and_keeps_no_bookkeeping(evaluate
     per_task = json.loads((out / "results.json").read_text())["tasks"]
     report.write(per_task, off, tmp_path, 1.0, build_methods(off.method), "tiny")
     assert ".png" not in (tmp_path / "report.md").read_text() and not list(tmp_path.glob("*.png"))
+    for r in per_task.values():  # as eval records them with g_out off: no geodesic to compare with
+        r["agreement"] = r["energy"] = {"reason": "the G_out method is off"}
+    report.write(per_task, off, tmp_path, 1.0, build_methods(off.method), "tiny")
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("Not computed: the G_out method is off.") == 2, "an empty table says why, not a header alone"
 
 
 def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated):

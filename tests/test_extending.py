@@ -23,7 +23,16 @@ from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError
 from geosteer.pipeline.family import Family, GeometrySystem, register_family
-from geosteer.pipeline.methods import IterativeMethod, PathMethod, Paths, build_methods, encoder_paths, fit_on, register_method
+from geosteer.pipeline.methods import (
+    IterativeMethod,
+    PathMethod,
+    Paths,
+    build_methods,
+    described,
+    encoder_paths,
+    fit_on,
+    register_method,
+)
 from tests.test_eval import SMALL_EVAL
 
 
@@ -147,6 +156,19 @@ def test_registration_refuses_a_taken_name_a_class_of_no_kind_and_a_geometry_for
         register_method("toy_iterative_geometry", label="x", role="learned", how="x", family="gaga")(IterativeMethod)
     with pytest.raises(StageError, match=r"no steering method selected; .*method=\["):
         build_methods({})
+
+
+def test_how_a_method_builds_its_path_reads_with_its_own_settings():
+    """The report's method table says the k the spline was asked for (it said PCA(64) whatever the setting)."""
+    assert described(build_methods({"spline": {"pca": 8}})["spline"]).startswith("PCA(8) spline")
+    assert described(build_methods({"g_out": {"starts": [], "spline_pca": 8, "max_batch": 4}})["g_out"]).endswith(": none")
+
+    @dataclass
+    class Halfway(PathMethod):
+        fraction: float
+
+    with pytest.raises(ValueError, match=r"how='to \{fractoin\} of the way' names \['fractoin'\], not settings of"):
+        register_method("toy_misnamed_setting", label="x", role="baseline", how="to {fractoin} of the way")(Halfway)
 
 
 def test_an_export_that_records_no_family_is_refused_naming_the_way_to_load_it(tmp_path):

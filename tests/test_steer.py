@@ -414,6 +414,25 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     assert code == 0 and "was trained at block 1 and steers there; model.layer=0 is not applied" in printed, printed
 
 
+def test_targets_one_file_name_part_stands_for_are_written_apart(shipped, capsys, monkeypatch):
+    """A file name's parts are lossy (`safe` writes Grün and Grön alike): the hash beside them covers every setting."""
+    from geosteer.pipeline import steer as steer_stage
+    from tests.test_bad_input import pipeline_command
+
+    _, _, _, cfg = shipped
+    plain = steer_stage.safe
+    monkeypatch.setattr(steer_stage, "safe", lambda part, most=40: "T" if part in ("Thursday", "Tuesday") else plain(part, most))
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    for target in ("Thursday", "Tuesday"):
+        code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", f"steer.target={target}",
+                                                       "steer.alpha=0.35"), capsys)  # fmt: skip
+        assert code == 0, printed
+    written = sorted((train.Path(cfg.paths.run_dir) / "steer").glob("weekdays-gaga_out-geometry-T-a0.35-*"))
+    assert sorted(json.loads(f.read_text())["target"] for f in written if f.suffix == ".json") == ["Thursday", "Tuesday"]
+    for f in written:  # the module's other tests find the results of their own α alone
+        f.unlink()
+
+
 def test_steer_geometry_as_task_and_name_is_the_runs_and_a_path_written_as_one_is_that_path(shipped, capsys,
                                                                                             monkeypatch, tmp_path):  # fmt: skip
     """`weekdays/gaga_out` is the run's export even when the working directory holds a folder of that name; `./…`
@@ -832,3 +851,9 @@ def test_a_folder_that_is_not_an_export_is_named_for_what_it_is(shipped, tmp_pat
         load_geometry(task)
     with pytest.raises(CheckpointError, match=r"is not an export but holds 3: \['weekdays/bridge', 'weekdays/gaga_out'"):
         load_geometry(task.parent)
+    with pytest.raises(CheckpointError, match=r"is not an export but holds 3: \['geometry/weekdays/bridge', "):
+        load_geometry(task.parent.parent)  # the run's folder: its exports three levels down
+    (tmp_path / "run" / "lm").mkdir(parents=True)
+    (tmp_path / "run" / "lm" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # an LM's is no export
+    with pytest.raises(CheckpointError, match=r"run is not an export \(it holds no config.json\) and holds none below"):
+        load_geometry(tmp_path / "run")
