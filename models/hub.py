@@ -141,8 +141,8 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
     if not folder.exists() and not REPO_ID.fullmatch(str(source)):
         raise CheckpointError(f"{folder} does not exist; give an export's folder (a run's geometry/<task>/<name>) or a "
                               f"Hub repo id (owner/name).")  # fmt: skip
-    if folder.is_dir() and not (folder / "config.json").exists():  # a folder above the exports (a task's, a run's)
-        inner = sorted(str(p.parent.relative_to(folder)) for depth in ("*", "*/*", "*/*/*")
+    if folder.is_dir() and not (folder / "config.json").exists():  # a folder above the exports (a task's, a run's, the outputs')
+        inner = sorted(str(p.parent.relative_to(folder)) for depth in ("*", "*/*", "*/*/*", "*/*/*/*")
                        for p in folder.glob(f"{depth}/config.json") if _is_export(p))  # fmt: skip
         if inner:
             raise CheckpointError(f"{folder} is not an export but holds {len(inner)}: {inner[:8]}; give one of them, "

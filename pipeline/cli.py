@@ -339,16 +339,14 @@ def sweep_dir_in_a_run(argv: list[str], run_dirs: list[Path]) -> list[str]:
 
 
 OPEN_SECTIONS = ("trainer", "logger", "hydra")  # keyword arguments of Lightning's Trainer and the logger: open
-# Settings read when present and absent from some YAMLs: the only keys a `+` may add outside the open sections, beside
-# whole new entries of a registry (`+geometry.<new>...`, `+method.<new>...`: checked by their family or method).
-OPTIONAL_SETTINGS = ("model.gguf", "model.revision", "geometry.*.monitor", "geometry.*.knn", "geometry.*.activation",
-                     "geometry.*.batch_norm")  # fmt: skip
+# Settings read when present and absent from some YAMLs: the only keys a `+` may add outside the open sections.
+OPTIONAL_SETTINGS = ("model.gguf", "model.revision", "geometry.*.monitor")
+REGISTRIES = ("geometry", "method")
+ABSENT = object()  # sections of named entries, each from a YAML of its config group
 
 
-def _optional(key: str, base: DictConfig) -> bool:
+def _optional(key: str) -> bool:
     parts = key.split(".")
-    if parts[0] in ("geometry", "method") and len(parts) >= 2 and parts[1] not in (base.get(parts[0]) or {}):
-        return True
     return any(len(o := pattern.split(".")) <= len(parts) and all(a in ("*", b) for a, b in zip(o, parts))
                for pattern in OPTIONAL_SETTINGS)  # fmt: skip
 
@@ -356,15 +354,22 @@ def _optional(key: str, base: DictConfig) -> bool:
 def unread_additions(overrides: list[str]) -> list[str]:
     """`+a.b=v` that adds a key nothing reads (`+steer.alpah=0`: the setting meant silently keeps its value; Hydra
     suggests `+` for a misspelt key). Open: the Trainer's and the logger's keywords, config groups and
-    OPTIONAL_SETTINGS. Call within an initialised config dir."""
-    added = [arg.split("=", 1)[0].lstrip("+") for arg in overrides if arg.startswith("+")]
-    added = [k for k in added if k.split(".")[0] not in OPEN_SECTIONS and not (CONFIG_DIR / k.replace(".", "/")).is_dir()]
+    OPTIONAL_SETTINGS; `++a.b=v` of a key the config holds is an override. Call within an initialised config dir."""
+    added = [arg.split("=", 1)[0] for arg in overrides if arg.startswith("+")]
+    added = [k for k in added if k.lstrip("+").split(".")[0] not in OPEN_SECTIONS
+             and not (CONFIG_DIR / k.lstrip("+").replace(".", "/")).is_dir()]  # fmt: skip
     if not added:
         return []
     base = compose(config_name="config", overrides=[arg for arg in overrides if not arg.startswith("+")])
     errors = []
-    for key in added:
-        if _optional(key, base):
+    for forced, key in ((k.startswith("++"), k.lstrip("+")) for k in added):
+        if _optional(key) or (forced and OmegaConf.select(base, key, default=ABSENT) is not ABSENT):
+            continue
+        parts = key.split(".")
+        if parts[0] in REGISTRIES and len(parts) >= 2 and parts[1] not in (base.get(parts[0]) or {}):
+            errors.append(f"+{key}: {parts[0]}.{parts[1]} is not one of this command's {parts[0]} entries "
+                          f"({', '.join(map(str, base.get(parts[0]) or {})) or 'none'}); a new one is a YAML file in "
+                          f"configs/{parts[0]}/, chosen with {parts[0]}=[...,{parts[1]}] (docs/extending.md)")  # fmt: skip
             continue
         parent, _, leaf = key.rpartition(".")
         siblings = OmegaConf.select(base, parent) if parent else base

@@ -317,7 +317,7 @@ def evaluate_task(cfg: DictConfig, data: TaskData, methods: dict[str, SteeringMe
     carriers = pair_carriers(ctx, pairs, e.carriers, cfg.seed)
     shown = max(range(len(pairs)), key=lambda p: (len(classes_between(*pairs[p], K, cyclic)), -p))  # the figures' pair
     results: dict[str, Any] = {"task": task.name, "K": K, "concepts": list(task.concepts), "pairs": [list(p) for p in pairs],
-                               "carriers": e.carriers, "canonical_carrier": str(data.prompts[data.canonical_carrier()]),
+                               "carriers": e.carriers, "carriers_per_pair": carriers.sizes, "canonical_carrier": str(data.prompts[data.canonical_carrier()]),
                                "methods": {}}  # fmt: skip
     figures: dict[str, Any] = {"pair": pairs[shown], "paths": {}, "q": {}}
     raw_paths: dict[str, torch.Tensor] = {}

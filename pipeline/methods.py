@@ -158,7 +158,9 @@ def described(method: SteeringMethod) -> str:
     """How `method` builds its path, with its own settings (`how`'s `{field}`s filled in)."""
 
     def text(value: Any) -> str:
-        return (", ".join(map(str, value)) or "none") if isinstance(value, (list, tuple)) else str(value)
+        if isinstance(value, (list, tuple)):
+            return ", ".join(map(str, value)) or "none"
+        return "null" if value is None else str(value)  # as the YAML writes it
 
     settings = fields(method) if is_dataclass(method) else ()
     return method.how.format_map({f.name: text(getattr(method, f.name)) for f in settings})
@@ -305,7 +307,7 @@ class GagaPhate(PathMethod):
 
 @register_method("g_out", label="G_out geodesic", role="target",
                  how="minimiser of the exact secant energy of √q on a pinned canonical carrier, the best of the chord and "
-                     "the starts: {starts}")  # fmt: skip
+                     "the starts: {starts} (the spline in PCA({spline_pca}))")  # fmt: skip
 @dataclass
 class GOut(PathMethod):
     starts: list[str]  # besides the chord: "spline" (the labelled spline's path) and/or "great circle"
@@ -411,7 +413,10 @@ class Gradient(IterativeMethod):
 
 
 @register_method(
-    "fishback", label="FishBack", role="baseline", how="natural-gradient steps (G_F + λI)⁻¹∇log q_b to the threshold"
+    "fishback",
+    label="FishBack",
+    role="baseline",
+    how="natural-gradient steps (G_F + λI)⁻¹∇log q_b of {step_length} in the G_F norm (λ = {lam}, top_k = {top_k}) to the threshold",
 )
 @dataclass
 class FishBack(IterativeMethod):
@@ -426,7 +431,12 @@ class FishBack(IterativeMethod):
         return self.step_length
 
 
-@register_method("dual", label="dual steering", role="baseline", how="(Cov_p[g] + αI)⁻¹β steps of ‖x_b − x_a‖/T to the threshold")
+@register_method(
+    "dual",
+    label="dual steering",
+    role="baseline",
+    how="(Cov_p[g] + αI)⁻¹β steps of ‖x_b − x_a‖/T (α = {alpha}, top_k = {top_k}) to the threshold",
+)
 @dataclass
 class Dual(IterativeMethod):
     alpha: float

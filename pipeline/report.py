@@ -293,7 +293,13 @@ def verdicts(per_task: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[
     lines, holds, untested = [], [], []
     for task in ("weekdays", "months"):
         row = next((r for r in rows if r["task"] == task and r["method"] == "gaga_out" and r["metric"] == "E_B"), None)
-        if row is None or row["best_baseline"] is None:
+        if row is None:
+            continue
+        if row["best_baseline"] is None:  # baselines on, but none with values on both halves of the pairs to pick from
+            if any(e["role"] == "baseline" for e in per_task[task]["methods"].values()):
+                untested.append(task)
+                lines.append(f"{task}: not tested (no best baseline: too few pairs, {len(per_task[task]['pairs'])}, to "
+                             f"pick one on a half of them and test on the other)")  # fmt: skip
             continue
         base = next(r for r in rows if r["task"] == task and r["method"] == row["best_baseline"] and r["metric"] == "E_B")
         if not np.isfinite(row["p"]):
@@ -380,7 +386,7 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
     tasks = list(per_task)
     md = ["# geosteer evaluation", "",  # the run is the folder it lies in (named nowhere inside, so that a copy is whole)
           f"LM `{lm}; tasks {', '.join(tasks)}; "
-          f"{e.steps + 1} waypoints per path, {e.carriers} seeded carriers of the source class per pair, "
+          f"{e.steps + 1} waypoints per path, {_carriers(per_task, e.carriers)} of the source class per pair, "
           f"threshold q_b ≥ {e.threshold} for the iterative methods (at most {e.max_steps} steps); seed {cfg.seed}. "
           f"Pairs: " + ", ".join(f"{t} {len(r['pairs'])}" for t, r in per_task.items()) +
           f" (every ordered pair when K ≤ {e.all_pairs_max_k} or there are at most {e.max_pairs}, else a seeded "
@@ -461,18 +467,18 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
                   {"ceiling": "ceiling: G_out under another prompt"}),  # fmt: skip
            "",
            _table(per_task, lambda r: {m: f"{_fmt(*mean_se(v['gram_cosine'])[:2])} (floor {mean_se(v['floor'])[0]:.2f})"
-                                       for m, v in compared(r).items()}, labels),
+                                       for m, v in compared(r).items()}, labels, empty=NO_METRIC),
            "",
            "**Trace shares**: the share of G_out's trace in the metric's top-r eigenspace (r its effective rank, the "
            "participation ratio) and of the metric's trace in G_out's, each against its chance r/d.", "",
            _table(per_task, lambda r: {m: f"{mean_se(v['share_of_G_out'])[0]:.2f} / {mean_se(v['share_of_G'])[0]:.2f} "
                                           f"(chance {v['chance_of_G_out']:.2f} / {v['chance_of_G']:.2f}; r {v['rank']:.1f} / "
-                                          f"{v['rank_out']:.1f})" for m, v in compared(r).items()}, labels),
+                                          f"{v['rank_out']:.1f})" for m, v in compared(r).items()}, labels, empty=NO_METRIC),
            "",
            "**Spearman ρ** of vᵀG v against vᵀG_out v over the directions v from each point towards the other classes "
            f"(their centroids and its {e.alignment.neighbours} nearest training points of another class), mean ± s.e. "
            "over points.", "",
-           _table(per_task, lambda r: {m: _fmt(*mean_se(v["spearman"])[:2]) for m, v in compared(r).items()}, labels),
+           _table(per_task, lambda r: {m: _fmt(*mean_se(v["spearman"])[:2]) for m, v in compared(r).items()}, labels, empty=NO_METRIC),
            ""]  # fmt: skip
     reasons = [f"- {t}/{m}: {v['reason']}" for t, r in per_task.items() for m, v in r["alignment"].items()
                if isinstance(v, dict) and "reason" in v]  # fmt: skip
@@ -522,14 +528,31 @@ def _per_pair(values, pairs, digits: int = 3) -> str:
     return _ci(mean_se(values)[0], *interval(values, [tuple(p) for p in pairs]), digits=digits)
 
 
-def _table(per_task: dict[str, Any], cells, labels: dict[str, str], part: str | None = None) -> str:
-    """A methods × tasks table of `cells(task_results) -> {row: text}`; with no row, why `part` of the results
-    holds none (its `reason`)."""
+NO_METRIC = "no method with a metric of its own is evaluated (GAGA-Out, GAGA-Jac, GAGA-PHATE or INNSteer)"
+
+
+def _carriers(per_task: dict[str, Any], asked: int) -> str:
+    """How many carriers each pair had: eval.carriers, or fewer where the source class has fewer rows."""
+    fewer = {t: sizes for t, r in per_task.items() if (sizes := r.get("carriers_per_pair")) and min(sizes) < asked}
+    if not fewer:
+        return f"{asked} seeded carriers"
+    return (
+        f"up to {asked} seeded carriers (fewer where the class has fewer rows: "
+        + ", ".join(f"{t} {min(s)}–{max(s)}" for t, s in fewer.items())
+        + ")"
+    )
+
+
+def _table(per_task: dict[str, Any], cells, labels: dict[str, str], part: str | None = None, empty: str = "") -> str:
+    """A methods × tasks table of `cells(task_results) -> {row: text}`; with no row, why: the `reason` that `part` of
+    the results holds, or `empty`."""
     tasks = list(per_task)
     by_task = {t: cells(r) for t, r in per_task.items()}
     keys = list(dict.fromkeys(k for c in by_task.values() for k in c))
-    if not keys and part is not None:
-        reasons = dict.fromkeys(str(r.get(part, {}).get("reason") or "no method to compare") for r in per_task.values())
+    if not keys and (part is not None or empty):
+        reasons = dict.fromkeys(
+            str((r.get(part) or {}).get("reason") or empty or "no method to compare") for r in per_task.values()
+        )
         return f"Not computed: {'; '.join(reasons)}."
     lines = ["| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += [f"| {labels.get(k, k)} | " + " | ".join(by_task[t].get(k, "–") for t in tasks) + " |" for k in keys]

@@ -94,7 +94,7 @@ GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
 # (every stage validates each epoch, checkpoints it, and reads back what it saved).
 TRAINER_FIXED = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
                  "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
-                 "barebones", "callbacks", "max_epochs", "max_steps", "logger")  # fmt: skip
+                 "barebones", "callbacks", "max_epochs", "max_steps", "max_time", "logger")  # fmt: skip
 TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_FIXED}
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
@@ -290,6 +290,9 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     heads, width, blocks, layer = lm.get("num_heads"), lm.get("hidden_size"), lm.get("num_layers"), model.get("layer")
     if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
         faults.append(f"lm.num_heads={heads} must divide lm.hidden_size={width}")
+    if model.get("embedded") is True and model.get("revision") is not None:
+        faults.append(f"model.revision={_show(model['revision'])} picks a Hub revision, but the embedded LM is this run's "
+                      f"own (model.embedded=true): leave model.revision at null")  # fmt: skip
     if model.get("embedded") and _is_int(blocks) and _is_int(layer) and layer >= blocks:
         faults.append(f"model.layer={layer} must be below lm.num_layers={blocks}, the embedded LM's block count")
     trainer = plain.get("trainer") or {}

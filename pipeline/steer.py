@@ -30,6 +30,7 @@ from geosteer.pipeline.products import (
     check_inside,
     check_product,
     fingerprint,
+    in_run,
     lm_fingerprint,
     lm_source,
     warn_stale_needs,
@@ -215,7 +216,8 @@ def run(cfg: DictConfig) -> dict:
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),
     }  # fmt: skip
-    atomic_write_text(out / f"{name}.json", strict_json(result, indent=1))
+    kept = {**result, "geometry": in_run(result["geometry"], root), "figure": in_run(result["figure"], root)}  # as a copy reads
+    atomic_write_text(out / f"{name}.json", strict_json(kept, indent=1))
     return result
 
 

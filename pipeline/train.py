@@ -13,6 +13,7 @@ model card, and loads with `geosteer.load_geometry(path)`. Everything family-spe
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -25,7 +26,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader
@@ -119,6 +120,14 @@ class EpochLog(L.Callback):
                  self.monitor, float(value))  # fmt: skip
 
 
+@functools.cache
+def shipped_of(family: str) -> dict[str, frozenset[str]]:
+    """Every shipped geometry YAML of `family`: its name → the settings it sets (none for a family registered
+    elsewhere)."""
+    shipped = {p.stem: OmegaConf.load(p) for p in sorted((CONFIG_DIR / "geometry").glob("*.yaml"))}
+    return {name: frozenset(c) for name, c in shipped.items() if c.get("family") == family}
+
+
 def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
     geometries = to_plain(cfg.get("geometry")) or {}
     if not geometries:
@@ -128,6 +137,11 @@ def selected_geometries(cfg: DictConfig) -> dict[str, Any]:
             raise StageError(f"geometry name {name!r} becomes an export folder; use letters, digits and _.=,+- only.")
         if g.get("family") not in FAMILIES:
             raise StageError(f"geometry '{name}' has family {g.get('family')!r}; this geosteer trains {sorted(FAMILIES)}.")
+        shipped = shipped_of(g["family"])  # what they all set, the family's code reads unguarded
+        if shipped and (missing := sorted(frozenset.intersection(*shipped.values()) - set(g))):
+            raise StageError(f"geometry '{name}' lacks {missing}, which every shipped geometry of family "
+                             f"'{g['family']}' sets; start its YAML from one of them, e.g. configs/geometry/"
+                             f"{next(iter(shipped))}.yaml.")  # fmt: skip
         FAMILIES[g["family"]].check(name, g)
         if FAMILIES[g["family"]].uses_pullback(g) and not cfg.targets.pullback.rank:
             raise StageError(

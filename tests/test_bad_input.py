@@ -592,6 +592,30 @@ CASES = [
         r"\+eval.carrier adds a setting that nothing reads, beside eval.carriers: did you mean eval.carriers=",
     ),
     (
+        "geometry entry made of + keys",
+        None,
+        ["stage=train", "+geometry.foo.family=gaga"],
+        r"\+geometry.foo.family: geometry.foo is not one of this command's geometry entries \(gaga_out.*configs/geometry/",
+    ),
+    (
+        "setting added with ++ that nothing reads",
+        None,
+        ["stage=steer", "++steer.alhpa=0.5"],
+        r"\+steer.alhpa adds a setting that nothing reads, beside steer.alpha: did you mean steer.alpha=",
+    ),
+    (
+        "revision of the embedded LM",
+        None,
+        ["stage=extract", "model.embedded=true", "model.revision=v2"],
+        r"model.revision=v2 picks a Hub revision, but the embedded LM is this run's own.*leave model.revision at null",
+    ),
+    (
+        "training cut by wall time",
+        None,
+        ["stage=train", "+trainer.max_time=00:00:00:01"],
+        r"trainer.max_time: set by the stages themselves",
+    ),
+    (
         "setting added with + that nothing reads",
         None,
         ["stage=steer", "+steer.foo=1"],

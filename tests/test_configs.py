@@ -66,3 +66,18 @@ def test_every_sweep_syntax_of_a_config_group_is_read_as_hydras_sweeper_reads_it
     ]
     assert unknown_choices(["task=glob(zz*)"]) == [f"task=glob(zz*) picks none of {tasks} (configs/task/*.yaml); give a "
                                                    f"pattern that matches one"]  # fmt: skip
+
+
+def test_a_key_added_with_plus_is_taken_only_where_something_reads_it(tmp_path):
+    """`+`/`++` keys: the Trainer's and the logger's keywords, the optional settings and `++` of a held setting pass;
+    any other added key (nothing would read it) is refused by name."""
+    from geosteer.pipeline.cli import precheck
+
+    run = [f"paths.outputs={tmp_path}", "stage=train"]
+    for arg in ("++steer.alpha=0.5", "+trainer.detect_anomaly=false", "+geometry.gaga_out.monitor=val/loss",
+                "+model.gguf.file=x.gguf", "++eval.carriers=3"):  # fmt: skip
+        assert precheck([*run, arg]) == [], arg
+    for arg, named in (("++steer.alpah=0.5", "+steer.alpah"), ("+geometry.innsteer.activation=silu", "+geometry.innsteer.activation"),
+                       ("+geometry.gaga_out.knn=3", "+geometry.gaga_out.knn"), ("+eval.foo=1", "+eval.foo")):  # fmt: skip
+        (error,) = precheck([*run, arg])
+        assert error.startswith(f"{named} adds a setting that nothing reads"), error

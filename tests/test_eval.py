@@ -72,6 +72,23 @@ def test_the_report_links_only_figures_it_drew_and_keeps_no_bookkeeping(evaluate
     assert md.count("Not computed: the G_out method is off.") == 2, "an empty table says why, not a header alone"
 
 
+def test_the_report_says_what_one_pair_and_a_small_class_leave_out(evaluated, tmp_path):
+    """With one pair no best baseline can be picked on one half and tested on the other: claim 2 says so (it read
+    "a method it needs is off"); and a class with fewer rows than eval.carriers is reported with the carriers it gave."""
+    cfg, result = evaluated
+    per_task = json.loads((evaluate.Path(result["dir"]) / "results.json").read_text())["tasks"]
+    for r in per_task.values():
+        r["pairs"], r["carriers_per_pair"] = r["pairs"][:1], [1]
+        for entry in r["methods"].values():
+            entry["per_pair"] = {k: v[:1] for k, v in entry.get("per_pair", {}).items()}
+        r["agreement"] = r["energy"] = r["own_point"] = {"reason": "left out here"}
+    report.write(per_task, cfg, tmp_path, 1.0, build_methods(cfg.method), "tiny")
+    md = (tmp_path / "report.md").read_text()
+    assert "weekdays: not tested (no best baseline: too few pairs, 1, to pick one" in md, md
+    assert "GAGA-Out has lower E_B than the best baseline on weekdays and months: not testable" in md
+    assert f"up to {cfg.eval.carriers} seeded carriers (fewer where the class has fewer rows: weekdays 1–1)" in md
+
+
 def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated):
     cfg, result = evaluated
     out = evaluate.Path(result["dir"])

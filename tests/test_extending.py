@@ -161,7 +161,9 @@ def test_registration_refuses_a_taken_name_a_class_of_no_kind_and_a_geometry_for
 def test_how_a_method_builds_its_path_reads_with_its_own_settings():
     """The report's method table says the k the spline was asked for (it said PCA(64) whatever the setting)."""
     assert described(build_methods({"spline": {"pca": 8}})["spline"]).startswith("PCA(8) spline")
-    assert described(build_methods({"g_out": {"starts": [], "spline_pca": 8, "max_batch": 4}})["g_out"]).endswith(": none")
+    assert described(build_methods({"g_out": {"starts": [], "spline_pca": 8, "max_batch": 4}})["g_out"]).endswith(
+        ": none (the spline in PCA(8))"
+    )
 
     @dataclass
     class Halfway(PathMethod):
@@ -176,3 +178,15 @@ def test_an_export_that_records_no_family_is_refused_naming_the_way_to_load_it(t
     with pytest.raises(CheckpointError, match=r"records no meta.family.*from_pretrained"):
         load_geometry(tmp_path)
     assert isinstance(ToyEncoder.from_pretrained(tmp_path), ToyEncoder)
+
+
+def test_a_geometry_without_a_setting_its_family_reads_is_refused_by_name(tmp_path):
+    """A geometry YAML of a shipped family that leaves out a setting every shipped one sets (it read KeyError: 'loss')."""
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, "geometry=[gaga_out]")
+    with open_dict(cfg):
+        del cfg.geometry.gaga_out.loss
+    with pytest.raises(StageError, match=r"geometry 'gaga_out' lacks \['loss'\], which every shipped geometry of family "
+                                         r"'gaga' sets; start its YAML from one of them, e.g. configs/geometry/gaga_jac.yaml"):  # fmt: skip
+        train.selected_geometries(cfg)

@@ -397,7 +397,8 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     assert code == 0 and "unsteered:" in printed and "steered:" in printed, printed
     (result,) = (train.Path(cfg.paths.run_dir) / "steer").glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json")
     saved = json.loads(result.read_text())
-    assert train.Path(saved["figure"]).stat().st_size > 0
+    assert saved["figure"] == f"<run>/steer/{result.stem}.png", "named in the run, as any copy of it reads"
+    assert result.with_suffix(".png").stat().st_size > 0
     enc = tokenizer(PROMPTS[:1], return_tensors="pt")
     with Steering(lm, geometries["gaga_out"], "Thursday", alpha=0.45) as s:
         q = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, s.concepts.variant_ids).q[0]
@@ -449,7 +450,8 @@ def test_steer_geometry_as_task_and_name_is_the_runs_and_a_path_written_as_one_i
         code, printed = pipeline_command(steer_command(cfg, f"steer.geometry={given}", "steer.alpha=0.3"), capsys)
         assert code == 0, printed
         (result,) = (run / "steer").glob("*-a0.3-*.json")  # removed after each: the one this command wrote
-        assert json.loads(result.read_text())["geometry"] == str(used.resolve()), given
+        inside = "<run>/geometry/weekdays/gaga_out" if used.is_relative_to(run) else str(used.resolve())
+        assert json.loads(result.read_text())["geometry"] == inside, given
         result.unlink()
 
 
@@ -853,6 +855,8 @@ def test_a_folder_that_is_not_an_export_is_named_for_what_it_is(shipped, tmp_pat
         load_geometry(task.parent)
     with pytest.raises(CheckpointError, match=r"is not an export but holds 3: \['geometry/weekdays/bridge', "):
         load_geometry(task.parent.parent)  # the run's folder: its exports three levels down
+    with pytest.raises(CheckpointError, match=r"is not an export but holds \d+: \[.*/geometry/weekdays/bridge'"):
+        load_geometry(task.parent.parent.parent)  # the outputs folder: four levels down
     (tmp_path / "run" / "lm").mkdir(parents=True)
     (tmp_path / "run" / "lm" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # an LM's is no export
     with pytest.raises(CheckpointError, match=r"run is not an export \(it holds no config.json\) and holds none below"):
