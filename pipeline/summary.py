@@ -31,7 +31,7 @@ def summary(results: dict[str, dict[str, Any]], run: RunLayout, seconds: dict[st
     lines = [f"geosteer: done ({', '.join(results)}) in {run.root}", *([f"time per stage: {', '.join(times)}"] if times else [])]
     if "train" in results and "summary" in results["train"]:
         lines += [f"geometries, exported to {run.geometries}:"]
-        lines += [f"  {task}/{name}: " + ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in headline.items())
+        lines += [f"  {task}/{name}: " + ", ".join(f"{k} {'n/a' if v is None or v != v else v}" for k, v in headline.items())  # None as read back, NaN fresh
                   for task, geometries in results["train"]["summary"].items() for name, headline in geometries.items()]  # fmt: skip
     if "eval" in results and (run.eval / "results.json").is_file():
         lines += [f"report: {run.eval / 'report.md'}", *headline_table(run), "verdicts:"]  # where the run is now

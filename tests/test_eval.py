@@ -191,9 +191,10 @@ def test_the_printed_summary_reads_a_number_with_no_value_as_such(tmp_path):
     rows = [{"task": "weekdays", "label": label, "metric": metric, "mean": mean}
             for label, mean in (("linear", 0.5), ("INNSteer", None)) for metric in ("top1_at_end", "E_B")]  # fmt: skip
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"summary": rows}))
-    train_result = {"summary": {"weekdays": {"innsteer": {"steering_success_mean": None}}}, "seconds": 1.0}
+    headline = {"steering_success_mean": None, "steering_success_min": math.nan}  # as read back, and fresh
+    train_result = {"summary": {"weekdays": {"innsteer": headline}}, "seconds": 1.0}
     text = summary({"train": train_result, "eval": {"verdicts": {}, "seconds": 1.0}}, RunLayout(tmp_path))
-    assert "weekdays/innsteer: steering_success_mean n/a" in text
+    assert "weekdays/innsteer: steering_success_mean n/a, steering_success_min n/a" in text
     assert "time per stage" not in summary({"steer": {"generated": "x"}}, RunLayout(tmp_path)), "no stage timed, no line"
     timed = summary({"train": train_result}, RunLayout(tmp_path), {"train": 0.2})
     assert "time per stage: train 0 s" in timed, "this command's time, not the one recorded when it was made"
