@@ -341,8 +341,8 @@ def sweep_dir_in_a_run(argv: list[str], run_dirs: list[Path]) -> list[str]:
 OPEN_SECTIONS = ("trainer", "logger", "hydra")  # keyword arguments of Lightning's Trainer and the logger: open
 # Settings read when present and absent from some YAMLs: the only keys a `+` may add outside the open sections.
 OPTIONAL_SETTINGS = ("model.gguf", "model.revision", "geometry.*.monitor")
-REGISTRIES = ("geometry", "method")
-ABSENT = object()  # sections of named entries, each from a YAML of its config group
+REGISTRIES = ("geometry", "method")  # sections of named entries, each from a YAML of its config group
+ABSENT = object()
 
 
 def _optional(key: str) -> bool:
