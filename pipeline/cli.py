@@ -11,7 +11,9 @@ import logging
 import math
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -345,10 +347,15 @@ REGISTRIES = ("geometry", "method")  # sections of named entries, each from a YA
 ABSENT = object()
 
 
-def _optional(key: str) -> bool:
+def _optional(key: str, base: DictConfig) -> bool:
+    """Whether `key` is an optional setting of a section the config holds (a `*` stands for an entry it has)."""
     parts = key.split(".")
-    return any(len(o := pattern.split(".")) <= len(parts) and all(a in ("*", b) for a, b in zip(o, parts))
-               for pattern in OPTIONAL_SETTINGS)  # fmt: skip
+    for pattern in (o.split(".") for o in OPTIONAL_SETTINGS):
+        if len(pattern) <= len(parts) and all(a in ("*", b) for a, b in zip(pattern, parts)):
+            stars = [i for i, a in enumerate(pattern) if a == "*"]
+            if all(OmegaConf.select(base, ".".join(parts[: i + 1]), default=ABSENT) is not ABSENT for i in stars):
+                return True
+    return False
 
 
 def unread_additions(overrides: list[str]) -> list[str]:
@@ -363,7 +370,7 @@ def unread_additions(overrides: list[str]) -> list[str]:
     base = compose(config_name="config", overrides=[arg for arg in overrides if not arg.startswith("+")])
     errors = []
     for forced, key in ((k.startswith("++"), k.lstrip("+")) for k in added):
-        if _optional(key) or (forced and OmegaConf.select(base, key, default=ABSENT) is not ABSENT):
+        if _optional(key, base) or (forced and OmegaConf.select(base, key, default=ABSENT) is not ABSENT):
             continue
         parts = key.split(".")
         if parts[0] in REGISTRIES and len(parts) >= 2 and parts[1] not in (base.get(parts[0]) or {}):
@@ -464,12 +471,21 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     """One boundary: every error ends as one paragraph and exit status 1; the traceback only with hydra.verbose."""
+    interrupted = []  # Ctrl-C seen: Lightning turns the KeyboardInterrupt inside a fit into exit(1)
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         check_config(cfg, list(HydraConfig.get().overrides.task))
         result = run(cfg, seconds := {})
         if launched_rank()[0] == 0:  # the other launched ranks have nothing to report
             log.info("%s", summary(result, RunLayout.of(cfg), seconds))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not (interrupted and e.code not in (0, None)):
+            raise
         _finish_wandb(exit_code=130)
         if log.isEnabledFor(logging.DEBUG):
             raise
@@ -493,3 +509,6 @@ def hydra_main(cfg: DictConfig) -> None:
             log.error("The -m sweep stops at this job (#%s): any jobs after it did not run. Once it is mended, the "
                       "same command runs them; the jobs that finished are current and skip.", hc.job.num)  # fmt: skip
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

