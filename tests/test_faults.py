@@ -208,16 +208,13 @@ def test_a_replacement_cut_between_its_two_moves_is_finished_by_the_next_run(cle
     assert not old.exists() and not work.exists(), "the leftovers of the cut stay"
 
 
-def test_ctrl_c_ends_in_one_paragraph_releases_the_lock_and_the_same_command_resumes(clean):
-    """SIGINT (Ctrl-C) in the middle of extraction: exit status 130, one paragraph that says how to resume, no
-    traceback, the run lock released; the same command then finishes the store that an uninterrupted run makes."""
-    root, args = clean
-    run = root / "faulty-interrupt"
-    partial = RunLayout(run).extract
-    proc = subprocess.Popen(command(root, args, "extract")[:-1] + ["run_name=faulty-interrupt", "stage=extract"],
+def interrupted(root: Path, args: list[str], stage: str, run: Path, reached: str) -> str:
+    """`pipeline stage=<stage>` in `run`, sent SIGINT once a file matching `reached` is there: it ends with status
+    130, the message that says how to resume and no traceback, its lock released; what it printed."""
+    proc = subprocess.Popen(command(root, args, stage)[:-1] + [f"run_name={run.name}", f"stage={stage}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not list(partial.glob(".partial-*/**/*.npz")):  # inside the stage: its first chunk is on disk
+    while not list(run.glob(reached)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-2000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -226,6 +223,15 @@ def test_ctrl_c_ends_in_one_paragraph_releases_the_lock_and_the_same_command_res
     assert "interrupted" in printed and "re-run the same command to resume" in printed, printed[-3000:]
     assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed[-3000:]
     assert not (run / ".lock").exists(), "the lock is released"
+    return printed
+
+
+def test_ctrl_c_ends_in_one_paragraph_releases_the_lock_and_the_same_command_resumes(clean):
+    """SIGINT (Ctrl-C) in the middle of extraction: exit status 130, one paragraph that says how to resume, no
+    traceback, the run lock released; the same command then finishes the store that an uninterrupted run makes."""
+    root, args = clean
+    run = root / "faulty-interrupt"
+    interrupted(root, args, "extract", run, "extract/.partial-*/**/*.npz")  # inside the stage: its first chunk on disk
     rerun(root, [*args, "run_name=faulty-interrupt"], "extract")
     same_h5(RunLayout(run).store, RunLayout(root / "clean").store)
 
@@ -236,14 +242,4 @@ def test_ctrl_c_inside_a_lightning_fit_ends_as_an_interrupt_not_a_silent_exit(cl
     root, args = clean
     run = root / "faulty-interrupt-train"
     shutil.copytree(root / "clean", run, ignore=shutil.ignore_patterns("geometry"))
-    proc = subprocess.Popen(command(root, args, "train")[:-1] + ["run_name=faulty-interrupt-train", "stage=train"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not list(run.glob("geometry/*/.*.partial-*/**/*.ckpt")):  # inside fit: an epoch's checkpoint is on disk
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-2000:]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    printed = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, printed[-3000:]
-    assert "interrupted" in printed and "re-run the same command to resume" in printed, printed[-3000:]
-    assert not (run / ".lock").exists(), "the lock is released"
+    interrupted(root, args, "train", run, "geometry/*/.*.partial-*/**/*.ckpt")  # inside fit: an epoch's checkpoint
