@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -208,6 +209,14 @@ class ResumableSampler(Sampler[int]):
         self.epoch_start, skip, self.skip = self.generator.get_state(), self.skip, 0
         rows = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
         yield from rows[skip:].tolist()
+
+    def __getstate__(self) -> dict[str, Any]:  # a generator's state tensors pass to spawned DDP workers as shared
+        return {**self.__dict__, "generator": self.generator.get_state().numpy(),  # files, which break for them
+                "epoch_start": self.epoch_start.numpy()}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, generator=torch.Generator(), epoch_start=torch.from_numpy(state["epoch_start"]))
+        self.generator.set_state(torch.from_numpy(state["generator"]))
 
     def __len__(self) -> int:  # the whole epoch: Lightning counts a resumed epoch's batches on from where it stopped
         return self.num_samples

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 from torch import nn
 from torch.nn import functional as F
@@ -22,7 +23,7 @@ from geosteer.models.lm import (
     replace_last_token,
 )
 from geosteer.models.task_lm import build_word_tokenizer
-from geosteer.pipeline.lm import answer_logits, encode_prompts
+from geosteer.pipeline.lm import ResumableSampler, answer_logits, encode_prompts
 from tests.conftest import TASK_DIR
 
 LAYER = 1
@@ -237,3 +238,17 @@ def test_interchange_on_the_cached_prefix_equals_a_whole_second_forward_in_value
         _, own = answer_logits(model, LAYER, enc.input_ids, enc.attention_mask, torch.arange(3))
     torch.testing.assert_close(own, plain.detach(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(swapped, plain)
+
+
+def _draw_in_worker(rank: int, sampler: ResumableSampler, queue) -> None:
+    queue.put(list(sampler))
+
+
+def test_the_lm_sampler_reaches_a_spawned_ddp_worker_and_draws_there_what_it_draws_here():
+    """A DDP trainer spawns its workers with the loader's sampler: its generator must arrive whole (a generator
+    pickled by torch's multiprocessing arrives as a broken shared file), at the same state."""
+    sampler = ResumableSampler(torch.tensor([1.0, 2.0, 3.0, 4.0]), 12, seed=5)
+    list(sampler)  # one epoch drawn: the state is no longer the seed's
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_draw_in_worker, args=(sampler, queue), nprocs=1, start_method="spawn")
+    assert queue.get() == list(sampler)
