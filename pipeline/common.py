@@ -203,6 +203,20 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+def build(cfg: DictConfig, section: str, **kwargs: Any) -> Any:
+    """`instantiate(cfg[section], **kwargs)`: the Trainer or the logger; Lightning's refusal of a setting (a strategy
+    it cannot run here, a plugin it does not know) is a StageError naming the section's settings."""
+    try:
+        return instantiate(cfg[section], **kwargs)
+    except Exception as e:  # noqa: BLE001 - Hydra wraps whatever the class raised
+        cause = e.__cause__ or e
+        shown = ", ".join(f"{section}.{k}={v}" for k, v in OmegaConf.to_container(cfg[section], resolve=True).items()
+                          if k != "_target_")  # fmt: skip
+        raise StageError(f"Lightning refused the {section} settings ({shown}): {type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[0].rstrip('.') if str(cause).strip() else ''}. Fix or remove the "
+                         f"{section}.* setting it names (configs/{section}/ holds the shipped ones).") from None  # fmt: skip
+
+
 def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
     """The configured Lightning logger for a stage, or False; it carries the resolved config and git SHA.
 
@@ -222,7 +236,7 @@ def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
         os.environ.setdefault("WANDB_CACHE_DIR", str(Path(cfg.logger.save_dir) / "wandb" / "cache"))
     if wandb and not cfg.logger.offline:
         kwargs["log_model"] = True  # checkpoints go up as artifacts
-    logger = instantiate(cfg.logger, **kwargs)
+    logger = build(cfg, "logger", **kwargs)
     logger.log_hyperparams({"config": to_plain(cfg), "git_sha": git_sha(), "stage": stage})
     return logger
 

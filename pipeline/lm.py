@@ -19,7 +19,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -29,7 +28,16 @@ from geosteer.data.tasks import Prompt, Task, concept_schema
 from geosteer.models.lm import capture_residual, load_causal_lm, position_ids_for
 from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
-from geosteer.pipeline.common import StageError, adamw_warmup_cosine, close_logger, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.common import (
+    StageError,
+    adamw_warmup_cosine,
+    build,
+    close_logger,
+    load_tasks,
+    log,
+    make_logger,
+    to_plain,
+)
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
 from geosteer.pipeline.products import (
     FingerprintCheckpoints,
@@ -316,9 +324,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     callbacks = [checkpoint, FingerprintCheckpoints(fp), ResumableDraws(sampler, a.batch_size), *callbacks]
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
-    epochs = math.ceil(a.max_steps / len(loader))  # what max_steps come to, for the progress bar (it stops there)
+    # what max_steps come to (optimiser steps, each of accumulate_grad_batches batches), for the progress bar
+    epochs = math.ceil(a.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) / len(loader))
     # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
-    trainer = instantiate(cfg.trainer, max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm"),
+    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm"),
                           callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact

@@ -715,6 +715,10 @@ def rehome_checkpoint(last: Path, ckpt: dict[str, Any], folder: Path) -> None:
     os.replace(tmp, last)
 
 
+# The folders of a run that stages make and replace whole (a stage's product, Hydra's logs): nothing else may write there
+STAGE_FOLDERS = ("lm", "extract", "targets", "geometry", "eval", "steer", "hydra", "multirun")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Where every product of a run lives, under `paths.run_dir`; the one place that knows the folder layout."""

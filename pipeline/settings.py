@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from geosteer.models.gaga import ACTIVATIONS
 from geosteer.models.lm import DTYPES, device_map_fault
 from geosteer.pipeline.common import StageError
+from geosteer.pipeline.products import STAGE_FOLDERS
 
 Rule = Callable[[Any], str | None]  # the value's fault, as "must be ...", or None when it is fine
 
@@ -94,7 +96,8 @@ GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
 # (every stage validates each epoch, checkpoints it, and reads back what it saved).
 TRAINER_FIXED = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
                  "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
-                 "barebones", "callbacks", "max_epochs", "max_steps", "max_time", "logger", "default_root_dir")  # fmt: skip
+                 "barebones", "callbacks", "max_epochs", "max_steps", "max_time", "logger", "default_root_dir",
+                 "min_epochs", "min_steps", "use_distributed_sampler")  # fmt: skip
 TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_FIXED}
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
@@ -218,6 +221,10 @@ RULES: dict[str, Rule] = {
     "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda"),
     "trainer.precision": one_of(*PRECISIONS),
     "trainer.log_every_n_steps": SIZE,
+    "trainer.accumulate_grad_batches": SIZE,
+    "trainer.reload_dataloaders_every_n_epochs": integer(0),
+    "trainer.gradient_clip_val": lambda v: None if v is None or (_is_number(v) and v > 0) else "must be a number > 0 or null",
+    "logger.flush_logs_every_n_steps": SIZE,
     "method.*.pca": integer(2),
     "method.*.spline_pca": integer(2),
     "method.*.max_batch": SIZE,
@@ -270,6 +277,10 @@ def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
             example = f"; the default is {key}={_show(known[key])}" if key in known else ""
             faults.append(f"{key}={_show(value)} {fault}{example}")
     faults += cross_faults(plain)
+    for key in hydra_keys(plain):
+        faults.append(f"{key}: geosteer builds the trainer and the logger from their configs' classes alone, and "
+                      f"passes every other setting as a plain value; remove it (a Lightning profiler, say, "
+                      f"is named by its string: trainer.profiler=simple)")  # fmt: skip
     for key in ("trainer._target_", "logger._target_"):  # the class Hydra builds: only the config groups pick it
         if key in known and flat.get(key) != known[key]:
             group = key.split(".")[0]
@@ -283,6 +294,21 @@ def check_settings(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
                           f"(geometry=[...]), or add a YAML for a new one")  # fmt: skip
     if faults:
         raise StageError("settings out of range: " + "; ".join(faults) + ".")
+
+
+def hydra_keys(plain: dict[str, Any]) -> list[str]:
+    """Keys under trainer and logger that Hydra's instantiate would act on (`_target_`, `_args_`, `_partial_`, ...),
+    but the section's own `_target_`: each would build or call whatever it names."""
+
+    def walk(node: Any, key: str, top: bool) -> Iterator[str]:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            name = f"{key}.{k}" if isinstance(node, dict) else f"{key}[{k}]"
+            if isinstance(k, str) and k.startswith("_") and k.endswith("_") and not (top and k == "_target_"):
+                yield name
+            yield from walk(v, name, False)
+
+    return [k for section in ("trainer", "logger") for k in walk(plain.get(section) or {}, section, True)]
 
 
 def cross_faults(plain: dict[str, Any]) -> list[str]:
@@ -317,14 +343,45 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     if "strategy" in trainer and trainer["strategy"] not in strategies:
         faults.append(f"trainer.strategy={_show(trainer['strategy'])} must be one of Lightning's strategies, e.g. "
                       f"auto, ddp or ddp_spawn")  # fmt: skip
+    faults += distributed_faults(trainer)
     logger, run_dir = plain.get("logger") or {}, Path(str((plain.get("paths") or {}).get("run_dir")))
     save_dir = logger.get("save_dir")
-    if logger.get("_target_") and save_dir is not None and not Path(str(save_dir)).resolve().is_relative_to(run_dir.resolve()):
-        faults.append(f"logger.save_dir={save_dir} must be inside the run folder {run_dir}, like the default")
-    for key in ("name", "version"):  # folders under save_dir: plain names keep them inside it
-        if logger.get("_target_") and isinstance(v := logger.get(key), str) and ("/" in v or "\\" in v or v.strip(".") == ""):
-            faults.append(f"logger.{key}={v!r} must be a plain name, without / and other than . or .. (it becomes a "
-                          f"folder under logger.save_dir, inside the run)")  # fmt: skip
+    if logger.get("_target_") and save_dir is not None:
+        inside = Path(str(save_dir)).resolve()
+        if not inside.is_relative_to(run_dir.resolve()):
+            faults.append(f"logger.save_dir={save_dir} must be inside the run folder {run_dir}, like the default")
+        elif (parts := inside.relative_to(run_dir.resolve()).parts) and parts[0] in STAGE_FOLDERS or (
+                not parts and "Wandb" not in str(logger["_target_"])):  # fmt: skip
+            faults.append(f"logger.save_dir={save_dir} puts the logs among the stages' products (a stage replaces "
+                          f"its folder whole, logs in it included: {', '.join(STAGE_FOLDERS)}); pick a folder of "
+                          f"its own, like the default ({run_dir}/csv for logger=csv)")  # fmt: skip
+    for key in ("name", "version"):
+        if logger.get("_target_") and logger.get(key) is not None:
+            faults.append(f"logger.{key}={_show(logger[key])} is set by geosteer: each stage logs under its own name "
+                          f"(lm, extract, train-<task>-<geometry>, eval) and a resumed stage goes on in its own "
+                          f"version; remove logger.{key}")  # fmt: skip
+    return faults
+
+
+def distributed_faults(trainer: dict[str, Any]) -> list[str]:
+    """Device and node counts that would hang or fail: Lightning's subprocess launcher (several devices without a
+    spawning strategy) re-runs the command with Hydra overrides of its own, and several nodes wait for the others."""
+    faults, devices, strategy = [], trainer.get("devices", 1), trainer.get("strategy", "auto")
+    launched = any(k in os.environ for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+    many = devices == -1 or (_is_int(devices) and devices > 1) or (isinstance(devices, list) and len(devices) > 1)
+    if many and not launched and strategy in ("auto", "ddp", None):
+        faults.append(f"trainer.devices={_show(devices)} with trainer.strategy={_show(strategy)} has Lightning start "
+                      f"copies of this command itself, which geosteer does not run; take trainer=ddp (GPUs) or "
+                      f"trainer=ddp_sim (CPU processes), which spawn their workers, or start the processes with "
+                      f"torchrun and trainer=ddp_launched")  # fmt: skip
+    if trainer.get("accelerator") == "cpu" and devices == -1:
+        faults.append("trainer.devices=-1 counts GPUs, but trainer.accelerator=cpu: give the number of CPU processes "
+                      "(trainer.devices=2 with trainer=ddp_sim)")  # fmt: skip
+    nodes = trainer.get("num_nodes", 1)
+    if _is_int(nodes) and nodes > 1 and not launched:
+        faults.append(f"trainer.num_nodes={nodes} waits for processes on other machines, which this command does not "
+                      f"start: launch it on each node with torchrun (trainer=ddp_launched, docs/scaling.md), or leave "
+                      f"trainer.num_nodes at 1")  # fmt: skip
     return faults
 
 

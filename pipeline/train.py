@@ -24,7 +24,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -42,6 +41,7 @@ from geosteer.pipeline.common import (
     NonFiniteTraining,
     StageError,
     atomic_write_text,
+    build,
     close_logger,
     git_sha,
     launched_rank,
@@ -289,7 +289,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     latest = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False)  # every epoch
     stop = EarlyStopping(monitor=monitor, patience=g["patience"])
     logger = make_logger(cfg, f"train-{task.name}-{name}", run_id_file=work / "run_id")
-    trainer = instantiate(cfg.trainer, max_epochs=g["max_epochs"], logger=logger,
+    trainer = build(cfg, "trainer", max_epochs=g["max_epochs"], logger=logger,
                           callbacks=[best, latest, stop, EpochLog(f"{task.name}/{name}", monitor),
                                      FingerprintCheckpoints(fp), *callbacks],
                           use_distributed_sampler=False,

@@ -610,10 +610,10 @@ CASES = [
         r"model.revision=v2 picks a Hub revision, but the embedded LM is this run's own.*leave model.revision at null",
     ),
     (
-        "logger version leading out of the run",
+        "logger version leading out of the run",  # and a version is each stage's own, kept for its resume
         None,
         ["stage=lm", "logger=csv", "+logger.version=../../../elsewhere"],
-        r"logger.version='../../../elsewhere' must be a plain name, without /",
+        r"logger.version=../../../elsewhere is set by geosteer: .*remove logger.version",
     ),
     (
         "GGUF file for the embedded LM",
@@ -876,8 +876,41 @@ CASES = [
             ("trainer.devices=[5]", r"trainer.devices=\[5\] names GPU indices, but this machine has 0 GPUs"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=2", r"targets.phate.t_max=2 must be an integer ≥ 3"),
+            ("+trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0 must be an integer ≥ 1"),
+            ("+trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val=-1 must be a number > 0 or null"),
+            ("+trainer.min_epochs=50", r"trainer.min_epochs: set by the stages themselves"),
+            ("trainer.devices=2", r"trainer.devices=2 with trainer.strategy=auto has Lightning start copies of this "
+                                  r"command.*trainer=ddp_sim"),
+            ("+trainer.num_nodes=2", r"trainer.num_nodes=2 waits for processes on other machines.*leave "
+                                     r"trainer.num_nodes at 1"),
         ]
     ],
+    (
+        "trainer keyword that builds an object",  # Hydra's instantiate would build and call anything it names
+        None,
+        ["stage=train", "+trainer.profiler._target_=lightning.pytorch.profilers.SimpleProfiler",
+         "+trainer.profiler.dirpath={scratch}/elsewhere"],
+        r"trainer.profiler._target_: geosteer builds the trainer and the logger from their configs' classes alone",
+    ),
+    (
+        "trainer keyword that calls a function",
+        None,
+        ["stage=train", "+trainer.plugins=[{{_target_:os.makedirs,name:{scratch}/pwned}}]"],
+        r"trainer.plugins\[0\]._target_: geosteer builds the trainer",
+    ),
+    (
+        "strategy Lightning cannot run here",  # Lightning's own refusal, as one paragraph naming the settings
+        None,
+        ["stage=train", "overwrite=true", "+trainer.strategy=deepspeed"],
+        r"Lightning refused the trainer settings \(.*trainer.strategy=deepspeed\): MisconfigurationException: .*"
+        r"DeepSpeed.*Fix or remove the trainer.\* setting it names",
+    ),
+    (
+        "logs among the products",  # CSV logs go to <save_dir>/<stage>: the run folder itself puts them in eval/
+        None,
+        ["stage=eval", "logger=csv", "logger.save_dir=${{paths.run_dir}}"],
+        r"logger.save_dir=.*/run puts the logs among the stages' products.*pick a folder of its own",
+    ),
     ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
     (
         "a run name Hydra reads as a number",  # the run would land in a folder named 1000.0

@@ -183,6 +183,13 @@ def test_lm_stops_at_the_first_check_that_clears_the_bar_and_reports_it(tmp_path
     assert 0 <= result["accuracy"]["weekdays"] <= 1 and 0 <= result["swap_rate"]["weekdays"] <= 1
 
 
+def test_lm_with_gradient_accumulation_trains_all_its_optimiser_steps(tmp_path):
+    """lm.max_steps counts optimiser steps: accumulating batches must not cut the training short."""
+    cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=24", "lm.check_every=0", "lm.min_accuracy=0",
+                   "lm.min_swap_rate=0", "+trainer.accumulate_grad_batches=3")  # fmt: skip
+    assert lm_stage.run(cfg)["steps"] == 24
+
+
 def test_lm_below_the_bar_after_max_steps_fails_and_replaces_nothing(tmp_path):
     cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=20", "lm.check_every=10", "lm.min_swap_rate=0")
     with pytest.raises(StageError, match=r"after 20 steps .*lm.min_accuracy=0.98"):
