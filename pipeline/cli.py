@@ -269,8 +269,8 @@ RUN_FLAGS = {"-r", "--run"}
 # The Hydra settings a command may change. The others would move Hydra's files or the working folder out of the run,
 # where the lock and resume fail (hydra.run.dir, hydra.job.chdir, hydra.output_subdir, the log handlers' files), or
 # silence the error messages (hydra/job_logging=disabled).
-HYDRA_SETTINGS = ("hydra.verbose=", "hydra/launcher=", "hydra.launcher.", "hydra/sweeper=", "hydra.sweeper.",
-                  "hydra.sweep.dir=")  # fmt: skip
+HYDRA_SETTINGS = ("hydra.verbose=", "hydra/launcher=", "hydra.launcher.", "hydra/sweeper=",
+                  "hydra.sweeper.max_batch_size=", "hydra.sweep.dir=")  # fmt: skip
 
 
 def flag_errors(argv: list[str]) -> list[str]:
@@ -284,8 +284,14 @@ def flag_errors(argv: list[str]) -> list[str]:
         elif arg.lstrip("+~").startswith("hydra") and not arg.lstrip("+~").startswith(HYDRA_SETTINGS):
             errors.append(f"{arg} is not a setting geosteer takes: Hydra's own files stay in <run>/hydra/, inside the "
                           f"run folder. Move a run with paths.outputs=... or run_name=...; the Hydra settings a "
-                          f"command may change are hydra.verbose, hydra/launcher, hydra.launcher.*, hydra.sweeper.* "
-                          f"and hydra.sweep.dir")  # fmt: skip
+                          f"command may change are hydra.verbose, hydra/launcher, hydra.launcher.*, hydra/sweeper, "
+                          f"hydra.sweeper.max_batch_size and hydra.sweep.dir (a sweep's values go on the command "
+                          f"line: -m seed=0,1)")  # fmt: skip
+        elif arg.lstrip("+~").startswith("hydra.sweeper.max_batch_size="):
+            size = arg.split("=", 1)[1]
+            if not (size.isdigit() and int(size) >= 1) and size != "null":
+                errors.append(f"{arg}: the number of sweep jobs launched together must be an integer ≥ 1 (or null: "
+                              f"all at once)")  # fmt: skip
     return errors
 
 

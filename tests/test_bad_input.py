@@ -879,17 +879,26 @@ CASES = [
             ("+trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0 must be an integer ≥ 1"),
             ("+trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val=-1 must be a number > 0 or null"),
             ("+trainer.min_epochs=50", r"trainer.min_epochs: set by the stages themselves"),
-            ("trainer.devices=2", r"trainer.devices=2 with trainer.strategy=auto has Lightning start copies of this "
-                                  r"command.*trainer=ddp_sim"),
-            ("+trainer.num_nodes=2", r"trainer.num_nodes=2 waits for processes on other machines.*leave "
-                                     r"trainer.num_nodes at 1"),
+            (
+                "trainer.devices=2",
+                r"trainer.devices=2 with trainer.strategy=auto has Lightning start copies of this "
+                r"command.*trainer=ddp_sim",
+            ),
+            (
+                "+trainer.num_nodes=2",
+                r"trainer.num_nodes=2 waits for processes on other machines.*leave "
+                r"trainer.num_nodes at 1",
+            ),
         ]
     ],
     (
         "trainer keyword that builds an object",  # Hydra's instantiate would build and call anything it names
         None,
-        ["stage=train", "+trainer.profiler._target_=lightning.pytorch.profilers.SimpleProfiler",
-         "+trainer.profiler.dirpath={scratch}/elsewhere"],
+        [
+            "stage=train",
+            "+trainer.profiler._target_=lightning.pytorch.profilers.SimpleProfiler",
+            "+trainer.profiler.dirpath={scratch}/elsewhere",
+        ],
         r"trainer.profiler._target_: geosteer builds the trainer and the logger from their configs' classes alone",
     ),
     (
@@ -912,6 +921,18 @@ CASES = [
         r"logger.save_dir=.*/run puts the logs among the stages' products.*pick a folder of its own",
     ),
     ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
+    (
+        "a sweep launched zero jobs at a time",
+        None,
+        ["-m", "stage=eval", "seed=0,1", "hydra.sweeper.max_batch_size=0"],
+        r"hydra.sweeper.max_batch_size=0: the number of sweep jobs launched together must be an integer ≥ 1",
+    ),
+    (
+        "a sweep's values in the sweeper's settings",
+        None,
+        ["stage=eval", 'hydra.sweeper.params={{seed:"0,1"}}'],
+        r"hydra.sweeper.params=.* is not a setting geosteer takes.*a sweep's values go on the command line: -m seed=0,1",
+    ),
     (
         "a run name Hydra reads as a number",  # the run would land in a folder named 1000.0
         None,
