@@ -360,14 +360,15 @@ class ActivationStore:
 
     def group(self, task: str) -> h5py.Group:
         if task not in self.file:
-            raise StoreError(f"task '{task}' is not in {self.path}; it holds {self.tasks}.")
+            raise StoreError(f"task '{task}' is not in {self.path}; it holds {self.tasks}. Ask for tasks it holds, or "
+                             f"extract every task the run needs: `pipeline stage=extract tasks=[...] overwrite=true`.")
         return self.file[task]
 
     def check_task(self, definition: dict[str, Any]) -> None:
         """Refuse a task definition other than the one this store's rows of that task were extracted with."""
-        name = definition["name"]
+        name, group = definition["name"], self.group(definition["name"])  # a task it does not hold: says so
         try:
-            stored, asked = json.loads(self.group(name).attrs["task"]), json.loads(json.dumps(definition))
+            stored, asked = json.loads(group.attrs["task"]), json.loads(json.dumps(definition))
         except (KeyError, ValueError) as e:
             raise StoreError(f"{self.path} records no readable definition of task '{name}' ({type(e).__name__}); "
                              f"re-extract it with `pipeline stage=extract overwrite=true`.") from None  # fmt: skip

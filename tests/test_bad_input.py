@@ -922,6 +922,13 @@ CASES = [
     ),
     ("a sweep with one bad job", None, ["-m", "stage=eval", "seed=1,-2"], r"seed=-2 must be an integer ≥ 0"),
     (
+        "targets of a task the store does not hold",  # not damage: the store was extracted with other tasks
+        None,
+        ["stage=targets", "tasks=[months]"],
+        r"task 'months' is not in .*activations.h5; it holds \['weekdays'\]. .*`pipeline stage=extract tasks=\[...\] "
+        r"overwrite=true`",
+    ),
+    (
         "a sweep launched zero jobs at a time",
         None,
         ["-m", "stage=eval", "seed=0,1", "hydra.sweeper.max_batch_size=0"],
