@@ -107,7 +107,10 @@ def bars_figure(rows: list[dict[str, Any]], per_task: dict[str, Any], path: Path
                    color=colours(i % 10), label=labels[m])  # fmt: skip
         ax.set_xticks(np.arange(len(tasks)), tasks)
         ax.set_title(SCORES[metric].title.split(" (")[0])
-    axes[0].set_yscale("log")
+        if not any(np.isfinite(r["mean"]) for r in index.values()):
+            ax.text(0.5, 0.5, "no method has a value", transform=ax.transAxes, ha="center", color="grey")
+    if any(r["metric"] == "E_B" and np.isfinite(r["mean"]) and r["mean"] > 0 for r in rows):
+        axes[0].set_yscale("log")  # energies span decades
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -208,6 +208,16 @@ def test_a_method_with_no_path_for_any_pair_reads_not_evaluated_and_one_with_som
         assert report.metric_table([], per_task, "top1_at_end", 1).splitlines()[-1] == f"| INNSteer | {cell} |", lost
 
 
+def test_the_bar_figure_is_drawn_when_no_method_has_a_value(tmp_path):
+    """INNSteer alone, with no path for any pair: every mean is NaN, and the log axis of E_B has nothing to scale."""
+    from geosteer.pipeline.figures import bars_figure
+
+    rows = [{"task": "weekdays", "method": "innsteer", "label": "INNSteer", "metric": metric, "mean": math.nan,
+             "se": math.nan} for metric in ("E_B", "target_prob_end")]  # fmt: skip
+    bars_figure(rows, {"weekdays": {}}, tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_eval_from_shipped_checkpoints_alone_in_a_fresh_process(evaluated, tmp_path):
     """Copy only the exported geometries and the LM; eval extracts the activations itself and gets the same numbers."""
     cfg, result = evaluated
