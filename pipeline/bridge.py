@@ -81,6 +81,8 @@ class BridgeSystem(GeometrySystem):
             times as an uninterrupted one (None: torch's current seed, which `pipeline.train` sets).
     """
 
+    label = "GeodesicBridge"
+
     def __init__(self, bridge: GeodesicBridge, encoder: GAGA, data: torch.Tensor, times: int = 32,
                  energy: str = "secant", lam: float = 0.0, density: float = 1.0, manifold: float = 1.0,
                  knn: int = 5, lr: float = 1e-3, weight_decay: float = 0.0, warmup_fraction: float = 0.02,

@@ -21,7 +21,7 @@ from torch import nn
 
 from geosteer.data.targets import PairwiseTargets
 from geosteer.data.tasks import Task
-from geosteer.pipeline.common import adamw_warmup_cosine
+from geosteer.pipeline.common import NonFiniteTraining, adamw_warmup_cosine
 
 Terms = dict[str, torch.Tensor]  # name → scalar; "loss" is the one minimised
 
@@ -41,15 +41,29 @@ class GeometrySystem(L.LightningModule):
     def validation_terms(self, batch: dict[str, torch.Tensor]) -> tuple[Terms, int]:
         return self.training_terms(batch)
 
+    label: ClassVar[str] = "the geometry's"  # whose loss a message names
+    diverged_fix: ClassVar[str] = "Lower optim.lr"  # what to change when the loss is no longer finite
+
     def training_step(self, batch, _batch_idx):
         terms, n = self.training_terms(batch)
+        self.refuse_non_finite(terms["loss"], "loss")
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=False, on_epoch=True)
         return terms["loss"]
 
     def validation_step(self, batch, _batch_idx):
         terms, n = self.validation_terms(batch)
+        self.refuse_non_finite(terms["loss"], "validation loss")
         self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=n)
+
+    def refuse_non_finite(self, value: torch.Tensor, what: str) -> None:
+        """NonFiniteTraining when a loss (or gradient norm) is NaN or inf: raised before the optimiser step writes it
+        into the weights, and before an epoch's checkpoint would keep weights that give it."""
+        if not torch.isfinite(value):
+            raise NonFiniteTraining(
+                f"{self.label} {what} is {value.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                f"training stopped there, before an optimiser step or a checkpoint could keep it. {self.diverged_fix}."
+            )
 
     def configure_optimizers(self):
         hp = self.hparams

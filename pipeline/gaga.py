@@ -83,6 +83,8 @@ class GAGASystem(GeometrySystem):
         coords_are_hellinger: the targets are s = √q/√2, so √s·√2 feeds the pointwise loss.
     """
 
+    label = "GAGA"
+
     def __init__(
         self,
         model: GAGA,

@@ -24,7 +24,7 @@ from geosteer.data.tasks import Task
 from geosteer.models.innsteer import BLOCKS, InnSteer
 from geosteer.models.steering import carrier_rows, concept_q, steering_pairs
 from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.common import NonFiniteTraining, StageError, lm_of_store, log
+from geosteer.pipeline.common import StageError, lm_of_store, log
 from geosteer.pipeline.family import Family, GeometrySystem, register_family, rounded
 
 matplotlib.use("Agg")
@@ -97,22 +97,15 @@ class InnSteerSystem(GeometrySystem):
             "class_accuracy": (self.model.classify(z) == classes).float().mean(),
         }
 
+    label = "INNSteer"
+    diverged_fix = "Lower optim.lr, clamp or num_blocks"
+
     def training_terms(self, batch):
-        terms = self.terms(batch)
-        if not torch.isfinite(terms["nll"]):
-            raise NonFiniteTraining(
-                f"INNSteer loss is {terms['nll'].item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                f"stopped before the optimiser step, so no checkpoint holds it. Lower optim.lr, clamp or num_blocks."
-            )
-        return terms, len(batch["x"])
+        return self.terms(batch), len(batch["x"])
 
     def on_before_optimizer_step(self, optimizer):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.grad_clip)
-        if not torch.isfinite(norm):
-            raise NonFiniteTraining(
-                f"INNSteer gradient norm is {norm.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                f"stopped before the optimiser step, so no checkpoint holds it. Lower optim.lr, clamp or num_blocks."
-            )
+        self.refuse_non_finite(norm, "gradient norm")
         self.log("train/grad_norm", norm, on_step=False, on_epoch=True)
 
     def validation_terms(self, batch):

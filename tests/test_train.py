@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from geosteer.data.targets import PointClouds, target_distances
 from geosteer.models.gaga import GAGA
 from geosteer.pipeline import train
-from geosteer.pipeline.common import warmup_cosine
+from geosteer.pipeline.common import StageError, warmup_cosine
 from geosteer.pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
 from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
@@ -158,6 +158,32 @@ def test_a_crashed_run_resumes_from_last_ckpt_and_matches_an_uninterrupted_one(p
     clean = train.run(prepared("clean", "logger=csv", epochs=6))["geometries"]["weekdays"]["gaga_out"]
     a, b = (load_file(Path(r["path"]) / "model.safetensors") for r in (resumed, clean))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _DivergeAt(L.Callback):
+    """Scales every weight of the encoder by 1e30 before training step `step`: a learning rate far too large."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for p in pl_module.model.parameters():
+                    p.mul_(1e30)
+
+
+def test_a_gaga_whose_loss_is_no_longer_finite_stops_with_the_step_and_keeps_no_such_checkpoint(prepared):
+    cfg = prepared("diverged", epochs=4)
+    with pytest.raises(StageError, match=r"training weekdays/gaga_out failed: GAGA loss is (nan|inf) at step 5 .*"
+                                         r"Lower optim.lr"):  # fmt: skip
+        train.run(cfg, callbacks=[_DivergeAt(5)])
+    assert not (Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "gaga_out").exists(), "nothing exported"
+    ckpts = list(Path(cfg.paths.run_dir).rglob("*.ckpt"))
+    assert ckpts, "the epochs before were checkpointed"
+    for ckpt in ckpts:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() and v.abs().max() < 1e20 for v in state.values() if v.is_floating_point())
 
 
 def test_two_process_ddp_trains_like_a_single_process(prepared):
