@@ -360,8 +360,10 @@ class ActivationStore:
 
     def group(self, task: str) -> h5py.Group:
         if task not in self.file:
-            raise StoreError(f"task '{task}' is not in {self.path}; it holds {self.tasks}. Ask for tasks it holds, or "
-                             f"extract every task the run needs: `pipeline stage=extract tasks=[...] overwrite=true`.")
+            raise StoreError(
+                f"task '{task}' is not in {self.path}; it holds {self.tasks}. Ask for tasks it holds, or "
+                f"extract every task the run needs: `pipeline stage=extract tasks=[...] overwrite=true`."
+            )
         return self.file[task]
 
     def check_task(self, definition: dict[str, Any]) -> None:

@@ -217,6 +217,10 @@ def build_methods(selected: Any) -> dict[str, SteeringMethod]:
         if built[name].family is not None and not getattr(built[name], "geometry", None):
             raise StageError(f"method.{name} steers with a {built[name].family} geometry but names none; set "
                              f"method.{name}.geometry to the export's name (configs/method/{name}.yaml).")  # fmt: skip
+        if (export := getattr(built[name], "geometry", name)) != name:  # not its namesake's export: its labels say so
+            method = built[name]
+            method.label = f"{method.label} (export {export})"
+            method.metric_label = method.metric_label and f"{method.metric_label} (export {export})"
     return built
 
 

@@ -21,7 +21,7 @@ from geosteer.models.innsteer import InnSteer
 from geosteer.models.steering import steering_pairs
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import report, train
-from geosteer.pipeline.methods import SCORES, build_methods
+from geosteer.pipeline.methods import METHODS, SCORES, build_methods
 from tests.conftest import wandb_records
 
 GEOMETRIES = ("gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge")
@@ -535,3 +535,13 @@ def test_outputs_that_overflow_are_left_out_and_named_not_scored(tmp_path, tiny_
     assert f"{broken} of 3 pairs gave non-finite output probabilities" in caplog.text
     report_md = (evaluate.Path(result["dir"]) / "report.md").read_text()
     assert "weekdays/fishback: " in report_md and "model.dtype=float16" in report_md
+
+
+def test_a_method_steering_with_another_export_says_so_in_every_label():
+    """method.gaga_out.geometry=gaga_phate steers with GAGA-PHATE's export: no table may read plain GAGA-Out."""
+    built = build_methods({"gaga_out": {"geometry": "gaga_phate"}, "gaga_phate": {"geometry": "gaga_phate"}})
+    for label in (built["gaga_out"].label, built["gaga_out"].metric_label):
+        assert "gaga_phate" in label and "GAGA-Out" in label, label
+    assert built["gaga_phate"].label == METHODS["gaga_phate"].label, "its namesake's export: the label as registered"
+    again = build_methods({"gaga_out": {"geometry": "gaga_out"}})["gaga_out"]
+    assert (again.label, again.metric_label) == (METHODS["gaga_out"].label, METHODS["gaga_out"].metric_label)
