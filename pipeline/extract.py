@@ -170,8 +170,11 @@ def check_vocabulary(tokenizer, task: Task, lm: str) -> None:
 
 
 def extract_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The `extract.*` settings the store depends on (all but where it runs)."""
-    return {k: v for k, v in to_plain(cfg.extract).items() if k != "device"}
+    """The `extract.*` settings the store depends on (all but where it runs; min_class_rows only under argmax)."""
+    settings = {k: v for k, v in to_plain(cfg.extract).items() if k != "device"}
+    if settings.get("classes") == "answer":  # every answer class is kept: held at the default, as stores record it
+        settings["min_class_rows"] = 10
+    return settings
 
 
 def extract_fingerprint(cfg: DictConfig, tasks: list[Task]) -> str:

@@ -38,12 +38,14 @@ from geosteer.data.targets import (
     stratified_split,
     write_targets,
 )
+from geosteer.data.tasks import Task
 from geosteer.models.metrics import OutputPullback
 from geosteer.models.tail import CarrierTail
 from geosteer.pipeline.common import close_logger, lm_of_store, load_tasks, log, make_logger, to_plain
 from geosteer.pipeline.extract import warn_unextracted
 from geosteer.pipeline.products import (
     STAMP,
+    Fingerprint,
     RunLayout,
     check_inside,
     check_product,
@@ -70,6 +72,12 @@ def check_finite(task: str, rows: dict[str, np.ndarray], store: Path) -> None:
 def split_key(labels: np.ndarray, val_fraction: float, seed: int) -> str:
     """What the train/val split is made from: the labels, the fraction and the seed (`stratified_split`)."""
     return fingerprint({"labels": digest(labels), "val_fraction": val_fraction, "seed": seed})
+
+
+def targets_fingerprint(tasks: list[Task], tcfg: dict[str, Any], seed: int, store_fp: str) -> Fingerprint:
+    """What the targets stage's product depends on; phate.n_jobs changes speed, not numbers: held at its default."""
+    held = {**tcfg, "phate": {**tcfg["phate"], "n_jobs": -1}} if "n_jobs" in tcfg.get("phate", {}) else tcfg
+    return stage_fingerprint({"tasks": [t.to_dict() for t in tasks], "targets": held, "seed": seed, "store": store_fp})
 
 
 def cache_keys(rows: dict[str, np.ndarray], tcfg: dict[str, Any], seed: int, store_fp: str) -> dict[str, str]:
@@ -229,8 +237,7 @@ def run(cfg: DictConfig) -> dict:
         }
         for task in tasks:
             store.check_task(task.to_dict())
-        fp = stage_fingerprint({"tasks": [t.to_dict() for t in tasks], "targets": tcfg, "seed": cfg.seed,
-                          "store": str(store.attrs["fingerprint"])})  # fmt: skip
+        fp = targets_fingerprint(tasks, tcfg, cfg.seed, str(store.attrs["fingerprint"]))
         if (done := current_result(out, fp, "the distance targets", cfg.overwrite, remove_damaged=False)) is not None:
             # each group's content digest is checked as it is read: a damaged one is computed again
             return done

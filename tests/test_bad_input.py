@@ -39,7 +39,7 @@ from geosteer.models.gaga import GAGA
 from geosteer.models.hub import seal
 from geosteer.models.lm import load_causal_lm
 from geosteer.pipeline import cli, extract, targets, train
-from geosteer.pipeline.common import StageError, store_lm
+from geosteer.pipeline.common import StageError, store_lm, to_plain
 from geosteer.pipeline.family import FAMILIES
 from geosteer.pipeline.products import RunLayout, differing, fingerprint, run_lock, stage_fingerprint, trainer_facts, write_stamp
 from tests.conftest import TASK_DIR, make_cfg
@@ -2038,6 +2038,18 @@ def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):
     assert stage_fingerprint(a) == fingerprint(a), "a stage's fingerprint is the hash of its facts, as before"
     assert set(stage_fingerprint(a).parts) == {"extract.batch_size", "extract.dtype", "tasks"}
     assert differing(stage_fingerprint(a).parts, stage_fingerprint(b)) == "; it differs in extract.batch_size"
+
+
+def test_a_setting_a_product_does_not_depend_on_leaves_its_fingerprint(tmp_path):
+    """extract.min_class_rows is read under classes=argmax alone; targets.phate.n_jobs changes speed, not numbers:
+    neither makes a product again (the default's fingerprint stays), and what is read changes it."""
+    tasks = extract.load_tasks(make_cfg(tmp_path, "tasks=[weekdays]"))
+    fp = lambda *o: extract.extract_fingerprint(make_cfg(tmp_path, "model.embedded=false", *o), tasks)  # noqa: E731
+    assert fp("extract.classes=answer", "extract.min_class_rows=1000") == fp("extract.classes=answer")
+    assert fp("extract.classes=argmax", "extract.min_class_rows=1000") != fp("extract.classes=argmax")
+    tcfg = lambda *o: to_plain(make_cfg(tmp_path, *o).targets)  # noqa: E731
+    of = lambda t: targets.targets_fingerprint(tasks, t, 0, "store")  # noqa: E731
+    assert of(tcfg("targets.phate.n_jobs=1")) == of(tcfg()) != of(tcfg("targets.phate.knn=7"))
 
 
 def test_what_a_training_shows_is_not_what_it_trains(tmp_path):
