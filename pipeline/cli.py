@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -87,10 +88,12 @@ def _timed(name: str, cfg: DictConfig, seconds: dict[str, float]) -> dict:
 def _run(cfg: DictConfig, seconds: dict[str, float]) -> dict:
     rank, world = launched_rank()
     if world > 1 and cfg.stage not in DATA_PARALLEL:
+        by = "torchrun (WORLD_SIZE)" if "WORLD_SIZE" in os.environ else "SLURM (SLURM_NTASKS)"
         raise StageError(
-            f"stage={cfg.stage} runs in one process, but this is rank {rank} of {world} processes started by torchrun "
-            f"or SLURM. Launch only stage=extract or stage=train that way (trainer=ddp_launched), and run the other "
-            f"stages as one process, e.g. `pipeline stage=targets`."
+            f"stage={cfg.stage} runs in one process, but this is rank {rank} of {world} processes started by {by}. "
+            f"Launch only stage=extract or stage=train that way (trainer=ddp_launched), and run stage={cfg.stage} as "
+            f"one process: outside torchrun, or as one SLURM task (`srun --ntasks=1 pipeline ...`; in a shell of a "
+            f"SLURM allocation, `SLURM_NTASKS=1 pipeline ...`)."
         )
     if cfg.stage in ("all", "eval"):
         build_methods(cfg.get("method"))  # a bad method choice is refused before the stages before eval run

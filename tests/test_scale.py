@@ -70,6 +70,11 @@ def test_launched_ranks_refuse_the_single_process_stages(tmp_path, monkeypatch):
     for stage in ("targets", "eval", "all"):
         with pytest.raises(StageError, match=f"stage={stage} runs in one process, but this is rank 1 of 4"):
             cli.run(make_cfg(tmp_path, f"stage={stage}"))
+    monkeypatch.delenv("WORLD_SIZE")  # a shell inside a SLURM allocation of two tasks: the fix is not the command
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(StageError, match=r"rank 0 of 2 processes started by SLURM \(SLURM_NTASKS\).*srun --ntasks=1"):
+        cli.run(make_cfg(tmp_path, "stage=targets"))
 
 
 def test_a_sweep_over_tasks_runs_one_job_each_through_submitit(tmp_path, tiny_lm_dir):
