@@ -33,6 +33,7 @@ from geosteer.pipeline.products import (
     in_run,
     lm_fingerprint,
     lm_source,
+    warn_lm_config,
     warn_stale_needs,
 )
 
@@ -126,6 +127,7 @@ def run(cfg: DictConfig) -> dict:
                 f"{folder} was trained on the embedded LM at {cfg.model.pretrained}, which model.embedded=false reads as "
                 f"an outside LM (one without a training record to check). Pass model.embedded=true."
             )
+    warn_lm_config(cfg, "stage=steer")
     lm, tokenizer = load_lm(cfg.model)
     sketch = geometry.meta.get("lm_sketch")  # exports made before it was recorded carry none
     distance = None if sketch is None else sketch_distance(weight_sketch(lm), sketch)
@@ -171,6 +173,13 @@ def run(cfg: DictConfig) -> dict:
             f"steer.prompt={prompt!r} has words the LM ({cfg.model.name}) has no token for ({words[:3]}): it would read them "
             f'all as one unknown token. Use the words of the tasks it was trained on (e.g. steer.prompt="Q: What '
             f'day is two days after Monday?\\nA:").'
+        )
+    limit, n = getattr(lm.config, "max_position_embeddings", None), enc.input_ids.shape[1]
+    if limit and n + s.max_new_tokens > limit:
+        raise StageError(
+            f"steer.prompt ({n} tokens) and steer.max_new_tokens={s.max_new_tokens} need {n + s.max_new_tokens} "
+            f"positions, but the LM ({cfg.model.name}) reads at most {limit} (its max_position_embeddings): "
+            + (f"lower steer.max_new_tokens to {limit - n} or less." if n < limit else "shorten steer.prompt.")
         )
 
     def generate() -> str:

@@ -1188,6 +1188,13 @@ CASES = [
         r"\S*/steer: a file lies where a folder is expected, that path or one above it \(FileExistsError.*Move that file away",
     ),
     (
+        "generation past the LM's context",
+        None,
+        ["stage=steer", "steer.max_new_tokens=100000"],
+        r"steer.prompt \(\d+ tokens\) and steer.max_new_tokens=100000 need \d+ positions, but the LM .* reads at most "
+        r"\d+ \(its max_position_embeddings\): lower steer.max_new_tokens to \d+ or less",
+    ),
+    (
         "a folder in place of a targets file",
         targets_file_is_a_folder,
         ["stage=targets"],
