@@ -138,6 +138,12 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
     if revision is not None and not isinstance(revision, str):
         raise TypeError(f"revision={revision!r} must be a branch, tag or commit id (a string), or None for main.")
     folder = Path(source)
+    if folder.is_file() and folder.name in SHIPPED:  # the export's config.json or weights: the folder is meant
+        raise CheckpointError(f"{folder} is a file of an export; give the export's folder, {folder.parent}.")
+    if folder.exists() and (revision is not None or hub):  # only the Hub has revisions and options
+        raise CheckpointError(f"{folder} is a folder here, which has no revision or Hub options "
+                              f"({', '.join(['revision'] * (revision is not None) + sorted(hub))}); leave them out, or "
+                              f"give a Hub repo id (owner/name) to download that revision.")  # fmt: skip
     if not folder.exists() and not REPO_ID.fullmatch(str(source)):
         raise CheckpointError(f"{folder} does not exist; give an export's folder (a run's geometry/<task>/<name>) or a "
                               f"Hub repo id (owner/name).")  # fmt: skip

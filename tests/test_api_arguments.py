@@ -22,11 +22,12 @@ from geosteer import (
     intervene,
     lbfgs_geodesic,
     linear_path,
+    load_geometry,
     path_energy,
     pullback_of,
     steer,
 )
-from geosteer.models.hub import seal
+from geosteer.models.hub import CheckpointError, seal
 from geosteer.models.steering import fishback_direction
 
 D = 6
@@ -129,6 +130,17 @@ def test_a_saved_geometry_is_readable_as_open_makes_files_and_seals_without_meta
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_local_export_refuses_hub_arguments_and_a_file_of_it_names_the_folder(tmp_path):
+    """A revision or Hub option with a folder here would be ignored; an export's config.json is not the export."""
+    GAGA(D, 2, hidden=[8]).save_pretrained(tmp_path)
+    for call in (lambda: load_geometry(tmp_path, revision="abc123"), lambda: GAGA.from_pretrained(tmp_path, revision="v1"),
+                 lambda: load_geometry(tmp_path, cache_dir=str(tmp_path))):  # fmt: skip
+        with pytest.raises(CheckpointError, match=r"is a folder here, which has no revision or Hub options"):
+            call()
+    with pytest.raises(CheckpointError, match=rf"config.json is a file of an export; give the export's folder, {tmp_path}"):
+        load_geometry(tmp_path / "config.json")
 
 
 # ---------------------------------------------------------------- the LM's tail, its metrics and the intervention
