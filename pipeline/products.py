@@ -149,7 +149,10 @@ def differing(recorded: Any, now: Fingerprint) -> str:
     if not isinstance(recorded, dict) or not recorded or not parts:
         return ""
     keys = sorted(k for k in {*recorded, *parts} if recorded.get(k) != parts.get(k))
-    shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    keys = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]  # an emptied section: its keys say it
+    said = [k + (" (recorded, absent now: a file it was made from is gone?)" if k not in parts else
+                 " (absent from the record)" if k not in recorded else "") for k in keys]  # fmt: skip
+    shown = ", ".join(said[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
     return f"; it differs in {shown}" if keys else ""
 
 
