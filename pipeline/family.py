@@ -34,15 +34,15 @@ class GeometrySystem(L.LightningModule):
     `val/<name>`; every parameter that requires a gradient is trained.
     """
 
+    label: ClassVar[str] = "the geometry's"  # whose loss a message names
+    diverged_fix: ClassVar[str] = "Lower optim.lr"  # what to change when the loss is no longer finite
+
     def training_terms(self, batch: dict[str, torch.Tensor]) -> tuple[Terms, int]:
         """The loss terms of one batch (with "loss") and the batch size they average over."""
         raise NotImplementedError
 
     def validation_terms(self, batch: dict[str, torch.Tensor]) -> tuple[Terms, int]:
         return self.training_terms(batch)
-
-    label: ClassVar[str] = "the geometry's"  # whose loss a message names
-    diverged_fix: ClassVar[str] = "Lower optim.lr"  # what to change when the loss is no longer finite
 
     def training_step(self, batch, _batch_idx):
         terms, n = self.training_terms(batch)

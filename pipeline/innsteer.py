@@ -72,6 +72,9 @@ class InnSteerSystem(GeometrySystem):
             noise as an uninterrupted one (None: torch's current seed, which `pipeline.train` sets).
     """
 
+    label = "INNSteer"
+    diverged_fix = "Lower optim.lr, clamp or num_blocks"
+
     def __init__(self, model: InnSteer, num_classes: int, lr: float, weight_decay: float, warmup_fraction: float,
                  grad_clip: float, noise: float = 0.0, centres: str = "argmax", seed: int | None = None):  # fmt: skip
         super().__init__()
@@ -96,9 +99,6 @@ class InnSteerSystem(GeometrySystem):
             "log_det_std": log_det.std() if len(log_det) > 1 else log_det.new_zeros(()),
             "class_accuracy": (self.model.classify(z) == classes).float().mean(),
         }
-
-    label = "INNSteer"
-    diverged_fix = "Lower optim.lr, clamp or num_blocks"
 
     def training_terms(self, batch):
         return self.terms(batch), len(batch["x"])

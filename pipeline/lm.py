@@ -328,7 +328,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     epochs = math.ceil(a.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) / len(loader))
     # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
     trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm"),
-                          callbacks=callbacks, default_root_dir=work)  # fmt: skip
+                    callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")

@@ -290,10 +290,10 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     stop = EarlyStopping(monitor=monitor, patience=g["patience"])
     logger = make_logger(cfg, f"train-{task.name}-{name}", run_id_file=work / "run_id")
     trainer = build(cfg, "trainer", max_epochs=g["max_epochs"], logger=logger,
-                          callbacks=[best, latest, stop, EpochLog(f"{task.name}/{name}", monitor),
-                                     FingerprintCheckpoints(fp), *callbacks],
-                          use_distributed_sampler=False,
-                          default_root_dir=work)  # fmt: skip
+                    callbacks=[best, latest, stop, EpochLog(f"{task.name}/{name}", monitor),
+                               FingerprintCheckpoints(fp), *callbacks],
+                    use_distributed_sampler=False,
+                    default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
     resume = resume_checkpoint(checkpoints, f"{task.name}/{name}", system, fp, best=True)
     before = trained_seconds(torch.load(resume, map_location="cpu", weights_only=True) if resume else None)
