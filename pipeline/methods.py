@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
@@ -31,7 +31,7 @@ from geosteer.models.innsteer import InnSteer
 from geosteer.models.metrics import EncoderPullback, OutputPullback, pullback_of, regularisation
 from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace
 from geosteer.models.tail import CarrierTail
-from geosteer.pipeline.common import StageError, to_plain
+from geosteer.pipeline.common import CONFIG_DIR, StageError, to_plain
 
 
 @dataclass(frozen=True)
@@ -214,13 +214,16 @@ def build_methods(selected: Any) -> dict[str, SteeringMethod]:
             built[name] = METHODS[name](**(settings or {}))
         except TypeError as e:
             raise StageError(f"method.{name}: {e}; its settings are in configs/method/{name}.yaml.") from e
-        if built[name].family is not None and not getattr(built[name], "geometry", None):
-            raise StageError(f"method.{name} steers with a {built[name].family} geometry but names none; set "
+        method = built[name]
+        if method.family is None:
+            continue
+        if not getattr(method, "geometry", None):
+            raise StageError(f"method.{name} steers with a {method.family} geometry but names none; set "
                              f"method.{name}.geometry to the export's name (configs/method/{name}.yaml).")  # fmt: skip
-        if (export := getattr(built[name], "geometry", name)) != name:  # not its namesake's export: its labels say so
-            method = built[name]
-            method.label = f"{method.label} (export {export})"
-            method.metric_label = method.metric_label and f"{method.metric_label} (export {export})"
+        yaml_file = CONFIG_DIR / "method" / f"{name}.yaml"
+        if method.geometry != ((OmegaConf.load(yaml_file).get("geometry") if yaml_file.is_file() else None) or method.geometry):
+            method.label = f"{method.label} (export {method.geometry})"  # not the export its YAML names: labels say so
+            method.metric_label = method.metric_label and f"{method.metric_label} (export {method.geometry})"
     return built
 
 

@@ -244,7 +244,7 @@ def test_a_missing_geometry_is_an_explained_empty_cell(prepared, evaluated):
     beside(evaluated, cfg, ("extract",))
     result = evaluate.run(cfg)
     md = evaluate.Path(result["report"]).read_text()
-    assert "| GeodesicBridge | n/a¹ |" in md and "no_such_bridge" in md and "stage=train" in md
+    assert "| GeodesicBridge (export no_such_bridge) | n/a¹ |" in md and "stage=train" in md
 
 
 def test_innsteer_pairs_with_a_class_its_flow_learned_no_mean_for_are_left_out_and_named(prepared, evaluated):
@@ -538,7 +538,8 @@ def test_outputs_that_overflow_are_left_out_and_named_not_scored(tmp_path, tiny_
 
 
 def test_a_method_steering_with_another_export_says_so_in_every_label():
-    """method.gaga_out.geometry=gaga_phate steers with GAGA-PHATE's export: no table may read plain GAGA-Out."""
+    """method.gaga_out.geometry=gaga_phate steers with GAGA-PHATE's export: no table may read plain GAGA-Out. (A
+    method registered without a YAML names its export as it likes: test_extending.)"""
     built = build_methods({"gaga_out": {"geometry": "gaga_phate"}, "gaga_phate": {"geometry": "gaga_phate"}})
     for label in (built["gaga_out"].label, built["gaga_out"].metric_label):
         assert "gaga_phate" in label and "GAGA-Out" in label, label
