@@ -365,11 +365,13 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
 
 def distributed_faults(trainer: dict[str, Any]) -> list[str]:
     """Device and node counts that would hang or fail: Lightning's subprocess launcher (several devices without a
-    spawning strategy) re-runs the command with Hydra overrides of its own, and several nodes wait for the others."""
+    spawning or forking strategy: auto, ddp, fsdp, ...) re-runs the command with Hydra overrides of its own, and
+    several nodes wait for the others."""
     faults, devices, strategy = [], trainer.get("devices", 1), trainer.get("strategy", "auto")
     launched = any(k in os.environ for k in ("WORLD_SIZE", "SLURM_NTASKS"))
     many = devices == -1 or (_is_int(devices) and devices > 1) or (isinstance(devices, list) and len(devices) > 1)
-    if many and not launched and strategy in ("auto", "ddp", None):
+    spawns = strategy in StrategyRegistry and StrategyRegistry[strategy]["init_params"].get("start_method") in ("spawn", "fork")
+    if many and not launched and not spawns:
         faults.append(f"trainer.devices={_show(devices)} with trainer.strategy={_show(strategy)} has Lightning start "
                       f"copies of this command itself, which geosteer does not run; take trainer=ddp (GPUs) or "
                       f"trainer=ddp_sim (CPU processes), which spawn their workers, or start the processes with "

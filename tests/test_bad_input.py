@@ -892,6 +892,12 @@ CASES = [
         ]
     ],
     (
+        "several devices with a strategy Lightning launches as copies of the command",  # a DDP name but not spawned
+        None,
+        ["stage=train", "+trainer.strategy=ddp_find_unused_parameters_true", "trainer.devices=2"],
+        r"trainer.devices=2 with trainer.strategy=ddp_find_unused_parameters_true has Lightning start copies",
+    ),
+    (
         "trainer keyword that builds an object",  # Hydra's instantiate would build and call anything it names
         None,
         [
