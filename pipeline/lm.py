@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
+from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers import DynamicCache
 
@@ -29,6 +30,7 @@ from geosteer.models.lm import capture_residual, load_causal_lm, position_ids_fo
 from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import (
+    NonFiniteTraining,
     StageError,
     adamw_warmup_cosine,
     build,
@@ -87,6 +89,9 @@ class TaskLMSystem(L.LightningModule):
             loss = loss + hp.interchange * swap_loss
             self.log("train/swap_loss", swap_loss)
             self.log("train/swap_accuracy", (swapped.argmax(-1) == answer[donor]).float().mean(), prog_bar=True)
+        if not torch.isfinite(loss):  # before the optimiser step writes it into the weights, or a checkpoint keeps it
+            raise NonFiniteTraining(f"the task LM's loss is {loss.item()} at step {self.global_step}; training stopped "
+                                    f"there. Lower lm.lr (or lm.interchange).")  # fmt: skip
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == answer).float().mean(), prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -332,8 +337,17 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
-        trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
+        try:
+            trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
+        except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
+            if trainer.logger:
+                close_logger(trainer.logger)
+            raise StageError(f"training the task LM failed: {e}\nNothing was replaced; its checkpoints are kept in "
+                             f"{work}.") from e  # fmt: skip
     train_seconds = before + time.perf_counter() - begin  # a resumed training's first part included
+    if broken := [n for n, p in model.named_parameters() if not p.isfinite().all()]:  # the last step's update
+        raise StageError(f"the task LM's weights hold NaN or Inf after training ({broken[:3]}): lower lm.lr. Nothing "
+                         f"was replaced.")  # fmt: skip
 
     final = work / "model"
     model.save_pretrained(final)

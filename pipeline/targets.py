@@ -64,8 +64,8 @@ def check_finite(task: str, rows: dict[str, np.ndarray], store: Path) -> None:
     if bad.any():
         raise TargetError(
             f"task '{task}': {int(bad.sum())} of {len(bad)} rows of {store} hold NaN or Inf "
-            f"(first at row {int(np.flatnonzero(bad)[0])}). The LM overflowed at model.dtype; "
-            f"re-extract with model.dtype=float32 (or bfloat16) and overwrite=true."
+            f"(first at row {int(np.flatnonzero(bad)[0])}). The LM overflowed at model.dtype, or its weights hold "
+            f"NaN: re-extract with model.dtype=float32 (or bfloat16) and overwrite=true, or check the LM."
         )
 
 

@@ -190,6 +190,15 @@ def test_lm_with_gradient_accumulation_trains_all_its_optimiser_steps(tmp_path):
     assert lm_stage.run(cfg)["steps"] == 24
 
 
+def test_an_lm_whose_loss_is_no_longer_finite_stops_and_replaces_nothing(tmp_path):
+    """A learning rate far too large: the stage stops at the first non-finite loss; no NaN LM is saved or used."""
+    cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=30", "lm.check_every=0", "lm.lr=1e30")
+    with pytest.raises(StageError, match=r"training the task LM failed: the task LM's loss is (nan|inf) at step \d+.*"
+                                         r"Lower lm.lr"):  # fmt: skip
+        lm_stage.run(cfg)
+    assert not (Path(cfg.paths.run_dir) / "lm").exists()
+
+
 def test_lm_below_the_bar_after_max_steps_fails_and_replaces_nothing(tmp_path):
     cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=20", "lm.check_every=10", "lm.min_swap_rate=0")
     with pytest.raises(StageError, match=r"after 20 steps .*lm.min_accuracy=0.98"):
