@@ -209,12 +209,18 @@ def build(cfg: DictConfig, section: str, **kwargs: Any) -> Any:
     try:
         return instantiate(cfg[section], **kwargs)
     except Exception as e:  # noqa: BLE001 - Hydra wraps whatever the class raised
-        cause = e.__cause__ or e
-        shown = ", ".join(f"{section}.{k}={v}" for k, v in OmegaConf.to_container(cfg[section], resolve=True).items()
-                          if k != "_target_")  # fmt: skip
-        raise StageError(f"Lightning refused the {section} settings ({shown}): {type(cause).__name__}: "
-                         f"{str(cause).strip().splitlines()[0].rstrip('.') if str(cause).strip() else ''}. Fix or remove the "
-                         f"{section}.* setting it names (configs/{section}/ holds the shipped ones).") from None  # fmt: skip
+        raise refusal(cfg, section, e.__cause__ or e) from None
+
+
+def refusal(cfg: DictConfig, section: str, cause: BaseException) -> StageError:
+    """The StageError for an error raised by Lightning (or W&B) over the `section` settings, quoting them."""
+    shown = ", ".join(f"{section}.{k}={v}" for k, v in OmegaConf.to_container(cfg[section], resolve=True).items()
+                      if k != "_target_")  # fmt: skip
+    said = "; ".join(line.strip() for line in str(cause).strip().splitlines()[:3])[:400].rstrip(".")  # pydantic: 3
+    return StageError(
+        f"Lightning refused the {section} settings ({shown}): {type(cause).__name__}: {said}. Fix or "
+        f"remove the {section}.* setting it names (configs/{section}/ holds the shipped ones)."
+    )
 
 
 def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
@@ -237,7 +243,10 @@ def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
     if wandb and not cfg.logger.offline:
         kwargs["log_model"] = True  # checkpoints go up as artifacts
     logger = build(cfg, "logger", **kwargs)
-    logger.log_hyperparams({"config": to_plain(cfg), "git_sha": git_sha(), "stage": stage})
+    try:  # W&B starts its run here, with the keywords it was given
+        logger.log_hyperparams({"config": to_plain(cfg), "git_sha": git_sha(), "stage": stage})
+    except Exception as e:  # noqa: BLE001 - whatever W&B raises of its settings
+        raise refusal(cfg, "logger", e) from None
     return logger
 
 

@@ -355,7 +355,10 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
             faults.append(f"logger.save_dir={save_dir} puts the logs among the stages' products (a stage replaces "
                           f"its folder whole, logs in it included: {', '.join(STAGE_FOLDERS)}); pick a folder of "
                           f"its own, like the default ({run_dir}/csv for logger=csv)")  # fmt: skip
-    for key in ("name", "version"):
+    if logger.get("_target_") and logger.get("dir") is not None:
+        faults.append(f"logger.dir={_show(logger['dir'])}: the logs' folder is logger.save_dir (which overrides "
+                      f"dir); set logger.save_dir inside the run instead")  # fmt: skip
+    for key in ("name", "version", "id", "resume"):
         if logger.get("_target_") and logger.get(key) is not None:
             faults.append(f"logger.{key}={_show(logger[key])} is set by geosteer: each stage logs under its own name "
                           f"(lm, extract, train-<task>-<geometry>, eval) and a resumed stage goes on in its own "

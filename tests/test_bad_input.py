@@ -610,6 +610,18 @@ CASES = [
         r"model.revision=v2 picks a Hub revision, but the embedded LM is this run's own.*leave model.revision at null",
     ),
     (
+        "W&B run id of one's own",  # each stage keeps its own id, to resume its run
+        None,
+        ["stage=eval", "logger=wandb", "+logger.id=myid"],
+        r"logger.id=myid is set by geosteer: .*remove logger.id",
+    ),
+    (
+        "W&B folder beside save_dir",
+        None,
+        ["stage=eval", "logger=wandb", "+logger.dir={scratch}/elsewhere"],
+        r"logger.dir=.*: the logs' folder is logger.save_dir \(which overrides dir\)",
+    ),
+    (
         "logger version leading out of the run",  # and a version is each stage's own, kept for its resume
         None,
         ["stage=lm", "logger=csv", "+logger.version=../../../elsewhere"],
@@ -2053,6 +2065,17 @@ def test_fingerprints_hash_the_resolved_config(tmp_path, tiny_lm_dir):
     assert stage_fingerprint(a) == fingerprint(a), "a stage's fingerprint is the hash of its facts, as before"
     assert set(stage_fingerprint(a).parts) == {"extract.batch_size", "extract.dtype", "tasks"}
     assert differing(stage_fingerprint(a).parts, stage_fingerprint(b)) == "; it differs in extract.batch_size"
+
+
+def test_a_wandb_keyword_wandb_refuses_is_one_paragraph_naming_it(tmp_path, monkeypatch):
+    """W&B checks its keywords when its run starts, after the logger is built: still the settings and the reason."""
+    from geosteer.pipeline.common import make_logger
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))  # else make_logger sets it for the whole session
+    cfg = make_cfg(tmp_path, "logger=wandb", "+logger.mode=bogus")
+    with pytest.raises(StageError, match=r"Lightning refused the logger settings \(.*logger.mode=bogus\): .*mode.*bogus"):
+        make_logger(cfg, "eval")
 
 
 def test_a_setting_a_product_does_not_depend_on_leaves_its_fingerprint(tmp_path):
