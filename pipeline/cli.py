@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -443,6 +443,12 @@ def precheck(argv: list[str], sweeping: bool = False) -> list[str]:
         return makeable(Path(cfg.paths.outputs if sweeping else cfg.paths.run_dir), "paths.outputs", cfg.paths.outputs)
     except StageError as e:
         return [str(e).removesuffix(".")]
+    except OverrideParseException as e:  # Hydra's grammar: name the override and how to quote its value
+        key, _, value = str(e.override).partition("=")
+        why = " ".join(e.message.split("See https")[0].split())
+        return [f"{e.override} cannot be read as an override ({why}): a value with spaces, brackets, parentheses, "
+                f"quotes, < > or other special characters must be quoted whole, e.g. {key}=\"'{value}'\" in a shell "
+                f"(docs: hydra.cc, override grammar)"]  # fmt: skip
     except (HydraException, OmegaConfBaseException) as e:
         return [" ".join(str(e).split())]
     return []

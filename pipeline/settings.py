@@ -102,6 +102,7 @@ TRAINER_ARGUMENTS = set(inspect.signature(Trainer.__init__).parameters) - {"self
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
+TEXT: Rule = lambda v: None if isinstance(v, (str, int, float)) and not isinstance(v, bool) else "must be a text (quote it)"  # noqa: E731
 PATH: Rule = lambda v: None if isinstance(v, str) and v.strip() else "must be a path (a non-empty string)"  # noqa: E731
 
 RULES: dict[str, Rule] = {
@@ -112,6 +113,8 @@ RULES: dict[str, Rule] = {
     "steer.geometry": PATH,
     "seed": integer(0, 2**32 - 1),
     "overwrite": one_of(True, False),
+    "steer.prompt": TEXT,
+    "steer.target": TEXT,
     "steer.alpha": number(0, 1),
     "steer.method": one_of("geometry", "linear", "caa"),
     "steer.every_token": one_of(True, False),
@@ -393,4 +396,4 @@ def distributed_faults(trainer: dict[str, Any]) -> list[str]:
 def _show(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ",".join(map(_show, v)) + "]"
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v).replace("\n", "\\n")

@@ -888,6 +888,7 @@ CASES = [
             ("trainer.devices=[5]", r"trainer.devices=\[5\] names GPU indices, but this machine has 0 GPUs"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=2", r"targets.phate.t_max=2 must be an integer ≥ 3"),
+            ("steer.target=[Thursday]", r"steer.target=\[Thursday\] must be a text \(quote it\)"),
             ("+trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0 must be an integer ≥ 1"),
             ("+trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val=-1 must be a number > 0 or null"),
             ("+trainer.min_epochs=50", r"trainer.min_epochs: set by the stages themselves"),
@@ -1204,6 +1205,13 @@ CASES = [
         steer_folder_is_a_file,
         ["stage=steer"],
         r"\S*/steer: a file lies where a folder is expected, that path or one above it \(FileExistsError.*Move that file away",
+    ),
+    (
+        "a prompt with parentheses, unquoted",  # Hydra's grammar reads ( as the start of a function call
+        None,
+        ["stage=steer", "steer.prompt=Q: What day is (two) days after Monday?"],
+        r"steer.prompt=Q: What day is \(two\) days after Monday\? cannot be read as an override .*must be quoted whole, "
+        r"e.g. steer.prompt=\"'Q: What day is \(two\) days after Monday\?'\"",
     ),
     (
         "generation past the LM's context",
