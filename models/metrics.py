@@ -198,6 +198,9 @@ class OutputPullback:
 
     def sqrt_q(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
         """s = √q at points h (the points from `start` on), each on its carrier. (N, d) → (N, K+1)"""
+        if h.shape[-1] != (d := self.tail.h.shape[1]):
+            raise ValueError(f"OutputPullback.sqrt_q: h must be (N, {d}), the LM's width at block {self.tail.layer}; "
+                             f"got shape {tuple(h.shape)}.")  # fmt: skip
         return (0.5 * log_concept_probs(self.tail.logits(h, carriers(self.carrier, start, h)), self.variant_ids)).exp()
 
     def jvp_vjp(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,8 @@ def intervene(tail: CarrierTail, h: torch.Tensor, carrier: torch.Tensor | None =
     h (N, d) with `carrier` (N,) naming each row's carrier → (N, V); or h (W, C, d), row c on carrier c → (W, C, V).
     """
     _intervention("intervene", tail, h, carrier)
+    if not h.shape[:-1].numel():  # no row: no logits
+        return h.new_zeros(*h.shape[:-1], tail.logits0.shape[-1])
     if carrier is None:
         W, C, d = h.shape
         carrier = torch.arange(C, device=tail.h.device).repeat(W)  # row w·C + c
@@ -148,16 +150,30 @@ def steer(
 
     carrier (C,) indices into the tail; `direction` maps the still-moving rows h (n, d) and their carriers (n,)
     to step directions (n, d). All moving carriers step together, one batch per step, so many pairs steer
-    as one batch: `target` and `step` are one for all, or one per row of `carrier` (C,).
+    as one batch: `target` and `step` are one for all, or one per row of `carrier` (C,). A direction that is NaN or
+    Inf (an LM that overflows at its dtype) carries into h and q as it is: the caller names such rows (eval does).
     """
     if not isinstance(carrier, torch.Tensor) or carrier.ndim != 1:
         got = f"shape {tuple(carrier.shape)}" if isinstance(carrier, torch.Tensor) else type(carrier).__name__
         raise ValueError(f"steer: carrier must be a 1-D integer tensor (C,) of the tail's carriers; got {got}.")
+    if not len(carrier):
+        raise ValueError("steer: carrier holds no carrier; give at least one index of the tail's carriers.")
     arguments.index("steer", "carrier", carrier, len(tail), "the tail's {n} carriers")
-    arguments.number("steer", "threshold", threshold)
+    arguments.token_lists("steer", "variant_ids", variant_ids, tail.logits0.shape[-1])
+    arguments.index("steer", "target", target, len(variant_ids), "the {n} concepts of variant_ids")
+    arguments.number("steer", "threshold", threshold)  # above 1: never reached, every carrier takes max_steps
     arguments.counts("steer", 0, max_steps=max_steps)
     h = tail.h[carrier]
     C = len(carrier)
+    for name, value in (("target", target), ("step", step)):  # one for all carriers, or one per row of carrier
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape != (C,):
+            raise ValueError(f"steer: {name} must be one value or a 1-D tensor of one per carrier ({C},); got shape "
+                             f"{tuple(value.shape)}.")  # fmt: skip
+    steps = step if isinstance(step, torch.Tensor) else None
+    if steps is None:
+        arguments.number("steer", "step", step, " ≥ 0", lambda x: x >= 0)
+    elif not steps.is_floating_point() or not (torch.isfinite(steps) & (steps >= 0)).all():
+        raise ValueError(f"steer: step must hold finite floats ≥ 0 (one per carrier); got {steps.tolist()[:5]}.")
     target = torch.as_tensor(target, device=h.device).expand(C)[:, None]  # (C, 1)
     step = torch.as_tensor(step, dtype=h.dtype, device=h.device).expand(C)[:, None]  # (C, 1)
     with torch.no_grad():
@@ -170,7 +186,12 @@ def steer(
             break
         rows = torch.nonzero(moving).flatten()
         h, q = h.clone(), q.clone()
-        h[rows] = h[rows] + (step[rows] * direction(h[rows], carrier[rows]).detach()).to(h.dtype)  # a bf16 LM's h
+        move = direction(h[rows], carrier[rows]).detach()  # (n, d)
+        if not isinstance(move, torch.Tensor) or move.shape != h[rows].shape:
+            got = f"shape {tuple(move.shape)}" if isinstance(move, torch.Tensor) else type(move).__name__
+            raise ValueError(f"steer: direction must map h ({len(rows)}, {h.shape[1]}) to directions of that shape; "
+                             f"at step {n} it gave {got}.")  # fmt: skip
+        h[rows] = h[rows] + (step[rows] * move).to(h.dtype)  # a bf16 LM's h
         with torch.no_grad():
             q[rows] = concept_q(tail, h[rows], variant_ids, carrier[rows])
         last[rows] = n

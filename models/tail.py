@@ -269,6 +269,10 @@ class CarrierTail:
 
         Lets many (pair, carrier) rows, several on the same prompt, go through one batch. index (C',) → C' carriers
         """
+        if not isinstance(index, torch.Tensor) or index.ndim != 1:
+            raise ValueError(f"CarrierTail.select: index must be a 1-D integer tensor of carriers; got "
+                             f"{type(index).__name__ if not isinstance(index, torch.Tensor) else tuple(index.shape)}.")  # fmt: skip
+        arguments.index("CarrierTail.select", "index", index, len(self), "the tail's {n} carriers")
         tail = copy.copy(self)
         tail.input_ids, tail.attention_mask, tail.position_ids = (t[index] for t in (self.input_ids, self.attention_mask,
                                                                                      self.position_ids))  # fmt: skip

@@ -3,6 +3,7 @@ before torch fails deep inside or returns garbage; the forms it documents still 
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -187,6 +188,26 @@ def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
     with pytest.raises(ValueError, match=r"fishback_direction: top_k=0 must be an integer ≥ 1 \(or None\)"):
         fishback_direction(ct, [[5], [6]], 1, top_k=0)
     assert steer(ct, torch.arange(4), [[5], [6]], 1, lambda h, c: h, 0.1, max_steps=0).h.shape == (1, 4, 32)
+    unit = lambda h, c: torch.nn.functional.normalize(h, dim=1)  # noqa: E731
+    for args, message in (
+        ((torch.arange(4), [[5], [6]], 2, unit, 0.1), r"steer: target=2 must be an integer in 0 … 1"),
+        ((torch.arange(4), [[5], [6]], 1.5, unit, 0.1), r"steer: target=1.5 must be an integer in 0 … 1"),
+        ((torch.arange(4), [[5], [6]], torch.tensor([0, 1]), unit, 0.1), r"steer: target must be one value or a 1-D"),
+        ((torch.arange(4), [[5], [6]], 1, unit, "x"), r"steer: step='x' must be a finite number ≥ 0"),
+        ((torch.arange(4), [[5], [6]], 1, unit, float("nan")), r"steer: step=nan must be a finite number ≥ 0"),
+        ((torch.arange(4), [[5], [6]], 1, unit, torch.ones(3)), r"steer: step must be one value or a 1-D tensor"),
+        ((torch.arange(4), [], 1, unit, 0.1), r"steer: variant_ids=\[\] must be a non-empty list of concepts"),
+        ((torch.arange(4), [[10**9]], 0, unit, 0.1), r"steer: variant_ids holds token id 1000000000"),
+        ((torch.arange(0), [[5], [6]], 1, unit, 0.1), r"steer: carrier holds no carrier"),
+        ((torch.arange(4), [[5], [6]], 1, lambda h, c: h[:, :3], 0.1), r"steer: direction must map h \(4, 32\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            steer(ct, *args, threshold=0.99)
+    with pytest.raises(ValueError, match=r"steer: threshold=nan must be a finite number"):
+        steer(ct, torch.arange(4), [[5], [6]], 1, unit, 0.1, threshold=math.nan)
+    assert intervene(ct, torch.randn(0, 32), torch.zeros(0, dtype=torch.long)).shape == (0, ct.logits0.shape[1])
+    with pytest.raises(ValueError, match=r"CarrierTail.select: index holds 5; it must be an integer in 0 … 3"):
+        ct.select(torch.tensor([5]))
 
 
 def test_the_output_and_fisher_metrics_and_the_spline_refuse_what_they_cannot_use(tail):
@@ -195,6 +216,9 @@ def test_the_output_and_fisher_metrics_and_the_spline_refuse_what_they_cannot_us
     with pytest.raises(ValueError, match=rf"OutputPullback: variant_ids holds token id 1000000000, outside the vocabulary; "
                                          rf"token ids are integers in 0 … {V - 1}"):  # fmt: skip
         OutputPullback(ct, [[10**9]], carrier=0)
+    with pytest.raises(ValueError, match=r"OutputPullback.sqrt_q: h must be \(N, 32\), the LM's width at block 1; got "
+                                         r"shape \(2, 33\)"):  # fmt: skip
+        OutputPullback(ct, [[5], [6]], carrier=0).sqrt_q(torch.randn(2, 33))
     for variants in ([], [[5], []], "ab"):
         with pytest.raises(ValueError, match=r"OutputPullback: variant_ids=.* must be a non-empty list of concepts"):
             OutputPullback(ct, variants, carrier=0)
