@@ -376,7 +376,8 @@ def distributed_faults(trainer: dict[str, Any]) -> list[str]:
     faults, devices, strategy = [], trainer.get("devices", 1), trainer.get("strategy", "auto")
     launched = any(k in os.environ for k in ("WORLD_SIZE", "SLURM_NTASKS"))
     many = devices == -1 or (_is_int(devices) and devices > 1) or (isinstance(devices, list) and len(devices) > 1)
-    spawns = strategy in StrategyRegistry and StrategyRegistry[strategy]["init_params"].get("start_method") in ("spawn", "fork")
+    spawns = isinstance(strategy, str) and strategy in StrategyRegistry and (
+        StrategyRegistry[strategy]["init_params"].get("start_method") in ("spawn", "fork"))  # fmt: skip
     if many and not launched and not spawns:
         faults.append(f"trainer.devices={_show(devices)} with trainer.strategy={_show(strategy)} has Lightning start "
                       f"copies of this command itself, which geosteer does not run; take trainer=ddp (GPUs) or "

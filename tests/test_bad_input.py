@@ -888,6 +888,7 @@ CASES = [
             ("trainer.devices=[5]", r"trainer.devices=\[5\] names GPU indices, but this machine has 0 GPUs"),
             ("targets.phate.n_pca=0", r"targets.phate.n_pca=0 must be an integer ≥ 2 or null"),
             ("targets.phate.t_max=2", r"targets.phate.t_max=2 must be an integer ≥ 3"),
+            ("+trainer.strategy={{a:1}}", r"trainer.strategy=\{'a': 1\} must be one of Lightning's strategies"),
             ("steer.target=[Thursday]", r"steer.target=\[Thursday\] must be a text \(quote it\)"),
             ("+trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0 must be an integer ≥ 1"),
             ("+trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val=-1 must be a number > 0 or null"),
