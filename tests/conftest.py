@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -151,3 +152,15 @@ def prepared(tmp_path_factory, tiny_lm_dir):
         return make_cfg(root, f"run_name={run_name}", *tiny, *small, *overrides)
 
     return cfg
+
+
+class SpoilAt(L.Callback):
+    """Calls `spoil(model)` on the system's network, without gradients, before training step `step`."""
+
+    def __init__(self, step: int, spoil):
+        self.step, self.spoil = step, spoil
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                self.spoil(pl_module.model)

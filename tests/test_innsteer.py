@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,7 @@ from geosteer.models.steering import steering_pairs
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError
 from geosteer.pipeline.innsteer import classes_of, nll, soft_centres
-from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
+from tests.conftest import SpoilAt, reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
 
 def _flow(block: str, pca_dim: int | None, d: int = 10, seed: int = 0) -> tuple[InnSteer, torch.Tensor]:
@@ -225,22 +224,14 @@ def test_innsteer_wandb_run_holds_the_objective_the_round_trip_and_the_steering_
     assert (run_dir / "files" / "media" / "images").is_dir(), "the latent and steering-matrix figure is logged"
 
 
-class _PoisonAt(L.Callback):
-    """Sets one weight of the flow (used by every point) to NaN before training step `step`."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                next(p for p in pl_module.model.flow.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+def _poison(model) -> None:  # one weight of the flow, used by every point
+    next(p for p in model.flow.parameters() if p.requires_grad).view(-1)[0] = float("nan")
 
 
 def test_a_nan_stops_training_with_the_step_and_no_nan_reaches_a_checkpoint(prepared):
     cfg = prepared("nan", *INN, geometries=("innsteer",), epochs=4)
     with pytest.raises(StageError, match=r"INNSteer loss is nan at step 6 .*Lower optim.lr"):
-        train.run(cfg, callbacks=[_PoisonAt(6)])
+        train.run(cfg, callbacks=[SpoilAt(6, _poison)])
     assert not (Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "innsteer").exists(), "nothing exported"
     ckpts = list(Path(cfg.paths.run_dir).rglob("*.ckpt"))
     assert ckpts, "the epochs before the NaN were checkpointed"

@@ -17,7 +17,7 @@ from geosteer.models.gaga import GAGA
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError, warmup_cosine
 from geosteer.pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
-from tests.conftest import reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
+from tests.conftest import SpoilAt, reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
 # ---------------------------------------------------------------- losses
 
@@ -160,24 +160,16 @@ def test_a_crashed_run_resumes_from_last_ckpt_and_matches_an_uninterrupted_one(p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-class _DivergeAt(L.Callback):
-    """Scales every weight of the encoder by 1e30 before training step `step`: a learning rate far too large."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                for p in pl_module.model.parameters():
-                    p.mul_(1e30)
+def _diverge(model) -> None:  # every weight of the encoder × 1e30: a learning rate far too large
+    for p in model.parameters():
+        p.mul_(1e30)
 
 
 def test_a_gaga_whose_loss_is_no_longer_finite_stops_with_the_step_and_keeps_no_such_checkpoint(prepared):
     cfg = prepared("diverged", epochs=4)
     with pytest.raises(StageError, match=r"training weekdays/gaga_out failed: GAGA loss is (nan|inf) at step 5 .*"
                                          r"Lower optim.lr"):  # fmt: skip
-        train.run(cfg, callbacks=[_DivergeAt(5)])
+        train.run(cfg, callbacks=[SpoilAt(5, _diverge)])
     assert not (Path(cfg.paths.run_dir) / "geometry" / "weekdays" / "gaga_out").exists(), "nothing exported"
     ckpts = list(Path(cfg.paths.run_dir).rglob("*.ckpt"))
     assert ckpts, "the epochs before were checkpointed"
