@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from geosteer.data.store import put_in_place
@@ -210,6 +212,30 @@ def build(cfg: DictConfig, section: str, **kwargs: Any) -> Any:
         return instantiate(cfg[section], **kwargs)
     except Exception as e:  # noqa: BLE001 - Hydra wraps whatever the class raised
         raise refusal(cfg, section, e.__cause__ or e) from None
+
+
+@contextlib.contextmanager
+def temp_files_in(trainer: Any, folder: Path):
+    """For a fit under a spawning or forking strategy: the system's temporary files go in `folder` (inside the run)
+    and the folders left empty there are removed after. Lightning's launcher makes a temporary folder per fit for
+    rank 0's weights and removes only the file in it; its workers find the folder through TMPDIR."""
+    if not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    env, cached = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = cached
+        if env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = env
+        for empty in [*sorted(folder.glob("tmp*"), reverse=True), folder]:
+            with contextlib.suppress(OSError):  # not empty, or not a folder: left as it is
+                empty.rmdir()
 
 
 def refusal(cfg: DictConfig, section: str, cause: BaseException) -> StageError:

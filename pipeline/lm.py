@@ -38,6 +38,7 @@ from geosteer.pipeline.common import (
     load_tasks,
     log,
     make_logger,
+    temp_files_in,
     to_plain,
 )
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
@@ -338,7 +339,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         try:
-            trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
+            with temp_files_in(trainer, work / "tmp"):
+                trainer.fit(system, loader, ckpt_path=resume, weights_only=True)
         except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
             if trainer.logger:
                 close_logger(trainer.logger)

@@ -48,6 +48,7 @@ from geosteer.pipeline.common import (
     load_tasks,
     log,
     make_logger,
+    temp_files_in,
     to_plain,
     wait_for_rank_zero,
 )
@@ -298,7 +299,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     resume = resume_checkpoint(checkpoints, f"{task.name}/{name}", system, fp, best=True)
     before = trained_seconds(torch.load(resume, map_location="cpu", weights_only=True) if resume else None)
     try:
-        trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)
+        with temp_files_in(trainer, work / "tmp"):
+            trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)
     except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
         if logger:
             close_logger(logger)

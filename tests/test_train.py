@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -178,7 +179,11 @@ def test_a_gaga_whose_loss_is_no_longer_finite_stops_with_the_step_and_keeps_no_
         assert all(torch.isfinite(v).all() and v.abs().max() < 1e20 for v in state.values() if v.is_floating_point())
 
 
-def test_two_process_ddp_trains_like_a_single_process(prepared):
+def test_two_process_ddp_trains_like_a_single_process(prepared, tmp_path, monkeypatch):
+    system_tmp = tmp_path / "system-tmp"  # the system's temporary folder, as the workers find it
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     single = train.run(prepared("single", "geometry.gaga_out.patience=40", epochs=40))
     ddp = train.run(prepared("ddp", "trainer=ddp_sim", "geometry.gaga_out.patience=40", epochs=40))
     single, ddp = (r["geometries"]["weekdays"]["gaga_out"] for r in (single, ddp))
@@ -186,6 +191,8 @@ def test_two_process_ddp_trains_like_a_single_process(prepared):
     assert Path(ddp["path"], "model.safetensors").is_file()
     assert single["val_spearman"] > 0.8
     assert abs(ddp["val_spearman"] - single["val_spearman"]) < 0.05
+    assert not list(system_tmp.iterdir()), "the spawned fit left its temporary folder outside the run"
+    assert not list(Path(ddp["path"]).rglob("tmp*")), "nor in the export"
 
 
 def test_settings_of_earlier_stages_that_a_later_stage_cannot_apply_are_named(prepared, caplog):
