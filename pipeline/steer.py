@@ -186,8 +186,11 @@ def run(cfg: DictConfig) -> dict:
         out = lm.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
+    e = cfg.eval  # the path is the one stage=eval scores: its solver settings
+    solver = {"steps": e.steps, "lam_rel": e.lam_rel, "max_iter": e.lbfgs.max_iter, "history_size": e.lbfgs.history_size}
+
     def steering(alpha: float) -> Steering:
-        return Steering(lm, geometry, target, alpha, s.method, s.every_token)
+        return Steering(lm, geometry, target, alpha, s.method, s.every_token, **solver)
 
     alpha = float(s.alpha)
     alphas = np.union1d(np.linspace(0.0, 1.0, s.figure_points), [alpha])  # the figure's grid, with α itself
@@ -206,9 +209,10 @@ def run(cfg: DictConfig) -> dict:
     task = (geometry.meta.get("task") or {}).get("name", folder.parent.name)
     root = RunLayout.of(cfg).root
     # all that makes the result, the parts the name shows too (`safe` maps several texts to one: Grün, Grön), as a
-    # short hash, so names stay short: every steer setting, the export (however named) and the model
+    # short hash, so names stay short: every steer setting, the solver's, the export (however named) and the model
     settings = {k: v for k, v in to_plain(s).items() if k != "geometry"}
-    made_of = fingerprint({"steer": settings, "geometry": str(folder.resolve()), "model": cfg.model})[:8]
+    made_of = fingerprint({"steer": settings, "solver": solver, "geometry": str(folder.resolve()),
+                           "model": cfg.model})[:8]  # fmt: skip
     trained_as = str(geometry.meta.get("geometry") or folder.name)
     name = "-".join(safe(p) for p in (task, trained_as, s.method, target, f"a{alpha!r}", made_of))
     top = lambda row: f"{values[int(row.argmax())]} {row.max():.2f}"  # noqa: E731
@@ -221,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
            out / f"{name}.png")  # fmt: skip
     result = {
         "geometry": str(folder.resolve()), "method": s.method, "target": target, "alpha": alpha, "dtype": str(cfg.model.dtype),
-        "prompt": prompt, "unsteered": plain, "steered": moved,
+        "solver": solver, "prompt": prompt, "unsteered": plain, "steered": moved,
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),
     }  # fmt: skip

@@ -410,7 +410,17 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "steer.alpha=0.45",
                                                    f"steer.prompt={json.dumps(PROMPTS[1])}"), capsys)  # fmt: skip
     assert code == 0 and result.read_text() == json.dumps(saved, indent=1), "another prompt's result is written beside"
-    assert len(list(result.parent.glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json"))) == 2
+    before = set(result.parent.glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json"))
+    assert len(before) == 2
+    code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "steer.alpha=0.45", "eval.steps=3",
+                                                   "eval.lbfgs.max_iter=5"), capsys)  # fmt: skip
+    (coarse,) = set(result.parent.glob("weekdays-gaga_out-geometry-Thursday-a0.45-*.json")) - before
+    with Steering(lm, geometries["gaga_out"], "Thursday", alpha=0.45, steps=3, max_iter=5) as s:
+        q3 = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, s.concepts.variant_ids).q[0]
+    saved = json.loads(coarse.read_text())
+    assert code == 0 and saved["solver"]["steps"] == 3, "the geodesic is eval's: solved with its settings"
+    assert saved["solver"] == {"steps": 3, "lam_rel": 1e-3, "max_iter": 5, "history_size": 20}
+    assert saved["q_after"]["Thursday"] == pytest.approx(float(q3[s.target]), abs=1e-4)
     code, printed = pipeline_command(steer_command(cfg, "steer.geometry=gaga_out", "model.layer=0"), capsys)
     assert code == 0 and "was trained at block 1 and steers there; model.layer=0 is not applied" in printed, printed
 
