@@ -580,6 +580,15 @@ def resumed(work: Path, task: Task, finished: dict[str, str]) -> dict | None:
     return json.loads(done_file.read_text())
 
 
+def fit_top_k(methods: dict[str, SteeringMethod], vocab: int) -> None:
+    """A method's `top_k` above the LM's vocabulary comes to the whole vocabulary: it is set so, with a warning, and
+    the report describes the method with the number of tokens it used."""
+    for name, method in methods.items():
+        if isinstance(k := getattr(method, "top_k", None), int) and k > vocab:
+            log.warning("method.%s.top_k=%d is more tokens than the LM has (%d): it takes all %d", name, k, vocab, vocab)
+            method.top_k = vocab
+
+
 def run(cfg: DictConfig) -> dict:
     """Evaluate every task; write `<run>/eval/` (report.md, results.json, results.csv, figures)."""
     tasks = load_tasks(cfg)
@@ -609,6 +618,7 @@ def run(cfg: DictConfig) -> dict:
         for task in tasks:
             store.check_task(task.to_dict())
         lm, tokenizer = lm_of_store(cfg, store.attrs, "evaluation")
+        fit_top_k(methods, lm.get_output_embeddings().weight.shape[0])
         source = f"{in_run(store_lm(cfg, store.attrs)['pretrained'], run.root)}` at block {layer}"
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
         out = run.eval

@@ -21,7 +21,7 @@ from geosteer.models.innsteer import InnSteer
 from geosteer.models.steering import steering_pairs
 from geosteer.pipeline import eval as evaluate
 from geosteer.pipeline import report, train
-from geosteer.pipeline.methods import METHODS, SCORES, build_methods
+from geosteer.pipeline.methods import METHODS, SCORES, build_methods, described
 from tests.conftest import wandb_records
 
 GEOMETRIES = ("gaga_out", "gaga_jac", "gaga_phate", "innsteer", "bridge")
@@ -546,3 +546,16 @@ def test_a_method_steering_with_another_export_says_so_in_every_label():
     assert built["gaga_phate"].label == METHODS["gaga_phate"].label, "its namesake's export: the label as registered"
     again = build_methods({"gaga_out": {"geometry": "gaga_out"}})["gaga_out"]
     assert (again.label, again.metric_label) == (METHODS["gaga_out"].label, METHODS["gaga_out"].metric_label)
+
+
+def test_a_top_k_above_the_vocabulary_is_run_and_described_as_the_whole_vocabulary(caplog):
+    caplog.set_level("WARNING", logger="geosteer")
+    methods = build_methods({"fishback": {"step_length": 0.2, "lam": 1e-4, "top_k": 10**6},
+                             "dual": {"alpha": 1e-3, "top_k": 64}})  # fmt: skip
+    evaluate.fit_top_k(methods, vocab=64)
+    assert methods["fishback"].top_k == 64 and "top_k = 64" in described(methods["fishback"])
+    assert "method.fishback.top_k=1000000 is more tokens than the LM has (64)" in caplog.text
+    assert methods["dual"].top_k == 64 and "dual" not in caplog.text, "a top_k the vocabulary holds is as given"
+    whole = build_methods({"fishback": {"step_length": 0.2, "lam": 1e-4, "top_k": None}})
+    evaluate.fit_top_k(whole, vocab=64)
+    assert whole["fishback"].top_k is None
