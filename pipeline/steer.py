@@ -186,8 +186,9 @@ def run(cfg: DictConfig) -> dict:
         out = lm.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
-    e = cfg.eval  # the path is the one stage=eval scores: its solver settings
+    e = cfg.eval  # a GAGA's geodesic is the one stage=eval scores: solved with its settings (no other path has any)
     solver = {"steps": e.steps, "lam_rel": e.lam_rel, "max_iter": e.lbfgs.max_iter, "history_size": e.lbfgs.history_size}
+    solver = solver if s.method == "geometry" and getattr(geometry, "family", None) == "gaga" else {}
 
     def steering(alpha: float) -> Steering:
         return Steering(lm, geometry, target, alpha, s.method, s.every_token, **solver)
