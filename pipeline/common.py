@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import json
 import logging
@@ -18,7 +19,9 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
 
@@ -247,6 +250,33 @@ def refusal(cfg: DictConfig, section: str, cause: BaseException) -> StageError:
         f"Lightning refused the {section} settings ({shown}): {type(cause).__name__}: {said}. Fix or "
         f"remove the {section}.* setting it names (configs/{section}/ holds the shipped ones)."
     )
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but one that adds to its version's metrics.csv (widening the header for new keys)
+    where Lightning's deletes it: a resumed stage keeps what it logged before the crash, and the launching process
+    of spawned workers adds its final metrics to theirs."""
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's removes the metrics file here
+        return
+
+    def save(self) -> None:
+        if self.metrics and self._fs.isfile(self.metrics_file_path):  # another writer's rows: their keys are ours
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(set(self.metrics_keys) | set(next(csv.reader(file), [])))
+        super().save()
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`logger=csv`: Lightning's CSVLogger writing through `AppendingWriter`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import tempfile
@@ -155,7 +156,12 @@ def test_a_crashed_run_resumes_from_last_ckpt_and_matches_an_uninterrupted_one(p
     run_id = (work / "run_id").read_text()
     resumed = train.run(crashed)["geometries"]["weekdays"]["gaga_out"]
     assert resumed["epochs"] == 6
-    assert (Path(crashed.paths.run_dir) / "csv" / "train-weekdays-gaga_out" / run_id).is_dir(), "the same run continues"
+    logs = Path(crashed.paths.run_dir) / "csv" / "train-weekdays-gaga_out" / run_id
+    with (logs / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    epochs = {int(float(r["epoch"])) for r in rows if r.get("epoch")}
+    assert epochs == set(range(6)), "the same run continues: the epochs before the crash are kept, and the rest added"
+    assert any(r.get("final/val_spearman") for r in rows), "with the final metrics"
     clean = train.run(prepared("clean", "logger=csv", epochs=6))["geometries"]["weekdays"]["gaga_out"]
     a, b = (load_file(Path(r["path"]) / "model.safetensors") for r in (resumed, clean))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -185,7 +191,8 @@ def test_two_process_ddp_trains_like_a_single_process(prepared, tmp_path, monkey
     monkeypatch.setenv("TMPDIR", str(system_tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     single = train.run(prepared("single", "geometry.gaga_out.patience=40", epochs=40))
-    ddp = train.run(prepared("ddp", "trainer=ddp_sim", "geometry.gaga_out.patience=40", epochs=40))
+    ddp_cfg = prepared("ddp", "trainer=ddp_sim", "logger=csv", "geometry.gaga_out.patience=40", epochs=40)
+    ddp = train.run(ddp_cfg)
     single, ddp = (r["geometries"]["weekdays"]["gaga_out"] for r in (single, ddp))
     assert ddp["trainer"] == "ddp_spawn" and ddp["epochs"] == 40
     assert Path(ddp["path"], "model.safetensors").is_file()
@@ -193,6 +200,11 @@ def test_two_process_ddp_trains_like_a_single_process(prepared, tmp_path, monkey
     assert abs(ddp["val_spearman"] - single["val_spearman"]) < 0.05
     assert not list(system_tmp.iterdir()), "the spawned fit left its temporary folder outside the run"
     assert not list(Path(ddp["path"]).rglob("tmp*")), "nor in the export"
+    (logged,) = Path(ddp_cfg.paths.run_dir, "csv", "train-weekdays-gaga_out").glob("*/metrics.csv")
+    with logged.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert {int(float(r["epoch"])) for r in rows if r.get("epoch")} == set(range(40)), "the worker's log is kept"
+    assert any(r.get("final/val_spearman") for r in rows), "and the launching process adds the final metrics"
 
 
 def test_settings_of_earlier_stages_that_a_later_stage_cannot_apply_are_named(prepared, caplog):
