@@ -106,6 +106,10 @@ class GAGASystem(GeometrySystem):
         if jac and not coords_are_hellinger:
             raise ValueError("the pullback loss's scale c = 1/(2·scale²) holds for Hellinger targets only")
         self.model = model
+        # parts no loss term reaches are frozen (they were left untrained anyway): DDP refuses unused parameters
+        model.decoder.requires_grad_(bool(rec or cyc))
+        if model.readout is not None:
+            model.readout.requires_grad_(bool(pointwise))
         self.save_hyperparameters(ignore=["model"])
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._gram: list[torch.Tensor] = []

@@ -304,7 +304,9 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
         if logger:
             close_logger(logger)
-        raise StageError(f"training {task.name}/{name} failed: {e}\nIts checkpoints are kept in {work}; "
+        unused = ("\nWith parameters the losses leave unused, spawned DDP takes "
+                  "trainer.strategy=ddp_spawn_find_unused_parameters_true.") if "find_unused_parameters" in str(e) else ""  # fmt: skip
+        raise StageError(f"training {task.name}/{name} failed: {e}{unused}\nIts checkpoints are kept in {work}; "
                          f"the next run resumes from the last one.") from e  # fmt: skip
     except Exception as e:  # Lightning's callbacks refuse a monitor that names no logged metric
         if logger:

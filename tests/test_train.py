@@ -18,7 +18,7 @@ from geosteer.data.targets import PointClouds, target_distances
 from geosteer.models.gaga import GAGA
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError, warmup_cosine
-from geosteer.pipeline.gaga import cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
+from geosteer.pipeline.gaga import GAGASystem, cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
 from tests.conftest import SpoilAt, reloads_alike_in_a_fresh_process, run_model_card, wandb_history, wandb_records
 
 # ---------------------------------------------------------------- losses
@@ -253,3 +253,17 @@ def test_a_pca_wider_than_the_training_rows_is_refused_as_that_geometry_trains(t
     targets.run(cfg)
     with pytest.raises(StageError, match=r"pca_dim=16 needs at least as many training rows, but task small has 15; lower"):
         train.run(cfg)
+
+
+def test_parts_no_loss_reaches_are_frozen_so_spawned_ddp_trains_every_gaga(prepared):
+    """GAGA-Jac's losses leave the decoder and GAGA-Out's (rec = cyc = 0 here) too: DDP refuses parameters with no
+    gradient, so they are frozen, and frozen they stay as initialised, as they did untouched by AdamW before."""
+    result = train.run(prepared("jac_ddp", "trainer=ddp_sim", "geometry.gaga_out.loss.rec=0",
+                                "geometry.gaga_out.loss.cyc=0", geometries=("gaga_jac", "gaga_out"), epochs=2))  # fmt: skip
+    for name in ("gaga_jac", "gaga_out"):
+        trained = result["geometries"]["weekdays"][name]
+        assert trained["epochs"] == 2 and Path(trained["path"], "model.safetensors").is_file(), name
+    system = GAGASystem(GAGA(8, 2, hidden=[4], readout_dim=3), scale=1.0, dist=1.0, rec=0.0, cyc=0.0, pointwise=0.0,
+                        decay=0.0, lr=1e-3, weight_decay=0.0, warmup_fraction=0.0, coords_are_hellinger=True)  # fmt: skip
+    frozen = {n for n, p in system.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in system.model.named_parameters() if n.startswith(("decoder.", "readout."))}
