@@ -12,6 +12,7 @@ Plus the FishBack diagnostics of a metric's spectrum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -107,6 +108,9 @@ def jacobian_products(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return torch.cat(Jv), torch.cat(JtJv)
 
 
+FIT_ROWS = 512  # training rows (a class-stratified, seeded sample) the eigenvalue scale of λ_reg is taken on
+
+
 def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
     """λ_reg = rel × the metric's eigenvalue scale: the mean of JᵀJ's (at most min(r, D)) non-zero eigenvalues over x.
 
@@ -118,6 +122,13 @@ def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
 def eigenvalue_scale(J: torch.Tensor) -> float:
     """Mean over points of the mean of JᵀJ's at most min(r, D) non-zero eigenvalues, as ‖J‖²_F / min(r, D). J (B, r, D)"""
     return float(J.pow(2).sum((1, 2)).mean()) / min(J.shape[1:])
+
+
+def recorded_scale(geometry) -> float | None:
+    """The eigenvalue scale of a GAGA's pullback on its training rows, as its export records it (`metric_scale`): what
+    λ_reg = rel × scale is taken from, in the evaluation and in steering alike; None for an export without it."""
+    scale = ((getattr(geometry, "meta", None) or {}).get("metrics") or {}).get("metric_scale")
+    return float(scale) if isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0 else None
 
 
 def pullback_of(geometry, lam: float = 0.0) -> EncoderPullback:

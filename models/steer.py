@@ -35,7 +35,7 @@ from geosteer.models.arguments import is_count, is_finite
 from geosteer.models.geodesics import lbfgs_geodesic
 from geosteer.models.hub import GeometryMismatch, load_geometry
 from geosteer.models.lm import SKETCH_TOLERANCE, ModelLoadError, _hidden, decoder_layers, lm_shape, sketch_distance, weight_sketch
-from geosteer.models.metrics import pullback_of, regularisation
+from geosteer.models.metrics import pullback_of, recorded_scale, regularisation
 
 METHODS = ("geometry", "linear", "caa")
 ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → the Steering active on it
@@ -157,8 +157,11 @@ def steering_point(geometry: nn.Module, concepts: Concepts, h: torch.Tensor, tar
         return geometry(h, x_b, torch.tensor([float(alpha)]))[:, 0]
     if family == "gaga":
         metric = pullback_of(geometry)
-        known = c[~torch.isnan(c).any(1)]
-        metric.lam = regularisation(metric, torch.cat([known, h]), lam_rel)
+        if (scale := recorded_scale(geometry)) is not None:  # taken on its training rows: λ is the evaluation's
+            metric.lam = lam_rel * scale
+        else:  # an export made before the scale was recorded: the centroids and h stand in for its training rows
+            known = c[~torch.isnan(c).any(1)]
+            metric.lam = regularisation(metric, torch.cat([known, h]), lam_rel)
         path = lbfgs_geodesic(h, x_b, metric, steps, max_iter, history_size)  # (B, T+1, d)
         return point_at(path, alpha)
     raise SteeringError(f"method={method!r} with a {family!r} geometry: use one of {METHODS}.")

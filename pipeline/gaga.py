@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig
 from scipy.stats import spearmanr
 
-from geosteer.data.targets import PairwiseTargets, target_distances
+from geosteer.data.targets import PairwiseTargets, stratified_sample, target_distances
 from geosteer.data.tasks import Task
 from geosteer.models.gaga import GAGA
-from geosteer.models.metrics import centred_gram_cosine, gram_matching_loss
+from geosteer.models.metrics import FIT_ROWS, centred_gram_cosine, eigenvalue_scale, gram_matching_loss, pullback_of
 from geosteer.pipeline.common import StageError
 from geosteer.pipeline.family import Family, GeometrySystem, register_family, rounded
 
@@ -213,6 +213,11 @@ class GagaFamily(Family):
         val_coords = val_batch["coords"]  # (N_val, m)
         quality = distance_quality(z[val_rows], val_coords)
         metrics = {"val_spearman": quality["spearman"], "val_pearson": quality["pearson"]}
+        # the eigenvalue scale λ_reg is taken from, on the training rows the evaluation fitted it on: eval and steering
+        # both read it from the export, so a steered path is the one the evaluation scored
+        sample = torch.as_tensor(stratified_sample(train.labels, train.rows, FIT_ROWS, cfg.seed))
+        with torch.enable_grad():
+            metrics["metric_scale"] = eigenvalue_scale(pullback_of(model).jacobian(train[sample]["x"]))
         if "pullback" in val_batch:  # G_E against G_out on the val points, each in its own prompt
             _, J_E = encoder_jacobian(model, val_batch["x"], create_graph=False)
             metrics["val_gram_cosine"] = float(centred_gram_cosine(J_E.double(), val_batch["pullback"].double()).mean())

@@ -28,7 +28,7 @@ from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
 from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic, sphere_angle, subdivide
 from geosteer.models.innsteer import InnSteer
-from geosteer.models.metrics import EncoderPullback, OutputPullback, pullback_of, regularisation
+from geosteer.models.metrics import FIT_ROWS, EncoderPullback, OutputPullback, pullback_of, recorded_scale, regularisation
 from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace
 from geosteer.models.tail import CarrierTail
 from geosteer.pipeline.common import CONFIG_DIR, StageError, to_plain
@@ -227,16 +227,17 @@ def build_methods(selected: Any) -> dict[str, SteeringMethod]:
     return built
 
 
-def encoder_paths(
-    ctx: Context, metric: EncoderPullback, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor
-) -> torch.Tensor:
-    """L-BFGS geodesics of G_E = J_Eᵀ J_E + λI, λ at `lam_rel` of its scale on the points `fit_on`. → (P, W, D)"""
+def encoder_paths(ctx: Context, metric: EncoderPullback, x_a: torch.Tensor, x_b: torch.Tensor, fit_on: torch.Tensor,
+                  geometry: Any = None) -> torch.Tensor:  # fmt: skip
+    """L-BFGS geodesics of G_E = J_Eᵀ J_E + λI, λ at `lam_rel` of its scale: the one the geometry's export records
+    (taken on the same training rows at export: steering uses it too), else its scale on the points `fit_on`. → (P, W, D)"""
     e = ctx.e
-    metric.lam = regularisation(metric, fit_on, e.lam_rel)
+    scale = recorded_scale(geometry)
+    metric.lam = e.lam_rel * scale if scale is not None else regularisation(metric, fit_on, e.lam_rel)
     return lbfgs_geodesic(x_a, x_b, metric, e.steps, e.lbfgs.max_iter, e.lbfgs.history_size)
 
 
-def fit_on(ctx: Context, n: int = 512) -> torch.Tensor:
+def fit_on(ctx: Context, n: int = FIT_ROWS) -> torch.Tensor:
     """The training activations λ_reg is fitted on: a class-stratified sample of the training split. (≤ n, d)"""
     return ctx.data.h[stratified_sample(ctx.data.labels, ctx.data.train, n, ctx.seed)]
 
@@ -282,7 +283,7 @@ class GagaOut(PathMethod):
     geometry: str  # the export it steers with
 
     def paths(self, ctx, pairs, geometry):
-        path = encoder_paths(ctx, pullback_of(geometry), *ctx.data.ends(pairs), fit_on(ctx))
+        path = encoder_paths(ctx, pullback_of(geometry), *ctx.data.ends(pairs), fit_on(ctx), geometry)
         return Paths(path, path)
 
 
@@ -304,11 +305,11 @@ class GagaPhate(PathMethod):
         PCA (`pca_dim: null`) steers in h itself, as GAGA-Out does."""
         x_a, x_b = ctx.data.ends(pairs)
         if geometry.pca_dim is None:
-            path = encoder_paths(ctx, pullback_of(geometry), x_a, x_b, fit_on(ctx))
+            path = encoder_paths(ctx, pullback_of(geometry), x_a, x_b, fit_on(ctx), geometry)
             return Paths(path, path)
         pca = PCA(geometry.pca_components, geometry.pca_mean)
         metric = EncoderPullback(lambda w: geometry.encoder(geometry.standardise(w)))  # PCA coordinates → latent
-        w = encoder_paths(ctx, metric, pca.project(x_a), pca.project(x_b), pca.project(fit_on(ctx)))
+        w = encoder_paths(ctx, metric, pca.project(x_a), pca.project(x_b), pca.project(fit_on(ctx)), geometry)
         return Paths(w, subspace_replace(linear_path(x_a, x_b, ctx.e.steps), w, pca), pca)
 
 

@@ -871,3 +871,24 @@ def test_a_folder_that_is_not_an_export_is_named_for_what_it_is(shipped, tmp_pat
     (tmp_path / "run" / "lm" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # an LM's is no export
     with pytest.raises(CheckpointError, match=r"run is not an export \(it holds no config.json\) and holds none below"):
         load_geometry(tmp_path / "run")
+
+
+def test_a_gaga_is_steered_with_the_lambda_its_export_records(shipped):
+    """λ_reg = lam_rel × the eigenvalue scale the export records (the one eval fits on its training rows), not one
+    taken on the centroids and h: the steered path is the evaluated one. An export without it falls back."""
+    from geosteer.models.geodesics import lbfgs_geodesic
+    from geosteer.models.metrics import pullback_of, regularisation
+    from geosteer.models.steer import point_at
+
+    gaga = copy.deepcopy(shipped[0]["gaga_out"])
+    concepts = Concepts.of(gaga.meta)
+    h = concepts.centroids[:2] + 0.1 * torch.randn(2, concepts.centroids.shape[1], generator=torch.Generator().manual_seed(0))
+    metric = pullback_of(gaga, lam=1e-3 * gaga.meta["metrics"]["metric_scale"])
+    expected = point_at(lbfgs_geodesic(h, concepts.centroids[3].expand_as(h), metric, 16, 200, 20), 0.5)
+    assert torch.equal(steering_point(gaga, concepts, h, 3, 0.5), expected)
+    del gaga.meta["metrics"]["metric_scale"]  # an older export: the centroids and h stand in for its training rows
+    fallback = pullback_of(gaga)
+    fallback.lam = regularisation(fallback, torch.cat([concepts.centroids, h]), 1e-3)
+    assert fallback.lam != pytest.approx(metric.lam, rel=1e-3), "a test that can tell the two apart"
+    expected = point_at(lbfgs_geodesic(h, concepts.centroids[3].expand_as(h), fallback, 16, 200, 20), 0.5)
+    assert torch.equal(steering_point(gaga, concepts, h, 3, 0.5), expected)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from geosteer.data.targets import PointClouds, target_distances
 from geosteer.models.gaga import GAGA
+from geosteer.models.hub import load_geometry
 from geosteer.pipeline import train
 from geosteer.pipeline.common import StageError, warmup_cosine
 from geosteer.pipeline.gaga import GAGASystem, cycle_loss, distance_loss, pointwise_loss, reconstruction_loss
@@ -267,3 +268,21 @@ def test_parts_no_loss_reaches_are_frozen_so_spawned_ddp_trains_every_gaga(prepa
                         decay=0.0, lr=1e-3, weight_decay=0.0, warmup_fraction=0.0, coords_are_hellinger=True)  # fmt: skip
     frozen = {n for n, p in system.model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in system.model.named_parameters() if n.startswith(("decoder.", "readout."))}
+
+
+def test_the_recorded_metric_scale_is_the_one_eval_fits_lambda_on(prepared):
+    """A GAGA export records its pullback's eigenvalue scale on the training rows; eval and steering take λ_reg from
+    it. It is the scale of the sample eval's own fit draws (the same split, rows and seed): parity, not a constant."""
+    from geosteer.data.store import ActivationStore
+    from geosteer.models.metrics import pullback_of, regularisation
+    from geosteer.pipeline import eval as evaluate
+    from geosteer.pipeline.methods import Context, fit_on
+
+    cfg = prepared("scale")
+    out = Path(train.run(cfg)["geometries"]["weekdays"]["gaga_out"]["path"])
+    geometry = load_geometry(out)
+    with ActivationStore(Path(cfg.paths.run_dir) / "extract" / "activations.h5") as store:
+        data = evaluate.read_task(store, evaluate.load_tasks(cfg)[0], cfg.targets.val_fraction, cfg.seed)
+    ctx = Context(data, cfg.eval, lm=None, tokenizer=None, layer=1, seed=cfg.seed)  # fit_on reads the rows and seed
+    fitted = regularisation(pullback_of(geometry), fit_on(ctx), rel=1.0)
+    assert geometry.meta["metrics"]["metric_scale"] == pytest.approx(fitted, rel=1e-5)
