@@ -108,3 +108,33 @@ def token_lists(call: str, name: str, value: Any, V: int) -> None:
     if bad:
         raise ValueError(f"{call}: {name} holds token id {bad[0]!r}, outside the vocabulary; "
                          f"token ids are integers in 0 … {V - 1}.")  # fmt: skip
+    ids = [int(t) for v in value for t in v]
+    if len(set(ids)) < len(ids):  # a token in two concepts (or twice in one) would count its probability twice
+        twice = sorted({t for t in ids if ids.count(t) > 1})
+        raise ValueError(f"{call}: {name} holds token id {twice[0]} more than once; each token belongs to one "
+                         f"concept, once (q sums a concept's tokens, and the other bin the rest).")  # fmt: skip
+
+
+def json_facts(call: str, meta: Any) -> dict:
+    """`meta` (None: {}), a dict of plain JSON values: what an export's config.json can hold and read back."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"{call}: meta={meta!r} must be a dict of facts (JSON values), e.g. {{'layer': 1}}.")
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not (k is None or isinstance(k, (str, int, float))):  # json writes a number's key as its text
+                    raise TypeError(f"{call}: {where} has the key {k!r}; JSON keys are text (str({k!r})).")
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif not (value is None or isinstance(value, (str, int, float))):  # bool is an int; numpy's float64 a float
+            raise TypeError(f"{call}: {where}={value!r} ({type(value).__name__}) is not a JSON value; give plain "
+                            f"Python values: float(x) or int(x) for a numpy or torch number, .tolist() for an array "
+                            f"or tensor, str(p) for a path.")  # fmt: skip
+
+    walk(meta, "meta")
+    return meta

@@ -65,7 +65,12 @@ class GAGA(nn.Module, ShippedGeometry, family="gaga", tags=["geosteer", "gaga", 
                          readout_dim=readout_dim)  # fmt: skip
         arguments.ambient_width("GAGA", input_dim, pca_dim)
         hidden = arguments.widths("GAGA", "hidden", hidden)
-        self.input_dim, self.latent_dim, self.pca_dim, self.meta = input_dim, latent_dim, pca_dim, meta or {}
+        self.input_dim, self.latent_dim, self.pca_dim, self.meta = (
+            input_dim,
+            latent_dim,
+            pca_dim,
+            arguments.json_facts("GAGA", meta),
+        )
         ambient = pca_dim or input_dim
         self.register_buffer("shift", torch.zeros(ambient))  # μ of the ambient inputs
         self.register_buffer("scale", torch.ones(()))  # σ, one scalar

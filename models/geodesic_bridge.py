@@ -52,7 +52,7 @@ class GeodesicBridge(nn.Module, ShippedGeometry, family="bridge", tags=["geostee
         super().__init__()
         arguments.counts("GeodesicBridge", input_dim=input_dim)
         hidden = arguments.widths("GeodesicBridge", "hidden", hidden)
-        self.input_dim, self.pca_dim, self.meta = input_dim, None, meta or {}
+        self.input_dim, self.pca_dim, self.meta = input_dim, None, arguments.json_facts("GeodesicBridge", meta)
         self.register_buffer("shift", torch.zeros(input_dim))
         self.register_buffer("scale", torch.ones(input_dim))
         sizes = [2 * input_dim + 1, *hidden]

@@ -42,6 +42,11 @@ def path_energy(path: torch.Tensor, metric: Metric) -> torch.Tensor:
     arguments.tensor("path_energy", "path", path, 3)
     arguments.metric("path_energy", metric)
     P, T1, D = path.shape
+    if T1 < 2:
+        raise ValueError(f"path_energy: path must be paths of two or more waypoints (P, T+1 ≥ 2, D); got shape "
+                         f"{tuple(path.shape)}.")  # fmt: skip
+    if P == 0:  # no path: no energy
+        return path.new_zeros(0)
     delta = path.diff(dim=1)  # (P, T, D)
     mid = 0.5 * (path[:, 1:] + path[:, :-1])
     J = metric.jacobian(mid.reshape(-1, D)).view(P, T1 - 1, -1, D)  # (P, T, r, D)
@@ -159,6 +164,8 @@ def lbfgs_geodesic(
     arguments.number(call, "tolerance", tolerance, " ≥ 0", lambda x: x >= 0)
     P, D = x_a.shape
     chord = linear_path(x_a.detach(), x_b.detach(), n_steps)  # (P, T+1, D)
+    if P == 0:  # no pair: no path
+        return chord
     if init is not None:
         arguments.tensor(call, "init", init, 3, D)
         if init.shape != chord.shape:
@@ -320,6 +327,8 @@ class PCA:
         arguments.counts("PCA.fit", k=k)
         if len(x) < 2:
             raise ValueError(f"PCA.fit: x holds {len(x)} row(s); principal directions need at least 2.")
+        if not x.isfinite().all():
+            raise ValueError("PCA.fit: x holds NaN or Inf; principal directions need finite rows (drop those rows).")
         mean = x.mean(0)
         _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
         comps = vh[: min(k, *x.shape)]
@@ -327,9 +336,11 @@ class PCA:
         return cls(comps * signs, mean)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        arguments.tensor("PCA.project", "x", x, None, self.components.shape[1])
         return (x - self.mean) @ self.components.T  # (..., d) → (..., k)
 
     def lift(self, w: torch.Tensor) -> torch.Tensor:
+        arguments.tensor("PCA.lift", "w", w, None, self.components.shape[0])
         return self.mean + w @ self.components  # (..., k) → (..., d)
 
 
@@ -352,8 +363,10 @@ class LabelledSpline:
         arguments.counts(call, n_components=n_components)
         if not bool(h.isfinite().all()):
             raise ValueError(f"{call}: h holds NaN or Inf; the spline needs finite activations (drop those rows).")
+        if not isinstance(cyclic, (bool, np.bool_)):
+            raise ValueError(f"{call}: cyclic={cyclic!r} must be True (a cyclic task: weekdays, months) or False.")
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or len(labels) != len(h) or (
-                labels.is_floating_point() or labels.is_complex()):  # fmt: skip
+                labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):  # fmt: skip
             got = f"shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"{call}: labels must be an integer tensor ({len(h)},), one class per row of h; got {got}.")
         self.pca = PCA.fit(h.double(), n_components)
@@ -373,7 +386,8 @@ class LabelledSpline:
     def _index(self, name: str, c) -> int:
         """The knot of class c, refusing a class the spline does not run through."""
         key = c.item() if isinstance(c, (torch.Tensor, np.ndarray)) and c.ndim == 0 else c
-        if isinstance(key, (bool, np.bool_, str, torch.Tensor, np.ndarray)) or key not in self.classes:
+        if isinstance(key, (bool, np.bool_, str, torch.Tensor, np.ndarray)) or not arguments.is_count(key, -2**63) or (
+                key not in self.classes):  # fmt: skip
             raise ValueError(f"LabelledSpline.path: {name}={c!r} is not one of the spline's classes {self.classes}.")
         return self.classes.index(key)
 

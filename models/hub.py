@@ -25,6 +25,7 @@ from huggingface_hub import HfApi, PyTorchModelHubMixin, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 
+from geosteer.models import arguments
 from geosteer.models.geodesics import PCA
 from geosteer.models.lm import SKETCH_DIM
 
@@ -315,6 +316,29 @@ class ShippedGeometry(PyTorchModelHubMixin):
             self.save_pretrained(tmp)
             seal(Path(tmp))
             return push_geometry(tmp, repo_id, commit_message=commit_message, private=private, revision=revision, **hub)
+
+    def save_pretrained(self, save_directory: str | Path, *, config: None = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, **kwargs: Any) -> str | None:  # fmt: skip
+        """huggingface_hub's save, made safe: `meta` is checked (plain JSON values) before anything is written; the
+        files are written beside the folder and moved in whole (a model card already there is kept), config.json as
+        standard JSON (a non-finite number as null). `push_to_hub=True` then pushes as `push_to_hub(repo_id)` does."""
+        call = f"{type(self).__name__}.save_pretrained"
+        if config is not None:
+            raise TypeError(f"{call}: config={config!r}: a geometry's config is its constructor's arguments and its meta; "
+                            f"put facts in .meta instead.")  # fmt: skip
+        meta = arguments.json_facts(call, getattr(self, "meta", None))  # a user's network may have none
+        folder = Path(save_directory)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+            staged = Path(tmp)
+            super().save_pretrained(staged, config={**(self._hub_mixin_config or {}), "meta": meta}, **kwargs)
+            text = strict_json(json.loads((staged / "config.json").read_text()), indent=2, sort_keys=True)
+            (staged / "config.json").write_text(text)
+            folder.mkdir(exist_ok=True)
+            for name in ("model.safetensors", "config.json", "README.md"):
+                if name != "README.md" or not (folder / name).exists():
+                    os.replace(staged / name, folder / name)
+        return self.push_to_hub(repo_id or folder.name) if push_to_hub else None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)

@@ -105,14 +105,20 @@ class InnSteer(nn.Module, ShippedGeometry, family="innsteer", tags=["geosteer", 
         meta: dict[str, Any] | None = None,
     ):
         super().__init__()
-        arguments.counts("InnSteer", optional=("pca_dim",), input_dim=input_dim, num_classes=num_classes, pca_dim=pca_dim,
-                         num_blocks=num_blocks, hidden=hidden)  # fmt: skip
+        arguments.counts("InnSteer", optional=("pca_dim",), input_dim=input_dim, pca_dim=pca_dim, num_blocks=num_blocks,
+                         hidden=hidden)  # fmt: skip
+        arguments.counts("InnSteer", 2, num_classes=num_classes)  # class means to steer between
         arguments.counts("InnSteer", 0, depth=depth, seed=seed)
         arguments.number("InnSteer", "clamp", clamp, " > 0", lambda x: x > 0)
         arguments.ambient_width("InnSteer", input_dim, pca_dim)
         if block not in BLOCKS:
             raise ValueError(f"block '{block}' is not supported; use one of {sorted(BLOCKS)}.")
-        self.input_dim, self.num_classes, self.pca_dim, self.meta = input_dim, num_classes, pca_dim, meta or {}
+        self.input_dim, self.num_classes, self.pca_dim, self.meta = (
+            input_dim,
+            num_classes,
+            pca_dim,
+            arguments.json_facts("InnSteer", meta),
+        )
         D = pca_dim or input_dim
         if D < 2:
             raise ValueError(f"a coupling flow needs at least 2 dimensions; got {D}. Raise pca_dim.")

@@ -69,11 +69,14 @@ class EncoderPullback:
     """G_E = J_Eᵀ J_E + λI for an encoder E: R^D → R^k (any module or function of (B, D) rows; eval mode)."""
 
     def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], lam: float = 0.0):
+        if not callable(encoder):
+            raise TypeError(f"EncoderPullback: encoder={encoder!r} must be a module or function of (B, D) rows, e.g. "
+                            f"geometry.encode (or pullback_of(geometry)).")  # fmt: skip
         self.encoder, self.lam = encoder, arguments.number("EncoderPullback", "lam", lam, " ≥ 0", lambda x: x >= 0)
 
     @torch.enable_grad()
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().requires_grad_()
+        x = arguments.tensor("EncoderPullback.jacobian", "x", x, 2).detach().requires_grad_()
         z = self.encoder(x)  # (B, k); rows are independent in eval mode
         k = z.shape[1]  # one reverse pass per latent coordinate, batched over points: faster than vmap(jacrev) here
         rows = [torch.autograd.grad(z[:, r].sum(), x, retain_graph=r < k - 1)[0] for r in range(k)]
@@ -116,7 +119,15 @@ def regularisation(metric: Metric, x: torch.Tensor, rel: float = 1e-3) -> float:
 
     docs/method.md §4 sets λ_reg to 1e-3 of that scale. trace(JᵀJ) = ‖J‖²_F, so no eigenvalue is computed. x (B, D)
     """
-    return rel * eigenvalue_scale(metric.jacobian(x))
+    return scaled_lam(rel, eigenvalue_scale(metric.jacobian(x)))
+
+
+def scaled_lam(rel: float, scale: float) -> float:
+    """λ_reg = rel × scale, refused when it is not a finite number (a rel so large that it overflows)."""
+    if not math.isfinite(lam := rel * scale):
+        raise ValueError(f"λ_reg = lam_rel={rel!r} × the metric's eigenvalue scale {scale:.4g} is {lam}: lower lam_rel "
+                         f"(the method's is 1e-3).")  # fmt: skip
+    return lam
 
 
 def eigenvalue_scale(J: torch.Tensor) -> float:
@@ -219,9 +230,16 @@ class OutputPullback:
         where `jacobian` takes a batched one of K+1 rows. (B, d) → (B, K+1), (B, d)"""
         if isinstance(self.carrier, torch.Tensor) and self.carrier.ndim == 1:
             raise ValueError("jvp_vjp takes one pinned carrier; give `carrier` as an int, or use `jacobian`.")
+        d = self.tail.h.shape[1]
+        arguments.tensor("OutputPullback.jvp_vjp", "x", x, 2, d)
+        arguments.tensor("OutputPullback.jvp_vjp", "v", v, 2, d)
+        if v.shape != x.shape:
+            raise ValueError(f"OutputPullback.jvp_vjp: v must be one tangent per point, of x's shape {tuple(x.shape)}; "
+                             f"got {tuple(v.shape)}.")  # fmt: skip
         return jacobian_products(self.sqrt_q, x, v, self.max_batch)
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        arguments.tensor("OutputPullback.jacobian", "x", x, 2, self.tail.h.shape[1])
         R, head = len(self.variant_ids) + 1, self.tail.head
         if head is None:  # logits are not head(hidden): differentiate through the whole tail
             rows = lambda y, s: _identity_rows(R, len(y), y)  # noqa: E731
@@ -260,6 +278,7 @@ class FisherPullback:
         return self.tail.logits(h, carriers(self.carrier, start, h))
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        arguments.tensor("FisherPullback.jacobian", "x", x, 2, self.tail.h.shape[1])
         with torch.no_grad():
             p = self.logits(x).softmax(-1)  # (B, V)
         k = p.shape[1] if self.top_k is None else min(self.top_k, p.shape[1])

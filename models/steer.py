@@ -35,7 +35,7 @@ from geosteer.models.arguments import is_count, is_finite
 from geosteer.models.geodesics import lbfgs_geodesic
 from geosteer.models.hub import GeometryMismatch, load_geometry
 from geosteer.models.lm import SKETCH_TOLERANCE, ModelLoadError, _hidden, decoder_layers, lm_shape, sketch_distance, weight_sketch
-from geosteer.models.metrics import pullback_of, recorded_scale, regularisation
+from geosteer.models.metrics import pullback_of, recorded_scale, regularisation, scaled_lam
 
 METHODS = ("geometry", "linear", "caa")
 ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → the Steering active on it
@@ -158,7 +158,7 @@ def steering_point(geometry: nn.Module, concepts: Concepts, h: torch.Tensor, tar
     if family == "gaga":
         metric = pullback_of(geometry)
         if (scale := recorded_scale(geometry)) is not None:  # taken on its training rows: λ is the evaluation's
-            metric.lam = lam_rel * scale
+            metric.lam = scaled_lam(lam_rel, scale)
         else:  # an export made before the scale was recorded: the centroids and h stand in for its training rows
             known = c[~torch.isnan(c).any(1)]
             metric.lam = regularisation(metric, torch.cat([known, h]), lam_rel)
@@ -356,15 +356,24 @@ def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tens
     refused."""
     import gguf
 
-    if not isinstance(meta, dict) or not isinstance(meta.get("layer"), int):
+    shape = meta.get("lm_shape") if isinstance(meta, dict) else None
+    if (not isinstance(meta.get("layer") if isinstance(meta, dict) else None, int) or isinstance(meta["layer"], bool)
+            or not isinstance(shape, dict) or not all(isinstance(shape.get(k), int) for k in ("num_layers", "hidden_size"))):  # fmt: skip
         raise SteeringError("meta must be a geometry's meta (geometry.meta), with the block it was trained at as "
-                            "meta['layer'].")  # fmt: skip
+                            "meta['layer'] and its LM's shape as meta['lm_shape'] (num_layers, hidden_size).")  # fmt: skip
+    if not 0 <= meta["layer"] < shape["num_layers"]:
+        raise SteeringError(f"meta['layer']={meta['layer']} is not a block of its LM (0 … {shape['num_layers'] - 1}, "
+                            f"meta['lm_shape']); give the geometry's own meta.")  # fmt: skip
     if not Path(path).parent.is_dir() or Path(path).is_dir():
         raise SteeringError(f"cannot write {path}: {'it is a folder' if Path(path).is_dir() else 'its folder does not exist'}"
                             f". Give the path of a .gguf file in an existing folder.")  # fmt: skip
-    width = (meta.get("lm_shape") or {}).get("hidden_size")
-    direction = torch.as_tensor(direction, dtype=torch.float32)
-    if direction.dim() != 1 or (width is not None and len(direction) != width):
+    width = shape["hidden_size"]
+    try:
+        direction = torch.as_tensor(direction, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SteeringError(f"direction={direction!r:.60} is not a vector of numbers ({e}); give a tensor of the LM's "
+                            f"hidden size ({width}), e.g. control_vector(Concepts.of(meta), target).") from None  # fmt: skip
+    if direction.dim() != 1 or len(direction) != width:
         raise SteeringError(f"direction has shape {tuple(direction.shape)}; this geometry's LM takes a vector of its "
                             f"hidden size ({width}), e.g. control_vector(Concepts.of(meta), target).")  # fmt: skip
     if not bool(torch.isfinite(direction).all()) or not bool(direction.any()):

@@ -213,7 +213,8 @@ class CarrierTail:
         blocks = len(decoder_layers(model))
         arguments.index("CarrierTail", "layer", layer, blocks, "the model's {n} blocks", per_point=False)
         ids = input_ids
-        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or not ids.numel():
+        if (not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex
+                or ids.dtype == torch.bool or not ids.numel()):  # fmt: skip
             got = f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"CarrierTail: input_ids must be an integer tensor (C, T) of at least one carrier; got {got}.")
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
@@ -259,6 +260,9 @@ class CarrierTail:
         arguments.index("CarrierTail.of_prompts", "layer", layer, len(decoder_layers(model)), "the model's {n} blocks",
                         per_point=False)  # fmt: skip
         enc = tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+        if empty := [i for i, row in enumerate(enc.attention_mask.tolist()) if not any(row)]:
+            raise ValueError(f"CarrierTail.of_prompts: prompt {empty[0]} ({prompts[empty[0]]!r}) has no token; give "
+                             f"each carrier prompt some text.")  # fmt: skip
         return cls(model, layer, enc.input_ids, enc.attention_mask)
 
     def __len__(self) -> int:

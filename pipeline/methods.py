@@ -28,7 +28,15 @@ from geosteer.data.targets import stratified_sample
 from geosteer.data.tasks import Task
 from geosteer.models.geodesics import PCA, LabelledSpline, lbfgs_geodesic, linear_path, secant_geodesic, sphere_angle, subdivide
 from geosteer.models.innsteer import InnSteer
-from geosteer.models.metrics import FIT_ROWS, EncoderPullback, OutputPullback, pullback_of, recorded_scale, regularisation
+from geosteer.models.metrics import (
+    FIT_ROWS,
+    EncoderPullback,
+    OutputPullback,
+    pullback_of,
+    recorded_scale,
+    regularisation,
+    scaled_lam,
+)
 from geosteer.models.steering import caa_direction, dual_direction, fishback_direction, gradient_direction, subspace_replace
 from geosteer.models.tail import CarrierTail
 from geosteer.pipeline.common import CONFIG_DIR, StageError, to_plain
@@ -233,7 +241,7 @@ def encoder_paths(ctx: Context, metric: EncoderPullback, x_a: torch.Tensor, x_b:
     (taken on the same training rows at export: steering uses it too), else its scale on the points `fit_on`. → (P, W, D)"""
     e = ctx.e
     scale = recorded_scale(geometry)
-    metric.lam = e.lam_rel * scale if scale is not None else regularisation(metric, fit_on, e.lam_rel)
+    metric.lam = scaled_lam(e.lam_rel, scale) if scale is not None else regularisation(metric, fit_on, e.lam_rel)
     return lbfgs_geodesic(x_a, x_b, metric, e.steps, e.lbfgs.max_iter, e.lbfgs.history_size)
 
 

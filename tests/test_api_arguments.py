@@ -3,8 +3,10 @@ before torch fails deep inside or returns garbage; the forms it documents still 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from geosteer import (
     GAGA,
     PCA,
     CarrierTail,
+    EncoderPullback,
     FisherPullback,
     GeodesicBridge,
     GeometryMismatch,
@@ -29,6 +32,7 @@ from geosteer import (
     steer,
 )
 from geosteer.models.hub import CheckpointError, seal
+from geosteer.models.metrics import scaled_lam
 from geosteer.models.steering import fishback_direction
 
 D = 6
@@ -52,7 +56,8 @@ def nets():
         (lambda: GAGA(D, 2, pca_dim=D + 1), rf"GAGA: pca_dim={D + 1} exceeds input_dim={D}.*pass None"),
         (lambda: GAGA(D, 2, hidden=[4, 0]), r"GAGA: hidden=\[4, 0\] must be a list of layer widths"),
         (lambda: GAGA(D, True), r"GAGA: latent_dim=True must be an integer"),
-        (lambda: InnSteer(D, 0), r"InnSteer: num_classes=0 must be an integer ≥ 1\."),
+        (lambda: InnSteer(D, 0), r"InnSteer: num_classes=0 must be an integer ≥ 2\."),
+        (lambda: InnSteer(D, 1), r"InnSteer: num_classes=1 must be an integer ≥ 2\."),
         (lambda: InnSteer(D, 3, num_blocks=0, hidden=-2), r"InnSteer: num_blocks=0, hidden=-2 must be an integer ≥ 1\."),
         (lambda: InnSteer(D, 3, depth=-1), r"InnSteer: depth=-1 must be an integer ≥ 0\."),
         (lambda: InnSteer(D, 3, clamp=float("nan")), r"InnSteer: clamp=nan must be a finite number > 0\."),
@@ -120,6 +125,18 @@ def test_the_exported_helpers_refuse_bad_arguments(nets):
         PCA.fit(h, 0)
     with pytest.raises(ValueError, match=r"PCA.fit: x holds 1 row\(s\)"):
         PCA.fit(h[:1], 2)
+    with pytest.raises(ValueError, match=r"PCA.fit: x holds NaN or Inf"):
+        PCA.fit(torch.full_like(h, math.nan), 2)
+    with pytest.raises(ValueError, match=r"PCA.project: x must be a floating tensor \(…, 6\); got .* shape \(4, 7\)"):
+        PCA.fit(h, 2).project(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"path_energy: path must be paths of two or more waypoints"):
+        path_energy(h.unsqueeze(1), metric)
+    assert path_energy(h[:0].unsqueeze(1).expand(0, 3, -1), metric).shape == (0,), "no path: no energy"
+    assert lbfgs_geodesic(h[:0], h[:0], metric, 4).shape == (0, 5, h.shape[1]), "no pair: no path"
+    with pytest.raises(TypeError, match=r"EncoderPullback: encoder=5 must be a module or function"):
+        EncoderPullback(5)
+    with pytest.raises(ValueError, match=r"λ_reg = lam_rel=1e\+308 × the metric's eigenvalue scale 10 is inf: lower"):
+        scaled_lam(1e308, 10.0)
 
 
 def test_a_saved_geometry_is_readable_as_open_makes_files_and_seals_without_meta(tmp_path):
@@ -131,6 +148,29 @@ def test_a_saved_geometry_is_readable_as_open_makes_files_and_seals_without_meta
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tmp_path):
+    """meta holds plain JSON values: anything else is refused when the network is built, or, added later, before a
+    save writes anything (an export already in the folder is left as it was). A NaN fact is saved as null."""
+    folder = tmp_path / "g"
+    GAGA(D, 2, hidden=[8], meta={"family": "gaga", "note": "kept"}).save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = GAGA(D, 2, hidden=[8], meta={"family": "gaga"})
+    other.meta["score"] = np.float32(0.5)  # a fact added after construction, of numpy's kind
+    with pytest.raises(TypeError, match=r"GAGA.save_pretrained: meta\['score'\]=np.float32\(0.5\) .*float\(x\)"):
+        other.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before and os.listdir(tmp_path) == ["g"]
+    for meta in ({"a": np.int64(1)}, {"a": Path("x")}, {"a": torch.ones(2)}, {(1, 2): 2}, [1]):
+        with pytest.raises(TypeError, match=r"GAGA: meta"):
+            GAGA(D, 2, hidden=[8], meta=meta)
+    other.meta["score"] = float("nan")
+    other.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert saved["meta"] == {"family": "gaga", "score": None}
+    assert (folder / "README.md").read_bytes() == before["README.md"], "the model card already there is kept"
+    reloaded = load_geometry(folder)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), other.state_dict().values()))
 
 
 def test_a_local_export_refuses_hub_arguments_and_a_file_of_it_names_the_folder(tmp_path):
@@ -169,6 +209,10 @@ def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
     with pytest.raises(ValueError, match=r"CarrierTail: input_ids holds token id 1000, outside the model's vocabulary"):
         CarrierTail(model, 1, torch.full_like(ids.input_ids, 1000), ids.attention_mask)
     assert len(CarrierTail.of_prompts(model, tokenizer, 2, np.array(texts[:3], dtype=object))) == 3  # arrays work
+    with pytest.raises(ValueError, match=r"CarrierTail: input_ids must be an integer tensor \(C, T\).*torch.bool"):
+        CarrierTail(model, 1, ids.input_ids.bool(), ids.attention_mask)
+    with pytest.raises(ValueError, match=r"CarrierTail.of_prompts: prompt 0 \(''\) has no token"):
+        CarrierTail.of_prompts(model, tokenizer, 1, ["", texts[0]])
     shape = r"intervene: h must be a floating tensor \(N, 32\) with carrier \(N,\), or \(W, C, 32\) with C ≤ 4"
     for h in (torch.randn(3, 2, 64), torch.randn(3, 5, 128), torch.randn(3, 5, 32), torch.randn(3, 32), [0.0]):
         with pytest.raises(ValueError, match=shape):
@@ -235,6 +279,18 @@ def test_the_output_and_fisher_metrics_and_the_spline_refuse_what_they_cannot_us
     with pytest.raises(TypeError, match=r"FisherPullback: tail must be a models.tail.CarrierTail"):
         FisherPullback("tail")
     assert OutputPullback(ct, [[5], [6, 7]], carrier=torch.arange(4)).jacobian(ct.h).shape == (4, 3, 32)
+    for variants in ([[5], [5], [6]], [[5, 5], [6]]):  # a token in two concepts would count twice: Σq > 1
+        with pytest.raises(ValueError, match=r"OutputPullback: variant_ids holds token id 5 more than once"):
+            OutputPullback(ct, variants, carrier=0)
+    for call, message in (
+        (lambda: OutputPullback(ct, [[5]], carrier=0).jacobian(torch.randn(2, 31)), r"OutputPullback.jacobian: x must"),
+        (lambda: OutputPullback(ct, [[5]], carrier=0).jacobian(torch.randn(32)), r"OutputPullback.jacobian: x must"),
+        (lambda: FisherPullback(ct, carrier=0).jacobian(torch.randn(2, 31)), r"FisherPullback.jacobian: x must"),
+        (lambda: OutputPullback(ct, [[5]], carrier=0).jvp_vjp(ct.h[:2], torch.randn(2, 33)), r"jvp_vjp: v must be"),
+        (lambda: OutputPullback(ct, [[5]], carrier=0).jvp_vjp(ct.h[:2], torch.randn(3, 32)), r"jvp_vjp: v must be one"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
     assert FisherPullback(ct, carrier=3, top_k=3).jacobian(ct.h[:2]).shape == (2, 3, 32)
 
     g = torch.Generator().manual_seed(0)
@@ -254,6 +310,12 @@ def test_the_output_and_fisher_metrics_and_the_spline_refuse_what_they_cannot_us
         LabelledSpline(h, labels, cyclic=False, n_components=0)
     with pytest.raises(ValueError, match=r"LabelledSpline: labels must be an integer tensor \(20,\)"):
         LabelledSpline(h, labels[:3], cyclic=False)
+    with pytest.raises(ValueError, match=r"LabelledSpline: cyclic='no' must be True"):
+        LabelledSpline(h, labels, cyclic="no")
+    with pytest.raises(ValueError, match=r"LabelledSpline: labels must be an integer tensor"):
+        LabelledSpline(h, labels > 2, cyclic=False)
+    with pytest.raises(ValueError, match=r"LabelledSpline.path: a=0.0 is not one of the spline's classes"):
+        spline.path(0.0, 2, 4)
     with pytest.raises(ValueError, match=r"LabelledSpline: labels hold 1 class\(es\) \[0\]"):
         LabelledSpline(h, torch.zeros(20, dtype=torch.long), cyclic=False)
     # A k above min(N, d) keeps every direction (the pipeline's PCA(64) on a narrower model), as documented.

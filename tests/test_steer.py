@@ -813,6 +813,17 @@ def test_the_python_api_refuses_bad_arguments_by_name(shipped, tiny_lm_dir, tmp_
         match=rf"direction has shape \(3,\); this geometry's LM takes a vector of its hidden size \({gaga.input_dim}\)",
     ):
         write_control_vector(tmp_path / "c.gguf", flow.meta, torch.ones(3))
+    direction = control_vector(concepts, 1)
+    for meta, message in (
+        ({**flow.meta, "layer": 99}, r"meta\['layer'\]=99 is not a block of its LM \(0 … 2"),
+        ({**flow.meta, "layer": True}, r"meta must be a geometry's meta"),
+        ({"layer": 1}, r"meta must be a geometry's meta .* meta\['lm_shape'\]"),
+    ):
+        with pytest.raises(SteeringError, match=message):
+            write_control_vector(tmp_path / "c.gguf", meta, direction)
+    with pytest.raises(SteeringError, match=r"direction='abc' is not a vector of numbers"):
+        write_control_vector(tmp_path / "c.gguf", flow.meta, "abc")
+    assert not (tmp_path / "c.gguf").exists()
     with pytest.raises(TypeError, match=r"this geometry computes in torch.float32, but was given torch.float64"):
         gaga.encode(h.double())
     with pytest.raises(GeometryMismatch, match=rf"as a tensor \(B, {gaga.input_dim}\), but was given one of shape \(1, 3, "):
