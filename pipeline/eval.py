@@ -618,7 +618,10 @@ def run(cfg: DictConfig) -> dict:
         for task in tasks:
             store.check_task(task.to_dict())
         lm, tokenizer = lm_of_store(cfg, store.attrs, "evaluation")
-        fit_top_k(methods, lm.get_output_embeddings().weight.shape[0])
+        fit_top_k(methods, vocab := lm.get_output_embeddings().weight.shape[0])
+        if (k := cfg.eval.alignment.fisher_top_k) is not None and k > vocab:
+            log.warning("eval.alignment.fisher_top_k=%d is more tokens than the LM has (%d): G_F takes all %d", k, vocab,
+                        vocab)  # fmt: skip
         source = f"{in_run(store_lm(cfg, store.attrs)['pretrained'], run.root)}` at block {layer}"
         fp = eval_fingerprint(cfg, store_fp, tasks, methods)
         out = run.eval

@@ -390,7 +390,9 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
           f"threshold q_b ≥ {e.threshold} for the iterative methods (at most {e.max_steps} steps); seed {cfg.seed}. "
           f"Pairs: " + ", ".join(f"{t} {len(r['pairs'])}" for t, r in per_task.items()) +
           f" (every ordered pair when K ≤ {e.all_pairs_max_k} or there are at most {e.max_pairs}, else a seeded "
-          f"sample of {e.max_pairs}). Whole stage: "
+          f"sample of {e.max_pairs}). Geodesics by L-BFGS of at most {e.lbfgs.max_iter} iterations (history "
+          f"{e.lbfgs.history_size}{'' if e.max_iter_cap is None else f'; G_out’s capped at {e.max_iter_cap}'}), "
+          f"λ_reg = {e.lam_rel:g} × each pullback metric's eigenvalue scale. Whole stage: "
           f"{seconds / 60:.1f} min.", "",
           "## Verdicts: the paper's directional claims on our runs", ""]  # fmt: skip
     for i, c in enumerate(claims, 1):
@@ -485,7 +487,10 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
     md += [*reasons, "", "### FishBack diagnostics at the layer", "",
            "Relative spectral deviation from the Euclidean metric, 1 − λ_r/λ_1 over each metric's top-r eigenvalues "
            "(r its effective rank; λ_reg excluded, which would otherwise be all a rank-deficient metric's λ_min reports), "
-           "and effective dimensionality (participation ratio ÷ d), mean over the held-out points.", "",
+           "and effective dimensionality (participation ratio ÷ d), mean over the held-out points; G_F over "
+           + ("the whole vocabulary." if e.alignment.fisher_top_k is None else
+              f"each point's {e.alignment.fisher_top_k} most probable tokens (the whole vocabulary if it has fewer)."),
+           "",
            _table(per_task, lambda r: {f"{g} {k}": _fmt(*mean_se(r["alignment"][g][key])[:2], digits=4)
                                        for g in ("G_out", "G_F") for k, key in (("deviation", "spectral_deviation"),
                                                                                  ("eff. dim", "effective_dim"))}, {}), ""]  # fmt: skip

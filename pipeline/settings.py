@@ -200,7 +200,7 @@ RULES: dict[str, Rule] = {
     "eval.threshold": number(0, 1, open_low=True, open_high=True),
     "eval.max_steps": SIZE,
     "eval.budget_between": SIZE,
-    "eval.lam_rel": POSITIVE,
+    "eval.lam_rel": number(0, 1e3, open_low=True),  # beyond 1000 × the metric's scale every pullback path is the chord
     "eval.lbfgs.max_iter": SIZE,
     "eval.lbfgs.history_size": SIZE,
     "eval.max_iter_cap": integer(1, null=True),

@@ -856,6 +856,7 @@ CASES = [
             ("eval.steps=0", r"eval.steps=0 must be an integer ≥ 2; the default is eval.steps=16"),
             ("eval.steps=1", r"eval.steps=1 must be an integer ≥ 2"),
             ("eval.threshold=1.5", r"eval.threshold=1.5 must be a number > 0 and < 1"),
+            ("eval.lam_rel=1e308", r"eval.lam_rel=1e\+308 must be a number > 0 and ≤ 1000"),
             ("eval.max_pairs=0", r"eval.max_pairs=0 must be an integer ≥ 1"),
             ("eval.own_point.alphas=[]", r"eval.own_point.alphas=\[\] must be a list of at least 1 item"),
             ("eval.own_point.alphas=[0.5,-1]", r"eval.own_point.alphas=\[0.5,-1\] has an item that must be a number ≥ 0"),
