@@ -356,13 +356,13 @@ def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tens
     refused."""
     import gguf
 
-    shape = meta.get("lm_shape") if isinstance(meta, dict) else None
-    if (not isinstance(meta.get("layer") if isinstance(meta, dict) else None, int) or isinstance(meta["layer"], bool)
-            or not isinstance(shape, dict) or not all(isinstance(shape.get(k), int) for k in ("num_layers", "hidden_size"))):  # fmt: skip
+    layer, shape = (meta.get("layer"), meta.get("lm_shape")) if isinstance(meta, dict) else (None, None)
+    if not is_count(layer, 0) or not isinstance(shape, dict) or not all(is_count(shape.get(k)) for k in
+                                                                        ("num_layers", "hidden_size")):  # fmt: skip
         raise SteeringError("meta must be a geometry's meta (geometry.meta), with the block it was trained at as "
                             "meta['layer'] and its LM's shape as meta['lm_shape'] (num_layers, hidden_size).")  # fmt: skip
-    if not 0 <= meta["layer"] < shape["num_layers"]:
-        raise SteeringError(f"meta['layer']={meta['layer']} is not a block of its LM (0 … {shape['num_layers'] - 1}, "
+    if layer >= shape["num_layers"]:
+        raise SteeringError(f"meta['layer']={layer} is not a block of its LM (0 … {shape['num_layers'] - 1}, "
                             f"meta['lm_shape']); give the geometry's own meta.")  # fmt: skip
     if not Path(path).parent.is_dir() or Path(path).is_dir():
         raise SteeringError(f"cannot write {path}: {'it is a folder' if Path(path).is_dir() else 'its folder does not exist'}"
@@ -380,7 +380,6 @@ def write_control_vector(path: Path, meta: dict[str, Any], direction: torch.Tens
         raise SteeringError("direction holds NaN or Inf, or is all zeros: llama.cpp would add nothing, or NaN, to the "
                             "residual stream. Give a finite, non-zero vector, e.g. control_vector(Concepts.of(meta), "
                             "target) of a class with rows.")  # fmt: skip
-    layer = int(meta["layer"])
     if layer < 1:
         raise SteeringError(f"this geometry was trained at block {layer}; llama.cpp's control vectors steer blocks 1 and "
                          f"up, so it cannot be exported as one. Train at a later model.layer.")  # fmt: skip
