@@ -87,8 +87,9 @@ def index(call: str, name: str, value: Any, n: int, what: str, per_point: bool =
     takes = (f"an integer in 0 … {n - 1}{', or a 1-D integer tensor of them' if per_point else ''} "
              f"(an index among {what.format(n=n)})")  # fmt: skip
     if isinstance(value, torch.Tensor) and ((value.ndim == 1 and per_point) or value.ndim == 0):
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise TypeError(f"{call}: {name} must be {takes}; got a {value.dtype} tensor.")
+        if value.dtype not in (torch.int64, torch.int32):  # torch reads uint8 as a mask, and indexes by no int16
+            raise TypeError(f"{call}: {name} must be {takes}; got a {value.dtype} tensor"
+                            f"{' (pass .long())' if not value.dtype.is_floating_point else ''}.")  # fmt: skip
         if value.numel() and not (0 <= int(value.min()) and int(value.max()) < n):
             bad = int(value.min()) if int(value.min()) < 0 else int(value.max())
             raise ValueError(f"{call}: {name} holds {bad}; it must be {takes}.")

@@ -326,19 +326,29 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if config is not None:
             raise TypeError(f"{call}: config={config!r}: a geometry's config is its constructor's arguments and its meta; "
                             f"put facts in .meta instead.")  # fmt: skip
+        if push_to_hub and repo_id is None:
+            raise TypeError(f"{call}: push_to_hub=True needs repo_id='owner/name', the Hub repo to push to.")
         meta = arguments.json_facts(call, getattr(self, "meta", None))  # a user's network may have none
+        if wrong := wrong_meta(meta):
+            raise TypeError(f"{call}: {', '.join(wrong)}: not of the kind an export holds (meta.layer an int, "
+                            f"meta.task a dict, ...), so load_geometry would refuse it. Fix .meta first.")  # fmt: skip
         folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{call}: {folder} is a file; give a folder to save the geometry in.")
+        # its keys as JSON text (a number's too, and sortable); the digest of the export it was loaded from is stale
+        meta = {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "digest"}
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
             staged = Path(tmp)
             super().save_pretrained(staged, config={**(self._hub_mixin_config or {}), "meta": meta}, **kwargs)
             text = strict_json(json.loads((staged / "config.json").read_text()), indent=2, sort_keys=True)
             (staged / "config.json").write_text(text)
+            seal(staged)  # what it saves, sealed: load_geometry refuses a later change
             folder.mkdir(exist_ok=True)
             for name in ("model.safetensors", "config.json", "README.md"):
                 if name != "README.md" or not (folder / name).exists():
                     os.replace(staged / name, folder / name)
-        return self.push_to_hub(repo_id or folder.name) if push_to_hub else None
+        return self.push_to_hub(repo_id) if push_to_hub else None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)
@@ -362,6 +372,13 @@ META_KINDS = {"geometry": str, "family": str, "target": str, "lm": str, "lm_fing
 
 def check_meta(folder: Path, meta: dict) -> None:
     """Refuse a `meta` fact of another kind than an export writes (`"layer": "1"`, a task given by its name)."""
+    if wrong := wrong_meta(meta):
+        raise CheckpointError(f"{folder}/config.json holds {', '.join(wrong)}: not of the kind an export writes. "
+                              f"{remedy(folder)}")  # fmt: skip
+
+
+def wrong_meta(meta: dict) -> list[str]:
+    """The `meta` facts of another kind than an export writes, as `meta.key=value`."""
     wrong = [f"meta.{k}={meta[k]!r}" for k, kind in META_KINDS.items()
              if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]  # fmt: skip
     if isinstance(meta.get("task"), dict) and not isinstance(meta["task"].get("name"), str):
@@ -373,9 +390,7 @@ def check_meta(folder: Path, meta: dict) -> None:
     if isinstance(sketch, list) and (len(sketch) != SKETCH_DIM or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                                   for x in sketch)):  # fmt: skip
         wrong.append(f"meta.lm_sketch (a list of {len(sketch)}, not {SKETCH_DIM} numbers)")
-    if wrong:
-        raise CheckpointError(f"{folder}/config.json holds {', '.join(wrong)}: not of the kind an export writes. "
-                              f"{remedy(folder)}")  # fmt: skip
+    return wrong
 
 
 def load_geometry(source: str | Path, d: int | None = None, layer: int | None = None, *, revision: str | None = None,

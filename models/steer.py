@@ -230,7 +230,7 @@ class Steering:
             raise SteeringError(
                 f"{[self.concepts.values[k] for k in sorted(unlearned)]}: this flow learned no latent mean for it (no "
                 f"training prompt's arg-max q was that class), so it cannot steer to or from it. Pick another class, "
-                f"or method='linear' or 'caa' (they steer by the centroids)."
+                f"or method='linear' or 'caa' (they steer by the centroids; steer.method=linear on the command line)."
             )
         self.layer = int(geometry.meta["layer"])
         self.solver = solver

@@ -173,7 +173,7 @@ def steer(
     if steps is None:
         arguments.number("steer", "step", step, " ≥ 0", lambda x: x >= 0)
     elif not steps.is_floating_point() or not (torch.isfinite(steps) & (steps >= 0)).all():
-        raise ValueError(f"steer: step must hold finite floats ≥ 0 (one per carrier); got {steps.tolist()[:5]}.")
+        raise ValueError(f"steer: step must hold finite floats ≥ 0 (one per carrier); got {steps.flatten().tolist()[:5]}.")
     target = torch.as_tensor(target, device=h.device).expand(C)[:, None]  # (C, 1)
     step = torch.as_tensor(step, dtype=h.dtype, device=h.device).expand(C)[:, None]  # (C, 1)
     with torch.no_grad():

@@ -263,7 +263,10 @@ class AppendingWriter(ExperimentWriter):
     def save(self) -> None:
         if self.metrics and self._fs.isfile(self.metrics_file_path):  # another writer's rows: their keys are ours
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = sorted(set(self.metrics_keys) | set(next(csv.reader(file), [])))
+                header = next(csv.reader(file), [])
+            self.metrics_keys = sorted(set(self.metrics_keys).union(header, *self.metrics))
+            if header != self.metrics_keys:  # new keys, or columns in another order (a hand edit): rows by name
+                self._rewrite_with_new_header(self.metrics_keys)
         super().save()
 
 

@@ -333,7 +333,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     # what max_steps come to (optimiser steps, each of accumulate_grad_batches batches), for the progress bar
     epochs = math.ceil(a.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) / len(loader))
     # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
-    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm"),
+    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm", run_id_file=work / "run_id"),
                     callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact

@@ -323,6 +323,10 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     if model.get("embedded") is True and model.get("gguf") is not None:
         faults.append("model.gguf names a GGUF file to load, but the embedded LM is this run's own (model.embedded=true): "
                       "pick a model that ships one (model=smollm2) instead of adding model.gguf")  # fmt: skip
+    if model.get("gguf") is not None and model.get("revision") is not None:
+        faults.append(f"model.revision={_show(model['revision'])} picks a Hub revision, but model={model.get('name')} "
+                      f"loads a GGUF file shipped in a package (model.gguf), which has none: leave model.revision at "
+                      f"null")  # fmt: skip
     if model.get("embedded") is True and model.get("revision") is not None:
         faults.append(f"model.revision={_show(model['revision'])} picks a Hub revision, but the embedded LM is this run's "
                       f"own (model.embedded=true): leave model.revision at null")  # fmt: skip

@@ -167,10 +167,25 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
     other.meta["score"] = float("nan")
     other.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
-    assert saved["meta"] == {"family": "gaga", "score": None}
+    assert saved["meta"].pop("digest") and saved["meta"] == {"family": "gaga", "score": None}, "sealed as it is saved"
     assert (folder / "README.md").read_bytes() == before["README.md"], "the model card already there is kept"
     reloaded = load_geometry(folder)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), other.state_dict().values()))
+    with torch.no_grad():  # a loaded export changed and saved again: its old digest goes, the new save is sealed
+        next(reloaded.parameters()).add_(1.0)
+    reloaded.meta["note"], reloaded.meta[3] = "changed", "a number's key"
+    reloaded.save_pretrained(tmp_path / "changed")
+    again = load_geometry(tmp_path / "changed")
+    assert torch.equal(next(again.parameters()), next(reloaded.parameters())) and again.meta["3"] == "a number's key"
+    reloaded.meta["layer"] = "1"
+    with pytest.raises(TypeError, match=r"save_pretrained: meta.layer='1': not of the kind an export holds"):
+        reloaded.save_pretrained(tmp_path / "layer")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"save_pretrained: .*a_file is a file; give a folder"):
+        other.save_pretrained(tmp_path / "a_file")
+    with pytest.raises(TypeError, match=r"push_to_hub=True needs repo_id='owner/name'"):
+        other.save_pretrained(tmp_path / "push", push_to_hub=True)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "changed", "g"], "a refused save writes nothing"
 
 
 def test_a_local_export_refuses_hub_arguments_and_a_file_of_it_names_the_folder(tmp_path):
@@ -247,6 +262,14 @@ def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
     ):
         with pytest.raises(ValueError, match=message):
             steer(ct, *args, threshold=0.99)
+    for step in (torch.tensor(-0.1), torch.tensor(math.nan)):  # one step for all, as a 0-d tensor
+        with pytest.raises(ValueError, match=r"steer: step must hold finite floats ≥ 0 \(one per carrier\); got \["):
+            steer(ct, torch.arange(2), [[5], [6]], 1, unit, step, max_steps=2)
+    for dtype in (torch.uint8, torch.int16, torch.int8, torch.bool):  # torch reads uint8 and bool as masks
+        with pytest.raises(TypeError, match=rf"carrier must be an integer .* got a {dtype} tensor"):
+            intervene(ct, ct.h[:2], torch.tensor([0, 1], dtype=dtype))
+        with pytest.raises(TypeError, match=rf"carrier must be an integer .* got a {dtype} tensor"):
+            steer(ct, torch.tensor([1, 0], dtype=dtype), [[5], [6]], 1, unit, 0.1, max_steps=2)
     with pytest.raises(ValueError, match=r"steer: threshold=nan must be a finite number"):
         steer(ct, torch.arange(4), [[5], [6]], 1, unit, 0.1, threshold=math.nan)
     assert intervene(ct, torch.randn(0, 32), torch.zeros(0, dtype=torch.long)).shape == (0, ct.logits0.shape[1])

@@ -604,6 +604,12 @@ CASES = [
         r"\+steer.alhpa adds a setting that nothing reads, beside steer.alpha: did you mean steer.alpha=",
     ),
     (
+        "revision of a GGUF file shipped in a package",
+        None,
+        ["stage=extract", "model=smollm2", "model.revision=v2"],
+        r"model.revision=v2 picks a Hub revision, but model=smollm2 loads a GGUF file shipped in a package.*null",
+    ),
+    (
         "revision of the embedded LM",
         None,
         ["stage=extract", "model.embedded=true", "model.revision=v2"],

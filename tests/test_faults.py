@@ -168,7 +168,8 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
     small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "lm.hidden_size=32", "lm.num_layers=2",
              "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=64", "lm.max_steps=9", "lm.checkpoint_every=3",
              "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0"]  # fmt: skip
-    whole, crashed = (make_cfg(tmp_path, f"run_name={name}", *small) for name in ("whole", "crashed"))
+    whole = make_cfg(tmp_path, "run_name=whole", *small)
+    crashed = make_cfg(tmp_path, "run_name=crashed", *small, "logger=csv")  # its log continues where it stopped
     lm.run(whole)
     with pytest.raises(RuntimeError, match="simulated crash"):
         lm.run(crashed, callbacks=[CrashAtStep5()])
@@ -179,6 +180,8 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
     a, b = (load_file(tmp_path / name / "lm" / "model.safetensors") for name in ("whole", "crashed"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert result["train_seconds"] >= round(first_part, 1), "the seconds before the crash count"
+    (version,) = (tmp_path / "crashed" / "csv" / "lm").iterdir()  # one log: the resumed training's is the crashed one's
+    assert (version / "hparams.yaml").is_file() and "lm/accuracy_weekdays" in (version / "metrics.csv").read_text().split("\n")[0]
 
 
 @pytest.mark.parametrize("finished", [True, False], ids=["new-one-finished", "new-one-unfinished"])

@@ -286,3 +286,22 @@ def test_the_recorded_metric_scale_is_the_one_eval_fits_lambda_on(prepared):
     ctx = Context(data, cfg.eval, lm=None, tokenizer=None, layer=1, seed=cfg.seed)  # fit_on reads the rows and seed
     fitted = regularisation(pullback_of(geometry), fit_on(ctx), rel=1.0)
     assert geometry.meta["metrics"]["metric_scale"] == pytest.approx(fitted, rel=1e-5)
+
+
+def test_the_csv_log_adds_rows_by_column_name_to_a_file_with_other_columns(tmp_path):
+    """A resumed stage's rows join the file its crashed run wrote, by column name, whatever the file's column order
+    (a hand edit) and whichever keys are new."""
+    from geosteer.pipeline.common import ResumableCSVLogger
+
+    version = tmp_path / "train" / "v1"
+    version.mkdir(parents=True)
+    (version / "metrics.csv").write_text("step,train/loss,epoch\n0,9.0,0\n")
+    logger = ResumableCSVLogger(tmp_path, name="train", version="v1")
+    logger.log_metrics({"epoch": 1, "train/loss": 0.5}, step=10)
+    logger.save()
+    logger.log_metrics({"epoch": 2, "val/loss": 0.25}, step=20)
+    logger.save()
+    with (version / "metrics.csv").open(newline="") as file:
+        rows = [{k: v for k, v in row.items() if v} for row in csv.DictReader(file)]
+    assert rows == [{"step": "0", "train/loss": "9.0", "epoch": "0"}, {"step": "10", "train/loss": "0.5", "epoch": "1"},
+                    {"step": "20", "val/loss": "0.25", "epoch": "2"}]  # fmt: skip
