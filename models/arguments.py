@@ -7,6 +7,7 @@ inside (or, worse, accept a zero width or a NaN and return garbage).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -123,15 +124,22 @@ def json_facts(call: str, meta: Any) -> dict:
     if not isinstance(meta, dict):
         raise TypeError(f"{call}: meta={meta!r} must be a dict of facts (JSON values), e.g. {{'layer': 1}}.")
 
-    def walk(value: Any, where: str) -> None:
+    def walk(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
+        if isinstance(value, (dict, list, tuple)) and id(value) in inside:
+            raise TypeError(f"{call}: {where} holds itself (a cycle); JSON holds trees: give it a copy.")
         if isinstance(value, dict):
             for k, v in value.items():
                 if not (k is None or isinstance(k, (str, int, float))):  # json writes a number's key as its text
                     raise TypeError(f"{call}: {where} has the key {k!r}; JSON keys are text (str({k!r})).")
-                walk(v, f"{where}[{k!r}]")
+                walk(v, f"{where}[{k!r}]", (*inside, id(value)))
+            texts = [k if isinstance(k, str) else json.dumps(k) for k in value]
+            if len(set(texts)) < len(texts):
+                twice = sorted({t for t in texts if texts.count(t) > 1})
+                raise TypeError(f"{call}: {where} has keys that JSON writes alike ({twice}, a number and its text): "
+                                f"one would be lost. Keep one.")  # fmt: skip
         elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
-                walk(v, f"{where}[{i}]")
+                walk(v, f"{where}[{i}]", (*inside, id(value)))
         elif not (value is None or isinstance(value, (str, int, float))):  # bool is an int; numpy's float64 a float
             raise TypeError(f"{call}: {where}={value!r} ({type(value).__name__}) is not a JSON value; give plain "
                             f"Python values: float(x) or int(x) for a numpy or torch number, .tolist() for an array "

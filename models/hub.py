@@ -317,38 +317,55 @@ class ShippedGeometry(PyTorchModelHubMixin):
             seal(Path(tmp))
             return push_geometry(tmp, repo_id, commit_message=commit_message, private=private, revision=revision, **hub)
 
-    def save_pretrained(self, save_directory: str | Path, *, config: None = None, repo_id: str | None = None,
-                        push_to_hub: bool = False, **kwargs: Any) -> str | None:  # fmt: skip
-        """huggingface_hub's save, made safe: `meta` is checked (plain JSON values) before anything is written; the
-        files are written beside the folder and moved in whole (a model card already there is kept), config.json as
-        standard JSON (a non-finite number as null). `push_to_hub=True` then pushes as `push_to_hub(repo_id)` does."""
+    def save_pretrained(self, save_directory: str | Path, *, repo_id: str | None = None, push_to_hub: bool = False,
+                        commit_message: str | None = None, private: bool | None = None, revision: str | None = None,
+                        **hub: Any) -> str | None:  # fmt: skip
+        """huggingface_hub's save, made safe: `meta` and the weights are checked before anything is written; the
+        files are written beside the folder, sealed (`meta.digest`) and moved in whole (a model card already there is
+        kept; a stage's record there, no longer true, is removed), config.json as standard JSON (NaN as null).
+
+        A geometry loaded from an export and changed (its weights or meta) is no longer that export: the facts of its
+        training that would now be false go (the training config's `fingerprint`, `metrics.metric_scale`, which eval
+        then fits again); unchanged, it saves as it was. `push_to_hub=True` pushes as `push_to_hub(repo_id, ...)`."""
         call = f"{type(self).__name__}.save_pretrained"
-        if config is not None:
-            raise TypeError(f"{call}: config={config!r}: a geometry's config is its constructor's arguments and its meta; "
-                            f"put facts in .meta instead.")  # fmt: skip
         if push_to_hub and repo_id is None:
             raise TypeError(f"{call}: push_to_hub=True needs repo_id='owner/name', the Hub repo to push to.")
+        pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}
+        if not push_to_hub and (given := sorted(k for k, v in pushed.items() if v is not None)):
+            raise TypeError(f"{call}: {', '.join(given)}: keywords of a push, given without push_to_hub=True; "
+                            f"save_pretrained takes the folder alone.")  # fmt: skip
         meta = arguments.json_facts(call, getattr(self, "meta", None))  # a user's network may have none
         if wrong := wrong_meta(meta):
             raise TypeError(f"{call}: {', '.join(wrong)}: not of the kind an export holds (meta.layer an int, "
                             f"meta.task a dict, ...), so load_geometry would refuse it. Fix .meta first.")  # fmt: skip
+        if (family := getattr(self, "family", None)) and meta.get("family", family) != family:
+            raise TypeError(f"{call}: meta.family={meta['family']!r}, but this is a {family} geometry "
+                            f"({type(self).__name__}); load_geometry would build the wrong class. Fix .meta first.")  # fmt: skip
+        if broken := [n for n, t in self.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]:
+            raise ValueError(f"{call}: the weights hold NaN or Inf ({broken[:3]}); load_geometry refuses such an "
+                             f"export. Save finite weights.")  # fmt: skip
         folder = Path(save_directory)
-        if folder.exists() and not folder.is_dir():
-            raise CheckpointError(f"{call}: {folder} is a file; give a folder to save the geometry in.")
-        # its keys as JSON text (a number's too, and sortable); the digest of the export it was loaded from is stale
-        meta = {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "digest"}
+        if folder.is_symlink() and not folder.exists() or folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{call}: {folder} is {'a link to nothing' if folder.is_symlink() else 'a file'}; "
+                                  f"give a folder to save the geometry in.")  # fmt: skip
+        meta = json.loads(json.dumps(meta))  # its keys as JSON text (a number's too, and sortable)
+        recorded = meta.pop("digest", None)  # an export's, when it was loaded from one
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
             staged = Path(tmp)
-            super().save_pretrained(staged, config={**(self._hub_mixin_config or {}), "meta": meta}, **kwargs)
-            text = strict_json(json.loads((staged / "config.json").read_text()), indent=2, sort_keys=True)
-            (staged / "config.json").write_text(text)
+            super().save_pretrained(staged, config={**(self._hub_mixin_config or {}), "meta": meta})
+            config = json.loads((staged / "config.json").read_text())
+            if recorded is not None and content_digest(staged, config=config) != recorded:  # changed since loaded
+                config["meta"].pop("fingerprint", None)  # no longer that training's product
+                (config["meta"].get("metrics") or {}).pop("metric_scale", None)  # of other weights: eval fits it again
+            (staged / "config.json").write_text(strict_json(config, indent=2, sort_keys=True))
             seal(staged)  # what it saves, sealed: load_geometry refuses a later change
             folder.mkdir(exist_ok=True)
             for name in ("model.safetensors", "config.json", "README.md"):
                 if name != "README.md" or not (folder / name).exists():
                     os.replace(staged / name, folder / name)
-        return self.push_to_hub(repo_id) if push_to_hub else None
+        (folder / "stage.json").unlink(missing_ok=True)  # a stage's record of the export this replaced
+        return self.push_to_hub(repo_id, **{k: v for k, v in pushed.items() if v is not None}) if push_to_hub else None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)

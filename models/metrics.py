@@ -159,7 +159,9 @@ def carriers(carrier: int | torch.Tensor, start: int, h: torch.Tensor) -> torch.
     """Carrier indices of the points h, which start at point `start`: one pinned index, or a slice of per-point ones. → (N,)"""
     if isinstance(carrier, torch.Tensor) and carrier.ndim == 1:
         if start + len(h) > len(carrier):
-            raise ValueError(f"{len(carrier)} per-point carriers for points up to {start + len(h)}; give one carrier per point.")
+            raise ValueError(f"carrier holds {len(carrier)} per-point carriers, for {start + len(h)} points: give the "
+                             f"metric one carrier per point (carrier=torch.tensor([...]) of their number), or one int "
+                             f"for all.")  # fmt: skip
         return carrier[start : start + len(h)].to(h.device)
     return torch.full((len(h),), int(carrier), device=h.device)
 

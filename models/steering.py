@@ -186,12 +186,12 @@ def steer(
             break
         rows = torch.nonzero(moving).flatten()
         h, q = h.clone(), q.clone()
-        move = direction(h[rows], carrier[rows]).detach()  # (n, d)
+        move = direction(h[rows], carrier[rows])  # (n, d)
         if not isinstance(move, torch.Tensor) or move.shape != h[rows].shape:
             got = f"shape {tuple(move.shape)}" if isinstance(move, torch.Tensor) else type(move).__name__
             raise ValueError(f"steer: direction must map h ({len(rows)}, {h.shape[1]}) to directions of that shape; "
                              f"at step {n} it gave {got}.")  # fmt: skip
-        h[rows] = h[rows] + (step[rows] * move).to(h.dtype)  # a bf16 LM's h
+        h[rows] = h[rows] + (step[rows] * move.detach()).to(h.dtype)  # a bf16 LM's h
         with torch.no_grad():
             q[rows] = concept_q(tail, h[rows], variant_ids, carrier[rows])
         last[rows] = n

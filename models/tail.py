@@ -213,10 +213,11 @@ class CarrierTail:
         blocks = len(decoder_layers(model))
         arguments.index("CarrierTail", "layer", layer, blocks, "the model's {n} blocks", per_point=False)
         ids = input_ids
-        if (not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex
-                or ids.dtype == torch.bool or not ids.numel()):  # fmt: skip
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32) or not ids.numel():
             got = f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"CarrierTail: input_ids must be an integer tensor (C, T) of at least one carrier; got {got}.")
+            raise ValueError(
+                f"CarrierTail: input_ids must be an int64 (or int32) tensor (C, T) of at least one carrier; got {got}."
+            )
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise ValueError(f"CarrierTail: attention_mask must be a tensor of input_ids' shape {tuple(ids.shape)}; got {got}.")

@@ -273,6 +273,22 @@ class AppendingWriter(ExperimentWriter):
 class ResumableCSVLogger(CSVLogger):
     """`logger=csv`: Lightning's CSVLogger writing through `AppendingWriter`."""
 
+    def resume_at(self, step: int) -> None:
+        """Drop the rows a crashed run logged at `step` and after: the training resumed from its checkpoint of that
+        step logs them again."""
+        path = Path(self.log_dir) / AppendingWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if not r.get("step") or float(r["step"]) < step]
+        if len(kept) < len(rows):
+            with path.open("w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+
     @property
     @rank_zero_experiment
     def experiment(self) -> AppendingWriter:

@@ -31,6 +31,7 @@ from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import (
     NonFiniteTraining,
+    ResumableCSVLogger,
     StageError,
     adamw_warmup_cosine,
     build,
@@ -319,7 +320,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     weights = torch.repeat_interleave(counts ** (a.task_share_power - 1), counts.long())
     system = TaskLMSystem(model, a.lr, a.weight_decay, a.warmup_steps, a.max_steps, cfg.model.layer, a.interchange)
     resume = resume_checkpoint(work / "checkpoints", "the task LM", system, fp)
-    before = trained_seconds(torch.load(resume, map_location="cpu", weights_only=True) if resume else None)
+    resumed = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+    before = trained_seconds(resumed)
     sampler = ResumableSampler(weights, len(data), cfg.seed)
     loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
     # The latest state every lm.checkpoint_every steps, always as last.ckpt (no monitor, top-1 by recency).
@@ -333,7 +335,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     # what max_steps come to (optimiser steps, each of accumulate_grad_batches batches), for the progress bar
     epochs = math.ceil(a.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) / len(loader))
     # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
-    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=make_logger(cfg, "lm", run_id_file=work / "run_id"),
+    logger = make_logger(cfg, "lm", run_id_file=work / "run_id")
+    if isinstance(logger, ResumableCSVLogger):  # what a crashed run logged after its checkpoint is logged again
+        logger.resume_at(resumed["global_step"] if resumed else 0)
+    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=logger,
                     callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
@@ -361,7 +366,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         log.info("task LM on %s: accuracy %.2f%%, centroid swap rate %.2f (%d prompts)", name, 100 * b["accuracy"],
                  b["swap_rate"], len(prompts[name]))  # fmt: skip
     if trainer.logger:
-        trainer.logger.log_metrics({f"lm/{k}_{task}": v for task, b in bar.items() for k, v in b.items()})
+        trainer.logger.log_metrics({f"lm/{k}_{task}": v for task, b in bar.items() for k, v in b.items()},
+                                   step=trainer.global_step)  # fmt: skip
         close_logger(trainer.logger)
 
     if not clears(bar, a.min_accuracy, a.min_swap_rate):

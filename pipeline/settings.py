@@ -343,7 +343,7 @@ def cross_faults(plain: dict[str, Any]) -> list[str]:
     if fixed := sorted(set(trainer) & set(TRAINER_FIXED)):
         faults.append(f"{', '.join('trainer.' + k for k in fixed)}: set by the stages themselves (each trains its full "
                       f"schedule, validates and checkpoints every epoch); remove them, and shorten training with "
-                      f"max_epochs_cap=N or the geometry's max_epochs")  # fmt: skip
+                      f"max_epochs_cap=N or the geometry's max_epochs (the task LM's: lm.max_steps)")  # fmt: skip
     if unknown := sorted(set(trainer) - {"_target_"} - TRAINER_ARGUMENTS - set(TRAINER_FIXED)):
         faults.append(f"{', '.join('trainer.' + k for k in unknown)}: not arguments of Lightning's Trainer; remove them")
     strategies = ["auto", *StrategyRegistry.available_strategies()]
@@ -401,4 +401,6 @@ def distributed_faults(trainer: dict[str, Any]) -> list[str]:
 def _show(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ",".join(map(_show, v)) + "]"
+    if v == "":
+        return "''"  # an empty text, seen
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v).replace("\n", "\\n")

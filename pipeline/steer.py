@@ -76,9 +76,11 @@ def geometry_folder(cfg: DictConfig) -> Path:
     holding = [f for f, meta in found.items() if target in ((meta.get("concepts") or {}).get("values") or [])]
     if len(holding) != 1:
         where = f"{len(holding)} of {[str(f) for f in found]}" if found else f"none under {geometries}"
+        values = [v for meta in found.values() for v in (meta.get("concepts") or {}).get("values") or []]
         raise StageError(
-            f"steer.geometry={given.name}, a geometry name of this run, names {where} with the concept {target!r}. "
-            f"Give an export's folder, a target of one of its tasks, or train it (`pipeline stage=train`)."
+            f"steer.geometry={given.name}, a geometry name of this run, names {where} with the concept {target!r}"
+            + (f" (their tasks' values: {values[:24]})" if values and not holding else "")
+            + ". Give an export's folder, a target of one of its tasks, or train it (`pipeline stage=train`)."
         )
     return trained_as(holding[0], given.name)
 

@@ -39,6 +39,7 @@ from geosteer.pipeline.common import (
     CONFIG_DIR,
     SAFE_NAME,
     NonFiniteTraining,
+    ResumableCSVLogger,
     StageError,
     atomic_write_text,
     build,
@@ -297,7 +298,10 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
                     default_root_dir=work)  # fmt: skip
     last = checkpoints / "last.ckpt"
     resume = resume_checkpoint(checkpoints, f"{task.name}/{name}", system, fp, best=True)
-    before = trained_seconds(torch.load(resume, map_location="cpu", weights_only=True) if resume else None)
+    resumed = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+    before = trained_seconds(resumed)
+    if isinstance(logger, ResumableCSVLogger):  # what a crashed run logged after its checkpoint is logged again
+        logger.resume_at(resumed["global_step"] if resumed else 0)
     try:
         with temp_files_in(trainer, work / "tmp"):
             trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)

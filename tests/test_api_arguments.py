@@ -185,7 +185,45 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
         other.save_pretrained(tmp_path / "a_file")
     with pytest.raises(TypeError, match=r"push_to_hub=True needs repo_id='owner/name'"):
         other.save_pretrained(tmp_path / "push", push_to_hub=True)
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "changed", "g"], "a refused save writes nothing"
+    with pytest.raises(TypeError, match=r"bogus, private: keywords of a push, given without push_to_hub=True"):
+        other.save_pretrained(tmp_path / "push", private=True, bogus=1)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"dangling is a link to nothing"):
+        other.save_pretrained(tmp_path / "dangling")
+    cycle: dict = {}
+    cycle["c"] = cycle
+    for meta, message in (({"family": "gaga", "c": cycle}, r"meta\['c'\]\['c'\] holds itself"),
+                          ({"family": "gaga", 7: "a", "7": "b"}, r"keys that JSON writes alike \(\['7'\]"),
+                          ({"family": "innsteer"}, r"meta.family='innsteer', but this is a gaga geometry")):  # fmt: skip
+        other.meta = meta
+        with pytest.raises(TypeError, match=message):
+            other.save_pretrained(tmp_path / "push")
+    other.meta = {"family": "gaga"}
+    with torch.no_grad():
+        next(other.parameters())[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"the weights hold NaN or Inf \(\['encoder"):
+        other.save_pretrained(tmp_path / "push")
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "changed", "dangling", "g"], "a refused save writes nothing"
+
+
+def test_an_export_saved_again_drops_what_it_no_longer_is(tmp_path):
+    """A loaded export, changed and saved over itself, is no longer the training's product: the training config's
+    fingerprint and the recorded metric scale go (eval fits λ again), and so does the stage's record. Unchanged, it
+    saves as it was (its digest too)."""
+    export = tmp_path / "gaga_out"
+    meta = {"family": "gaga", "layer": 1, "fingerprint": "abc", "metrics": {"metric_scale": 25.0, "val_spearman": 0.9}}
+    GAGA(D, 2, hidden=[8], meta=meta).save_pretrained(export)
+    (export / "stage.json").write_text("{}")  # the train stage's record of it
+    loaded = load_geometry(export)
+    assert loaded.meta["fingerprint"] == "abc" and loaded.meta["metrics"]["metric_scale"] == 25.0, "a first save keeps all"
+    loaded.save_pretrained(tmp_path / "copy")  # unchanged: saved as it was
+    assert load_geometry(tmp_path / "copy").meta == loaded.meta
+    with torch.no_grad():
+        next(loaded.parameters()).mul_(0.5)
+    loaded.save_pretrained(export)
+    again = load_geometry(export)
+    assert "fingerprint" not in again.meta and again.meta["metrics"] == {"val_spearman": 0.9}
+    assert not (export / "stage.json").exists()
 
 
 def test_a_local_export_refuses_hub_arguments_and_a_file_of_it_names_the_folder(tmp_path):
@@ -224,8 +262,9 @@ def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
     with pytest.raises(ValueError, match=r"CarrierTail: input_ids holds token id 1000, outside the model's vocabulary"):
         CarrierTail(model, 1, torch.full_like(ids.input_ids, 1000), ids.attention_mask)
     assert len(CarrierTail.of_prompts(model, tokenizer, 2, np.array(texts[:3], dtype=object))) == 3  # arrays work
-    with pytest.raises(ValueError, match=r"CarrierTail: input_ids must be an integer tensor \(C, T\).*torch.bool"):
-        CarrierTail(model, 1, ids.input_ids.bool(), ids.attention_mask)
+    for dtype in (torch.bool, torch.uint8, torch.int16):  # the embedding takes int64 and int32 ids alone
+        with pytest.raises(ValueError, match=rf"CarrierTail: input_ids must be an int64 \(or int32\) tensor \(C, T\).*{dtype}"):
+            CarrierTail(model, 1, ids.input_ids.to(dtype), ids.attention_mask)
     with pytest.raises(ValueError, match=r"CarrierTail.of_prompts: prompt 0 \(''\) has no token"):
         CarrierTail.of_prompts(model, tokenizer, 1, ["", texts[0]])
     shape = r"intervene: h must be a floating tensor \(N, 32\) with carrier \(N,\), or \(W, C, 32\) with C ≤ 4"
@@ -259,6 +298,7 @@ def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
         ((torch.arange(4), [[10**9]], 0, unit, 0.1), r"steer: variant_ids holds token id 1000000000"),
         ((torch.arange(0), [[5], [6]], 1, unit, 0.1), r"steer: carrier holds no carrier"),
         ((torch.arange(4), [[5], [6]], 1, lambda h, c: h[:, :3], 0.1), r"steer: direction must map h \(4, 32\)"),
+        ((torch.arange(4), [[5], [6]], 1, lambda h, c: None, 0.1), r"steer: direction must map h .* it gave NoneType"),
     ):
         with pytest.raises(ValueError, match=message):
             steer(ct, *args, threshold=0.99)

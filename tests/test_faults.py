@@ -7,6 +7,7 @@ may be readable as complete unless it is.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -165,7 +166,7 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
             if trainer.global_step == 5:  # step 3's last.ckpt is on disk by now; an epoch is 5 steps
                 raise RuntimeError("simulated crash")
 
-    small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "lm.hidden_size=32", "lm.num_layers=2",
+    small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "trainer.log_every_n_steps=1", "lm.hidden_size=32", "lm.num_layers=2",
              "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=64", "lm.max_steps=9", "lm.checkpoint_every=3",
              "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0"]  # fmt: skip
     whole = make_cfg(tmp_path, "run_name=whole", *small)
@@ -181,7 +182,11 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert result["train_seconds"] >= round(first_part, 1), "the seconds before the crash count"
     (version,) = (tmp_path / "crashed" / "csv" / "lm").iterdir()  # one log: the resumed training's is the crashed one's
-    assert (version / "hparams.yaml").is_file() and "lm/accuracy_weekdays" in (version / "metrics.csv").read_text().split("\n")[0]
+    with (version / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and steps, "each step logged once: the rows after the checkpoint are not doubled"
+    assert rows[-1]["lm/accuracy_weekdays"] and int(rows[-1]["step"]) == 9, "the final measure at the last step"
 
 
 @pytest.mark.parametrize("finished", [True, False], ids=["new-one-finished", "new-one-unfinished"])

@@ -510,7 +510,10 @@ def test_a_metric_with_no_value_is_null_in_the_export_and_loads(shipped, tmp_pat
     "overrides, message",
     [
         (["steer.geometry=/nowhere/weekdays/gaga_out"], r"steer.geometry=/nowhere/weekdays/gaga_out holds no exported"),
-        (["steer.geometry=gaga_out", "steer.target=Caturday"], r"names 0 of .* with the concept 'Caturday'"),
+        (
+            ["steer.geometry=gaga_out", "steer.target=Caturday"],
+            r"names 0 of .* with the concept 'Caturday' \(their tasks' values: \['Monday', 'Tuesday'",
+        ),
         (["steer.geometry=gaga_out", "steer.prompt=' '"], r"steer.prompt is empty"),
         (
             ["steer.geometry=gaga_out", "steer.prompt='Bonjour, quel jour?'"],
