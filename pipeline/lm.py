@@ -31,7 +31,6 @@ from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
 from geosteer.pipeline.common import (
     NonFiniteTraining,
-    ResumableCSVLogger,
     StageError,
     adamw_warmup_cosine,
     build,
@@ -41,6 +40,7 @@ from geosteer.pipeline.common import (
     make_logger,
     temp_files_in,
     to_plain,
+    trim_log,
 )
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
 from geosteer.pipeline.products import (
@@ -222,8 +222,11 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         self.epoch_start, skip, self.skip = self.generator.get_state(), self.skip, 0
-        rows = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
-        yield from rows[skip:].tolist()
+        yield from self.draw()[skip:].tolist()
+
+    def draw(self) -> torch.Tensor:
+        """An epoch's rows, moving the generator on to the next epoch's start. (num_samples,)"""
+        return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
 
     def __getstate__(self) -> dict[str, Any]:  # a generator's state tensors pass to spawned DDP workers as shared
         return {**self.__dict__, "generator": self.generator.get_state().numpy(),  # files, which break for them
@@ -264,6 +267,11 @@ class ResumableDraws(L.Callback):
             return
         self.sampler.generator.set_state(draws["epoch_start"])
         self.sampler.skip, self.done, self.pending = draws["done"] * self.batch_size, draws["done"], draws["rng"]
+        if self.sampler.skip >= self.sampler.num_samples:  # saved on the epoch's last batch: Lightning goes on to the
+            self.sampler.draw()  # next epoch, whose rows start where the finished epoch's draw left the generator,
+            self.sampler.skip = self.done = 0  # and whose data loader draws its seed from torch's generator as saved
+            torch.set_rng_state(self.pending)
+            self.pending = None
 
 
 OTHER_FOLDERS = ("steer", "hydra", "csv", "wandb", "multirun")  # what else a run folder holds besides its products
@@ -336,8 +344,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     epochs = math.ceil(a.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) / len(loader))
     # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
     logger = make_logger(cfg, "lm", run_id_file=work / "run_id")
-    if isinstance(logger, ResumableCSVLogger):  # what a crashed run logged after its checkpoint is logged again
-        logger.resume_at(resumed["global_step"] if resumed else 0)
+    trim_log(logger, resumed)
     trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=logger,
                     callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()

@@ -151,33 +151,36 @@ def test_train_killed_mid_way_continues_from_last_ckpt_to_the_same_weights(clean
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), task
 
 
-def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize(("every", "crash"), [(3, 5), (5, 7)], ids=["mid-epoch", "on-the-epoch-end"])
+def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path, every, crash):
     """The task LM's checkpoints keep where its draws stand (the sampler's epoch, the batches done, torch's
-    generator), so a training that crashed mid-epoch resumes from its last checkpoint, crosses into the next epoch,
-    and ends on the uninterrupted weights."""
+    generator), so a training that crashed resumes from its last checkpoint, taken mid-epoch or on an epoch's last
+    batch (an epoch is 5 steps), crosses into the next epoch, and ends on the uninterrupted weights after as many
+    steps."""
     import lightning as L
 
     from geosteer.pipeline import lm
 
-    class CrashAtStep5(L.Callback):
+    class Crash(L.Callback):
         def on_train_batch_end(self, trainer, *_):
             if trainer.global_step == 2:
                 time.sleep(3)  # a slow first part, which the training's seconds must count
-            if trainer.global_step == 5:  # step 3's last.ckpt is on disk by now; an epoch is 5 steps
+            if trainer.global_step == crash:  # the last.ckpt of step `every` is on disk by now
                 raise RuntimeError("simulated crash")
 
     small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "trainer.log_every_n_steps=1", "lm.hidden_size=32", "lm.num_layers=2",
-             "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=64", "lm.max_steps=9", "lm.checkpoint_every=3",
+             "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=64", "lm.max_steps=9", f"lm.checkpoint_every={every}",
              "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0"]  # fmt: skip
     whole = make_cfg(tmp_path, "run_name=whole", *small)
     crashed = make_cfg(tmp_path, "run_name=crashed", *small, "logger=csv")  # its log continues where it stopped
     lm.run(whole)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        lm.run(crashed, callbacks=[CrashAtStep5()])
+        lm.run(crashed, callbacks=[Crash()])
     (last,) = (tmp_path / "crashed").glob(".lm.partial-*/checkpoints/last.ckpt")
     first_part = torch.load(last, weights_only=True)["geosteer_seconds"]
     assert first_part >= 3
     result = lm.run(crashed)
+    assert result["steps"] == 9
     a, b = (load_file(tmp_path / name / "lm" / "model.safetensors") for name in ("whole", "crashed"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert result["train_seconds"] >= round(first_part, 1), "the seconds before the crash count"
