@@ -99,7 +99,7 @@ class Concepts:
 
 # The solver settings of `steering_point` that `Steering(**solver)` passes on, each with what it accepts.
 SOLVER = {"steps": lambda x: is_count(x, 2), "max_iter": is_count, "history_size": is_count,  # a path: ≥ 1 inner waypoint
-          "lam_rel": lambda x: is_finite(x) and x >= 0}  # fmt: skip
+          "lam_rel": lambda x: is_finite(x) and 0 <= x <= 1e3}  # fmt: skip  # above 1000 × the scale: the chord
 
 
 def check_model(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -205,7 +205,7 @@ class Steering:
             )
         if bad := [f"{k}={v!r}" for k, v in solver.items() if not SOLVER[k](v)]:
             raise SteeringError(f"{', '.join(bad)}: steps is a whole number ≥ 2, max_iter and history_size ≥ 1, and "
-                                f"lam_rel a number ≥ 0.")  # fmt: skip
+                                f"lam_rel a number in [0, 1000].")  # fmt: skip
         if isinstance(geometry, (str, os.PathLike)):
             geometry = load_geometry(geometry)
         if not isinstance(getattr(geometry, "meta", None), dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import io
 import json
 import logging
 import math
@@ -275,7 +276,7 @@ class ResumableCSVLogger(CSVLogger):
 
     def resume_at(self, step: int) -> None:
         """Drop the rows a crashed run logged at `step` and after: the training resumed from its checkpoint of that
-        step logs them again."""
+        step logs them again. The file is replaced whole (a crash here leaves the old one)."""
         path = Path(self.log_dir) / AppendingWriter.NAME_METRICS_FILE
         if not path.is_file():
             return
@@ -284,10 +285,11 @@ class ResumableCSVLogger(CSVLogger):
             header, rows = reader.fieldnames or [], list(reader)
         kept = [r for r in rows if not r.get("step") or float(r["step"]) < step]
         if len(kept) < len(rows):
-            with path.open("w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=header)
-                writer.writeheader()
-                writer.writerows(kept)
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_text(path, text.getvalue())
 
     @property
     @rank_zero_experiment
@@ -296,6 +298,13 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def trim_log(logger, resumed: dict | None) -> None:
+    """Before a fit: a CSV log drops what a crashed run logged after the checkpoint `resumed` (None: a fresh fit)
+    is logged again from."""
+    if isinstance(logger, ResumableCSVLogger):
+        logger.resume_at(resumed["global_step"] if resumed else 0)
 
 
 def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):

@@ -392,7 +392,8 @@ def markdown(per_task: dict[str, Any], rows, claims, own, cfg, seconds: float, m
           f" (every ordered pair when K ≤ {e.all_pairs_max_k} or there are at most {e.max_pairs}, else a seeded "
           f"sample of {e.max_pairs}). Geodesics by L-BFGS of at most {e.lbfgs.max_iter} iterations (history "
           f"{e.lbfgs.history_size}{'' if e.max_iter_cap is None else f'; G_out’s capped at {e.max_iter_cap}'}), "
-          f"λ_reg = {e.lam_rel:g} × each pullback metric's eigenvalue scale. Whole stage: "
+          f"λ_reg = {e.lam_rel:g} × each pullback metric's eigenvalue scale; the Hellinger budget's walks cut each "
+          f"segment into {e.budget_between} pieces. Whole stage: "
           f"{seconds / 60:.1f} min.", "",
           "## Verdicts: the paper's directional claims on our runs", ""]  # fmt: skip
     for i, c in enumerate(claims, 1):

@@ -39,7 +39,6 @@ from geosteer.pipeline.common import (
     CONFIG_DIR,
     SAFE_NAME,
     NonFiniteTraining,
-    ResumableCSVLogger,
     StageError,
     atomic_write_text,
     build,
@@ -51,6 +50,7 @@ from geosteer.pipeline.common import (
     make_logger,
     temp_files_in,
     to_plain,
+    trim_log,
     wait_for_rank_zero,
 )
 from geosteer.pipeline.extract import warn_unextracted
@@ -300,8 +300,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     resume = resume_checkpoint(checkpoints, f"{task.name}/{name}", system, fp, best=True)
     resumed = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
     before = trained_seconds(resumed)
-    if isinstance(logger, ResumableCSVLogger):  # what a crashed run logged after its checkpoint is logged again
-        logger.resume_at(resumed["global_step"] if resumed else 0)
+    trim_log(logger, resumed)
     try:
         with temp_files_in(trainer, work / "tmp"):
             trainer.fit(system, datamodule=data, ckpt_path=resume, weights_only=True)

@@ -125,6 +125,7 @@ def test_the_report_has_every_cell_and_its_numbers_come_from_the_pairs(evaluated
     assert f"L-BFGS of at most {e.lbfgs.max_iter} iterations (history {e.lbfgs.history_size}" in md
     assert f"λ_reg = {e.lam_rel:g} × each pullback metric's eigenvalue scale" in md
     assert (f"G_out’s capped at {e.max_iter_cap}" in md) == (e.max_iter_cap is not None)
+    assert f"cut each segment into {e.budget_between} pieces" in md
     for figure in ("bars.png", "paths_weekdays.png", "behaviour_weekdays.png", "alignment_weekdays.png"):
         assert (out / figure).stat().st_size > 10_000, figure
         assert f"({figure})" in md, f"the report links {figure}"

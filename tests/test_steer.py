@@ -302,7 +302,7 @@ def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
             load_geometry(export_folder(cfg, "gaga_out"), **bad)
     with pytest.raises(SteeringError, match=r"stepz: not settings of the steering; the geodesic solver takes"):
         Steering(lm, geometries["gaga_out"], "Thursday", stepz=4)
-    for solver in ({"steps": 1}, {"max_iter": 2.5}, {"lam_rel": -1.0}, {"history_size": "20"}):
+    for solver in ({"steps": 1}, {"max_iter": 2.5}, {"lam_rel": -1.0}, {"lam_rel": 1e300}, {"history_size": "20"}):
         with pytest.raises(SteeringError, match=rf"{next(iter(solver))}=.*: steps is a whole number ≥ 2, max_iter"):
             Steering(lm, geometries["gaga_out"], "Thursday", **solver)
     with pytest.raises(SteeringError, match=r"geometry=object is not a geosteer geometry"):
