@@ -137,6 +137,7 @@ def check_export_name(folder: Path, meta: dict[str, Any], method: SteeringMethod
 
 
 HOW_IT_WENT = ("digest", "metrics", "git_sha")  # an export's facts that steering does not depend on (timings vary)
+# but one: a GAGA's metrics.metric_scale, which λ_reg of its geodesics is taken from (`exports_used` adds it)
 
 
 def exports_used(cfg: DictConfig, tasks: list[Task], methods: dict[str, SteeringMethod]) -> dict[str, str]:
@@ -161,6 +162,8 @@ def exports_used(cfg: DictConfig, tasks: list[Task], methods: dict[str, Steering
                 check_export_name(folder, meta, method)
                 warn_stale_needs(folder, meta, "stage=eval")
                 used[f"{task.name}/{name}"] = content_digest(folder, leave_out=HOW_IT_WENT)
+                if (scale := (meta.get("metrics") or {}).get("metric_scale")) is not None:  # λ_reg's scale: it does
+                    used[f"{task.name}/{name}"] += f" metric_scale={scale!r}"
     if learned and not used and root.resolve() != RunLayout.of(cfg).geometries.resolve():
         inner = root / "geometry"
         hint = f"eval.geometry_dir={inner} (its geometry folder)" if inner.is_dir() else "a run's geometry folder"

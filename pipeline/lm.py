@@ -7,7 +7,6 @@ loading it back through `AutoModelForCausalLM`, the path every later stage uses.
 from __future__ import annotations
 
 import functools
-import math
 import shutil
 import time
 import warnings
@@ -33,6 +32,7 @@ from geosteer.pipeline.common import (
     NonFiniteTraining,
     StageError,
     adamw_warmup_cosine,
+    atomic_write_text,
     build,
     close_logger,
     load_tasks,
@@ -274,6 +274,17 @@ class ResumableDraws(L.Callback):
             self.pending = None
 
 
+class LastStep(L.Callback):
+    """Writes the training's last step to `path` (rank 0): spawned DDP workers do not hand it back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, _module) -> None:
+        if trainer.is_global_zero:
+            atomic_write_text(self.path, str(trainer.global_step))
+
+
 OTHER_FOLDERS = ("steer", "hydra", "csv", "wandb", "multirun")  # what else a run folder holds besides its products
 
 
@@ -337,15 +348,15 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                                  enable_version_counter=False)  # fmt: skip
     measure = functools.partial(the_bar, tokenizer=tokenizer, tasks=tasks, prompts=prompts, layer=cfg.model.layer,
                                 seed=cfg.seed)  # fmt: skip
-    callbacks = [checkpoint, FingerprintCheckpoints(fp), ResumableDraws(sampler, a.batch_size), *callbacks]
+    callbacks = [checkpoint, FingerprintCheckpoints(fp), ResumableDraws(sampler, a.batch_size),
+                 LastStep(work / "steps"), *callbacks]  # fmt: skip
     if a.check_every:
         callbacks.append(StopAtTheBar(measure, a.min_accuracy, a.min_swap_rate, a.check_every))
-    # what max_steps come to (optimiser steps, each of accumulate_grad_batches batches), for the progress bar
-    epochs = math.ceil(a.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) / len(loader))
     # Lightning's own files (a profiler's trace, say) go to default_root_dir: the run's work folder, not the cwd
     logger = make_logger(cfg, "lm", run_id_file=work / "run_id")
     trim_log(logger, resumed)
-    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=epochs, logger=logger,
+    # max_steps alone ends the training: an epoch's batches depend on the processes (DDP splits the rows)
+    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=-1, logger=logger,
                     callbacks=callbacks, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
@@ -359,6 +370,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
             raise StageError(f"training the task LM failed: {e}\nNothing was replaced; its checkpoints are kept in "
                              f"{work}.") from e  # fmt: skip
     train_seconds = before + time.perf_counter() - begin  # a resumed training's first part included
+    steps = int((work / "steps").read_text())
     if broken := [n for n, p in model.named_parameters() if not p.isfinite().all()]:  # the last step's update
         raise StageError(f"the task LM's weights hold NaN or Inf after training ({broken[:3]}): lower lm.lr. Nothing "
                          f"was replaced.")  # fmt: skip
@@ -374,13 +386,13 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                  b["swap_rate"], len(prompts[name]))  # fmt: skip
     if trainer.logger:
         trainer.logger.log_metrics({f"lm/{k}_{task}": v for task, b in bar.items() for k, v in b.items()},
-                                   step=trainer.global_step)  # fmt: skip
+                                   step=steps)  # fmt: skip
         close_logger(trainer.logger)
 
     if not clears(bar, a.min_accuracy, a.min_swap_rate):
         failed = {k: b for k, b in bar.items() if not clears({k: b}, a.min_accuracy, a.min_swap_rate)}
         raise StageError(
-            f"after {trainer.global_step} steps the task LM is below lm.min_accuracy={a.min_accuracy} or "
+            f"after {steps} steps the task LM is below lm.min_accuracy={a.min_accuracy} or "
             f"lm.min_swap_rate={a.min_swap_rate} on {failed}. Train longer (lm.max_steps={2 * a.max_steps}) or widen it "
             f"(lm.hidden_size=...); nothing was replaced."
         )
@@ -389,7 +401,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         "accuracy": {k: b["accuracy"] for k, b in bar.items()},
         "swap_rate": {k: b["swap_rate"] for k, b in bar.items()},
         "train_seconds": round(train_seconds, 1),
-        "steps": trainer.global_step,
+        "steps": steps,
         "parameters": model.num_parameters(),
         "vocab_size": len(tokenizer),
         "config": to_plain(a),

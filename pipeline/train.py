@@ -345,7 +345,8 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
     })  # fmt: skip
     export(model, ctor, {**meta, "metrics": metrics, "git_sha": git_sha()}, family, staging)
     if logger:
-        logger.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        logger.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                           step=metrics["steps"])  # fmt: skip
         if hasattr(logger, "log_image"):
             logger.log_image("figures/training", [str(staging / "training.png")])
         close_logger(logger, artifact=staging, artifact_name=f"{task.name}-{name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -188,6 +189,19 @@ def test_lm_with_gradient_accumulation_trains_all_its_optimiser_steps(tmp_path):
     cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=24", "lm.check_every=0", "lm.min_accuracy=0",
                    "lm.min_swap_rate=0", "+trainer.accumulate_grad_batches=3")  # fmt: skip
     assert lm_stage.run(cfg)["steps"] == 24
+
+
+def test_lm_under_spawned_ddp_trains_and_records_all_its_steps(tmp_path):
+    """Two spawned processes split each epoch's rows: lm.max_steps, not an epoch count, still ends the training, and
+    the launching process (whose trainer stayed at step 0) records and logs the workers' last step."""
+    cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=24", "lm.check_every=0", "lm.min_accuracy=0",
+                   "lm.min_swap_rate=0", "trainer=ddp_sim", "logger=csv", "trainer.log_every_n_steps=5")  # fmt: skip
+    assert lm_stage.run(cfg)["steps"] == 24
+    (log,) = (Path(cfg.paths.run_dir) / "csv" / "lm").glob("*/metrics.csv")
+    with log.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [4, 9, 14, 19], "the worker's training rows"
+    assert rows[-1]["lm/accuracy_weekdays"] and int(rows[-1]["step"]) == 24, "the final measure at the last step"
 
 
 def test_an_lm_whose_loss_is_no_longer_finite_stops_and_replaces_nothing(tmp_path):

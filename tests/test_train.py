@@ -205,7 +205,35 @@ def test_two_process_ddp_trains_like_a_single_process(prepared, tmp_path, monkey
     with logged.open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert {int(float(r["epoch"])) for r in rows if r.get("epoch")} == set(range(40)), "the worker's log is kept"
-    assert any(r.get("final/val_spearman") for r in rows), "and the launching process adds the final metrics"
+    (last,) = [r for r in rows if r.get("final/val_spearman")]
+    assert int(last["step"]) == ddp["steps"] > 0, "and the launching process adds the final metrics, at the last step"
+
+
+def test_an_export_whose_metric_scale_changed_is_another_to_eval_and_one_trained_longer_is_not(prepared, tmp_path):
+    """eval's record of the exports it steered with leaves out their timings but not a GAGA's metric_scale, which
+    λ_reg of its geodesics is taken from: a changed scale evaluates again, a changed training time does not."""
+    import shutil
+
+    from geosteer.models.hub import seal
+    from geosteer.pipeline import eval as evaluate
+    from geosteer.pipeline.methods import build_methods
+
+    cfg = prepared("scaled")
+    train.run(cfg)
+    copies = tmp_path / "geometry"
+    shutil.copytree(Path(cfg.paths.run_dir, "geometry"), copies, ignore=shutil.ignore_patterns("stage.json"))
+    folder, used = copies / "weekdays" / "gaga_out", prepared("scaled", f"eval.geometry_dir={copies}", "method=[gaga_out]")
+    digest = evaluate.exports_used(used, evaluate.load_tasks(used), build_methods(used.method))
+
+    def changed(key: str, factor: float) -> dict[str, str]:
+        config = json.loads((folder / "config.json").read_text())
+        config["meta"]["metrics"][key] *= factor
+        (folder / "config.json").write_text(json.dumps(config))
+        seal(folder)
+        return evaluate.exports_used(used, evaluate.load_tasks(used), build_methods(used.method))
+
+    assert changed("seconds", 2.0) == digest, "a slower training of the same export is the same export"
+    assert changed("metric_scale", 1e4) != digest
 
 
 def test_settings_of_earlier_stages_that_a_later_stage_cannot_apply_are_named(prepared, caplog):
