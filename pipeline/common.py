@@ -307,6 +307,22 @@ def trim_log(logger, resumed: dict | None) -> None:
         logger.resume_at(resumed["global_step"] if resumed else 0)
 
 
+_wandb_cache: str | None = None  # the WANDB_CACHE_DIR geosteer set last (one the user set is left alone)
+
+
+def wandb_logs_in(cache: str) -> None:
+    """W&B's service keeps its debug logs (and its artifact cache) in `cache`, in the run, not in ~/.cache; a service
+    that the previous job of a sweep started, keeping its logs in that job's run, is ended first."""
+    global _wandb_cache
+    if os.environ.get("WANDB_CACHE_DIR", _wandb_cache) != _wandb_cache:
+        return  # the user's own
+    if _wandb_cache not in (None, cache):
+        import wandb
+
+        wandb.teardown()
+    os.environ["WANDB_CACHE_DIR"] = _wandb_cache = cache
+
+
 def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
     """The configured Lightning logger for a stage, or False; it carries the resolved config and git SHA.
 
@@ -322,8 +338,8 @@ def make_logger(cfg: DictConfig, stage: str, run_id_file: Path | None = None):
         run_id = run_id_file.read_text().strip() if run_id_file.is_file() else secrets.token_hex(4)
         atomic_write_text(run_id_file, run_id)
         kwargs |= {"id": run_id, "resume": "allow"} if wandb else {"version": run_id}
-    if wandb:  # W&B's service keeps its debug logs (and its artifact cache) here, in the run, not in ~/.cache
-        os.environ.setdefault("WANDB_CACHE_DIR", str(Path(cfg.logger.save_dir) / "wandb" / "cache"))
+    if wandb:
+        wandb_logs_in(str(Path(cfg.logger.save_dir) / "wandb" / "cache"))
     if wandb and not cfg.logger.offline:
         kwargs["log_model"] = True  # checkpoints go up as artifacts
     logger = build(cfg, "logger", **kwargs)

@@ -156,15 +156,17 @@ def test_an_outside_lm_moved_after_extraction_is_read_where_model_pretrained_poi
 
 
 def test_wandb_keeps_its_debug_logs_in_the_run_folder(tmp_path, tiny_lm_dir):
-    """W&B's service writes its debug logs under the run's wandb folder, not under the user's ~/.cache."""
+    """W&B's service writes its debug logs under the run's wandb folder, not under the user's ~/.cache, and each
+    job of a sweep under its own run's."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "XDG_CACHE_HOME"}  # WANDB_SERVICE:
     env["HOME"] = str(home)  # a service this test process started would take the run's logs
-    done = subprocess.run([sys.executable, "-m", "geosteer.pipeline", f"paths.outputs={tmp_path}", "stage=extract",
-                           f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]"],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "geosteer.pipeline", "-m", f"paths.outputs={tmp_path}", "stage=extract",
+                           f"model.pretrained={tiny_lm_dir}", "model.embedded=false", "model.layer=1", "tasks=[weekdays]",
+                           "run_name=one,two"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert list((tmp_path / "default" / "wandb" / "cache").rglob("core-debug-*.log"))
+    for run in ("one", "two"):
+        assert list((tmp_path / run / "wandb" / "cache").rglob("core-debug-*.log")), run
     assert not list(home.rglob("*.log")), sorted(map(str, home.rglob("*")))
 
 
