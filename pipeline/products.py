@@ -150,10 +150,11 @@ def differing(recorded: Any, now: Fingerprint) -> str:
         return ""
     keys = sorted(k for k in {*recorded, *parts} if recorded.get(k) != parts.get(k))
     keys = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]  # an emptied section: its keys say it
-    said = [k + (" (recorded, absent now: a file it was made from is gone?)" if k not in parts else
-                 " (absent from the record)" if k not in recorded else "") for k in keys]  # fmt: skip
-    shown = ", ".join(said[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-    return f"; it differs in {shown}" if keys else ""
+    groups = {"": [k for k in keys if k in parts and k in recorded],
+              " (recorded, absent now: no longer asked for, or a file it was made from is gone)": [k for k in keys if k not in parts],
+              " (not in the record)": [k for k in keys if k not in recorded]}  # fmt: skip
+    said = [", ".join(g[:8]) + (f" and {len(g) - 8} more" if len(g) > 8 else "") + why for why, g in groups.items() if g]
+    return f"; it differs in {'; '.join(said)}" if keys else ""
 
 
 def warn_unapplied(product_dir: Path, facts: dict[str, Any], what: str, fix: str, run_dir: Path | None = None) -> None:
