@@ -321,8 +321,9 @@ class ShippedGeometry(PyTorchModelHubMixin):
                         commit_message: str | None = None, private: bool | None = None, revision: str | None = None,
                         **hub: Any) -> str | None:  # fmt: skip
         """huggingface_hub's save, made safe: `meta` and the weights are checked before anything is written; the
-        files are written beside the folder, sealed (`meta.digest`) and moved in whole (a model card already there is
-        kept; a stage's record there, no longer true, is removed), config.json as standard JSON (NaN as null).
+        files are written beside the folder, sealed (`meta.digest`) and moved in whole, config.json as standard JSON
+        (NaN as null). A model card already there is kept, but the card and figure of another export this one
+        replaces are not; a stage's record there, no longer true, is removed.
 
         A geometry loaded from an export and changed (its weights or meta) is no longer that export: the facts of its
         training that would now be false go (the training config's `fingerprint`, `metrics.metric_scale`, which eval
@@ -331,7 +332,7 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if push_to_hub and repo_id is None:
             raise TypeError(f"{call}: push_to_hub=True needs repo_id='owner/name', the Hub repo to push to.")
         pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}
-        if not push_to_hub and (given := sorted(k for k, v in pushed.items() if v is not None)):
+        if not push_to_hub and (given := sorted(k for k, v in {"repo_id": repo_id, **pushed}.items() if v is not None)):
             raise TypeError(f"{call}: {', '.join(given)}: keywords of a push, given without push_to_hub=True; "
                             f"save_pretrained takes the folder alone.")  # fmt: skip
         meta = arguments.json_facts(call, getattr(self, "meta", None))  # a user's network may have none
@@ -350,6 +351,11 @@ class ShippedGeometry(PyTorchModelHubMixin):
                                   f"give a folder to save the geometry in.")  # fmt: skip
         meta = json.loads(json.dumps(meta))  # its keys as JSON text (a number's too, and sortable)
         recorded = meta.pop("digest", None)  # an export's, when it was loaded from one
+        replaced = None  # the digest of the export this save replaces, if the folder holds one
+        if (folder / "config.json").is_file():
+            with contextlib.suppress(ValueError):  # a damaged one: another
+                replaced = (read_config(folder).get("meta") or {}).get("digest")
+            replaced = replaced or "another"
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
             staged = Path(tmp)
@@ -360,10 +366,13 @@ class ShippedGeometry(PyTorchModelHubMixin):
                 (config["meta"].get("metrics") or {}).pop("metric_scale", None)  # of other weights: eval fits it again
             (staged / "config.json").write_text(strict_json(config, indent=2, sort_keys=True))
             seal(staged)  # what it saves, sealed: load_geometry refuses a later change
+            another = replaced not in (None, read_config(staged)["meta"]["digest"])  # not a save of the same export
             folder.mkdir(exist_ok=True)
-            for name in ("model.safetensors", "config.json", "README.md"):
-                if name != "README.md" or not (folder / name).exists():
+            for name in ("model.safetensors", "config.json", "README.md"):  # a card of the folder's own is kept
+                if name != "README.md" or another or not (folder / name).exists():
                     os.replace(staged / name, folder / name)
+        if another:  # the figure of the export this replaced
+            (folder / "training.png").unlink(missing_ok=True)
         (folder / "stage.json").unlink(missing_ok=True)  # a stage's record of the export this replaced
         return self.push_to_hub(repo_id, **{k: v for k, v in pushed.items() if v is not None}) if push_to_hub else None
 

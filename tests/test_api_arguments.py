@@ -168,7 +168,6 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
     other.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert saved["meta"].pop("digest") and saved["meta"] == {"family": "gaga", "score": None}, "sealed as it is saved"
-    assert (folder / "README.md").read_bytes() == before["README.md"], "the model card already there is kept"
     reloaded = load_geometry(folder)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), other.state_dict().values()))
     with torch.no_grad():  # a loaded export changed and saved again: its old digest goes, the new save is sealed
@@ -187,6 +186,8 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
         other.save_pretrained(tmp_path / "push", push_to_hub=True)
     with pytest.raises(TypeError, match=r"bogus, private: keywords of a push, given without push_to_hub=True"):
         other.save_pretrained(tmp_path / "push", private=True, bogus=1)
+    with pytest.raises(TypeError, match=r"repo_id: keywords of a push, given without push_to_hub=True"):
+        other.save_pretrained(tmp_path / "push", repo_id="me/geometry")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match=r"dangling is a link to nothing"):
         other.save_pretrained(tmp_path / "dangling")
@@ -208,22 +209,28 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
 
 def test_an_export_saved_again_drops_what_it_no_longer_is(tmp_path):
     """A loaded export, changed and saved over itself, is no longer the training's product: the training config's
-    fingerprint and the recorded metric scale go (eval fits λ again), and so does the stage's record. Unchanged, it
-    saves as it was (its digest too)."""
+    fingerprint and the recorded metric scale go (eval fits λ again), and so do the stage's record, the model card
+    and the training figure of the old one. Unchanged, it saves as it was (its digest, card and figure too)."""
     export = tmp_path / "gaga_out"
     meta = {"family": "gaga", "layer": 1, "fingerprint": "abc", "metrics": {"metric_scale": 25.0, "val_spearman": 0.9}}
     GAGA(D, 2, hidden=[8], meta=meta).save_pretrained(export)
-    (export / "stage.json").write_text("{}")  # the train stage's record of it
+    (export / "stage.json").write_text("{}")  # the train stage's record of it, its card and its figure
+    (export / "README.md").write_text("# gaga_out: val_spearman 0.9")
+    (export / "training.png").write_bytes(b"a figure")
     loaded = load_geometry(export)
     assert loaded.meta["fingerprint"] == "abc" and loaded.meta["metrics"]["metric_scale"] == 25.0, "a first save keeps all"
     loaded.save_pretrained(tmp_path / "copy")  # unchanged: saved as it was
     assert load_geometry(tmp_path / "copy").meta == loaded.meta
+    loaded.save_pretrained(export)  # over itself, unchanged
+    assert load_geometry(export).meta == loaded.meta and (export / "training.png").exists()
+    assert (export / "README.md").read_text() == "# gaga_out: val_spearman 0.9", "the card of the same export is kept"
     with torch.no_grad():
         next(loaded.parameters()).mul_(0.5)
     loaded.save_pretrained(export)
     again = load_geometry(export)
     assert "fingerprint" not in again.meta and again.meta["metrics"] == {"val_spearman": 0.9}
-    assert not (export / "stage.json").exists()
+    assert not (export / "stage.json").exists() and not (export / "training.png").exists()
+    assert "val_spearman 0.9" not in (export / "README.md").read_text(), "the old export's card went with it"
 
 
 def test_a_local_export_refuses_hub_arguments_and_a_file_of_it_names_the_folder(tmp_path):
