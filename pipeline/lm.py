@@ -7,6 +7,7 @@ loading it back through `AutoModelForCausalLM`, the path every later stage uses.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import time
 import warnings
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers import DynamicCache
 
 from geosteer.data.tasks import Prompt, Task, concept_schema
+from geosteer.models.hub import FILE_MODE
 from geosteer.models.lm import capture_residual, load_causal_lm, position_ids_for
 from geosteer.models.tail import last_token_hidden
 from geosteer.models.task_lm import build_task_lm, build_word_tokenizer
@@ -378,6 +380,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     final = work / "model"
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
+    for weights in final.glob("*.safetensors"):  # safetensors writes them owner-only
+        os.chmod(weights, FILE_MODE)
     # Confirm the bar through the same loading path as any Hugging Face model.
     loaded, loaded_tok = load_causal_lm(str(final), dtype="float32")
     bar = measure(loaded, tokenizer=loaded_tok)

@@ -183,6 +183,9 @@ def test_lm_stops_at_the_first_check_that_clears_the_bar_and_reports_it(tmp_path
                    "lm.min_swap_rate=0")  # fmt: skip
     result = lm_stage.run(cfg)
     assert result["steps"] == 20, "a bar of 0 is cleared at the first check"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert Path(result["path"], "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask, "as open() makes files"
     assert 0 <= result["accuracy"]["weekdays"] <= 1 and 0 <= result["swap_rate"]["weekdays"] <= 1
 
 
