@@ -25,6 +25,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing import ProcessRaisedException
 
 from geosteer.data.store import put_in_place
 from geosteer.data.tasks import Task, load_task
@@ -298,6 +299,13 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def worker_error(e: BaseException) -> str:
+    """An error for a message: a spawned DDP worker's arrives as its traceback's text, of which the error it raised
+    (from its last `SomethingError: ...` line on) is kept."""
+    raised = list(re.finditer(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt):", str(e), re.MULTILINE))
+    return str(e)[raised[-1].start() :].strip() if isinstance(e, ProcessRaisedException) and raised else str(e)
 
 
 def trim_log(logger, resumed: dict | None) -> None:

@@ -33,7 +33,17 @@ from geosteer.data.store import (
 )
 from geosteer.data.tasks import Task, concept_schema
 from geosteer.models.lm import check_layer, lm_shape, read_last_token, replace_last_token, weight_sketch
-from geosteer.pipeline.common import StageError, close_logger, git_sha, load_lm, load_tasks, log, make_logger, to_plain
+from geosteer.pipeline.common import (
+    StageError,
+    close_logger,
+    git_sha,
+    load_lm,
+    load_tasks,
+    log,
+    make_logger,
+    to_plain,
+    worker_error,
+)
 from geosteer.pipeline.products import (
     STAMP,
     RunLayout,
@@ -244,7 +254,7 @@ def run(cfg: DictConfig, on_chunk=None) -> dict:
     try:
         return fabric.launch(extract_on_rank, cfg, fp, on_chunk)
     except ProcessRaisedException as e:  # a spawned rank's error arrives as its traceback text
-        raise StageError(f"extraction failed on a worker process: {str(e).strip().splitlines()[-1]}") from e
+        raise StageError(f"extraction failed on a worker process: {worker_error(e)}") from e
 
 
 def extract_on_rank(fabric: Fabric, cfg: DictConfig, fp: str, on_chunk=None) -> dict | None:

@@ -7,6 +7,7 @@ loading it back through `AutoModelForCausalLM`, the path every later stage uses.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import time
@@ -43,6 +44,7 @@ from geosteer.pipeline.common import (
     temp_files_in,
     to_plain,
     trim_log,
+    worker_error,
 )
 from geosteer.pipeline.extract import centroid_swap_rate, extract_rows
 from geosteer.pipeline.products import (
@@ -215,7 +217,9 @@ class StopAtTheBar(L.Callback):
 class ResumableSampler(Sampler[int]):
     """`num_samples` rows per epoch, drawn with replacement in proportion to `weights` from one seeded generator that
     runs on across epochs (as `WeightedRandomSampler` draws), and able to start an epoch part-way: a resume sets the
-    generator to the epoch's start and skips the rows already trained on (`ResumableDraws`)."""
+    generator to the epoch's start and skips the rows already trained on (`ResumableDraws`). Under DDP each process
+    takes every W-th row (the rows padded with the first ones to a multiple of W), as Lightning's
+    `DistributedSamplerWrapper` would hand them out, but skipping its own rows done."""
 
     def __init__(self, weights: torch.Tensor, num_samples: int, seed: int):
         self.weights, self.num_samples = weights, num_samples
@@ -224,7 +228,10 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         self.epoch_start, skip, self.skip = self.generator.get_state(), self.skip, 0
-        yield from self.draw()[skip:].tolist()
+        rank, world = _process()
+        rows = self.draw()
+        rows = torch.cat([rows, rows[: len(self) * world - self.num_samples]])[rank::world]  # this process's
+        yield from rows[skip:].tolist()
 
     def draw(self) -> torch.Tensor:
         """An epoch's rows, moving the generator on to the next epoch's start. (num_samples,)"""
@@ -239,13 +246,22 @@ class ResumableSampler(Sampler[int]):
         self.generator.set_state(torch.from_numpy(state["generator"]))
 
     def __len__(self) -> int:  # the whole epoch: Lightning counts a resumed epoch's batches on from where it stopped
-        return self.num_samples
+        return math.ceil(self.num_samples / _process()[1])
+
+
+def _process() -> tuple[int, int]:
+    """(rank, world size) of this process in the fit's process group; (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class ResumableDraws(L.Callback):
     """Keeps in each checkpoint what a resume needs to draw what an uninterrupted training would: the sampler's
     generator at the epoch's start, the batches of the epoch done, and torch's global generator (the interchange
-    donors). Lightning restarts an interrupted epoch's data from its first batch and restores no generator."""
+    donors). Lightning restarts an interrupted epoch's data from its first batch and restores no generator. Under
+    DDP every process starts from rank 0's checkpoint: the processes draw alike (a spawn starts them all from the
+    launcher's generator state)."""
 
     def __init__(self, sampler: ResumableSampler, batch_size: int):
         self.sampler, self.batch_size, self.done, self.pending = sampler, batch_size, 0, None
@@ -269,9 +285,11 @@ class ResumableDraws(L.Callback):
             return
         self.sampler.generator.set_state(draws["epoch_start"])
         self.sampler.skip, self.done, self.pending = draws["done"] * self.batch_size, draws["done"], draws["rng"]
-        if self.sampler.skip >= self.sampler.num_samples:  # saved on the epoch's last batch: Lightning goes on to the
-            self.sampler.draw()  # next epoch, whose rows start where the finished epoch's draw left the generator,
-            self.sampler.skip = self.done = 0  # and whose data loader draws its seed from torch's generator as saved
+        if self.sampler.skip >= len(self.sampler):  # saved on the epoch's last batch: Lightning goes on to the next
+            # epoch, whose rows start where the finished epoch's draw left the generator, and whose data loader draws
+            # its seed from torch's generator as saved
+            self.sampler.draw()
+            self.sampler.skip = self.done = 0
             torch.set_rng_state(self.pending)
             self.pending = None
 
@@ -344,7 +362,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     resumed = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
     before = trained_seconds(resumed)
     sampler = ResumableSampler(weights, len(data), cfg.seed)
-    loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)
+    loader = DataLoader(data, batch_size=a.batch_size, sampler=sampler)  # shards itself under DDP
     # The latest state every lm.checkpoint_every steps, always as last.ckpt (no monitor, top-1 by recency).
     checkpoint = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", every_n_train_steps=a.checkpoint_every,
                                  enable_version_counter=False)  # fmt: skip
@@ -358,8 +376,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     logger = make_logger(cfg, "lm", run_id_file=work / "run_id")
     trim_log(logger, resumed)
     # max_steps alone ends the training: an epoch's batches depend on the processes (DDP splits the rows)
-    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=-1, logger=logger,
-                    callbacks=callbacks, default_root_dir=work)  # fmt: skip
+    trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
+                    use_distributed_sampler=False, default_root_dir=work)  # fmt: skip
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
@@ -369,7 +387,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         except (NonFiniteTraining, ProcessRaisedException) as e:  # DDP workers' errors arrive wrapped
             if trainer.logger:
                 close_logger(trainer.logger)
-            raise StageError(f"training the task LM failed: {e}\nNothing was replaced; its checkpoints are kept in "
+            raise StageError(f"training the task LM failed: {worker_error(e)}\nNothing was replaced; its checkpoints are kept in "
                              f"{work}.") from e  # fmt: skip
     train_seconds = before + time.perf_counter() - begin  # a resumed training's first part included
     steps = int((work / "steps").read_text())

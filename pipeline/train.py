@@ -52,6 +52,7 @@ from geosteer.pipeline.common import (
     to_plain,
     trim_log,
     wait_for_rank_zero,
+    worker_error,
 )
 from geosteer.pipeline.extract import warn_unextracted
 from geosteer.pipeline.family import FAMILIES, GeometryFamily
@@ -309,7 +310,7 @@ def train_geometry(cfg: DictConfig, task: Task, name: str, g: dict[str, Any], ta
             close_logger(logger)
         unused = ("\nWith parameters the losses leave unused, spawned DDP takes "
                   "trainer.strategy=ddp_spawn_find_unused_parameters_true.") if "find_unused_parameters" in str(e) else ""  # fmt: skip
-        raise StageError(f"training {task.name}/{name} failed: {e}{unused}\nIts checkpoints are kept in {work}; "
+        raise StageError(f"training {task.name}/{name} failed: {worker_error(e)}{unused}\nIts checkpoints are kept in {work}; "
                          f"the next run resumes from the last one.") from e  # fmt: skip
     except Exception as e:  # Lightning's callbacks refuse a monitor that names no logged metric
         if logger:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h5py
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -190,6 +191,38 @@ def test_an_lm_training_that_crashed_resumes_to_the_same_weights(tmp_path, every
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == sorted(set(steps)) and steps, "each step logged once: the rows after the checkpoint are not doubled"
     assert rows[-1]["lm/accuracy_weekdays"] and int(rows[-1]["step"]) == 9, "the final measure at the last step"
+
+
+class CrashAt(L.Callback):
+    """Raises after training step `step` (at module level: spawned DDP workers unpickle it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize(("every", "crash"), [(2, 3), (3, 4)], ids=["mid-epoch", "on-the-epoch-end"])
+def test_an_lm_training_under_spawned_ddp_that_crashed_resumes_to_the_same_weights(tmp_path, every, crash):
+    """Two spawned processes, each an epoch of 3 batches (every other row): resumed from rank 0's checkpoint, each
+    takes up its own rows where it stopped, and the training ends on the uninterrupted weights after all steps."""
+    from geosteer.pipeline import lm
+    from geosteer.pipeline.common import StageError
+
+    small = ["model.embedded=true", "tasks=[weekdays]", "logger=none", "lm.hidden_size=32", "lm.num_layers=2",
+             "lm.num_heads=2", "lm.intermediate_size=64", "lm.batch_size=64", "lm.max_steps=8",
+             f"lm.checkpoint_every={every}", "lm.check_every=0", "lm.min_accuracy=0", "lm.min_swap_rate=0",
+             "trainer=ddp_sim"]  # fmt: skip
+    lm.run(make_cfg(tmp_path, "run_name=whole", *small))
+    crashed = make_cfg(tmp_path, "run_name=crashed", *small)
+    with pytest.raises(StageError, match="simulated crash") as refused:
+        lm.run(crashed, callbacks=[CrashAt(crash)])
+    assert "Traceback" not in str(refused.value), "the worker's error, not its traceback"
+    assert lm.run(crashed)["steps"] == 8
+    a, b = (load_file(tmp_path / name / "lm" / "model.safetensors") for name in ("whole", "crashed"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("finished", [True, False], ids=["new-one-finished", "new-one-unfinished"])
