@@ -334,8 +334,9 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                          f"leave it at its default (${{paths.run_dir}}/lm).")  # fmt: skip
     check_inside(cfg.paths.run_dir, out, "stage=lm writes the embedded LM to model.pretrained: leave it at its default "
                  "(${paths.run_dir}/lm); an LM trained elsewhere is read with model.embedded=false.")  # fmt: skip
-    fp = stage_fingerprint({"lm": cfg.lm, "layer": cfg.model.layer, "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed,
-                      "trainer": trainer_facts(cfg)})  # fmt: skip
+    # lm.checkpoint_every changes no weight (a resume is exact): held at its default, as fingerprints record it
+    fp = stage_fingerprint({"lm": {**to_plain(cfg.lm), "checkpoint_every": 250}, "layer": cfg.model.layer,
+                            "tasks": [t.to_dict() for t in tasks], "seed": cfg.seed, "trainer": trainer_facts(cfg)})  # fmt: skip
     work = out.with_name(f".{out.name}.partial-{fp}")  # checkpoints of an unfinished run live here
     finish_replace(out, work / "model", fp)
     refuse_unrecorded(out, "the task LM", cfg.overwrite, "model.pretrained=... with model.embedded=false reads it")

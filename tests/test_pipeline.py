@@ -186,6 +186,11 @@ def test_lm_stops_at_the_first_check_that_clears_the_bar_and_reports_it(tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert Path(result["path"], "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask, "as open() makes files"
+    weights = Path(result["path"], "model.safetensors").read_bytes()
+    again = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=60", "lm.check_every=20", "lm.min_accuracy=0",
+                     "lm.min_swap_rate=0", "lm.checkpoint_every=7")  # fmt: skip
+    assert lm_stage.run(again) == result, "how often it checkpoints changes no weight: the LM is current"
+    assert Path(result["path"], "model.safetensors").read_bytes() == weights
     assert 0 <= result["accuracy"]["weekdays"] <= 1 and 0 <= result["swap_rate"]["weekdays"] <= 1
 
 
