@@ -367,7 +367,8 @@ class LabelledSpline:
             raise ValueError(f"{call}: cyclic={cyclic!r} must be True (a cyclic task: weekdays, months) or False.")
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or len(labels) != len(h) or (
                 labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):  # fmt: skip
-            got = f"shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            got = (f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                   else type(labels).__name__)  # fmt: skip
             raise ValueError(f"{call}: labels must be an integer tensor ({len(h)},), one class per row of h; got {got}.")
         self.pca = PCA.fit(h.double(), n_components)
         self.classes = torch.unique(labels).tolist()  # label order

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -176,6 +177,16 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
         ) from e
 
 
+HFAPI_KEYWORDS = sorted(set(inspect.signature(HfApi.__init__).parameters) - {"self"})  # endpoint, token, ...
+
+
+def check_push_keywords(call: str, hub: dict[str, Any]) -> None:
+    """Refuse, before anything is written or sent, a keyword that a push does not take."""
+    if unknown := sorted(set(hub) - set(HFAPI_KEYWORDS)):
+        raise TypeError(f"{call}: {', '.join(unknown)}: not keywords of a push, which takes repo_id, commit_message, "
+                        f"private, revision and HfApi's {', '.join(HFAPI_KEYWORDS)}.")  # fmt: skip
+
+
 def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                   revision: str | None = None, **hub: Any) -> str:  # fmt: skip
     """Upload an exported geometry folder, as it is (weights, config.json, model card, training figure), to the Hub
@@ -184,6 +195,7 @@ def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | Non
 
     `hub` goes to `HfApi` (endpoint, token). Load it back with `load_geometry(repo_id)`.
     """
+    check_push_keywords("push_geometry", hub)
     if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
         raise PushError(f"repo_id={repo_id!r} is not a Hub repo id; give one as 'owner/name'.")
     if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
@@ -329,6 +341,10 @@ class ShippedGeometry(PyTorchModelHubMixin):
         training that would now be false go (the training config's `fingerprint`, `metrics.metric_scale`, which eval
         then fits again); unchanged, it saves as it was. `push_to_hub=True` pushes as `push_to_hub(repo_id, ...)`."""
         call = f"{type(self).__name__}.save_pretrained"
+        if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory).strip():
+            raise TypeError(f"{call}: save_directory={save_directory!r} names no folder; give the folder to save the "
+                            f"geometry in.")  # fmt: skip
+        check_push_keywords(call, hub)
         if push_to_hub and repo_id is None:
             raise TypeError(f"{call}: push_to_hub=True needs repo_id='owner/name', the Hub repo to push to.")
         pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}

@@ -228,7 +228,8 @@ def run(cfg: DictConfig) -> dict:
            out / f"{name}.png")  # fmt: skip
     result = {
         "geometry": str(folder.resolve()), "method": s.method, "target": target, "alpha": alpha, "dtype": str(cfg.model.dtype),
-        "solver": solver, "prompt": prompt, "unsteered": plain, "steered": moved,
+        "solver": solver, "every_token": s.every_token, "max_new_tokens": s.max_new_tokens, "prompt": prompt,
+        "unsteered": plain, "steered": moved,
         "q_before": dict(zip(values, q[0].round(4).tolist())), "q_after": dict(zip(values, q[at].round(4).tolist())),
         "figure": str(out / f"{name}.png"),
     }  # fmt: skip

@@ -184,8 +184,14 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
         other.save_pretrained(tmp_path / "a_file")
     with pytest.raises(TypeError, match=r"push_to_hub=True needs repo_id='owner/name'"):
         other.save_pretrained(tmp_path / "push", push_to_hub=True)
-    with pytest.raises(TypeError, match=r"bogus, private: keywords of a push, given without push_to_hub=True"):
-        other.save_pretrained(tmp_path / "push", private=True, bogus=1)
+    with pytest.raises(TypeError, match=r"private: keywords of a push, given without push_to_hub=True"):
+        other.save_pretrained(tmp_path / "push", private=True)
+    for pushed in (False, True):  # a keyword no push takes: refused before the folder is written
+        with pytest.raises(TypeError, match=r"bogus: not keywords of a push, which takes repo_id, .* endpoint, "):
+            other.save_pretrained(tmp_path / "push", push_to_hub=pushed, repo_id="me/geometry", bogus=1)
+    for nowhere in ("", " ", None):
+        with pytest.raises(TypeError, match=r"save_directory=.* names no folder; give the folder"):
+            other.save_pretrained(nowhere)
     with pytest.raises(TypeError, match=r"repo_id: keywords of a push, given without push_to_hub=True"):
         other.save_pretrained(tmp_path / "push", repo_id="me/geometry")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
@@ -384,6 +390,9 @@ def test_the_output_and_fisher_metrics_and_the_spline_refuse_what_they_cannot_us
         LabelledSpline(h, labels, cyclic="no")
     with pytest.raises(ValueError, match=r"LabelledSpline: labels must be an integer tensor"):
         LabelledSpline(h, labels > 2, cyclic=False)
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor \(20,\), one class per row of h; got "
+                                         r"torch.float32 of shape \(20,\)"):  # fmt: skip
+        LabelledSpline(h, labels.float(), cyclic=False)
     with pytest.raises(ValueError, match=r"LabelledSpline.path: a=0.0 is not one of the spline's classes"):
         spline.path(0.0, 2, 4)
     with pytest.raises(ValueError, match=r"LabelledSpline: labels hold 1 class\(es\) \[0\]"):

@@ -403,6 +403,7 @@ def test_stage_steer_prints_both_generations_and_draws_q_along_alpha(shipped, ca
     with Steering(lm, geometries["gaga_out"], "Thursday", alpha=0.45) as s:
         q = read_last_token(lm, enc.input_ids, enc.attention_mask, s.layer, s.concepts.variant_ids).q[0]
     assert saved["prompt"] == PROMPTS[0], "a typed \\n is a newline"
+    assert (saved["every_token"], saved["max_new_tokens"]) == (cfg.steer.every_token, cfg.steer.max_new_tokens)
     assert saved["q_after"]["Thursday"] == pytest.approx(float(q[s.target]), abs=1e-4), "q after is read at α itself"
     by_task = pipeline_command(steer_command(cfg, "steer.geometry=weekdays/gaga_out", "steer.alpha=0.45"), capsys)
     steered = [line for line in printed.splitlines() if "steered:" in line]
