@@ -192,11 +192,13 @@ class StopAtTheBar(L.Callback):
 
     def __init__(self, measure, min_accuracy: float, min_swap_rate: float, every: int, gate: float = 0.9):
         self.measure, self.bars, self.every, self.gate = measure, (min_accuracy, min_swap_rate), every, gate
+        self.checked = 0  # the last step checked: with accumulated batches, a step ends several batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every:
+        if step % self.every or step <= self.checked:
             return
+        self.checked = step
         metrics = trainer.callback_metrics
         batch = {k: float(metrics[k]) for k in ("train/accuracy", "train/swap_accuracy") if k in metrics}
         if min(batch.values(), default=0.0) < self.gate * self.bars[0]:
@@ -379,6 +381,16 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     # max_steps alone ends the training: an epoch's batches depend on the processes (DDP splits the rows)
     trainer = build(cfg, "trainer", max_steps=a.max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
                     use_distributed_sampler=False, default_root_dir=work)  # fmt: skip
+    per_epoch = math.ceil(math.ceil(sampler.num_samples / trainer.world_size) / a.batch_size)  # each process's
+    if trainer.accumulate_grad_batches > per_epoch:  # Lightning steps at each epoch's end: it would accumulate fewer
+        if logger:
+            close_logger(logger)
+        raise StageError(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is more than the task LM's "
+            f"{per_epoch} batches per epoch{f' on each of {trainer.world_size} processes' if trainer.world_size > 1 else ''}"
+            f", and Lightning steps at each epoch's end: it would accumulate {per_epoch}. Use at most {per_epoch}, or "
+            f"a smaller lm.batch_size."
+        )
     begin = time.perf_counter()
     with warnings.catch_warnings():  # ResumableDraws makes the restart of an interrupted epoch exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")

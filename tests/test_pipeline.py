@@ -199,6 +199,13 @@ def test_lm_with_gradient_accumulation_trains_all_its_optimiser_steps(tmp_path):
     cfg = make_cfg(tmp_path, "stage=lm", *SMALL_LM, "lm.max_steps=24", "lm.check_every=0", "lm.min_accuracy=0",
                    "lm.min_swap_rate=0", "+trainer.accumulate_grad_batches=3")  # fmt: skip
     assert lm_stage.run(cfg)["steps"] == 24
+    checked = make_cfg(tmp_path, "stage=lm", "run_name=checked", *SMALL_LM, "lm.max_steps=24", "lm.check_every=4",
+                       "lm.min_accuracy=0", "lm.min_swap_rate=0", "+trainer.accumulate_grad_batches=3")  # fmt: skip
+    assert lm_stage.run(checked)["steps"] == 4, "the first check after 4 steps, not on the batches before step 1"
+    more = make_cfg(tmp_path, "stage=lm", "run_name=more", *SMALL_LM, "lm.max_steps=24", "lm.check_every=0",
+                    "+trainer.accumulate_grad_batches=11")  # fmt: skip
+    with pytest.raises(StageError, match=r"accumulate_grad_batches=11 is more than the task LM's 10 batches per epoch"):
+        lm_stage.run(more)  # Lightning would step at each epoch's end, after 10
 
 
 def test_lm_under_spawned_ddp_trains_and_records_all_its_steps(tmp_path):
