@@ -180,11 +180,26 @@ def geometry_source(source: str | Path, revision: str | None = None, **hub: Any)
 HFAPI_KEYWORDS = sorted(set(inspect.signature(HfApi.__init__).parameters) - {"self"})  # endpoint, token, ...
 
 
-def check_push_keywords(call: str, hub: dict[str, Any]) -> None:
-    """Refuse, before anything is written or sent, a keyword that a push does not take."""
-    if unknown := sorted(set(hub) - set(HFAPI_KEYWORDS)):
+# What each keyword of a push takes (the HfApi ones besides repo_id's, commit_message's, private's, revision's).
+PUSH_KINDS = {"commit_message": (str, "a text"), "private": (bool, "True or False"), "revision": (str, "a branch name"),
+              "endpoint": (str, "a URL"), "token": ((str, bool), "a token, or True/False"), "headers": (dict, "a dict"),
+              "library_name": (str, "a text"), "library_version": (str, "a text"),
+              "user_agent": ((str, dict), "a text or dict")}  # fmt: skip
+
+
+def check_push(call: str, repo_id: Any, pushing: bool = True, **pushed: Any) -> None:
+    """Refuse, before anything is written or sent, a repo id or a keyword that a push does not take (`pushing`
+    False: only a keyword no push takes)."""
+    if unknown := sorted(set(pushed) - set(PUSH_KINDS) - set(HFAPI_KEYWORDS)):
         raise TypeError(f"{call}: {', '.join(unknown)}: not keywords of a push, which takes repo_id, commit_message, "
                         f"private, revision and HfApi's {', '.join(HFAPI_KEYWORDS)}.")  # fmt: skip
+    if not pushing:
+        return
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
+        raise PushError(f"{call}: repo_id={repo_id!r} is not a Hub repo id; give one as 'owner/name'.")
+    if bad := [f"{k}={v!r} ({PUSH_KINDS[k][1]})" for k, v in pushed.items()
+               if v is not None and k in PUSH_KINDS and not isinstance(v, PUSH_KINDS[k][0])]:  # fmt: skip
+        raise TypeError(f"{call}: {', '.join(bad)}: not of the kind a push takes.")
 
 
 def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
@@ -195,9 +210,7 @@ def push_geometry(folder: str | Path, repo_id: str, *, commit_message: str | Non
 
     `hub` goes to `HfApi` (endpoint, token). Load it back with `load_geometry(repo_id)`.
     """
-    check_push_keywords("push_geometry", hub)
-    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
-        raise PushError(f"repo_id={repo_id!r} is not a Hub repo id; give one as 'owner/name'.")
+    check_push("push_geometry", repo_id, commit_message=commit_message, private=private, revision=revision, **hub)
     if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
         raise PushError(f"folder={folder!r} is not an export folder here; give the path of one (e.g. "
                         f"outputs/default/geometry/weekdays/gaga_out).")  # fmt: skip
@@ -324,10 +337,15 @@ class ShippedGeometry(PyTorchModelHubMixin):
         """Upload this geometry as it is now (config.json with its meta, model.safetensors, sealed with a new
         `meta.digest`) to the Hub repo `repo_id`; returns the commit id. `hub` goes to `HfApi` (endpoint, token).
         `push_geometry(folder, repo_id)` ships a whole export folder instead, with its model card and figure."""
+        pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}
+        check_push(f"{type(self).__name__}.push_to_hub", repo_id, **pushed)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             seal(Path(tmp))
-            return push_geometry(tmp, repo_id, commit_message=commit_message, private=private, revision=revision, **hub)
+            try:
+                return push_geometry(tmp, repo_id, **pushed)
+            except PushError as e:  # named as the user knows it, not by the folder it was staged in
+                raise PushError(str(e).replace(tmp, f"this {type(self).__name__}")) from e
 
     def save_pretrained(self, save_directory: str | Path, *, repo_id: str | None = None, push_to_hub: bool = False,
                         commit_message: str | None = None, private: bool | None = None, revision: str | None = None,
@@ -344,10 +362,10 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory).strip():
             raise TypeError(f"{call}: save_directory={save_directory!r} names no folder; give the folder to save the "
                             f"geometry in.")  # fmt: skip
-        check_push_keywords(call, hub)
+        pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}
         if push_to_hub and repo_id is None:
             raise TypeError(f"{call}: push_to_hub=True needs repo_id='owner/name', the Hub repo to push to.")
-        pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}
+        check_push(call, repo_id, push_to_hub, **pushed)
         if not push_to_hub and (given := sorted(k for k, v in {"repo_id": repo_id, **pushed}.items() if v is not None)):
             raise TypeError(f"{call}: {', '.join(given)}: keywords of a push, given without push_to_hub=True; "
                             f"save_pretrained takes the folder alone.")  # fmt: skip
@@ -365,6 +383,17 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if folder.is_symlink() and not folder.exists() or folder.exists() and not folder.is_dir():
             raise CheckpointError(f"{call}: {folder} is {'a link to nothing' if folder.is_symlink() else 'a file'}; "
                                   f"give a folder to save the geometry in.")  # fmt: skip
+        if folder.is_dir():  # a folder of something else (an LM, a run's products) is not saved over
+            kept = {*SHIPPED, "stage.json"}
+            if others := sorted(p.name for p in folder.iterdir() if p.name not in kept and not p.name.startswith(".")):
+                raise CheckpointError(f"{call}: {folder} holds {', '.join(others[:5])}, which no geometry export "
+                                      f"holds (an LM, a run's products?); save into a new folder or an export's.")  # fmt: skip
+            sealed = True  # a damaged export's config.json is replaced
+            with contextlib.suppress(ValueError):
+                sealed = not (folder / "config.json").is_file() or "digest" in (read_config(folder).get("meta") or {})
+            if not sealed:
+                raise CheckpointError(f"{call}: {folder}/config.json is not a geometry export's (no meta.digest: a "
+                                      f"model's config?); save into a new folder or an export's.")  # fmt: skip
         meta = json.loads(json.dumps(meta))  # its keys as JSON text (a number's too, and sortable)
         recorded = meta.pop("digest", None)  # an export's, when it was loaded from one
         replaced = None  # the digest of the export this save replaces, if the folder holds one
@@ -372,7 +401,11 @@ class ShippedGeometry(PyTorchModelHubMixin):
             with contextlib.suppress(ValueError):  # a damaged one: another
                 replaced = (read_config(folder).get("meta") or {}).get("digest")
             replaced = replaced or "another"
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"{call}: cannot make the folder {folder.parent} ({e.strerror}: is a part of that "
+                                  f"path a file?); give a folder path.") from e  # fmt: skip
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
             staged = Path(tmp)
             super().save_pretrained(staged, config={**(self._hub_mixin_config or {}), "meta": meta})

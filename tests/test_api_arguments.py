@@ -31,7 +31,7 @@ from geosteer import (
     pullback_of,
     steer,
 )
-from geosteer.models.hub import CheckpointError, seal
+from geosteer.models.hub import CheckpointError, PushError, seal
 from geosteer.models.metrics import scaled_lam
 from geosteer.models.steering import fishback_direction
 
@@ -192,6 +192,23 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
     for nowhere in ("", " ", None):
         with pytest.raises(TypeError, match=r"save_directory=.* names no folder; give the folder"):
             other.save_pretrained(nowhere)
+    saved = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(PushError, match=r"repo_id='not a repo' is not a Hub repo id"):
+        other.save_pretrained(folder, push_to_hub=True, repo_id="not a repo")
+    with pytest.raises(TypeError, match=r"private='yes' \(True or False\): not of the kind a push takes"):
+        other.save_pretrained(folder, push_to_hub=True, repo_id="me/geometry", private="yes")
+    with pytest.raises(CheckpointError, match=r"cannot make the folder .*a_file .*is a part of that path a file"):
+        other.save_pretrained(tmp_path / "a_file" / "x")
+    lm = tmp_path / "lm"  # a model's folder, or a run's products: not an export to save over
+    lm.mkdir()
+    (lm / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(CheckpointError, match=r"lm/config.json is not a geometry export's \(no meta.digest"):
+        other.save_pretrained(lm)
+    (lm / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"lm holds tokenizer.json, which no geometry export holds"):
+        other.save_pretrained(lm)
+    assert sorted(os.listdir(lm)) == ["config.json", "tokenizer.json"] and (lm / "config.json").read_text()[1] == '"'
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == saved, "a refused push leaves the folder as it was"
     with pytest.raises(TypeError, match=r"repo_id: keywords of a push, given without push_to_hub=True"):
         other.save_pretrained(tmp_path / "push", repo_id="me/geometry")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
@@ -210,7 +227,7 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
         next(other.parameters())[0, 0] = math.nan
     with pytest.raises(ValueError, match=r"the weights hold NaN or Inf \(\['encoder"):
         other.save_pretrained(tmp_path / "push")
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "changed", "dangling", "g"], "a refused save writes nothing"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "changed", "dangling", "g", "lm"], "a refused save writes nothing"
 
 
 def test_an_export_saved_again_drops_what_it_no_longer_is(tmp_path):
