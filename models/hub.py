@@ -353,7 +353,8 @@ class ShippedGeometry(PyTorchModelHubMixin):
         """huggingface_hub's save, made safe: `meta` and the weights are checked before anything is written; the
         files are written beside the folder, sealed (`meta.digest`) and moved in whole, config.json as standard JSON
         (NaN as null). A model card already there is kept, but the card and figure of another export this one
-        replaces are not; a stage's record there, no longer true, is removed.
+        replaces are not; a stage's record there, no longer true, is removed. A folder that holds anything else
+        (another model, a run's products, a damaged export) is refused.
 
         A geometry loaded from an export and changed (its weights or meta) is no longer that export: the facts of its
         training that would now be false go (the training config's `fingerprint`, `metrics.metric_scale`, which eval
@@ -363,6 +364,8 @@ class ShippedGeometry(PyTorchModelHubMixin):
             raise TypeError(f"{call}: save_directory={save_directory!r} names no folder; give the folder to save the "
                             f"geometry in.")  # fmt: skip
         pushed = {"commit_message": commit_message, "private": private, "revision": revision, **hub}
+        if not isinstance(push_to_hub, bool):
+            raise TypeError(f"{call}: push_to_hub={push_to_hub!r} must be True or False.")
         if push_to_hub and repo_id is None:
             raise TypeError(f"{call}: push_to_hub=True needs repo_id='owner/name', the Hub repo to push to.")
         check_push(call, repo_id, push_to_hub, **pushed)
@@ -388,12 +391,16 @@ class ShippedGeometry(PyTorchModelHubMixin):
             if others := sorted(p.name for p in folder.iterdir() if p.name not in kept and not p.name.startswith(".")):
                 raise CheckpointError(f"{call}: {folder} holds {', '.join(others[:5])}, which no geometry export "
                                       f"holds (an LM, a run's products?); save into a new folder or an export's.")  # fmt: skip
-            sealed = True  # a damaged export's config.json is replaced
+            if odd := [name for name in SHIPPED if (folder / name).exists() and not (folder / name).is_file()]:
+                raise CheckpointError(f"{call}: {folder} holds {', '.join(odd)} as a folder, not a file; save into "
+                                      f"a new folder.")  # fmt: skip
+            sealed = False  # weights there are an export's only beside its sealed config.json
             with contextlib.suppress(ValueError):
-                sealed = not (folder / "config.json").is_file() or "digest" in (read_config(folder).get("meta") or {})
-            if not sealed:
-                raise CheckpointError(f"{call}: {folder}/config.json is not a geometry export's (no meta.digest: a "
-                                      f"model's config?); save into a new folder or an export's.")  # fmt: skip
+                sealed = "digest" in (read_config(folder).get("meta") or {})
+            if not sealed and ((folder / "config.json").exists() or (folder / "model.safetensors").exists()):
+                raise CheckpointError(f"{call}: {folder} holds a config.json or weights that are not a geometry "
+                                      f"export's (no readable config.json with meta.digest: another model's, or a "
+                                      f"damaged export); save into a new folder, or remove them first.")  # fmt: skip
         meta = json.loads(json.dumps(meta))  # its keys as JSON text (a number's too, and sortable)
         recorded = meta.pop("digest", None)  # an export's, when it was loaded from one
         replaced = None  # the digest of the export this save replaces, if the folder holds one

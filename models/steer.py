@@ -198,7 +198,8 @@ class Steering:
         if not isinstance(every_token, (bool, np.bool_)):
             raise SteeringError(f"every_token={every_token!r} must be True or False.")
         if not is_finite(alpha) or not 0.0 <= alpha <= 1.0:
-            raise SteeringError(f"alpha={alpha!r} must be a number in [0, 1] (0: unsteered, 1: the whole path).")
+            raise SteeringError(f"alpha={alpha!r} must be a number in [0, 1] (0: unsteered, 1: the whole path)"
+                                + (": pass alpha.item()." if isinstance(alpha, torch.Tensor) else "."))  # fmt: skip
         if unknown := sorted(set(solver) - set(SOLVER)):
             raise SteeringError(
                 f"{', '.join(unknown)}: not settings of the steering; the geodesic solver takes {sorted(SOLVER)}."

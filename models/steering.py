@@ -161,7 +161,8 @@ def steer(
     arguments.index("steer", "carrier", carrier, len(tail), "the tail's {n} carriers")
     arguments.token_lists("steer", "variant_ids", variant_ids, tail.logits0.shape[-1])
     arguments.index("steer", "target", target, len(variant_ids), "the {n} concepts of variant_ids")
-    arguments.number("steer", "threshold", threshold)  # above 1: never reached, every carrier takes max_steps
+    arguments.number("steer", "threshold", threshold, " > 0 (above 1: never reached, every carrier takes max_steps)",
+                     lambda x: x > 0)  # fmt: skip
     arguments.counts("steer", 0, max_steps=max_steps)
     h = tail.h[carrier]
     C = len(carrier)
@@ -172,7 +173,10 @@ def steer(
     steps = step if isinstance(step, torch.Tensor) else None
     if steps is None:
         arguments.number("steer", "step", step, " ≥ 0", lambda x: x >= 0)
-    elif not steps.is_floating_point() or not (torch.isfinite(steps) & (steps >= 0)).all():
+    elif not steps.is_floating_point():
+        raise ValueError(f"steer: step must be a float tensor (one step ≥ 0 per carrier); got {steps.dtype}: pass "
+                         f"step.float().")  # fmt: skip
+    elif not (torch.isfinite(steps) & (steps >= 0)).all():
         raise ValueError(f"steer: step must hold finite floats ≥ 0 (one per carrier); got {steps.flatten().tolist()[:5]}.")
     target = torch.as_tensor(target, device=h.device).expand(C)[:, None]  # (C, 1)
     step = torch.as_tensor(step, dtype=h.dtype, device=h.device).expand(C)[:, None]  # (C, 1)

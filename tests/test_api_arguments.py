@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,11 +203,27 @@ def test_a_save_over_an_export_checks_meta_first_and_replaces_its_files_whole(tm
     lm = tmp_path / "lm"  # a model's folder, or a run's products: not an export to save over
     lm.mkdir()
     (lm / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(CheckpointError, match=r"lm/config.json is not a geometry export's \(no meta.digest"):
+    with pytest.raises(CheckpointError, match=r"lm holds a config.json or weights that are not a geometry export's"):
         other.save_pretrained(lm)
     (lm / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"lm holds tokenizer.json, which no geometry export holds"):
         other.save_pretrained(lm)
+    weights = tmp_path / "weights"  # another model's weights alone, or beside a config.json that does not read
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"another model")
+    for config in (None, '{"model_type": "lla', "[1, 2]"):
+        if config is not None:
+            (weights / "config.json").write_text(config)
+        with pytest.raises(CheckpointError, match=r"weights holds a config.json or weights that are not a geometry "):
+            other.save_pretrained(weights)
+    assert (weights / "model.safetensors").read_bytes() == b"another model"
+    shutil.rmtree(weights)
+    (tmp_path / "as_folder" / "config.json").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"as_folder holds config.json as a folder, not a file"):
+        other.save_pretrained(tmp_path / "as_folder")
+    shutil.rmtree(tmp_path / "as_folder")
+    with pytest.raises(TypeError, match=r"push_to_hub='false' must be True or False"):
+        other.save_pretrained(folder, push_to_hub="false", repo_id="me/geometry")
     assert sorted(os.listdir(lm)) == ["config.json", "tokenizer.json"] and (lm / "config.json").read_text()[1] == '"'
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == saved, "a refused push leaves the folder as it was"
     with pytest.raises(TypeError, match=r"repo_id: keywords of a push, given without push_to_hub=True"):
@@ -340,8 +357,11 @@ def test_the_tail_and_the_intervention_refuse_what_they_cannot_use(tail):
             intervene(ct, ct.h[:2], torch.tensor([0, 1], dtype=dtype))
         with pytest.raises(TypeError, match=rf"carrier must be an integer .* got a {dtype} tensor"):
             steer(ct, torch.tensor([1, 0], dtype=dtype), [[5], [6]], 1, unit, 0.1, max_steps=2)
-    with pytest.raises(ValueError, match=r"steer: threshold=nan must be a finite number"):
-        steer(ct, torch.arange(4), [[5], [6]], 1, unit, 0.1, threshold=math.nan)
+    for threshold in (math.nan, -1.0, 0.0):  # at or below 0 every carrier counts as reached before a step
+        with pytest.raises(ValueError, match=rf"steer: threshold={threshold} must be a finite number > 0"):
+            steer(ct, torch.arange(4), [[5], [6]], 1, unit, 0.1, threshold=threshold)
+    with pytest.raises(ValueError, match=r"steer: step must be a float tensor .*got torch.int64: pass step.float\(\)"):
+        steer(ct, torch.arange(2), [[5], [6]], 1, unit, torch.tensor([1, 1]), max_steps=2)
     assert intervene(ct, torch.randn(0, 32), torch.zeros(0, dtype=torch.long)).shape == (0, ct.logits0.shape[1])
     with pytest.raises(ValueError, match=r"CarrierTail.select: index holds 5; it must be an integer in 0 … 3"):
         ct.select(torch.tensor([5]))

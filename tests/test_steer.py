@@ -287,6 +287,8 @@ def test_a_geometry_is_refused_on_a_model_it_was_not_trained_on(shipped):
     for alpha in (1.5, -0.1, "0.5", None, [0.5], math.nan, True):
         with pytest.raises(SteeringError, match=r"alpha=.* must be a number in \[0, 1\]"):
             Steering(lm, geometries["gaga_out"], "Thursday", alpha=alpha)
+    with pytest.raises(SteeringError, match=r"alpha=tensor\(0.5000\) must be a number in \[0, 1\].*pass alpha.item\(\)"):
+        Steering(lm, geometries["gaga_out"], "Thursday", alpha=torch.tensor(0.5))
 
 
 def test_the_python_api_refuses_bad_arguments_before_any_pass(shipped):
