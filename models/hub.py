@@ -386,6 +386,7 @@ class ShippedGeometry(PyTorchModelHubMixin):
         if folder.is_symlink() and not folder.exists() or folder.exists() and not folder.is_dir():
             raise CheckpointError(f"{call}: {folder} is {'a link to nothing' if folder.is_symlink() else 'a file'}; "
                                   f"give a folder to save the geometry in.")  # fmt: skip
+        replaced = None  # the digest of the export this save replaces, if the folder holds one
         if folder.is_dir():  # a folder of something else (an LM, a run's products) is not saved over
             kept = {*SHIPPED, "stage.json"}
             if others := sorted(p.name for p in folder.iterdir() if p.name not in kept and not p.name.startswith(".")):
@@ -394,20 +395,14 @@ class ShippedGeometry(PyTorchModelHubMixin):
             if odd := [name for name in SHIPPED if (folder / name).exists() and not (folder / name).is_file()]:
                 raise CheckpointError(f"{call}: {folder} holds {', '.join(odd)} as a folder, not a file; save into "
                                       f"a new folder.")  # fmt: skip
-            sealed = False  # weights there are an export's only beside its sealed config.json
-            with contextlib.suppress(ValueError):
-                sealed = "digest" in (read_config(folder).get("meta") or {})
-            if not sealed and ((folder / "config.json").exists() or (folder / "model.safetensors").exists()):
+            with contextlib.suppress(ValueError):  # weights there are an export's only beside its sealed config.json
+                replaced = (read_config(folder).get("meta") or {}).get("digest")
+            if replaced is None and ((folder / "config.json").exists() or (folder / "model.safetensors").exists()):
                 raise CheckpointError(f"{call}: {folder} holds a config.json or weights that are not a geometry "
                                       f"export's (no readable config.json with meta.digest: another model's, or a "
                                       f"damaged export); save into a new folder, or remove them first.")  # fmt: skip
         meta = json.loads(json.dumps(meta))  # its keys as JSON text (a number's too, and sortable)
         recorded = meta.pop("digest", None)  # an export's, when it was loaded from one
-        replaced = None  # the digest of the export this save replaces, if the folder holds one
-        if (folder / "config.json").is_file():
-            with contextlib.suppress(ValueError):  # a damaged one: another
-                replaced = (read_config(folder).get("meta") or {}).get("digest")
-            replaced = replaced or "another"
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
